@@ -18,6 +18,8 @@ import numpy as np
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+_MAX_MESSAGE = 1000  # characters of an error message kept (the middle is elided)
+MAX_ARRAY_DEPTH = 8  # arrays of arrays nest this deep at most; bounds the parser's recursion
 
 # ggml tensor types we can dequantize: id -> (name, elements per block, bytes per block)
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -47,6 +49,14 @@ _STRING, _ARRAY = 8, 9
 
 class GGUFError(ValueError):
     """A GGUF file is unreadable; str(err) is one line naming the file and the problem."""
+
+    def __init__(self, message: str):
+        # Keys, names and paths come from untrusted bytes: escape newlines and other
+        # unprintable characters so the message stays on one line, and elide the middle
+        # of a huge one (a forged key can be megabytes long).
+        if len(message) > _MAX_MESSAGE:
+            message = f"{message[:_MAX_MESSAGE // 2]} ... {message[-_MAX_MESSAGE // 2:]}"
+        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,9 @@ class _Cursor:
             return self.array(key)
         raise self.fail(f"unknown metadata value type {vtype} for key {key!r}")
 
-    def array(self, key: str):
+    def array(self, key: str, depth: int = 1):
+        if depth > MAX_ARRAY_DEPTH:
+            raise self.fail(f"arrays nested more than {MAX_ARRAY_DEPTH} deep in key {key!r}")
         etype = self.u32(f"element type of {key}")
         if etype in _SCALARS:
             size = _SCALARS[etype][1]
@@ -147,7 +159,7 @@ class _Cursor:
             return [self.string(f"element of {key}") for _ in range(n)]
         if etype == _ARRAY:
             n = self.count(f"array length of {key}", 12)
-            return [self.array(key) for _ in range(n)]
+            return [self.array(key, depth + 1) for _ in range(n)]
         raise self.fail(f"unknown array element type {etype} for key {key!r}")
 
 
@@ -186,8 +198,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     size = path.stat().st_size
     if size < 24:
         raise GGUFError(f"{path}: too small to be a GGUF file ({size} bytes)")
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:  # unreadable, or shrank to nothing since stat()
+        raise GGUFError(f"{path}: cannot open or map the file: {e}") from None
     try:
         return _parse(mm, path)
     except GGUFError:
@@ -221,7 +236,10 @@ def _parse(mm: mmap.mmap, path: Path) -> GGUFFile:
             raise cur.fail(f"duplicate tensor name {name!r}")
         nbytes = _tensor_nbytes(cur, name, shape, type_id)
         start = data_start + rel
-        if rel % align or start + nbytes > cur.size:
+        if rel % align:
+            raise cur.fail(f"tensor {name!r} has data offset {rel}, not a multiple of the "
+                           f"alignment {align}: corrupt")
+        if start + nbytes > cur.size:
             raise cur.fail(f"tensor {name!r} ({nbytes} bytes at offset {start}) lies outside the "
                            f"file ({cur.size} bytes): truncated or corrupt")
         tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)

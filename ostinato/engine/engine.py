@@ -1,0 +1,103 @@
+"""Engine: one step = schedule -> execute -> update -> emit."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+
+from ..sampling import SamplingParams
+from .block_manager import BlockManager
+from .output_processor import OutputProcessor, SeqDelta
+from .runner import ModelRunner, SeqResult
+from .scheduler import Scheduler
+from .sequence import SchedulerOutput, Sequence
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    batch_sizes: list[int] = field(default_factory=list)   # running sequences per step
+    tokens_per_step: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, output: OutputProcessor, scheduler: Scheduler,
+                 max_model_len: int):
+        self.runner, self.output, self.scheduler = runner, output, scheduler
+        self.max_model_len = max_model_len
+        self.seqs: dict[str, list[Sequence]] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        request_id = request_id or f"req-{next(self._ids)}"
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 0 or (room == 0 and (params.max_tokens or 0) > 0):
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context "
+                             f"holds {self.max_model_len}")
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seqs = [self._new_seq(request_id, i, prompt_ids, params, max_tokens)
+                for i in range(params.n)]
+        self.seqs[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def _new_seq(self, request_id, i, prompt_ids, params, max_tokens) -> Sequence:
+        if params.n > 1 and params.seed is not None:   # n distinct but reproducible choices
+            params = dataclasses.replace(params, seed=params.seed + i)
+        seq = Sequence(f"{request_id}/{i}", request_id, i, list(prompt_ids), params, max_tokens)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        self.output.start(seq)
+        return seq
+
+    def step(self) -> list[SeqDelta]:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the KV cache is too small for the waiting requests")
+            return []
+        results = self.runner.execute(plan)
+        self._record(plan)
+        return [self._update(s.seq, s.num_new_tokens, r)
+                for s, r in zip(plan.scheduled, results)]
+
+    def _record(self, plan: SchedulerOutput) -> None:
+        self.stats.steps += 1
+        self.stats.batch_sizes.append(len(plan.scheduled))
+        self.stats.tokens_per_step.append(plan.num_tokens)
+
+    def _update(self, seq: Sequence, n: int, r: SeqResult) -> SeqDelta:
+        seq.num_computed_tokens += n
+        if r.prompt_logprobs:
+            seq.prompt_logprobs.extend(r.prompt_logprobs)
+        if r.token_id is None:
+            return SeqDelta(seq, "", [], False)
+        if seq.max_tokens == 0:          # scoring only: the prompt's logprobs were the point
+            self.scheduler.finish(seq, "length")
+            return SeqDelta(seq, "", [], True)
+        seq.cumulative_logprob += r.logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(r.top_logprobs)
+        text, reason, stop_reason = self.output.append(seq, r.token_id)
+        seq.text += text
+        if reason is not None:
+            self.scheduler.finish(seq, reason, stop_reason)
+        return SeqDelta(seq, text, [r.token_id], reason is not None)
+
+    def abort(self, request_id: str) -> None:
+        for seq in self.seqs.pop(request_id, []):
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def pop_finished(self, request_id: str) -> list[Sequence]:
+        return self.seqs.pop(request_id)

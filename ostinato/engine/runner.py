@@ -1,0 +1,81 @@
+"""ModelRunner: turns a SchedulerOutput into tensors, runs the model, samples.
+
+The only place the engine touches torch. Owns the KV cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.attention import AttentionMetadata, SeqSlice
+from ..model.transformer import Transformer
+from ..sampling import make_generator, process_logits, sample, top_logprobs
+from .sequence import ScheduledSeq, SchedulerOutput
+
+
+@dataclass
+class SeqResult:
+    token_id: int | None = None           # None while the prompt is still being prefilled
+    logprob: float | None = None          # of token_id under the raw distribution
+    top_logprobs: dict | None = None      # {token_id: Logprob} when params.logprobs is set
+    prompt_logprobs: list | None = None   # entries for the prompt positions computed this step
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+                 eos_ids: set[int]):
+        cfg = model.cfg
+        self.model, self.block_size, self.eos_ids = model, block_size, eos_ids
+        shape = (num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.n_layers)]
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
+        input_ids, positions, meta = self._prepare(plan)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        return [self._seq_result(s, hidden[sl.q_start: sl.q_start + sl.q_len])
+                for s, sl in zip(plan.scheduled, meta.seqs)]
+
+    def _prepare(self, plan: SchedulerOutput):
+        ids, pos, slots, seqs, q_start = [], [], [], [], 0
+        bs = self.block_size
+        for s in plan.scheduled:
+            p = range(s.start, s.start + s.num_new_tokens)
+            ids.extend(s.seq.all_ids[s.start: s.start + s.num_new_tokens])
+            pos.extend(p)
+            slots.extend(s.block_ids[i // bs] * bs + i % bs for i in p)
+            seqs.append(SeqSlice(q_start, s.num_new_tokens, p.stop,
+                                 torch.tensor(s.block_ids, dtype=torch.long)))
+            q_start += s.num_new_tokens
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), seqs)
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
+
+    def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor) -> SeqResult:
+        # hidden: (n_new, D) rows of this sequence
+        seq, res = s.seq, SeqResult()
+        if seq.params.prompt_logprobs is not None and s.start < len(seq.prompt_ids):
+            res.prompt_logprobs = self._prompt_logprobs(s, hidden)
+        if not s.samples:
+            return res
+        logits = self.model.compute_logits(hidden[-1:])[0]
+        if seq.sampler_state is None:
+            seq.sampler_state = make_generator(seq.params.seed)
+        processed = process_logits(logits.clone(), seq.params, seq.prompt_ids, seq.output_ids,
+                                   eos_ids=self.eos_ids)
+        token = sample(processed, seq.params, seq.sampler_state)
+        k = seq.params.logprobs or 0
+        lp = top_logprobs(logits, k, token)
+        res.token_id, res.logprob = token, lp[token].logprob
+        res.top_logprobs = lp if seq.params.logprobs is not None else None
+        return res
+
+    def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list:
+        """Entry for prompt token t+1 comes from the logits at position t."""
+        prompt, k, out = s.seq.prompt_ids, s.seq.params.prompt_logprobs, []
+        last = min(s.start + s.num_new_tokens, len(prompt) - 1)   # positions with a next token
+        for off in range(0, max(0, last - s.start), 128):          # bound the (rows, vocab) tensor
+            rows = range(s.start + off, min(last, s.start + off + 128))
+            logits = self.model.compute_logits(hidden[rows.start - s.start: rows.stop - s.start])
+            out.extend(top_logprobs(logits[i], k, prompt[p + 1]) for i, p in enumerate(rows))
+        return out

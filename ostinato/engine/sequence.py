@@ -1,0 +1,74 @@
+"""A sequence's state as it moves through the engine. Plain data, no torch."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: str
+    request_id: str
+    index: int                      # which of the request's n choices
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int                 # resolved: never past the model's context
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0    # tokens whose KV is in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+    logprobs: list[dict] | None = None
+    prompt_logprobs: list[dict | None] | None = None
+    cumulative_logprob: float = 0.0
+    sampler_state: Any = None       # the runner's per-sequence generator
+    output_state: Any = None        # the output processor's detokenizer and stop matcher
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed_tokens < len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int             # tokens computed this step: all_ids[start:start+n]
+    start: int                      # == seq.num_computed_tokens when scheduled
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """After this step the cache holds every token, so the next token is sampled."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)

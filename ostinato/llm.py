@@ -1,0 +1,142 @@
+"""The offline Python API, named as vLLM's:
+
+    llm = LLM("smollm2-135m-instruct")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .engine.block_manager import BlockManager
+from .engine.engine import Engine
+from .engine.output_processor import OutputProcessor
+from .engine.runner import ModelRunner
+from .engine.scheduler import Scheduler
+from .engine.sequence import Sequence
+from .hub import model_name, resolve_model
+from .loader.gguf import read_gguf
+from .loader.weights import load_weights
+from .model.transformer import Transformer
+from .outputs import CompletionOutput, RequestOutput
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike = "smollm2-135m-instruct", *,
+                 threads: int | None = None, max_model_len: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 block_size: int = 16, kv_cache_gb: float = 1.0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model_path: Path = resolve_model(model)
+        self.model_name = model_name(str(model))
+        gf = read_gguf(self.model_path)
+        self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path))
+        self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
+        model_ = Transformer(self.config, load_weights(gf, self.config))
+        gf.close()
+        self.max_model_len = min(max_model_len or self.config.context_length, self.config.context_length)
+        eos = set(self.tokenizer.eos_token_ids)
+        num_blocks = self._num_blocks(kv_cache_gb, block_size)
+        self.engine = Engine(
+            ModelRunner(model_, num_blocks, block_size, eos),
+            OutputProcessor(self.tokenizer, eos, self.max_model_len),
+            Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens),
+            self.max_model_len)
+
+    def _num_blocks(self, kv_cache_gb: float, block_size: int) -> int:
+        c = self.config
+        per_block = 2 * c.n_layers * block_size * c.n_kv_heads * c.head_dim * 4
+        n = int(kv_cache_gb * (1 << 30)) // per_block
+        need = -(-self.max_model_len // block_size)
+        if n < need:
+            raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds {n * block_size} tokens, "
+                             f"less than one sequence of max_model_len {self.max_model_len}")
+        return n
+
+    # -- tokens ------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary "
+                                 f"(0..{self.config.vocab_size - 1})")
+            return list(prompt)
+        raise TypeError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
+
+    # -- generation --------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [self._prompt_ids(p) for p in prompts]
+        rids = [self.engine.add_request(i, p) for i, p in zip(ids, plist)]
+        try:
+            while self.engine.has_unfinished():
+                self.engine.step()
+        except BaseException:
+            for rid in rids:
+                self.engine.abort(rid)
+            raise
+        return [self._output(rid, p if isinstance(p, str) else None)
+                for rid, p in zip(rids, prompts)]
+
+    def _output(self, request_id: str, prompt: str | None) -> RequestOutput:
+        seqs = self.engine.pop_finished(request_id)
+        first = seqs[0]
+        return RequestOutput(request_id, prompt, first.prompt_ids, first.prompt_logprobs,
+                             [self._completion(s) for s in seqs], finished=True)
+
+    def _completion(self, s: Sequence) -> CompletionOutput:
+        if s.logprobs:
+            for entry in s.logprobs:
+                self._fill_decoded(entry)
+        return CompletionOutput(s.index, s.text, list(s.output_ids), s.cumulative_logprob,
+                                s.logprobs, s.finish_reason, s.stop_reason)
+
+    def _fill_decoded(self, entry: dict) -> None:
+        for tid, lp in list(entry.items()):
+            if lp.decoded_token is None:
+                entry[tid] = type(lp)(lp.logprob, lp.rank, self.tokenizer.decode([tid]))
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one request as it is generated."""
+        rid = self.engine.add_request(self._prompt_ids(prompt), params or SamplingParams())
+        try:
+            while self.engine.has_unfinished():
+                for d in self.engine.step():
+                    if d.seq.request_id == rid and d.text:
+                        yield d.text
+        finally:
+            self.engine.abort(rid)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.chat_prompt_ids(m) for m in convs], params)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # a real template writes BOS itself (as vLLM assumes); the plain fallback does not
+        return self.tokenize(text, add_special_tokens=self.tokenizer.chat_template is None)

@@ -1,0 +1,685 @@
+"""Tokenizer built from GGUF metadata, matching llama.cpp's `llama_tokenize` token for token.
+
+Two vocabulary kinds (`tokenizer.ggml.model`):
+
+* ``"gpt2"``  byte-level BPE. Text is split by the pre-tokenizer regexes chosen by
+  `tokenizer.ggml.pre` (the same regex list llama.cpp uses for that name, applied one after
+  the other, each to the pieces the previous one produced, keeping the unmatched gaps as
+  pieces too); every piece is mapped byte -> printable character (GPT-2's table) and merged
+  by `tokenizer.ggml.merges` rank, lowest rank first, leftmost first on ties.
+* ``"llama"`` SentencePiece-style BPE. Spaces become U+2581 ('▁'); starting from single
+  characters, the adjacent pair whose concatenation is the vocabulary token with the highest
+  score is merged first (leftmost on ties) until no pair forms a token; characters left over
+  fall back to their `<0xNN>` byte tokens.
+
+In both, special tokens (token types CONTROL, USER_DEFINED and UNKNOWN) are first cut out of
+the text, longest token text first, and emitted as single ids (llama.cpp's
+``tokenize(..., parse_special=True)``).
+
+Differences from llama.cpp, on purpose: `decode` never applies llama.cpp's "clean spaces"
+pass (it would break `decode(encode(t)) == t`), and per-model LSTRIP/RSTRIP token attributes
+(set by llama.cpp only for phi-3/jina/modern-bert by model name) are not modelled.
+"""
+from __future__ import annotations
+
+import codecs
+import heapq
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable
+
+import regex
+
+# tokenizer.ggml.token_type values (llama.cpp's LLAMA_TOKEN_TYPE_*)
+UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(7)
+# types cut out of raw text as whole tokens before the word-level tokenizer runs
+_PARTITIONED = (CONTROL, USER_DEFINED, UNKNOWN)
+# types that decode to nothing unless special tokens are rendered
+_HIDDEN_UNLESS_SPECIAL = (CONTROL, UNKNOWN)
+
+SPACE_MARK = "\u2581"  # '▁', SentencePiece's visible space
+
+# Token texts llama.cpp treats as end-of-generation (and forces to CONTROL) whatever the model.
+_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+})
+
+# ---------------------------------------------------------------------------------------------
+# pre-tokenizer regexes (byte-level BPE). Semantics follow llama.cpp's llm_tokenizer_bpe; its
+# hand-written splitters for the GPT-2 and Llama-3 patterns are equivalent to these regexes.
+# ---------------------------------------------------------------------------------------------
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS_ANY_CASE = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass(frozen=True)
+class _PreTokenizer:
+    regexes: tuple[str, ...]
+    ignore_merges: bool = False   # a piece that is itself a vocabulary token skips the merges
+    add_bos: bool = False         # llama.cpp's default before tokenizer.ggml.add_bos_token
+
+
+_PRE_DEFAULT = _PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))
+_PRE_GPT2 = _PreTokenizer((_GPT2,))
+_PRE_SMOLLM = _PreTokenizer((r"\p{N}", _GPT2))          # digits one by one, then GPT-2
+_PRE_LLAMA3 = _PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)
+_PRE_QWEN2 = _PreTokenizer((_QWEN2,))
+
+PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
+    "default": _PRE_DEFAULT, "": _PRE_DEFAULT,
+    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"), _PRE_GPT2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                     "minerva-7b"), _PRE_SMOLLM),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _PRE_LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _PRE_QWEN2),
+}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table: printable latin-1 bytes map to themselves,
+    the other 68 bytes to U+0100.. in byte order, so every byte string becomes a printable str."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+_BYTE_TO_CHAR = _bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_TO_CHAR)}
+_LATIN1_TO_BYTE_CHAR = {b: c for b, c in enumerate(_BYTE_TO_CHAR)}  # for str.translate
+
+
+def _split_by_regexes(text: str, patterns: list[regex.Pattern]) -> list[str]:
+    """Apply each pattern to every piece from the previous pattern; matches and the gaps
+    between them both become pieces (llama.cpp's unicode_regex_split). Lookarounds see only
+    the piece being split, never its neighbours."""
+    pieces = [text]
+    for pat in patterns:
+        out: list[str] = []
+        for piece in pieces:
+            pos = 0
+            for m in pat.finditer(piece):
+                start, end = m.span()
+                if start == end:
+                    continue
+                if start > pos:
+                    out.append(piece[pos:start])
+                out.append(piece[start:end])
+                pos = end
+            if pos < len(piece):
+                out.append(piece[pos:])
+        pieces = out
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer
+# ---------------------------------------------------------------------------------------------
+class Tokenizer:
+    """Text <-> token ids for one GGUF model. Build with `Tokenizer.from_gguf(metadata)`."""
+
+    def __init__(self, *, model: str, tokens: list[str], token_types: list[int],
+                 scores: list[float] | None, merges: list[str] | None, pre: str,
+                 bos_token_id: int | None, eos_token_id: int | None,
+                 unknown_token_id: int | None, add_bos: bool, add_eos: bool,
+                 add_space_prefix: bool, eog_ids: Iterable[int] = (),
+                 chat_template: str | None = None, path: str = ""):
+        if model not in ("gpt2", "llama"):
+            raise ValueError(f"{path or 'GGUF'}: unsupported tokenizer model {model!r} "
+                             "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
+        self.model, self.path = model, path
+        # an empty token text can never match; llama.cpp renames it the same way
+        self._tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        self._types = list(token_types)
+        self._scores = list(scores) if scores is not None else [0.0] * len(tokens)
+        self._token_to_id = {t: i for i, t in enumerate(self._tokens)}
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.unknown_token_id = unknown_token_id
+        self.add_bos, self.add_eos, self.add_space_prefix = add_bos, add_eos, add_space_prefix
+        self.chat_template = chat_template
+        self.eos_token_ids = self._end_of_generation_ids(eog_ids)
+        self._init_special_matcher()
+        if model == "gpt2":
+            self._init_bpe(merges, pre)
+        else:
+            self._byte_ids = [self._byte_token(b) for b in range(256)]
+        self._pieces = [self._piece_bytes(i) for i in range(len(self._tokens))]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_gguf(cls, metadata: dict, path: str = "") -> "Tokenizer":
+        """Build from `read_gguf(path).metadata`; `path` only names the file in errors.
+        Defaults for absent keys are llama.cpp's for the vocabulary kind."""
+        where = path or "GGUF metadata"
+        model = metadata.get("tokenizer.ggml.model")
+        if model not in ("gpt2", "llama"):
+            raise ValueError(f"{where}: unsupported tokenizer model {model!r} "
+                             "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise ValueError(f"{where}: tokenizer.ggml.tokens is missing or empty")
+        n = len(tokens)
+        types = _int_list(metadata.get("tokenizer.ggml.token_type"), n, NORMAL, where, "token_type")
+        scores = metadata.get("tokenizer.ggml.scores")
+        if scores is not None:
+            if len(scores) < n:
+                raise ValueError(f"{where}: tokenizer.ggml.scores has {len(scores)} entries "
+                                 f"for {n} tokens")
+            scores = [float(s) for s in scores[:n]]
+        merges = metadata.get("tokenizer.ggml.merges")
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        spm = model == "llama"
+        if not spm:
+            if not isinstance(merges, list):
+                raise ValueError(f"{where}: gpt2 tokenizer needs tokenizer.ggml.merges")
+            if pre not in PRE_TOKENIZERS:
+                raise ValueError(f"{where}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r} "
+                                 f"(supported: {', '.join(sorted(k for k in PRE_TOKENIZERS if k))})")
+
+        def special_id(key: str, default: int | None) -> int | None:
+            v = metadata.get(f"tokenizer.ggml.{key}", default)
+            return int(v) if v is not None and 0 <= int(v) < n else None
+
+        default_add_bos = True if spm else PRE_TOKENIZERS[pre].add_bos
+        eog = [special_id(k, None) for k in ("eot_token_id", "eom_token_id")]
+        return cls(
+            model=model, tokens=tokens, token_types=types, scores=scores, merges=merges, pre=pre,
+            bos_token_id=special_id("bos_token_id", 1 if spm else 11),
+            eos_token_id=special_id("eos_token_id", 2 if spm else 11),
+            unknown_token_id=special_id("unknown_token_id", 0 if spm else None),
+            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", default_add_bos)),
+            add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+            add_space_prefix=spm and bool(metadata.get("tokenizer.ggml.add_space_prefix", True)),
+            eog_ids=[i for i in eog if i is not None],
+            chat_template=metadata.get("tokenizer.chat_template"), path=path)
+
+    def _end_of_generation_ids(self, extra: Iterable[int]) -> frozenset[int]:
+        """eos + metadata eot/eom + tokens whose text llama.cpp knows as end-of-turn markers.
+        Like llama.cpp, those marker tokens are made CONTROL so they decode as special."""
+        ids = set(extra)
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        for text in _EOG_TEXTS:
+            i = self._token_to_id.get(text)
+            if i is not None:
+                ids.add(i)
+                if self._types[i] != CONTROL:
+                    self._types[i] = CONTROL
+        return frozenset(ids)
+
+    def _init_special_matcher(self) -> None:
+        """Index the partitioned tokens by first character and by length, so finding which
+        of them occur in a text costs a few dict lookups per candidate position."""
+        self._special_ids: dict[str, int] = {}
+        for i, t in enumerate(self._tokens):
+            if self._types[i] in _PARTITIONED:
+                self._special_ids.setdefault(t, i)
+        lengths: dict[str, set[int]] = {}
+        for t in self._special_ids:
+            lengths.setdefault(t[0], set()).add(len(t))
+        self._special_lengths = {c: sorted(ls, reverse=True) for c, ls in lengths.items()}
+        self._special_first = (regex.compile("[" + "".join(regex.escape(c) for c in lengths) + "]")
+                               if lengths else None)
+
+    def _init_bpe(self, merges: list[str], pre: str) -> None:
+        self._ranks: dict[tuple[str, str], int] = {}
+        for rank, m in enumerate(merges):
+            cut = m.find(" ", 1)
+            pair = (m[:cut], m[cut + 1:]) if cut >= 0 else ("", "")
+            self._ranks.setdefault(pair, rank)       # first occurrence wins, as in llama.cpp
+        self._pre = PRE_TOKENIZERS[pre]
+        self._pre_patterns = [regex.compile(p) for p in self._pre.regexes]
+        self._word_cache: dict[str, tuple[int, ...]] = {}
+
+    def _byte_token(self, b: int) -> int | None:
+        """SentencePiece byte-fallback token for byte b: `<0xNN>`, else the 1-byte token."""
+        i = self._token_to_id.get(f"<0x{b:02X}>")
+        if i is None:
+            i = self._token_to_id.get(chr(b)) if b < 0x80 else None
+        return i if i is not None else self.unknown_token_id
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def bos_token(self) -> str:
+        return self._tokens[self.bos_token_id] if self.bos_token_id is not None else ""
+
+    @property
+    def eos_token(self) -> str:
+        return self._tokens[self.eos_token_id] if self.eos_token_id is not None else ""
+
+    def token_type(self, token_id: int) -> int:
+        return self._types[self._check_id(token_id)]
+
+    def is_special(self, token_id: int) -> bool:
+        """True for CONTROL/UNKNOWN tokens: the ones `skip_special_tokens` drops."""
+        return self._types[self._check_id(token_id)] in _HIDDEN_UNLESS_SPECIAL
+
+    def token_id(self, text: str) -> int | None:
+        """The id whose vocabulary text is exactly `text`, or None."""
+        return self._token_to_id.get(text)
+
+    def _check_id(self, token_id: int) -> int:
+        if not 0 <= token_id < len(self._tokens):
+            raise ValueError(f"token id {token_id} out of range (vocab size {len(self._tokens)})")
+        return token_id
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. Special-token texts in `text` (e.g. `<|im_start|>`) become
+        their single ids. With add_special_tokens, BOS/EOS are added per the GGUF's
+        add_bos_token/add_eos_token."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() needs str, got {type(text).__name__}")
+        out: list[int] = []
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
+            out.append(self.bos_token_id)
+        prev_special = True   # SentencePiece: a space prefix goes before text at the start...
+        for frag in self._partition(text):
+            if isinstance(frag, int):
+                out.append(frag)
+                prev_special = True   # ...and after every special token
+            elif self.model == "gpt2":
+                self._encode_bpe(frag, out)
+                prev_special = False
+            else:
+                if self.add_space_prefix and prev_special:
+                    frag = " " + frag
+                self._encode_spm(frag.replace(" ", SPACE_MARK), out)
+                prev_special = False
+        if add_special_tokens and self.add_eos and self.eos_token_id is not None:
+            out.append(self.eos_token_id)
+        return out
+
+    def _partition(self, text: str) -> list[str | int]:
+        """Cut special tokens out of text: longest token text first (ties: lower id), each one
+        splitting every remaining raw-text fragment at its non-overlapping leftmost matches.
+        Returns raw strings and token ids in text order; empty strings are dropped."""
+        if not text:
+            return []
+        found = self._specials_in(text)
+        frags: list[str | int] = [text]
+        for tok in sorted(found, key=lambda t: (-len(t), self._special_ids[t])):
+            tid = self._special_ids[tok]
+            nxt: list[str | int] = []
+            for f in frags:
+                if isinstance(f, int) or tok not in f:
+                    nxt.append(f)
+                    continue
+                parts = f.split(tok)
+                for k, part in enumerate(parts):
+                    if k:
+                        nxt.append(tid)
+                    if part:
+                        nxt.append(part)
+            frags = nxt
+        return frags
+
+    def _specials_in(self, text: str) -> set[str]:
+        """Every special token text that occurs somewhere in text."""
+        found: set[str] = set()
+        if self._special_first is None:
+            return found
+        n = len(text)
+        for m in self._special_first.finditer(text):
+            p = m.start()
+            for length in self._special_lengths[text[p]]:
+                if p + length <= n and text[p:p + length] in self._special_ids:
+                    found.add(text[p:p + length])
+        return found
+
+    # byte-level BPE --------------------------------------------------------------------
+    def _encode_bpe(self, text: str, out: list[int]) -> None:
+        cache = self._word_cache
+        for word in _split_by_regexes(text, self._pre_patterns):
+            ids = cache.get(word)
+            if ids is None:
+                ids = self._bpe_word(word.encode("utf-8").decode("latin-1")
+                                     .translate(_LATIN1_TO_BYTE_CHAR))
+                if len(cache) < 200_000:
+                    cache[word] = ids
+            out.extend(ids)
+
+    def _bpe_word(self, word: str) -> tuple[int, ...]:
+        """Merge one byte-encoded word: lowest merge rank first, leftmost on ties."""
+        if self._pre.ignore_merges and word in self._token_to_id:
+            return (self._token_to_id[word],)
+        syms = list(word)                       # syms[i] == "" once merged into its left
+        nxt = list(range(1, len(syms) + 1))
+        prv = list(range(-1, len(syms) - 1))
+        ranks = self._ranks
+        heap: list[tuple[int, int, int, str]] = []   # (rank, left index, right index, text)
+
+        def push(left: int, right: int) -> None:
+            if left >= 0 and right < len(syms):
+                rank = ranks.get((syms[left], syms[right]))
+                if rank is not None:
+                    heapq.heappush(heap, (rank, left, right, syms[left] + syms[right]))
+
+        for i in range(len(syms) - 1):
+            push(i, i + 1)
+        while heap:
+            _, left, right, merged = heapq.heappop(heap)
+            if not syms[left] or not syms[right] or syms[left] + syms[right] != merged:
+                continue                        # stale: a neighbour changed since the push
+            syms[left], syms[right] = merged, ""
+            nxt[left] = nxt[right]
+            if nxt[right] < len(syms):
+                prv[nxt[right]] = left
+            push(prv[left], left)
+            push(left, nxt[left])
+        ids: list[int] = []
+        for s in syms:
+            if not s:
+                continue
+            tid = self._token_to_id.get(s)
+            if tid is not None:
+                ids.append(tid)
+            else:   # llama.cpp: try each UTF-8 byte of the symbol as a token, drop misses
+                ids.extend(self._token_to_id[c] for c in s.encode("utf-8").decode("latin-1")
+                           if c in self._token_to_id)
+        return tuple(ids)
+
+    # SentencePiece ---------------------------------------------------------------------
+    def _encode_spm(self, text: str, out: list[int]) -> None:
+        """Merge adjacent symbols whose concatenation is a token, highest score first
+        (leftmost on ties); leftovers that are not tokens become byte tokens."""
+        n = len(text)
+        if n == 0:
+            return
+        start = list(range(n))                  # symbol i covers text[start[i]:start[i]+size[i]]
+        size = [1] * n                          # 0 once merged into its left neighbour
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        t2i, scores = self._token_to_id, self._scores
+        heap: list[tuple[float, int, int, int]] = []  # (-score, left, right, combined size)
+
+        def push(left: int, right: int) -> None:
+            if left < 0 or right >= n:
+                return
+            s = start[left]
+            tid = t2i.get(text[s:s + size[left] + size[right]])
+            if tid is not None:
+                heapq.heappush(heap, (-scores[tid], left, right, size[left] + size[right]))
+
+        for i in range(n - 1):
+            push(i, i + 1)
+        while heap:
+            _, left, right, total = heapq.heappop(heap)
+            if size[left] == 0 or size[right] == 0 or size[left] + size[right] != total:
+                continue                        # stale entry
+            size[left], size[right] = total, 0
+            nxt[left] = nxt[right]
+            if nxt[right] < n:
+                prv[nxt[right]] = left
+            push(prv[left], left)
+            push(left, nxt[left])
+        i = 0
+        while i < n:
+            piece = text[start[i]:start[i] + size[i]]
+            tid = t2i.get(piece)
+            if tid is not None:
+                out.append(tid)
+            else:
+                out.extend(b for b in (self._byte_ids[x] for x in piece.encode("utf-8"))
+                           if b is not None)
+            i = nxt[i]
+
+    # ------------------------------------------------------------------ decode
+    def id_to_piece(self, token_id: int) -> str:
+        """The token's text as stored in the vocabulary (e.g. 'Ġhello', '▁hello', '<0x0A>')."""
+        return self._tokens[self._check_id(token_id)]
+
+    def token_to_bytes(self, token_id: int, special: bool = True) -> bytes:
+        """The bytes this token stands for: GPT-2 byte decoding for gpt2 vocabularies; '▁' ->
+        ' ' and <0xNN> -> byte for llama ones. CONTROL/UNKNOWN tokens give their text when
+        `special`, else b''; unused/undefined tokens give b''."""
+        self._check_id(token_id)
+        if not special and self._types[token_id] in _HIDDEN_UNLESS_SPECIAL:
+            return b""
+        return self._pieces[token_id]
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        text, kind = self._tokens[token_id], self._types[token_id]
+        if kind in (CONTROL, UNKNOWN, USER_DEFINED):
+            return text.encode("utf-8")
+        if kind == NORMAL:
+            if self.model == "llama":
+                return text.replace(SPACE_MARK, " ").encode("utf-8")
+            # a char outside GPT-2's byte table is kept as its own UTF-8 (llama.cpp prints junk)
+            return b"".join(bytes([_CHAR_TO_BYTE[c]]) if c in _CHAR_TO_BYTE else c.encode("utf-8")
+                            for c in text)
+        if kind == BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            return bytes([int(text[3:5], 16)])
+        return b""
+
+    def _strips_space(self, token_id: int) -> bool:
+        """SentencePiece with add_space_prefix: the first text token of a sequence lost its
+        leading space on the way out, as encode() put it there. BOS and other CONTROL tokens
+        before it do not count as text."""
+        return self.add_space_prefix and self._types[token_id] not in _HIDDEN_UNLESS_SPECIAL
+
+    def decode_bytes(self, ids: Iterable[int], skip_special_tokens: bool = False) -> bytes:
+        out = bytearray()
+        at_start = True
+        for tid in ids:
+            piece = self.token_to_bytes(int(tid), special=not skip_special_tokens)
+            if at_start and self._strips_space(int(tid)):
+                at_start = False
+                if piece.startswith(b" "):
+                    piece = piece[1:]
+            out += piece
+        return bytes(out)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD.
+        With skip_special_tokens, CONTROL/UNKNOWN tokens (BOS, <|im_end|>, ...) are dropped."""
+        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **extra) -> str:
+        """Render `messages` ([{"role", "content"}], roles system/user/assistant/tool, content
+        a str or a list of {"type": "text", "text": str} parts) to a prompt string.
+
+        With the model's `tokenizer.chat_template`, it is rendered in a sandboxed Jinja2
+        environment (see ostinato.tokenizer.render_chat_template) with `messages`,
+        `add_generation_prompt`, `bos_token`, `eos_token` and any `extra` variables.
+
+        Fallback when the model has no template (e.g. Gemma 3 270M base): a plain transcript,
+        one line per message, "System: ...", "User: ...", "Assistant: ...", "Tool: ..." (the
+        content as is, lines joined by "\\n"), and with add_generation_prompt a final
+        "Assistant:" line with no trailing space or newline. No BOS text is added; encode()
+        adds BOS per the model's metadata.
+        """
+        msgs = _validate_messages(messages)
+        if self.chat_template is None:
+            lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
+            if add_generation_prompt:
+                lines.append("Assistant:")
+            return "\n".join(lines)
+        return render_chat_template(self.chat_template, messages=msgs,
+                                    add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+
+
+def _int_list(values, n: int, default: int, where: str, key: str) -> list[int]:
+    if values is None:
+        return [default] * n
+    if len(values) < n:
+        raise ValueError(f"{where}: tokenizer.ggml.{key} has {len(values)} entries for {n} tokens")
+    return [int(v) for v in values[:n]]
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming detokenization
+# ---------------------------------------------------------------------------------------------
+class IncrementalDetokenizer:
+    """Turn generated ids into text as they arrive.
+
+    `add(id)` returns only whole characters: bytes of a multi-byte UTF-8 character cut across
+    tokens are held back until it completes (bytes that can never form a character come out
+    as U+FFFD, exactly as in decode()). The concatenation of all `add()` outputs plus
+    `flush()` equals the text that `decode(prompt_ids + generated)` adds after
+    `decode(prompt_ids)`, so with no prompt it equals `decode(generated)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Iterable[int] | None = None,
+                 skip_special_tokens: bool = False):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        # whether the SentencePiece leading-space rule still applies to the next text token
+        self._at_start = not any(tokenizer._strips_space(int(t)) for t in (prompt_ids or ()))
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        piece = self._tok.token_to_bytes(int(token_id), special=not self._skip)
+        if self._at_start and self._tok._strips_space(int(token_id)):
+            self._at_start = False
+            if piece.startswith(b" "):
+                piece = piece[1:]
+        return self._utf8.decode(piece)
+
+    def flush(self) -> str:
+        """Whatever is held back, an unfinished character as U+FFFD; then start clean."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# chat templates
+# ---------------------------------------------------------------------------------------------
+MAX_TEMPLATE_OUTPUT = 1_000_000     # characters a template may produce
+MAX_TEMPLATE_ITERATIONS = 100_000   # range() items summed over one render
+MAX_TEMPLATE_SEQUENCE = 100_000     # longest str/list `*` or `+` may build
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _validate_messages(messages) -> list[dict]:
+    """Check roles and content types; flatten text-part lists into one string."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{k}] must be a dict, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in _ROLES:
+            raise ValueError(f"messages[{k}]: role must be one of {', '.join(_ROLES)}; "
+                             f"got {role!r}")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise ValueError(f"messages[{k}]: content parts must be "
+                                 "{'type': 'text', 'text': str}")
+            content = "".join(p["text"] for p in content)
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{k}]: content must be a string or a list of text parts, "
+                             f"got {type(content).__name__}")
+        out.append({**m, "content": content})
+    return out
+
+
+def render_chat_template(template: str, **variables) -> str:
+    """Render a model's chat template in Jinja2's immutable sandbox (no attribute access to
+    internals, no mutation of passed objects, no file loading), with trim_blocks and
+    lstrip_blocks, the helpers `raise_exception(msg)` and `strftime_now(fmt)`, a `range`
+    whose items are counted against MAX_TEMPLATE_ITERATIONS per render, `*`/`+` refused
+    beyond MAX_TEMPLATE_SEQUENCE items, and output capped at MAX_TEMPLATE_OUTPUT chars.
+    Violations raise jinja2.exceptions.SecurityError; template errors raise Jinja2's
+    TemplateError subclasses; `raise_exception` raises ValueError with the message."""
+    env = _make_sandbox()
+    budget = [MAX_TEMPLATE_ITERATIONS]
+    env.globals["range"] = lambda *a: _budgeted_range(budget, *a)
+    try:
+        chunks, total = [], 0
+        for chunk in env.from_string(template).generate(**variables):
+            total += len(chunk)
+            if total > MAX_TEMPLATE_OUTPUT:
+                raise _security_error(f"chat template output exceeds {MAX_TEMPLATE_OUTPUT} "
+                                      "characters")
+            chunks.append(chunk)
+    except RecursionError:
+        raise _security_error("chat template recursion too deep") from None
+    return "".join(chunks)
+
+
+def _security_error(msg: str) -> Exception:
+    from jinja2.exceptions import SecurityError
+    return SecurityError(msg)
+
+
+def _budgeted_range(budget: list[int], *args):
+    r = range(*args)
+    if len(r) > budget[0]:
+        raise _security_error(f"chat template range() over budget: {len(r)} items, "
+                              f"{budget[0]} left of {MAX_TEMPLATE_ITERATIONS}")
+    budget[0] -= len(r)
+    return r
+
+
+def _raise_exception(message):
+    raise ValueError(f"chat template error: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+_SANDBOX_CLASS = None
+
+
+def _make_sandbox():
+    """A fresh ImmutableSandboxedEnvironment subclass instance (jinja2 imported lazily)."""
+    global _SANDBOX_CLASS
+    if _SANDBOX_CLASS is None:
+        from jinja2 import BaseLoader
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class _NoFiles(BaseLoader):
+            def get_source(self, environment, name):
+                raise _security_error(f"chat templates may not load other templates ({name!r})")
+
+        class _Sandbox(ImmutableSandboxedEnvironment):
+            intercepted_binops = frozenset({"*", "**", "+"})
+
+            def call_binop(self, context, operator, left, right):
+                if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                    raise _security_error("chat template power with exponent > 64")
+                if operator in ("*", "+"):
+                    _check_sequence_size(operator, left, right)
+                return super().call_binop(context, operator, left, right)
+
+        def factory():
+            env = _Sandbox(trim_blocks=True, lstrip_blocks=True, loader=_NoFiles(),
+                           extensions=["jinja2.ext.loopcontrols"])
+            env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+            return env
+
+        _SANDBOX_CLASS = factory
+    return _SANDBOX_CLASS()
+
+
+def _check_sequence_size(op: str, left, right) -> None:
+    seq = (str, bytes, list, tuple)
+    if op == "*":
+        for a, b in ((left, right), (right, left)):
+            if isinstance(a, seq) and isinstance(b, int) and len(a) * b > MAX_TEMPLATE_SEQUENCE:
+                raise _security_error(f"chat template `*` would build {len(a) * b} items")
+    elif isinstance(left, seq) and isinstance(right, seq):
+        if len(left) + len(right) > MAX_TEMPLATE_OUTPUT:
+            raise _security_error("chat template `+` result too large")

@@ -1,0 +1,184 @@
+"""Write the tokenizer test fixtures from llama.cpp (through llama-cpp-python).
+
+    .venv/bin/python scripts/make_tokenizer_fixtures.py [--home DIR]
+
+For each model file in DIR (default $OSTINATO_HOME or ~/.cache/ostinato) this loads the
+vocabulary only (`llama_cpp.Llama(path, vocab_only=True)`), tokenizes every string in TEXTS
+with `llm.tokenize(text.encode(), add_bos=..., special=True)` and detokenizes a few id lists
+with `llm.detokenize(ids, special=...)`, and writes tests/fixtures/tokenizer_<name>.json:
+
+    {"model": file name, "cases": [{"text", "add_bos", "ids"}],
+     "detok": [{"ids", "special", "text"}],
+     "pre_variants": {pre name: [{"text", "ids"}]}}          # SmolLM only
+
+`pre_variants` tests the other byte-level BPE pre-tokenizers ("gpt-2", "default",
+"llama-bpe") with SmolLM's vocabulary and merges: a vocab-only GGUF copy of the SmolLM
+metadata with `tokenizer.ggml.pre` replaced is written to a temp dir (never kept) and
+tokenized by llama.cpp the same way. The tests rebuild that metadata in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+MODELS = {
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
+}
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+PRE_VARIANTS = ("gpt-2", "default", "llama-bpe")
+
+# Strings written for these tests: scripts, emoji, code, whitespace and special-token texts.
+TEXTS = [
+    "",
+    "Hello world",
+    "Hello, world! How are you today?",
+    " leading space",
+    "trailing space ",
+    "  two leading spaces",
+    "multiple     spaces   between words",
+    "tab\tseparated\tvalues",
+    "line one\nline two\n\nline four",
+    "windows\r\nline endings\r\n",
+    "\n\n\n",
+    "\t\t  \n  \t",
+    "a" * 300,
+    " " * 200,
+    "\n" * 40,
+    "ab " * 50,
+    "1234567890",
+    "3.14159265358979 and 2,718,281",
+    "Phone: +1 (555) 010-9999, year 2024",
+    "I'm sure you're right, they'll say it's what we'd've done",
+    "DON'T SHOUT, It'S fine; I'Ll go",
+    "MiXeD CaSe WoRdS and camelCaseIdentifiers",
+    "https://example.com/path/to?query=1&lang=en#frag",
+    "user.name+tag@example.org",
+    "def add(a, b):\n    return a + b\n",
+    "for (int i = 0; i < n; ++i) { sum += x[i]; }",
+    "if x == 1 and y != 2:\n\tprint(f\"{x=}\")",
+    "<html><body class=\"main\">Hi &amp; bye</body></html>",
+    "{\"key\": [1, 2, 3], \"nested\": {\"ok\": true}}",
+    "SELECT * FROM users WHERE id = 42;",
+    "naïve café résumé façade über Straße",
+    "Ελληνικά κείμενο και αριθμοί 123",
+    "Русский текст: привет, мир!",
+    "नमस्ते दुनिया, आप कैसे हैं?",
+    "中文测试：你好，世界！",
+    "日本語のテキストとカタカナ",
+    "한국어 문장입니다.",
+    "مرحبا بالعالم، كيف حالك؟",
+    "שלום עולם",
+    "ไทย ภาษา",
+    "Emoji: 😀🎉👍🏽",
+    "Family 👨‍👩‍👧‍👦 and flag 🏳️‍🌈 and 🇫🇷",
+    "math ∑ ∫ √ ≠ ≤ ≥ ∞ π",
+    "zero\u200bwidth and nbsp\u00a0here and ideographic\u3000space",
+    "curly “quotes” and ‘single’ and em—dash…",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "<start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n",
+    "text<|endoftext|>more text",
+    "<bos>literal bos<eos>",
+    "<|im_start|><|im_end|><|im_start|>",
+    "not special: <|im_star|> and <start_of_turn",
+    "<0x41> looks like a byte token",
+    "tokens 'in' \"quotes\" (parens) [brackets] {braces}",
+    "   \n",
+    "mixed\u00e9\u0301 combining accents",
+    "Ünïcödé ÄÖÜ äöü ß",
+]
+# texts also tokenized with add_bos=True (llama.cpp's add_special)
+BOS_TEXTS = ["", "Hello world", "<|im_start|>user\nHi<|im_end|>", "<bos>literal bos<eos>"]
+# texts whose ids are detokenized by llama.cpp, with special tokens rendered or hidden
+DETOK_TEXTS = [
+    ("Hello, world! How are you today?", False),
+    ("naïve café résumé façade über Straße", False),
+    ("Family 👨‍👩‍👧‍👦 and flag 🏳️‍🌈 and 🇫🇷", False),
+    ("中文测试：你好，世界！", False),
+    ("<|im_start|>user\nHi there<|im_end|>\n", True),
+    ("<|im_start|>user\nHi there<|im_end|>\n", False),
+    ("<start_of_turn>user\nHello<end_of_turn>\n", True),
+    ("<start_of_turn>user\nHello<end_of_turn>\n", False),
+    ("  two leading spaces", False),
+    ("line one\nline two\n\nline four", False),
+]
+
+
+def _tokenize(llm, text: str, add_bos: bool) -> list[int]:
+    return [int(t) for t in llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)]
+
+
+def _detok_cases(llm) -> list[dict]:
+    cases = []
+    for text, special in DETOK_TEXTS:
+        ids = _tokenize(llm, text, add_bos=False)
+        # llama-cpp-python copies each piece through a 32-byte buffer: skip longer pieces
+        if any(len(llm._model.token_to_piece(t, special=True).rstrip(b"\0")) >= 32 for t in ids):
+            continue
+        raw = llm.detokenize(ids, special=special)
+        cases.append({"ids": ids, "special": special, "text": raw.decode("utf-8")})
+    return cases
+
+
+def _vocab_only_copy(src: Path, dst: Path, pre: str) -> None:
+    """Write src's metadata, with tokenizer.ggml.pre replaced, and no tensors, to dst."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch=str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = pre if key == "tokenizer.ggml.pre" else field.contents()
+        sub = field.types[1] if len(field.types) > 1 else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _pre_variants(llama_cls, path: Path) -> dict[str, list[dict]]:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pre in PRE_VARIANTS:
+            copy = Path(tmp) / f"vocab-{pre}.gguf"
+            _vocab_only_copy(path, copy, pre)
+            llm = llama_cls(str(copy), vocab_only=True, verbose=False)
+            out[pre] = [{"text": t, "ids": _tokenize(llm, t, add_bos=False)} for t in TEXTS]
+            del llm
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", default=os.environ.get("OSTINATO_HOME",
+                                                     os.path.expanduser("~/.cache/ostinato")))
+    args = ap.parse_args()
+    from llama_cpp import Llama
+
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    for name, fname in MODELS.items():
+        path = Path(args.home) / fname
+        if not path.is_file():
+            print(f"skip {name}: {path} not found", file=sys.stderr)
+            continue
+        llm = Llama(str(path), vocab_only=True, verbose=False)
+        cases = [{"text": t, "add_bos": False, "ids": _tokenize(llm, t, False)} for t in TEXTS]
+        cases += [{"text": t, "add_bos": True, "ids": _tokenize(llm, t, True)} for t in BOS_TEXTS]
+        data = {"model": fname, "cases": cases, "detok": _detok_cases(llm)}
+        del llm
+        if name.startswith("smollm"):
+            data["pre_variants"] = _pre_variants(Llama, path)
+        out = FIXTURES / f"tokenizer_{name}.json"
+        out.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {out} ({len(cases)} cases, {len(data['detok'])} detok)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
