@@ -27,6 +27,8 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
+# Longer contexts are there for the asking (max_model_len=...); this bounds the KV cache memory.
+DEFAULT_MAX_MODEL_LEN = 8192
 
 
 class LLM:
@@ -43,7 +45,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
         model_ = Transformer(self.config, load_weights(gf, self.config))
         gf.close()
-        self.max_model_len = min(max_model_len or self.config.context_length, self.config.context_length)
+        self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)
         num_blocks = self._num_blocks(kv_cache_gb, block_size)
         self.engine = Engine(

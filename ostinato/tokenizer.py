@@ -658,8 +658,9 @@ def _make_sandbox():
             intercepted_binops = frozenset({"*", "**", "+"})
 
             def call_binop(self, context, operator, left, right):
-                if operator == "**" and isinstance(right, int) and abs(right) > 64:
-                    raise _security_error("chat template power with exponent > 64")
+                if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                        and (right > 64 or abs(left).bit_length() * right > 4096):
+                    raise _security_error("chat template power too large")
                 if operator in ("*", "+"):
                     _check_sequence_size(operator, left, right)
                 return super().call_binop(context, operator, left, right)

@@ -9,12 +9,14 @@ with `llm.detokenize(ids, special=...)`, and writes tests/fixtures/tokenizer_<na
 
     {"model": file name, "cases": [{"text", "add_bos", "ids"}],
      "detok": [{"ids", "special", "text"}],
-     "pre_variants": {pre name: [{"text", "ids"}]}}          # SmolLM only
+     "variants": [{"override": {metadata key: value}, "cases": [{"text", "ids"}]}]}
 
-`pre_variants` tests the other byte-level BPE pre-tokenizers ("gpt-2", "default",
-"llama-bpe") with SmolLM's vocabulary and merges: a vocab-only GGUF copy of the SmolLM
-metadata with `tokenizer.ggml.pre` replaced is written to a temp dir (never kept) and
-tokenized by llama.cpp the same way. The tests rebuild that metadata in memory.
+`variants` cover tokenizer settings these two files lack: the other byte-level BPE
+pre-tokenizers ("gpt-2", "default", "llama-bpe") with SmolLM's vocabulary and merges, and
+SentencePiece with add_space_prefix=True on Gemma's vocabulary. For each, a vocab-only GGUF
+copy of the model's metadata with the override applied is written to a temp dir (never
+kept) and tokenized by llama.cpp (add_bos=True, special=True). The tests rebuild that
+metadata in memory.
 """
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ MODELS = {
     "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
 }
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-PRE_VARIANTS = ("gpt-2", "default", "llama-bpe")
+VARIANTS = {
+    "smollm2-135m-instruct": [{"tokenizer.ggml.pre": p} for p in ("gpt-2", "default", "llama-bpe")],
+    "gemma3-270m": [{"tokenizer.ggml.add_space_prefix": True}],
+}
 
 # Strings written for these tests: scripts, emoji, code, whitespace and special-token texts.
 TEXTS = [
@@ -51,6 +56,9 @@ TEXTS = [
     "\n" * 40,
     "ab " * 50,
     "1234567890",
+    "a   1",
+    "x  2024  y",
+    "a  \n1",
     "3.14159265358979 and 2,718,281",
     "Phone: +1 (555) 010-9999, year 2024",
     "I'm sure you're right, they'll say it's what we'd've done",
@@ -124,8 +132,8 @@ def _detok_cases(llm) -> list[dict]:
     return cases
 
 
-def _vocab_only_copy(src: Path, dst: Path, pre: str) -> None:
-    """Write src's metadata, with tokenizer.ggml.pre replaced, and no tensors, to dst."""
+def _vocab_only_copy(src: Path, dst: Path, override: dict) -> None:
+    """Write src's metadata, with the override's keys replaced, and no tensors, to dst."""
     import gguf
 
     reader = gguf.GGUFReader(str(src))
@@ -133,7 +141,7 @@ def _vocab_only_copy(src: Path, dst: Path, pre: str) -> None:
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        value = pre if key == "tokenizer.ggml.pre" else field.contents()
+        value = override[key] if key in override else field.contents()
         sub = field.types[1] if len(field.types) > 1 else None
         writer.add_key_value(key, value, field.types[0], sub_type=sub)
     writer.write_header_to_file()
@@ -142,14 +150,15 @@ def _vocab_only_copy(src: Path, dst: Path, pre: str) -> None:
     writer.close()
 
 
-def _pre_variants(llama_cls, path: Path) -> dict[str, list[dict]]:
-    out = {}
+def _variants(llama_cls, path: Path, overrides: list[dict]) -> list[dict]:
+    out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for pre in PRE_VARIANTS:
-            copy = Path(tmp) / f"vocab-{pre}.gguf"
-            _vocab_only_copy(path, copy, pre)
+        for k, override in enumerate(overrides):
+            copy = Path(tmp) / f"vocab-{k}.gguf"
+            _vocab_only_copy(path, copy, override)
             llm = llama_cls(str(copy), vocab_only=True, verbose=False)
-            out[pre] = [{"text": t, "ids": _tokenize(llm, t, add_bos=False)} for t in TEXTS]
+            cases = [{"text": t, "ids": _tokenize(llm, t, add_bos=True)} for t in TEXTS]
+            out.append({"override": override, "cases": cases})
             del llm
     return out
 
@@ -172,8 +181,7 @@ def main() -> int:
         cases += [{"text": t, "add_bos": True, "ids": _tokenize(llm, t, True)} for t in BOS_TEXTS]
         data = {"model": fname, "cases": cases, "detok": _detok_cases(llm)}
         del llm
-        if name.startswith("smollm"):
-            data["pre_variants"] = _pre_variants(Llama, path)
+        data["variants"] = _variants(Llama, path, VARIANTS[name])
         out = FIXTURES / f"tokenizer_{name}.json"
         out.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {out} ({len(cases)} cases, {len(data['detok'])} detok)")

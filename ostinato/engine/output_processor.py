@@ -44,8 +44,8 @@ class OutputProcessor:
         if may_stop and token in self.eos_ids and not p.ignore_eos:
             return self._drain(st), "stop", None
         text, matched = st.stops.feed(st.detok.add(token))
-        if matched is not None:
-            return text, "stop", matched
+        if matched:
+            return text, "stop", st.stops.matched_stop
         if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return text + self._drain(st), "length", None
         return text, None, None
@@ -54,4 +54,4 @@ class OutputProcessor:
     def _drain(st: OutputState) -> str:
         """What is held back at the end: an unfinished character, a stop-string prefix."""
         text, matched = st.stops.feed(st.detok.flush())
-        return text if matched is not None else text + st.stops.flush()
+        return text if matched else text + st.stops.flush()

@@ -193,9 +193,12 @@ def _tensor_nbytes(cur: _Cursor, name: str, shape: tuple[int, ...], type_id: int
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Parse a GGUF file's header and index; tensor bytes stay memory-mapped."""
     path = Path(path)
-    if not path.is_file():
-        raise GGUFError(f"{path}: no such file")
-    size = path.stat().st_size
+    try:
+        if not path.is_file():
+            raise GGUFError(f"{path}: no such file")
+        size = path.stat().st_size
+    except OSError as e:  # e.g. a parent directory we may not search
+        raise GGUFError(f"{path}: cannot stat the file: {e}") from None
     if size < 24:
         raise GGUFError(f"{path}: too small to be a GGUF file ({size} bytes)")
     try:

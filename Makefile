@@ -1,0 +1,54 @@
+# Two commands on a fresh machine:  make serve   |   make test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL  ?= smollm2-135m-instruct
+PYTEST_ARGS ?=
+
+.PHONY: install install-test install-peers serve chat pull test test-fast bench fixtures clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed          ## create/update .venv (idempotent)
+
+install-test: $(VENV)/.installed-test
+
+install-peers: $(VENV)/.installed   ## llama.cpp + transformers, for fixtures and side-by-side bench
+	$(BIN)/pip install -q '.[peers]'
+	$(BIN)/pip install -q $(wildcard ../shared/wheels/llama_cpp_python-*.whl) || \
+	  $(BIN)/pip install -q llama-cpp-python==0.3.36
+
+pull: install
+	$(BIN)/ostinato pull $(MODEL)
+
+serve: pull                         ## the main job (until the HTTP server lands: the chat REPL)
+	$(BIN)/ostinato chat --model $(MODEL)
+
+test: install-test                  ## pulls both embedded models, then runs the whole suite
+	$(BIN)/ostinato pull smollm2-135m-instruct
+	$(BIN)/ostinato pull gemma3-270m
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install-test             ## tests that need no model file
+	$(BIN)/python -m pytest -m "not model" $(PYTEST_ARGS)
+
+bench: pull
+	$(BIN)/ostinato bench --model $(MODEL)
+
+fixtures: install-peers             ## regenerate the llama.cpp / transformers reference fixtures
+	$(BIN)/python scripts/make_tokenizer_fixtures.py
+	$(BIN)/python scripts/make_reference_fixtures.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
