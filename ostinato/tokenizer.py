@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
+import numpy as np
 import regex
 
 # tokenizer.ggml.token_type values (llama.cpp's LLAMA_TOKEN_TYPE_*)
@@ -187,7 +188,10 @@ class Tokenizer:
                                  f"(supported: {', '.join(sorted(k for k in PRE_TOKENIZERS if k))})")
 
         def special_id(key: str, default: int | None) -> int | None:
+            """A special token id; out of range (or absent, without default) -> None."""
             v = metadata.get(f"tokenizer.ggml.{key}", default)
+            if v is not None and not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{where}: tokenizer.ggml.{key} must be an integer, got {v!r}")
             return int(v) if v is not None and 0 <= int(v) < n else None
 
         default_add_bos = True if spm else PRE_TOKENIZERS[pre].add_bos
@@ -473,6 +477,7 @@ class Tokenizer:
         return self.add_space_prefix and self._types[token_id] not in _HIDDEN_UNLESS_SPECIAL
 
     def decode_bytes(self, ids: Iterable[int], skip_special_tokens: bool = False) -> bytes:
+        """The raw bytes of `ids` (may end inside a UTF-8 character); see decode()."""
         out = bytearray()
         at_start = True
         for tid in ids:
@@ -640,13 +645,14 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-_SANDBOX_CLASS = None
+_sandbox_factory = None
 
 
 def _make_sandbox():
-    """A fresh ImmutableSandboxedEnvironment subclass instance (jinja2 imported lazily)."""
-    global _SANDBOX_CLASS
-    if _SANDBOX_CLASS is None:
+    """A fresh environment of our ImmutableSandboxedEnvironment subclass; the class is
+    built on first use so importing this module does not import jinja2."""
+    global _sandbox_factory
+    if _sandbox_factory is None:
         from jinja2 import BaseLoader
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -671,8 +677,8 @@ def _make_sandbox():
             env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
             return env
 
-        _SANDBOX_CLASS = factory
-    return _SANDBOX_CLASS()
+        _sandbox_factory = factory
+    return _sandbox_factory()
 
 
 def _check_sequence_size(op: str, left, right) -> None:

@@ -98,6 +98,7 @@ TEXTS = [
     "   \n",
     "mixed\u00e9\u0301 combining accents",
     "Ünïcödé ÄÖÜ äöü ß",
+    "rare scripts (byte fallback): 𓀀 𐌰 𪚥 🪿 ꙮ ᚠ 𝔘",
 ]
 # texts also tokenized with add_bos=True (llama.cpp's add_special)
 BOS_TEXTS = ["", "Hello world", "<|im_start|>user\nHi<|im_end|>", "<bos>literal bos<eos>"]

@@ -1,0 +1,287 @@
+"""Tokenizer vs llama.cpp: ids from tests/fixtures/tokenizer_*.json (written by
+scripts/make_tokenizer_fixtures.py from llama-cpp-python), decode, streaming, chat templates."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jinja2
+import pytest
+from jinja2.exceptions import SecurityError
+
+from ostinato.loader.gguf import read_gguf
+from ostinato.tokenizer import IncrementalDetokenizer, Tokenizer, render_chat_template
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _fixture(name: str) -> dict:
+    return json.loads((FIXTURES / f"tokenizer_{name}.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def smollm_md(smollm_path):
+    return read_gguf(smollm_path).metadata
+
+
+@pytest.fixture(scope="module")
+def gemma_md(gemma_path):
+    return read_gguf(gemma_path).metadata
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_md, smollm_path):
+    return Tokenizer.from_gguf(smollm_md, str(smollm_path))
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_md, gemma_path):
+    return Tokenizer.from_gguf(gemma_md, str(gemma_path))
+
+
+@pytest.fixture(params=["smollm2-135m-instruct", "gemma3-270m"])
+def model(request):
+    """(tokenizer, fixture data) for each model."""
+    tok = request.getfixturevalue("smollm" if request.param.startswith("smollm") else "gemma")
+    return tok, _fixture(request.param)
+
+
+def _texts(fx: dict) -> list[str]:
+    return [c["text"] for c in fx["cases"] if not c["add_bos"]]
+
+
+# ------------------------------------------------------------------ ids match llama.cpp
+def test_fixture_is_substantial(model):
+    _, fx = model
+    assert len(_texts(fx)) >= 45 and any(c["add_bos"] for c in fx["cases"])
+
+
+def test_encode_matches_llama_cpp(model):
+    tok, fx = model
+    wrong = [(c["text"][:40], c["add_bos"])
+             for c in fx["cases"] if tok.encode(c["text"], add_special_tokens=c["add_bos"]) != c["ids"]]
+    assert not wrong, f"{len(wrong)} of {len(fx['cases'])} cases differ from llama.cpp: {wrong}"
+
+
+def test_variant_settings_match_llama_cpp(model, request):
+    """Other pre-tokenizers (gpt-2, default, llama-bpe) on SmolLM's vocab; SentencePiece
+    with add_space_prefix on Gemma's: metadata overridden in memory as the script did."""
+    tok, fx = model
+    md = request.getfixturevalue("smollm_md" if tok.model == "gpt2" else "gemma_md")
+    assert fx["variants"]
+    for variant in fx["variants"]:
+        other = Tokenizer.from_gguf({**md, **variant["override"]})
+        wrong = [c["text"][:40] for c in variant["cases"] if other.encode(c["text"]) != c["ids"]]
+        assert not wrong, f"{variant['override']}: {len(wrong)} cases differ: {wrong}"
+
+
+def test_pre_tokenizers_really_differ(smollm, smollm_md):
+    """The variant fixtures can tell the regexes apart (digits, whitespace runs)."""
+    gpt2 = Tokenizer.from_gguf({**smollm_md, "tokenizer.ggml.pre": "gpt-2"})
+    assert smollm.encode("a   1") != gpt2.encode("a   1")
+
+
+def test_special_tokens_are_single_ids(smollm, gemma):
+    im_start, im_end = smollm.token_id("<|im_start|>"), smollm.token_id("<|im_end|>")
+    assert smollm.encode("<|im_start|>user\nHi<|im_end|>")[0] == im_start
+    assert smollm.encode("<|im_start|>user\nHi<|im_end|>")[-1] == im_end
+    assert im_start not in smollm.encode("<|im_star|>")
+    sot = gemma.token_id("<start_of_turn>")
+    assert gemma.encode("<start_of_turn>model", add_special_tokens=False)[0] == sot
+
+
+def test_bos_eos_flags(smollm, gemma):
+    assert smollm.encode("Hi") == smollm.encode("Hi", add_special_tokens=False)  # add_bos False
+    assert gemma.encode("Hi")[0] == gemma.bos_token_id == 2
+    assert gemma.encode("Hi", add_special_tokens=False)[0] != 2
+    assert gemma.encode("") == [2] and gemma.encode("", add_special_tokens=False) == []
+
+
+def test_token_properties(smollm, gemma):
+    assert smollm.vocab_size == 49152 and gemma.vocab_size == 262144
+    assert smollm.eos_token_id == 2 and {0, 2} <= smollm.eos_token_ids
+    assert gemma.eos_token_id == 1 and {1, gemma.token_id("<end_of_turn>")} <= gemma.eos_token_ids
+    assert smollm.is_special(1) and not smollm.is_special(smollm.encode("hello")[0])
+    assert gemma.token_to_bytes(gemma.token_id("<0x0A>")) == b"\n"
+    assert gemma.token_to_bytes(gemma.token_id("\u2581")) == b" "
+    assert smollm.id_to_piece(smollm.token_id("\u0120the")) == "\u0120the"
+    assert smollm.token_to_bytes(smollm.token_id("\u0120the")) == b" the"
+    assert smollm.token_to_bytes(1, special=False) == b"" and smollm.token_to_bytes(1) == b"<|im_start|>"
+    with pytest.raises(ValueError, match="out of range"):
+        smollm.decode([smollm.vocab_size])
+
+
+def test_unsupported_tokenizers_raise(smollm_md):
+    with pytest.raises(ValueError, match="'bert'"):
+        Tokenizer.from_gguf({**smollm_md, "tokenizer.ggml.model": "bert"}, "x.gguf")
+    with pytest.raises(ValueError, match="'no-such-pre'"):
+        Tokenizer.from_gguf({**smollm_md, "tokenizer.ggml.pre": "no-such-pre"})
+
+
+def test_encode_is_fast(model):
+    """A ~1,000+ token text, fresh word cache, well under a second even on a busy CPU."""
+    tok, fx = model
+    text = "\n".join(t for t in _texts(fx) if len(t) < 100) * 2
+    if tok.model == "gpt2":
+        tok._word_cache.clear()   # time the cold path
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    elapsed = time.perf_counter() - t0
+    assert len(ids) > 1000
+    assert elapsed < 0.5, f"{len(ids)} tokens took {elapsed:.3f}s"
+
+
+# ------------------------------------------------------------------ decode
+def test_decode_round_trips(model):
+    tok, fx = model
+    wrong = [t for t in _texts(fx) if tok.decode(tok.encode(t, add_special_tokens=False)) != t]
+    assert not wrong
+
+
+def test_decode_matches_llama_cpp_detokenize(model):
+    tok, fx = model
+    assert fx["detok"]
+    for d in fx["detok"]:
+        assert tok.decode(d["ids"], skip_special_tokens=not d["special"]) == d["text"], d
+
+
+def test_skip_special_tokens(smollm):
+    ids = smollm.encode("<|im_start|>user\nHi<|im_end|>")
+    assert smollm.decode(ids) == "<|im_start|>user\nHi<|im_end|>"
+    assert smollm.decode(ids, skip_special_tokens=True) == "user\nHi"
+
+
+def test_space_prefix_rule(gemma_md):
+    """SentencePiece add_space_prefix: encode adds '▁' before the text, decode drops it
+    from the first text token (BOS before it does not count)."""
+    tok = Tokenizer.from_gguf({**gemma_md, "tokenizer.ggml.add_space_prefix": True})
+    ids = tok.encode("Hello world")
+    assert tok.id_to_piece(ids[1]).startswith("\u2581")
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello world"
+    assert tok.decode(ids[1:]) == "Hello world"
+
+
+# ------------------------------------------------------------------ streaming
+STREAM_TEXTS = ["Emoji: 😀🎉👍🏽 done", "Family 👨‍👩‍👧‍👦 and flag 🏳️‍🌈 🇫🇷",
+                "中文测试：你好，世界！日本語のテキスト", "नमस्ते दुनिया, 한국어 문장입니다.",
+                "rare: 𓀀 𐌰 𪚥 🪿 ꙮ ᚠ 𝔘 end"]
+
+
+def _stream(tok, ids, prompt_ids=None, skip=False) -> list[str]:
+    detok = IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=skip)
+    return [detok.add(i) for i in ids] + [detok.flush()]
+
+
+@pytest.mark.parametrize("text", STREAM_TEXTS)
+def test_incremental_detokenizer(model, text):
+    tok, _ = model
+    ids = tok.encode(text, add_special_tokens=False)
+    chunks = _stream(tok, ids)
+    assert not any("\ufffd" in c for c in chunks), chunks
+    assert "".join(chunks) == tok.decode(ids) == text
+
+
+def test_stream_texts_cut_characters(model):
+    """The streaming texts really split UTF-8 characters across tokens on both models,
+    so the hold-back is exercised."""
+    tok, _ = model
+    ids = [i for t in STREAM_TEXTS for i in tok.encode(t, add_special_tokens=False)]
+    cut = [i for i in ids if "\ufffd" in tok.decode([i])]
+    assert len(cut) >= 2
+
+
+def test_incremental_detokenizer_with_prompt_and_specials(smollm):
+    prompt = smollm.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    gen = smollm.encode("Salut 👋 ça va ?<|im_end|>")
+    assert "".join(_stream(smollm, gen, prompt)) == smollm.decode(gen)
+    assert "".join(_stream(smollm, gen, prompt, skip=True)) == "Salut 👋 ça va ?"
+
+
+def test_incremental_detokenizer_space_prefix(gemma_md):
+    tok = Tokenizer.from_gguf({**gemma_md, "tokenizer.ggml.add_space_prefix": True})
+    ids = tok.encode("Hello world", add_special_tokens=False)
+    assert "".join(_stream(tok, ids)) == tok.decode(ids) == "Hello world"
+    prompt = tok.encode("Say:")   # generated text after a prompt keeps its leading space
+    whole = tok.decode(prompt + ids)
+    assert "".join(_stream(tok, ids, prompt)) == whole[len(tok.decode(prompt)):] == " Hello world"
+
+
+def test_incremental_detokenizer_flushes_cut_character(smollm):
+    ids = smollm.encode("😀", add_special_tokens=False)
+    assert len(ids) > 1
+    detok = IncrementalDetokenizer(smollm)
+    assert detok.add(ids[0]) == ""
+    assert detok.flush() == "\ufffd"
+
+
+# ------------------------------------------------------------------ chat templates
+MESSAGES = [{"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"}]
+
+
+def test_smollm_chat_template(smollm):
+    assert smollm.chat_template and "<|im_start|>" in smollm.chat_template
+    ours = smollm.apply_chat_template(MESSAGES)
+    plain = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
+        smollm.chat_template).render(messages=MESSAGES, add_generation_prompt=True,
+                                     bos_token=smollm.bos_token, eos_token=smollm.eos_token)
+    assert ours == plain
+    assert ours.startswith("<|im_start|>system\n")   # default system prompt when none given
+    assert "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n" in ours
+    assert ours.endswith("<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n")
+    assert not smollm.apply_chat_template(MESSAGES, add_generation_prompt=False).endswith(
+        "assistant\n")
+    ids = smollm.encode(ours)
+    assert ids.count(smollm.token_id("<|im_start|>")) == 5
+
+
+def test_gemma_fallback_transcript(gemma):
+    assert gemma.chat_template is None
+    msgs = [{"role": "system", "content": "Be brief."}, *MESSAGES]
+    assert gemma.apply_chat_template(msgs) == (
+        "System: Be brief.\nUser: What is 2+2?\nAssistant: 4\nUser: And 3+3?\nAssistant:")
+    assert gemma.apply_chat_template(msgs[:2], add_generation_prompt=False) == (
+        "System: Be brief.\nUser: What is 2+2?")
+
+
+@pytest.mark.parametrize("bad", [[], "hi", [{"role": "admin", "content": "x"}],
+                                 [{"role": "user", "content": 3}], [{"content": "x"}], ["x"]])
+def test_chat_messages_validated(smollm, gemma, bad):
+    for tok in (smollm, gemma):
+        with pytest.raises(ValueError):
+            tok.apply_chat_template(bad)
+
+
+def test_chat_content_parts(gemma):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert gemma.apply_chat_template(msgs) == "User: ab\nAssistant:"
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os }}",
+    "{% include '/etc/passwd' %}",
+    "{% import '/etc/passwd' as p %}",
+    "{% set _ = messages.append(1) %}",
+    "{% for i in range(10**9) %}x{% endfor %}",
+    "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+    "{% for i in range(99999) %}{{ 'x' * 100 }}{% endfor %}",
+    "{{ 'a' * 10**9 }}",
+    "{{ ((10**60)**60)**60 }}",
+    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+])
+def test_sandbox_blocks_hostile_templates(template):
+    t0 = time.perf_counter()
+    with pytest.raises(SecurityError):
+        render_chat_template(template, messages=[{"role": "user", "content": "x"}])
+    assert time.perf_counter() - t0 < 5
+
+
+def test_sandbox_helpers():
+    assert render_chat_template("{{ bos_token }}{{ strftime_now('%Y') | length }}",
+                                bos_token="<s>") == "<s>4"
+    with pytest.raises(ValueError, match="no system"):
+        render_chat_template("{{ raise_exception('no system') }}")
+    assert render_chat_template("{% for i in range(3) %}{{ i }}{% endfor %}") == "012"
