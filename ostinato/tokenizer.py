@@ -184,8 +184,9 @@ class Tokenizer:
             if not isinstance(merges, list):
                 raise ValueError(f"{where}: gpt2 tokenizer needs tokenizer.ggml.merges")
             if pre not in PRE_TOKENIZERS:
+                known = ", ".join(sorted(k for k in PRE_TOKENIZERS if k))
                 raise ValueError(f"{where}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r} "
-                                 f"(supported: {', '.join(sorted(k for k in PRE_TOKENIZERS if k))})")
+                                 f"(supported: {known})")
 
         def special_id(key: str, default: int | None) -> int | None:
             """A special token id; out of range (or absent, without default) -> None."""
