@@ -35,6 +35,14 @@ class ModelConfig:
     act: str                        # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
     attn_scale: float
 
+    def kv_group_windows(self) -> list[int | None]:
+        """One KV-cache group per distinct attention window: group 0 is full attention,
+        group 1 (Gemma 3) the sliding-window layers, whose old blocks can be freed."""
+        return [None, self.sliding_window] if self.sliding_pattern and self.sliding_window else [None]
+
+    def layer_kv_group(self, layer: int) -> int:
+        return 1 if self.is_sliding(layer) else 0
+
     def is_sliding(self, layer: int) -> bool:
         if not self.sliding_window or not self.sliding_pattern:
             return False

@@ -48,10 +48,12 @@ class LLM:
         self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)
         num_blocks = self._num_blocks(kv_cache_gb, block_size)
+        groups = len(self.config.kv_group_windows())
         self.engine = Engine(
-            ModelRunner(model_, num_blocks, block_size, eos),
+            ModelRunner(model_, [num_blocks] * groups, block_size, eos),
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
-            Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens),
+            Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens,
+                      groups),
             self.max_model_len)
 
     def _num_blocks(self, kv_cache_gb: float, block_size: int) -> int:

@@ -23,12 +23,16 @@ class SeqResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+    def __init__(self, model: Transformer, num_blocks: list[int], block_size: int,
                  eos_ids: set[int]):
+        """num_blocks: per KV-cache group (see ModelConfig.kv_group_windows)."""
         cfg = model.cfg
         self.model, self.block_size, self.eos_ids = model, block_size, eos_ids
-        shape = (num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.n_layers)]
+        self.num_groups = len(num_blocks)
+        self.kv_caches = []
+        for i in range(cfg.n_layers):
+            shape = (num_blocks[cfg.layer_kv_group(i)], block_size, cfg.n_kv_heads, cfg.head_dim)
+            self.kv_caches.append((torch.zeros(shape), torch.zeros(shape)))
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
@@ -38,17 +42,19 @@ class ModelRunner:
                 for s, sl in zip(plan.scheduled, meta.seqs)]
 
     def _prepare(self, plan: SchedulerOutput):
-        ids, pos, slots, seqs, q_start = [], [], [], [], 0
+        ids, pos, seqs, q_start = [], [], [], 0
+        slots: list[list[int]] = [[] for _ in range(self.num_groups)]
         bs = self.block_size
         for s in plan.scheduled:
             p = range(s.start, s.start + s.num_new_tokens)
             ids.extend(s.seq.all_ids[s.start: s.start + s.num_new_tokens])
             pos.extend(p)
-            slots.extend(s.block_ids[i // bs] * bs + i % bs for i in p)
+            for g, table in enumerate(s.block_tables):
+                slots[g].extend(table[i // bs] * bs + i % bs for i in p)
             seqs.append(SeqSlice(q_start, s.num_new_tokens, p.stop,
-                                 torch.tensor(s.block_ids, dtype=torch.long)))
+                                 [torch.tensor(t, dtype=torch.long) for t in s.block_tables]))
             q_start += s.num_new_tokens
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), seqs)
+        meta = AttentionMetadata([torch.tensor(g, dtype=torch.long) for g in slots], seqs)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
 
     def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor) -> SeqResult:

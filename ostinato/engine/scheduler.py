@@ -12,8 +12,9 @@ from .sequence import ScheduledSeq, SchedulerOutput, Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.blocks = blocks
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_groups: int = 1):
+        self.blocks, self.num_groups = blocks, num_groups
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -52,7 +53,8 @@ class Scheduler:
         if n <= 0 or not self.blocks.can_grow(seq.seq_id, end):
             return None
         block_ids = self.blocks.grow(seq.seq_id, end)
-        return ScheduledSeq(seq, n, seq.num_computed_tokens, list(block_ids))
+        # interim: every KV group shares one block list (the sliding group frees nothing yet)
+        return ScheduledSeq(seq, n, seq.num_computed_tokens, [list(block_ids)] * self.num_groups)
 
     def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason

@@ -56,7 +56,7 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int             # tokens computed this step: all_ids[start:start+n]
     start: int                      # == seq.num_computed_tokens when scheduled
-    block_ids: list[int]
+    block_tables: list[list[int]]   # one block list per KV-cache group
 
     @property
     def samples(self) -> bool:

@@ -19,12 +19,12 @@ class SeqSlice:
     q_start: int
     q_len: int
     context_len: int
-    block_table: torch.Tensor   # (n_blocks,) int64
+    block_tables: list[torch.Tensor]   # per KV-cache group: (n_blocks,) int64
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # (T,) int64
+    slot_mappings: list[torch.Tensor]  # per KV-cache group: (T,) int64
     seqs: list[SeqSlice]
 
 
@@ -47,13 +47,15 @@ def _mask(q_len: int, context_len: int, window: int | None) -> torch.Tensor:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+                    meta: AttentionMetadata, group: int, scale: float,
+                    window: int | None) -> torch.Tensor:
     """q: (T, H, D) -> (T, H, D), causal (and sliding-window) attention per sequence."""
     out = torch.empty_like(q)
     n_kv, d = k_cache.shape[2], k_cache.shape[3]
     for s in meta.seqs:
-        k = k_cache[s.block_table].view(-1, n_kv, d)[: s.context_len]   # (S, KV, D)
-        v = v_cache[s.block_table].view(-1, n_kv, d)[: s.context_len]
+        table = s.block_tables[group]
+        k = k_cache[table].view(-1, n_kv, d)[: s.context_len]   # (S, KV, D)
+        v = v_cache[table].view(-1, n_kv, d)[: s.context_len]
         qs = q[s.q_start: s.q_start + s.q_len]                           # (L, H, D)
         mask = _mask(s.q_len, s.context_len, window)
         o = F.scaled_dot_product_attention(

@@ -64,7 +64,8 @@ class Transformer:
         q = apply_rope(q, positions, inv_freq, cfg.rope_neox)
         k = apply_rope(k, positions, inv_freq, cfg.rope_neox)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, cfg.attn_scale,
+        group = cfg.layer_kv_group(i)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mappings[group])
+        o = paged_attention(q, k_cache, v_cache, meta, group, cfg.attn_scale,
                             cfg.sliding_window if sliding else None)
         return F.linear(o.reshape(T, -1), w[p + "attn_output.weight"])
