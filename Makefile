@@ -32,8 +32,11 @@ install-peers: $(VENV)/.installed   ## llama.cpp + transformers, for fixtures an
 pull: install
 	$(BIN)/ostinato pull $(MODEL)
 
-serve: pull                         ## the main job (until the HTTP server lands: the chat REPL)
-	$(BIN)/ostinato chat --model $(MODEL)
+HOST  ?= 127.0.0.1
+PORT  ?= 8000
+
+serve: pull                         ## the main job: the OpenAI-compatible server on $(HOST):$(PORT)
+	$(BIN)/ostinato serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 test: install-test                  ## pulls both embedded models, then runs the whole suite
 	$(BIN)/ostinato pull smollm2-135m-instruct

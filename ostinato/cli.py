@@ -1,4 +1,4 @@
-"""The `ostinato` command: pull, models, generate, chat, bench."""
+"""The `ostinato` command: pull, models, generate, chat, bench, serve."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   ostinato generate --model ./my-model.gguf --prompt "Once upon a time" --temperature 0.8 --seed 1
   ostinato chat --model smollm2-135m-instruct
   ostinato bench --model gemma3-270m
+  ostinato serve --model smollm2-135m-instruct --port 8000
 """
 
 
@@ -65,7 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16, help="prompts for the batched figure (0: skip)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    _add_serve(sub)
     return ap
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_model(p)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the model name or file stem)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("OSTINATO_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (env OSTINATO_API_KEY)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="prompts allowed to wait for a slot; beyond this the server answers 503")
+    p.add_argument("--max-body-mb", type=float, default=16, help="largest request body")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
 
 
 def sampling_from_args(a, default_temperature: float):
@@ -160,8 +180,17 @@ def cmd_bench(a) -> None:
     run_bench(load_llm(a), a.prompt_tokens, a.decode_tokens, a.batch, a.json)
 
 
+def cmd_serve(a) -> None:
+    from .server import Limits, run_server
+    limits = Limits(a.max_queued_requests, int(a.max_body_mb * (1 << 20)))
+    run_server(a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
+               api_key=a.api_key, limits=limits, log_level=a.log_level, threads=a.threads,
+               max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+               kv_cache_gb=a.kv_cache_gb)
+
+
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "generate": cmd_generate,
-            "chat": cmd_chat, "bench": cmd_bench}
+            "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .engine.block_manager import BlockManager
 from .engine.engine import Engine
+from .engine.kv_cache import KVCacheManager
 from .engine.output_processor import OutputProcessor
 from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .hub import model_name, resolve_model
+from .kernels.backend import CpuKernels
 from .loader.gguf import read_gguf
 from .loader.weights import load_weights
 from .model.transformer import Transformer
@@ -35,7 +36,8 @@ class LLM:
     def __init__(self, model: str | os.PathLike = "smollm2-135m-instruct", *,
                  threads: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 block_size: int = 16, kv_cache_gb: float = 1.0):
+                 block_size: int = 16, kv_cache_gb: float = 1.0,
+                 enable_prefix_caching: bool = True):
         if threads:
             torch.set_num_threads(threads)
         self.model_path: Path = resolve_model(model)
@@ -43,28 +45,36 @@ class LLM:
         gf = read_gguf(self.model_path)
         self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path))
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
-        model_ = Transformer(self.config, load_weights(gf, self.config))
+        model_ = Transformer(self.config, load_weights(gf, self.config), CpuKernels())
         gf.close()
         self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)
         num_blocks = self._num_blocks(kv_cache_gb, block_size)
-        groups = len(self.config.kv_group_windows())
+        kv = KVCacheManager(num_blocks, block_size, self.config.kv_group_windows(),
+                            enable_prefix_caching)
         self.engine = Engine(
-            ModelRunner(model_, [num_blocks] * groups, block_size, eos),
+            ModelRunner(model_, num_blocks, block_size, eos),
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
-            Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens,
-                      groups),
+            Scheduler(kv, max_num_seqs, max_num_batched_tokens),
             self.max_model_len)
 
-    def _num_blocks(self, kv_cache_gb: float, block_size: int) -> int:
+    def _num_blocks(self, kv_cache_gb: float, block_size: int) -> list[int]:
+        """Blocks per KV-cache group: the budget is split by the groups' layer counts (so
+        every group gets the same number of blocks), plus one null block each."""
         c = self.config
-        per_block = 2 * c.n_layers * block_size * c.n_kv_heads * c.head_dim * 4
-        n = int(kv_cache_gb * (1 << 30)) // per_block
-        need = -(-self.max_model_len // block_size)
-        if n < need:
-            raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds {n * block_size} tokens, "
-                             f"less than one sequence of max_model_len {self.max_model_len}")
-        return n
+        budget = int(kv_cache_gb * (1 << 30))
+        per_layer_block = 2 * block_size * c.n_kv_heads * c.head_dim * 4   # K and V, fp32
+        need = -(-self.max_model_len // block_size) + 1
+        counts = []
+        for g in range(len(c.kv_group_windows())):
+            layers = sum(1 for i in range(c.n_layers) if c.layer_kv_group(i) == g)
+            n = (budget * layers // c.n_layers) // (layers * per_layer_block)
+            if n < need:
+                tokens = max(0, n - 1) * block_size
+                raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds {tokens} tokens, less "
+                                 f"than one sequence of max_model_len {self.max_model_len}")
+            counts.append(n)
+        return counts
 
     # -- tokens ------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:

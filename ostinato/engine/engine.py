@@ -6,18 +6,29 @@ import itertools
 from dataclasses import dataclass, field
 
 from ..sampling import SamplingParams
-from .block_manager import BlockManager
 from .output_processor import OutputProcessor, SeqDelta
 from .runner import ModelRunner, SeqResult
 from .scheduler import Scheduler
-from .sequence import SchedulerOutput, Sequence
+from .sequence import ScheduledSeq, SchedulerOutput, Sequence
 
 
 @dataclass
 class EngineStats:
+    """Plain numbers, ready for a metrics exporter."""
     steps: int = 0
     batch_sizes: list[int] = field(default_factory=list)   # running sequences per step
     tokens_per_step: list[int] = field(default_factory=list)
+    preemptions: int = 0
+    prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0       # of those, tokens whose KV was reused
+    kv_cache_usage: float = 0.0      # fraction of KV blocks in use after the last step
+    num_running: int = 0
+    num_waiting: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.prefix_cache_queries
+        return self.prefix_cache_hits / q if q else 0.0
 
 
 class Engine:
@@ -64,19 +75,26 @@ class Engine:
                 raise RuntimeError("the KV cache is too small for the waiting requests")
             return []
         results = self.runner.execute(plan)
+        deltas = [self._update(s, r) for s, r in zip(plan.scheduled, results)]
         self._record(plan)
-        return [self._update(s.seq, s.num_new_tokens, r)
-                for s, r in zip(plan.scheduled, results)]
+        return deltas
 
     def _record(self, plan: SchedulerOutput) -> None:
-        self.stats.steps += 1
-        self.stats.batch_sizes.append(len(plan.scheduled))
-        self.stats.tokens_per_step.append(plan.num_tokens)
+        st, sched = self.stats, self.scheduler
+        st.steps += 1
+        st.batch_sizes.append(len(plan.scheduled))
+        st.tokens_per_step.append(plan.num_tokens)
+        st.preemptions = sched.num_preemptions
+        st.prefix_cache_queries = sched.kv.prefix_queries
+        st.prefix_cache_hits = sched.kv.prefix_hits
+        st.kv_cache_usage = sched.kv.usage()
+        st.num_running, st.num_waiting = len(sched.running), len(sched.waiting)
 
-    def _update(self, seq: Sequence, n: int, r: SeqResult) -> SeqDelta:
-        seq.num_computed_tokens += n
+    def _update(self, s: ScheduledSeq, r: SeqResult) -> SeqDelta:
+        seq = s.seq
+        seq.num_computed_tokens += s.num_new_tokens
         if r.prompt_logprobs:
-            seq.prompt_logprobs.extend(r.prompt_logprobs)
+            self._add_prompt_logprobs(seq, s.start, r.prompt_logprobs)
         if r.token_id is None:
             return SeqDelta(seq, "", [], False)
         if seq.max_tokens == 0:          # scoring only: the prompt's logprobs were the point
@@ -91,10 +109,17 @@ class Engine:
             self.scheduler.finish(seq, reason, stop_reason)
         return SeqDelta(seq, text, [r.token_id], reason is not None)
 
+    @staticmethod
+    def _add_prompt_logprobs(seq: Sequence, start: int, entries: list) -> None:
+        """entries[j] is for prompt token start+1+j. After a preemption the prompt is computed
+        again: keep only entries past those already there."""
+        have = len(seq.prompt_logprobs)        # [None] + entries of tokens 1..have-1
+        assert have >= start + 1, "prompt logprobs would leave a gap"
+        seq.prompt_logprobs.extend(entries[have - start - 1:])
+
     def abort(self, request_id: str) -> None:
         for seq in self.seqs.pop(request_id, []):
-            if not seq.finished:
-                self.scheduler.finish(seq, "abort")
+            self.scheduler.abort(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

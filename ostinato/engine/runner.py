@@ -54,7 +54,7 @@ class ModelRunner:
             seqs.append(SeqSlice(q_start, s.num_new_tokens, p.stop,
                                  [torch.tensor(t, dtype=torch.long) for t in s.block_tables]))
             q_start += s.num_new_tokens
-        meta = AttentionMetadata([torch.tensor(g, dtype=torch.long) for g in slots], seqs)
+        meta = AttentionMetadata.build([torch.tensor(g, dtype=torch.long) for g in slots], seqs)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
 
     def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor) -> SeqResult:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..sampling import SamplingParams
+if TYPE_CHECKING:   # sampling imports torch; this module stays pure Python
+    from ..sampling import SamplingParams
 
 
 class Status(enum.Enum):
@@ -14,7 +15,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)   # identity: `seq in running` must not compare token lists
 class Sequence:
     seq_id: str
     request_id: str
@@ -33,6 +34,9 @@ class Sequence:
     cumulative_logprob: float = 0.0
     sampler_state: Any = None       # the runner's per-sequence generator
     output_state: Any = None        # the output processor's detokenizer and stop matcher
+    # chain hashes of all_ids' full blocks, filled lazily by the KV-cache manager
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_preemptions: int = 0        # times its KV was dropped and recomputed
 
     @property
     def num_tokens(self) -> int:

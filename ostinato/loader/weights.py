@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..kernels.backend import QWeight
+from ..kernels.repack import repack
 from .dequant import load_tensor
 from .gguf import GGUFError, GGUFFile
 
@@ -29,7 +31,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def load_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor | QWeight]:
+    """Vectors as float32 tensors; matrices repacked for the quantized kernels."""
     shapes = expected_shapes(cfg)
     if "output.weight" in gf.tensors:
         shapes["output.weight"] = (cfg.vocab_size, cfg.d_model)
@@ -41,5 +44,8 @@ def load_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if info.shape != shape:
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape}, "
                             f"expected {shape} from the metadata")
-        weights[name] = torch.from_numpy(load_tensor(gf, name))
+        if len(shape) == 2:
+            weights[name] = QWeight.from_packed(repack(gf, name))
+        else:
+            weights[name] = torch.from_numpy(load_tensor(gf, name))
     return weights

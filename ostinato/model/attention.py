@@ -26,6 +26,20 @@ class SeqSlice:
 class AttentionMetadata:
     slot_mappings: list[torch.Tensor]  # per KV-cache group: (T,) int64
     seqs: list[SeqSlice]
+    tables: list[torch.Tensor]         # per group: (S, max_blocks) int64, padded with 0
+    seq_meta: torch.Tensor             # (S, 3) int64 rows of (q_start, q_len, context_len)
+
+    @classmethod
+    def build(cls, slot_mappings: list[torch.Tensor], seqs: list[SeqSlice]) -> "AttentionMetadata":
+        tables = []
+        for g in range(len(slot_mappings)):
+            width = max(len(s.block_tables[g]) for s in seqs)
+            t = torch.zeros(len(seqs), width, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                t[i, : len(s.block_tables[g])] = s.block_tables[g]
+            tables.append(t)
+        meta = torch.tensor([[s.q_start, s.q_len, s.context_len] for s in seqs], dtype=torch.long)
+        return cls(slot_mappings, seqs, tables, meta)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

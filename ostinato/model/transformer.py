@@ -1,28 +1,28 @@
 """One decoder for both families: Llama (SmolLM2) and Gemma 3 differ only in switches that
 ModelConfig sets (q/k norm, post norms, GeGLU, embedding scale, sliding-window layers).
 
-Pure math over a dict of weights named as in GGUF; the loader decides dtype and placement.
+Pure math over a dict of weights named as in GGUF; the `ops` object (kernels/backend.py)
+supplies the matmul, norm, activation and attention implementations, so quantization and
+kernels are decided outside this file.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .attention import AttentionMetadata, paged_attention, write_kv
-from .layers import apply_rope, gated_mlp, rms_norm, rope_inv_freq
+from .attention import AttentionMetadata, write_kv
+from .layers import apply_rope, rope_inv_freq
 
 
 class Transformer:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
-        self.cfg = cfg
-        self.w = weights
+    def __init__(self, cfg: ModelConfig, weights: dict, ops):
+        self.cfg, self.w, self.ops = cfg, weights, ops
         self.lm_head = weights.get("output.weight", weights["token_embd.weight"])
         self.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_base)
         self.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_base_local)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.w["token_embd.weight"])
+        x = self.w["token_embd.weight"].rows(input_ids)
         return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -31,34 +31,40 @@ class Transformer:
         x = self.embed(input_ids)
         for i in range(self.cfg.n_layers):
             x = self.layer(i, x, positions, meta, kv_caches[i])
-        return rms_norm(x, self.w["output_norm.weight"], self.cfg.rms_eps)
+        return self.norm(x, "output_norm.weight")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head)          # (N, vocab)
+        return self.ops.linear(hidden, self.lm_head)          # (N, vocab)
+
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.w[name], self.cfg.rms_eps)
 
     def layer(self, i: int, x, positions, meta, kv_cache) -> torch.Tensor:
-        cfg, w, p = self.cfg, self.w, f"blk.{i}."
-        h = self.attention(i, rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_eps),
-                           positions, meta, kv_cache)
+        cfg, p = self.cfg, f"blk.{i}."
+        h = self.attention(i, self.norm(x, p + "attn_norm.weight"), positions, meta, kv_cache)
         if cfg.post_norms:
-            h = rms_norm(h, w[p + "post_attention_norm.weight"], cfg.rms_eps)
+            h = self.norm(h, p + "post_attention_norm.weight")
         x = x + h
-        h = gated_mlp(rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_eps),
-                      w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"],
-                      w[p + "ffn_down.weight"], cfg.act)
+        h = self.mlp(i, self.norm(x, p + "ffn_norm.weight"))
         if cfg.post_norms:
-            h = rms_norm(h, w[p + "post_ffw_norm.weight"], cfg.rms_eps)
+            h = self.norm(h, p + "post_ffw_norm.weight")
         return x + h
 
-    def attention(self, i: int, x, positions, meta, kv_cache) -> torch.Tensor:
-        cfg, w, p = self.cfg, self.w, f"blk.{i}."
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        w, p, ops = self.w, f"blk.{i}.", self.ops
+        g = ops.gated_act(ops.linear(x, w[p + "ffn_gate.weight"]),
+                          ops.linear(x, w[p + "ffn_up.weight"]), self.cfg.act)
+        return ops.linear(g, w[p + "ffn_down.weight"])
+
+    def attention(self, i: int, x, positions, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
+        cfg, w, p, ops = self.cfg, self.w, f"blk.{i}.", self.ops
         T = x.shape[0]
-        q = F.linear(x, w[p + "attn_q.weight"]).view(T, cfg.n_heads, cfg.head_dim)
-        k = F.linear(x, w[p + "attn_k.weight"]).view(T, cfg.n_kv_heads, cfg.head_dim)
-        v = F.linear(x, w[p + "attn_v.weight"]).view(T, cfg.n_kv_heads, cfg.head_dim)
+        q = ops.linear(x, w[p + "attn_q.weight"]).view(T, cfg.n_heads, cfg.head_dim)
+        k = ops.linear(x, w[p + "attn_k.weight"]).view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = ops.linear(x, w[p + "attn_v.weight"]).view(T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q = rms_norm(q, w[p + "attn_q_norm.weight"], cfg.rms_eps)
-            k = rms_norm(k, w[p + "attn_k_norm.weight"], cfg.rms_eps)
+            q = self.norm(q, p + "attn_q_norm.weight")
+            k = self.norm(k, p + "attn_k_norm.weight")
         sliding = cfg.is_sliding(i)
         inv_freq = self.inv_freq_local if sliding else self.inv_freq_global
         q = apply_rope(q, positions, inv_freq, cfg.rope_neox)
@@ -66,6 +72,6 @@ class Transformer:
         k_cache, v_cache = kv_cache
         group = cfg.layer_kv_group(i)
         write_kv(k_cache, v_cache, k, v, meta.slot_mappings[group])
-        o = paged_attention(q, k_cache, v_cache, meta, group, cfg.attn_scale,
-                            cfg.sliding_window if sliding else None)
-        return F.linear(o.reshape(T, -1), w[p + "attn_output.weight"])
+        o = ops.attention(q, k_cache, v_cache, meta.tables[group], meta.seq_meta,
+                          cfg.attn_scale, cfg.sliding_window if sliding else None)
+        return ops.linear(o.reshape(T, -1), w[p + "attn_output.weight"])

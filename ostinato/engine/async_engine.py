@@ -1,0 +1,273 @@
+"""AsyncEngine: the (not thread-safe) Engine driven by ONE background thread, fed by asyncio.
+
+    aengine = AsyncEngine(llm.engine); aengine.start()
+    async for d in aengine.generate(prompt_ids, params, "req-1"):   # d: Delta
+        ...
+
+Only the engine thread touches the Engine. Other threads talk to it through an inbox of
+commands (add, abort) applied between steps, so an abort takes effect before the next step.
+Each request owns an asyncio.Queue on its caller's loop, fed with `call_soon_threadsafe`.
+Deltas are immutable snapshots taken on the engine thread: the Sequence keeps changing
+under the caller's feet, so no reference to it leaves this thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from ..sampling import SamplingParams
+from .engine import Engine
+from .output_processor import SeqDelta
+from .sequence import Sequence
+
+log = logging.getLogger("ostinato.engine")
+_END = object()          # queue sentinel: every choice of the request has finished
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step added to one choice (sequence) of a request."""
+    request_id: str
+    index: int                          # which of the request's n choices
+    text: str                           # new text safe to show (may be "" while held back)
+    token_ids: tuple[int, ...]          # tokens added this step
+    logprobs: tuple[dict, ...] | None   # one {token_id: Logprob} per token in token_ids
+    prompt_logprobs: list | None        # on a choice's first delta only (needs the prefill)
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Scheduler load, refreshed by the engine thread after every step or command batch."""
+    running: int = 0                    # requests with a sequence running
+    waiting: int = 0                    # requests with a sequence waiting for its first step
+    kv_usage: float = 0.0               # fraction of KV blocks held by sequences
+    prefix_hit_rate: float | None = None
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+@dataclass
+class _Request:
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    unfinished: int                     # choices still running
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:            # the caller's loop is closed: nobody is listening
+            pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine,
+                 on_step: Callable[[EngineSnapshot, int], None] | None = None):
+        """on_step(snapshot, batch_size) runs on the engine thread after each loop turn
+        (batch_size 0 when no step ran); it must be quick and thread-safe (e.g. metrics)."""
+        self.engine, self.on_step = engine, on_step
+        self.snapshot = EngineSnapshot()
+        self._cv = threading.Condition()
+        self._inbox: list[tuple] = []       # guarded by _cv
+        self._pending_adds = 0              # adds in the inbox, guarded by _cv
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._requests: dict[str, _Request] = {}    # engine thread only
+        self._thread = threading.Thread(target=self._run, name="ostinato-engine", daemon=True)
+
+    # -- any thread --------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet running (inbox + scheduler queue)."""
+        with self._cv:
+            return self._pending_adds + self.snapshot.waiting
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def _submit(self, cmd: tuple) -> None:
+        with self._cv:
+            if self._dead is not None or self._stopping:
+                raise EngineDead(f"the engine is not running ({self._dead or 'shut down'})")
+            self._inbox.append(cmd)
+            self._pending_adds += cmd[0] == "add"
+            self._cv.notify()
+
+    # -- asyncio side ------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[Delta]:
+        """Yield the request's deltas until all its choices finish. Leaving early (break,
+        task cancelled because the client went away) aborts it and frees its KV blocks."""
+        req = _Request(asyncio.Queue(), asyncio.get_running_loop(), params.n)
+        self._submit(("add", request_id, list(prompt_ids), params, req))
+        done = False
+        try:
+            while (item := await req.queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    done = True             # the engine already dropped the request
+                    raise item
+                yield item
+            done = True
+        finally:
+            if not done:
+                try:
+                    self.abort(request_id)
+                except EngineDead:
+                    pass
+
+    # -- engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._next_commands():
+                batch = self._step() if self.engine.has_unfinished() else 0
+                self._publish(batch)
+        except BaseException as e:          # a bug in this loop: fail everyone, loudly
+            log.exception("engine thread died")
+            with self._cv:
+                self._dead = e
+        self._fail_all(self._dead or EngineDead("the engine was shut down"))
+
+    def _next_commands(self) -> bool:
+        """Apply the inbox; sleep while there is nothing to do. False: shut down."""
+        with self._cv:
+            while not (self._inbox or self._stopping or self.engine.has_unfinished()):
+                self._cv.wait()
+            if self._stopping:
+                return False
+            cmds, self._inbox, self._pending_adds = self._inbox, [], 0
+        for cmd in cmds:
+            self._add(*cmd[1:]) if cmd[0] == "add" else self._abort(cmd[1])
+        if cmds and not self.engine.has_unfinished():
+            self._publish(0)                # aborts freed blocks: show it even when idle
+        return True
+
+    def _add(self, request_id: str, prompt_ids, params, req: _Request) -> None:
+        try:
+            self.engine.add_request(prompt_ids, params, request_id)
+        except Exception as e:              # e.g. prompt too long: this request only
+            req.put(e)
+            return
+        self._requests[request_id] = req
+
+    def _abort(self, request_id: str) -> None:
+        if self._requests.pop(request_id, None) is not None:
+            self.engine.abort(request_id)
+
+    def _step(self) -> int:
+        try:
+            deltas = self.engine.step()
+        except Exception as e:
+            self._fail_step(e)
+            return 0
+        for d in deltas:
+            req = self._requests.get(d.seq.request_id)
+            if req is not None:
+                self._deliver(req, d)
+        return len(deltas)
+
+    def _deliver(self, req: _Request, d: SeqDelta) -> None:
+        seq = d.seq
+        if not (d.token_ids or d.finished):
+            return                          # a prefill chunk: nothing to show yet
+        try:
+            req.put(_snapshot(d))
+        except Exception as e:              # a bad delta fails its own request only
+            self._fail_request(seq.request_id, e)
+            return
+        if d.finished:
+            req.unfinished -= 1
+            if req.unfinished == 0:
+                del self._requests[seq.request_id]
+                self.engine.pop_finished(seq.request_id)
+                req.put(_END)
+
+    def _fail_step(self, e: Exception) -> None:
+        """step() raised. The Engine has no per-sequence error channel, so find the
+        sequence it was working on from the traceback; fail that request only. With no
+        culprit, every request in flight fails; the server keeps serving either way."""
+        culprit = _culprit(e)
+        log.error("engine step failed (%s): %r", culprit or "no culprit found", e)
+        rids = [culprit] if culprit in self._requests else list(self._requests)
+        for rid in rids:
+            self._fail_request(rid, e)
+
+    def _fail_request(self, request_id: str, e: BaseException) -> None:
+        req = self._requests.pop(request_id, None)
+        self.engine.abort(request_id)
+        if req is not None:
+            req.put(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+
+    def _fail_all(self, e: BaseException) -> None:
+        for rid in list(self._requests):
+            req = self._requests.pop(rid)
+            req.put(e if isinstance(e, Exception) else EngineDead(repr(e)))
+        with self._cv:                      # adds that never reached the engine
+            for cmd in self._inbox:
+                if cmd[0] == "add":
+                    cmd[4].put(EngineDead("the engine was shut down"))
+            self._inbox = []
+
+    def _publish(self, batch: int) -> None:
+        snap = _engine_snapshot(self.engine)
+        with self._cv:
+            self.snapshot = snap
+        if self.on_step is not None:
+            try:
+                self.on_step(snap, batch)
+            except Exception:               # metrics must never stop the engine
+                log.exception("on_step callback failed")
+
+
+def _snapshot(d: SeqDelta) -> Delta:
+    seq, n = d.seq, len(d.token_ids)
+    logprobs = tuple(seq.logprobs[-n:]) if (seq.logprobs is not None and n) else None
+    first = len(seq.output_ids) == n        # this delta holds the choice's first tokens
+    prompt_lps = list(seq.prompt_logprobs) if (first and seq.prompt_logprobs) else None
+    return Delta(seq.request_id, seq.index, d.text, tuple(d.token_ids), logprobs, prompt_lps,
+                 d.finished, seq.finish_reason if d.finished else None,
+                 seq.stop_reason if d.finished else None)
+
+
+def _culprit(e: BaseException) -> str | None:
+    """The request id of the innermost `seq` local (a Sequence) in e's traceback."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        seq = tb.tb_frame.f_locals.get("seq")
+        if isinstance(seq, Sequence):
+            found = seq.request_id
+        tb = tb.tb_next
+    return found
+
+
+def _engine_snapshot(engine: Engine) -> EngineSnapshot:
+    """Read from the scheduler itself, not engine.stats: stats only change when a step runs,
+    and aborts free blocks between steps."""
+    sched = engine.scheduler
+    kv = getattr(sched, "kv", None)
+    return EngineSnapshot(
+        running=len({s.request_id for s in sched.running}),
+        waiting=len({s.request_id for s in sched.waiting}),
+        kv_usage=kv.usage() if kv is not None else 0.0,
+        prefix_hit_rate=_prefix_hit_rate(engine))
+
+
+def _prefix_hit_rate(engine: Engine) -> float | None:
+    """EngineStats.prefix_cache_hit_rate (prompt tokens reused / looked up), if reported."""
+    rate = getattr(engine.stats, "prefix_cache_hit_rate", None)
+    return None if rate is None else float(rate)

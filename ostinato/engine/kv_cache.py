@@ -1,0 +1,282 @@
+"""Paged KV-cache bookkeeping: ref-counted blocks, prefix caching, sliding-window freeing.
+
+Pure Python, no torch: this layer only hands out block ids; the runner owns the tensors.
+
+One BlockPool per KV-cache group (group 0: full attention; Gemma 3's group 1: sliding-window
+layers). Block ids are per pool. Block 0 of every pool is the null block: never handed out,
+it stands in a sliding-window table for blocks no future query can see (attention masks them).
+
+Prefix caching: a full block whose KV is computed is registered under a chain hash,
+sha256(parent block's hash + its token ids), so equal hashes mean equal token prefixes.
+A released cached block keeps its hash and waits on an LRU list; it is evicted only when a
+fresh block is needed and the free list is empty. A later request with the same prefix takes
+it back (a hit) instead of recomputing it.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
+
+NULL_BLOCK = 0
+
+
+def hash_block(parent: bytes | None, token_ids: Seq[int]) -> bytes:
+    """Chain hash of one full block: stable across processes (no Python hash randomisation)."""
+    data = (parent or b"") + struct.pack(f"<{len(token_ids)}q", *token_ids)
+    return hashlib.sha256(data).digest()
+
+
+class BlockPool:
+    """num_blocks blocks of block_size slots. Every block but the null one is in exactly one
+    of: in use (ref > 0), `free` (ref 0, no hash), `evictable` (ref 0, cached, LRU first)."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2 or block_size < 1:
+            raise ValueError(f"a block pool needs >= 2 blocks (one is the null block) and "
+                             f"block_size >= 1, got {num_blocks} blocks of {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.ref = [0] * num_blocks
+        self.free: deque[int] = deque(range(1, num_blocks))
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.hash_of: dict[int, bytes] = {}      # block -> hash, for cached blocks
+        self.cached: dict[bytes, int] = {}       # hash -> block, the prefix cache
+
+    def num_available(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def num_used(self) -> int:
+        return self.num_blocks - 1 - self.num_available()
+
+    def allocate(self) -> int:
+        """A fresh block (ref 1): from the free list, else by evicting the LRU cached block."""
+        if self.free:
+            block = self.free.popleft()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.cached[self.hash_of.pop(block)]
+        else:
+            raise RuntimeError(f"out of KV blocks: all {self.num_blocks - 1} are in use")
+        self.ref[block] = 1
+        return block
+
+    def lookup(self, h: bytes) -> int | None:
+        return self.cached.get(h)
+
+    def touch(self, block: int) -> None:
+        """Take a cached block for one more sequence (a prefix hit)."""
+        if self.ref[block] == 0:
+            del self.evictable[block]
+        self.ref[block] += 1
+
+    def release(self, block: int) -> None:
+        if block == NULL_BLOCK or self.ref[block] <= 0:
+            raise RuntimeError(f"release of block {block}, which is not in use")
+        self.ref[block] -= 1
+        if self.ref[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None      # most recently used end
+            else:
+                self.free.append(block)
+
+    def cache(self, block: int, h: bytes) -> None:
+        """Register a full, computed block. If its content is cached already (two sequences
+        computed the same prefix at once), the older copy stays the cached one."""
+        if h not in self.cached and block not in self.hash_of:
+            self.cached[h], self.hash_of[block] = block, h
+
+    def check_integrity(self) -> None:
+        assert self.ref[NULL_BLOCK] == 0 and NULL_BLOCK not in self.hash_of, "null block used"
+        free, evict = set(self.free), set(self.evictable)
+        assert len(free) == len(self.free), "a block is twice in the free list"
+        assert not free & evict, "a block is both free and evictable"
+        for b in range(1, self.num_blocks):
+            n_places = (self.ref[b] > 0) + (b in free) + (b in evict)
+            assert n_places == 1, f"block {b} (ref {self.ref[b]}) is in {n_places} places"
+        assert all(b not in self.hash_of for b in free), "a free block has a hash"
+        assert all(b in self.hash_of for b in evict), "an evictable block has no hash"
+        assert all(self.hash_of.get(b) == h for h, b in self.cached.items()), "hash maps differ"
+        assert len(self.cached) == len(self.hash_of), "hash maps differ in size"
+
+
+@dataclass
+class _SeqBlocks:
+    tables: list[list[int]]   # per group: block id of each block_size slice of the sequence
+    num_cached: int           # leading blocks already registered in the prefix cache (or hits)
+
+
+class KVCacheManager:
+    """Block tables of every running sequence, one per KV-cache group."""
+
+    def __init__(self, num_blocks_per_group: list[int], block_size: int,
+                 windows: list[int | None], enable_prefix_caching: bool = True):
+        if len(num_blocks_per_group) != len(windows) or not windows:
+            raise ValueError(f"{len(num_blocks_per_group)} block counts for "
+                             f"{len(windows)} KV-cache groups")
+        self.pools = [BlockPool(n, block_size) for n in num_blocks_per_group]
+        self.windows, self.block_size = list(windows), block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.seqs: dict[str, _SeqBlocks] = {}
+        self.prefix_queries = 0    # prompt tokens looked up at admission
+        self.prefix_hits = 0       # of those, tokens found in the cache
+
+    # -- prefix lookup ---------------------------------------------------------------------
+    def find_cached_prefix(self, seq: Sequence) -> int:
+        """Tokens of seq.all_ids whose KV every group has cached: a multiple of block_size,
+        never all of them (the last token is computed so that its logits exist). Sliding
+        groups need only the blocks inside the window of the first uncached position."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return 0     # prompt logprobs need the logits of every prompt position
+        hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        full = [p for p, w in zip(self.pools, self.windows) if w is None]
+        k = min((self._leading_hits(p, hashes) for p in full), default=len(hashes))
+        while k > 0 and not all(self._window_hit(g, hashes, k) for g in self._sliding()):
+            k -= 1
+        return k * self.block_size
+
+    @staticmethod
+    def _leading_hits(pool: BlockPool, hashes: list[bytes]) -> int:
+        n = 0
+        while n < len(hashes) and hashes[n] in pool.cached:
+            n += 1
+        return n
+
+    def _window_hit(self, g: int, hashes: list[bytes], k: int) -> bool:
+        lo = self._first_live_block(g, k * self.block_size)
+        return all(h in self.pools[g].cached for h in hashes[lo:k])
+
+    def _sliding(self) -> list[int]:
+        return [g for g, w in enumerate(self.windows) if w is not None]
+
+    def _first_live_block(self, g: int, num_computed: int) -> int:
+        """Blocks before this one hold only positions < num_computed - window + 1, which the
+        query at position num_computed (and every later one) cannot see."""
+        w = self.windows[g]
+        return 0 if w is None else max(0, num_computed - w + 1) // self.block_size
+
+    def _block_hashes(self, seq: Sequence, n: int) -> list[bytes]:
+        """Chain hashes of seq's first n blocks (all full), memoised on seq: tokens are only
+        ever appended, so a full block's hash never changes (preemption included)."""
+        hashes, bs = seq.block_hashes, self.block_size
+        assert n * bs <= seq.num_tokens, "only full blocks have a hash"
+        if len(hashes) < n:
+            ids = seq.all_ids
+            for i in range(len(hashes), n):
+                hashes.append(hash_block(hashes[i - 1] if i else None, ids[i * bs:(i + 1) * bs]))
+        return hashes[:n]
+
+    # -- allocation ------------------------------------------------------------------------
+    def allocate(self, seq: Sequence, num_tokens_after_step: int) -> list[list[int]] | None:
+        """Blocks for positions [0, num_tokens_after_step) in every group; returns copies of
+        the tables, or None (and allocates nothing) when a pool is short. A new sequence's
+        first seq.num_computed_tokens tokens come from the cache (find_cached_prefix)."""
+        state = self.seqs.get(seq.seq_id)
+        if state is None:
+            return self._allocate_new(seq, num_tokens_after_step)
+        self._cache_computed(seq, state)
+        self._free_out_of_window(seq, state)
+        need = self._fresh_needed(state, num_tokens_after_step)
+        if any(n > p.num_available() for n, p in zip(need, self.pools)):
+            return None
+        self._grow(state, need)
+        return [list(t) for t in state.tables]
+
+    def _allocate_new(self, seq: Sequence, num_tokens_after_step: int):
+        hit = seq.num_computed_tokens
+        assert hit % self.block_size == 0, f"a prefix hit of {hit} tokens is not whole blocks"
+        state = _SeqBlocks([self._hit_table(g, seq, hit) for g in range(len(self.pools))],
+                           hit // self.block_size)
+        need = self._fresh_needed(state, num_tokens_after_step)
+        for n, pool, table in zip(need, self.pools, state.tables):
+            reclaimed = sum(1 for b in table if b != NULL_BLOCK and pool.ref[b] == 0)
+            if n + reclaimed > pool.num_available():
+                return None
+        for pool, table in zip(self.pools, state.tables):
+            for b in table:
+                if b != NULL_BLOCK:
+                    pool.touch(b)
+        self._grow(state, need)
+        self.seqs[seq.seq_id] = state
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += hit
+        return [list(t) for t in state.tables]
+
+    def _hit_table(self, g: int, seq: Sequence, hit: int) -> list[int]:
+        """Group g's table for the cached first `hit` tokens (null where out of window)."""
+        k, lo = hit // self.block_size, self._first_live_block(g, hit)
+        hashes = self._block_hashes(seq, k)
+        table = [NULL_BLOCK] * lo + [self.pools[g].lookup(h) for h in hashes[lo:k]]
+        assert None not in table, "allocate() of a prefix that find_cached_prefix() did not find"
+        return table
+
+    def _fresh_needed(self, state: _SeqBlocks, num_tokens: int) -> list[int]:
+        n_blocks = -(-num_tokens // self.block_size)
+        return [max(0, n_blocks - len(t)) for t in state.tables]
+
+    def _grow(self, state: _SeqBlocks, need: list[int]) -> None:
+        for n, pool, table in zip(need, self.pools, state.tables):
+            table.extend(pool.allocate() for _ in range(n))
+
+    def _cache_computed(self, seq: Sequence, state: _SeqBlocks) -> None:
+        """Register seq's full blocks whose KV is computed (prompt and output alike). Done
+        before a step, so a block is only shared once a past step wrote its KV."""
+        n = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or n <= state.num_cached:
+            return
+        hashes = self._block_hashes(seq, n)
+        for pool, table in zip(self.pools, state.tables):
+            for i in range(state.num_cached, n):
+                if table[i] != NULL_BLOCK:
+                    pool.cache(table[i], hashes[i])
+        state.num_cached = n
+
+    def _free_out_of_window(self, seq: Sequence, state: _SeqBlocks) -> None:
+        """Sliding groups: release blocks no future query sees; the null block takes their
+        place. Dead blocks form a prefix of the table, so walk back from the last dead one."""
+        for g in self._sliding():
+            table, pool = state.tables[g], self.pools[g]
+            i = self._first_live_block(g, seq.num_computed_tokens) - 1
+            while i >= 0 and table[i] != NULL_BLOCK:
+                pool.release(table[i])
+                table[i] = NULL_BLOCK
+                i -= 1
+
+    # -- release and stats -----------------------------------------------------------------
+    def free(self, seq: Sequence) -> None:
+        """Release seq's blocks (its computed full blocks stay cached). Tail blocks first, so
+        that the LRU list evicts a prefix's tail before its head."""
+        state = self.seqs.pop(seq.seq_id, None)
+        if state is None:
+            return
+        self._cache_computed(seq, state)
+        for pool, table in zip(self.pools, state.tables):
+            for b in reversed(table):
+                if b != NULL_BLOCK:
+                    pool.release(b)
+
+    def usage(self) -> float:
+        """Fraction of blocks (all groups, null blocks excluded) held by sequences."""
+        return sum(p.num_used() for p in self.pools) / sum(p.num_blocks - 1 for p in self.pools)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def check_integrity(self) -> None:
+        """Each pool is consistent, and a block's refcount is the number of tables holding it."""
+        for g, pool in enumerate(self.pools):
+            pool.check_integrity()
+            counts = [0] * pool.num_blocks
+            for state in self.seqs.values():
+                for b in state.tables[g]:
+                    counts[b] += b != NULL_BLOCK
+            assert counts == pool.ref, f"group {g}: refcounts differ from the block tables"
+        for seq_id, state in self.seqs.items():
+            assert len({len(t) for t in state.tables}) == 1, f"{seq_id}: tables differ in length"

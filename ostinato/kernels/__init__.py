@@ -1,0 +1,44 @@
+"""Batch-invariant CPU kernels (C++/OpenMP torch extension, compiled on first use with the
+machine's g++ and cached under $OSTINATO_HOME/kernels, keyed by source and CPU)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from functools import cache
+from pathlib import Path
+
+_SRC = Path(__file__).parent / "csrc" / "ops.cpp"
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    import torch
+    h = hashlib.sha256(_SRC.read_bytes() + flags.encode() + torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+@cache
+def ops():
+    """The compiled extension module (qlinear, rms_norm, gated_act, paged_attention)."""
+    from torch.utils import cpp_extension
+
+    from ..hub import home
+    build = home() / "kernels" / _cpu_key()
+    build.mkdir(parents=True, exist_ok=True)
+    bin_dir = str(Path(sys.executable).parent)     # ninja from the venv
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    if not any(build.glob("*.so")):
+        print("compiling Ostinato's CPU kernels (first run only, ~1 min) ...", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cpp_extension.load(
+            name="ostinato_ops", sources=[str(_SRC)], build_directory=str(build),
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"], verbose=False)

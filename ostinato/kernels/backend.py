@@ -1,0 +1,67 @@
+"""The ops a model calls, on the batch-invariant C++ kernels."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .repack import F32, Packed
+
+
+@dataclass
+class QWeight:
+    """A repacked weight as torch tensors, ready for `qlinear`."""
+    fmt: int
+    bs: int
+    zp: int
+    q: torch.Tensor
+    scale: torch.Tensor
+    min: torch.Tensor          # empty when the format has no min
+    N: int
+    K: int
+
+    @classmethod
+    def from_packed(cls, p: Packed) -> "QWeight":
+        empty = torch.empty(0)
+        return cls(p.fmt, p.bs, p.zp, torch.from_numpy(p.q),
+                   torch.from_numpy(p.scale) if p.scale is not None else empty,
+                   torch.from_numpy(p.min) if p.min is not None else empty, p.N, p.K)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows (an embedding lookup): (T,) -> (T, K) float32."""
+        if self.fmt == F32:
+            return self.q[ids]
+        q = self.q[ids]
+        if self.fmt != 1:   # Q4: unpack nibbles of each 32-block
+            q = q.view(len(ids), -1, 16)
+            q = torch.cat([q & 0x0F, q >> 4], dim=2).to(torch.int32) - self.zp
+        vals = q.reshape(len(ids), -1, self.bs).to(torch.float32) * self.scale[ids].unsqueeze(-1)
+        if self.min.numel():
+            vals = vals + self.min[ids].unsqueeze(-1)
+        return vals.reshape(len(ids), self.K)
+
+
+class CpuKernels:
+    def __init__(self):
+        self.ops = ops()
+
+    def linear(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.ops.qlinear(x.reshape(-1, w.K).contiguous(), w.q, w.scale, w.min,
+                             w.fmt, w.bs, w.zp, w.N, w.K)
+        return y.view(*lead, w.N)
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.ops.rms_norm(x.contiguous(), w, eps)
+
+    def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+        return self.ops.gated_act(gate.contiguous(), up.contiguous(), int(act != "silu"))
+
+    def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
+        return self.ops.paged_attention(q.contiguous(), k_cache, v_cache, tables, seq_meta,
+                                        scale, window or 0)

@@ -1,0 +1,132 @@
+"""Repack GGUF weight blocks, once at load, into the three layouts the kernels read.
+
+    F32: (N, K) float32                                   value = w
+    Q8:  (N, K) int8 codes, per-block scale (and min)     value = scale * q + min
+    Q4:  (N, K/2) nibbles, per-32 scale (and min), zp     value = scale * (q - zp) + min
+
+Q4 packing per 32-element block: byte j holds element j (low nibble) and j+16 (high).
+Every GGUF type maps onto one of these exactly (integer codes, scales computed in float32
+the way the reference dequantizer computes them); the kernels then never branch on type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..loader import dequant as dq
+from ..loader.gguf import GGML_TYPES, GGUFFile
+
+F32, Q8, Q4 = 0, 1, 2
+
+
+@dataclass
+class Packed:
+    fmt: int
+    bs: int                   # elements per scale block
+    zp: int                   # Q4 zero point (integer, subtracted before scaling)
+    q: np.ndarray
+    scale: np.ndarray | None  # (N, K // bs) float32
+    min: np.ndarray | None    # (N, K // bs) float32 or None
+    N: int
+    K: int
+
+    def dequantize(self) -> np.ndarray:
+        """Reference values (for tests): what the kernels multiply with."""
+        if self.fmt == F32:
+            return self.q
+        q = _unpack_q4(self.q, self.K) if self.fmt == Q4 else self.q
+        vals = (q.astype(np.int32) - self.zp).astype(np.float32).reshape(self.N, -1, self.bs)
+        out = vals * self.scale[:, :, None]
+        if self.min is not None:
+            out += self.min[:, :, None]
+        return out.reshape(self.N, self.K)
+
+
+def _unpack_q4(packed: np.ndarray, K: int) -> np.ndarray:
+    b = packed.reshape(packed.shape[0], K // 32, 16)
+    return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(packed.shape[0], K)
+
+
+def _pack_q4(codes: np.ndarray) -> np.ndarray:
+    # codes: (N, K) uint8 0..15 -> (N, K/2)
+    b = codes.reshape(codes.shape[0], -1, 2, 16)
+    return (b[:, :, 0, :] | (b[:, :, 1, :] << 4)).reshape(codes.shape[0], -1)
+
+
+def _blocks(raw: np.ndarray, type_name: str, N: int) -> np.ndarray:
+    tid = {v[0]: k for k, v in GGML_TYPES.items()}[type_name]
+    return raw.reshape(-1, GGML_TYPES[tid][2])
+
+
+def _rows(x: np.ndarray, N: int) -> np.ndarray:
+    return np.ascontiguousarray(x.reshape(N, -1))
+
+
+def _q4_0(b, N, K):
+    codes = dq._nibbles(b[:, 2:18]).reshape(-1, 32)
+    return Packed(Q4, 32, 8, _pack_q4(_rows(codes, N)), _rows(dq._f16(b, 0), N), None, N, K)
+
+
+def _q4_1(b, N, K):
+    codes = dq._nibbles(b[:, 4:20]).reshape(-1, 32)
+    return Packed(Q4, 32, 0, _pack_q4(_rows(codes, N)), _rows(dq._f16(b, 0), N),
+                  _rows(dq._f16(b, 2), N), N, K)
+
+
+def _q5_0(b, N, K):
+    q = dq._q5(b[:, 6:22], b[:, 2:6]).view(np.int8) - np.int8(16)
+    return Packed(Q8, 32, 0, _rows(q, N), _rows(dq._f16(b, 0), N), None, N, K)
+
+
+def _q5_1(b, N, K):
+    q = dq._q5(b[:, 8:24], b[:, 4:8]).view(np.int8)
+    return Packed(Q8, 32, 0, _rows(q, N), _rows(dq._f16(b, 0), N), _rows(dq._f16(b, 2), N), N, K)
+
+
+def _q8_0(b, N, K):
+    return Packed(Q8, 32, 0, _rows(b[:, 2:34].view(np.int8), N), _rows(dq._f16(b, 0), N),
+                  None, N, K)
+
+
+def _k_scale_min(b):
+    d, dmin = dq._f16(b, 0), dq._f16(b, 2)
+    sc, mn = dq._k_scales_mins(b[:, 4:16])
+    return d * sc, -(dmin * mn)          # (n, 8) each, float32 as the reference rounds them
+
+
+def _q4_k(b, N, K):
+    codes = dq._nibbles(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, 32)   # (n*8, 32)
+    scale, mn = _k_scale_min(b)
+    return Packed(Q4, 32, 0, _pack_q4(_rows(codes, N)), _rows(scale, N), _rows(mn, N), N, K)
+
+
+def _q5_k(b, N, K):
+    low = dq._nibbles(b[:, 48:176].reshape(-1, 4, 32)).reshape(-1, 8, 32)
+    high = np.stack([(b[:, 16:48] >> s) & 1 for s in range(8)], axis=1)
+    scale, mn = _k_scale_min(b)
+    return Packed(Q8, 32, 0, _rows((low | (high << 4)).view(np.int8), N), _rows(scale, N),
+                  _rows(mn, N), N, K)
+
+
+def _q6_k(b, N, K):
+    n = b.shape[0]
+    low = dq._nibbles(b[:, 0:128].reshape(n, 2, 64)).reshape(n, 2, 4, 32)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32)
+    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
+    q = (low | (high << 4)).view(np.int8) - np.int8(32)
+    scale = dq._f16(b, 208) * b[:, 192:208].view(np.int8)      # (n, 16)
+    return Packed(Q8, 16, 0, _rows(q, N), _rows(scale, N), None, N, K)
+
+
+_REPACK = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+           "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+
+
+def repack(gf: GGUFFile, name: str) -> Packed:
+    info = gf.tensors[name]
+    N, K = info.shape
+    if info.type_name in _REPACK:
+        return _REPACK[info.type_name](_blocks(gf.raw(name), info.type_name, N), N, K)
+    w = dq.load_tensor(gf, name)                 # F32 / F16 / BF16: exact in float32
+    return Packed(F32, 32, 0, np.ascontiguousarray(w), None, None, N, K)

@@ -1,0 +1,180 @@
+"""OpenAI request bodies (pydantic) and their conversion to SamplingParams.
+
+Unknown fields are ignored (`extra="ignore"`: `user`, `best_of`, `suffix`... from clients
+that send them). Every invalid value becomes an APIError(400) in OpenAI's error shape.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..sampling import MAX_LOGPROBS, SamplingParams
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_N = 128                         # OpenAI's limit for n
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+             413: "RequestTooLargeError", 503: "ServiceUnavailableError"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.code = code
+        self.type = type_ or self.TYPES.get(status, "InternalServerError")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code if self.code is not None else self.status}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+def from_sampling_error(e: ValueError) -> APIError:
+    """SamplingParams says 'SamplingParams.top_p=2.0: must be in (0, 1]'; name the field."""
+    m = re.match(r"SamplingParams\.(\w+)=", str(e))
+    return bad_request(str(e).removeprefix("SamplingParams."), m.group(1) if m else None)
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def from_validation_error(e: ValidationError) -> APIError:
+    first = e.errors()[0]
+    param = ".".join(str(x) for x in first["loc"]) or None
+    more = f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""
+    return bad_request(f"{param}: {first['msg']}{more}", param)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by chat and completions; None means 'the default'."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        def pick(value, default):
+            return default if value is None else value
+        try:
+            return SamplingParams(
+                n=self.n, temperature=pick(self.temperature, 1.0), top_p=pick(self.top_p, 1.0),
+                top_k=pick(self.top_k, 0), min_p=pick(self.min_p, 0.0),
+                presence_penalty=pick(self.presence_penalty, 0.0),
+                frequency_penalty=pick(self.frequency_penalty, 0.0),
+                repetition_penalty=pick(self.repetition_penalty, 1.0),
+                logit_bias=self.logit_bias, seed=self.seed, stop=self.stop,
+                stop_token_ids=self.stop_token_ids, max_tokens=max_tokens,
+                min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens)
+        except ValueError as e:
+            raise from_sampling_error(e) from None
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids the runner would index with: refuse them here, not mid-step."""
+        for key in self.logit_bias or {}:
+            if not key.isdecimal() or int(key) >= vocab_size:
+                raise bad_request(f"logit_bias key {key!r} is not a token id in "
+                                  f"[0, {vocab_size})", "logit_bias")
+        for t in self.stop_token_ids or []:
+            if not 0 <= t < vocab_size:
+                raise bad_request(f"stop_token_ids: {t} is not in [0, {vocab_size})",
+                                  "stop_token_ids")
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def requested_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=0)       # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """One entry per prompt: a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise bad_request("prompt must not be empty", "prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the template."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None     # None: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]

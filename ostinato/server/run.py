@@ -1,0 +1,42 @@
+"""`ostinato serve`: listen at once, load the model in the background (/health says 503
+until it is ready), and exit with the loading error if it fails."""
+from __future__ import annotations
+
+import sys
+import time
+
+from .app import Limits, build_app
+
+
+def run_server(model: str, *, served_model_name: str | None = None, host: str = "127.0.0.1",
+               port: int = 8000, api_key: str | None = None, limits: Limits | None = None,
+               log_level: str = "info", **llm_kwargs) -> None:
+    """Serve `model` (an embedded name or a .gguf path) until interrupted. llm_kwargs go to
+    LLM(...): threads, max_model_len, max_num_seqs, kv_cache_gb."""
+    import uvicorn
+
+    from ..hub import EMBEDDED, model_name, resolve_model
+    if model not in EMBEDDED:
+        resolve_model(model)            # a missing file fails now, not in the background
+    failure: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def load():
+        from ..llm import LLM
+        t0 = time.perf_counter()
+        llm = LLM(model, **llm_kwargs)
+        print(f"loaded {llm.model_name} in {time.perf_counter() - t0:.1f} s; serving at "
+              f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+        return llm
+
+    def on_load_error(e: BaseException) -> None:
+        failure.append(e)
+        server.should_exit = True       # uvicorn polls this flag from its main loop
+
+    app = build_app(load, served_model_name or model_name(model), api_key, limits,
+                    on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if failure:
+        raise failure[0]

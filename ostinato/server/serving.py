@@ -1,0 +1,349 @@
+"""Chat and text completions: request -> Job -> engine deltas -> OpenAI JSON or SSE chunks.
+
+Choice numbering follows OpenAI: with P prompts and n choices each, choice c = p * n + i.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..engine.async_engine import AsyncEngine, Delta
+from ..sampling import SamplingParams
+from .metrics import ServerMetrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
+
+log = logging.getLogger("ostinato.server")
+MIN_LOGPROB = -9999.0      # JSON has no -Infinity; vLLM sends the same stand-in
+
+
+@dataclass
+class Job:
+    kind: str                           # "chat" | "completion"
+    id: str
+    model: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo_texts: list[str] | None = None     # completions with echo: each prompt's text
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+    def prompt_of(self, choice: int) -> int:
+        return choice // self.params.n
+
+
+# ------------------------------------------------------------------------------ building
+def chat_job(llm, req: ChatCompletionRequest, model: str) -> Job:
+    if not req.messages:
+        raise bad_request("messages must not be empty", "messages")
+    try:
+        ids = llm.chat_prompt_ids(req.messages)
+    except Exception as e:          # bad roles or contents, template errors: the caller's
+        raise bad_request(f"messages: {e}", "messages") from None
+    req.check_token_ids(llm.config.vocab_size)
+    max_tokens = _fit(llm.max_model_len, [ids], req.max_completion_tokens or req.max_tokens,
+                      "messages")
+    params = req.sampling_params(max_tokens, req.requested_logprobs())
+    return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, req.stream,
+               req.include_usage)
+
+
+def completion_job(llm, req: CompletionRequest, model: str) -> Job:
+    prompts = req.prompt_list()
+    ids = [_prompt_ids(llm, p) for p in prompts]
+    req.check_token_ids(llm.config.vocab_size)
+    max_tokens = _fit(llm.max_model_len, ids, req.max_tokens, "prompt")
+    k = req.logprobs
+    # echo + logprobs scores the prompt itself (lm-eval's log-likelihood); max_tokens 0 is
+    # only allowed when the prompt is scored, so echo alone asks for its top-0 logprobs
+    prompt_lps = k if (req.echo and k is not None) else (0 if req.echo and max_tokens == 0
+                                                          else None)
+    params = req.sampling_params(max_tokens, k, prompt_lps)
+    echo = ([p if isinstance(p, str) else llm.detokenize(i) for p, i in zip(prompts, ids)]
+            if req.echo else None)
+    return Job("completion", f"cmpl-{uuid.uuid4().hex}", model, ids, params, req.stream,
+               req.include_usage, echo)
+
+
+def _prompt_ids(llm, prompt: str | list[int]) -> list[int]:
+    try:
+        ids = llm._prompt_ids(prompt)
+    except (ValueError, TypeError) as e:
+        raise bad_request(f"prompt: {e}", "prompt") from None
+    if not ids:
+        raise bad_request("prompt is empty: it encodes to no tokens", "prompt")
+    return ids
+
+
+def _fit(max_model_len: int, prompts: list[list[int]], max_tokens: int | None,
+         param: str) -> int:
+    """max_tokens, defaulting to what remains of the context; 400 when it does not fit."""
+    longest = max(len(p) for p in prompts)
+    if max_tokens is None:
+        max_tokens = max_model_len - longest
+        if max_tokens < 1:
+            raise bad_request(f"the prompt has {longest} tokens, which leaves no room in this "
+                              f"model's context of {max_model_len} tokens", param)
+    if longest + max_tokens > max_model_len:
+        raise bad_request(f"this model's maximum context length is {max_model_len} tokens; "
+                          f"the request asks for {longest + max_tokens} ({longest} in the "
+                          f"prompt, {max_tokens} to generate)", param)
+    return max_tokens
+
+
+# ------------------------------------------------------------------------------ running
+@dataclass
+class Choice:
+    """One choice accumulated from its deltas (non-streaming)."""
+    index: int
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, d: Delta) -> None:
+        self.text.append(d.text)
+        self.token_ids.extend(d.token_ids)
+        self.logprobs.extend(d.logprobs or ())
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
+        if d.finished:
+            self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
+
+
+class Generation:
+    """Runs one Job on the engine; renders its JSON response or its SSE stream."""
+
+    def __init__(self, job: Job, engine: AsyncEngine, metrics: ServerMetrics, tokenizer):
+        self.job, self.engine, self.metrics = job, engine, metrics
+        self.fmt = TokenFormat(tokenizer)
+        self.completion_tokens = 0
+        self._offsets: dict[int, int] = {}      # streaming: text offset of each choice
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice index, delta) of every prompt and choice as they come; leaving early
+        aborts every engine request of the job."""
+        job = self.job
+        timer = self.metrics.track(sum(len(p) for p in job.prompts))
+        gens = [self.engine.generate(p, job.params, f"{job.id}-{i}")
+                for i, p in enumerate(job.prompts)]
+        reasons, complete = [], False
+        try:
+            async with aclosing(_merge(gens)) as merged:
+                async for p, d in merged:
+                    choice = p * job.params.n + d.index
+                    timer.tokens(choice, len(d.token_ids))
+                    self.completion_tokens += len(d.token_ids)
+                    if d.finished:
+                        reasons.append(d.finish_reason)
+                    yield choice, d
+            complete = True
+            timer.done(reasons)
+        finally:
+            if not complete:
+                timer.aborted()
+
+    # -- non-streaming -------------------------------------------------------------------
+    async def collect(self) -> dict:
+        choices = [Choice(i) for i in range(self.job.num_choices)]
+        async with aclosing(self.deltas()) as deltas:
+            async for c, d in deltas:
+                choices[c].add(d)
+        render = self._chat_choice if self.job.kind == "chat" else self._completion_choice
+        return {**self._head(""), "choices": [render(c) for c in choices],
+                "usage": self.usage()}
+
+    def _chat_choice(self, c: Choice) -> dict:
+        lps = ({"content": self.fmt.chat_logprobs(c.token_ids, c.logprobs,
+                                                  self.job.params.logprobs)}
+               if self.job.params.logprobs is not None else None)
+        return {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+                "logprobs": lps, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def _completion_choice(self, c: Choice) -> dict:
+        text, lps = self._completion_text(c.index, "".join(c.text), c.token_ids, c.logprobs,
+                                          c.prompt_logprobs, first=True)
+        return {"index": c.index, "text": text, "logprobs": lps,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def _completion_text(self, choice: int, text: str, ids, entries, prompt_lps, first: bool):
+        """The choice's text (with the echoed prompt on its first piece) and legacy logprobs."""
+        job = self.job
+        ids, entries = list(ids), list(entries)
+        if first and job.echo_texts is not None:
+            p = job.prompt_of(choice)
+            text = job.echo_texts[p] + text
+            ids = job.prompts[p] + ids
+            entries = list(prompt_lps or [None] * len(job.prompts[p])) + entries
+        if job.params.logprobs is None:
+            return text, None
+        offset = self._offsets.get(choice, 0)
+        lps, self._offsets[choice] = self.fmt.legacy_logprobs(ids, entries, offset)
+        return text, lps
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.job.prompts)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    def _head(self, suffix: str) -> dict:
+        obj = "chat.completion" if self.job.kind == "chat" else "text_completion"
+        return {"id": self.job.id, "object": obj + suffix, "created": self.job.created,
+                "model": self.job.model}
+
+    # -- streaming -----------------------------------------------------------------------
+    async def stream(self) -> AsyncIterator[bytes]:
+        """SSE events: chunks, the usage chunk if asked, then [DONE]; a failure after the
+        stream started ends it with an error event (the status line is already sent)."""
+        try:
+            if self.job.kind == "chat":
+                for c in range(self.job.num_choices):
+                    yield self._event(self._chunk(c, {"role": "assistant", "content": ""}))
+            async with aclosing(self.deltas()) as deltas:
+                async for c, d in deltas:
+                    chunk = self._chat_chunk(c, d) if self.job.kind == "chat" \
+                        else self._completion_chunk(c, d)
+                    if chunk is not None:
+                        yield self._event(chunk)
+            if self.job.include_usage:
+                head = self._head(".chunk" if self.job.kind == "chat" else "")
+                yield self._event({**head, "choices": [], "usage": self.usage()})
+        except Exception as e:
+            log.exception("request %s failed while streaming", self.job.id)
+            yield _sse(error_body(e))
+        yield b"data: [DONE]\n\n"
+
+    def _event(self, chunk: dict) -> bytes:
+        if self.job.include_usage:
+            chunk.setdefault("usage", None)     # OpenAI: null on every chunk but the last
+        return _sse(chunk)
+
+    def _chunk(self, c: int, delta: dict, logprobs=None, finish: Delta | None = None) -> dict:
+        key = "delta" if self.job.kind == "chat" else "text"
+        choice = {"index": c, key: delta, "logprobs": logprobs,
+                  "finish_reason": finish.finish_reason if finish else None}
+        if finish is not None:
+            choice["stop_reason"] = finish.stop_reason
+        # OpenAI names chat chunks "chat.completion.chunk"; completion chunks keep their name
+        head = self._head(".chunk" if self.job.kind == "chat" else "")
+        return {**head, "choices": [choice]}
+
+    def _chat_chunk(self, c: int, d: Delta) -> dict | None:
+        want = self.job.params.logprobs
+        lps = ({"content": self.fmt.chat_logprobs(d.token_ids, d.logprobs or (), want)}
+               if want is not None and d.token_ids else None)
+        if not (d.text or d.finished or lps):
+            return None                         # text held back (half a character, ...)
+        delta = {"content": d.text} if d.text else {}
+        return self._chunk(c, delta, lps, d if d.finished else None)
+
+    def _completion_chunk(self, c: int, d: Delta) -> dict | None:
+        first = c not in self._offsets
+        text, lps = self._completion_text(c, d.text, d.token_ids, d.logprobs or (),
+                                          d.prompt_logprobs, first)
+        self._offsets.setdefault(c, 0)
+        if not (text or d.finished or lps):
+            return None
+        return self._chunk(c, text, lps, d if d.finished else None)
+
+
+async def _merge(gens: list) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave several async iterators as (which, item); closing this closes them all
+    (their tasks are cancelled, so each engine request is aborted)."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, g) -> None:
+        try:
+            async with aclosing(g):
+                async for d in g:
+                    q.put_nowait((i, d))
+            q.put_nowait((i, None))
+        except Exception as e:
+            q.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def error_body(e: Exception) -> dict:
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, ValueError):               # the engine refused this request's input
+        return APIError(400, str(e)).body()
+    return APIError(500, f"{type(e).__name__}: {e}").body()
+
+
+# ------------------------------------------------------------------------------ logprobs
+class TokenFormat:
+    """Token ids -> the strings, bytes and finite logprobs OpenAI's JSON carries."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.text = lru_cache(maxsize=1 << 16)(lambda t: tokenizer.decode([t]))
+        self.bytes = lru_cache(maxsize=1 << 16)(lambda t: list(tokenizer.token_to_bytes(t)))
+
+    @staticmethod
+    def lp(x: float) -> float:
+        return x if math.isfinite(x) else MIN_LOGPROB
+
+    def chat_logprobs(self, ids, entries, k: int) -> list[dict]:
+        """OpenAI chat: per token {token, logprob, bytes, top_logprobs: k best by rank}."""
+        out = []
+        for tid, entry in zip(ids, entries):
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
+            out.append({**self._item(tid, entry[tid]),
+                        "top_logprobs": [self._item(t, lp) for t, lp in top
+                                         if lp.rank is not None and lp.rank <= k][:k]})
+        return out
+
+    def _item(self, tid: int, lp) -> dict:
+        return {"token": self.text(tid), "logprob": self.lp(lp.logprob), "bytes": self.bytes(tid)}
+
+    def legacy_logprobs(self, ids, entries, offset: int) -> tuple[dict, int]:
+        """OpenAI completions: parallel lists; None where nothing predicts the token (the
+        first prompt token). top_logprobs holds the k best and the chosen token, as vLLM."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tid, entry in zip(ids, entries):
+            s = self.text(tid)
+            out["tokens"].append(s)
+            out["text_offset"].append(offset)
+            offset += len(s)
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(self.lp(entry[tid].logprob))
+            ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
+            out["top_logprobs"].append({self.text(t): self.lp(lp.logprob) for t, lp in ranked})
+        return out, offset
