@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..loader import dequant as dq
-from ..loader.gguf import GGML_TYPES, GGUFFile
+from ..loader.gguf import GGML_TYPES, TYPE_IDS, GGUFFile
 
 F32, Q8, Q4 = 0, 1, 2
 
@@ -55,8 +55,7 @@ def _pack_q4(codes: np.ndarray) -> np.ndarray:
 
 
 def _blocks(raw: np.ndarray, type_name: str, N: int) -> np.ndarray:
-    tid = {v[0]: k for k, v in GGML_TYPES.items()}[type_name]
-    return raw.reshape(-1, GGML_TYPES[tid][2])
+    return raw.reshape(-1, GGML_TYPES[TYPE_IDS[type_name]][2])
 
 
 def _rows(x: np.ndarray, N: int) -> np.ndarray:
@@ -125,8 +124,14 @@ _REPACK = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _
 
 def repack(gf: GGUFFile, name: str) -> Packed:
     info = gf.tensors[name]
-    N, K = info.shape
-    if info.type_name in _REPACK:
-        return _REPACK[info.type_name](_blocks(gf.raw(name), info.type_name, N), N, K)
-    w = dq.load_tensor(gf, name)                 # F32 / F16 / BF16: exact in float32
+    return repack_raw(gf.raw(name), info.type_name, *info.shape)
+
+
+def repack_raw(raw: np.ndarray, type_name: str, N: int, K: int) -> Packed:
+    """raw: the tensor's GGUF bytes; (N, K) its shape in numpy order."""
+    if K % 32:
+        raise ValueError(f"cannot repack a {N}x{K} matrix: rows must be a multiple of 32")
+    if type_name in _REPACK:
+        return _REPACK[type_name](_blocks(raw, type_name, N), N, K)
+    w = dq.dequantize(raw, TYPE_IDS[type_name], (N, K))           # F32 / F16 / BF16: exact in float32
     return Packed(F32, 32, 0, np.ascontiguousarray(w), None, None, N, K)

@@ -52,52 +52,63 @@ struct Weights {
   const float* min;                // (N, nb) or nullptr
 };
 
-// Unpack block b of row n into bs/8 float vectors.
+// Unpack block b of row n into BS/8 float vectors (format and block size fixed at compile
+// time so the loop below is fully unrolled and stays in registers).
+template <int FMT, int BS>
 inline void unpack(const Weights& w, int64_t n, int64_t b, __m256 v[4]) {
-  int64_t off = n * w.K + b * w.bs;
-  if (w.fmt == kF32) {
+  const int64_t off = n * w.K + b * BS;
+  if constexpr (FMT == kF32) {
     const float* p = static_cast<const float*>(w.q) + off;
-    for (int i = 0; i < w.bs / 8; ++i) v[i] = load8_f32(p + 8 * i);
-  } else if (w.fmt == kQ8) {
+    for (int i = 0; i < BS / 8; ++i) v[i] = load8_f32(p + 8 * i);
+  } else if constexpr (FMT == kQ8) {
     const int8_t* p = static_cast<const int8_t*>(w.q) + off;
-    for (int i = 0; i < w.bs / 8; ++i) v[i] = load8_q8(p + 8 * i);
+    for (int i = 0; i < BS / 8; ++i) v[i] = load8_q8(p + 8 * i);
   } else {
     load32_q4(static_cast<const uint8_t*>(w.q) + off / 2, (int)w.zp, v);
   }
 }
 
 // out[r, n] for the rows r of one tile: sum_b scale[n,b] * dot(wq[n,b], x[r,b]) + min[n,b] * xsum[r,b]
-template <int R>
+// Each row's arithmetic is the same whatever R is: that is what makes the result batch-invariant.
+template <int R, int FMT, int BS>
 void tile_dot(const Weights& w, int64_t n, const float* x, const float* xsum, float* out,
               int64_t ldo) {
   __m256 acc[R];
   float macc[R];
   for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); macc[r] = 0.f; }
-  const int nv = (int)(w.bs / 8);
   for (int64_t b = 0; b < w.nb; ++b) {
     __m256 v[4];
-    unpack(w, n, b, v);
-    const float s = w.fmt == kF32 ? 1.f : w.scale[n * w.nb + b];
+    unpack<FMT, BS>(w, n, b, v);
+    const __m256 s = _mm256_set1_ps(FMT == kF32 ? 1.f : w.scale[n * w.nb + b]);
     const float m = w.min ? w.min[n * w.nb + b] : 0.f;
     for (int r = 0; r < R; ++r) {
-      const float* xr = x + r * w.K + b * w.bs;
+      const float* xr = x + r * w.K + b * BS;
       __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(xr));
-      for (int i = 1; i < nv; ++i) t = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xr + 8 * i), t);
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), t, acc[r]);
+      for (int i = 1; i < BS / 8; ++i) t = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xr + 8 * i), t);
+      acc[r] = _mm256_fmadd_ps(s, t, acc[r]);
       if (w.min) macc[r] = std::fma(m, xsum[r * w.nb + b], macc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r * ldo + n] = hsum8(acc[r]) + macc[r];
 }
 
-void tile_dispatch(int rows, const Weights& w, int64_t n, const float* x, const float* xs,
-                   float* out, int64_t ldo) {
+template <int FMT, int BS>
+void tile_rows(int rows, const Weights& w, int64_t n, const float* x, const float* xs,
+               float* out, int64_t ldo) {
   switch (rows) {
-    case 4: tile_dot<4>(w, n, x, xs, out, ldo); break;
-    case 3: tile_dot<3>(w, n, x, xs, out, ldo); break;
-    case 2: tile_dot<2>(w, n, x, xs, out, ldo); break;
-    default: tile_dot<1>(w, n, x, xs, out, ldo); break;
+    case 4: tile_dot<4, FMT, BS>(w, n, x, xs, out, ldo); break;
+    case 3: tile_dot<3, FMT, BS>(w, n, x, xs, out, ldo); break;
+    case 2: tile_dot<2, FMT, BS>(w, n, x, xs, out, ldo); break;
+    default: tile_dot<1, FMT, BS>(w, n, x, xs, out, ldo); break;
   }
+}
+
+using TileFn = void (*)(int, const Weights&, int64_t, const float*, const float*, float*, int64_t);
+
+TileFn pick_tile(int64_t fmt, int64_t bs) {
+  if (fmt == kF32) return tile_rows<kF32, 32>;
+  if (fmt == kQ4) return tile_rows<kQ4, 32>;
+  return bs == 16 ? tile_rows<kQ8, 16> : tile_rows<kQ8, 32>;
 }
 
 // Per-row, per-block sums of x (for the min term), in a fixed order.
@@ -119,7 +130,9 @@ std::vector<float> block_sums(const float* x, int64_t M, int64_t K, int64_t bs) 
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
                       int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: (M,K) f32");
-  TORCH_CHECK(x.size(1) == K && K % bs == 0 && bs % 8 == 0 && bs <= 32, "bad K/bs");
+  TORCH_CHECK(x.size(1) == K && K % bs == 0, "qlinear: x has the wrong width");
+  TORCH_CHECK((fmt == kQ8 && (bs == 16 || bs == 32)) || ((fmt == kQ4 || fmt == kF32) && bs == 32),
+              "qlinear: unsupported format/block size");
   const int64_t M = x.size(0);
   auto out = torch::empty({M, N}, x.options());
   Weights w{fmt, bs, zp, N, K, K / bs, q.data_ptr(),
@@ -130,14 +143,16 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
   float* op = out.data_ptr<float>();
   constexpr int64_t kColChunk = 16;   // weight rows kept hot in cache across row tiles
   const int64_t chunks = (N + kColChunk - 1) / kColChunk;
-#pragma omp parallel for schedule(static)
+  const TileFn tile = pick_tile(fmt, bs);
+  const bool parallel = M * N * K >= (1 << 18);   // tiny products are not worth a fork
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * kColChunk, n1 = std::min(N, n0 + kColChunk);
     for (int64_t m = 0; m < M; m += kRowTile) {
       const int rows = (int)std::min<int64_t>(kRowTile, M - m);
       const float* xsm = w.min ? xs.data() + m * w.nb : nullptr;
       for (int64_t n = n0; n < n1; ++n)
-        tile_dispatch(rows, w, n, xp + m * K, xsm, op + m * N, N);
+        tile(rows, w, n, xp + m * K, xsm, op + m * N, N);
     }
   }
   return out;

@@ -1,0 +1,132 @@
+"""The C++ kernels: repacking is exact, matmul/norm/attention agree with a float64
+reference, and every row's result is bit-identical whatever else is in the batch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ostinato.kernels.backend import CpuKernels, QWeight
+from ostinato.kernels.repack import repack_raw
+from ostinato.loader.dequant import dequantize
+from ostinato.loader.gguf import GGML_TYPES, TYPE_IDS
+
+FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+ALL_TYPES = [name for name, _, _ in GGML_TYPES.values()]
+
+
+@pytest.fixture(scope="module")
+def k():
+    return CpuKernels()
+
+
+def random_tensor(type_name: str, N: int, K: int, seed: int) -> np.ndarray:
+    """Random GGUF bytes for an (N, K) tensor; fp16 scales small and finite."""
+    rng = np.random.default_rng(seed)
+    _, block, bsize = GGML_TYPES[TYPE_IDS[type_name]]
+    if block == 1:   # plain floats
+        vals = rng.standard_normal((N, K)).astype(np.float32)
+        if type_name == "F32":
+            return vals.view(np.uint8).reshape(-1)
+        if type_name == "F16":
+            return vals.astype(np.float16).view(np.uint8).reshape(-1)
+        return (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(-1)
+    blocks = rng.integers(0, 256, size=(N * K // block, bsize), dtype=np.uint8)
+    for off in FP16_FIELDS[type_name]:
+        scales = (rng.random(len(blocks)) * 0.02).astype(np.float16)
+        blocks[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(-1)
+
+
+def packed(type_name: str, N: int = 96, K: int = 512, seed: int = 0):
+    raw = random_tensor(type_name, N, K, seed)
+    return raw, repack_raw(raw, type_name, N, K)
+
+
+@pytest.mark.parametrize("type_name", ALL_TYPES)
+def test_repack_is_exact(type_name):
+    raw, p = packed(type_name)
+    ref = dequantize(raw, TYPE_IDS[type_name], (96, 512))
+    assert np.array_equal(p.dequantize().view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("type_name", ALL_TYPES)
+def test_qlinear_matches_float64_reference(k, type_name):
+    raw, p = packed(type_name)
+    w = QWeight.from_packed(p)
+    x = torch.randn(13, 512)
+    ref = x.double() @ torch.from_numpy(p.dequantize()).double().T
+    got = k.linear(x, w).double()
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    rows = torch.tensor([0, 5, 95])
+    assert torch.equal(w.rows(rows), torch.from_numpy(p.dequantize())[rows])
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K", "F32"])
+def test_qlinear_rows_are_batch_invariant(k, type_name):
+    _, p = packed(type_name)
+    w = QWeight.from_packed(p)
+    x = torch.randn(70, 512)
+    full = k.linear(x, w)
+    for m in (1, 2, 3, 4, 5, 9, 64):                      # every row-tile shape
+        for start in (0, 3, 70 - m):
+            assert torch.equal(k.linear(x[start:start + m], w), full[start:start + m])
+    shuffled = torch.randperm(70)
+    assert torch.equal(k.linear(x[shuffled], w), full[shuffled])
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(k.linear(x, w), full)             # thread count does not matter
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_rms_norm_and_gated_act(k):
+    x, w = torch.randn(37, 640), torch.randn(640)
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    got = k.rms_norm(x, w, 1e-6)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k.rms_norm(x[7:8], w, 1e-6), got[7:8])
+    g, u = torch.randn(9, 256), torch.randn(9, 256)
+    assert torch.allclose(k.gated_act(g, u, "silu"), F.silu(g) * u, atol=1e-6)
+    assert torch.allclose(k.gated_act(g, u, "gelu_tanh"), F.gelu(g, approximate="tanh") * u,
+                          atol=1e-6)
+    assert torch.equal(k.gated_act(g[3:4], u[3:4], "silu"), k.gated_act(g, u, "silu")[3:4])
+
+
+def _paged(kv_len: int, n_kv: int, d: int, block: int, seed: int):
+    """A cache holding kv_len tokens in shuffled blocks, plus the dense K/V."""
+    g = torch.Generator().manual_seed(seed)
+    kd, vd = torch.randn(kv_len, n_kv, d, generator=g), torch.randn(kv_len, n_kv, d, generator=g)
+    nb = -(-kv_len // block)
+    table = torch.randperm(nb + 3, generator=g)[:nb]
+    kc, vc = torch.zeros(nb + 3, block, n_kv, d), torch.zeros(nb + 3, block, n_kv, d)
+    for j in range(kv_len):
+        kc[table[j // block], j % block] = kd[j]
+        vc[table[j // block], j % block] = vd[j]
+    return kd, vd, kc, vc, table
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_attention_matches_sdpa_and_is_chunk_invariant(k, window):
+    L, H, KV, D, BS = 40, 4, 2, 64, 16
+    kd, vd, kc, vc, table = _paged(L, KV, D, BS, seed=1)
+    q = torch.randn(L, H, D)
+    meta = torch.tensor([[0, L, L]])
+    out = k.attention(q, kc, vc, table[None], meta, 0.125, window)
+    pos = torch.arange(L)
+    mask = pos[None, :] <= pos[:, None]
+    if window:
+        mask &= pos[None, :] > pos[:, None] - window
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), kd.transpose(0, 1),
+                                         vd.transpose(0, 1), attn_mask=mask, scale=0.125,
+                                         enable_gqa=True).transpose(0, 1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    # the last 9 queries as a later chunk, batched after another sequence: identical bits
+    other = torch.randn(5, H, D)
+    qq = torch.cat([other, q[L - 9:]])
+    meta2 = torch.tensor([[0, 5, 20], [5, 9, L]])
+    tables = torch.stack([table, table])
+    out2 = k.attention(qq, kc, vc, tables, meta2, 0.125, window)
+    assert torch.equal(out2[5:], out[L - 9:])
