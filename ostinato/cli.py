@@ -160,18 +160,18 @@ def cmd_chat(a) -> None:
 def _chat_turn(llm, history, params) -> str:
     t0, first, n, parts = time.perf_counter(), None, 0, []
     try:
-        for piece in llm.stream(llm.chat_prompt_ids(history), params):
+        for d in llm.stream_deltas(llm.chat_prompt_ids(history), params):
             first = first or time.perf_counter()
-            n += 1
-            parts.append(piece)
-            sys.stdout.write(piece)
+            n += len(d.token_ids)
+            parts.append(d.text)
+            sys.stdout.write(d.text)
             sys.stdout.flush()
     except KeyboardInterrupt:
         print(" [stopped]", end="")
-    dt = time.perf_counter() - (first or t0)
-    ttft = (first or time.perf_counter()) - t0
-    print(f"\n[{n} chunks, first token {ttft:.2f} s, {n / dt if dt > 0 else 0:.1f} tok/s]",
-          file=sys.stderr)
+    end = time.perf_counter()
+    rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
+    ttft = (first or end) - t0
+    print(f"\n[{n} tokens, first token {ttft:.2f} s, {rate:.1f} tok/s]", file=sys.stderr)
     return "".join(parts)
 
 

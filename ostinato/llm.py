@@ -136,12 +136,18 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one request as it is generated."""
+        for d in self.stream_deltas(prompt, params):
+            if d.text:
+                yield d.text
+
+    def stream_deltas(self, prompt: Prompt, params: SamplingParams | None = None):
+        """Yield one request's SeqDeltas (new text, new token ids, finished) step by step."""
         rid = self.engine.add_request(self._prompt_ids(prompt), params or SamplingParams())
         try:
             while self.engine.has_unfinished():
                 for d in self.engine.step():
-                    if d.seq.request_id == rid and d.text:
-                        yield d.text
+                    if d.seq.request_id == rid and (d.text or d.token_ids):
+                        yield d
         finally:
             self.engine.abort(rid)
 
