@@ -1,0 +1,126 @@
+"""Continuous batching, prefix caching, chunked prefill and preemption on the real models:
+each feature must leave greedy outputs exactly as they are without it."""
+from __future__ import annotations
+
+import pytest
+
+from ostinato import LLM, SamplingParams
+from ostinato.engine.kv_cache import NULL_BLOCK
+
+pytestmark = pytest.mark.model
+MAX_LEN = 512
+SYSTEM = ("You are a careful assistant for a small bakery. You answer questions about bread, "
+          "cakes, opening hours and prices in one short sentence, politely, and never invent "
+          "facts you were not given. The bakery opens at seven and closes at six. ")
+WORDS = ["river", "stone", "apple", "cloud", "green", "seven", "music", "paper", "light",
+         "table", "winter", "ocean", "tiger", "glass", "honey", "silver", "candle", "forest",
+         "garden", "window", "bridge", "rabbit", "yellow", "mountain", "pencil", "summer",
+         "castle", "dragon", "orange", "planet", "rocket", "violin"]
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def make_llm(smollm_path):
+    """LLM(smollm, **knobs), built once per distinct knobs in this module."""
+    built: dict[tuple, LLM] = {}
+
+    def make(**knobs) -> LLM:
+        knobs = {"max_model_len": MAX_LEN, "kv_cache_gb": 0.05, **knobs}
+        key = tuple(sorted(knobs.items()))
+        if key not in built:
+            built[key] = LLM(smollm_path, **knobs)
+        return built[key]
+    return make
+
+
+def token_ids(outs) -> list[list[int]]:
+    return [c.token_ids for o in outs for c in o.outputs]
+
+
+def test_prefix_caching_gives_the_same_tokens(make_llm):
+    prompts = [SYSTEM + f"Question {i}: do you sell {w} bread?" for i, w in enumerate(WORDS[:8])]
+    on, off = make_llm(enable_prefix_caching=True), make_llm(enable_prefix_caching=False)
+    hits0 = on.engine.stats.prefix_cache_hits
+    first = token_ids(on.generate(prompts, greedy(8)))
+    second = token_ids(on.generate(prompts, greedy(8)))      # every prompt's prefix is cached
+    want = token_ids(off.generate(prompts, greedy(8)))
+    st = on.engine.stats
+    assert st.prefix_cache_hits - hits0 >= 8 * ((len(on.tokenize(SYSTEM)) - 1) // 16 * 16)
+    assert 0 < st.prefix_cache_hit_rate <= 1
+    assert off.engine.stats.prefix_cache_hits == 0
+    assert first == want
+    assert second == want
+
+
+def test_chunked_prefill_gives_the_same_tokens(make_llm):
+    prompts = [SYSTEM * 2 + f"Tell me about {w}." for w in WORDS[:3]]
+    small = make_llm(max_num_batched_tokens=32, enable_prefix_caching=False)
+    big = make_llm(max_num_batched_tokens=2048, enable_prefix_caching=False)
+    n0 = len(small.engine.stats.tokens_per_step)
+    got = token_ids(small.generate(prompts, greedy(8)))
+    want = token_ids(big.generate(prompts, greedy(8)))
+    per_step = small.engine.stats.tokens_per_step[n0:]
+    assert max(per_step) <= 32 and per_step.count(32) >= 3   # the prompts came in chunks
+    assert max(big.engine.stats.tokens_per_step) > 32 * 3     # one step took every prompt
+    assert got == want
+
+
+def blocks_gb(llm: LLM, n_blocks: float, block_size: int = 16) -> float:
+    c = llm.config
+    return n_blocks * 2 * c.n_layers * block_size * c.n_kv_heads * c.head_dim * 4 / (1 << 30)
+
+
+def test_preemption_gives_the_same_tokens_and_prompt_logprobs(make_llm):
+    big = make_llm(max_model_len=128)
+    tiny = make_llm(max_model_len=128, kv_cache_gb=blocks_gb(big, 16.5))   # 15 usable blocks
+    assert tiny.engine.scheduler.kv.pools[0].num_blocks == 16
+    prompts = [f"Write a short poem about the {w} and the sea." for w in WORDS[:8]]
+    params = [greedy(24, prompt_logprobs=1 if i % 2 else None) for i in range(8)]
+    got = tiny.generate(prompts, params)                     # 8 x ~37 tokens: 3 blocks each
+    want = big.generate(prompts, params)
+    assert tiny.engine.stats.preemptions > 0
+    assert token_ids(got) == token_ids(want)
+    for g, w in zip(got[1::2], want[1::2]):                  # recomputed, never appended twice
+        assert len(g.prompt_logprobs) == len(g.prompt_token_ids)
+        assert logprob_keys(g) == logprob_keys(w)
+
+
+def logprob_keys(out) -> list[set[int] | None]:
+    return [e and set(e) for e in out.prompt_logprobs]
+
+
+def test_batch_of_32_gives_what_each_gives_alone(make_llm):
+    llm = make_llm(enable_prefix_caching=False)
+    prompts = [f"A short sentence with the word {w}:" for w in WORDS]
+    n0 = len(llm.engine.stats.batch_sizes)
+    together = token_ids(llm.generate(prompts, greedy(6)))
+    assert max(llm.engine.stats.batch_sizes[n0:]) >= 16
+    alone = [token_ids(llm.generate(p, greedy(6)))[0] for p in prompts]
+    mismatched = [p for p, t, a in zip(prompts, together, alone) if t != a]
+    assert not mismatched, f"{len(mismatched)} of 32 differ, e.g. {mismatched[:3]}"
+
+
+def test_gemma_sliding_window_frees_blocks_and_chunked_prefill_agrees(gemma_path):
+    """A 600-token prompt: past the 512 window, the sliding group's old blocks become null
+    blocks (already during the last prefill chunk, at 576) while the full group keeps all."""
+    prompt = list(range(1000, 1600))
+    params = greedy(4)
+    one_shot = LLM(gemma_path, max_model_len=1024, kv_cache_gb=0.05, max_num_batched_tokens=1024)
+    chunked = LLM(gemma_path, max_model_len=1024, kv_cache_gb=0.05, max_num_batched_tokens=96)
+    want = one_shot.generate([prompt], params)[0].outputs[0]
+    engine, kv = chunked.engine, chunked.engine.scheduler.kv
+    rid = engine.add_request(prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+        if f"{rid}/0" in kv.seqs:
+            full, sliding = (list(t) for t in kv.seqs[f"{rid}/0"].tables)
+    got = engine.pop_finished(rid)[0]
+    assert got.output_ids == want.token_ids
+    # logprobs see a wrongly masked key even where the argmax does not
+    assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-3)
+    # the last step's query is at 602 and sees 91..602: blocks 0..4 are out of the window
+    assert NULL_BLOCK not in full and sliding[:5] == [NULL_BLOCK] * 5
+    assert NULL_BLOCK not in sliding[5:] and kv.usage() == 0
