@@ -1,11 +1,11 @@
 """Ostinato: a deterministic LLM inference engine and OpenAI-compatible server."""
-from .sampling import Logprob, SamplingParams
+from .params import Logprob, SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "Logprob"]
 __version__ = "0.1.0"
 
 
-def __getattr__(name):   # keep `import ostinato` light: torch loads with the engine
+def __getattr__(name):   # `import ostinato` stays light: torch loads with the engine
     if name == "LLM":
         from .llm import LLM
         return LLM

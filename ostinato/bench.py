@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 
-from .sampling import SamplingParams
+from .params import SamplingParams
 
 _WORDS = ("river stone lantern orbit velvet signal harbor meadow copper thunder quiet "
           "engine paper window garden silver method number circle yellow bridge forest").split()

@@ -89,7 +89,7 @@ def _add_serve(sub) -> None:
 
 
 def sampling_from_args(a, default_temperature: float):
-    from .sampling import SamplingParams
+    from .params import SamplingParams
     t = default_temperature if a.temperature is None else a.temperature
     return SamplingParams(
         max_tokens=a.max_tokens, temperature=t, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,

@@ -24,7 +24,7 @@ from .loader.gguf import read_gguf
 from .loader.weights import load_weights
 from .model.transformer import Transformer
 from .outputs import CompletionOutput, RequestOutput
-from .sampling import SamplingParams
+from .params import SamplingParams
 from .tokenizer import Tokenizer
 
 Prompt = str | list[int]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .sampling import Logprob
+from .params import Logprob
 
 # per position: {token_id: Logprob}; None for the first prompt token (nothing predicts it)
 PositionLogprobs = dict[int, Logprob]

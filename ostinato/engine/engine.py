@@ -5,7 +5,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
-from ..sampling import SamplingParams
+from ..params import SamplingParams
 from .output_processor import OutputProcessor, SeqDelta
 from .runner import ModelRunner, SeqResult
 from .scheduler import Scheduler

@@ -5,8 +5,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:   # sampling imports torch; this module stays pure Python
-    from ..sampling import SamplingParams
+if TYPE_CHECKING:   # annotations only: this module stays free of the engine above it
+    from ..params import SamplingParams
 
 
 class Status(enum.Enum):
