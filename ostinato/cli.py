@@ -24,7 +24,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_MODEL}); a known name is pulled on first use")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output in tokens (default: the model's context)")
+                   help="longest prompt + output in tokens (default: min(context, 8192))")
+    p.add_argument("--backend", choices=["kernels", "torch"], default="kernels",
+                   help="kernels: batch-invariant C++ (default); torch: MKL/SDPA reference, "
+                        "faster prefill but not batch-invariant")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -101,7 +104,7 @@ def load_llm(a):
     from .llm import LLM
     t0 = time.perf_counter()
     print(f"loading {a.model} ...", file=sys.stderr, flush=True)
-    llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len)
+    llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend)
     print(f"loaded {llm.model_name} ({llm.config.arch}, {llm.config.n_layers} layers) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return llm

@@ -19,7 +19,7 @@ from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .hub import model_name, resolve_model
-from .kernels.backend import CpuKernels
+from .kernels.backend import make_ops
 from .loader.gguf import read_gguf
 from .loader.weights import load_weights
 from .model.transformer import Transformer
@@ -36,7 +36,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike = "smollm2-135m-instruct", *,
                  threads: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 block_size: int = 16, kv_cache_gb: float = 1.0,
+                 block_size: int = 16, kv_cache_gb: float = 1.0, backend: str = "kernels",
                  enable_prefix_caching: bool = True):
         if threads:
             torch.set_num_threads(threads)
@@ -45,7 +45,7 @@ class LLM:
         gf = read_gguf(self.model_path)
         self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path))
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
-        model_ = Transformer(self.config, load_weights(gf, self.config), CpuKernels())
+        model_ = Transformer(self.config, load_weights(gf, self.config), make_ops(backend))
         gf.close()
         self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)

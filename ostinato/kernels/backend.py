@@ -65,3 +65,13 @@ class CpuKernels:
     def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
         return self.ops.paged_attention(q.contiguous(), k_cache, v_cache, tables, seq_meta,
                                         scale, window or 0)
+
+
+def make_ops(backend: str):
+    """"kernels": batch-invariant C++ (the default); "torch": MKL/SDPA, not batch-invariant."""
+    if backend == "kernels":
+        return CpuKernels()
+    if backend == "torch":
+        from .reference import TorchOps
+        return TorchOps()
+    raise ValueError(f"unknown backend {backend!r} (choose 'kernels' or 'torch')")

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -48,32 +47,3 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     n_kv, d = k.shape[1], k.shape[2]
     k_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v)
-
-
-def _mask(q_len: int, context_len: int, window: int | None) -> torch.Tensor:
-    # (q_len, context_len) bool, True = attend. Query i sits at position context_len-q_len+i.
-    q_pos = torch.arange(context_len - q_len, context_len).unsqueeze(1)
-    k_pos = torch.arange(context_len).unsqueeze(0)
-    mask = k_pos <= q_pos
-    if window:
-        mask &= k_pos > q_pos - window
-    return mask
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, group: int, scale: float,
-                    window: int | None) -> torch.Tensor:
-    """q: (T, H, D) -> (T, H, D), causal (and sliding-window) attention per sequence."""
-    out = torch.empty_like(q)
-    n_kv, d = k_cache.shape[2], k_cache.shape[3]
-    for s in meta.seqs:
-        table = s.block_tables[group]
-        k = k_cache[table].view(-1, n_kv, d)[: s.context_len]   # (S, KV, D)
-        v = v_cache[table].view(-1, n_kv, d)[: s.context_len]
-        qs = q[s.q_start: s.q_start + s.q_len]                           # (L, H, D)
-        mask = _mask(s.q_len, s.context_len, window)
-        o = F.scaled_dot_product_attention(
-            qs.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, scale=scale, enable_gqa=True)                # (H, L, D)
-        out[s.q_start: s.q_start + s.q_len] = o.transpose(0, 1)
-    return out

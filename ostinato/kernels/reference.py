@@ -1,0 +1,50 @@
+"""The same ops on plain torch (MKL/oneDNN fp32 GEMM, SDPA): fast for prefill, but a row's
+result depends on the batch shape. Kept to measure what batch invariance costs
+(`ostinato bench --backend torch`) and as a readable reference."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backend import QWeight
+
+
+class TorchOps:
+    def __init__(self):
+        self._dense: dict[int, torch.Tensor] = {}
+
+    def linear(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
+        dense = self._dense.get(id(w))
+        if dense is None:   # dequantize once, on first use
+            dense = self._dense[id(w)] = w.rows(torch.arange(w.N))
+        return F.linear(x, dense)
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+        g = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
+        return g * up
+
+    def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
+        """q: (T, H, D); per sequence, gather its keys through its block table and run SDPA."""
+        out = torch.empty_like(q)
+        n_kv, d = k_cache.shape[2], k_cache.shape[3]
+        for table, (q_start, q_len, ctx) in zip(tables, seq_meta.tolist()):
+            k = k_cache[table].view(-1, n_kv, d)[:ctx].transpose(0, 1)    # (KV, S, D)
+            v = v_cache[table].view(-1, n_kv, d)[:ctx].transpose(0, 1)
+            qs = q[q_start: q_start + q_len].transpose(0, 1)               # (H, L, D)
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=_mask(q_len, ctx, window),
+                                               scale=scale, enable_gqa=True)
+            out[q_start: q_start + q_len] = o.transpose(0, 1)
+        return out
+
+
+def _mask(q_len: int, context_len: int, window: int | None) -> torch.Tensor:
+    # (q_len, context_len) bool, True = attend; query i sits at context_len - q_len + i
+    q_pos = torch.arange(context_len - q_len, context_len).unsqueeze(1)
+    k_pos = torch.arange(context_len).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    return mask
