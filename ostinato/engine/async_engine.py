@@ -16,11 +16,10 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..sampling import SamplingParams
 from .engine import Engine
-from .output_processor import SeqDelta
 from .sequence import Sequence
 
 log = logging.getLogger("ostinato.engine")
@@ -55,10 +54,19 @@ class EngineDead(RuntimeError):
 
 
 @dataclass
+class _Sent:
+    """What one choice's caller has been sent so far."""
+    tokens: int = 0
+    chars: int = 0
+    finished: bool = False
+
+
+@dataclass
 class _Request:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     unfinished: int                     # choices still running
+    sent: dict[int, _Sent] = field(default_factory=dict)    # by choice index
 
     def put(self, item) -> None:
         try:
@@ -76,7 +84,7 @@ class AsyncEngine:
         self.snapshot = EngineSnapshot()
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []       # guarded by _cv
-        self._pending_adds = 0              # adds in the inbox, guarded by _cv
+        self._pending_adds = 0              # adds not yet in the snapshot, guarded by _cv
         self._stopping = False
         self._dead: BaseException | None = None
         self._requests: dict[str, _Request] = {}    # engine thread only
@@ -92,6 +100,11 @@ class AsyncEngine:
             self._cv.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine thread died, if it did (then every request fails)."""
+        return self._dead
 
     def num_waiting(self) -> int:
         """Requests accepted but not yet running (inbox + scheduler queue)."""
@@ -150,11 +163,11 @@ class AsyncEngine:
                 self._cv.wait()
             if self._stopping:
                 return False
-            cmds, self._inbox, self._pending_adds = self._inbox, [], 0
+            cmds, self._inbox = self._inbox, []
         for cmd in cmds:
             self._add(*cmd[1:]) if cmd[0] == "add" else self._abort(cmd[1])
-        if cmds and not self.engine.has_unfinished():
-            self._publish(0)                # aborts freed blocks: show it even when idle
+        if cmds:    # adds now count as waiting, aborts freed blocks: show it before stepping
+            self._publish(0, applied_adds=sum(cmd[0] == "add" for cmd in cmds))
         return True
 
     def _add(self, request_id: str, prompt_ids, params, req: _Request) -> None:
@@ -178,19 +191,23 @@ class AsyncEngine:
         for d in deltas:
             req = self._requests.get(d.seq.request_id)
             if req is not None:
-                self._deliver(req, d)
+                self._deliver(req, d.seq, d.text, d.token_ids, d.finished)
         return len(deltas)
 
-    def _deliver(self, req: _Request, d: SeqDelta) -> None:
-        seq = d.seq
-        if not (d.token_ids or d.finished):
+    def _deliver(self, req: _Request, seq: Sequence, text: str, token_ids: list[int],
+                 finished: bool) -> None:
+        if not (token_ids or finished):
             return                          # a prefill chunk: nothing to show yet
+        sent = req.sent.setdefault(seq.index, _Sent())
         try:
-            req.put(_snapshot(d))
+            delta = _snapshot(seq, text, token_ids, finished, first=sent.tokens == 0)
         except Exception as e:              # a bad delta fails its own request only
             self._fail_request(seq.request_id, e)
             return
-        if d.finished:
+        sent.tokens, sent.chars = sent.tokens + len(token_ids), sent.chars + len(text)
+        sent.finished = finished
+        req.put(delta)
+        if finished:
             req.unfinished -= 1
             if req.unfinished == 0:
                 del self._requests[seq.request_id]
@@ -199,13 +216,24 @@ class AsyncEngine:
 
     def _fail_step(self, e: Exception) -> None:
         """step() raised. The Engine has no per-sequence error channel, so find the
-        sequence it was working on from the traceback; fail that request only. With no
-        culprit, every request in flight fails; the server keeps serving either way."""
+        sequence it was working on from the traceback; fail that request only (with no
+        culprit, every request in flight fails). The server keeps serving either way."""
         culprit = _culprit(e)
         log.error("engine step failed (%s): %r", culprit or "no culprit found", e)
         rids = [culprit] if culprit in self._requests else list(self._requests)
         for rid in rids:
             self._fail_request(rid, e)
+        self._resync()
+
+    def _resync(self) -> None:
+        """Sequences updated before the failed step raised got tokens whose deltas were
+        lost with it: send what each caller lacks, from the Sequence itself."""
+        for rid, req in list(self._requests.items()):
+            for seq in self.engine.seqs.get(rid, []):
+                sent = req.sent.get(seq.index, _Sent())
+                if len(seq.output_ids) > sent.tokens or (seq.finished and not sent.finished):
+                    self._deliver(req, seq, seq.text[sent.chars:],
+                                  seq.output_ids[sent.tokens:], seq.finished)
 
     def _fail_request(self, request_id: str, e: BaseException) -> None:
         req = self._requests.pop(request_id, None)
@@ -217,16 +245,21 @@ class AsyncEngine:
         for rid in list(self._requests):
             req = self._requests.pop(rid)
             req.put(e if isinstance(e, Exception) else EngineDead(repr(e)))
+            try:                            # leave the Engine clean for a next owner
+                self.engine.abort(rid)
+            except Exception:
+                log.exception("abort of %s at shutdown failed", rid)
         with self._cv:                      # adds that never reached the engine
             for cmd in self._inbox:
                 if cmd[0] == "add":
                     cmd[4].put(EngineDead("the engine was shut down"))
             self._inbox = []
 
-    def _publish(self, batch: int) -> None:
+    def _publish(self, batch: int, applied_adds: int = 0) -> None:
         snap = _engine_snapshot(self.engine)
-        with self._cv:
+        with self._cv:      # one swap, so num_waiting() never misses an applied add
             self.snapshot = snap
+            self._pending_adds -= applied_adds
         if self.on_step is not None:
             try:
                 self.on_step(snap, batch)
@@ -234,14 +267,15 @@ class AsyncEngine:
                 log.exception("on_step callback failed")
 
 
-def _snapshot(d: SeqDelta) -> Delta:
-    seq, n = d.seq, len(d.token_ids)
+def _snapshot(seq: Sequence, text: str, token_ids: list[int], finished: bool,
+              first: bool) -> Delta:
+    """An immutable copy of what the caller needs; `first`: the choice's first tokens."""
+    n = len(token_ids)
     logprobs = tuple(seq.logprobs[-n:]) if (seq.logprobs is not None and n) else None
-    first = len(seq.output_ids) == n        # this delta holds the choice's first tokens
     prompt_lps = list(seq.prompt_logprobs) if (first and seq.prompt_logprobs) else None
-    return Delta(seq.request_id, seq.index, d.text, tuple(d.token_ids), logprobs, prompt_lps,
-                 d.finished, seq.finish_reason if d.finished else None,
-                 seq.stop_reason if d.finished else None)
+    return Delta(seq.request_id, seq.index, text, tuple(token_ids), logprobs, prompt_lps,
+                 finished, seq.finish_reason if finished else None,
+                 seq.stop_reason if finished else None)
 
 
 def _culprit(e: BaseException) -> str | None:

@@ -2,4 +2,4 @@
 from .app import Limits, build_app
 from .run import run_server
 
-__all__ = ["build_app", "Limits", "run_server"]
+__all__ = ["Limits", "build_app", "run_server"]

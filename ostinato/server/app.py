@@ -24,8 +24,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncEngine
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       TokenizeRequest, bad_request, parse_body)
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    bad_request,
+    parse_body,
+)
 from .serving import Generation, chat_job, completion_job, error_body
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
@@ -76,6 +83,8 @@ class ServerState:
             self.engine.shutdown()
 
     def require(self):
+        if self.engine is not None and self.engine.error is not None:
+            raise APIError(503, f"the engine stopped: {self.engine.error}")
         if self.engine is None:
             why = f"the model failed to load: {self.error}" if self.error else \
                 "the model is still loading"
@@ -140,10 +149,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
+        error = state.error or (state.engine and state.engine.error)
+        if error:
+            return JSONResponse({"status": "error", "error": str(error)}, status_code=503)
         if state.engine is None:
-            status = {"status": "error", "error": str(state.error)} if state.error else \
-                {"status": "loading"}
-            return JSONResponse(status, status_code=503)
+            return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "model": state.name}
 
     @app.get("/metrics")
@@ -225,7 +235,12 @@ async def _generate(request: Request, state: ServerState, model, make_job):
     gen = Generation(job, engine, state.metrics, llm.tokenizer)
     if job.stream:
         return SSEResponse(gen.stream())
-    result = await until_disconnect(request.receive, gen.collect())
+    try:
+        result = await until_disconnect(request.receive, gen.collect())
+    except Exception as e:                    # this request failed; the server goes on
+        log.exception("request %s failed", job.id)
+        body = error_body(e)
+        return JSONResponse(body, status_code=body["error"]["code"])
     if result is DISCONNECTED:
         return Response(status_code=499)      # nobody reads it; the requests were aborted
     return JSONResponse(result)

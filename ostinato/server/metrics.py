@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from ..engine.async_engine import EngineSnapshot
 
@@ -58,7 +64,7 @@ class ServerMetrics:
         if batch_size:
             self.batch.observe(batch_size)
 
-    def track(self, num_prompt_tokens: int) -> "RequestTimer":
+    def track(self, num_prompt_tokens: int) -> RequestTimer:
         return RequestTimer(self, num_prompt_tokens)
 
     def finished(self, reason: str) -> None:

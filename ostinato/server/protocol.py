@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,7 +20,7 @@ MAX_N = 128                         # OpenAI's limit for n
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+    TYPES: ClassVar[dict[int, str]] = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
              413: "RequestTooLargeError", 503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
@@ -60,9 +60,10 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
 
 def from_validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
-    param = ".".join(str(x) for x in first["loc"]) or None
+    where = ".".join(str(x) for x in first["loc"])     # e.g. "stop.str" for a union member
     more = f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""
-    return bad_request(f"{param}: {first['msg']}{more}", param)
+    return bad_request(f"{where}: {first['msg']}{more}",
+                       str(first["loc"][0]) if first["loc"] else None)
 
 
 class StreamOptions(BaseModel):

@@ -132,7 +132,8 @@ class Generation:
         self.job, self.engine, self.metrics = job, engine, metrics
         self.fmt = TokenFormat(tokenizer)
         self.completion_tokens = 0
-        self._offsets: dict[int, int] = {}      # streaming: text offset of each choice
+        self._offsets: dict[int, int] = {}      # legacy logprobs' text_offset, per choice
+        self._started: set[int] = set()         # streamed choices that had their echo
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         """(choice index, delta) of every prompt and choice as they come; leaving early
@@ -252,10 +253,10 @@ class Generation:
         return self._chunk(c, delta, lps, d if d.finished else None)
 
     def _completion_chunk(self, c: int, d: Delta) -> dict | None:
-        first = c not in self._offsets
+        first = c not in self._started
+        self._started.add(c)
         text, lps = self._completion_text(c, d.text, d.token_ids, d.logprobs or (),
                                           d.prompt_logprobs, first)
-        self._offsets.setdefault(c, 0)
         if not (text or d.finished or lps):
             return None
         return self._chunk(c, text, lps, d if d.finished else None)
