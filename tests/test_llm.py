@@ -133,3 +133,24 @@ def test_bad_requests(llm):
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
     assert not llm.engine.has_unfinished()
+
+
+def test_fault_in_one_sequence_fails_it_alone(llm, monkeypatch):
+    """A fault in one request's own sampling fails that request; its neighbour in the same
+    steps is untouched and the blocks come back."""
+    import ostinato.engine.runner as runner_mod
+    real = runner_mod.sample
+
+    def sample(logits, params, gen):
+        if params.seed == 666:
+            raise RuntimeError("injected sampling fault")
+        return real(logits, params, gen)
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = llm.generate("One, two, three,", p)[0].outputs[0].token_ids
+    monkeypatch.setattr(runner_mod, "sample", sample)
+    bad = SamplingParams(temperature=0.5, max_tokens=6, seed=666)
+    outs = llm.generate(["One, two, three,", "Red, green,"], [p, bad])
+    assert outs[0].outputs[0].token_ids == alone
+    assert outs[1].outputs[0].finish_reason == "error" and outs[1].outputs[0].token_ids == []
+    llm.engine.scheduler.check_integrity()
+    assert llm.engine.scheduler.kv.usage() == 0.0

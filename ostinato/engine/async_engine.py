@@ -190,7 +190,10 @@ class AsyncEngine:
             return 0
         for d in deltas:
             req = self._requests.get(d.seq.request_id)
-            if req is not None:
+            if req is not None and d.error is not None:
+                log.error("request %s failed: %r", d.seq.request_id, d.error)
+                self._fail_request(d.seq.request_id, d.error)
+            elif req is not None:
                 self._deliver(req, d.seq, d.text, d.token_ids, d.finished)
         return len(deltas)
 
@@ -215,25 +218,12 @@ class AsyncEngine:
                 req.put(_END)
 
     def _fail_step(self, e: Exception) -> None:
-        """step() raised. The Engine has no per-sequence error channel, so find the
-        sequence it was working on from the traceback; fail that request only (with no
-        culprit, every request in flight fails). The server keeps serving either way."""
-        culprit = _culprit(e)
-        log.error("engine step failed (%s): %r", culprit or "no culprit found", e)
-        rids = [culprit] if culprit in self._requests else list(self._requests)
-        for rid in rids:
+        """step() itself raised (per-sequence faults come back as SeqDelta.error instead):
+        the batch's state is unknown, so every request in flight fails; the server and the
+        engine thread go on."""
+        log.error("engine step failed: %r", e)
+        for rid in list(self._requests):
             self._fail_request(rid, e)
-        self._resync()
-
-    def _resync(self) -> None:
-        """Sequences updated before the failed step raised got tokens whose deltas were
-        lost with it: send what each caller lacks, from the Sequence itself."""
-        for rid, req in list(self._requests.items()):
-            for seq in self.engine.seqs.get(rid, []):
-                sent = req.sent.get(seq.index, _Sent())
-                if len(seq.output_ids) > sent.tokens or (seq.finished and not sent.finished):
-                    self._deliver(req, seq, seq.text[sent.chars:],
-                                  seq.output_ids[sent.tokens:], seq.finished)
 
     def _fail_request(self, request_id: str, e: BaseException) -> None:
         req = self._requests.pop(request_id, None)
@@ -276,17 +266,6 @@ def _snapshot(seq: Sequence, text: str, token_ids: list[int], finished: bool,
     return Delta(seq.request_id, seq.index, text, tuple(token_ids), logprobs, prompt_lps,
                  finished, seq.finish_reason if finished else None,
                  seq.stop_reason if finished else None)
-
-
-def _culprit(e: BaseException) -> str | None:
-    """The request id of the innermost `seq` local (a Sequence) in e's traceback."""
-    tb, found = e.__traceback__, None
-    while tb is not None:
-        seq = tb.tb_frame.f_locals.get("seq")
-        if isinstance(seq, Sequence):
-            found = seq.request_id
-        tb = tb.tb_next
-    return found
 
 
 def _engine_snapshot(engine: Engine) -> EngineSnapshot:

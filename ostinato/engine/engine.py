@@ -75,7 +75,7 @@ class Engine:
                 raise RuntimeError("the KV cache is too small for the waiting requests")
             return []
         results = self.runner.execute(plan)
-        deltas = [self._update(s, r) for s, r in zip(plan.scheduled, results)]
+        deltas = [self._update_isolated(s, r) for s, r in zip(plan.scheduled, results)]
         self._record(plan)
         return deltas
 
@@ -89,6 +89,19 @@ class Engine:
         st.prefix_cache_hits = sched.kv.prefix_hits
         st.kv_cache_usage = sched.kv.usage()
         st.num_running, st.num_waiting = len(sched.running), len(sched.waiting)
+
+    def _update_isolated(self, s: ScheduledSeq, r: SeqResult) -> SeqDelta:
+        """Per-sequence error channel: a fault in one sequence's sampling, detokenizing or
+        stop check finishes it with reason "error"; the step and the others go on."""
+        error = r.error
+        if error is None:
+            try:
+                return self._update(s, r)
+            except Exception as e:
+                error = e
+        if not s.seq.finished:
+            self.scheduler.finish(s.seq, "error")
+        return SeqDelta(s.seq, "", [], True, error=error)
 
     def _update(self, s: ScheduledSeq, r: SeqResult) -> SeqDelta:
         seq = s.seq

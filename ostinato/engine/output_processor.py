@@ -22,6 +22,7 @@ class SeqDelta:
     text: str                       # new text safe to show
     token_ids: list[int]            # tokens added this step
     finished: bool
+    error: Exception | None = None  # this sequence failed (finish_reason "error"); others go on
 
 
 class OutputProcessor:

@@ -20,6 +20,7 @@ class SeqResult:
     logprob: float | None = None          # of token_id under the raw distribution
     top_logprobs: dict | None = None      # {token_id: Logprob} when params.logprobs is set
     prompt_logprobs: list | None = None   # entries for the prompt positions computed this step
+    error: Exception | None = None        # this sequence's sampling or scoring failed
 
 
 class ModelRunner:
@@ -38,8 +39,15 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
         input_ids, positions, meta = self._prepare(plan)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
-        return [self._seq_result(s, hidden[sl.q_start: sl.q_start + sl.q_len])
+        return [self._isolated(s, hidden[sl.q_start: sl.q_start + sl.q_len])
                 for s, sl in zip(plan.scheduled, meta.seqs)]
+
+    def _isolated(self, s: ScheduledSeq, hidden: torch.Tensor) -> SeqResult:
+        """A failure in one sequence's own processing fails that sequence only."""
+        try:
+            return self._seq_result(s, hidden)
+        except Exception as e:
+            return SeqResult(error=e)
 
     def _prepare(self, plan: SchedulerOutput):
         ids, pos, seqs, q_start = [], [], [], 0
