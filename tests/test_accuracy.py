@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -44,19 +43,8 @@ def load_reference(name: str) -> dict:
 
 
 def gguf_path(request: pytest.FixtureRequest, name: str, filename: str) -> Path:
-    """The model file: from conftest's fixture when there is one, else $OSTINATO_HOME.
-
-    Skips (the only reason to skip) when the file is not on this machine.
-    """
-    fixture_name = MODELS[name][0]
-    try:
-        path = Path(request.getfixturevalue(fixture_name))
-    except pytest.FixtureLookupError:
-        home = Path(os.environ.get("OSTINATO_HOME", "~/.cache/ostinato")).expanduser()
-        path = home / filename
-    if not path.is_file():
-        pytest.skip(f"GGUF model file for {name} not found: {path}")
-    return path
+    """The model file from conftest's fixture, which skips when it is missing (fails in CI)."""
+    return Path(request.getfixturevalue(MODELS[name][0]))
 
 
 # ----------------------------------------------------------------------------- metrics

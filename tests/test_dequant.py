@@ -1,7 +1,6 @@
 """Dequantization must match the `gguf` package's reference dequantizer bit for bit."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +23,9 @@ FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0":
 
 
 def _model_file(request, fixture: str, filename: str) -> Path:
-    """The model file from conftest's fixture when there is one, else from $OSTINATO_HOME."""
-    try:
-        path = Path(request.getfixturevalue(fixture))
-    except pytest.FixtureLookupError:
-        home = Path(os.environ.get("OSTINATO_HOME", "~/.cache/ostinato")).expanduser()
-        path = home / filename
-    if not path.is_file():
-        pytest.skip(f"model file {path} is missing (set OSTINATO_HOME or download it)")
+    """The model file from conftest's fixture (which skips, or fails in CI, when missing)."""
+    path = Path(request.getfixturevalue(fixture))
+    assert path.name == filename
     return path
 
 

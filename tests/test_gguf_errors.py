@@ -6,7 +6,6 @@ tensor data). Real-file cases use only a prefix of the SmolLM2 file, never a ful
 """
 from __future__ import annotations
 
-import os
 import struct
 import time
 import tracemalloc
@@ -72,14 +71,9 @@ def valid_parts():
 # ---- helpers ---------------------------------------------------------------------------
 
 def _model_file(request, fixture: str, filename: str) -> Path:
-    """The model file from conftest's fixture when there is one, else from $OSTINATO_HOME."""
-    try:
-        path = Path(request.getfixturevalue(fixture))
-    except pytest.FixtureLookupError:
-        home = Path(os.environ.get("OSTINATO_HOME", "~/.cache/ostinato")).expanduser()
-        path = home / filename
-    if not path.is_file():
-        pytest.skip(f"model file {path} is missing (set OSTINATO_HOME or download it)")
+    """The model file from conftest's fixture (which skips, or fails in CI, when missing)."""
+    path = Path(request.getfixturevalue(fixture))
+    assert path.name == filename
     return path
 
 
