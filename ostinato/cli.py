@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16, help="prompts for the batched figure (0: skip)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--vs", choices=["llama.cpp"], default=None,
+                   help="run llama.cpp on the same GGUF side by side (make install-peers)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported")
     _add_serve(sub)
     return ap
 
@@ -180,7 +183,8 @@ def _chat_turn(llm, history, params) -> str:
 
 def cmd_bench(a) -> None:
     from .bench import run_bench
-    run_bench(load_llm(a), a.prompt_tokens, a.decode_tokens, a.batch, a.json)
+    run_bench(load_llm(a), a.prompt_tokens, a.decode_tokens, a.batch, a.json, vs=a.vs,
+              threads=a.threads or 2, repeats=a.repeats)
 
 
 def cmd_serve(a) -> None:
