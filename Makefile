@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m-instruct
 PYTEST_ARGS ?=
 
-.PHONY: install install-test install-peers serve chat pull test test-fast bench fixtures clean
+.PHONY: install install-test install-browser install-peers serve chat pull test test-fast bench fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -22,7 +22,15 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 
 install: $(VENV)/.installed          ## create/update .venv (idempotent)
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test install-browser
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+install-browser:                    ## Debian's headless Chromium + driver, for tests/browser
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing chromium and chromium-driver with apt-get (for tests/browser)"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; \
+	fi
 
 install-peers: $(VENV)/.installed   ## llama.cpp + transformers, for fixtures and side-by-side bench
 	$(BIN)/pip install -q '.[peers]'

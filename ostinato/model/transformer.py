@@ -20,6 +20,9 @@ class Transformer:
         self.lm_head = weights.get("output.weight", weights["token_embd.weight"])
         self.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_base)
         self.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_base_local)
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.shapes = {"attn_q": q, "attn_k": kv, "attn_v": kv,
+                       "ffn_gate": cfg.ffn_dim, "ffn_up": cfg.ffn_dim}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.w["token_embd.weight"].rows(input_ids)
@@ -50,18 +53,27 @@ class Transformer:
             h = self.norm(h, p + "post_ffw_norm.weight")
         return x + h
 
+    def project(self, x: torch.Tensor, p: str, fused: str, names: tuple[str, ...]):
+        """The projections `names`, computed as one stacked matmul when the loader fused
+        them (weights[p + fused]), else one by one."""
+        if p + fused in self.w:
+            sizes = [self.shapes[n] for n in names]
+            return self.ops.linear(x, self.w[p + fused]).split(sizes, dim=-1)
+        return [self.ops.linear(x, self.w[p + n + ".weight"]) for n in names]
+
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        w, p, ops = self.w, f"blk.{i}.", self.ops
-        g = ops.gated_act(ops.linear(x, w[p + "ffn_gate.weight"]),
-                          ops.linear(x, w[p + "ffn_up.weight"]), self.cfg.act)
-        return ops.linear(g, w[p + "ffn_down.weight"])
+        p = f"blk.{i}."
+        gate, up = self.project(x, p, "ffn_gate_up.weight", ("ffn_gate", "ffn_up"))
+        return self.ops.linear(self.ops.gated_act(gate, up, self.cfg.act),
+                               self.w[p + "ffn_down.weight"])
 
     def attention(self, i: int, x, positions, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
         cfg, w, p, ops = self.cfg, self.w, f"blk.{i}.", self.ops
         T = x.shape[0]
-        q = ops.linear(x, w[p + "attn_q.weight"]).view(T, cfg.n_heads, cfg.head_dim)
-        k = ops.linear(x, w[p + "attn_k.weight"]).view(T, cfg.n_kv_heads, cfg.head_dim)
-        v = ops.linear(x, w[p + "attn_v.weight"]).view(T, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = self.project(x, p, "attn_qkv.weight", ("attn_q", "attn_k", "attn_v"))
+        q = q.reshape(T, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = self.norm(q, p + "attn_q_norm.weight")
             k = self.norm(k, p + "attn_k_norm.weight")

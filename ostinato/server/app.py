@@ -4,22 +4,23 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize,
-POST /detokenize, GET /health (503 while loading), GET /metrics, GET / (a short page).
+POST /detokenize, GET /health (503 while loading), GET /metrics, GET / (the chat page, static/).
 """
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncEngine
@@ -29,20 +30,17 @@ from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    Limits,
     TokenizeRequest,
     bad_request,
+    check_limits,
     parse_body,
 )
 from .serving import Generation, chat_job, completion_job, error_body
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
 log = logging.getLogger("ostinato.server")
-
-
-@dataclass
-class Limits:
-    max_queued_requests: int = 256      # prompts waiting to start; beyond: 503
-    max_body_bytes: int = 16 << 20
+FAULT_ENV = "OSTINATO_FAULT_INJECT"     # test hook: see AsyncEngine.enable_fault_injection
 
 
 class ServerState:
@@ -56,6 +54,10 @@ class ServerState:
         self.llm = self.engine = None
         self.error: BaseException | None = None
         self.created = int(time.time())
+        self.draining = False           # set on SIGTERM: new generations get 503
+        self.streams = 0                # open SSE responses (event loop only)
+        # read once, at startup: no request can turn the hook on
+        self.fault_marker = os.environ.get(FAULT_ENV) or None
 
     def start(self) -> None:
         if callable(self.source):
@@ -75,6 +77,10 @@ class ServerState:
 
     def _ready(self, llm) -> None:
         engine = AsyncEngine(llm.engine, on_step=self.metrics.on_step)
+        if self.fault_marker:
+            log.warning("%s is set: requests containing %r fail on purpose (test hook)",
+                        FAULT_ENV, self.fault_marker)
+            engine.enable_fault_injection()
         engine.start()
         self.llm, self.engine = llm, engine         # engine last: it marks readiness
 
@@ -83,6 +89,8 @@ class ServerState:
             self.engine.shutdown()
 
     def require(self):
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.engine is not None and self.engine.error is not None:
             raise APIError(503, f"the engine stopped: {self.engine.error}")
         if self.engine is None:
@@ -152,6 +160,8 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         error = state.error or (state.engine and state.engine.error)
         if error:
             return JSONResponse({"status": "error", "error": str(error)}, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "model": state.name}
@@ -170,8 +180,10 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return _INDEX.format(name=html.escape(state.name),
-                             status="ready" if state.engine else "loading")
+        # the chat page (static/); the CSP forbids inline script and any other origin
+        return FileResponse(_STATIC / "index.html", headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=_STATIC), name="static")
 
 
 def _add_token_routes(app: FastAPI, state: ServerState) -> None:
@@ -224,34 +236,49 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
 
 
 async def _generate(request: Request, state: ServerState, model, make_job):
-    req = parse_body(await request.body(), model)
+    raw = await request.body()
+    req = parse_body(raw, model)
     llm, engine = state.require()
     state.check_model(req.model)
+    limits = state.limits
+    check_limits(req, limits)
     # tokenizing and template rendering can take a while for long prompts: off the loop
-    job = await asyncio.to_thread(make_job, llm, req, state.name)
-    if engine.num_waiting() + len(job.prompts) > state.limits.max_queued_requests:
+    job = await asyncio.to_thread(make_job, llm, req, state.name, limits)
+    if engine.num_waiting() + len(job.prompts) > limits.max_queued_requests:
         raise APIError(503, f"the server is busy: {engine.num_waiting()} requests are waiting "
                        "(--max-queued-requests); retry later", code="queue_full")
-    gen = Generation(job, engine, state.metrics, llm.tokenizer)
+    if job.stream and state.streams >= limits.max_concurrent_streams:
+        raise APIError(503, f"the server has {state.streams} streams open "
+                       "(--max-concurrent-streams); retry later", code="too_many_streams")
+    # accepted from here on: exactly one outcome is settled, whatever happens
+    outcome = state.metrics.accept()
+    fault = state.fault_marker is not None and state.fault_marker.encode() in raw
+    gen = Generation(job, engine, state.metrics, llm.tokenizer, outcome, fault)
     if job.stream:
-        return SSEResponse(gen.stream())
+        return SSEResponse(gen.stream(), on_close=lambda: outcome.settle("aborted"),
+                           counter=state)
     try:
         result = await until_disconnect(request.receive, gen.collect())
     except Exception as e:                    # this request failed; the server goes on
         log.exception("request %s failed", job.id)
+        outcome.settle("error")
         body = error_body(e)
         return JSONResponse(body, status_code=body["error"]["code"])
+    except BaseException:                     # cancelled (shutdown timeout): still settled
+        outcome.settle("aborted")
+        raise
     if result is DISCONNECTED:
+        outcome.settle("aborted")
         return Response(status_code=499)      # nobody reads it; the requests were aborted
+    outcome.settle("completed")
     return JSONResponse(result)
 
 
-_INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>Ostinato</title></head>
-<body style="font-family: sans-serif; max-width: 40em; margin: 2em auto">
-<h1>Ostinato</h1><p>Serving <code>{name}</code> ({status}) with an OpenAI-compatible API.</p>
-<ul><li><code>POST /v1/chat/completions</code></li><li><code>POST /v1/completions</code></li>
-<li><code>GET /v1/models</code></li><li><code>POST /tokenize</code>,
-<code>POST /detokenize</code></li><li><code>GET /health</code>, <code>GET /metrics</code></li></ul>
-<pre>curl http://HOST:PORT/v1/chat/completions -H 'Content-Type: application/json' \\
-  -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'</pre>
-</body></html>"""
+_STATIC = Path(__file__).parent / "static"
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}

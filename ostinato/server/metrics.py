@@ -52,7 +52,27 @@ class ServerMetrics:
                                 lab + ["finished_reason"], registry=r)
         self.aborted = Counter("ostinato:requests_aborted", "requests dropped before finishing "
                                "(client gone or error)", lab, registry=r).labels(model_name)
+        self.preemptions = Counter("ostinato:num_preemptions", "sequences preempted (KV cache "
+                                   "full) and recomputed later", lab, registry=r).labels(model_name)
+        # nothing lost: every accepted request settles exactly one outcome, so at rest
+        # requests_accepted_total == sum(request_outcomes_total); a gap is a leak
+        self.accepted = Counter("ostinato_requests_accepted", "generation requests accepted "
+                                "(past validation and the queue limit)", lab, registry=r
+                                ).labels(model_name)
+        self._outcomes = Counter("ostinato_request_outcomes", "accepted requests by how they "
+                                 "ended: completed | error | aborted (client gone, shutdown)",
+                                 lab + ["outcome"], registry=r)
+        for o in OUTCOMES:                      # present at 0, so rates and sums work at once
+            self._outcomes.labels(model_name, o)
+        self._preempted = 0
         self.model_name = model_name
+
+    def accept(self) -> RequestOutcome:
+        self.accepted.inc()
+        return RequestOutcome(self)
+
+    def settled(self, outcome: str) -> None:
+        self._outcomes.labels(self.model_name, outcome).inc()
 
     def on_step(self, snap: EngineSnapshot, batch_size: int) -> None:
         """Called on the engine thread (prometheus_client is thread-safe)."""
@@ -63,6 +83,9 @@ class ServerMetrics:
             self.prefix_hit.set(snap.prefix_hit_rate)
         if batch_size:
             self.batch.observe(batch_size)
+        if snap.preemptions > self._preempted:      # only the engine thread gets here
+            self.preemptions.inc(snap.preemptions - self._preempted)
+            self._preempted = snap.preemptions
 
     def track(self, num_prompt_tokens: int) -> RequestTimer:
         return RequestTimer(self, num_prompt_tokens)
@@ -72,6 +95,23 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+OUTCOMES = ("completed", "error", "aborted")
+
+
+class RequestOutcome:
+    """One accepted request's terminal outcome: the first settle() counts, later ones are
+    no-ops (an error event followed by the stream's end is still one outcome)."""
+
+    def __init__(self, m: ServerMetrics):
+        self.m, self.value = m, None
+
+    def settle(self, outcome: str) -> None:
+        assert outcome in OUTCOMES, outcome
+        if self.value is None:
+            self.value = outcome
+            self.m.settled(outcome)
 
 
 class RequestTimer:

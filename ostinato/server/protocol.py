@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +34,23 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code if self.code is not None else self.status}}
+
+
+@dataclass
+class Limits:
+    """What one request (and all of them together) may ask; every one is a serve flag.
+    Over a limit: 413 for the body, 503 for the queue and the streams (retry later), 400
+    for the rest, each naming its flag."""
+    max_queued_requests: int = 256      # prompts waiting to start (--max-queued-requests)
+    max_body_bytes: int = 16 << 20      # --max-body-mb
+    max_prompt_tokens: int | None = None    # per prompt; None: the model's context
+    max_tokens: int | None = None       # per choice; None: what the context leaves
+    max_n: int = 16                     # choices per prompt
+    max_prompts: int = 64               # prompts in one completions request
+    max_logprobs: int = MAX_LOGPROBS    # logprobs / top_logprobs
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_concurrent_streams: int = 256   # open SSE responses
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -64,6 +82,36 @@ def from_validation_error(e: ValidationError) -> APIError:
     more = f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""
     return bad_request(f"{where}: {first['msg']}{more}",
                        str(first["loc"][0]) if first["loc"] else None)
+
+
+def _over(what: str, value: int, limit: int, flag: str, param: str) -> APIError:
+    return bad_request(f"{what} is {value}, over this server's limit of {limit} ({flag})", param)
+
+
+def check_limits(req: "_Sampling", limits: Limits) -> None:
+    """The per-request limits that the body alone decides (tokens are checked later)."""
+    if req.n > limits.max_n:
+        raise _over("n", req.n, limits.max_n, "--max-n", "n")
+    k = req.requested_logprobs() if isinstance(req, ChatCompletionRequest) else req.logprobs
+    if k is not None and k > limits.max_logprobs:
+        raise _over("logprobs", k, limits.max_logprobs, "--max-logprobs",
+                    "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > limits.max_stop_strings:
+        raise _over("the number of stop strings", len(stops), limits.max_stop_strings,
+                    "--max-stop-strings", "stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > limits.max_stop_string_chars:
+        raise _over("the longest stop string's length", longest, limits.max_stop_string_chars,
+                    "--max-stop-string-chars", "stop")
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
+        raise _over("max_tokens", asked, limits.max_tokens, "--max-tokens-limit", "max_tokens")
+    if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) and \
+            req.prompt and not isinstance(req.prompt[0], int) and \
+            len(req.prompt) > limits.max_prompts:
+        raise _over("the number of prompts", len(req.prompt), limits.max_prompts,
+                    "--max-prompts", "prompt")
 
 
 class StreamOptions(BaseModel):

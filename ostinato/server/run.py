@@ -1,5 +1,9 @@
 """`ostinato serve`: listen at once, load the model in the background (/health says 503
-until it is ready), and exit with the loading error if it fails."""
+until it is ready), and exit with the loading error if it fails.
+
+Shutdown (SIGTERM or Ctrl-C): new generations get 503 at once and the listening socket
+closes (connection refused); requests in flight get up to `shutdown_timeout` seconds to
+finish, then are cut (counted as aborted); then the engine stops and the process exits."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +14,8 @@ from .app import Limits, build_app
 
 def run_server(model: str, *, served_model_name: str | None = None, host: str = "127.0.0.1",
                port: int = 8000, api_key: str | None = None, limits: Limits | None = None,
-               log_level: str = "info", **llm_kwargs) -> None:
+               log_level: str = "info", shutdown_timeout: float = 30.0,
+               **llm_kwargs) -> None:
     """Serve `model` (an embedded name or a .gguf path) until interrupted. llm_kwargs go to
     LLM(...): threads, max_model_len, max_num_seqs, kv_cache_gb."""
     import uvicorn
@@ -35,8 +40,25 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
 
     app = build_app(load, served_model_name or model_name(model), api_key, limits,
                     on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=5))
+    server = _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                            timeout_graceful_shutdown=shutdown_timeout))
     server.run()
     if failure:
         raise failure[0]
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On the first exit signal, refuse new generations (503) before uvicorn stops
+        listening: a request that slips in meanwhile is answered, not dropped."""
+
+        def handle_exit(self, sig, frame) -> None:
+            self.config.app.state.server.draining = True
+            super().handle_exit(sig, frame)
+    return DrainingServer
+
+
+def _DrainingServer(config):      # noqa: N802 (a class made on first use: uvicorn is lazy)
+    return _draining_server_class()(config)

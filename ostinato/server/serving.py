@@ -18,7 +18,8 @@ from functools import lru_cache
 from ..engine.async_engine import AsyncEngine, Delta
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
+from .metrics import RequestOutcome
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Limits, bad_request
 
 log = logging.getLogger("ostinato.server")
 MIN_LOGPROB = -9999.0      # JSON has no -Infinity; vLLM sends the same stand-in
@@ -45,7 +46,7 @@ class Job:
 
 
 # ------------------------------------------------------------------------------ building
-def chat_job(llm, req: ChatCompletionRequest, model: str) -> Job:
+def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None = None) -> Job:
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
     try:
@@ -54,17 +55,17 @@ def chat_job(llm, req: ChatCompletionRequest, model: str) -> Job:
         raise bad_request(f"messages: {e}", "messages") from None
     req.check_token_ids(llm.config.vocab_size)
     max_tokens = _fit(llm.max_model_len, [ids], req.max_completion_tokens or req.max_tokens,
-                      "messages")
+                      "messages", limits or Limits())
     params = req.sampling_params(max_tokens, req.requested_logprobs())
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, req.stream,
                req.include_usage)
 
 
-def completion_job(llm, req: CompletionRequest, model: str) -> Job:
+def completion_job(llm, req: CompletionRequest, model: str, limits: Limits | None = None) -> Job:
     prompts = req.prompt_list()
     ids = [_prompt_ids(llm, p) for p in prompts]
     req.check_token_ids(llm.config.vocab_size)
-    max_tokens = _fit(llm.max_model_len, ids, req.max_tokens, "prompt")
+    max_tokens = _fit(llm.max_model_len, ids, req.max_tokens, "prompt", limits or Limits())
     k = req.logprobs
     # echo + logprobs scores the prompt itself (lm-eval's log-likelihood); max_tokens 0 is
     # only allowed when the prompt is scored, so echo alone asks for its top-0 logprobs
@@ -88,11 +89,17 @@ def _prompt_ids(llm, prompt: str | list[int]) -> list[int]:
 
 
 def _fit(max_model_len: int, prompts: list[list[int]], max_tokens: int | None,
-         param: str) -> int:
-    """max_tokens, defaulting to what remains of the context; 400 when it does not fit."""
+         param: str, limits: Limits) -> int:
+    """max_tokens, defaulting to what remains of the context (at most --max-tokens-limit);
+    400 when it does not fit or a prompt is over --max-prompt-tokens."""
     longest = max(len(p) for p in prompts)
+    if limits.max_prompt_tokens is not None and longest > limits.max_prompt_tokens:
+        raise bad_request(f"the prompt has {longest} tokens, over this server's limit of "
+                          f"{limits.max_prompt_tokens} (--max-prompt-tokens)", param)
     if max_tokens is None:
         max_tokens = max_model_len - longest
+        if limits.max_tokens is not None:
+            max_tokens = min(max_tokens, limits.max_tokens)
         if max_tokens < 1:
             raise bad_request(f"the prompt has {longest} tokens, which leaves no room in this "
                               f"model's context of {max_model_len} tokens", param)
@@ -128,8 +135,13 @@ class Choice:
 class Generation:
     """Runs one Job on the engine; renders its JSON response or its SSE stream."""
 
-    def __init__(self, job: Job, engine: AsyncEngine, metrics: ServerMetrics, tokenizer):
+    def __init__(self, job: Job, engine: AsyncEngine, metrics: ServerMetrics, tokenizer,
+                 outcome: RequestOutcome | None = None, fault: bool = False):
+        """outcome: settled once when the response ends (the caller settles it for
+        non-streaming responses); fault: the fault-injection test hook marked this job."""
         self.job, self.engine, self.metrics = job, engine, metrics
+        self.outcome = outcome or metrics.accept()
+        self.fault = fault
         self.fmt = TokenFormat(tokenizer)
         self.completion_tokens = 0
         self._offsets: dict[int, int] = {}      # legacy logprobs' text_offset, per choice
@@ -140,7 +152,7 @@ class Generation:
         aborts every engine request of the job."""
         job = self.job
         timer = self.metrics.track(sum(len(p) for p in job.prompts))
-        gens = [self.engine.generate(p, job.params, f"{job.id}-{i}")
+        gens = [self.engine.generate(p, job.params, f"{job.id}-{i}", fault=self.fault)
                 for i, p in enumerate(job.prompts)]
         reasons, complete = [], False
         try:
@@ -225,7 +237,9 @@ class Generation:
                 yield self._event({**head, "choices": [], "usage": self.usage()})
         except Exception as e:
             log.exception("request %s failed while streaming", self.job.id)
+            self.outcome.settle("error")
             yield _sse(error_body(e))
+        self.outcome.settle("completed")        # no-op after an error
         yield b"data: [DONE]\n\n"
 
     def _event(self, chunk: dict) -> bytes:

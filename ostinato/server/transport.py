@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 from starlette.responses import Response
@@ -110,15 +110,27 @@ class SSEResponse(Response):
     StreamingResponse, it always watches for the disconnect (whatever the server's ASGI
     spec version), so generation stops within one engine step of the client leaving."""
 
-    def __init__(self, events: AsyncIterator[bytes]):     # no body: __call__ streams it
-        self.events = events
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None] | None = None,
+                 counter=None):
+        """on_close runs when the response ends, however (the request's outcome, if nothing
+        settled it: the client left); counter.streams counts the open streams."""
+        self.events, self.on_close, self.counter = events, on_close, counter
         self.status_code, self.background = 200, None
+        if counter is not None:
+            counter.streams += 1        # at creation: the limit check and this are one step
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
-        await until_disconnect(receive, self._pump(send))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+            await until_disconnect(receive, self._pump(send))
+        finally:
+            if self.counter is not None:
+                self.counter.streams -= 1
+                self.counter = None
+            if self.on_close is not None:
+                self.on_close()
 
     async def _pump(self, send) -> None:
         try:
