@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens to decode (default 128)")
     p.add_argument("--batch", type=int, default=16, help="prompts for the batched figure (0: skip)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--vs", choices=["llama.cpp"], default=None,
+                   help="run llama.cpp on the same GGUF side by side (make install-peers)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported")
     _add_serve(sub)
     return ap
 

@@ -144,7 +144,9 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
   constexpr int64_t kColChunk = 16;   // weight rows kept hot in cache across row tiles
   const int64_t chunks = (N + kColChunk - 1) / kColChunk;
   const TileFn tile = pick_tile(fmt, bs);
-  const bool parallel = M * N * K >= (1 << 18);   // tiny products are not worth a fork
+  // A fork/join costs a scheduler timeslice when the other core is busy: only split work
+  // big enough to repay it (decode GEMVs of one layer run on one core, the LM head on all).
+  const bool parallel = M * N * K >= (1 << 22);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * kColChunk, n1 = std::min(N, n0 + kColChunk);
@@ -216,7 +218,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
   std::vector<int64_t> row_seq(T, -1);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t i = 0; i < mp[3 * s + 1]; ++i) row_seq[mp[3 * s] + i] = s;
-#pragma omp parallel
+#pragma omp parallel if (T * H >= 64)   // a decode step of a few sequences stays on one core
   {
     std::vector<float> sc;
 #pragma omp for schedule(dynamic, 4)
