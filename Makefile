@@ -63,3 +63,9 @@ fixtures: install-peers             ## regenerate the llama.cpp / transformers r
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+SOAK_SECONDS ?= 300
+SOAK_ARGS    ?=
+.PHONY: soak
+soak: install-test pull              ## bounded soak: 64 concurrent mixed clients, $(SOAK_SECONDS) s (pass/fail JSON)
+	$(BIN)/python scripts/soak.py --model $(MODEL) --duration $(SOAK_SECONDS) --concurrency 64 $(SOAK_ARGS)

@@ -34,7 +34,7 @@ import httpx
 
 PROMPTS = ["Tell me about the {w}.", "Write two lines about the {w}.",
            "What colour is the {w}?", "Name three things that go with the {w}."]
-WORDS = "sun moon sea sky tree cat dog bird river hill city book".split()
+WORDS = ["sun", "moon", "sea", "sky", "tree", "cat", "dog", "bird", "river", "hill", "city", "book"]
 
 
 @dataclass
@@ -43,11 +43,12 @@ class Tally:
     tokens: int = 0
     status_503: int = 0
     abandoned: int = 0
+    cut: int = 0                        # still running at the drain deadline: cancelled
     errors: list[str] = field(default_factory=list)
 
     @property
     def requests(self) -> int:
-        return self.ok + self.status_503 + self.abandoned + len(self.errors)
+        return self.ok + self.status_503 + self.abandoned + self.cut + len(self.errors)
 
 
 def request_body(i: int, max_tokens: int, model: str | None) -> tuple[str, dict]:
@@ -73,7 +74,7 @@ async def one(c: httpx.AsyncClient, i: int, max_tokens: int, model: str | None,
         if abandon:                     # a client that gives up mid-way: not an error
             try:
                 await asyncio.wait_for(_send(c, path, body), timeout=0.05 + (i % 5) * 0.05)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 tally.abandoned += 1
                 return
             tally.ok += 1
@@ -114,9 +115,12 @@ async def _send(c: httpx.AsyncClient, path: str, body: dict) -> tuple[int, int, 
 
 
 async def run_load(base: str, seconds: float, concurrency: int, max_tokens: int,
-                   model: str | None, abandon_every: int, api_key: str | None) -> tuple[Tally, float]:
+                   model: str | None, abandon_every: int, api_key: str | None,
+                   drain: float) -> tuple[Tally, float]:
     """Each of `concurrency` workers sends requests back to back until the time is up;
-    returns the tally and the elapsed time (until the last request ended)."""
+    returns the tally and the server's generated tokens/s while every worker was busy
+    (from its counter, between the end of a ramp-up and the deadline: the tail, where
+    fewer requests are left in flight, would otherwise count against short runs)."""
     tally, counter = Tally(), iter(range(1 << 62))
     deadline = time.monotonic() + seconds
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -128,11 +132,35 @@ async def run_load(base: str, seconds: float, concurrency: int, max_tokens: int,
             await one(c, i, max_tokens, model, tally,
                       abandon=abandon_every > 0 and i % abandon_every == abandon_every - 1)
 
-    t0 = time.monotonic()
+    async def rate() -> float:
+        # a connection of its own: the workers' pool is always full
+        async with httpx.AsyncClient(base_url=base, timeout=60) as m:
+            await asyncio.sleep(min(5.0, seconds * 0.2))    # ramp-up: prompts prefilling
+            t1, n1 = time.monotonic(), await generated(m)
+            await asyncio.sleep(max(0.1, deadline - time.monotonic()))
+            t2, n2 = time.monotonic(), await generated(m)
+        return (n2 - n1) / (t2 - t1)
+
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits,
                                  headers=headers) as c:
-        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
-    return tally, time.monotonic() - t0
+        workers = [asyncio.ensure_future(worker(c)) for _ in range(concurrency)]
+        tps = await rate()
+        # the requests in flight at the deadline may finish within `drain` seconds
+        _, late = await asyncio.wait(workers, timeout=max(0.1, deadline + drain -
+                                                          time.monotonic()))
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        tally.cut = len(late)
+    return tally, tps
+
+
+async def generated(c: httpx.AsyncClient) -> float:
+    text = (await c.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("ostinato:generation_tokens_total{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise RuntimeError("no ostinato:generation_tokens_total in /metrics")
 
 
 def metrics(base: str) -> dict[str, float]:
@@ -196,7 +224,9 @@ def start_server(model: str, threads: int, extra: list[str]) -> tuple[subprocess
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile("w", prefix="ostinato-soak-", suffix=".log", delete=False)
+    # the server writes its log here for its whole life
+    log = tempfile.NamedTemporaryFile("w", prefix="ostinato-soak-", suffix=".log",  # noqa: SIM115
+                                      delete=False)
     cmd = [sys.executable, "-m", "ostinato", "serve", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(threads), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -229,6 +259,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=300, help="soak seconds")
     p.add_argument("--reference", type=float, default=20, help="reference-run seconds")
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--drain", type=float, default=60,
+                   help="seconds the requests in flight at the end of a phase may take to "
+                        "finish; those still running then are cancelled (reported as cut)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--abandon-every", type=int, default=25,
                    help="one request in N is given up by its client (0: none)")
@@ -260,20 +293,23 @@ def main(argv=None) -> int:
 
 def soak(a: argparse.Namespace, base: str, pid: int | None) -> int:
     model = None
-    run = lambda secs, abandon: asyncio.run(run_load(          # noqa: E731
-        base, secs, a.concurrency, a.max_tokens, model, abandon, a.api_key))
+    run = lambda secs, abandon: asyncio.run(run_load(
+        base, secs, a.concurrency, a.max_tokens, model, abandon, a.api_key, a.drain))
     print(f"soak: reference run, {a.reference:.0f} s at concurrency {a.concurrency}",
           file=sys.stderr)
-    ref, ref_s = run(a.reference, 0)
+    t0 = time.monotonic()
+    ref, ref_tps = run(a.reference, 0)
+    ref_s = time.monotonic() - t0
     before = wait_idle(base)
     rss = RSSSampler(pid)
     rss.start()
     print(f"soak: {a.duration:.0f} s", file=sys.stderr)
-    tally, soak_s = run(a.duration, a.abandon_every)
+    t0 = time.monotonic()
+    tally, soak_tps = run(a.duration, a.abandon_every)
+    soak_s = time.monotonic() - t0
     rss.stop.set()
     rss.join()
     after = wait_idle(base)
-    ref_tps, soak_tps = ref.tokens / ref_s, tally.tokens / soak_s
     window = min(60.0, a.duration / 3)
     growth = rss.growth(window)
     accepted = after["ostinato_requests_accepted_total"]
@@ -281,7 +317,7 @@ def soak(a: argparse.Namespace, base: str, pid: int | None) -> int:
     frac_503 = tally.status_503 / max(1, tally.requests)
     checks = {
         "errors": not tally.errors and not ref.errors and frac_503 <= a.max_503_frac,
-        "throughput": soak_tps >= a.min_throughput_ratio * ref_tps,
+        "throughput": ref_tps > 0 and soak_tps >= a.min_throughput_ratio * ref_tps,
         "kv_idle": after["ostinato:kv_cache_usage_perc"] == 0 and
                    after["ostinato:num_requests_running"] == 0 and
                    after["ostinato:num_requests_waiting"] == 0,
@@ -291,8 +327,9 @@ def soak(a: argparse.Namespace, base: str, pid: int | None) -> int:
     summary = {
         "passed": all(checks.values()), "checks": checks,
         "concurrency": a.concurrency, "duration_s": round(soak_s, 1),
+        "reference_s": round(ref_s, 1),
         "requests": tally.requests, "ok": tally.ok, "status_503": tally.status_503,
-        "frac_503": round(frac_503, 4), "abandoned": tally.abandoned,
+        "frac_503": round(frac_503, 4), "abandoned": tally.abandoned, "cut": ref.cut + tally.cut,
         "errors": (ref.errors + tally.errors)[:10], "num_errors": len(ref.errors + tally.errors),
         "reference_tokens_per_s": round(ref_tps, 1), "soak_tokens_per_s": round(soak_tps, 1),
         "throughput_ratio": round(soak_tps / ref_tps, 3) if ref_tps else None,

@@ -88,7 +88,7 @@ def _over(what: str, value: int, limit: int, flag: str, param: str) -> APIError:
     return bad_request(f"{what} is {value}, over this server's limit of {limit} ({flag})", param)
 
 
-def check_limits(req: "_Sampling", limits: Limits) -> None:
+def check_limits(req: _Sampling, limits: Limits) -> None:
     """The per-request limits that the body alone decides (tokens are checked later)."""
     if req.n > limits.max_n:
         raise _over("n", req.n, limits.max_n, "--max-n", "n")

@@ -60,5 +60,5 @@ def _draining_server_class():
     return DrainingServer
 
 
-def _DrainingServer(config):      # noqa: N802 (a class made on first use: uvicorn is lazy)
+def _DrainingServer(config):
     return _draining_server_class()(config)

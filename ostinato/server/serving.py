@@ -17,9 +17,14 @@ from functools import lru_cache
 
 from ..engine.async_engine import AsyncEngine, Delta
 from ..sampling import SamplingParams
-from .metrics import ServerMetrics
-from .metrics import RequestOutcome
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Limits, bad_request
+from .metrics import RequestOutcome, ServerMetrics
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Limits,
+    bad_request,
+)
 
 log = logging.getLogger("ostinato.server")
 MIN_LOGPROB = -9999.0      # JSON has no -Infinity; vLLM sends the same stand-in

@@ -1,118 +1,22 @@
-"""A real server for the reliability tests: a subprocess on a free loopback port, with small
-limits (so fuzzed requests stay cheap) and the fault-injection test hook on."""
+"""The reliability tests' session server: small limits (so fuzzed requests stay cheap) and
+the fault-injection test hook on."""
 from __future__ import annotations
-
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-FAULT_MARKER = "xq-inject-fault-7"       # prompts containing it fail in output processing
-MAX_MODEL_LEN = 256
-MAX_TOKENS = 12                          # --max-tokens-limit: fuzzed requests stay short
-MAX_N = 4
-MAX_STOPS = 4
-MAX_STOP_CHARS = 32
-MAX_BODY_MB = 0.25
-MAX_PROMPT_TOKENS = 192
-
-
-@dataclass
-class Server:
-    base: str
-    model: str
-    proc: subprocess.Popen
-    log_path: str
-    extra: dict = field(default_factory=dict)
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
-
-    def metrics(self) -> dict[str, float]:
-        return read_metrics(self.base)
-
-
-def read_metrics(base: str) -> dict[str, float]:
-    """Every sample by name, with the outcome / finished_reason label appended: name[label]."""
-    out: dict[str, float] = {}
-    text = httpx.get(base + "/metrics", timeout=10).text
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            key = s.name
-            for lab in ("outcome", "finished_reason", "le"):
-                if lab in s.labels:
-                    key += f"[{s.labels[lab]}]"
-            out[key] = s.value
-    return out
-
-
-def outcomes(m: dict[str, float]) -> dict[str, float]:
-    return {o: m.get(f"ostinato_request_outcomes_total[{o}]", 0.0)
-            for o in ("completed", "error", "aborted")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_path, *args: str, env: dict | None = None,
-                 timeout: float = 120) -> Server:
-    port = free_port()
-    log = tempfile.NamedTemporaryFile("w", prefix="ostinato-rel-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "ostinato", "serve", "--model", str(model_path),
-           "--port", str(port), "--threads", "2", "--log-level", "warning", *args]
-    full_env = {**os.environ, "OSTINATO_API_KEY": "", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n"
-                               f"{open(log.name).read()[-4000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return Server(base, model_path.stem, proc, log.name)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server(Server(base, model_path.stem, proc, log.name))
-    raise RuntimeError(f"the server was not healthy within {timeout} s")
-
-
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-
-
-def wait_idle(server: Server, timeout: float = 15.0) -> dict[str, float]:
-    """Metrics once nothing runs or waits, every accepted request has its outcome and the
-    KV cache is empty; the last metrics seen if that never happens."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = server.metrics()
-        settled = sum(outcomes(m).values()) == m.get("ostinato_requests_accepted_total", 0)
-        idle = (m["ostinato:num_requests_running"] == 0 and
-                m["ostinato:num_requests_waiting"] == 0 and
-                m["ostinato:kv_cache_usage_perc"] == 0)
-        if (settled and idle) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.1)
+from reliability_support import (
+    FAULT_MARKER,
+    MAX_BODY_MB,
+    MAX_LOGPROBS,
+    MAX_MODEL_LEN,
+    MAX_N,
+    MAX_PROMPT_TOKENS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    MAX_TOKENS,
+    start_server,
+    stop_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +26,7 @@ def rserver(smollm_path):
         "--max-tokens-limit", str(MAX_TOKENS), "--max-n", str(MAX_N),
         "--max-stop-strings", str(MAX_STOPS), "--max-stop-string-chars", str(MAX_STOP_CHARS),
         "--max-body-mb", str(MAX_BODY_MB), "--max-prompt-tokens", str(MAX_PROMPT_TOKENS),
-        "--max-concurrent-streams", "96", "--max-logprobs", "5",
+        "--max-concurrent-streams", "96", "--max-logprobs", str(MAX_LOGPROBS),
         env={"OSTINATO_FAULT_INJECT": FAULT_MARKER})
     try:
         yield s

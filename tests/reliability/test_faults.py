@@ -8,8 +8,7 @@ import time
 
 import httpx
 import pytest
-
-from conftest import FAULT_MARKER, outcomes, wait_idle
+from reliability_support import FAULT_MARKER, outcomes, wait_idle
 
 pytestmark = pytest.mark.model
 PROMPTS = ["The capital of France is", "One, two, three,", "Roses are red,",
@@ -114,7 +113,7 @@ def test_nothing_lost_under_mixed_load_with_disconnects(rserver):
     async def abandon_plain(c, i):
         try:
             await asyncio.wait_for(run_one(c, body(f"Tale {i}: far away", False, 12)), 0.3)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "abandoned"
         return "completed"
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import (
+from reliability_support import (
     MAX_BODY_MB,
+    MAX_LOGPROBS,
     MAX_N,
     MAX_PROMPT_TOKENS,
     MAX_STOP_CHARS,
@@ -116,10 +116,10 @@ def completion(http, **kw):
 def test_limits_answer_400_naming_their_flag(http):
     err(completion(http, max_tokens=MAX_TOKENS + 1), 400, "--max-tokens-limit")
     err(completion(http, n=MAX_N + 1), 400, "--max-n")
-    err(completion(http, logprobs=6), 400, "--max-logprobs")
+    err(completion(http, logprobs=MAX_LOGPROBS + 1), 400, "--max-logprobs")
     err(http.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 6}),
-        400, "--max-logprobs")
+        "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+        "top_logprobs": MAX_LOGPROBS + 1}), 400, "--max-logprobs")
     err(completion(http, stop=[str(i) for i in range(MAX_STOPS + 1)]), 400,
         "--max-stop-strings")
     err(completion(http, stop="x" * (MAX_STOP_CHARS + 1)), 400, "--max-stop-string-chars")
