@@ -337,7 +337,9 @@ def soak(a: argparse.Namespace, base: str, pid: int | None) -> int:
         "rss_growth": None if growth is None else round(growth[0], 4),
         "rss_first_mb": None if growth is None else round(growth[1] / 2**20, 1),
         "rss_last_mb": None if growth is None else round(growth[2] / 2**20, 1),
-        "rss_window_s": window, "accepted": accepted, "outcomes": {
+        "rss_window_s": window,
+        # this phase's requests (the check above compares the server's totals)
+        "accepted": accepted - before.get("ostinato_requests_accepted_total", 0), "outcomes": {
             k.split("[")[1][:-1]: v - before.get(k, 0) for k, v in after.items()
             if k.startswith("ostinato_request_outcomes_total[")},
     }
