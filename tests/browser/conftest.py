@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from serverproc import start_server, stop_server
 
 API_KEY = "browser-key-456"
 CHROMIUM = os.environ.get("OSTINATO_CHROMIUM", "/usr/bin/chromium")
@@ -57,48 +54,14 @@ def _missing(what: str) -> None:
     pytest.skip(msg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(proc, server: Server, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{server.log()}")
-        try:
-            if httpx.get(server.base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server was not healthy within {timeout} s:\n{server.log()}")
-
-
 @pytest.fixture(scope="session")
 def page_server(smollm_path):
-    port = _free_port()
-    fd, log_path = tempfile.mkstemp(prefix="ostinato-browser-", suffix=".log")
-    os.close(fd)
-    cmd = [sys.executable, "-m", "ostinato", "serve", "--model", str(smollm_path),
-           "--port", str(port), "--threads", "2", "--max-model-len", "1024",
-           "--kv-cache-gb", "0.25", "--api-key", API_KEY, "--log-level", "warning"]
-    server = Server(f"http://127.0.0.1:{port}", smollm_path.stem, log_path)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OSTINATO_API_KEY": ""})
-        try:
-            _wait_healthy(proc, server, timeout=180)
-            yield server
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    proc = start_server(smollm_path, "--max-model-len", "1024", "--kv-cache-gb", "0.25",
+                        "--api-key", API_KEY)
+    try:
+        yield Server(proc.base, proc.model, proc.log_path)
+    finally:
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

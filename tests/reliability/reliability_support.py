@@ -1,19 +1,10 @@
-"""Helpers of the reliability tests: start and stop a real server (a subprocess on a free
-loopback port), read its metrics, wait until it is idle. (Not in conftest.py: test modules
-import these, and `conftest` is an ambiguous module name in a suite with several.)"""
+"""Helpers of the reliability tests: the server's limits for these tests, reading its
+outcome counters, waiting until it is idle. Starting and stopping it is in tests/serverproc.py."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
+from serverproc import Server, free_port, read_metrics, start_server, stop_server  # noqa: F401
 
 FAULT_MARKER = "xq-inject-fault-7"       # prompts containing it fail in output processing
 MAX_MODEL_LEN = 256
@@ -26,81 +17,9 @@ MAX_PROMPT_TOKENS = 192
 MAX_LOGPROBS = 5
 
 
-@dataclass
-class Server:
-    base: str
-    model: str
-    proc: subprocess.Popen
-    log_path: str
-    extra: dict = field(default_factory=dict)
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
-
-    def metrics(self) -> dict[str, float]:
-        return read_metrics(self.base)
-
-
-def read_metrics(base: str) -> dict[str, float]:
-    """Every sample by name, with the outcome / finished_reason label appended: name[label]."""
-    out: dict[str, float] = {}
-    text = httpx.get(base + "/metrics", timeout=10).text
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            key = s.name
-            for lab in ("outcome", "finished_reason", "le"):
-                if lab in s.labels:
-                    key += f"[{s.labels[lab]}]"
-            out[key] = s.value
-    return out
-
-
 def outcomes(m: dict[str, float]) -> dict[str, float]:
     return {o: m.get(f"ostinato_request_outcomes_total[{o}]", 0.0)
             for o in ("completed", "error", "aborted")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_path, *args: str, env: dict | None = None,
-                 timeout: float = 120) -> Server:
-    port = free_port()
-    # the server writes its log here; the file outlives this function on purpose
-    log = tempfile.NamedTemporaryFile("w", prefix="ostinato-rel-", suffix=".log",  # noqa: SIM115
-                                      delete=False)
-    cmd = [sys.executable, "-m", "ostinato", "serve", "--model", str(model_path),
-           "--port", str(port), "--threads", "2", "--log-level", "warning", *args]
-    full_env = {**os.environ, "OSTINATO_API_KEY": "", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            dead = Server(base, model_path.stem, proc, log.name)
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{dead.log()}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return Server(base, model_path.stem, proc, log.name)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server(Server(base, model_path.stem, proc, log.name))
-    raise RuntimeError(f"the server was not healthy within {timeout} s")
-
-
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
 
 
 def wait_idle(server: Server, timeout: float = 15.0) -> dict[str, float]:

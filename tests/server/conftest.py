@@ -1,16 +1,11 @@
 """The real server as a subprocess on a free loopback port, shared by the whole session."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
 
 import httpx
 import pytest
+from serverproc import start_server, stop_server
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 1024
@@ -31,56 +26,18 @@ class Server:
         return self.base + "/v1"
 
     def log(self) -> str:
-        return _tail(self.log_path)
-
-
-def _tail(path: str) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()[-4000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(proc, base: str, log_path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{_tail(log_path)}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server was not healthy within {timeout} s:\n{_tail(log_path)}")
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
 
 
 @pytest.fixture(scope="session")
 def server(smollm_path):
-    port = _free_port()
-    log = tempfile.NamedTemporaryFile("w", prefix="ostinato-server-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "ostinato", "serve", "--model", str(smollm_path),
-           "--port", str(port), "--threads", "2", "--max-model-len", str(MAX_MODEL_LEN),
-           "--kv-cache-gb", "0.25", "--api-key", API_KEY, "--max-body-mb", str(MAX_BODY_MB),
-           "--log-level", "warning"]
-    env = {**os.environ, "OSTINATO_API_KEY": ""}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    proc = start_server(smollm_path, "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gb",
+                        "0.25", "--api-key", API_KEY, "--max-body-mb", str(MAX_BODY_MB))
     try:
-        _wait_healthy(proc, base, log.name, timeout=180)
-        yield Server(base, smollm_path.stem, log.name)
+        yield Server(proc.base, proc.model, proc.log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")
