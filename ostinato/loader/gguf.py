@@ -163,7 +163,7 @@ class _Cursor:
         raise self.fail(f"unknown array element type {etype} for key {key!r}")
 
 
-def _tensor_info(cur: _Cursor, data_start_hint: int) -> tuple[str, tuple[int, ...], int, int]:
+def _tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
     name = cur.string("tensor name")
     n_dims = cur.u32(f"dimension count of tensor {name!r}")
     if not 1 <= n_dims <= MAX_DIMS:
@@ -228,7 +228,7 @@ def _parse(mm: mmap.mmap, path: Path) -> GGUFFile:
     for _ in range(n_kv):
         key = cur.string("metadata key")
         metadata[key] = cur.value(cur.u32(f"value type of {key!r}"), key)
-    infos = [_tensor_info(cur, 0) for _ in range(n_tensors)]
+    infos = [_tensor_info(cur) for _ in range(n_tensors)]
     align = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
         raise cur.fail(f"invalid general.alignment {align!r}")
