@@ -6,7 +6,9 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -34,11 +36,37 @@ def ops():
     bin_dir = str(Path(sys.executable).parent)     # ninja from the venv
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    if not any(build.glob("*.so")):
-        print("compiling Ostinato's CPU kernels (first run only, ~1 min) ...", file=sys.stderr)
-    with warnings.catch_warnings():
+    with _compile_progress(not any(build.glob("*.so"))), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cpp_extension.load(
             name="ostinato_ops", sources=[str(_SRC)], build_directory=str(build),
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"], verbose=False)
+
+
+@contextmanager
+def _compile_progress(compiling: bool):
+    """An elapsed-time bar while g++ runs (first use only; it takes ~30 s)."""
+    if not compiling:
+        yield
+        return
+    if not sys.stderr.isatty():          # logs get one line, not a ticking bar
+        print("compiling Ostinato's CPU kernels (first run only, ~30 s) ...", file=sys.stderr)
+        yield
+        return
+    from tqdm import tqdm
+    done = threading.Event()
+    bar = tqdm(desc="compiling Ostinato's CPU kernels (first run only)", unit="s",
+               bar_format="{desc}: {elapsed}", file=sys.stderr)
+
+    def tick():
+        while not done.wait(0.5):
+            bar.refresh()
+    t = threading.Thread(target=tick, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+        bar.close()
