@@ -60,7 +60,7 @@ class ModelRunner:
             for g, table in enumerate(s.block_tables):
                 slots[g].extend(table[i // bs] * bs + i % bs for i in p)
             seqs.append(SeqSlice(q_start, s.num_new_tokens, p.stop,
-                                 [torch.tensor(t, dtype=torch.long) for t in s.block_tables]))
+                                 s.block_tables))
             q_start += s.num_new_tokens
         meta = AttentionMetadata.build([torch.tensor(g, dtype=torch.long) for g in slots], seqs)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
@@ -75,7 +75,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[-1:])[0]
         if seq.sampler_state is None:
             seq.sampler_state = make_generator(seq.params.seed)
-        processed = process_logits(logits.clone(), seq.params, seq.prompt_ids, seq.output_ids,
+        processed = process_logits(logits, seq.params, seq.prompt_ids, seq.output_ids,
                                    eos_ids=self.eos_ids)
         token = sample(processed, seq.params, seq.sampler_state)
         k = seq.params.logprobs or 0

@@ -18,7 +18,7 @@ class SeqSlice:
     q_start: int
     q_len: int
     context_len: int
-    block_tables: list[torch.Tensor]   # per KV-cache group: (n_blocks,) int64
+    block_tables: list[list[int]]      # per KV-cache group: its block ids
 
 
 @dataclass
@@ -33,10 +33,8 @@ class AttentionMetadata:
         tables = []
         for g in range(len(slot_mappings)):
             width = max(len(s.block_tables[g]) for s in seqs)
-            t = torch.zeros(len(seqs), width, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                t[i, : len(s.block_tables[g])] = s.block_tables[g]
-            tables.append(t)
+            rows = [s.block_tables[g] + [0] * (width - len(s.block_tables[g])) for s in seqs]
+            tables.append(torch.tensor(rows, dtype=torch.long))
         meta = torch.tensor([[s.q_start, s.q_len, s.context_len] for s in seqs], dtype=torch.long)
         return cls(slot_mappings, seqs, tables, meta)
 

@@ -1,13 +1,7 @@
-"""Small pure-math building blocks shared by the model families."""
+"""Rotary position embedding, shared by the model families (pure torch, elementwise)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: (..., D); normalised per row so a row's result never depends on its neighbours
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
@@ -25,10 +19,3 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-
-
-def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-              act: str) -> torch.Tensor:
-    g = F.linear(x, gate)
-    g = F.silu(g) if act == "silu" else F.gelu(g, approximate="tanh")
-    return F.linear(g * F.linear(x, up), down)
