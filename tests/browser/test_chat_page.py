@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +22,6 @@ except ImportError:
 pytestmark = pytest.mark.model
 # generous waits: the CI machine is small and shared; on an idle one the file takes ~30 s
 SLOW = 120
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "chat-page.png"
 
 
 def wait_for(driver, condition, timeout: float = 30, what: str = "the condition"):
@@ -129,8 +126,7 @@ def test_streams_an_answer_with_stats(page, page_server, output_dir):
     assert history[1]["content"].strip()
     shot = output_dir / "chat-page.png"
     assert page.save_screenshot(str(shot)), "the screenshot was not written"
-    DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
-    shutil.copyfile(shot, DOCS_SCREENSHOT)
+    assert shot.stat().st_size > 10_000        # docs/chat-page.png is a copy taken by hand
 
 
 def test_stop_aborts_the_request_on_the_server(page, page_server):
