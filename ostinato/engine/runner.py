@@ -39,13 +39,18 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
         input_ids, positions, meta = self._prepare(plan)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
-        return [self._isolated(s, hidden[sl.q_start: sl.q_start + sl.q_len])
+        # one LM-head matmul for every sequence that samples this step (each row's logits are
+        # the same bits as alone: the kernels are batch-invariant)
+        last = [sl.q_start + sl.q_len - 1 for s, sl in zip(plan.scheduled, meta.seqs) if s.samples]
+        logits = iter(self.model.compute_logits(hidden[last]) if last else ())
+        return [self._isolated(s, hidden[sl.q_start: sl.q_start + sl.q_len],
+                               next(logits) if s.samples else None)
                 for s, sl in zip(plan.scheduled, meta.seqs)]
 
-    def _isolated(self, s: ScheduledSeq, hidden: torch.Tensor) -> SeqResult:
+    def _isolated(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:
         """A failure in one sequence's own processing fails that sequence only."""
         try:
-            return self._seq_result(s, hidden)
+            return self._seq_result(s, hidden, logits)
         except Exception as e:
             return SeqResult(error=e)
 
@@ -65,14 +70,13 @@ class ModelRunner:
         meta = AttentionMetadata.build([torch.tensor(g, dtype=torch.long) for g in slots], seqs)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
 
-    def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor) -> SeqResult:
-        # hidden: (n_new, D) rows of this sequence
+    def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:
+        # hidden: (n_new, D) rows of this sequence; logits: (vocab,) at its last row, if it samples
         seq, res = s.seq, SeqResult()
         if seq.params.prompt_logprobs is not None and s.start < len(seq.prompt_ids):
             res.prompt_logprobs = self._prompt_logprobs(s, hidden)
         if not s.samples:
             return res
-        logits = self.model.compute_logits(hidden[-1:])[0]
         if seq.sampler_state is None:
             seq.sampler_state = make_generator(seq.params.seed)
         processed = process_logits(logits, seq.params, seq.prompt_ids, seq.output_ids,

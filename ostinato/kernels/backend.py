@@ -59,14 +59,21 @@ class QWeight:
         return vals.reshape(len(ids), self.K)
 
 
+_EMPTY = torch.empty(0)
+
+
 class CpuKernels:
-    def __init__(self):
+    """quantize_activations: quantize activations to int16 per 32 elements and take exact
+    integer dot products with the quantized weights; False keeps them in float32."""
+
+    def __init__(self, quantize_activations: bool = True):
         self.ops = ops()
+        self.quantize_activations = quantize_activations
 
     def linear(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
         lead = x.shape[:-1]
         y = self.ops.qlinear(x.reshape(-1, w.K).contiguous(), w.q, w.scale, w.min,
-                             w.fmt, w.bs, w.zp, w.N, w.K)
+                             w.fmt, w.bs, w.zp, w.N, w.K, int(self.quantize_activations))
         return y.view(*lead, w.N)
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,6 +81,13 @@ class CpuKernels:
 
     def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
         return self.ops.gated_act(gate.contiguous(), up.contiguous(), int(act != "silu"))
+
+    def qkv_rope_cache(self, qkv, q_norm, k_norm, eps, cos, sin, neox, n_heads, k_cache, v_cache,
+                       slots) -> torch.Tensor:
+        empty = _EMPTY
+        return self.ops.qkv_rope_cache(qkv.contiguous(), empty if q_norm is None else q_norm,
+                                       empty if k_norm is None else k_norm, eps, cos, sin,
+                                       int(neox), n_heads, k_cache, v_cache, slots)
 
     def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
         return self.ops.paged_attention(q.contiguous(), k_cache, v_cache, tables, seq_meta,

@@ -26,6 +26,17 @@ class TorchOps:
         g = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
         return g * up
 
+    def qkv_rope_cache(self, qkv, q_norm, k_norm, eps, cos, sin, neox, n_heads, k_cache, v_cache,
+                       slots) -> torch.Tensor:
+        n_kv, d = k_cache.shape[2], k_cache.shape[3]
+        q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+        q, k, v = q.reshape(-1, n_heads, d), k.reshape(-1, n_kv, d), v.reshape(-1, n_kv, d)
+        if q_norm is not None:
+            q, k = self.rms_norm(q, q_norm, eps), self.rms_norm(k, k_norm, eps)
+        q, k = apply_rope(q, cos, sin, neox), apply_rope(k, cos, sin, neox)
+        write_kv(k_cache, v_cache, k, v, slots)
+        return q
+
     def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
         """q: (T, H, D); per sequence, gather its keys through its block table and run SDPA."""
         out = torch.empty_like(q)
@@ -48,3 +59,22 @@ def _mask(q_len: int, context_len: int, window: int | None) -> torch.Tensor:
     if window:
         mask &= k_pos > q_pos - window
     return mask
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """x: (T, H, D). neox rotates the two halves of D; otherwise adjacent pairs (GGUF llama,
+    whose q/k weights were permuted by the converter for that layout)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                      # (T, 1, D/2)
+    if neox:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # k, v: (T, n_kv, D)
+    n_kv, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v)

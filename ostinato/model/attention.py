@@ -37,11 +37,3 @@ class AttentionMetadata:
             tables.append(torch.tensor(rows, dtype=torch.long))
         meta = torch.tensor([[s.q_start, s.q_len, s.context_len] for s in seqs], dtype=torch.long)
         return cls(slot_mappings, seqs, tables, meta)
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    # k, v: (T, n_kv, D)
-    n_kv, d = k.shape[1], k.shape[2]
-    k_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from .attention import AttentionMetadata, write_kv
-from .layers import apply_rope, rope_inv_freq
+from .attention import AttentionMetadata
+from .layers import rope_inv_freq, rope_tables
 
 
 class Transformer:
@@ -32,8 +32,11 @@ class Transformer:
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids, positions: (T,) -> hidden (T, d_model) after the final norm."""
         x = self.embed(input_ids)
+        rope = {False: rope_tables(positions, self.inv_freq_global)}
+        if self.cfg.sliding_window:
+            rope[True] = rope_tables(positions, self.inv_freq_local)
         for i in range(self.cfg.n_layers):
-            x = self.layer(i, x, positions, meta, kv_caches[i])
+            x = self.layer(i, x, rope, meta, kv_caches[i])
         return self.norm(x, "output_norm.weight")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -42,9 +45,9 @@ class Transformer:
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.ops.rms_norm(x, self.w[name], self.cfg.rms_eps)
 
-    def layer(self, i: int, x, positions, meta, kv_cache) -> torch.Tensor:
+    def layer(self, i: int, x, rope, meta, kv_cache) -> torch.Tensor:
         cfg, p = self.cfg, f"blk.{i}."
-        h = self.attention(i, self.norm(x, p + "attn_norm.weight"), positions, meta, kv_cache)
+        h = self.attention(i, self.norm(x, p + "attn_norm.weight"), rope, meta, kv_cache)
         if cfg.post_norms:
             h = self.norm(h, p + "post_attention_norm.weight")
         x = x + h
@@ -67,23 +70,22 @@ class Transformer:
         return self.ops.linear(self.ops.gated_act(gate, up, self.cfg.act),
                                self.w[p + "ffn_down.weight"])
 
-    def attention(self, i: int, x, positions, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
+    def attention(self, i: int, x, rope, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
+        """rope: {is_sliding: (cos, sin)} tables for this step's positions."""
         cfg, w, p, ops = self.cfg, self.w, f"blk.{i}.", self.ops
         T = x.shape[0]
-        q, k, v = self.project(x, p, "attn_qkv.weight", ("attn_q", "attn_k", "attn_v"))
-        q = q.reshape(T, cfg.n_heads, cfg.head_dim)
-        k = k.reshape(T, cfg.n_kv_heads, cfg.head_dim)
-        v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q = self.norm(q, p + "attn_q_norm.weight")
-            k = self.norm(k, p + "attn_k_norm.weight")
+        if p + "attn_qkv.weight" in w:
+            qkv = ops.linear(x, w[p + "attn_qkv.weight"])
+        else:
+            qkv = torch.cat(self.project(x, p, "", ("attn_q", "attn_k", "attn_v")), dim=-1)
         sliding = cfg.is_sliding(i)
-        inv_freq = self.inv_freq_local if sliding else self.inv_freq_global
-        q = apply_rope(q, positions, inv_freq, cfg.rope_neox)
-        k = apply_rope(k, positions, inv_freq, cfg.rope_neox)
+        cos, sin = rope[sliding]
         k_cache, v_cache = kv_cache
         group = cfg.layer_kv_group(i)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mappings[group])
+        # q/k norm (Gemma 3), rotary embedding, and k/v into the paged cache
+        q = ops.qkv_rope_cache(qkv, w.get(p + "attn_q_norm.weight"), w.get(p + "attn_k_norm.weight"),
+                               cfg.rms_eps, cos, sin, cfg.rope_neox, cfg.n_heads, k_cache, v_cache,
+                               meta.slot_mappings[group])
         o = ops.attention(q, k_cache, v_cache, meta.tables[group], meta.seq_meta,
                           cfg.attn_scale, cfg.sliding_window if sliding else None)
         return ops.linear(o.reshape(T, -1), w[p + "attn_output.weight"])

@@ -124,11 +124,165 @@ std::vector<float> block_sums(const float* x, int64_t M, int64_t K, int64_t bs) 
   return s;
 }
 
+
+// ---- int16 activations -------------------------------------------------------------
+// x is quantized once per call, row by row and per 32 elements: d = max|x| / 32767,
+// q = round-half-even(x / d), an error of at most 1/65534 of the block's largest value (int8,
+// as llama.cpp does it, cost SmolLM2 5 points of top-1 agreement; int16 costs nothing
+// measurable). A quantized weight block then meets it in an exact integer dot product
+// (s16 x s16 pairs: AVX-512 VNNI's dpwssd where the CPU has it, else madd + add: the same
+// integers), scaled once per block. A row's quantization depends on that row alone, so
+// the result stays batch-invariant.
+struct QAct {
+  std::vector<int16_t> q;     // (M, K)
+  std::vector<float> d;       // (M, K/32) scale per 32 elements
+  std::vector<float> zsum;    // (M, K/32) d * sum(q): the Q4 zero-point term
+  std::vector<float> fsum;    // (M, K/bs) exact float block sums of x (the min term)
+};
+
+void quantize_rows(const float* x, int64_t M, int64_t K, QAct& a) {
+  const int64_t nb = K / 32;
+  a.q.resize(M * K); a.d.resize(M * nb); a.zsum.resize(M * nb);
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const float* xb = x + i * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 32767.f, id = amax > 0.f ? 1.f / d : 0.f;
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int v = std::max(-32767, std::min(32767, (int)std::nearbyint(xb[j] * id)));
+      a.q[i * 32 + j] = (int16_t)v;
+      s += v;
+    }
+    a.d[i] = d;
+    a.zsum[i] = d * (float)s;
+  }
+}
+
+// acc + pairwise products of 16 s16 lanes, summed in pairs into 8 int32 lanes.
+inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+// The 32 weights of chunk c (32 elements) of row n as two vectors of 16 int16.
+template <int FMT>
+inline void load_w32(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
+  if constexpr (FMT == kQ4) {
+    const uint8_t* p = static_cast<const uint8_t*>(w.q) + (n * w.K + c * 32) / 2;
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    out[0] = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
+    out[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+  } else {
+    const int8_t* p = static_cast<const int8_t*>(w.q) + n * w.K + c * 32;
+    out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    out[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+  }
+}
+
+// sum_i a[i] * b[i] in a fixed order (8 lanes, then the tail).
+inline float dot_fixed(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum8(acc);
+  for (; i < n; ++i) s = std::fma(a[i], b[i], s);
+  return s;
+}
+
+// The per-block terms outside the integer dot: min * (exact sum of x), and the Q4 zero point
+// -zp * scale * d * sum(q). Both need 32-element blocks (checked by the caller).
+inline float side_terms(const Weights& w, int64_t n, const QAct& a, int64_t row) {
+  const int64_t nc = w.K / 32;
+  float t = 0.f;
+  if (w.min) t = dot_fixed(w.min + n * w.nb, a.fsum.data() + row * nc, nc);
+  if (w.zp) t -= (float)w.zp * dot_fixed(w.scale + n * w.nb, a.zsum.data() + row * nc, nc);
+  return t;
+}
+
+// out[r, n0 + j] for R rows of x and NR weight rows: NR independent accumulator chains per x
+// row keep the FMA pipes busy at batch 1. Each output still sees the blocks in order c = 0..,
+// with the same operations whatever R and NR are: the tiling never changes a result's bits.
+template <int R, int NR, int FMT, int BS>
+void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out, int64_t ldo) {
+  __m256 acc[R][NR];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_ps();
+  const int64_t nc = w.K / 32;
+  for (int64_t c = 0; c < nc; ++c) {
+    __m256i wv[NR][2];
+    __m256 s0[NR], s1[NR];
+    for (int j = 0; j < NR; ++j) {
+      load_w32<FMT>(w, n0 + j, c, wv[j]);
+      const float* sc = w.scale + (n0 + j) * w.nb + c * (32 / BS);
+      s0[j] = _mm256_set1_ps(sc[0]);
+      s1[j] = BS == 16 ? _mm256_set1_ps(sc[1]) : s0[j];
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = m0 + r;
+      const int16_t* xq = a.q.data() + row * w.K + c * 32;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+      const __m256 dx = _mm256_set1_ps(a.d[row * nc + c]);
+      for (int j = 0; j < NR; ++j) {
+        if constexpr (BS == 32) {      // both halves share one scale: one integer sum
+          const __m256i dot = dot_s16(_mm256_madd_epi16(wv[j][0], x0), wv[j][1], x1);
+          acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s0[j], dx), acc[r][j]);
+        } else {                       // two blocks of 16, one per half
+          const __m256 f0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(wv[j][0], x0));
+          const __m256 f1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(wv[j][1], x1));
+          acc[r][j] = _mm256_fmadd_ps(f0, _mm256_mul_ps(s0[j], dx), acc[r][j]);
+          acc[r][j] = _mm256_fmadd_ps(f1, _mm256_mul_ps(s1[j], dx), acc[r][j]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR; ++j)
+      out[r * ldo + n0 + j] = hsum8(acc[r][j]) + side_terms(w, n0 + j, a, m0 + r);
+}
+
+// Weight rows [n0, n1) against x rows [m0, m0 + rows): 4 weight rows at a time at batch 1,
+// 2 with more x rows (so the accumulators stay in 16 registers), single rows at the end.
+template <int FMT, int BS>
+void tile_span_qa(int rows, const Weights& w, int64_t n0, int64_t n1, const QAct& a,
+                  int64_t m0, float* out, int64_t ldo) {
+  int64_t n = n0;
+  switch (rows) {
+    case 1: for (; n + 4 <= n1; n += 4) tile_qa<1, 4, FMT, BS>(w, n, a, m0, out, ldo); break;
+    case 2: for (; n + 2 <= n1; n += 2) tile_qa<2, 2, FMT, BS>(w, n, a, m0, out, ldo); break;
+    case 3: for (; n + 2 <= n1; n += 2) tile_qa<3, 2, FMT, BS>(w, n, a, m0, out, ldo); break;
+    default: for (; n + 2 <= n1; n += 2) tile_qa<4, 2, FMT, BS>(w, n, a, m0, out, ldo); break;
+  }
+  for (; n < n1; ++n) {
+    switch (rows) {
+      case 1: tile_qa<1, 1, FMT, BS>(w, n, a, m0, out, ldo); break;
+      case 2: tile_qa<2, 1, FMT, BS>(w, n, a, m0, out, ldo); break;
+      case 3: tile_qa<3, 1, FMT, BS>(w, n, a, m0, out, ldo); break;
+      default: tile_qa<4, 1, FMT, BS>(w, n, a, m0, out, ldo); break;
+    }
+  }
+}
+
+using SpanQaFn = void (*)(int, const Weights&, int64_t, int64_t, const QAct&, int64_t, float*,
+                          int64_t);
+
+SpanQaFn pick_span_qa(int64_t fmt, int64_t bs) {
+  if (fmt == kQ4) return tile_span_qa<kQ4, 32>;
+  return bs == 16 ? tile_span_qa<kQ8, 16> : tile_span_qa<kQ8, 32>;
+}
+
 }  // namespace
 
 // x: (M, K) f32 contiguous -> (M, N) f32
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
-                      int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K) {
+                      int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K, int64_t quant_act) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: (M,K) f32");
   TORCH_CHECK(x.size(1) == K && K % bs == 0, "qlinear: x has the wrong width");
   TORCH_CHECK((fmt == kQ8 && (bs == 16 || bs == 32)) || ((fmt == kQ4 || fmt == kF32) && bs == 32),
@@ -143,10 +297,24 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
   float* op = out.data_ptr<float>();
   constexpr int64_t kColChunk = 16;   // weight rows kept hot in cache across row tiles
   const int64_t chunks = (N + kColChunk - 1) / kColChunk;
-  const TileFn tile = pick_tile(fmt, bs);
   // Tiny products are not worth a fork/join (measured: 2^18 gives 47 tok/s batch-1 decode on
   // SmolLM2 here, 2^20 gives 40, 2^22 gives 32).
   const bool parallel = M * N * K >= (1 << 18);
+  if (quant_act && fmt != kF32) {
+    TORCH_CHECK(!w.min || bs == 32, "qlinear: a min term needs 32-element blocks");
+    QAct a;
+    quantize_rows(xp, M, K, a);
+    a.fsum = std::move(xs);
+    const SpanQaFn span = pick_span_qa(fmt, bs);
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t n0 = c * kColChunk, n1 = std::min(N, n0 + kColChunk);
+      for (int64_t m = 0; m < M; m += kRowTile)
+        span((int)std::min<int64_t>(kRowTile, M - m), w, n0, n1, a, m, op + m * N, N);
+    }
+    return out;
+  }
+  const TileFn tile = pick_tile(fmt, bs);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * kColChunk, n1 = std::min(N, n0 + kColChunk);
@@ -160,6 +328,28 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
   return out;
 }
 
+// y = x * w / sqrt(mean(x^2) + eps) for one row of D floats (D % 8 == 0); out may alias r.
+inline void rms_row(const float* r, const float* wp, int64_t D, float eps, float* out) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) {
+    __m256 v = _mm256_loadu_ps(r + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  const float inv = 1.f / std::sqrt(hsum8(acc) / (float)D + eps);
+  for (int64_t i = 0; i < D; ++i) out[i] = r[i] * inv * wp[i];
+}
+
+// Rotate one head in place: neox pairs (i, i + D/2), else adjacent pairs (2i, 2i + 1).
+inline void rope_head(float* x, const float* cs, const float* sn, int64_t D, bool neox) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float x1 = x[a], x2 = x[b];
+    x[a] = x1 * cs[i] - x2 * sn[i];
+    x[b] = x2 * cs[i] + x1 * sn[i];
+  }
+}
+
 // y = x * w / sqrt(mean(x^2) + eps), row by row; x: (M, D), D % 8 == 0
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(x.is_contiguous() && x.dtype() == torch::kFloat32, "x: contiguous f32");
@@ -169,17 +359,42 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
 #pragma omp parallel for schedule(static) if (M > 16)
-  for (int64_t m = 0; m < M; ++m) {
-    const float* r = xp + m * D;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) {
-      __m256 v = _mm256_loadu_ps(r + i);
-      acc = _mm256_fmadd_ps(v, v, acc);
-    }
-    const float inv = 1.f / std::sqrt(hsum8(acc) / (float)D + (float)eps);
-    for (int64_t i = 0; i < D; ++i) op[m * D + i] = r[i] * inv * wp[i];
-  }
+  for (int64_t m = 0; m < M; ++m) rms_row(xp + m * D, wp, D, (float)eps, op + m * D);
   return out;
+}
+
+// The step between the q|k|v projection and attention, in one pass: split the fused
+// projection (T, (H + 2 KV) * D) into heads, RMS-normalise q and k per head when q_norm /
+// k_norm are given (Gemma 3), rotate them by the per-token cos/sin tables (T, D/2), and
+// write k and v into the paged caches at their slots. Returns q as (T, H, D).
+torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
+                             double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
+                             int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots) {
+  const int64_t T = qkv.size(0), KV = kc.size(2), D = kc.size(3), W = (H + 2 * KV) * D;
+  TORCH_CHECK(qkv.is_contiguous() && qkv.dtype() == torch::kFloat32 && qkv.size(1) == W,
+              "qkv_rope_cache: qkv must be (T, (H + 2 KV) * D) f32");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T &&
+              cos.size(1) == D / 2 && slots.numel() == T && D % 8 == 0, "qkv_rope_cache: shapes");
+  auto q = torch::empty({T, H, D}, qkv.options());
+  const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
+  const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
+  float *qp = q.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+#pragma omp parallel for schedule(static) if (T >= 16)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = src + t * W;
+    const float *cs = cp + t * (D / 2), *sn = sp + t * (D / 2);
+    for (int64_t h = 0; h < H + KV; ++h) {
+      float* dst = h < H ? qp + (t * H + h) * D : kp + (sl[t] * KV + (h - H)) * D;
+      const float* nw = h < H ? qn : kn;
+      if (nw) rms_row(row + h * D, nw, D, (float)eps, dst);
+      else std::copy(row + h * D, row + (h + 1) * D, dst);
+      rope_head(dst, cs, sn, D, neox != 0);
+    }
+    std::copy(row + (H + KV) * D, row + W, vp + sl[t] * KV * D);
+  }
+  return q;
 }
 
 // act(gate) * up, elementwise, scalar libm so no vector/tail path can differ
@@ -218,7 +433,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
   std::vector<int64_t> row_seq(T, -1);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t i = 0; i < mp[3 * s + 1]; ++i) row_seq[mp[3 * s] + i] = s;
-#pragma omp parallel if (T * H >= 64)   // a decode step of a few sequences stays on one core
+  int64_t work = 0;                     // key rows read, summed over queries and heads
+  for (int64_t s = 0; s < S; ++s) work += mp[3 * s + 1] * mp[3 * s + 2] * H;
+#pragma omp parallel if (work >= 32768)   // a short decode step stays on one core
   {
     std::vector<float> sc;
 #pragma omp for schedule(dynamic, 4)
@@ -262,6 +479,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear);
   m.def("rms_norm", &rms_norm);
+  m.def("qkv_rope_cache", &qkv_rope_cache);
   m.def("gated_act", &gated_act);
   m.def("paged_attention", &paged_attention);
 }
