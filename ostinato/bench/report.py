@@ -1,0 +1,118 @@
+"""The bench's figures as a Markdown report and PNG plots (matplotlib, the `bench` extra)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def latency_table(fig: dict) -> list[str]:
+    lat = fig["latency"]
+    names = list(lat)
+    two = len(names) > 1
+    rows = [f"| batch 1 | {' | '.join(names)} |" + (" ratio |" if two else ""),
+            "| --- |" + " --- |" * (len(names) + two)]
+
+    def row(label, vals, fmt):
+        r = f"| {label} | " + " | ".join(fmt.format(v) for v in vals) + " |"
+        return r + (f" {_ratio(vals[0], vals[1])} |" if two else "")
+    for n in next(iter(lat.values()))["ttft_s"]:
+        rows.append(row(f"TTFT, {n}-token prompt (s)", [lat[x]["ttft_s"][n] for x in names],
+                        "{:.3f}"))
+    rows.append(row("decode (tok/s)", [lat[x]["decode_tok_s"] for x in names], "{:.1f}"))
+    rows.append(row("ITL p50 (ms)", [lat[x]["itl_p50_ms"] for x in names], "{:.1f}"))
+    rows.append(row("ITL p99 (ms)", [lat[x]["itl_p99_ms"] for x in names], "{:.1f}"))
+    return rows
+
+
+SERVING_COLS = [("concurrency", "streams"), ("throughput_tok_s", "tok/s"),
+                ("usd_per_mtok", "$/Mtok"), ("ttft_p50_ms", "TTFT p50 ms"),
+                ("ttft_p99_ms", "TTFT p99 ms"), ("itl_p50_ms", "ITL p50 ms"),
+                ("itl_p99_ms", "ITL p99 ms"), ("e2e_p50_ms", "E2E p50 ms"),
+                ("e2e_p99_ms", "E2E p99 ms"), ("errors", "errors")]
+
+
+def serving_table(name: str, rows: list[dict]) -> list[str]:
+    out = [f"**{name}**", "", "| " + " | ".join(h for _, h in SERVING_COLS) + " |",
+           "|" + " --- |" * len(SERVING_COLS)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(k, "")) for k, _ in SERVING_COLS) + " |")
+    return out + [""]
+
+
+def markdown(fig: dict) -> str:
+    out = [f"# ostinato bench: {fig['model']}", "", f"Machine: {fig.get('machine', '?')}", ""]
+    if "latency" in fig:
+        out += ["## Latency (batch 1, in process)", "", *latency_table(fig), ""]
+        if fig.get("batched_tok_s"):
+            out += [f"Offline batch of {fig['batch']} (LLM.generate): "
+                    f"{fig['batched_tok_s']:.1f} tok/s aggregate.", ""]
+    serving = fig.get("serving") or {}
+    if serving:
+        out += [f"## Serving (streaming /v1/completions, {fig['serving_max_tokens']} tokens per "
+                f"request, ${fig['usd_per_hour']}/hour)", ""]
+        for name, rows in serving.items():
+            out += serving_table(name, rows)
+        if len(serving) == 2:
+            a, b = serving.values()
+            pairs = [(x, y) for x in a for y in b if x["concurrency"] == y["concurrency"]]
+            out += ["| streams | throughput ratio " + " / ".join(serving) + " |", "| --- | --- |"]
+            out += [f"| {x['concurrency']} | {_ratio(x['throughput_tok_s'], y['throughput_tok_s'])} |"
+                    for x, y in pairs] + [""]
+    servers = fig.get("servers") or {}
+    if servers or fig.get("llamacpp_peak_rss_mb"):
+        out += ["## Start-up and memory", "", "| | start to first answer (s) | peak RSS (MB) |",
+                "| --- | --- | --- |"]
+        for name, s in servers.items():
+            out.append(f"| {name} server | {s['start_to_first_answer_s']:.1f} | "
+                       f"{s['peak_rss_mb']:.0f} |")
+        if fig.get("llamacpp_peak_rss_mb"):
+            out.append(f"| llama.cpp (n_ctx 4096, in process) | "
+                       f"{fig['llamacpp_load_s']:.1f} | {fig['llamacpp_peak_rss_mb']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(fig: dict, out_dir: Path) -> list[Path]:
+    """latency.png (TTFT by prompt length) and serving.png (throughput and latency by load);
+    an empty list when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    if "latency" in fig:
+        f, ax = plt.subplots(figsize=(6, 4))
+        for name, v in fig["latency"].items():
+            xs = [int(n) for n in v["ttft_s"]]
+            ax.plot(xs, list(v["ttft_s"].values()), marker="o", label=name)
+        ax.set(xlabel="prompt tokens", ylabel="time to first token (s)", title=fig["model"])
+        ax.legend(), ax.grid(alpha=0.3)
+        made.append(out_dir / "latency.png")
+        f.savefig(made[-1], dpi=110, bbox_inches="tight")
+        plt.close(f)
+    if fig.get("serving"):
+        f, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for name, rows in fig["serving"].items():
+            c = [r["concurrency"] for r in rows]
+            axes[0].plot(c, [r["throughput_tok_s"] for r in rows], marker="o", label=name)
+            axes[1].plot(c, [r["ttft_p50_ms"] for r in rows], marker="o", label=f"{name} p50")
+            axes[1].plot(c, [r["ttft_p99_ms"] for r in rows], marker="x", ls="--",
+                         label=f"{name} p99")
+            axes[2].plot(c, [r["itl_p50_ms"] for r in rows], marker="o", label=f"{name} p50")
+            axes[2].plot(c, [r["itl_p99_ms"] for r in rows], marker="x", ls="--",
+                         label=f"{name} p99")
+        for ax, y in zip(axes, ("output tok/s", "TTFT (ms)", "inter-token latency (ms)")):
+            ax.set(xscale="log", xlabel="concurrent streams", ylabel=y)
+            ax.set_xticks([r["concurrency"] for r in next(iter(fig["serving"].values()))])
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.legend(fontsize=8), ax.grid(alpha=0.3)
+        f.suptitle(f"{fig['model']}: latency vs load")
+        made.append(out_dir / "serving.png")
+        f.savefig(made[-1], dpi=110, bbox_inches="tight")
+        plt.close(f)
+    return made

