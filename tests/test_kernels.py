@@ -194,3 +194,30 @@ def test_torch_reference_backend_agrees_but_kernels_are_the_invariant_ones(smoll
     for ea, eb in zip(a[1:], b[1:]):
         t = next(iter(ea.keys() & eb.keys()))
         assert ea[t].logprob == pytest.approx(eb[t].logprob, abs=5e-3)   # int16 activations
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qkv_rope_cache_matches_the_torch_reference(k, neox, qk_norm):
+    """The fused split + q/k norm + rotary + cache write equals the plain torch version."""
+    from ostinato.kernels.reference import TorchOps
+    from ostinato.model.layers import rope_inv_freq, rope_tables
+    T, H, KV, D, slots_total = 7, 4, 2, 64, 48
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(T, (H + 2 * KV) * D, generator=g)
+    qn, kn = (torch.randn(D, generator=g), torch.randn(D, generator=g)) if qk_norm else (None, None)
+    cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(D, 10000.0))
+    slots = torch.tensor([5, 6, 7, 20, 21, 40, 47])
+    caches = [torch.full((3, 16, KV, D), float("nan")) for _ in range(4)]
+    got = k.qkv_rope_cache(qkv, qn, kn, 1e-6, cos, sin, neox, H, caches[0], caches[1], slots)
+    ref = TorchOps().qkv_rope_cache(qkv, qn, kn, 1e-6, cos, sin, neox, H, caches[2], caches[3], slots)
+    assert got.shape == (T, H, D)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    for ours, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
+        flat_o, flat_t = ours.view(-1, KV, D), theirs.view(-1, KV, D)
+        assert torch.allclose(flat_o[slots], flat_t[slots], atol=1e-5, rtol=1e-5)
+        untouched = torch.ones(slots_total, dtype=torch.bool)
+        untouched[slots] = False
+        assert flat_o[untouched].isnan().all()                  # nothing else written
+    if not qk_norm:                                             # same formula, same bits
+        assert torch.equal(got, ref)

@@ -33,7 +33,9 @@ class ModelRunner:
         self.kv_caches = []
         for i in range(cfg.n_layers):
             shape = (num_blocks[cfg.layer_kv_group(i)], block_size, cfg.n_kv_heads, cfg.head_dim)
-            self.kv_caches.append((torch.zeros(shape), torch.zeros(shape)))
+            # empty, not zeros: attention reads only slots written before it, so the pages of
+            # blocks never used are never touched and cost no resident memory
+            self.kv_caches.append((torch.empty(shape), torch.empty(shape)))
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
