@@ -16,6 +16,10 @@ it does nothing when the output dir already holds model.safetensors and config.j
 `serve` replaces this process with vLLM's OpenAI-compatible server on 127.0.0.1:PORT, computing
 on both cores in bfloat16 where the CPU has AMX/AVX512-BF16 (else float32; --dtype overrides),
 under the model name = the dir's base name.
+
+Start-up takes ~80-110 s each time: vLLM's AOT compile cache fails to load on CPU ("no attribute
+'finalize_loading'") and it recompiles. VLLM_USE_AOT_COMPILE=0 in the environment makes restarts
+~45 s (its plain compile cache loads) but served ~5-8% fewer tokens/s here, so it is not the default.
 """
 import argparse
 import json
@@ -70,9 +74,6 @@ def serve(model_dir: Path, port: int, max_model_len: int, dtype: str) -> None:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-%d" % (os.cpu_count() - 1))  # all cores
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # none kept back for the front end
-    # its default AOT compile cache fails to load on CPU ("no attribute 'finalize_loading'") and
-    # recompiles on every start (~80 s); the plain torch.compile cache loads (restart ~40 s)
-    env.setdefault("VLLM_USE_AOT_COMPILE", "0")
     # `vllm serve` fails in vllm-cpu 0.32.0 (it asks for the metadata of a "vllm" distribution,
     # which is named vllm-cpu here); the older, deprecated module entry point works
     argv = [sys.executable, "-W", "ignore::DeprecationWarning",
