@@ -415,10 +415,66 @@ torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
   return out;
 }
 
-// Causal (optionally sliding-window) attention over a paged cache, one (token, head) at
-// a time: scores in key order, softmax with the row max, values summed in key order.
-// q: (T, H, D); caches: (NB, BS, KV, D); tables: (S, maxb) int64; meta: (S, 3) int64 rows
-// of (q_start, q_len, context_len).
+// One query row of one head against keys [lo, pos] of its sequence, read through its block
+// table block by block: scores in key order, softmax with the row max, values summed in key
+// order. The arithmetic per (query, key) is the same however the batch or prompt is cut.
+// kb(j): key j's vector for this head; o: the output row (zeroed by the caller).
+inline void attend_row(const float* qv, const float* kc, const float* vc, const int64_t* table,
+                       int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
+                       float scale, std::vector<float>& sc, float* o) {
+  const int64_t stride = KV * D;
+  sc.resize(pos - lo + 1);
+  float mx = -INFINITY;
+  for (int64_t j = lo; j <= pos;) {
+    const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
+    const float* kb = kc + (table[b] * BS * KV + kvh) * D - b * BS * stride;
+    for (; j + 4 <= end; j += 4) {       // 4 keys at once: independent chains, same sums
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float* k0 = kb + j * stride;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(qv + d);
+        a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
+        a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + stride + d), a1);
+        a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 2 * stride + d), a2);
+        a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 3 * stride + d), a3);
+      }
+      const float x[4] = {hsum8(a0) * scale, hsum8(a1) * scale, hsum8(a2) * scale, hsum8(a3) * scale};
+      for (int i = 0; i < 4; ++i) { sc[j + i - lo] = x[i]; mx = std::max(mx, x[i]); }
+    }
+    for (; j < end; ++j) {
+      const float* kv = kb + j * stride;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kv + d), acc);
+      const float x = hsum8(acc) * scale;
+      sc[j - lo] = x;
+      mx = std::max(mx, x);
+    }
+  }
+  float sum = 0.f;
+  for (int64_t j = lo; j <= pos; ++j) { sc[j - lo] = std::exp(sc[j - lo] - mx); sum += sc[j - lo]; }
+  const __m256 inv = _mm256_set1_ps(1.f / sum);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {   // 64 output dims in registers, keys in order
+    const int64_t nd = std::min<int64_t>(64, D - d0) / 8;
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t j = lo; j <= pos;) {
+      const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
+      const float* vb = vc + (table[b] * BS * KV + kvh) * D - b * BS * stride + d0;
+      for (; j < end; ++j) {
+        const float* vv = vb + j * stride;
+        const __m256 p = _mm256_set1_ps(sc[j - lo]);
+        for (int i = 0; i < 8; ++i)
+          if (i < nd) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * i), acc[i]);
+      }
+    }
+    for (int i = 0; i < nd; ++i) _mm256_storeu_ps(o + d0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+  }
+}
+
+// Causal (optionally sliding-window) attention over a paged cache, one (token, head) at a
+// time (attend_row). q: (T, H, D); caches: (NB, BS, KV, D); tables: (S, maxb) int64;
+// meta: (S, 3) int64 rows of (q_start, q_len, context_len).
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                               torch::Tensor tables, torch::Tensor meta, double scale,
                               int64_t window) {
@@ -435,7 +491,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
     for (int64_t i = 0; i < mp[3 * s + 1]; ++i) row_seq[mp[3 * s] + i] = s;
   int64_t work = 0;                     // key rows read, summed over queries and heads
   for (int64_t s = 0; s < S; ++s) work += mp[3 * s + 1] * mp[3 * s + 2] * H;
-#pragma omp parallel if (work >= 32768)   // a short decode step stays on one core
+#pragma omp parallel if (work >= 4096)   // a short decode step stays on one core
   {
     std::vector<float> sc;
 #pragma omp for schedule(dynamic, 4)
@@ -445,32 +501,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
       const int64_t q_start = mp[3 * s], q_len = mp[3 * s + 1], ctx = mp[3 * s + 2];
       const int64_t pos = ctx - q_len + (t - q_start);
       const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      const int64_t kvh = h / (H / KV);
-      const float* qv = qp + (t * H + h) * D;
-      sc.resize(pos - lo + 1);
-      float mx = -INFINITY;
-      for (int64_t j = lo; j <= pos; ++j) {
-        const int64_t blk = tp[s * maxb + j / BS];
-        const float* kv = kp + ((blk * BS + j % BS) * KV + kvh) * D;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kv + d), acc);
-        const float x = hsum8(acc) * (float)scale;
-        sc[j - lo] = x;
-        mx = std::max(mx, x);
-      }
-      float sum = 0.f;
-      for (int64_t j = lo; j <= pos; ++j) { sc[j - lo] = std::exp(sc[j - lo] - mx); sum += sc[j - lo]; }
-      float* o = op + (t * H + h) * D;
-      for (int64_t j = lo; j <= pos; ++j) {
-        const int64_t blk = tp[s * maxb + j / BS];
-        const float* vv = vp + ((blk * BS + j % BS) * KV + kvh) * D;
-        const __m256 p = _mm256_set1_ps(sc[j - lo]);
-        for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + d), _mm256_loadu_ps(o + d)));
-      }
-      const __m256 inv = _mm256_set1_ps(1.f / sum);
-      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+      attend_row(qp + (t * H + h) * D, kp, vp, tp + s * maxb, BS, KV, h / (H / KV), D, lo, pos,
+                 (float)scale, sc, op + (t * H + h) * D);
     }
   }
   return out;
