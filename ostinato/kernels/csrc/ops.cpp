@@ -137,26 +137,48 @@ struct QAct {
   std::vector<int16_t> q;     // (M, K)
   std::vector<float> d;       // (M, K/32) scale per 32 elements
   std::vector<float> zsum;    // (M, K/32) d * sum(q): the Q4 zero-point term
-  std::vector<float> fsum;    // (M, K/bs) exact float block sums of x (the min term)
+  std::vector<float> fsum;    // (M, K/32) exact float block sums of x (the min term)
 };
+
+// Quantize one 32-element block: q, d, d * sum(q), and the exact float sum of x (in a fixed
+// tree order), vectorized; the rounding is the CPU's round-half-even, as nearbyint's.
+inline void quantize_block(const float* xb, int16_t* q, float* d_out, float* zsum, float* fsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 x[4], mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    x[i] = _mm256_loadu_ps(xb + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, x[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  const float d = amax / 32767.f, id = amax > 0.f ? 1.f / d : 0.f;
+  const __m256 idv = _mm256_set1_ps(id);
+  const __m256i lo = _mm256_set1_epi32(-32767), hi = _mm256_set1_epi32(32767);
+  __m256i qi[4], isum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    qi[i] = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(x[i], idv))));
+    isum = _mm256_add_epi32(isum, qi[i]);
+  }
+  // packs works within 128-bit lanes: restore element order with one permute per pair
+  const __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[0], qi[1]), 0xD8);
+  const __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[2], qi[3]), 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p01);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), p23);
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  *d_out = d;
+  *zsum = d * (float)_mm_cvtsi128_si32(s4);
+  *fsum = hsum8(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
+}
 
 void quantize_rows(const float* x, int64_t M, int64_t K, QAct& a) {
   const int64_t nb = K / 32;
-  a.q.resize(M * K); a.d.resize(M * nb); a.zsum.resize(M * nb);
-  for (int64_t i = 0; i < M * nb; ++i) {
-    const float* xb = x + i * 32;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float d = amax / 32767.f, id = amax > 0.f ? 1.f / d : 0.f;
-    int32_t s = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int v = std::max(-32767, std::min(32767, (int)std::nearbyint(xb[j] * id)));
-      a.q[i * 32 + j] = (int16_t)v;
-      s += v;
-    }
-    a.d[i] = d;
-    a.zsum[i] = d * (float)s;
-  }
+  a.q.resize(M * K); a.d.resize(M * nb); a.zsum.resize(M * nb); a.fsum.resize(M * nb);
+#pragma omp parallel for schedule(static) if (M >= 8)
+  for (int64_t i = 0; i < M * nb; ++i)
+    quantize_block(x + i * 32, a.q.data() + i * 32, &a.d[i], &a.zsum[i], &a.fsum[i]);
 }
 
 // acc + pairwise products of 16 s16 lanes, summed in pairs into 8 int32 lanes.
@@ -293,7 +315,6 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
             fmt == kF32 ? nullptr : scale.data_ptr<float>(),
             min.numel() ? min.data_ptr<float>() : nullptr};
   const float* xp = x.data_ptr<float>();
-  std::vector<float> xs = w.min ? block_sums(xp, M, K, bs) : std::vector<float>();
   float* op = out.data_ptr<float>();
   constexpr int64_t kColChunk = 16;   // weight rows kept hot in cache across row tiles
   const int64_t chunks = (N + kColChunk - 1) / kColChunk;
@@ -304,7 +325,6 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
     TORCH_CHECK(!w.min || bs == 32, "qlinear: a min term needs 32-element blocks");
     QAct a;
     quantize_rows(xp, M, K, a);
-    a.fsum = std::move(xs);
     const SpanQaFn span = pick_span_qa(fmt, bs);
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t c = 0; c < chunks; ++c) {
@@ -314,6 +334,7 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
     }
     return out;
   }
+  std::vector<float> xs = w.min ? block_sums(xp, M, K, bs) : std::vector<float>();
   const TileFn tile = pick_tile(fmt, bs);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t c = 0; c < chunks; ++c) {
