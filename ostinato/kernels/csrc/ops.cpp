@@ -440,6 +440,46 @@ torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
 // table block by block: scores in key order, softmax with the row max, values summed in key
 // order. The arithmetic per (query, key) is the same however the batch or prompt is cut.
 // kb(j): key j's vector for this head; o: the output row (zeroed by the caller).
+// exp(x) for x <= 0 (softmax arguments after the max is subtracted), 8 at a time: 2^n * p(r)
+// with x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial (relative error ~2e-7).
+// Own code, no libm call per score; results depend on x alone.
+inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+// sc[i] = exp(sc[i] - mx) for i < n; returns their sum (8 lanes, then the tail: a fixed order).
+inline float softmax_numerators(float* sc, int64_t n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + i), m));
+    _mm256_storeu_ps(sc + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum8(acc);
+  if (i < n) {
+    alignas(32) float tail[8];
+    for (int k = 0; k < 8; ++k) tail[k] = i + k < n ? sc[i + k] : mx;
+    _mm256_store_ps(tail, exp_neg(_mm256_sub_ps(_mm256_load_ps(tail), m)));
+    for (int k = 0; i + k < n; ++k) { sc[i + k] = tail[k]; sum += tail[k]; }
+  }
+  return sum;
+}
+
 inline void attend_row(const float* qv, const float* kc, const float* vc, const int64_t* table,
                        int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
                        float scale, std::vector<float>& sc, float* o) {
@@ -472,8 +512,7 @@ inline void attend_row(const float* qv, const float* kc, const float* vc, const 
       mx = std::max(mx, x);
     }
   }
-  float sum = 0.f;
-  for (int64_t j = lo; j <= pos; ++j) { sc[j - lo] = std::exp(sc[j - lo] - mx); sum += sc[j - lo]; }
+  const float sum = softmax_numerators(sc.data(), pos - lo + 1, mx);
   const __m256 inv = _mm256_set1_ps(1.f / sum);
   for (int64_t d0 = 0; d0 < D; d0 += 64) {   // 64 output dims in registers, keys in order
     const int64_t nd = std::min<int64_t>(64, D - d0) / 8;
