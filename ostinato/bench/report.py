@@ -97,15 +97,15 @@ def plots(fig: dict, out_dir: Path) -> list[Path]:
         plt.close(f)
     if fig.get("serving"):
         f, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for name, rows in fig["serving"].items():
-            c = [r["concurrency"] for r in rows]
-            axes[0].plot(c, [r["throughput_tok_s"] for r in rows], marker="o", label=name)
-            axes[1].plot(c, [r["ttft_p50_ms"] for r in rows], marker="o", label=f"{name} p50")
-            axes[1].plot(c, [r["ttft_p99_ms"] for r in rows], marker="x", ls="--",
-                         label=f"{name} p99")
-            axes[2].plot(c, [r["itl_p50_ms"] for r in rows], marker="o", label=f"{name} p50")
-            axes[2].plot(c, [r["itl_p99_ms"] for r in rows], marker="x", ls="--",
-                         label=f"{name} p99")
+        for k, (name, rows) in enumerate(fig["serving"].items()):
+            c, color = [r["concurrency"] for r in rows], f"C{k}"     # one colour per engine
+            axes[0].plot(c, [r["throughput_tok_s"] for r in rows], marker="o", color=color,
+                         label=name)
+            for ax, key in ((axes[1], "ttft"), (axes[2], "itl")):
+                ax.plot(c, [r[f"{key}_p50_ms"] for r in rows], marker="o", color=color,
+                        label=f"{name} p50")
+                ax.plot(c, [r[f"{key}_p99_ms"] for r in rows], marker="x", ls="--", color=color,
+                        label=f"{name} p99")
         for ax, y in zip(axes, ("output tok/s", "TTFT (ms)", "inter-token latency (ms)")):
             ax.set(xscale="log", xlabel="concurrent streams", ylabel=y)
             ax.set_xticks([r["concurrency"] for r in next(iter(fig["serving"].values()))])
