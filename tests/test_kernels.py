@@ -38,9 +38,11 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     b = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
     amax = np.abs(b).max(axis=2, keepdims=True)
     d = amax / np.float32(32767)
+    normal = d >= np.finfo(np.float32).tiny       # smaller blocks count as zero
     with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        inv = np.where(normal, np.float32(1) / d, np.float32(0)).astype(np.float32)
     q = np.rint(b * inv)
+    d = np.where(normal, d, np.float32(0))
     assert np.abs(q).max() <= 32767
     return torch.from_numpy((q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape))
 
@@ -110,6 +112,30 @@ def test_quantized_activations_match_their_float64_reference(k, type_name, N):
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     exact = x.double() @ dense.T                               # and near the unquantized product
     assert (got - exact).abs().max() <= 1e-4 * exact.abs().max()
+
+
+def test_quantized_activations_edge_cases(k):
+    """A NaN reaches the output (never silently dropped); a block of values too small for a
+    normal scale counts as zero instead of turning into garbage."""
+    _, p = packed("Q4_0")
+    w = QWeight.from_packed(p)
+    x = torch.randn(3, 512)
+    x[1, 40] = float("nan")
+    x[2, :32] = 1e-37
+    out = k.linear(x, w)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+    x2 = x[2:3].clone()
+    x2[0, :32] = 0.0
+    assert torch.equal(out[2:3], k.linear(x2, w))
+
+
+def test_qkv_rope_cache_rejects_a_slot_outside_the_cache(k):
+    from ostinato.model.layers import rope_inv_freq, rope_tables
+    cos, sin = rope_tables(torch.tensor([0, 1]), rope_inv_freq(64, 10000.0))
+    kc, vc = torch.zeros(2, 16, 1, 64), torch.zeros(2, 16, 1, 64)
+    qkv = torch.randn(2, 3 * 64)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        k.qkv_rope_cache(qkv, None, None, 1e-6, cos, sin, True, 1, kc, vc, torch.tensor([0, 32]))
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F32"])

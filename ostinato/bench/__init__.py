@@ -51,6 +51,13 @@ def _log(msg: str) -> None:
 
 
 def run_bench(llm, a: BenchArgs) -> dict:
+    if "vllm" in a.vs:
+        if not a.serving:
+            raise ValueError("--vs vllm compares serving: add --serving")
+        from .serving import vllm_paths
+        vllm_paths(llm.model_name)          # fail now, not after the latency part
+    if "llama.cpp" in a.vs and not a.latency:
+        raise ValueError("--vs llama.cpp compares latency: drop --no-latency")
     fig: dict = {"model": llm.model_name, "machine": machine(), "date": time.strftime("%F %T"),
                  "usd_per_hour": a.usd_per_hour}
     out_dir = Path(a.out) if a.out else None

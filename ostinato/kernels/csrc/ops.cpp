@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -136,13 +137,12 @@ std::vector<float> block_sums(const float* x, int64_t M, int64_t K, int64_t bs) 
 struct QAct {
   std::vector<int16_t> q;     // (M, K)
   std::vector<float> d;       // (M, K/32) scale per 32 elements
-  std::vector<float> zsum;    // (M, K/32) d * sum(q): the Q4 zero-point term
   std::vector<float> fsum;    // (M, K/32) exact float block sums of x (the min term)
 };
 
 // Quantize one 32-element block: q, d, d * sum(q), and the exact float sum of x (in a fixed
 // tree order), vectorized; the rounding is the CPU's round-half-even, as nearbyint's.
-inline void quantize_block(const float* xb, int16_t* q, float* d_out, float* zsum, float* fsum) {
+inline void quantize_block(const float* xb, int16_t* q, float* d_out, float* fsum) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 x[4], mx = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
@@ -152,33 +152,31 @@ inline void quantize_block(const float* xb, int16_t* q, float* d_out, float* zsu
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-  const float d = amax / 32767.f, id = amax > 0.f ? 1.f / d : 0.f;
+  bool nan = false;
+  for (int i = 0; i < 4; ++i) nan |= _mm256_movemask_ps(_mm256_cmp_ps(x[i], x[i], _CMP_UNORD_Q)) != 0;
+  // a block too small for a normal scale counts as zero; a NaN makes the whole block NaN
+  const float d = nan ? NAN : amax / 32767.f;
+  const float id = d >= FLT_MIN ? 1.f / d : 0.f;
   const __m256 idv = _mm256_set1_ps(id);
   const __m256i lo = _mm256_set1_epi32(-32767), hi = _mm256_set1_epi32(32767);
-  __m256i qi[4], isum = _mm256_setzero_si256();
-  for (int i = 0; i < 4; ++i) {
+  __m256i qi[4];
+  for (int i = 0; i < 4; ++i)
     qi[i] = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(x[i], idv))));
-    isum = _mm256_add_epi32(isum, qi[i]);
-  }
   // packs works within 128-bit lanes: restore element order with one permute per pair
   const __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[0], qi[1]), 0xD8);
   const __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[2], qi[3]), 0xD8);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p01);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), p23);
-  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-  *d_out = d;
-  *zsum = d * (float)_mm_cvtsi128_si32(s4);
+  *d_out = d >= FLT_MIN || nan ? d : 0.f;
   *fsum = hsum8(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
 }
 
 void quantize_rows(const float* x, int64_t M, int64_t K, QAct& a) {
   const int64_t nb = K / 32;
-  a.q.resize(M * K); a.d.resize(M * nb); a.zsum.resize(M * nb); a.fsum.resize(M * nb);
+  a.q.resize(M * K); a.d.resize(M * nb); a.fsum.resize(M * nb);
 #pragma omp parallel for schedule(static) if (M >= 8)
   for (int64_t i = 0; i < M * nb; ++i)
-    quantize_block(x + i * 32, a.q.data() + i * 32, &a.d[i], &a.zsum[i], &a.fsum[i]);
+    quantize_block(x + i * 32, a.q.data() + i * 32, &a.d[i], &a.fsum[i]);
 }
 
 // acc + pairwise products of 16 s16 lanes, summed in pairs into 8 int32 lanes.
@@ -199,8 +197,9 @@ inline void load_w32(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
     const uint8_t* p = static_cast<const uint8_t*>(w.q) + (n * w.K + c * 32) / 2;
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(0x0f);
-    out[0] = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
-    out[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+    const __m256i zp = _mm256_set1_epi16((int16_t)w.zp);    // codes - zp: still exact integers
+    out[0] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask)), zp);
+    out[1] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)), zp);
   } else {
     const int8_t* p = static_cast<const int8_t*>(w.q) + n * w.K + c * 32;
     out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -218,14 +217,11 @@ inline float dot_fixed(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// The per-block terms outside the integer dot: min * (exact sum of x), and the Q4 zero point
-// -zp * scale * d * sum(q). Both need 32-element blocks (checked by the caller).
+// The per-block term outside the integer dot: min * (exact sum of x); needs 32-element
+// blocks (checked by the caller).
 inline float side_terms(const Weights& w, int64_t n, const QAct& a, int64_t row) {
   const int64_t nc = w.K / 32;
-  float t = 0.f;
-  if (w.min) t = dot_fixed(w.min + n * w.nb, a.fsum.data() + row * nc, nc);
-  if (w.zp) t -= (float)w.zp * dot_fixed(w.scale + n * w.nb, a.zsum.data() + row * nc, nc);
-  return t;
+  return w.min ? dot_fixed(w.min + n * w.nb, a.fsum.data() + row * nc, nc) : 0.f;
 }
 
 // out[r, n0 + j] for R rows of x and NR weight rows: NR independent accumulator chains per x
@@ -322,7 +318,8 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
   // SmolLM2 here, 2^20 gives 40, 2^22 gives 32).
   const bool parallel = M * N * K >= (1 << 18);
   if (quant_act && fmt != kF32) {
-    TORCH_CHECK(!w.min || bs == 32, "qlinear: a min term needs 32-element blocks");
+    TORCH_CHECK(K % 32 == 0 && (!w.min || bs == 32),
+                "qlinear: quantized activations need K % 32 == 0 and 32-element min blocks");
     QAct a;
     quantize_rows(xp, M, K, a);
     const SpanQaFn span = pick_span_qa(fmt, bs);
@@ -394,8 +391,18 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Ten
   const int64_t T = qkv.size(0), KV = kc.size(2), D = kc.size(3), W = (H + 2 * KV) * D;
   TORCH_CHECK(qkv.is_contiguous() && qkv.dtype() == torch::kFloat32 && qkv.size(1) == W,
               "qkv_rope_cache: qkv must be (T, (H + 2 KV) * D) f32");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T &&
-              cos.size(1) == D / 2 && slots.numel() == T && D % 8 == 0, "qkv_rope_cache: shapes");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+              cos.size(0) == T && cos.size(1) == D / 2 && D % 8 == 0, "qkv_rope_cache: shapes");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
+              kc.dtype() == torch::kFloat32 && vc.dtype() == torch::kFloat32,
+              "qkv_rope_cache: caches must be contiguous f32 of one shape");
+  TORCH_CHECK((!q_norm.numel() || q_norm.numel() == D) && (!k_norm.numel() || k_norm.numel() == D),
+              "qkv_rope_cache: norm weights must have head_dim elements");
+  TORCH_CHECK(slots.numel() == T && slots.dtype() == torch::kInt64, "qkv_rope_cache: slots");
+  const int64_t n_slots = kc.size(0) * kc.size(1);
+  for (int64_t i = 0; i < T; ++i)
+    TORCH_CHECK(slots.data_ptr<int64_t>()[i] >= 0 && slots.data_ptr<int64_t>()[i] < n_slots,
+                "qkv_rope_cache: slot out of range");
   auto q = torch::empty({T, H, D}, qkv.options());
   const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
@@ -436,10 +443,6 @@ torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
   return out;
 }
 
-// One query row of one head against keys [lo, pos] of its sequence, read through its block
-// table block by block: scores in key order, softmax with the row max, values summed in key
-// order. The arithmetic per (query, key) is the same however the batch or prompt is cut.
-// kb(j): key j's vector for this head; o: the output row (zeroed by the caller).
 // exp(x) for x <= 0 (softmax arguments after the max is subtracted), 8 at a time: 2^n * p(r)
 // with x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial (relative error ~2e-7).
 // Own code, no libm call per score; results depend on x alone.
@@ -480,6 +483,10 @@ inline float softmax_numerators(float* sc, int64_t n, float mx) {
   return sum;
 }
 
+// One query row of one head against keys [lo, pos] of its sequence, read through its block
+// table block by block: scores in key order, softmax with the row max, values summed in key
+// order into o (the output row, overwritten). The arithmetic per (query, key) is the same
+// however the batch or the prompt is cut.
 inline void attend_row(const float* qv, const float* kc, const float* vc, const int64_t* table,
                        int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
                        float scale, std::vector<float>& sc, float* o) {
@@ -488,10 +495,10 @@ inline void attend_row(const float* qv, const float* kc, const float* vc, const 
   float mx = -INFINITY;
   for (int64_t j = lo; j <= pos;) {
     const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
-    const float* kb = kc + (table[b] * BS * KV + kvh) * D - b * BS * stride;
+    const float* kb = kc + (table[b] * BS * KV + kvh) * D;       // slot 0 of the block
     for (; j + 4 <= end; j += 4) {       // 4 keys at once: independent chains, same sums
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      const float* k0 = kb + j * stride;
+      const float* k0 = kb + (j - b * BS) * stride;
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 qd = _mm256_loadu_ps(qv + d);
         a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
@@ -503,7 +510,7 @@ inline void attend_row(const float* qv, const float* kc, const float* vc, const 
       for (int i = 0; i < 4; ++i) { sc[j + i - lo] = x[i]; mx = std::max(mx, x[i]); }
     }
     for (; j < end; ++j) {
-      const float* kv = kb + j * stride;
+      const float* kv = kb + (j - b * BS) * stride;
       __m256 acc = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8)
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kv + d), acc);
@@ -520,9 +527,9 @@ inline void attend_row(const float* qv, const float* kc, const float* vc, const 
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
-      const float* vb = vc + (table[b] * BS * KV + kvh) * D - b * BS * stride + d0;
+      const float* vb = vc + (table[b] * BS * KV + kvh) * D + d0;
       for (; j < end; ++j) {
-        const float* vv = vb + j * stride;
+        const float* vv = vb + (j - b * BS) * stride;
         const __m256 p = _mm256_set1_ps(sc[j - lo]);
         for (int i = 0; i < 8; ++i)
           if (i < nd) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * i), acc[i]);
