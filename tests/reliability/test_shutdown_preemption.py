@@ -93,8 +93,8 @@ def test_sigterm_refuses_new_finishes_in_flight_then_exits(tiny):
         try:
             r = httpx.post(tiny.base + "/v1/completions", json=greedy("Hi", 2), timeout=10)
             assert r.status_code == 503, r.text
-        except httpx.ConnectError:
-            pass
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+            pass                    # refused, or reset by the exiting process: never served
         refused += 1
         time.sleep(0.1)
     assert refused == 5
