@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.plan import compile_plan
 from ..model.attention import AttentionMetadata, SeqSlice
 from ..model.transformer import Transformer
 from ..sampling import make_generator, process_logits, sample, top_logprobs
@@ -40,10 +41,13 @@ class ModelRunner:
             k[0].zero_(), v[0].zero_()
             self.kv_caches.append((k, v))
 
+        # the layers as one C++ call per step where the model allows it (same bits)
+        self.forward = compile_plan(model, self.kv_caches) or model.forward
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
         input_ids, positions, meta = self._prepare(plan)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        hidden = self.forward(input_ids, positions, meta, self.kv_caches)
         # one LM-head matmul for every sequence that samples this step (each row's logits are
         # the same bits as alone: the kernels are batch-invariant)
         last = [sl.q_start + sl.q_len - 1 for s, sl in zip(plan.scheduled, meta.seqs) if s.samples]

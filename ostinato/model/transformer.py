@@ -32,12 +32,17 @@ class Transformer:
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids, positions: (T,) -> hidden (T, d_model) after the final norm."""
         x = self.embed(input_ids)
-        rope = {False: rope_tables(positions, self.inv_freq_global)}
-        if self.cfg.sliding_window:
-            rope[True] = rope_tables(positions, self.inv_freq_local)
+        rope = self.rope(positions)
         for i in range(self.cfg.n_layers):
             x = self.layer(i, x, rope, meta, kv_caches[i])
         return self.norm(x, "output_norm.weight")
+
+    def rope(self, positions: torch.Tensor) -> dict:
+        """{is_sliding: (cos, sin)}: this step's rotary tables, shared by every layer."""
+        rope = {False: rope_tables(positions, self.inv_freq_global)}
+        rope[True] = (rope_tables(positions, self.inv_freq_local) if self.cfg.sliding_window
+                      else rope[False])
+        return rope
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(hidden, self.lm_head)          # (N, vocab)

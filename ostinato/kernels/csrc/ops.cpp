@@ -575,10 +575,85 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
   return out;
 }
 
+// ---- the step as one call ------------------------------------------------------------
+// A Plan holds every layer's weights and KV caches, set up once at start-up, and runs the
+// decoder (model/transformer.py's math, with the very same kernels in the same order, so the
+// same bits) in one call per step: no Python between the layers.
+struct QW {
+  torch::Tensor q, scale, min;
+  int64_t fmt, bs, zp, N, K;
+  QW(torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t fmt, int64_t bs, int64_t zp,
+     int64_t N, int64_t K) : q(q), scale(scale), min(min), fmt(fmt), bs(bs), zp(zp), N(N), K(K) {}
+  torch::Tensor operator()(const torch::Tensor& x, int64_t quant) const {
+    return qlinear(x.reshape({-1, K}).contiguous(), q, scale, min, fmt, bs, zp, N, K, quant);
+  }
+};
+
+struct PlanLayer {
+  torch::Tensor attn_norm, q_norm, k_norm, post_attn_norm, ffn_norm, post_ffw_norm, kc, vc;
+  QW qkv, o, gate_up, down;
+  int64_t group, sliding;
+};
+
+class Plan {
+ public:
+  Plan(int64_t n_heads, int64_t ffn_dim, double eps, int64_t neox, int64_t gelu, double attn_scale,
+       int64_t window, int64_t quant, torch::Tensor out_norm)
+      : H_(n_heads), F_(ffn_dim), eps_(eps), neox_(neox), gelu_(gelu), scale_(attn_scale),
+        window_(window), quant_(quant), out_norm_(out_norm) {}
+
+  void add_layer(torch::Tensor attn_norm, torch::Tensor q_norm, torch::Tensor k_norm,
+                 torch::Tensor post_attn_norm, torch::Tensor ffn_norm, torch::Tensor post_ffw_norm,
+                 QW qkv, QW o, QW gate_up, QW down, int64_t group, int64_t sliding,
+                 torch::Tensor kc, torch::Tensor vc) {
+    layers_.push_back({attn_norm, q_norm, k_norm, post_attn_norm, ffn_norm, post_ffw_norm, kc, vc,
+                       qkv, o, gate_up, down, group, sliding});
+  }
+
+  // x: (T, d_model) embedded; cos/sin: [global, local] tables; slots/tables: per KV group.
+  torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> cos,
+                        std::vector<torch::Tensor> sin, std::vector<torch::Tensor> slots,
+                        std::vector<torch::Tensor> tables, torch::Tensor meta) const {
+    const int64_t T = x.size(0);
+    for (const PlanLayer& L : layers_) {
+      torch::Tensor h = rms_norm(x.contiguous(), L.attn_norm, eps_);
+      torch::Tensor q = qkv_rope_cache(L.qkv(h, quant_), L.q_norm, L.k_norm, eps_, cos[L.sliding],
+                                       sin[L.sliding], neox_, H_, L.kc, L.vc, slots[L.group]);
+      torch::Tensor a = paged_attention(q, L.kc, L.vc, tables[L.group], meta, scale_,
+                                        L.sliding ? window_ : 0);
+      h = L.o(a.reshape({T, -1}), quant_);
+      if (L.post_attn_norm.numel()) h = rms_norm(h, L.post_attn_norm, eps_);
+      x = x + h;
+      torch::Tensor gu = L.gate_up(rms_norm(x.contiguous(), L.ffn_norm, eps_), quant_);
+      h = L.down(gated_act(gu.narrow(1, 0, F_).contiguous(), gu.narrow(1, F_, F_).contiguous(),
+                           gelu_), quant_);
+      if (L.post_ffw_norm.numel()) h = rms_norm(h, L.post_ffw_norm, eps_);
+      x = x + h;
+    }
+    return rms_norm(x.contiguous(), out_norm_, eps_);
+  }
+
+ private:
+  int64_t H_, F_;
+  double eps_;
+  int64_t neox_, gelu_;
+  double scale_;
+  int64_t window_, quant_;
+  torch::Tensor out_norm_;
+  std::vector<PlanLayer> layers_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear);
   m.def("rms_norm", &rms_norm);
   m.def("qkv_rope_cache", &qkv_rope_cache);
   m.def("gated_act", &gated_act);
   m.def("paged_attention", &paged_attention);
+  py::class_<QW>(m, "QW").def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
+                                       int64_t, int64_t, int64_t, int64_t>());
+  py::class_<Plan>(m, "Plan")
+      .def(py::init<int64_t, int64_t, double, int64_t, int64_t, double, int64_t, int64_t,
+                    torch::Tensor>())
+      .def("add_layer", &Plan::add_layer)
+      .def("forward", &Plan::forward, py::call_guard<py::gil_scoped_release>());
 }
