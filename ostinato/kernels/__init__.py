@@ -27,7 +27,8 @@ def _cpu_key() -> str:
 
 @cache
 def ops():
-    """The compiled extension module (qlinear, rms_norm, gated_act, paged_attention)."""
+    """The compiled extension module (qlinear, rms_norm, qkv_rope_cache, gated_act,
+    paged_attention, and the Plan that runs them as one step)."""
     from torch.utils import cpp_extension
 
     from ..hub import home

@@ -20,9 +20,7 @@ class Transformer:
         self.lm_head = weights.get("output.weight", weights["token_embd.weight"])
         self.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_base)
         self.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_base_local)
-        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.shapes = {"attn_q": q, "attn_k": kv, "attn_v": kv,
-                       "ffn_gate": cfg.ffn_dim, "ffn_up": cfg.ffn_dim}
+        self.shapes = {"ffn_gate": cfg.ffn_dim, "ffn_up": cfg.ffn_dim}   # split of ffn_gate_up
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.w["token_embd.weight"].rows(input_ids)
@@ -81,8 +79,9 @@ class Transformer:
         T = x.shape[0]
         if p + "attn_qkv.weight" in w:
             qkv = ops.linear(x, w[p + "attn_qkv.weight"])
-        else:
-            qkv = torch.cat(self.project(x, p, "", ("attn_q", "attn_k", "attn_v")), dim=-1)
+        else:                       # the loader could not fuse them: three matmuls
+            qkv = torch.cat([ops.linear(x, w[p + n + ".weight"])
+                             for n in ("attn_q", "attn_k", "attn_v")], dim=-1)
         sliding = cfg.is_sliding(i)
         cos, sin = rope[sliding]
         k_cache, v_cache = kv_cache
