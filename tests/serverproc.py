@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from ostinato.bench.serving import free_port
 
 
 @dataclass
@@ -44,12 +45,6 @@ def read_metrics(base: str) -> dict[str, float]:
                     key += f"[{s.labels[lab]}]"
             out[key] = s.value
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_path, *args: str, env: dict | None = None,

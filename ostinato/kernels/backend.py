@@ -9,6 +9,9 @@ from . import ops
 from .repack import F32, Packed
 
 
+EMPTY = torch.empty(0)      # an absent optional weight (no min, no q/k norm)
+
+
 @dataclass
 class QWeight:
     """A repacked weight as torch tensors, ready for `qlinear`."""
@@ -23,10 +26,9 @@ class QWeight:
 
     @classmethod
     def from_packed(cls, p: Packed) -> "QWeight":
-        empty = torch.empty(0)
         return cls(p.fmt, p.bs, p.zp, torch.from_numpy(p.q),
-                   torch.from_numpy(p.scale) if p.scale is not None else empty,
-                   torch.from_numpy(p.min) if p.min is not None else empty, p.N, p.K)
+                   torch.from_numpy(p.scale) if p.scale is not None else EMPTY,
+                   torch.from_numpy(p.min) if p.min is not None else EMPTY, p.N, p.K)
 
     @staticmethod
     def concat(parts: list["QWeight"]) -> "QWeight | None":
@@ -59,9 +61,6 @@ class QWeight:
         return vals.reshape(len(ids), self.K)
 
 
-_EMPTY = torch.empty(0)
-
-
 class CpuKernels:
     """quantize_activations: quantize activations to int16 per 32 elements and take exact
     integer dot products with the quantized weights; False keeps them in float32."""
@@ -84,9 +83,8 @@ class CpuKernels:
 
     def qkv_rope_cache(self, qkv, q_norm, k_norm, eps, cos, sin, neox, n_heads, k_cache, v_cache,
                        slots) -> torch.Tensor:
-        empty = _EMPTY
-        return self.ops.qkv_rope_cache(qkv.contiguous(), empty if q_norm is None else q_norm,
-                                       empty if k_norm is None else k_norm, eps, cos, sin,
+        return self.ops.qkv_rope_cache(qkv.contiguous(), EMPTY if q_norm is None else q_norm,
+                                       EMPTY if k_norm is None else k_norm, eps, cos, sin,
                                        int(neox), n_heads, k_cache, v_cache, slots)
 
     def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:

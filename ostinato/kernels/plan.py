@@ -9,9 +9,7 @@ from collections.abc import Callable
 import torch
 
 from . import ops
-from .backend import CpuKernels, QWeight
-
-_NONE = torch.empty(0)
+from .backend import EMPTY, CpuKernels, QWeight
 
 
 def _qw(w: QWeight):
@@ -32,7 +30,7 @@ def compile_plan(model, kv_caches: list) -> Callable | None:
                       int(model.ops.quantize_activations), w["output_norm.weight"])
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        opt = lambda name: w.get(p + name, _NONE)   # noqa: E731
+        opt = lambda name: w.get(p + name, EMPTY)   # noqa: E731
         plan.add_layer(w[p + "attn_norm.weight"], opt("attn_q_norm.weight"),
                        opt("attn_k_norm.weight"), opt("post_attention_norm.weight"),
                        w[p + "ffn_norm.weight"], opt("post_ffw_norm.weight"),
