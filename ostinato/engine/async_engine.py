@@ -59,20 +59,12 @@ class FaultInjected(RuntimeError):
 
 
 @dataclass
-class _Sent:
-    """What one choice's caller has been sent so far."""
-    tokens: int = 0
-    chars: int = 0
-    finished: bool = False
-
-
-@dataclass
 class _Request:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     unfinished: int                     # choices still running
     fault: bool = False                 # the test hook fails its output processing
-    sent: dict[int, _Sent] = field(default_factory=dict)    # by choice index
+    started: set[int] = field(default_factory=set)    # choices that have sent tokens
 
     def put(self, item) -> None:
         try:
@@ -227,14 +219,14 @@ class AsyncEngine:
                  finished: bool) -> None:
         if not (token_ids or finished):
             return                          # a prefill chunk: nothing to show yet
-        sent = req.sent.setdefault(seq.index, _Sent())
         try:
-            delta = _snapshot(seq, text, token_ids, finished, first=sent.tokens == 0)
+            delta = _snapshot(seq, text, token_ids, finished,
+                              first=seq.index not in req.started)
         except Exception as e:              # a bad delta fails its own request only
             self._fail_request(seq.request_id, e)
             return
-        sent.tokens, sent.chars = sent.tokens + len(token_ids), sent.chars + len(text)
-        sent.finished = finished
+        if token_ids:
+            req.started.add(seq.index)
         req.put(delta)
         if finished:
             req.unfinished -= 1
@@ -304,7 +296,7 @@ def _engine_snapshot(engine: Engine) -> EngineSnapshot:
         waiting=len({s.request_id for s in sched.waiting}),
         kv_usage=kv.usage() if kv is not None else 0.0,
         prefix_hit_rate=_prefix_hit_rate(engine),
-        preemptions=int(getattr(sched, "num_preemptions", 0)))
+        preemptions=sched.num_preemptions)
 
 
 def _prefix_hit_rate(engine: Engine) -> float | None:

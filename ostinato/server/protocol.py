@@ -107,10 +107,8 @@ def check_limits(req: _Sampling, limits: Limits) -> None:
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
         raise _over("max_tokens", asked, limits.max_tokens, "--max-tokens-limit", "max_tokens")
-    if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) and \
-            req.prompt and not isinstance(req.prompt[0], int) and \
-            len(req.prompt) > limits.max_prompts:
-        raise _over("the number of prompts", len(req.prompt), limits.max_prompts,
+    if isinstance(req, CompletionRequest) and len(req.prompt_list()) > limits.max_prompts:
+        raise _over("the number of prompts", len(req.prompt_list()), limits.max_prompts,
                     "--max-prompts", "prompt")
 
 

@@ -11,6 +11,7 @@ from reliability_support import (
     MAX_MODEL_LEN,
     MAX_N,
     MAX_PROMPT_TOKENS,
+    MAX_PROMPTS,
     MAX_STOP_CHARS,
     MAX_STOPS,
     MAX_TOKENS,
@@ -27,6 +28,7 @@ def rserver(smollm_path):
         "--max-stop-strings", str(MAX_STOPS), "--max-stop-string-chars", str(MAX_STOP_CHARS),
         "--max-body-mb", str(MAX_BODY_MB), "--max-prompt-tokens", str(MAX_PROMPT_TOKENS),
         "--max-concurrent-streams", "96", "--max-logprobs", str(MAX_LOGPROBS),
+        "--max-prompts", str(MAX_PROMPTS),
         env={"OSTINATO_FAULT_INJECT": FAULT_MARKER})
     try:
         yield s

@@ -15,6 +15,7 @@ MAX_STOP_CHARS = 32
 MAX_BODY_MB = 0.25
 MAX_PROMPT_TOKENS = 192
 MAX_LOGPROBS = 5
+MAX_PROMPTS = 3                          # prompts in one /v1/completions request
 
 
 def outcomes(m: dict[str, float]) -> dict[str, float]:

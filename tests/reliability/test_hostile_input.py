@@ -18,6 +18,7 @@ from reliability_support import (
     MAX_LOGPROBS,
     MAX_N,
     MAX_PROMPT_TOKENS,
+    MAX_PROMPTS,
     MAX_STOP_CHARS,
     MAX_STOPS,
     MAX_TOKENS,
@@ -124,6 +125,8 @@ def test_limits_answer_400_naming_their_flag(http):
         "--max-stop-strings")
     err(completion(http, stop="x" * (MAX_STOP_CHARS + 1)), 400, "--max-stop-string-chars")
     err(completion(http, prompt=[7] * (MAX_PROMPT_TOKENS + 1)), 400, "--max-prompt-tokens")
+    err(completion(http, prompt=["Hi"] * (MAX_PROMPTS + 1)), 400, "--max-prompts")
+    assert completion(http, prompt=["Hi"] * MAX_PROMPTS).status_code == 200
     # at the limits: accepted
     r = completion(http, max_tokens=2, n=MAX_N, stop=["x" * MAX_STOP_CHARS] * MAX_STOPS)
     assert r.status_code == 200 and len(r.json()["choices"]) == MAX_N

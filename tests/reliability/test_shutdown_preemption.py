@@ -88,16 +88,13 @@ def test_sigterm_refuses_new_finishes_in_flight_then_exits(tiny):
     t0 = time.monotonic()
     tiny.proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
-    refused = 0
-    for _ in range(5):              # a new client: 503 at once, then connection refused
-        try:
+    for _ in range(5):              # a new client is never served: 503 while the listener is
+        try:                        # still open, then refused (or reset by the exiting process)
             r = httpx.post(tiny.base + "/v1/completions", json=greedy("Hi", 2), timeout=10)
             assert r.status_code == 503, r.text
         except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
-            pass                    # refused, or reset by the exiting process: never served
-        refused += 1
+            pass
         time.sleep(0.1)
-    assert refused == 5
     for t in threads:
         t.join(SHUTDOWN_TIMEOUT + 10)
     try:
