@@ -157,6 +157,37 @@ def test_qlinear_rows_are_batch_invariant(k_any, type_name):
         torch.set_num_threads(2)
 
 
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next(ln for ln in f if ln.startswith("flags")).split(":")[1].split())
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_amx_tiles_give_the_avx_kernels_bits(k, type_name):
+    """Where the CPU has AMX, batches from 6 rows run on the tile unit; every row must still
+    equal, bit for bit, what the AVX kernels give (which run it alone at batch 1)."""
+    ops = k.ops
+    if "amx_int8" not in _cpu_flags():
+        assert not ops.amx_available()        # nothing claims tiles the CPU lacks
+        return
+    assert ops.amx_available()
+    for N in (96, 37):                        # 37: a ragged last group of weight rows
+        _, p = packed(type_name, N=N, seed=N)
+        w = QWeight.from_packed(p)
+        x = torch.randn(37, 512)              # 37: a ragged last tile of x rows
+        x[3, 32:64] = 0.0
+        x[5, :32] = 1e-37
+        try:
+            ops.set_amx(False, 6)
+            avx = k.linear(x, w)
+            ops.set_amx(True, 1)
+            amx = k.linear(x, w)
+        finally:
+            ops.set_amx(True, 6)
+        assert torch.equal(amx, avx)
+        assert torch.equal(k.linear(x[:1], w), amx[:1])      # batch 1 (AVX) == batch 37 (AMX)
+
+
 def test_rms_norm_and_gated_act(k):
     x, w = torch.randn(37, 640), torch.randn(640)
     ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()

@@ -12,6 +12,15 @@ from .repack import F32, Packed
 EMPTY = torch.empty(0)      # an absent optional weight (no min, no q/k norm)
 
 
+def by_fours(t: torch.Tensor) -> torch.Tensor:
+    """(N, nb) per-row block values -> (ceil(N/4), nb, 4): four weight rows side by side, the
+    layout the kernels read scales and mins in (rows past N are zero)."""
+    N, nb = t.shape
+    padded = torch.zeros(-(-N // 4) * 4, nb, dtype=t.dtype)
+    padded[:N] = t
+    return padded.view(-1, 4, nb).transpose(1, 2).contiguous()
+
+
 @dataclass
 class QWeight:
     """A repacked weight as torch tensors, ready for `qlinear`."""
@@ -19,24 +28,25 @@ class QWeight:
     bs: int
     zp: int
     q: torch.Tensor
-    scale: torch.Tensor
-    min: torch.Tensor          # empty when the format has no min
+    scale: torch.Tensor        # by_fours layout: (ceil(N/4), K // bs, 4)
+    min: torch.Tensor          # the same layout; empty when the format has no min
     N: int
     K: int
 
     @classmethod
     def from_packed(cls, p: Packed) -> "QWeight":
-        return cls(p.fmt, p.bs, p.zp, torch.from_numpy(p.q),
-                   torch.from_numpy(p.scale) if p.scale is not None else EMPTY,
-                   torch.from_numpy(p.min) if p.min is not None else EMPTY, p.N, p.K)
+        fours = lambda t: by_fours(torch.from_numpy(t)) if t is not None else EMPTY  # noqa: E731
+        return cls(p.fmt, p.bs, p.zp, torch.from_numpy(p.q), fours(p.scale), fours(p.min),
+                   p.N, p.K)
 
     @staticmethod
     def concat(parts: list["QWeight"]) -> "QWeight | None":
         """Stack weights along N (one matmul for q|k|v or gate|up); None if their layouts
-        differ. Every output element is computed exactly as before: only the call is shared."""
+        differ (or a part's rows don't fill its fours). Every output element is computed
+        exactly as before: only the call is shared."""
         a = parts[0]
         if any((p.fmt, p.bs, p.zp, p.K, bool(p.min.numel())) !=
-               (a.fmt, a.bs, a.zp, a.K, bool(a.min.numel())) for p in parts):
+               (a.fmt, a.bs, a.zp, a.K, bool(a.min.numel())) or p.N % 4 for p in parts):
             return None
         cat = lambda ts: torch.cat(ts) if ts[0].numel() else ts[0]  # noqa: E731
         return QWeight(a.fmt, a.bs, a.zp, cat([p.q for p in parts]),
@@ -47,6 +57,10 @@ class QWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min))
 
+    @staticmethod
+    def _row(fours: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return fours[ids // 4, :, ids % 4].unsqueeze(-1)          # (T, nb, 1)
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (an embedding lookup): (T,) -> (T, K) float32."""
         if self.fmt == F32:
@@ -55,9 +69,9 @@ class QWeight:
         if self.fmt != 1:   # Q4: unpack nibbles of each 32-block
             q = q.view(len(ids), -1, 16)
             q = torch.cat([q & 0x0F, q >> 4], dim=2).to(torch.int32) - self.zp
-        vals = q.reshape(len(ids), -1, self.bs).to(torch.float32) * self.scale[ids].unsqueeze(-1)
+        vals = q.reshape(len(ids), -1, self.bs).to(torch.float32) * self._row(self.scale, ids)
         if self.min.numel():
-            vals = vals + self.min[ids].unsqueeze(-1)
+            vals = vals + self._row(self.min, ids)
         return vals.reshape(len(ids), self.K)
 
 

@@ -10,6 +10,11 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <memory>
+#include <algorithm>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <vector>
 
 namespace {
@@ -49,9 +54,15 @@ inline void load32_q4(const uint8_t* q, int zp, __m256 out[4]) {
 struct Weights {
   int64_t fmt, bs, zp, N, K, nb;   // nb = blocks per row = K / bs
   const void* q;                   // (N, K) f32 | (N, K) int8 | (N, K/2) uint8
-  const float* scale;              // (N, nb); unused for f32
-  const float* min;                // (N, nb) or nullptr
+  const float* scale;              // (ceil(N/4), nb, 4), see by4; unused for f32
+  const float* min;                // the same layout, or nullptr
 };
+
+// Scales and mins sit in fours of weight rows, [n / 4][block][n % 4], so the rows a tile
+// reads together are side by side: block b of row n is by4(t, nb, n)[4 * b].
+inline const float* by4(const float* t, int64_t nb, int64_t n) {
+  return t + (n >> 2) * nb * 4 + (n & 3);
+}
 
 // Unpack block b of row n into BS/8 float vectors (format and block size fixed at compile
 // time so the loop below is fully unrolled and stays in registers).
@@ -80,8 +91,8 @@ void tile_dot(const Weights& w, int64_t n, const float* x, const float* xsum, fl
   for (int64_t b = 0; b < w.nb; ++b) {
     __m256 v[4];
     unpack<FMT, BS>(w, n, b, v);
-    const __m256 s = _mm256_set1_ps(FMT == kF32 ? 1.f : w.scale[n * w.nb + b]);
-    const float m = w.min ? w.min[n * w.nb + b] : 0.f;
+    const __m256 s = _mm256_set1_ps(FMT == kF32 ? 1.f : by4(w.scale, w.nb, n)[4 * b]);
+    const float m = w.min ? by4(w.min, w.nb, n)[4 * b] : 0.f;
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * w.K + b * BS;
       __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(xr));
@@ -138,6 +149,8 @@ struct QAct {
   std::vector<int16_t> q;     // (M, K)
   std::vector<float> d;       // (M, K/32) scale per 32 elements
   std::vector<float> fsum;    // (M, K/32) exact float block sums of x (the min term)
+  int64_t ldt = 0;            // d and fsum again, by block: [c][row], rows padded by 4
+  std::vector<float> dt, fsumt;
 };
 
 // Quantize one 32-element block: q, d, d * sum(q), and the exact float sum of x (in a fixed
@@ -177,6 +190,13 @@ void quantize_rows(const float* x, int64_t M, int64_t K, QAct& a) {
 #pragma omp parallel for schedule(static) if (M >= 8)
   for (int64_t i = 0; i < M * nb; ++i)
     quantize_block(x + i * 32, a.q.data() + i * 32, &a.d[i], &a.fsum[i]);
+  a.ldt = M + 4;
+  a.dt.assign(nb * a.ldt, 0.f); a.fsumt.assign(nb * a.ldt, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < nb; ++c) {
+      a.dt[c * a.ldt + m] = a.d[m * nb + c];
+      a.fsumt[c * a.ldt + m] = a.fsum[m * nb + c];
+    }
 }
 
 // acc + pairwise products of 16 s16 lanes, summed in pairs into 8 int32 lanes.
@@ -207,63 +227,87 @@ inline void load_w32(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
   }
 }
 
-// sum_i a[i] * b[i] in a fixed order (8 lanes, then the tail).
-inline float dot_fixed(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum8(acc);
-  for (; i < n; ++i) s = std::fma(a[i], b[i], s);
-  return s;
+// Lane i of the result = the exact sum of v[i]'s 8 int32 lanes (integer adds: any order
+// gives the same value). NV <= 4 fills the low half.
+template <int NV>
+inline __m256i lane_sums(const __m256i* v) {
+  const __m256i z = _mm256_setzero_si256();
+  auto at = [&](int i) { return i < NV ? v[i] : z; };
+  const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(at(0), at(1)),
+                                       _mm256_hadd_epi32(at(2), at(3)));
+  if constexpr (NV <= 4) {
+    return _mm256_zextsi128_si256(
+        _mm_add_epi32(_mm256_castsi256_si128(u0), _mm256_extracti128_si256(u0, 1)));
+  } else {
+    const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(at(4), at(5)),
+                                         _mm256_hadd_epi32(at(6), at(7)));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                            _mm256_permute2x128_si256(u0, u1, 0x31));
+  }
 }
 
-// The per-block term outside the integer dot: min * (exact sum of x); needs 32-element
-// blocks (checked by the caller).
-inline float side_terms(const Weights& w, int64_t n, const QAct& a, int64_t row) {
-  const int64_t nc = w.K / 32;
-  return w.min ? dot_fixed(w.min + n * w.nb, a.fsum.data() + row * nc, nc) : 0.f;
+// Lane r * NR + j of a tile's outputs: the weight-row value p[j] (rows side by side, as by4
+// stores them) and the x-row value q[r] (rows side by side, as QAct's dt stores them).
+template <int R, int NR>
+inline __m256 w_lanes(const float* p) {
+  if constexpr (NR == 4) return _mm256_zextps128_ps256(_mm_loadu_ps(p));
+  else if constexpr (NR == 2) return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(p)));
+  else return _mm256_set1_ps(p[0]);
+}
+template <int R, int NR>
+inline __m256 x_lanes(const float* q) {
+  if constexpr (NR == 4) return _mm256_set1_ps(q[0]);
+  else if constexpr (NR == 2)
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(q)),
+                                    _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  else return _mm256_zextps128_ps256(_mm_loadu_ps(q));
 }
 
-// out[r, n0 + j] for R rows of x and NR weight rows: NR independent accumulator chains per x
-// row keep the FMA pipes busy at batch 1. Each output still sees the blocks in order c = 0..,
-// with the same operations whatever R and NR are: the tiling never changes a result's bits.
+// The arithmetic every quantized-activation output follows, whichever kernel runs it:
+//   acc = 0; for each 32-block c (and each 16-half h when the weights have 16-blocks):
+//     acc = fma(float(exact integer dot of the block), w_scale * x_scale, acc)
+//     acc = fma(w_min, exact float sum of x's block, acc)          (formats with a min)
+// These AVX tiles and the AMX tiles further down both compute exactly this, so a row's
+// result never depends on which kernel its batch size picked. A tile is R x rows and NR
+// weight rows (n0 % NR == 0), one output per lane.
 template <int R, int NR, int FMT, int BS>
 void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out, int64_t ldo) {
-  __m256 acc[R][NR];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_ps();
+  constexpr int NV = R * NR;                 // lane l = r * NR + j
+  static_assert(NV <= 8 && R <= 4, "8 outputs per tile at most");
   const int64_t nc = w.K / 32;
+  const float* sw = by4(w.scale, w.nb, n0);
+  const float* mw = w.min ? by4(w.min, w.nb, n0) : nullptr;
+  __m256 acc = _mm256_setzero_ps();
   for (int64_t c = 0; c < nc; ++c) {
     __m256i wv[NR][2];
-    __m256 s0[NR], s1[NR];
-    for (int j = 0; j < NR; ++j) {
-      load_w32<FMT>(w, n0 + j, c, wv[j]);
-      const float* sc = w.scale + (n0 + j) * w.nb + c * (32 / BS);
-      s0[j] = _mm256_set1_ps(sc[0]);
-      s1[j] = BS == 16 ? _mm256_set1_ps(sc[1]) : s0[j];
-    }
+    for (int j = 0; j < NR; ++j) load_w32<FMT>(w, n0 + j, c, wv[j]);
+    __m256i dots[2][NV];
     for (int r = 0; r < R; ++r) {
-      const int64_t row = m0 + r;
-      const int16_t* xq = a.q.data() + row * w.K + c * 32;
+      const int16_t* xq = a.q.data() + (m0 + r) * w.K + c * 32;
       const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
       const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
-      const __m256 dx = _mm256_set1_ps(a.d[row * nc + c]);
       for (int j = 0; j < NR; ++j) {
-        if constexpr (BS == 32) {      // both halves share one scale: one integer sum
-          const __m256i dot = dot_s16(_mm256_madd_epi16(wv[j][0], x0), wv[j][1], x1);
-          acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s0[j], dx), acc[r][j]);
-        } else {                       // two blocks of 16, one per half
-          const __m256 f0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(wv[j][0], x0));
-          const __m256 f1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(wv[j][1], x1));
-          acc[r][j] = _mm256_fmadd_ps(f0, _mm256_mul_ps(s0[j], dx), acc[r][j]);
-          acc[r][j] = _mm256_fmadd_ps(f1, _mm256_mul_ps(s1[j], dx), acc[r][j]);
+        if constexpr (BS == 32) {
+          dots[0][r * NR + j] = dot_s16(_mm256_madd_epi16(wv[j][0], x0), wv[j][1], x1);
+        } else {
+          dots[0][r * NR + j] = _mm256_madd_epi16(wv[j][0], x0);
+          dots[1][r * NR + j] = _mm256_madd_epi16(wv[j][1], x1);
         }
       }
     }
+    const __m256 dx = x_lanes<R, NR>(a.dt.data() + c * a.ldt + m0);
+    for (int h = 0; h < 32 / BS; ++h) {
+      const __m256 s = _mm256_mul_ps(w_lanes<R, NR>(sw + 4 * (c * (32 / BS) + h)), dx);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums<NV>(dots[h])), s, acc);
+    }
+    if (mw)
+      acc = _mm256_fmadd_ps(w_lanes<R, NR>(mw + 4 * c),
+                            x_lanes<R, NR>(a.fsumt.data() + c * a.ldt + m0), acc);
   }
+  alignas(32) float o[8];
+  _mm256_store_ps(o, acc);
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NR; ++j)
-      out[r * ldo + n0 + j] = hsum8(acc[r][j]) + side_terms(w, n0 + j, a, m0 + r);
+    for (int j = 0; j < NR; ++j) out[r * ldo + n0 + j] = o[r * NR + j];
 }
 
 // Weight rows [n0, n1) against x rows [m0, m0 + rows): 4 weight rows at a time at batch 1,
@@ -273,7 +317,12 @@ void tile_span_qa(int rows, const Weights& w, int64_t n0, int64_t n1, const QAct
                   int64_t m0, float* out, int64_t ldo) {
   int64_t n = n0;
   switch (rows) {
-    case 1: for (; n + 4 <= n1; n += 4) tile_qa<1, 4, FMT, BS>(w, n, a, m0, out, ldo); break;
+    case 1:
+#if defined(__AVX512BW__)
+
+#endif
+      for (; n + 4 <= n1; n += 4) tile_qa<1, 4, FMT, BS>(w, n, a, m0, out, ldo);
+      break;
     case 2: for (; n + 2 <= n1; n += 2) tile_qa<2, 2, FMT, BS>(w, n, a, m0, out, ldo); break;
     case 3: for (; n + 2 <= n1; n += 2) tile_qa<3, 2, FMT, BS>(w, n, a, m0, out, ldo); break;
     default: for (; n + 2 <= n1; n += 2) tile_qa<4, 2, FMT, BS>(w, n, a, m0, out, ldo); break;
@@ -296,6 +345,248 @@ SpanQaFn pick_span_qa(int64_t fmt, int64_t bs) {
   return bs == 16 ? tile_span_qa<kQ8, 16> : tile_span_qa<kQ8, 32>;
 }
 
+// ---- AMX (Sapphire Rapids and later) ------------------------------------------------
+// The same arithmetic as tile_qa, with the integer dots on the tile unit: a weight tile of
+// 16 rows x one block meets a tile of 16 activation rows. int16 activations are split
+// exactly into hi * 256 + lo (hi signed, lo unsigned bytes), so two int8 tile products give
+// the same exact integers as the int16 dot; the per-block scaling then runs on 16 rows at a
+// time in AVX-512, in the order above. Integer sums are exact and each output element sees
+// the same float operations, so results equal tile_qa's bit for bit (tests/test_kernels.py).
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define OSTINATO_AMX 1
+
+bool amx_permitted() {        // Linux hands out the tile state only on request
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Two sets of four tiles: int32 sums of the hi and lo bytes (16 weight rows x 16 x rows),
+// weights (16 rows x BS bytes), activation bytes (BS/4 rows of 16 x rows x 4 bytes).
+void load_tile_config(int64_t bs) {
+  TileConfig cfg;
+  for (int t : {0, 1, 4, 5}) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  for (int t : {2, 6}) { cfg.rows[t] = 16; cfg.colsb[t] = (uint16_t)bs; }
+  for (int t : {3, 7}) { cfg.rows[t] = (uint8_t)(bs / 4); cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+}
+
+// Activations in tile order: for x-row tile t (16 rows) and block c, byte k of row m sits at
+// [t][c][k / 4][m % 16][k % 4]; scales, exact float sums and integer sums at [t][c][m % 16].
+// Rows past M stay zero.
+struct AmxAct {
+  int64_t tiles = 0, nc = 0;
+  std::unique_ptr<int8_t[]> hi;
+  std::unique_ptr<uint8_t[]> lo;
+  std::unique_ptr<float[]> d, fsum;
+  std::unique_ptr<int32_t[]> qsum;       // only for weights with a zero point
+};
+
+void alloc_amx(int64_t M, int64_t K, bool qsum, AmxAct& p) {
+  p.nc = K / 32;
+  p.tiles = (M + 15) / 16;
+  const int64_t n = p.tiles * p.nc;
+  p.hi.reset(new int8_t[n * 512]); p.lo.reset(new uint8_t[n * 512]);
+  p.d.reset(new float[n * 16]); p.fsum.reset(new float[n * 16]);
+  if (qsum) p.qsum.reset(new int32_t[n * 16]);
+  if (M % 16) {                        // the last tile's missing rows are zeros
+    const int64_t first = (p.tiles - 1) * p.nc;
+    std::memset(p.hi.get() + first * 512, 0, p.nc * 512);
+    std::memset(p.lo.get() + first * 512, 0, p.nc * 512);
+    std::fill_n(p.d.get() + first * 16, p.nc * 16, 0.f);
+    std::fill_n(p.fsum.get() + first * 16, p.nc * 16, 0.f);
+    if (qsum) std::fill_n(p.qsum.get() + first * 16, p.nc * 16, 0);
+  }
+}
+
+// Quantize block i (row i / nc, block i % nc) of x exactly as quantize_rows does, straight
+// into tile order.
+inline void pack_cell(const float* x, int64_t i, bool qsum, AmxAct& p) {
+  const int64_t m = i / p.nc, c = i % p.nc, cell = (m / 16) * p.nc + c, at = cell * 16 + m % 16;
+  alignas(64) int16_t q16[32];
+  quantize_block(x + i * 32, q16, &p.d[at], &p.fsum[at]);
+  const __m512i q = _mm512_load_si512(q16);
+  const __m256i rows = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);   // in dwords
+  const int64_t base = cell * 512 + (m % 16) * 4;
+  _mm256_i32scatter_epi32(p.hi.get() + base, rows, _mm512_cvtepi16_epi8(_mm512_srai_epi16(q, 8)), 4);
+  _mm256_i32scatter_epi32(p.lo.get() + base, rows,
+                          _mm512_cvtepi16_epi8(_mm512_and_si512(q, _mm512_set1_epi16(0xff))), 4);
+  if (qsum) p.qsum[at] = _mm512_reduce_add_epi32(_mm512_madd_epi16(q, _mm512_set1_epi16(1)));
+}
+
+// Rows [n0, n0 + 16) of the weights as int8 bytes, row stride K (Q4: codes 0..15, the zero
+// point is taken off the integer sums instead); rows past N are zero.
+const int8_t* weight_rows(const Weights& w, int64_t n0, int8_t* buf) {
+  const int64_t rows = std::min<int64_t>(16, w.N - n0), K = w.K;
+  if (w.fmt == kQ8 && rows == 16) return static_cast<const int8_t*>(w.q) + n0 * K;
+  for (int64_t r = 0; r < 16; ++r) {
+    int8_t* dst = buf + r * K;
+    if (r >= rows) { std::memset(dst, 0, K); continue; }
+    if (w.fmt == kQ8) { std::memcpy(dst, static_cast<const int8_t*>(w.q) + (n0 + r) * K, K); continue; }
+    const uint8_t* src = static_cast<const uint8_t*>(w.q) + (n0 + r) * K / 2;
+    int64_t c = 0;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (; c + 4 <= K / 32; c += 4) {       // 4 blocks: low nibbles then high, block by block
+      const __m512i b = _mm512_loadu_si512(src + c * 16);
+      const __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+      _mm512_storeu_si512(dst + c * 32, _mm512_permutex2var_epi64(lo, first, hi));
+      _mm512_storeu_si512(dst + c * 32 + 64, _mm512_permutex2var_epi64(lo, second, hi));
+    }
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    for (; c < K / 32; ++c) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c * 16));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c * 32), _mm_and_si128(b, mask));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c * 32 + 16),
+                       _mm_and_si128(_mm_srli_epi16(b, 4), mask));
+    }
+  }
+  return buf;
+}
+
+// In-register 16 x 16 transpose of floats.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 8; ++i) {
+    const int a = (i / 4) * 8 + i % 4, b = a + 4;
+    t[a] = _mm512_shuffle_f32x4(r[a], r[b], 0x88);
+    t[b] = _mm512_shuffle_f32x4(r[a], r[b], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// One group of 16 weight rows against every x-row tile.
+template <int FMT, int BS>
+void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* out,
+               int64_t ldo, int8_t* wbuf) {
+  const int64_t K = w.K, nc = a.nc, rows = std::min<int64_t>(16, w.N - n0);
+  const int8_t* A = weight_rows(w, n0, wbuf);
+  const float* sc[16];                    // block b of row n0 + n: sc[n][4 * b]
+  const float* mn[16];
+  for (int n = 0; n < 16; ++n) {          // padding rows reuse a real row's scales
+    const int64_t row = n0 + std::min<int64_t>(n, rows - 1);
+    sc[n] = by4(w.scale, w.nb, row);
+    mn[n] = w.min ? by4(w.min, w.nb, row) : nullptr;
+  }
+  // Cells (block c, half h) go two at a time on separate tiles, so one pair's tile
+  // products overlap the other's: X on tmm0-3 (C hi, C lo, weights, x bytes), Y on tmm4-7.
+  constexpr int H = 32 / BS;
+  const int64_t cells = nc * H;
+  alignas(64) int32_t cs[2][2][16][16];      // [X/Y][hi/lo]
+  auto w_at = [&](int64_t i) { return A + (i / H) * 32 + (i % H) * BS; };
+  auto x_at = [&](const auto& v, int64_t t, int64_t i) {
+    return v.get() + (t * nc + i / H) * 512 + (i % H) * (BS / 4) * 64;
+  };
+  for (int64_t t = 0; t < a.tiles; ++t) {
+    __m512 acc[16];
+    for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
+    auto finish = [&](int64_t i, int32_t (*ch)[16], int32_t (*cl)[16]) {
+      const int64_t c = i / H, h = i % H, cell = t * nc + c;
+      const __m512 dx = _mm512_loadu_ps(a.d.get() + cell * 16);
+      __m512i zq = _mm512_setzero_si512();
+      if (FMT == kQ4 && w.zp)
+        zq = _mm512_mullo_epi32(_mm512_loadu_si512(a.qsum.get() + cell * 16),
+                                _mm512_set1_epi32((int32_t)w.zp));
+      for (int n = 0; n < 16; ++n) {
+        __m512i iv = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch[n]), 8),
+                                      _mm512_load_si512(cl[n]));
+        if (FMT == kQ4) iv = _mm512_sub_epi32(iv, zq);
+        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sc[n][4 * (c * H + h)]), dx);
+        acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), s, acc[n]);
+      }
+      if (w.min && h == H - 1) {
+        const __m512 fs = _mm512_loadu_ps(a.fsum.get() + cell * 16);
+        for (int n = 0; n < 16; ++n) acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(mn[n][4 * c]), fs, acc[n]);
+      }
+    };
+    int64_t i = 0;
+    for (; i + 2 <= cells; i += 2) {
+      _tile_zero(0); _tile_zero(1); _tile_zero(4); _tile_zero(5);
+      _tile_loadd(2, w_at(i), K);
+      _tile_loadd(6, w_at(i + 1), K);
+      _tile_loadd(3, x_at(a.hi, t, i), 64);
+      _tile_loadd(7, x_at(a.hi, t, i + 1), 64);
+      if constexpr (FMT == kQ4) { _tile_dpbusd(0, 2, 3); _tile_dpbusd(4, 6, 7); }
+      else { _tile_dpbssd(0, 2, 3); _tile_dpbssd(4, 6, 7); }
+      _tile_loadd(3, x_at(a.lo, t, i), 64);
+      _tile_loadd(7, x_at(a.lo, t, i + 1), 64);
+      if constexpr (FMT == kQ4) { _tile_dpbuud(1, 2, 3); _tile_dpbuud(5, 6, 7); }
+      else { _tile_dpbsud(1, 2, 3); _tile_dpbsud(5, 6, 7); }
+      _tile_stored(0, cs[0][0], 64); _tile_stored(1, cs[0][1], 64);
+      _tile_stored(4, cs[1][0], 64); _tile_stored(5, cs[1][1], 64);
+      finish(i, cs[0][0], cs[0][1]);
+      finish(i + 1, cs[1][0], cs[1][1]);
+    }
+    if (i < cells) {
+      _tile_zero(0); _tile_zero(1);
+      _tile_loadd(2, w_at(i), K);
+      _tile_loadd(3, x_at(a.hi, t, i), 64);
+      if constexpr (FMT == kQ4) _tile_dpbusd(0, 2, 3); else _tile_dpbssd(0, 2, 3);
+      _tile_loadd(3, x_at(a.lo, t, i), 64);
+      if constexpr (FMT == kQ4) _tile_dpbuud(1, 2, 3); else _tile_dpbsud(1, 2, 3);
+      _tile_stored(0, cs[0][0], 64); _tile_stored(1, cs[0][1], 64);
+      finish(i, cs[0][0], cs[0][1]);
+    }
+    transpose16(acc);                            // acc[m] = row m's 16 outputs
+    const int64_t mrows = std::min<int64_t>(16, M - t * 16);
+    const __mmask16 keep = (__mmask16)((1u << rows) - 1);
+    for (int64_t m = 0; m < mrows; ++m)
+      _mm512_mask_storeu_ps(out + (t * 16 + m) * ldo + n0, keep, acc[m]);
+  }
+}
+
+// Quantizing, packing and the tile products share one parallel region.
+void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool parallel) {
+  AmxAct a;
+  const bool qsum = w.fmt == kQ4 && w.zp;
+  alloc_amx(M, w.K, qsum, a);
+  auto group = w.fmt == kQ4 ? amx_group<kQ4, 32>
+             : w.bs == 16 ? amx_group<kQ8, 16> : amx_group<kQ8, 32>;
+  const int64_t groups = (w.N + 15) / 16, cells = M * a.nc;
+#pragma omp parallel if (parallel)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < cells; ++i) pack_cell(x, i, qsum, a);
+    load_tile_config(w.bs);
+    std::vector<int8_t> wbuf(16 * w.K);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) group(w, g * 16, a, M, out, w.N, wbuf.data());
+    _tile_release();
+  }
+}
+#else
+bool amx_permitted() { return false; }
+void qlinear_amx(const Weights&, const float*, int64_t, float*, bool) {}
+#endif
+
+// Small batches stay on AVX: a tile product costs the same for 1 x row as for 16 (measured
+// on SmolLM2's layers here: AMX wins from 6 rows, 1.6x at 16, 3x at 64 and more).
+int64_t g_amx_min_rows = 6;
+bool g_amx_enabled = true;
+bool use_amx(int64_t M) { return g_amx_enabled && M >= g_amx_min_rows && amx_permitted(); }
+
 }  // namespace
 
 // x: (M, K) f32 contiguous -> (M, N) f32
@@ -305,6 +596,9 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
   TORCH_CHECK(x.size(1) == K && K % bs == 0, "qlinear: x has the wrong width");
   TORCH_CHECK((fmt == kQ8 && (bs == 16 || bs == 32)) || ((fmt == kQ4 || fmt == kF32) && bs == 32),
               "qlinear: unsupported format/block size");
+  TORCH_CHECK(fmt == kF32 || (scale.is_contiguous() && scale.numel() == (N + 3) / 4 * (K / bs) * 4 &&
+                              (!min.numel() || min.numel() == scale.numel())),
+              "qlinear: scales (and mins) must be (ceil(N/4), K/bs, 4)");
   const int64_t M = x.size(0);
   auto out = torch::empty({M, N}, x.options());
   Weights w{fmt, bs, zp, N, K, K / bs, q.data_ptr(),
@@ -320,6 +614,10 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
   if (quant_act && fmt != kF32) {
     TORCH_CHECK(K % 32 == 0 && (!w.min || bs == 32),
                 "qlinear: quantized activations need K % 32 == 0 and 32-element min blocks");
+    if (use_amx(M)) {
+      qlinear_amx(w, xp, M, op, parallel);
+      return out;
+    }
     QAct a;
     quantize_rows(xp, M, K, a);
     const SpanQaFn span = pick_span_qa(fmt, bs);
@@ -483,65 +781,94 @@ inline float softmax_numerators(float* sc, int64_t n, float mx) {
   return sum;
 }
 
-// One query row of one head against keys [lo, pos] of its sequence, read through its block
-// table block by block: scores in key order, softmax with the row max, values summed in key
-// order into o (the output row, overwritten). The arithmetic per (query, key) is the same
-// however the batch or the prompt is cut.
-inline void attend_row(const float* qv, const float* kc, const float* vc, const int64_t* table,
-                       int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
-                       float scale, std::vector<float>& sc, float* o) {
-  const int64_t stride = KV * D;
-  sc.resize(pos - lo + 1);
-  float mx = -INFINITY;
+// G query rows of one token whose heads share one KV head, against keys [lo, pos] of their
+// sequence, read through its block table block by block: each key and value row is loaded
+// once for all G heads. Per head the arithmetic is fixed: scores in key order (8-lane dot,
+// then a fixed-order sum), softmax with the head's max, values summed in key order into o
+// (the G output rows, overwritten). Nothing depends on how the batch or the prompt is cut.
+template <int G>
+void attend_group(const float* qv, const float* kc, const float* vc, const int64_t* table,
+                  int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
+                  float scale, std::vector<float>& sc, float* o) {
+  const int64_t stride = KV * D, n = pos - lo + 1;
+  sc.resize(G * n);
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
   for (int64_t j = lo; j <= pos;) {
     const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
     const float* kb = kc + (table[b] * BS * KV + kvh) * D;       // slot 0 of the block
     for (; j + 4 <= end; j += 4) {       // 4 keys at once: independent chains, same sums
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       const float* k0 = kb + (j - b * BS) * stride;
-      for (int64_t d = 0; d < D; d += 8) {
-        const __m256 qd = _mm256_loadu_ps(qv + d);
-        a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
-        a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + stride + d), a1);
-        a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 2 * stride + d), a2);
-        a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 3 * stride + d), a3);
+      for (int g = 0; g < G; ++g) {
+        const float* q = qv + g * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 qd = _mm256_loadu_ps(q + d);
+          a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
+          a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + stride + d), a1);
+          a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 2 * stride + d), a2);
+          a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 3 * stride + d), a3);
+        }
+        const float x[4] = {hsum8(a0) * scale, hsum8(a1) * scale, hsum8(a2) * scale,
+                            hsum8(a3) * scale};
+        for (int i = 0; i < 4; ++i) { sc[g * n + j + i - lo] = x[i]; mx[g] = std::max(mx[g], x[i]); }
       }
-      const float x[4] = {hsum8(a0) * scale, hsum8(a1) * scale, hsum8(a2) * scale, hsum8(a3) * scale};
-      for (int i = 0; i < 4; ++i) { sc[j + i - lo] = x[i]; mx = std::max(mx, x[i]); }
     }
     for (; j < end; ++j) {
       const float* kv = kb + (j - b * BS) * stride;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kv + d), acc);
-      const float x = hsum8(acc) * scale;
-      sc[j - lo] = x;
-      mx = std::max(mx, x);
+      for (int g = 0; g < G; ++g) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + g * D + d), _mm256_loadu_ps(kv + d), acc);
+        const float x = hsum8(acc) * scale;
+        sc[g * n + j - lo] = x;
+        mx[g] = std::max(mx[g], x);
+      }
     }
   }
-  const float sum = softmax_numerators(sc.data(), pos - lo + 1, mx);
-  const __m256 inv = _mm256_set1_ps(1.f / sum);
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {   // 64 output dims in registers, keys in order
-    const int64_t nd = std::min<int64_t>(64, D - d0) / 8;
-    __m256 acc[8];
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  __m256 inv[G];
+  for (int g = 0; g < G; ++g) inv[g] = _mm256_set1_ps(1.f / softmax_numerators(sc.data() + g * n, n, mx[g]));
+  constexpr int kDims = G <= 2 ? 64 : 32;      // output dims kept in registers per pass
+  for (int64_t d0 = 0; d0 < D; d0 += kDims) {
+    const int64_t nd = std::min<int64_t>(kDims, D - d0) / 8;
+    __m256 acc[G][kDims / 8];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < kDims / 8; ++i) acc[g][i] = _mm256_setzero_ps();
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
       const float* vb = vc + (table[b] * BS * KV + kvh) * D + d0;
       for (; j < end; ++j) {
         const float* vv = vb + (j - b * BS) * stride;
-        const __m256 p = _mm256_set1_ps(sc[j - lo]);
-        for (int i = 0; i < 8; ++i)
-          if (i < nd) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * i), acc[i]);
+        __m256 v[kDims / 8];
+        for (int i = 0; i < kDims / 8; ++i) if (i < nd) v[i] = _mm256_loadu_ps(vv + 8 * i);
+        for (int g = 0; g < G; ++g) {
+          const __m256 p = _mm256_set1_ps(sc[g * n + j - lo]);
+          for (int i = 0; i < kDims / 8; ++i)
+            if (i < nd) acc[g][i] = _mm256_fmadd_ps(p, v[i], acc[g][i]);
+        }
       }
     }
-    for (int i = 0; i < nd; ++i) _mm256_storeu_ps(o + d0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < nd; ++i)
+        _mm256_storeu_ps(o + g * D + d0 + 8 * i, _mm256_mul_ps(acc[g][i], inv[g]));
   }
 }
 
-// Causal (optionally sliding-window) attention over a paged cache, one (token, head) at a
-// time (attend_row). q: (T, H, D); caches: (NB, BS, KV, D); tables: (S, maxb) int64;
-// meta: (S, 3) int64 rows of (q_start, q_len, context_len).
+using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&,
+                          float*);
+
+// Heads per KV head: 1..4 together; larger groups go in runs of 4, then the rest.
+void attend_heads(int64_t G, const float* qv, const float* kc, const float* vc,
+                  const int64_t* table, int64_t BS, int64_t KV, int64_t kvh, int64_t D,
+                  int64_t lo, int64_t pos, float scale, std::vector<float>& sc, float* o) {
+  static const AttendFn fns[4] = {attend_group<1>, attend_group<2>, attend_group<3>, attend_group<4>};
+  for (int64_t g = 0; g < G; g += 4) {
+    const int64_t k = std::min<int64_t>(4, G - g);
+    fns[k - 1](qv + g * D, kc, vc, table, BS, KV, kvh, D, lo, pos, scale, sc, o + g * D);
+  }
+}
+
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                               torch::Tensor tables, torch::Tensor meta, double scale,
                               int64_t window) {
@@ -561,15 +888,17 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
 #pragma omp parallel if (work >= 4096)   // a short decode step stays on one core
   {
     std::vector<float> sc;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t th = 0; th < T * H; ++th) {
-      const int64_t t = th / H, h = th % H, s = row_seq[t];
+    const int64_t G = H / KV;
+#pragma omp for schedule(dynamic, 2)
+    for (int64_t tk = 0; tk < T * KV; ++tk) {
+      const int64_t t = tk / KV, kvh = tk % KV, s = row_seq[t];
       if (s < 0) continue;
       const int64_t q_start = mp[3 * s], q_len = mp[3 * s + 1], ctx = mp[3 * s + 2];
       const int64_t pos = ctx - q_len + (t - q_start);
       const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      attend_row(qp + (t * H + h) * D, kp, vp, tp + s * maxb, BS, KV, h / (H / KV), D, lo, pos,
-                 (float)scale, sc, op + (t * H + h) * D);
+      const int64_t h0 = kvh * G;             // heads h0 .. h0 + G - 1 read KV head kvh
+      attend_heads(G, qp + (t * H + h0) * D, kp, vp, tp + s * maxb, BS, KV, kvh, D, lo, pos,
+                   (float)scale, sc, op + (t * H + h0) * D);
     }
   }
   return out;
@@ -645,6 +974,8 @@ class Plan {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear);
+  m.def("amx_available", [] { return amx_permitted(); });
+  m.def("set_amx", [](bool on, int64_t min_rows) { g_amx_enabled = on; g_amx_min_rows = min_rows; });
   m.def("rms_norm", &rms_norm);
   m.def("qkv_rope_cache", &qkv_rope_cache);
   m.def("gated_act", &gated_act);
