@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import ops
@@ -21,6 +22,12 @@ def by_fours(t: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, 4, nb).transpose(1, 2).contiguous()
 
 
+def _exact_half(*arrays) -> bool:
+    """Whether every value is exactly a float16 (then half the bytes carry the same values)."""
+    return all(a is None or np.array_equal(a.astype(np.float16).astype(np.float32), a)
+               for a in arrays)
+
+
 @dataclass
 class QWeight:
     """A repacked weight as torch tensors, ready for `qlinear`."""
@@ -35,7 +42,12 @@ class QWeight:
 
     @classmethod
     def from_packed(cls, p: Packed) -> "QWeight":
-        fours = lambda t: by_fours(torch.from_numpy(t)) if t is not None else EMPTY  # noqa: E731
+        """Scales and mins go by fours of rows, in float16 when that is exact (GGUF stores
+        Q4_0/Q4_1/Q5_x/Q8_0 scales as halves; K-quant scales are float32 products)."""
+        dtype = np.float16 if p.scale is not None and _exact_half(p.scale, p.min) else np.float32
+
+        def fours(t):
+            return by_fours(torch.from_numpy(t.astype(dtype))) if t is not None else EMPTY
         return cls(p.fmt, p.bs, p.zp, torch.from_numpy(p.q), fours(p.scale), fours(p.min),
                    p.N, p.K)
 
@@ -45,8 +57,9 @@ class QWeight:
         differ (or a part's rows don't fill its fours). Every output element is computed
         exactly as before: only the call is shared."""
         a = parts[0]
-        if any((p.fmt, p.bs, p.zp, p.K, bool(p.min.numel())) !=
-               (a.fmt, a.bs, a.zp, a.K, bool(a.min.numel())) or p.N % 4 for p in parts):
+        if any((p.fmt, p.bs, p.zp, p.K, bool(p.min.numel()), p.scale.dtype) !=
+               (a.fmt, a.bs, a.zp, a.K, bool(a.min.numel()), a.scale.dtype) or p.N % 4
+               for p in parts):
             return None
         cat = lambda ts: torch.cat(ts) if ts[0].numel() else ts[0]  # noqa: E731
         return QWeight(a.fmt, a.bs, a.zp, cat([p.q for p in parts]),
@@ -59,7 +72,7 @@ class QWeight:
 
     @staticmethod
     def _row(fours: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return fours[ids // 4, :, ids % 4].unsqueeze(-1)          # (T, nb, 1)
+        return fours[ids // 4, :, ids % 4].float().unsqueeze(-1)          # (T, nb, 1)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (an embedding lookup): (T,) -> (T, K) float32."""

@@ -51,18 +51,42 @@ inline void load32_q4(const uint8_t* q, int zp, __m256 out[4]) {
   out[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), z));
 }
 
+// Per-block values of the weight rows (scales, mins), stored by fours of rows,
+// [n / 4][block][n % 4], so the rows a tile reads together sit side by side; float32, or
+// float16 where every value is exactly a half (the scales of Q4_0, Q4_1, Q8_0 ... are).
+struct BlockVals {
+  const void* p = nullptr;
+  bool half = false;
+  int64_t nb = 0;
+  explicit operator bool() const { return p != nullptr; }
+  int64_t at(int64_t n, int64_t b) const { return (n >> 2) * nb * 4 + (n & 3) + 4 * b; }
+  float get(int64_t n, int64_t b) const {
+    const int64_t i = at(n, b);
+    return half ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+  __m128 four(int64_t n, int64_t b) const {          // rows n .. n + 3 (n % 4 == 0)
+    const int64_t i = at(n, b);
+    if (half) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+                                      static_cast<const uint16_t*>(p) + i)));
+    return _mm_loadu_ps(static_cast<const float*>(p) + i);
+  }
+  __m128 two(int64_t n, int64_t b) const {           // rows n, n + 1 in lanes 0, 1 (n even)
+    const int64_t i = at(n, b);
+    if (half) {
+      int32_t v;
+      std::memcpy(&v, static_cast<const uint16_t*>(p) + i, 4);
+      return _mm_cvtph_ps(_mm_cvtsi32_si128(v));
+    }
+    return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(static_cast<const float*>(p) + i)));
+  }
+};
+
 struct Weights {
   int64_t fmt, bs, zp, N, K, nb;   // nb = blocks per row = K / bs
   const void* q;                   // (N, K) f32 | (N, K) int8 | (N, K/2) uint8
-  const float* scale;              // (ceil(N/4), nb, 4), see by4; unused for f32
-  const float* min;                // the same layout, or nullptr
+  BlockVals scale;                 // unused for f32
+  BlockVals min;                   // p == nullptr when the format has none
 };
-
-// Scales and mins sit in fours of weight rows, [n / 4][block][n % 4], so the rows a tile
-// reads together are side by side: block b of row n is by4(t, nb, n)[4 * b].
-inline const float* by4(const float* t, int64_t nb, int64_t n) {
-  return t + (n >> 2) * nb * 4 + (n & 3);
-}
 
 // Unpack block b of row n into BS/8 float vectors (format and block size fixed at compile
 // time so the loop below is fully unrolled and stays in registers).
@@ -91,8 +115,8 @@ void tile_dot(const Weights& w, int64_t n, const float* x, const float* xsum, fl
   for (int64_t b = 0; b < w.nb; ++b) {
     __m256 v[4];
     unpack<FMT, BS>(w, n, b, v);
-    const __m256 s = _mm256_set1_ps(FMT == kF32 ? 1.f : by4(w.scale, w.nb, n)[4 * b]);
-    const float m = w.min ? by4(w.min, w.nb, n)[4 * b] : 0.f;
+    const __m256 s = _mm256_set1_ps(FMT == kF32 ? 1.f : w.scale.get(n, b));
+    const float m = w.min ? w.min.get(n, b) : 0.f;
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * w.K + b * BS;
       __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(xr));
@@ -246,13 +270,14 @@ inline __m256i lane_sums(const __m256i* v) {
   }
 }
 
-// Lane r * NR + j of a tile's outputs: the weight-row value p[j] (rows side by side, as by4
-// stores them) and the x-row value q[r] (rows side by side, as QAct's dt stores them).
+// Lane r * NR + j of a tile's outputs: the value of weight row n0 + j (w_lanes) and of x
+// row m0 + r (x_lanes, from QAct's rows-side-by-side copies).
 template <int R, int NR>
-inline __m256 w_lanes(const float* p) {
-  if constexpr (NR == 4) return _mm256_zextps128_ps256(_mm_loadu_ps(p));
-  else if constexpr (NR == 2) return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(p)));
-  else return _mm256_set1_ps(p[0]);
+inline __m256 w_lanes(const BlockVals& v, int64_t n0, int64_t b) {
+  if constexpr (NR == 4) return _mm256_zextps128_ps256(v.four(n0, b));
+  else if constexpr (NR == 2)
+    return _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(v.two(n0, b))));
+  else return _mm256_set1_ps(v.get(n0, b));
 }
 template <int R, int NR>
 inline __m256 x_lanes(const float* q) {
@@ -275,8 +300,6 @@ void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out
   constexpr int NV = R * NR;                 // lane l = r * NR + j
   static_assert(NV <= 8 && R <= 4, "8 outputs per tile at most");
   const int64_t nc = w.K / 32;
-  const float* sw = by4(w.scale, w.nb, n0);
-  const float* mw = w.min ? by4(w.min, w.nb, n0) : nullptr;
   __m256 acc = _mm256_setzero_ps();
   for (int64_t c = 0; c < nc; ++c) {
     __m256i wv[NR][2];
@@ -297,11 +320,11 @@ void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out
     }
     const __m256 dx = x_lanes<R, NR>(a.dt.data() + c * a.ldt + m0);
     for (int h = 0; h < 32 / BS; ++h) {
-      const __m256 s = _mm256_mul_ps(w_lanes<R, NR>(sw + 4 * (c * (32 / BS) + h)), dx);
+      const __m256 s = _mm256_mul_ps(w_lanes<R, NR>(w.scale, n0, c * (32 / BS) + h), dx);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums<NV>(dots[h])), s, acc);
     }
-    if (mw)
-      acc = _mm256_fmadd_ps(w_lanes<R, NR>(mw + 4 * c),
+    if (w.min)
+      acc = _mm256_fmadd_ps(w_lanes<R, NR>(w.min, n0, c),
                             x_lanes<R, NR>(a.fsumt.data() + c * a.ldt + m0), acc);
   }
   alignas(32) float o[8];
@@ -483,13 +506,8 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
                int64_t ldo, int8_t* wbuf) {
   const int64_t K = w.K, nc = a.nc, rows = std::min<int64_t>(16, w.N - n0);
   const int8_t* A = weight_rows(w, n0, wbuf);
-  const float* sc[16];                    // block b of row n0 + n: sc[n][4 * b]
-  const float* mn[16];
-  for (int n = 0; n < 16; ++n) {          // padding rows reuse a real row's scales
-    const int64_t row = n0 + std::min<int64_t>(n, rows - 1);
-    sc[n] = by4(w.scale, w.nb, row);
-    mn[n] = w.min ? by4(w.min, w.nb, row) : nullptr;
-  }
+  int64_t row[16];                         // padding rows reuse a real row's scales
+  for (int n = 0; n < 16; ++n) row[n] = n0 + std::min<int64_t>(n, rows - 1);
   // Cells (block c, half h) go two at a time on separate tiles, so one pair's tile
   // products overlap the other's: X on tmm0-3 (C hi, C lo, weights, x bytes), Y on tmm4-7.
   constexpr int H = 32 / BS;
@@ -513,12 +531,12 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
         __m512i iv = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch[n]), 8),
                                       _mm512_load_si512(cl[n]));
         if (FMT == kQ4) iv = _mm512_sub_epi32(iv, zq);
-        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sc[n][4 * (c * H + h)]), dx);
+        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(w.scale.get(row[n], c * H + h)), dx);
         acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), s, acc[n]);
       }
       if (w.min && h == H - 1) {
         const __m512 fs = _mm512_loadu_ps(a.fsum.get() + cell * 16);
-        for (int n = 0; n < 16; ++n) acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(mn[n][4 * c]), fs, acc[n]);
+        for (int n = 0; n < 16; ++n) acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(w.min.get(row[n], c)), fs, acc[n]);
       }
     };
     int64_t i = 0;
@@ -601,9 +619,13 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
               "qlinear: scales (and mins) must be (ceil(N/4), K/bs, 4)");
   const int64_t M = x.size(0);
   auto out = torch::empty({M, N}, x.options());
-  Weights w{fmt, bs, zp, N, K, K / bs, q.data_ptr(),
-            fmt == kF32 ? nullptr : scale.data_ptr<float>(),
-            min.numel() ? min.data_ptr<float>() : nullptr};
+  auto vals = [&](const torch::Tensor& t) {
+    TORCH_CHECK(!t.numel() || t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kHalf,
+                "qlinear: scales and mins are float32 or float16");
+    return BlockVals{t.numel() ? t.data_ptr() : nullptr, t.scalar_type() == torch::kHalf, K / bs};
+  };
+  Weights w{fmt, bs, zp, N, K, K / bs, q.data_ptr(), fmt == kF32 ? BlockVals{} : vals(scale),
+            vals(min)};
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   constexpr int64_t kColChunk = 16;   // weight rows kept hot in cache across row tiles
