@@ -208,12 +208,21 @@ inline void quantize_block(const float* xb, int16_t* q, float* d_out, float* fsu
   *fsum = hsum8(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
 }
 
-void quantize_rows(const float* x, int64_t M, int64_t K, QAct& a) {
+// evens_first: each block's codes as [q0, q2, .., q30, q1, q3, .., q31], the order
+// load_w32_bytes unpacks int8 weights in.
+void quantize_rows(const float* x, int64_t M, int64_t K, QAct& a, bool evens_first) {
   const int64_t nb = K / 32;
   a.q.resize(M * K); a.d.resize(M * nb); a.fsum.resize(M * nb);
 #pragma omp parallel for schedule(static) if (M >= 8)
-  for (int64_t i = 0; i < M * nb; ++i)
-    quantize_block(x + i * 32, a.q.data() + i * 32, &a.d[i], &a.fsum[i]);
+  for (int64_t i = 0; i < M * nb; ++i) {
+    int16_t* q = a.q.data() + i * 32;
+    quantize_block(x + i * 32, q, &a.d[i], &a.fsum[i]);
+    if (evens_first) {
+      int16_t t[32];
+      for (int k = 0; k < 16; ++k) { t[k] = q[2 * k]; t[16 + k] = q[2 * k + 1]; }
+      std::memcpy(q, t, sizeof t);
+    }
+  }
   a.ldt = M + 4;
   a.dt.assign(nb * a.ldt, 0.f); a.fsumt.assign(nb * a.ldt, 0.f);
   for (int64_t m = 0; m < M; ++m)
@@ -249,6 +258,16 @@ inline void load_w32(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
     out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     out[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
   }
+}
+
+// The 32 int8 weights of chunk c of row n as [w0, w2, .., w30] and [w1, w3, .., w31] in
+// int16, sign-extended with shifts (no shuffles: the shuffle port is what batch-1 tiles run
+// short of); x comes quantized in the same order (quantize_rows' evens_first).
+inline void load_w32_bytes(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
+  const __m256i v = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * w.K + c * 32));
+  out[0] = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+  out[1] = _mm256_srai_epi16(v, 8);
 }
 
 // Lane i of the result = the exact sum of v[i]'s 8 int32 lanes (integer adds: any order
@@ -303,7 +322,16 @@ void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out
   __m256 acc = _mm256_setzero_ps();
   for (int64_t c = 0; c < nc; ++c) {
     __m256i wv[NR][2];
-    for (int j = 0; j < NR; ++j) load_w32<FMT>(w, n0 + j, c, wv[j]);
+    if constexpr (R == 1) {   // batch 1 streams the weights: ask for them 8 blocks ahead
+      constexpr int64_t kBytes = FMT == kQ4 ? 16 : 32;
+      for (int j = 0; j < NR; ++j)
+        _mm_prefetch(static_cast<const char*>(w.q) + (n0 + j) * (w.K / 32) * kBytes + (c + 8) * kBytes,
+                     _MM_HINT_T0);
+    }
+    for (int j = 0; j < NR; ++j) {
+      if constexpr (FMT == kQ8 && BS == 32) load_w32_bytes(w, n0 + j, c, wv[j]);
+      else load_w32<FMT>(w, n0 + j, c, wv[j]);
+    }
     __m256i dots[2][NV];
     for (int r = 0; r < R; ++r) {
       const int16_t* xq = a.q.data() + (m0 + r) * w.K + c * 32;
@@ -376,7 +404,6 @@ SpanQaFn pick_span_qa(int64_t fmt, int64_t bs) {
 // time in AVX-512, in the order above. Integer sums are exact and each output element sees
 // the same float operations, so results equal tile_qa's bit for bit (tests/test_kernels.py).
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__)
-#define OSTINATO_AMX 1
 
 bool amx_permitted() {        // Linux hands out the tile state only on request
   static const bool ok = [] {
@@ -641,7 +668,7 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
       return out;
     }
     QAct a;
-    quantize_rows(xp, M, K, a);
+    quantize_rows(xp, M, K, a, fmt == kQ8 && bs == 32);
     const SpanQaFn span = pick_span_qa(fmt, bs);
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t c = 0; c < chunks; ++c) {
