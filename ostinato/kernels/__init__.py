@@ -28,7 +28,8 @@ def _cpu_key() -> str:
 @cache
 def ops():
     """The compiled extension module (qlinear, rms_norm, qkv_rope_cache, gated_act,
-    paged_attention, and the Plan that runs them as one step)."""
+    paged_attention, the Plan that runs them as one step, and amx_available/set_amx: whether
+    the AMX tiles run batches of 6+ rows here, and a switch for tests and benchmarks)."""
     from torch.utils import cpp_extension
 
     from ..hub import home
