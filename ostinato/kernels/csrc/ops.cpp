@@ -171,10 +171,9 @@ std::vector<float> block_sums(const float* x, int64_t M, int64_t K, int64_t bs) 
 // the result stays batch-invariant.
 struct QAct {
   std::vector<int16_t> q;     // (M, K)
-  std::vector<float> d;       // (M, K/32) scale per 32 elements
-  std::vector<float> fsum;    // (M, K/32) exact float block sums of x (the min term)
-  int64_t ldt = 0;            // d and fsum again, by block: [c][row], rows padded by 4
-  std::vector<float> dt, fsumt;
+  int64_t ldt = 0;            // row stride of the two below: M + 4 (a tile may read 4 rows)
+  std::vector<float> dt;      // (K/32, ldt) scale per 32 elements, by block: [c][row]
+  std::vector<float> fsumt;   // (K/32, ldt) exact float block sums of x (the min term)
 };
 
 // Quantize one 32-element block: q, d, d * sum(q), and the exact float sum of x (in a fixed
@@ -212,24 +211,20 @@ inline void quantize_block(const float* xb, int16_t* q, float* d_out, float* fsu
 // load_w32_bytes unpacks int8 weights in.
 void quantize_rows(const float* x, int64_t M, int64_t K, QAct& a, bool evens_first) {
   const int64_t nb = K / 32;
-  a.q.resize(M * K); a.d.resize(M * nb); a.fsum.resize(M * nb);
+  a.q.resize(M * K);
+  a.ldt = M + 4;
+  a.dt.assign(nb * a.ldt, 0.f); a.fsumt.assign(nb * a.ldt, 0.f);
 #pragma omp parallel for schedule(static) if (M >= 8)
   for (int64_t i = 0; i < M * nb; ++i) {
     int16_t* q = a.q.data() + i * 32;
-    quantize_block(x + i * 32, q, &a.d[i], &a.fsum[i]);
+    const int64_t at = (i % nb) * a.ldt + i / nb;
+    quantize_block(x + i * 32, q, &a.dt[at], &a.fsumt[at]);
     if (evens_first) {
       int16_t t[32];
       for (int k = 0; k < 16; ++k) { t[k] = q[2 * k]; t[16 + k] = q[2 * k + 1]; }
       std::memcpy(q, t, sizeof t);
     }
   }
-  a.ldt = M + 4;
-  a.dt.assign(nb * a.ldt, 0.f); a.fsumt.assign(nb * a.ldt, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t c = 0; c < nb; ++c) {
-      a.dt[c * a.ldt + m] = a.d[m * nb + c];
-      a.fsumt[c * a.ldt + m] = a.fsum[m * nb + c];
-    }
 }
 
 // acc + pairwise products of 16 s16 lanes, summed in pairs into 8 int32 lanes.
@@ -290,15 +285,15 @@ inline __m256i lane_sums(const __m256i* v) {
 }
 
 // Lane r * NR + j of a tile's outputs: the value of weight row n0 + j (w_lanes) and of x
-// row m0 + r (x_lanes, from QAct's rows-side-by-side copies).
-template <int R, int NR>
+// row m0 + r (x_lanes, from QAct's by-block rows).
+template <int NR>
 inline __m256 w_lanes(const BlockVals& v, int64_t n0, int64_t b) {
   if constexpr (NR == 4) return _mm256_zextps128_ps256(v.four(n0, b));
   else if constexpr (NR == 2)
     return _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(v.two(n0, b))));
   else return _mm256_set1_ps(v.get(n0, b));
 }
-template <int R, int NR>
+template <int NR>
 inline __m256 x_lanes(const float* q) {
   if constexpr (NR == 4) return _mm256_set1_ps(q[0]);
   else if constexpr (NR == 2)
@@ -352,14 +347,14 @@ void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out
         }
       }
     }
-    const __m256 dx = x_lanes<R, NR>(a.dt.data() + c * a.ldt + m0);
+    const __m256 dx = x_lanes<NR>(a.dt.data() + c * a.ldt + m0);
     for (int h = 0; h < 32 / BS; ++h) {
-      const __m256 s = _mm256_mul_ps(w_lanes<R, NR>(w.scale, n0, c * (32 / BS) + h), dx);
+      const __m256 s = _mm256_mul_ps(w_lanes<NR>(w.scale, n0, c * (32 / BS) + h), dx);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums<NV>(dots[h])), s, acc);
     }
     if (w.min)
-      acc = _mm256_fmadd_ps(w_lanes<R, NR>(w.min, n0, c),
-                            x_lanes<R, NR>(a.fsumt.data() + c * a.ldt + m0), acc);
+      acc = _mm256_fmadd_ps(w_lanes<NR>(w.min, n0, c),
+                            x_lanes<NR>(a.fsumt.data() + c * a.ldt + m0), acc);
   }
   alignas(32) float o[8];
   _mm256_store_ps(o, acc);
