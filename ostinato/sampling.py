@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .params import (  # noqa: F401  (re-exported: the public names live here too)
@@ -170,6 +171,12 @@ def process_logits(logits: torch.Tensor, params: SamplingParams,
     return x if x is not logits else x.clone()
 
 
+def _argmax(x: torch.Tensor) -> int:
+    """First index of the largest value (a NaN counts as largest), as torch.argmax; on the
+    CPU through numpy, which is ~20x faster for one row of a 50k-262k vocabulary."""
+    return int(x.numpy().argmax()) if x.device.type == "cpu" else int(torch.argmax(x))
+
+
 def _as_cpu_ids(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
     if isinstance(ids, torch.Tensor):
         return ids.reshape(-1).long().cpu()
@@ -206,7 +213,7 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     if logits.dim() != 1:
         raise ValueError(f"sample: expected 1-D logits [vocab], got shape {tuple(logits.shape)}")
     if params.greedy:
-        return int(torch.argmax(logits))
+        return _argmax(logits)
     if generator is None:
         generator = make_generator(params.seed, device=logits.device)
     return random_sample(logits, generator)
@@ -225,7 +232,7 @@ def random_sample(logits: torch.Tensor, generator: torch.Generator) -> int:
     noise.exponential_(generator=generator)
     # exponential_ may return exactly 0; clamp so p / E stays finite (0 / tiny = 0).
     noise = noise.clamp_min_(torch.finfo(torch.float32).tiny).to(probs.device)
-    token = int(torch.argmax(probs / noise))
+    token = _argmax(probs / noise)
     if not probs[token] > 0:   # also catches NaN from all -inf / NaN logits
         raise ValueError("sample: no token has a finite logit (everything was masked)")
     return token
@@ -247,7 +254,9 @@ def top_logprobs(logits_raw: torch.Tensor, k: int, token_id: int) -> dict[int, L
         raise ValueError(f"top_logprobs: token_id={token_id} must be in [0, {vocab})")
     logprobs = torch.log_softmax(logits_raw.float(), dim=-1)
     chosen = logprobs[token_id]
-    chosen_rank = int((logprobs > chosen).sum()) + 1
+    above = logprobs > chosen
+    chosen_rank = 1 + (int(np.count_nonzero(above.numpy())) if above.device.type == "cpu"
+                       else int(above.sum()))
     out = {token_id: Logprob(float(chosen), chosen_rank, None)}
     if k > 0:
         values, ids = torch.topk(logprobs, k)

@@ -199,6 +199,22 @@ def test_rms_norm_and_gated_act(k):
     assert torch.allclose(k.gated_act(g, u, "gelu_tanh"), F.gelu(g, approximate="tanh") * u,
                           atol=1e-6)
     assert torch.equal(k.gated_act(g[3:4], u[3:4], "silu"), k.gated_act(g, u, "silu")[3:4])
+    # wide range and an odd length (the masked tail): relative error near float's, also in the
+    # far negative tail, where torch's own 1 + tanh rounds tanh-gelu to 0 (so the reference
+    # is the same function written as x * sigmoid(2z), in double)
+    wide = torch.linspace(-40, 40, 10007).double()
+    one = torch.ones_like(wide)
+    gelu = wide * torch.sigmoid(2 * 0.7978845608028654 * (wide + 0.044715 * wide ** 3))
+    # (gelu's argument 2z reaches -4600 at x = -40; float rounding of z alone moves
+    # exp(2z) by up to |2z| * 6e-8 relative, hence the looser bound)
+    for act, ref, rtol in (("silu", F.silu(wide), 1e-6), ("gelu_tanh", gelu, 1e-5)):
+        got = k.gated_act(wide.float(), one.float(), act).double()
+        assert torch.allclose(got, ref, rtol=rtol, atol=1e-30), act
+        assert torch.equal(k.gated_act(wide[5:6].float(), one[5:6].float(), act), got[5:6].float())
+    assert torch.isnan(k.gated_act(torch.tensor([float("nan")]), torch.ones(1), "silu")).all()
+    gu = torch.randn(9, 2 * 260)          # the halves of a fused gate|up product, as views
+    assert torch.equal(k.gated_act(gu[:, :260], gu[:, 260:], "silu"),
+                       k.gated_act(gu[:, :260].contiguous(), gu[:, 260:].contiguous(), "silu"))
 
 
 def _paged(kv_len: int, n_kv: int, d: int, block: int, seed: int):

@@ -106,7 +106,9 @@ class CpuKernels:
         return self.ops.rms_norm(x.contiguous(), w, eps)
 
     def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-        return self.ops.gated_act(gate.contiguous(), up.contiguous(), int(act != "silu"))
+        g, u = (t.reshape(-1, t.shape[-1]) for t in (gate, up))     # rows contiguous, views kept
+        g, u = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, u))
+        return self.ops.gated_act(g, u, int(act != "silu")).view(gate.shape)
 
     def qkv_rope_cache(self, qkv, q_norm, k_norm, eps, cos, sin, neox, n_heads, k_cache, v_cache,
                        slots) -> torch.Tensor:

@@ -43,4 +43,5 @@ def compile_plan(model, kv_caches: list) -> Callable | None:
         return plan.forward(model.embed(input_ids), [rope[False][0], rope[True][0]],
                             [rope[False][1], rope[True][1]], meta.slot_mappings, meta.tables,
                             meta.seq_meta)
+    forward.plan = plan        # set_profile(True) / profile(): seconds per stage, for bench
     return forward

@@ -13,6 +13,10 @@
 #include <cstring>
 #include <memory>
 #include <algorithm>
+#include <array>
+#include <chrono>
+#include <map>
+#include <string>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <vector>
@@ -610,11 +614,16 @@ void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool p
   alloc_amx(M, w.K, qsum, a);
   auto group = w.fmt == kQ4 ? amx_group<kQ4, 32>
              : w.bs == 16 ? amx_group<kQ8, 16> : amx_group<kQ8, 32>;
-  const int64_t groups = (w.N + 15) / 16, cells = M * a.nc;
+  const int64_t groups = (w.N + 15) / 16, cells = a.tiles * a.nc;
 #pragma omp parallel if (parallel)
   {
+    // a thread packs whole tile cells (16 rows of one block): rows of one cell share cache
+    // lines, and splitting them between threads made the lines ping-pong
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < cells; ++i) pack_cell(x, i, qsum, a);
+    for (int64_t i = 0; i < cells; ++i) {
+      const int64_t t = i / a.nc, c = i % a.nc;
+      for (int64_t m = t * 16; m < std::min(M, t * 16 + 16); ++m) pack_cell(x, m * a.nc + c, qsum, a);
+    }
     load_tile_config(w.bs);
     std::vector<int8_t> wbuf(16 * w.K);
 #pragma omp for schedule(static)
@@ -773,24 +782,6 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Ten
   return q;
 }
 
-// act(gate) * up, elementwise, scalar libm so no vector/tail path can differ
-torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
-  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous(), "contiguous inputs");
-  auto out = torch::empty_like(gate);
-  const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const int64_t n = gate.numel();
-  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
-#pragma omp parallel for schedule(static) if (n > 16384)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = g[i];
-    const float a = gelu ? 0.5f * x * (1.f + std::tanh(k0 * (x + k1 * x * x * x)))
-                         : x / (1.f + std::exp(-x));
-    o[i] = a * u[i];
-  }
-  return out;
-}
-
 // exp(x) for x <= 0 (softmax arguments after the max is subtracted), 8 at a time: 2^n * p(r)
 // with x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial (relative error ~2e-7).
 // Own code, no libm call per score; results depend on x alone.
@@ -809,6 +800,48 @@ inline __m256 exp_neg(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+// act(gate) * up, elementwise, 8 at a time with the tail through the same vector code (masked
+// loads), so an element's result never depends on where it sits. Both activations are
+// x * sigmoid(s): silu has s = x; tanh-gelu has s = 2z, z = sqrt(2/pi) (x + 0.044715 x^3),
+// since (1 + tanh z) / 2 = sigmoid(2z). sigmoid(s) = 1 / (1 + e) for s >= 0 and e / (1 + e)
+// for s < 0 with e = exp(-|s|), so exp_neg sees no positive argument and no 1 - e cancels.
+inline __m256 gated8(__m256 x, __m256 u, bool gelu) {
+  __m256 s = x;
+  if (gelu) {
+    const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    s = _mm256_mul_ps(_mm256_set1_ps(2 * 0.7978845608028654f),
+                      _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+  }
+  const __m256 ns = _mm256_or_ps(_mm256_set1_ps(-0.f), s);            // -|s|
+  const __m256 e = _mm256_and_ps(exp_neg(ns),                         // exp(-|s|), 0 below -87
+                                 _mm256_cmp_ps(ns, _mm256_set1_ps(-87.f), _CMP_GE_OQ));
+  const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), s);    // s < 0: x e
+  return _mm256_mul_ps(_mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
+}
+
+// gate and up: (T, F) rows, each row contiguous (they may be the two halves of one fused
+// gate|up product: no copies); out: (T, F) contiguous.
+torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 &&
+              up.stride(1) == 1 && gate.dtype() == torch::kFloat32 && up.dtype() == torch::kFloat32,
+              "gated_act: gate and up must be (T, F) f32 with contiguous rows");
+  const int64_t T = gate.size(0), F = gate.size(1), gs = gate.stride(0), us = up.stride(0);
+  auto out = torch::empty({T, F}, gate.options());
+  const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t chunks = (F + 7) / 8;
+#pragma omp parallel for schedule(static) if (T * F > 65536)
+  for (int64_t c = 0; c < T * chunks; ++c) {
+    const int64_t t = c / chunks, i = (c % chunks) * 8, left = std::min<int64_t>(8, F - i);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 r = gated8(_mm256_maskload_ps(g + t * gs + i, mask),
+                            _mm256_maskload_ps(u + t * us + i, mask), gelu != 0);
+    _mm256_maskstore_ps(o + t * F + i, mask, r);
+  }
+  return out;
 }
 
 // sc[i] = exp(sc[i] - mx) for i < n; returns their sum (8 lanes, then the tail: a fixed order).
@@ -974,6 +1007,29 @@ struct PlanLayer {
   int64_t group, sliding;
 };
 
+enum Stage { kNorms, kQkv, kRope, kAttention, kO, kGateUp, kAct, kDown, kStages };
+const char* const kStageNames[kStages] = {"norms+residual", "qkv", "rope+cache", "attention",
+                                          "o", "gate_up", "act", "down"};
+
+// Adds the time since the previous lap to a stage (when given somewhere to add it).
+class Stopwatch {
+ public:
+  explicit Stopwatch(std::array<double, kStages>* into) : into_(into), t_(now()) {}
+  void lap(Stage s) {
+    if (!into_) return;
+    const double t = now();
+    (*into_)[s] += t - t_;
+    t_ = t;
+  }
+
+ private:
+  static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  std::array<double, kStages>* into_;
+  double t_;
+};
+
 class Plan {
  public:
   Plan(int64_t n_heads, int64_t ffn_dim, double eps, int64_t neox, int64_t gelu, double attn_scale,
@@ -992,27 +1048,50 @@ class Plan {
   // x: (T, d_model) embedded; cos/sin: [global, local] tables; slots/tables: per KV group.
   torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> cos,
                         std::vector<torch::Tensor> sin, std::vector<torch::Tensor> slots,
-                        std::vector<torch::Tensor> tables, torch::Tensor meta) const {
+                        std::vector<torch::Tensor> tables, torch::Tensor meta) {
     const int64_t T = x.size(0);
+    Stopwatch sw(profile_ ? &seconds_ : nullptr);
     for (const PlanLayer& L : layers_) {
       torch::Tensor h = rms_norm(x.contiguous(), L.attn_norm, eps_);
-      torch::Tensor q = qkv_rope_cache(L.qkv(h, quant_), L.q_norm, L.k_norm, eps_, cos[L.sliding],
+      sw.lap(kNorms);
+      h = L.qkv(h, quant_);
+      sw.lap(kQkv);
+      torch::Tensor q = qkv_rope_cache(h, L.q_norm, L.k_norm, eps_, cos[L.sliding],
                                        sin[L.sliding], neox_, H_, L.kc, L.vc, slots[L.group]);
+      sw.lap(kRope);
       torch::Tensor a = paged_attention(q, L.kc, L.vc, tables[L.group], meta, scale_,
                                         L.sliding ? window_ : 0);
+      sw.lap(kAttention);
       h = L.o(a.reshape({T, -1}), quant_);
+      sw.lap(kO);
       if (L.post_attn_norm.numel()) h = rms_norm(h, L.post_attn_norm, eps_);
       x = x + h;
-      torch::Tensor gu = L.gate_up(rms_norm(x.contiguous(), L.ffn_norm, eps_), quant_);
-      h = L.down(gated_act(gu.narrow(1, 0, F_).contiguous(), gu.narrow(1, F_, F_).contiguous(),
-                           gelu_), quant_);
+      h = rms_norm(x.contiguous(), L.ffn_norm, eps_);
+      sw.lap(kNorms);
+      torch::Tensor gu = L.gate_up(h, quant_);
+      sw.lap(kGateUp);
+      h = gated_act(gu.narrow(1, 0, F_), gu.narrow(1, F_, F_), gelu_);
+      sw.lap(kAct);
+      h = L.down(h, quant_);
+      sw.lap(kDown);
       if (L.post_ffw_norm.numel()) h = rms_norm(h, L.post_ffw_norm, eps_);
       x = x + h;
+      sw.lap(kNorms);
     }
     return rms_norm(x.contiguous(), out_norm_, eps_);
   }
 
+  // Seconds spent in each stage of forward since profiling was switched on (for `bench`).
+  void set_profile(bool on) { profile_ = on; seconds_.fill(0.0); }
+  std::map<std::string, double> profile() const {
+    std::map<std::string, double> out;
+    for (int i = 0; i < kStages; ++i) out[kStageNames[i]] = seconds_[i];
+    return out;
+  }
+
  private:
+  bool profile_ = false;
+  std::array<double, kStages> seconds_{};
   int64_t H_, F_;
   double eps_;
   int64_t neox_, gelu_;
@@ -1036,5 +1115,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, double, int64_t, int64_t, double, int64_t, int64_t,
                     torch::Tensor>())
       .def("add_layer", &Plan::add_layer)
-      .def("forward", &Plan::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &Plan::forward, py::call_guard<py::gil_scoped_release>())
+      .def("set_profile", &Plan::set_profile)
+      .def("profile", &Plan::profile);
 }
