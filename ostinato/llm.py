@@ -49,7 +49,9 @@ class LLM:
         gf.close()
         self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)
-        num_blocks = self._num_blocks(kv_cache_gb, block_size)
+        num_blocks = self._num_blocks(kv_cache_gb, block_size,
+                                      model_.ops.kv_cache_bytes(block_size, self.config.n_kv_heads,
+                                                                self.config.head_dim))
         kv = KVCacheManager(num_blocks, block_size, self.config.kv_group_windows(),
                             enable_prefix_caching)
         self.engine = Engine(
@@ -58,12 +60,12 @@ class LLM:
             Scheduler(kv, max_num_seqs, max_num_batched_tokens),
             self.max_model_len)
 
-    def _num_blocks(self, kv_cache_gb: float, block_size: int) -> list[int]:
+    def _num_blocks(self, kv_cache_gb: float, block_size: int, per_layer_block: int) -> list[int]:
         """Blocks per KV-cache group: the budget is split by the groups' layer counts (so
-        every group gets the same number of blocks), plus one null block each."""
+        every group gets the same number of blocks), plus one null block each.
+        per_layer_block: bytes of one block of one layer (K and V)."""
         c = self.config
         budget = int(kv_cache_gb * (1 << 30))
-        per_layer_block = 2 * block_size * c.n_kv_heads * c.head_dim * 4   # K and V, fp32
         need = -(-self.max_model_len // block_size) + 1
         counts = []
         for g in range(len(c.kv_group_windows())):

@@ -70,7 +70,8 @@ def test_chunked_prefill_gives_the_same_tokens(make_llm):
 
 def blocks_gb(llm: LLM, n_blocks: float, block_size: int = 16) -> float:
     c = llm.config
-    return n_blocks * 2 * c.n_layers * block_size * c.n_kv_heads * c.head_dim * 4 / (1 << 30)
+    per_layer = llm.engine.runner.model.ops.kv_cache_bytes(block_size, c.n_kv_heads, c.head_dim)
+    return n_blocks * c.n_layers * per_layer / (1 << 30)
 
 
 def test_preemption_gives_the_same_tokens_and_prompt_logprobs(make_llm):

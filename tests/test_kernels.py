@@ -132,10 +132,15 @@ def test_quantized_activations_edge_cases(k):
 def test_qkv_rope_cache_rejects_a_slot_outside_the_cache(k):
     from ostinato.model.layers import rope_inv_freq, rope_tables
     cos, sin = rope_tables(torch.tensor([0, 1]), rope_inv_freq(64, 10000.0))
-    kc, vc = torch.zeros(2, 16, 1, 64), torch.zeros(2, 16, 1, 64)
+    kc, vc = k.new_kv_cache(2, 16, 1, 64)
     qkv = torch.randn(2, 3 * 64)
     with pytest.raises(RuntimeError, match="slot out of range"):
         k.qkv_rope_cache(qkv, None, None, 1e-6, cos, sin, True, 1, kc, vc, torch.tensor([0, 32]))
+    with pytest.raises(RuntimeError, match="KV caches must be"):      # the wrong layout
+        k.qkv_rope_cache(qkv, None, None, 1e-6, cos, sin, True, 1, torch.zeros(2, 16, 1, 64),
+                         torch.zeros(2, 16, 1, 64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        k.new_kv_cache(2, 8, 1, 64)
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F32"])
@@ -217,23 +222,26 @@ def test_rms_norm_and_gated_act(k):
                        k.gated_act(gu[:, :260].contiguous(), gu[:, 260:].contiguous(), "silu"))
 
 
-def _paged(kv_len: int, n_kv: int, d: int, block: int, seed: int):
-    """A cache holding kv_len tokens in shuffled blocks, plus the dense K/V."""
+def _paged(k, kv_len: int, n_kv: int, d: int, block: int, seed: int):
+    """A cache (in k's layout and dtype) holding kv_len tokens in shuffled blocks, plus the
+    dense K/V as the cache holds them. Slots never written hold NaN: nothing may read them."""
     g = torch.Generator().manual_seed(seed)
     kd, vd = torch.randn(kv_len, n_kv, d, generator=g), torch.randn(kv_len, n_kv, d, generator=g)
     nb = -(-kv_len // block)
     table = torch.randperm(nb + 3, generator=g)[:nb]
-    kc, vc = torch.zeros(nb + 3, block, n_kv, d), torch.zeros(nb + 3, block, n_kv, d)
-    for j in range(kv_len):
-        kc[table[j // block], j % block] = kd[j]
-        vc[table[j // block], j % block] = vd[j]
+    kc, vc = k.new_kv_cache(nb + 3, block, n_kv, d)
+    kc.fill_(float("nan")), vc.fill_(float("nan"))
+    slots = table[torch.arange(kv_len) // block] * block + torch.arange(kv_len) % block
+    k.write_kv(kc, vc, kd, vd, slots)
+    kd, vd = k.read_kv(kc, vc, slots)
     return kd, vd, kc, vc, table
 
 
-@pytest.mark.parametrize("window", [None, 7])
-def test_attention_matches_sdpa_and_is_chunk_invariant(k, window):
-    L, H, KV, D, BS = 40, 4, 2, 64, 16
-    kd, vd, kc, vc, table = _paged(L, KV, D, BS, seed=1)
+@pytest.mark.parametrize("window, L, H, KV, D", [(None, 40, 4, 2, 64), (7, 40, 4, 2, 64),
+                                                 (None, 100, 9, 3, 64), (33, 70, 4, 1, 256)])
+def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D):
+    BS = 16
+    kd, vd, kc, vc, table = _paged(k, L, KV, D, BS, seed=1)
     q = torch.randn(L, H, D)
     meta = torch.tensor([[0, L, L]])
     out = k.attention(q, kc, vc, table[None], meta, 0.125, window)
@@ -281,16 +289,22 @@ def test_qkv_rope_cache_matches_the_torch_reference(k, neox, qk_norm):
     qn, kn = (torch.randn(D, generator=g), torch.randn(D, generator=g)) if qk_norm else (None, None)
     cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(D, 10000.0))
     slots = torch.tensor([5, 6, 7, 20, 21, 40, 47])
-    caches = [torch.full((3, 16, KV, D), float("nan")) for _ in range(4)]
-    got = k.qkv_rope_cache(qkv, qn, kn, 1e-6, cos, sin, neox, H, caches[0], caches[1], slots)
-    ref = TorchOps().qkv_rope_cache(qkv, qn, kn, 1e-6, cos, sin, neox, H, caches[2], caches[3], slots)
+    ref_ops = TorchOps()
+    ours, theirs = k.new_kv_cache(3, 16, KV, D), ref_ops.new_kv_cache(3, 16, KV, D)
+    for c in (*ours, *theirs):
+        c.fill_(float("nan"))
+    got = k.qkv_rope_cache(qkv, qn, kn, 1e-6, cos, sin, neox, H, *ours, slots)
+    ref = ref_ops.qkv_rope_cache(qkv, qn, kn, 1e-6, cos, sin, neox, H, *theirs, slots)
     assert got.shape == (T, H, D)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
-    for ours, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
-        flat_o, flat_t = ours.view(-1, KV, D), theirs.view(-1, KV, D)
-        assert torch.allclose(flat_o[slots], flat_t[slots], atol=1e-5, rtol=1e-5)
-        untouched = torch.ones(slots_total, dtype=torch.bool)
-        untouched[slots] = False
-        assert flat_o[untouched].isnan().all()                  # nothing else written
-    if not qk_norm:                                             # same formula, same bits
+    # the cache holds float16: each value is the reference's rounded to nearest
+    for o, t in zip(k.read_kv(*ours, slots), ref_ops.read_kv(*theirs, slots)):
+        assert torch.allclose(o, t.half().float(), atol=1e-3, rtol=1e-3)
+        if not qk_norm:                                         # same formula, same bits
+            assert torch.equal(o, t.half().float())
+    untouched = torch.ones(slots_total, dtype=torch.bool)
+    untouched[slots] = False
+    for o in k.read_kv(*ours, torch.arange(slots_total)[untouched]):
+        assert o.isnan().all()                                  # nothing else written
+    if not qk_norm:
         assert torch.equal(got, ref)

@@ -31,15 +31,10 @@ class ModelRunner:
         cfg = model.cfg
         self.model, self.block_size, self.eos_ids = model, block_size, eos_ids
         self.num_groups = len(num_blocks)
-        self.kv_caches = []
-        for i in range(cfg.n_layers):
-            shape = (num_blocks[cfg.layer_kv_group(i)], block_size, cfg.n_kv_heads, cfg.head_dim)
-            # empty, not zeros: attention reads only slots written before it, so the pages of
-            # blocks never used are never touched and cost no resident memory. The null block
-            # 0 (padding in block tables) is zeroed: the torch reference backend gathers it.
-            k, v = torch.empty(shape), torch.empty(shape)
-            k[0].zero_(), v[0].zero_()
-            self.kv_caches.append((k, v))
+        # in the layout and dtype the model's ops read (kernels/backend.py)
+        self.kv_caches = [model.ops.new_kv_cache(num_blocks[cfg.layer_kv_group(i)], block_size,
+                                                 cfg.n_kv_heads, cfg.head_dim)
+                          for i in range(cfg.n_layers)]
 
         # the layers as one C++ call per step where the model allows it (same bits)
         self.forward = compile_plan(model, self.kv_caches) or model.forward

@@ -120,6 +120,40 @@ class CpuKernels:
         return self.ops.paged_attention(q.contiguous(), k_cache, v_cache, tables, seq_meta,
                                         scale, window or 0)
 
+    # -- the KV cache: float16 (llama.cpp's default), in the layout attention reads --------
+    # K: (blocks, kv_heads, head_dim, block_size), each block's keys transposed, so one load
+    # brings a dimension of 16 keys and scores need no horizontal sums; V: (blocks, kv_heads,
+    # block_size, head_dim). A KV head's share of a block is one contiguous run either way.
+    @staticmethod
+    def new_kv_cache(num_blocks: int, block_size: int, n_kv: int, head_dim: int):
+        if block_size % 16 or head_dim % 16:
+            raise ValueError(f"the CPU kernels need block_size and head_dim in multiples of 16, "
+                             f"got {block_size} and {head_dim}")
+        # empty, not zeros: attention reads only slots written before it, so the pages of
+        # blocks never used are never touched and cost no resident memory
+        k = torch.empty(num_blocks, n_kv, head_dim, block_size, dtype=torch.float16)
+        v = torch.empty(num_blocks, n_kv, block_size, head_dim, dtype=torch.float16)
+        k[0].zero_(), v[0].zero_()          # the null block (padding in block tables)
+        return k, v
+
+    @staticmethod
+    def kv_cache_bytes(block_size: int, n_kv: int, head_dim: int) -> int:
+        """Bytes of one block of one layer, K and V."""
+        return 2 * block_size * n_kv * head_dim * 2
+
+    @staticmethod
+    def write_kv(k_cache, v_cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """k, v: (T, n_kv, head_dim) into their slots (rounded to float16)."""
+        b, s = slots // k_cache.shape[-1], slots % k_cache.shape[-1]
+        k_cache[b, :, :, s] = k.to(k_cache.dtype)
+        v_cache[b, :, s, :] = v.to(v_cache.dtype)
+
+    @staticmethod
+    def read_kv(k_cache, v_cache, slots: torch.Tensor):
+        """The keys and values at `slots` as (T, n_kv, head_dim) float32."""
+        b, s = slots // k_cache.shape[-1], slots % k_cache.shape[-1]
+        return k_cache[b, :, :, s].float(), v_cache[b, :, s, :].float()
+
 
 def make_ops(backend: str):
     """"kernels": batch-invariant C++ (the default); "torch": MKL/SDPA, not batch-invariant."""

@@ -37,6 +37,27 @@ class TorchOps:
         write_kv(k_cache, v_cache, k, v, slots)
         return q
 
+    # -- the KV cache: float32, (blocks, block_size, kv_heads, head_dim) for K and V --------
+    @staticmethod
+    def new_kv_cache(num_blocks: int, block_size: int, n_kv: int, head_dim: int):
+        shape = (num_blocks, block_size, n_kv, head_dim)
+        k, v = torch.empty(shape), torch.empty(shape)
+        k[0].zero_(), v[0].zero_()          # the null block: gathered as padding
+        return k, v
+
+    @staticmethod
+    def kv_cache_bytes(block_size: int, n_kv: int, head_dim: int) -> int:
+        return 2 * block_size * n_kv * head_dim * 4
+
+    @staticmethod
+    def write_kv(k_cache, v_cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        write_kv(k_cache, v_cache, k, v, slots)
+
+    @staticmethod
+    def read_kv(k_cache, v_cache, slots: torch.Tensor):
+        n_kv, d = k_cache.shape[2], k_cache.shape[3]
+        return k_cache.view(-1, n_kv, d)[slots], v_cache.view(-1, n_kv, d)[slots]
+
     def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
         """q: (T, H, D); per sequence, gather its keys through its block table and run SDPA."""
         out = torch.empty_like(q)

@@ -1,6 +1,7 @@
 """Attention over a paged KV cache: each sequence reads its keys through its block table.
 
-Cache layout per layer: (num_blocks, block_size, n_kv_heads, head_dim). A token's slot is
+Each layer's cache is a (K, V) pair of num_blocks blocks of block_size slots, in the layout
+and dtype of the ops that read it (`ops.new_kv_cache`). A token's slot is
 `block_id * block_size + offset`; the runner gives one slot per scheduled token.
 """
 from __future__ import annotations

@@ -16,9 +16,9 @@ from reliability_support import FAULT_MARKER, start_server, stop_server, wait_id
 
 pytestmark = pytest.mark.model
 SHUTDOWN_TIMEOUT = 30
-# 16.5 blocks of 16 tokens for SmolLM2-135M (30 layers, 3 KV heads of 64, fp32 K and V):
+# 16.5 blocks of 16 tokens for SmolLM2-135M (30 layers, 3 KV heads of 64, float16 K and V):
 # 15 usable after the null block, while 6 requests of 32 + 24 tokens need 4 each
-TINY_KV_GB = 16.5 * 2 * 30 * 16 * 3 * 64 * 4 / (1 << 30)
+TINY_KV_GB = 16.5 * 2 * 30 * 16 * 3 * 64 * 2 / (1 << 30)
 WORDS = ["sun", "moon", "sea", "sky", "tree", "cat", "dog", "bird"]
 PROMPTS = [f"Write a short poem about the {w}, the wind over the hills, the grey sea, the old "
            f"harbour and the boats that come home late in the evening." for w in WORDS]

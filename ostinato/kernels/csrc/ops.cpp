@@ -738,25 +738,43 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return out;
 }
 
+// The KV cache (kernels/backend.py makes it): float16, per layer K (blocks, KV, D, BS), each
+// block's keys transposed, and V (blocks, KV, BS, D). Checks the pair and returns BS.
+constexpr int64_t kMaxHeadDim = 1024;
+
+int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t KV, int64_t D,
+                       const char* who) {
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() &&
+              kc.scalar_type() == torch::kHalf && vc.scalar_type() == torch::kHalf, who,
+              ": KV caches must be contiguous float16 (blocks, kv_heads, ...)");
+  const int64_t BS = kc.size(3);
+  TORCH_CHECK(kc.size(1) == KV && kc.size(2) == D && vc.size(0) == kc.size(0) &&
+              vc.size(1) == KV && vc.size(2) == BS && vc.size(3) == D && BS % 16 == 0 && D % 16 == 0,
+              who, ": KV caches must be K (blocks, kv_heads, head_dim, block_size) and V (blocks, "
+              "kv_heads, block_size, head_dim), block_size and head_dim multiples of 16");
+  return BS;
+}
+
 // The step between the q|k|v projection and attention, in one pass: split the fused
 // projection (T, (H + 2 KV) * D) into heads, RMS-normalise q and k per head when q_norm /
 // k_norm are given (Gemma 3), rotate them by the per-token cos/sin tables (T, D/2), and
-// write k and v into the paged caches at their slots. Returns q as (T, H, D).
+// write k and v (rounded to float16, to nearest even) into the paged caches at their slots.
+// Returns q as (T, H, D).
 torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
                              double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
                              int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots) {
-  const int64_t T = qkv.size(0), KV = kc.size(2), D = kc.size(3), W = (H + 2 * KV) * D;
+  TORCH_CHECK(kc.dim() == 4, "qkv_rope_cache: KV caches must be 4-d");
+  const int64_t T = qkv.size(0), KV = kc.size(1), D = kc.size(2), W = (H + 2 * KV) * D;
+  const int64_t BS = check_kv_cache(kc, vc, KV, D, "qkv_rope_cache");
+  TORCH_CHECK(D <= kMaxHeadDim, "qkv_rope_cache: head_dim above ", kMaxHeadDim);
   TORCH_CHECK(qkv.is_contiguous() && qkv.dtype() == torch::kFloat32 && qkv.size(1) == W,
               "qkv_rope_cache: qkv must be (T, (H + 2 KV) * D) f32");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
-              cos.size(0) == T && cos.size(1) == D / 2 && D % 8 == 0, "qkv_rope_cache: shapes");
-  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
-              kc.dtype() == torch::kFloat32 && vc.dtype() == torch::kFloat32,
-              "qkv_rope_cache: caches must be contiguous f32 of one shape");
+              cos.size(0) == T && cos.size(1) == D / 2, "qkv_rope_cache: shapes");
   TORCH_CHECK((!q_norm.numel() || q_norm.numel() == D) && (!k_norm.numel() || k_norm.numel() == D),
               "qkv_rope_cache: norm weights must have head_dim elements");
   TORCH_CHECK(slots.numel() == T && slots.dtype() == torch::kInt64, "qkv_rope_cache: slots");
-  const int64_t n_slots = kc.size(0) * kc.size(1);
+  const int64_t n_slots = kc.size(0) * BS;
   for (int64_t i = 0; i < T; ++i)
     TORCH_CHECK(slots.data_ptr<int64_t>()[i] >= 0 && slots.data_ptr<int64_t>()[i] < n_slots,
                 "qkv_rope_cache: slot out of range");
@@ -764,20 +782,36 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Ten
   const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
   const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
-  float *qp = q.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  uint16_t *kp = static_cast<uint16_t*>(kc.data_ptr()), *vp = static_cast<uint16_t*>(vc.data_ptr());
   const int64_t* sl = slots.data_ptr<int64_t>();
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 #pragma omp parallel for schedule(static) if (T >= 16)
   for (int64_t t = 0; t < T; ++t) {
     const float* row = src + t * W;
     const float *cs = cp + t * (D / 2), *sn = sp + t * (D / 2);
+    const int64_t blk = sl[t] / BS, off = sl[t] % BS;
+    float k[kMaxHeadDim];
+    alignas(32) uint16_t half[8];
     for (int64_t h = 0; h < H + KV; ++h) {
-      float* dst = h < H ? qp + (t * H + h) * D : kp + (sl[t] * KV + (h - H)) * D;
+      float* dst = h < H ? qp + (t * H + h) * D : k;
       const float* nw = h < H ? qn : kn;
       if (nw) rms_row(row + h * D, nw, D, (float)eps, dst);
       else std::copy(row + h * D, row + (h + 1) * D, dst);
       rope_head(dst, cs, sn, D, neox != 0);
+      if (h < H) continue;
+      uint16_t* kt = kp + ((blk * KV + (h - H)) * D) * BS + off;    // dimension d at kt[d * BS]
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm_store_si128(reinterpret_cast<__m128i*>(half), _mm256_cvtps_ph(_mm256_loadu_ps(dst + d), kRne));
+        for (int i = 0; i < 8; ++i) kt[(d + i) * BS] = half[i];
+      }
     }
-    std::copy(row + (H + KV) * D, row + W, vp + sl[t] * KV * D);
+    for (int64_t h = 0; h < KV; ++h) {
+      const float* v = row + (H + KV + h) * D;
+      uint16_t* vt = vp + ((blk * KV + h) * BS + off) * D;
+      for (int64_t d = 0; d < D; d += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(vt + d), _mm256_cvtps_ph(_mm256_loadu_ps(v + d), kRne));
+    }
   }
   return q;
 }
@@ -864,85 +898,85 @@ inline float softmax_numerators(float* sc, int64_t n, float mx) {
   return sum;
 }
 
+inline __m512 load16_half(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // G query rows of one token whose heads share one KV head, against keys [lo, pos] of their
-// sequence, read through its block table block by block: each key and value row is loaded
-// once for all G heads. Per head the arithmetic is fixed: scores in key order (8-lane dot,
-// then a fixed-order sum), softmax with the head's max, values summed in key order into o
-// (the G output rows, overwritten). Nothing depends on how the batch or the prompt is cut.
+// sequence, read through its block table 16 slots at a time: each key and value is loaded
+// once for all G heads. Per head the arithmetic is fixed: a key's score is its dot with q
+// summed over the dimensions in 4 interleaved chains, added (c0 + c1) + (c2 + c3), then
+// scaled; softmax with the head's max; values summed in key order into o (the G output
+// rows, overwritten). A key's slot is where it sits in its block, the same whatever the batch
+// or however the prompt is cut, so nothing depends on either.
 template <int G>
-void attend_group(const float* qv, const float* kc, const float* vc, const int64_t* table,
+void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const int64_t* table,
                   int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
                   float scale, std::vector<float>& sc, float* o) {
-  const int64_t stride = KV * D, n = pos - lo + 1;
-  sc.resize(G * n);
-  float mx[G];
-  for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
-  for (int64_t j = lo; j <= pos;) {
-    const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
-    const float* kb = kc + (table[b] * BS * KV + kvh) * D;       // slot 0 of the block
-    for (; j + 4 <= end; j += 4) {       // 4 keys at once: independent chains, same sums
-      const float* k0 = kb + (j - b * BS) * stride;
-      for (int g = 0; g < G; ++g) {
-        const float* q = qv + g * D;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t d = 0; d < D; d += 8) {
-          const __m256 qd = _mm256_loadu_ps(q + d);
-          a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
-          a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + stride + d), a1);
-          a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 2 * stride + d), a2);
-          a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 3 * stride + d), a3);
-        }
-        const float x[4] = {hsum8(a0) * scale, hsum8(a1) * scale, hsum8(a2) * scale,
-                            hsum8(a3) * scale};
-        for (int i = 0; i < 4; ++i) { sc[g * n + j + i - lo] = x[i]; mx[g] = std::max(mx[g], x[i]); }
+  const int64_t n = pos - lo + 1;
+  sc.resize(16 + G * n + 16);
+  float* base = sc.data() + 16;              // scores of head g: base[g * n + j - lo]
+  __m512 mxv[G];
+  for (int g = 0; g < G; ++g) mxv[g] = _mm512_set1_ps(-INFINITY);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j0 = lo / 16 * 16; j0 <= pos; j0 += 16) {        // 16 slots of one block
+    const int64_t b = j0 / BS;
+    const uint16_t* kt = kc + ((table[b] * KV + kvh) * D) * BS + (j0 - b * BS);
+    __m512 c[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) c[g][i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 4)
+      for (int i = 0; i < 4; ++i) {
+        const __m512 k = load16_half(kt + (d + i) * BS);
+        for (int g = 0; g < G; ++g)
+          c[g][i] = _mm512_fmadd_ps(_mm512_set1_ps(qv[g * D + d + i]), k, c[g][i]);
       }
-    }
-    for (; j < end; ++j) {
-      const float* kv = kb + (j - b * BS) * stride;
-      for (int g = 0; g < G; ++g) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + g * D + d), _mm256_loadu_ps(kv + d), acc);
-        const float x = hsum8(acc) * scale;
-        sc[g * n + j - lo] = x;
-        mx[g] = std::max(mx[g], x);
-      }
+    const __m512i j = _mm512_add_epi32(_mm512_set1_epi32((int)j0), lane);
+    const __mmask16 keep = _mm512_cmpge_epi32_mask(j, _mm512_set1_epi32((int)lo)) &
+                           _mm512_cmple_epi32_mask(j, _mm512_set1_epi32((int)pos));
+    for (int g = 0; g < G; ++g) {
+      const __m512 x = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(c[g][0], c[g][1]),
+                                                   _mm512_add_ps(c[g][2], c[g][3])),
+                                     _mm512_set1_ps(scale));
+      mxv[g] = _mm512_mask_max_ps(mxv[g], keep, mxv[g], x);
+      _mm512_mask_storeu_ps(base + g * n + j0 - lo, keep, x);   // j0 - lo >= -15
     }
   }
-  __m256 inv[G];
-  for (int g = 0; g < G; ++g) inv[g] = _mm256_set1_ps(1.f / softmax_numerators(sc.data() + g * n, n, mx[g]));
-  constexpr int kDims = G <= 2 ? 64 : 32;      // output dims kept in registers per pass
+  float inv[G];
+  for (int g = 0; g < G; ++g)
+    inv[g] = 1.f / softmax_numerators(base + g * n, n, _mm512_reduce_max_ps(mxv[g]));
+  constexpr int kDims = 64;                  // output dims kept in registers per pass
   for (int64_t d0 = 0; d0 < D; d0 += kDims) {
-    const int64_t nd = std::min<int64_t>(kDims, D - d0) / 8;
-    __m256 acc[G][kDims / 8];
+    const int nd = (int)std::min<int64_t>(kDims, D - d0) / 16;
+    __m512 acc[G][kDims / 16];
     for (int g = 0; g < G; ++g)
-      for (int i = 0; i < kDims / 8; ++i) acc[g][i] = _mm256_setzero_ps();
+      for (int i = 0; i < kDims / 16; ++i) acc[g][i] = _mm512_setzero_ps();
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
-      const float* vb = vc + (table[b] * BS * KV + kvh) * D + d0;
+      const uint16_t* vb = vc + ((table[b] * KV + kvh) * BS) * D + d0;
       for (; j < end; ++j) {
-        const float* vv = vb + (j - b * BS) * stride;
-        __m256 v[kDims / 8];
-        for (int i = 0; i < kDims / 8; ++i) if (i < nd) v[i] = _mm256_loadu_ps(vv + 8 * i);
+        const uint16_t* vv = vb + (j - b * BS) * D;
+        __m512 v[kDims / 16];
+        for (int i = 0; i < kDims / 16; ++i) if (i < nd) v[i] = load16_half(vv + 16 * i);
         for (int g = 0; g < G; ++g) {
-          const __m256 p = _mm256_set1_ps(sc[g * n + j - lo]);
-          for (int i = 0; i < kDims / 8; ++i)
-            if (i < nd) acc[g][i] = _mm256_fmadd_ps(p, v[i], acc[g][i]);
+          const __m512 p = _mm512_set1_ps(base[g * n + j - lo]);
+          for (int i = 0; i < kDims / 16; ++i)
+            if (i < nd) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
         }
       }
     }
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < nd; ++i)
-        _mm256_storeu_ps(o + g * D + d0 + 8 * i, _mm256_mul_ps(acc[g][i], inv[g]));
+        _mm512_storeu_ps(o + g * D + d0 + 16 * i, _mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv[g])));
   }
 }
 
-using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t,
+using AttendFn = void (*)(const float*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
                           int64_t, int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&,
                           float*);
 
 // Heads per KV head: 1..4 together; larger groups go in runs of 4, then the rest.
-void attend_heads(int64_t G, const float* qv, const float* kc, const float* vc,
+void attend_heads(int64_t G, const float* qv, const uint16_t* kc, const uint16_t* vc,
                   const int64_t* table, int64_t BS, int64_t KV, int64_t kvh, int64_t D,
                   int64_t lo, int64_t pos, float scale, std::vector<float>& sc, float* o) {
   static const AttendFn fns[4] = {attend_group<1>, attend_group<2>, attend_group<3>, attend_group<4>};
@@ -955,11 +989,16 @@ void attend_heads(int64_t G, const float* qv, const float* kc, const float* vc,
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                               torch::Tensor tables, torch::Tensor meta, double scale,
                               int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.dtype() == torch::kFloat32 && kc.dim() == 4,
+              "attention: q must be (T, H, D) f32");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = kc.size(1), KV = kc.size(2), S = meta.size(0), maxb = tables.size(1);
-  TORCH_CHECK(D % 8 == 0 && H % KV == 0, "attention: bad head shapes");
+  const int64_t KV = kc.size(1), S = meta.size(0), maxb = tables.size(1);
+  const int64_t BS = check_kv_cache(kc, vc, KV, D, "attention");
+  TORCH_CHECK(H % KV == 0, "attention: bad head shapes");
   auto out = torch::zeros_like(q);
-  const float *qp = q.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const uint16_t *kp = static_cast<const uint16_t*>(kc.data_ptr()),
+                 *vp = static_cast<const uint16_t*>(vc.data_ptr());
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* mp = meta.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
