@@ -19,6 +19,7 @@
 #include <string>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -540,6 +541,22 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
   const int8_t* A = weight_rows(w, n0, wbuf);
   int64_t row[16];                         // padding rows reuse a real row's scales
   for (int n = 0; n < 16; ++n) row[n] = n0 + std::min<int64_t>(n, rows - 1);
+  // the 16 rows' values of block b, as floats (by fours of rows: 4 vector loads when whole)
+  auto vals16 = [&](const BlockVals& v, int64_t b, float* out) {
+    if (rows == 16) for (int f = 0; f < 4; ++f) _mm_storeu_ps(out + 4 * f, v.four(n0 + 4 * f, b));
+    else for (int n = 0; n < 16; ++n) out[n] = v.get(row[n], b);
+  };
+  // the next group's weight bytes stream into the cache while this group computes (they
+  // come from memory: a step reads each weight once), a few lines per pair of cells
+  const int64_t row_bytes = FMT == kQ4 ? K / 2 : K, lines = (row_bytes + 63) / 64;
+  const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(16, w.N - n0 - 16));
+  const char* next = static_cast<const char*>(w.q) + (n0 + 16) * row_bytes;
+  const int64_t to_fetch = next_rows * lines, pairs = std::max<int64_t>(1, nc * (32 / BS) / 2);
+  int64_t fetched = 0;
+  auto prefetch_some = [&](int64_t pair) {
+    for (const int64_t upto = to_fetch * (pair + 1) / pairs; fetched < upto; ++fetched)
+      _mm_prefetch(next + (fetched / lines) * row_bytes + (fetched % lines) * 64, _MM_HINT_T0);
+  };
   // Cells (block c, half h) go two at a time on separate tiles, so one pair's tile
   // products overlap the other's: X on tmm0-3 (C hi, C lo, weights, x bytes), Y on tmm4-7.
   constexpr int H = 32 / BS;
@@ -559,20 +576,28 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
       if (FMT == kQ4 && w.zp)
         zq = _mm512_mullo_epi32(_mm512_loadu_si512(a.qsum.get() + cell * 16),
                                 _mm512_set1_epi32((int32_t)w.zp));
-      for (int n = 0; n < 16; ++n) {
-        __m512i iv = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch[n]), 8),
-                                      _mm512_load_si512(cl[n]));
-        if (FMT == kQ4) iv = _mm512_sub_epi32(iv, zq);
-        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(w.scale.get(row[n], c * H + h)), dx);
-        acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), s, acc[n]);
-      }
+      alignas(64) float ws[16];
+      vals16(w.scale, c * H + h, ws);
+      auto scale_in = [&](auto with_zp) {
+        for (int n = 0; n < 16; ++n) {
+          __m512i iv = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch[n]), 8),
+                                        _mm512_load_si512(cl[n]));
+          if constexpr (decltype(with_zp)::value) iv = _mm512_sub_epi32(iv, zq);
+          const __m512 s = _mm512_mul_ps(_mm512_set1_ps(ws[n]), dx);
+          acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), s, acc[n]);
+        }
+      };
+      if (FMT == kQ4 && w.zp) scale_in(std::true_type{});
+      else scale_in(std::false_type{});
       if (w.min && h == H - 1) {
         const __m512 fs = _mm512_loadu_ps(a.fsum.get() + cell * 16);
-        for (int n = 0; n < 16; ++n) acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(w.min.get(row[n], c)), fs, acc[n]);
+        vals16(w.min, c, ws);
+        for (int n = 0; n < 16; ++n) acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(ws[n]), fs, acc[n]);
       }
     };
     int64_t i = 0;
     for (; i + 2 <= cells; i += 2) {
+      if (t == 0) prefetch_some(i / 2);
       _tile_zero(0); _tile_zero(1); _tile_zero(4); _tile_zero(5);
       _tile_loadd(2, w_at(i), K);
       _tile_loadd(6, w_at(i + 1), K);
