@@ -55,7 +55,8 @@ class LLM:
         kv = KVCacheManager(num_blocks, block_size, self.config.kv_group_windows(),
                             enable_prefix_caching)
         self.engine = Engine(
-            ModelRunner(model_, num_blocks, block_size, eos),
+            ModelRunner(model_, num_blocks, block_size, eos, max_num_batched_tokens,
+                        self.max_model_len),
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
             Scheduler(kv, max_num_seqs, max_num_batched_tokens),
             self.max_model_len)

@@ -36,3 +36,35 @@ def test_the_plan_is_used_and_equals_the_python_model_bit_for_bit(llm):
     assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
     assert len(seen) >= 6 and any(n > 1 for n, _ in seen) and any(n == 3 for n, _ in seen)
     assert all(same for _, same in seen), seen
+
+
+def test_after_start_up_a_step_allocates_nothing(llm):
+    """The static plan: the workspace and every thread's kernel scratch are sized at start-up
+    for the largest step (96 tokens, contexts up to 1024), so a mixed workload (prefill
+    chunks, decode batches of several sizes, prompt logprobs, n > 1, a prefix-cache hit)
+    grows no scratch, and inside the plan no tensor storage is allocated at all (the
+    profiler sees every allocation of torch's CPU allocator on this thread: a kernel that
+    made its output, or a torch op that made a temporary, would show)."""
+    from ostinato.kernels import ops
+    runner = llm.engine.runner
+    plan_forward = runner.forward
+    allocations = []
+
+    def profiled(input_ids, positions, meta, caches):
+        args = plan_forward.inputs(input_ids, positions, meta)      # embedding, rotary tables
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            out = plan_forward.plan.forward(*args)
+        allocations.append([e.name for e in prof.events() if e.cpu_memory_usage > 0])
+        return out
+    runner.forward = profiled
+    before = ops().scratch_growths()
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    prompts = [llm.tokenize(text[: 9 * n]) for n in (1, 5, 30, 90)]
+    llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    llm.generate(prompts[3], SamplingParams(max_tokens=3, n=3, temperature=0.8, seed=1,
+                                            prompt_logprobs=1))
+    llm.generate([llm.tokenize(text)], SamplingParams(max_tokens=2))        # 200+ tokens
+    assert len(allocations) > 20
+    assert ops().scratch_growths() == before, "a step grew the kernels' scratch"
+    assert allocations == [[]] * len(allocations), allocations

@@ -26,8 +26,9 @@ class SeqResult:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: list[int], block_size: int,
-                 eos_ids: set[int]):
-        """num_blocks: per KV-cache group (see ModelConfig.kv_group_windows)."""
+                 eos_ids: set[int], max_tokens: int, max_context: int):
+        """num_blocks: per KV-cache group (see ModelConfig.kv_group_windows); max_tokens: the
+        most tokens a step carries; max_context: the longest sequence."""
         cfg = model.cfg
         self.model, self.block_size, self.eos_ids = model, block_size, eos_ids
         self.num_groups = len(num_blocks)
@@ -36,8 +37,18 @@ class ModelRunner:
                                                  cfg.n_kv_heads, cfg.head_dim)
                           for i in range(cfg.n_layers)]
 
-        # the layers as one C++ call per step where the model allows it (same bits)
-        self.forward = compile_plan(model, self.kv_caches) or model.forward
+        # the layers as one C++ call per step where the model allows it (same bits), its
+        # buffers and the kernels' scratch sized now for the largest step
+        self.max_tokens, self.max_context = max_tokens, max_context
+        self.forward = (compile_plan(model, self.kv_caches, max_tokens, max_context)
+                        or model.forward)
+
+    def warm_up(self) -> None:
+        """Size the kernels' per-thread scratch on the calling thread (the one that will run
+        the steps), so that no step allocates any."""
+        plan = getattr(self.forward, "plan", None)
+        if plan is not None:
+            plan.reserve(self.max_tokens, self.max_context)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:

@@ -16,9 +16,12 @@ def _qw(w: QWeight):
     return ops().QW(w.q, w.scale, w.min, w.fmt, w.bs, w.zp, w.N, w.K)
 
 
-def compile_plan(model, kv_caches: list) -> Callable | None:
+def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int) -> Callable | None:
     """A drop-in for model.forward, or None when the model can't be planned (the torch
-    backend, or q/k/v or gate/up that the loader could not fuse)."""
+    backend, or q/k/v or gate/up that the loader could not fuse). Its workspace and the
+    kernels' scratch are sized for steps of up to max_tokens tokens whose queries see up to
+    max_context keys; `forward.plan.reserve(...)` sizes a new thread's scratch too. The
+    hidden states it returns are a view of the workspace: valid until the next call."""
     cfg, w = model.cfg, model.w
     if not isinstance(model.ops, CpuKernels):
         return None
@@ -38,10 +41,16 @@ def compile_plan(model, kv_caches: list) -> Callable | None:
                        _qw(w[p + "ffn_gate_up.weight"]), _qw(w[p + "ffn_down.weight"]),
                        cfg.layer_kv_group(i), int(cfg.is_sliding(i)), *kv_caches[i])
 
-    def forward(input_ids, positions, meta, caches=None) -> torch.Tensor:
+    def inputs(input_ids, positions, meta) -> tuple:
+        """plan.forward's arguments: the embedded tokens and the rotary tables (computed in
+        torch: a few KB per token), and the slots, block tables and sequence rows."""
         rope = model.rope(positions)
-        return plan.forward(model.embed(input_ids), [rope[False][0], rope[True][0]],
-                            [rope[False][1], rope[True][1]], meta.slot_mappings, meta.tables,
-                            meta.seq_meta)
-    forward.plan = plan        # set_profile(True) / profile(): seconds per stage, for bench
+        return (model.embed(input_ids), [rope[False][0], rope[True][0]],
+                [rope[False][1], rope[True][1]], meta.slot_mappings, meta.tables, meta.seq_meta)
+
+    def forward(input_ids, positions, meta, caches=None) -> torch.Tensor:
+        return plan.forward(*inputs(input_ids, positions, meta))
+    plan.reserve(max_tokens, max_context)
+    # plan.set_profile(True) / plan.profile(): seconds per stage, for bench
+    forward.plan, forward.inputs = plan, inputs
     return forward

@@ -14,6 +14,7 @@
 #include <memory>
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <string>
@@ -174,6 +175,21 @@ std::vector<float> block_sums(const float* x, int64_t M, int64_t K, int64_t bs) 
 // (s16 x s16 pairs: AVX-512 VNNI's dpwssd where the CPU has it, else madd + add: the same
 // integers), scaled once per block. A row's quantization depends on that row alone, so
 // the result stays batch-invariant.
+// ---- scratch -----------------------------------------------------------------------
+// Kernels keep their scratch (quantized activations, tile packing, attention scores) in
+// per-thread buffers that only ever grow: once a Plan has reserved the largest step, a step
+// allocates nothing. Every growth is counted, so a test can see that none happens.
+std::atomic<int64_t> g_scratch_growths{0};
+
+template <class T>
+T* grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) {
+    g_scratch_growths.fetch_add(1, std::memory_order_relaxed);
+    v.resize(n);
+  }
+  return v.data();
+}
+
 struct QAct {
   std::vector<int16_t> q;     // (M, K)
   int64_t ldt = 0;            // row stride of the two below: M + 4 (a tile may read 4 rows)
@@ -216,9 +232,11 @@ inline void quantize_block(const float* xb, int16_t* q, float* d_out, float* fsu
 // load_w32_bytes unpacks int8 weights in.
 void quantize_rows(const float* x, int64_t M, int64_t K, QAct& a, bool evens_first) {
   const int64_t nb = K / 32;
-  a.q.resize(M * K);
+  grow(a.q, M * K);
   a.ldt = M + 4;
-  a.dt.assign(nb * a.ldt, 0.f); a.fsumt.assign(nb * a.ldt, 0.f);
+  grow(a.dt, nb * a.ldt); grow(a.fsumt, nb * a.ldt);
+  for (int64_t c = 0; c < nb; ++c)           // the 4 rows past M that a tile may read
+    for (int64_t r = M; r < a.ldt; ++r) a.dt[c * a.ldt + r] = a.fsumt[c * a.ldt + r] = 0.f;
 #pragma omp parallel for schedule(static) if (M >= 8)
   for (int64_t i = 0; i < M * nb; ++i) {
     int16_t* q = a.q.data() + i * 32;
@@ -410,6 +428,7 @@ SpanQaFn pick_span_qa(int64_t fmt, int64_t bs) {
 // time in AVX-512, in the order above. Integer sums are exact and each output element sees
 // the same float operations, so results equal tile_qa's bit for bit (tests/test_kernels.py).
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define OSTINATO_AMX 1
 
 bool amx_permitted() {        // Linux hands out the tile state only on request
   static const bool ok = [] {
@@ -440,26 +459,26 @@ void load_tile_config(int64_t bs) {
 // Rows past M stay zero.
 struct AmxAct {
   int64_t tiles = 0, nc = 0;
-  std::unique_ptr<int8_t[]> hi;
-  std::unique_ptr<uint8_t[]> lo;
-  std::unique_ptr<float[]> d, fsum;
-  std::unique_ptr<int32_t[]> qsum;       // only for weights with a zero point
+  std::vector<int8_t> hi;
+  std::vector<uint8_t> lo;
+  std::vector<float> d, fsum;
+  std::vector<int32_t> qsum;             // only for weights with a zero point
 };
 
 void alloc_amx(int64_t M, int64_t K, bool qsum, AmxAct& p) {
   p.nc = K / 32;
   p.tiles = (M + 15) / 16;
   const int64_t n = p.tiles * p.nc;
-  p.hi.reset(new int8_t[n * 512]); p.lo.reset(new uint8_t[n * 512]);
-  p.d.reset(new float[n * 16]); p.fsum.reset(new float[n * 16]);
-  if (qsum) p.qsum.reset(new int32_t[n * 16]);
+  grow(p.hi, n * 512); grow(p.lo, n * 512);
+  grow(p.d, n * 16); grow(p.fsum, n * 16);
+  if (qsum) grow(p.qsum, n * 16);
   if (M % 16) {                        // the last tile's missing rows are zeros
     const int64_t first = (p.tiles - 1) * p.nc;
-    std::memset(p.hi.get() + first * 512, 0, p.nc * 512);
-    std::memset(p.lo.get() + first * 512, 0, p.nc * 512);
-    std::fill_n(p.d.get() + first * 16, p.nc * 16, 0.f);
-    std::fill_n(p.fsum.get() + first * 16, p.nc * 16, 0.f);
-    if (qsum) std::fill_n(p.qsum.get() + first * 16, p.nc * 16, 0);
+    std::memset(p.hi.data() + first * 512, 0, p.nc * 512);
+    std::memset(p.lo.data() + first * 512, 0, p.nc * 512);
+    std::fill_n(p.d.data() + first * 16, p.nc * 16, 0.f);
+    std::fill_n(p.fsum.data() + first * 16, p.nc * 16, 0.f);
+    if (qsum) std::fill_n(p.qsum.data() + first * 16, p.nc * 16, 0);
   }
 }
 
@@ -472,8 +491,8 @@ inline void pack_cell(const float* x, int64_t i, bool qsum, AmxAct& p) {
   const __m512i q = _mm512_load_si512(q16);
   const __m256i rows = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);   // in dwords
   const int64_t base = cell * 512 + (m % 16) * 4;
-  _mm256_i32scatter_epi32(p.hi.get() + base, rows, _mm512_cvtepi16_epi8(_mm512_srai_epi16(q, 8)), 4);
-  _mm256_i32scatter_epi32(p.lo.get() + base, rows,
+  _mm256_i32scatter_epi32(p.hi.data() + base, rows, _mm512_cvtepi16_epi8(_mm512_srai_epi16(q, 8)), 4);
+  _mm256_i32scatter_epi32(p.lo.data() + base, rows,
                           _mm512_cvtepi16_epi8(_mm512_and_si512(q, _mm512_set1_epi16(0xff))), 4);
   if (qsum) p.qsum[at] = _mm512_reduce_add_epi32(_mm512_madd_epi16(q, _mm512_set1_epi16(1)));
 }
@@ -564,17 +583,17 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
   alignas(64) int32_t cs[2][2][16][16];      // [X/Y][hi/lo]
   auto w_at = [&](int64_t i) { return A + (i / H) * 32 + (i % H) * BS; };
   auto x_at = [&](const auto& v, int64_t t, int64_t i) {
-    return v.get() + (t * nc + i / H) * 512 + (i % H) * (BS / 4) * 64;
+    return v.data() + (t * nc + i / H) * 512 + (i % H) * (BS / 4) * 64;
   };
   for (int64_t t = 0; t < a.tiles; ++t) {
     __m512 acc[16];
     for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
     auto finish = [&](int64_t i, int32_t (*ch)[16], int32_t (*cl)[16]) {
       const int64_t c = i / H, h = i % H, cell = t * nc + c;
-      const __m512 dx = _mm512_loadu_ps(a.d.get() + cell * 16);
+      const __m512 dx = _mm512_loadu_ps(a.d.data() + cell * 16);
       __m512i zq = _mm512_setzero_si512();
       if (FMT == kQ4 && w.zp)
-        zq = _mm512_mullo_epi32(_mm512_loadu_si512(a.qsum.get() + cell * 16),
+        zq = _mm512_mullo_epi32(_mm512_loadu_si512(a.qsum.data() + cell * 16),
                                 _mm512_set1_epi32((int32_t)w.zp));
       alignas(64) float ws[16];
       vals16(w.scale, c * H + h, ws);
@@ -590,7 +609,7 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
       if (FMT == kQ4 && w.zp) scale_in(std::true_type{});
       else scale_in(std::false_type{});
       if (w.min && h == H - 1) {
-        const __m512 fs = _mm512_loadu_ps(a.fsum.get() + cell * 16);
+        const __m512 fs = _mm512_loadu_ps(a.fsum.data() + cell * 16);
         vals16(w.min, c, ws);
         for (int n = 0; n < 16; ++n) acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(ws[n]), fs, acc[n]);
       }
@@ -633,8 +652,13 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
 }
 
 // Quantizing, packing and the tile products share one parallel region.
+// (a thread_local named inside a parallel region is each thread's own: the caller's are
+// bound to references first)
+thread_local std::vector<int8_t> t_wbuf;      // each thread's unpacked weight rows
+thread_local AmxAct t_amx;                    // the calling thread's packed activations
+
 void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool parallel) {
-  AmxAct a;
+  AmxAct& a = t_amx;
   const bool qsum = w.fmt == kQ4 && w.zp;
   alloc_amx(M, w.K, qsum, a);
   auto group = w.fmt == kQ4 ? amx_group<kQ4, 32>
@@ -650,9 +674,9 @@ void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool p
       for (int64_t m = t * 16; m < std::min(M, t * 16 + 16); ++m) pack_cell(x, m * a.nc + c, qsum, a);
     }
     load_tile_config(w.bs);
-    std::vector<int8_t> wbuf(16 * w.K);
+    int8_t* wbuf = grow(t_wbuf, 16 * w.K);
 #pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) group(w, g * 16, a, M, out, w.N, wbuf.data());
+    for (int64_t g = 0; g < groups; ++g) group(w, g * 16, a, M, out, w.N, wbuf);
     _tile_release();
   }
 }
@@ -660,6 +684,8 @@ void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool p
 bool amx_permitted() { return false; }
 void qlinear_amx(const Weights&, const float*, int64_t, float*, bool) {}
 #endif
+
+thread_local QAct t_qact;                     // the calling thread's quantized activations
 
 // Small batches stay on AVX: a tile product costs the same for 1 x row as for 16 (measured
 // on SmolLM2's layers here: AMX wins from 6 rows, 1.6x at 16, 3x at 64 and more).
@@ -669,10 +695,13 @@ bool use_amx(int64_t M) { return g_amx_enabled && M >= g_amx_min_rows && amx_per
 
 }  // namespace
 
-// x: (M, K) f32 contiguous -> (M, N) f32
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
-                      int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K, int64_t quant_act) {
+// x: (M, K) f32 contiguous -> out: (M, N) f32 contiguous
+void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
+                  int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K, int64_t quant_act,
+                  torch::Tensor out) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: (M,K) f32");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
+              out.size(0) == x.size(0) && out.size(1) == N, "qlinear: out must be (M, N) f32");
   TORCH_CHECK(x.size(1) == K && K % bs == 0, "qlinear: x has the wrong width");
   TORCH_CHECK((fmt == kQ8 && (bs == 16 || bs == 32)) || ((fmt == kQ4 || fmt == kF32) && bs == 32),
               "qlinear: unsupported format/block size");
@@ -680,7 +709,6 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
                               (!min.numel() || min.numel() == scale.numel())),
               "qlinear: scales (and mins) must be (ceil(N/4), K/bs, 4)");
   const int64_t M = x.size(0);
-  auto out = torch::empty({M, N}, x.options());
   auto vals = [&](const torch::Tensor& t) {
     TORCH_CHECK(!t.numel() || t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kHalf,
                 "qlinear: scales and mins are float32 or float16");
@@ -700,9 +728,9 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
                 "qlinear: quantized activations need K % 32 == 0 and 32-element min blocks");
     if (use_amx(M)) {
       qlinear_amx(w, xp, M, op, parallel);
-      return out;
+      return;
     }
-    QAct a;
+    QAct& a = t_qact;
     quantize_rows(xp, M, K, a, fmt == kQ8 && bs == 32);
     const SpanQaFn span = pick_span_qa(fmt, bs);
 #pragma omp parallel for schedule(static) if (parallel)
@@ -711,7 +739,7 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
       for (int64_t m = 0; m < M; m += kRowTile)
         span((int)std::min<int64_t>(kRowTile, M - m), w, n0, n1, a, m, op + m * N, N);
     }
-    return out;
+    return;
   }
   std::vector<float> xs = w.min ? block_sums(xp, M, K, bs) : std::vector<float>();
   const TileFn tile = pick_tile(fmt, bs);
@@ -725,6 +753,13 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
         tile(rows, w, n, xp + m * K, xsm, op + m * N, N);
     }
   }
+}
+
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
+                      int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K, int64_t quant_act) {
+  TORCH_CHECK(x.dim() == 2, "x: (M,K) f32");
+  auto out = torch::empty({x.size(0), N}, x.options());
+  qlinear_into(x, q, scale, min, fmt, bs, zp, N, K, quant_act, out);
   return out;
 }
 
@@ -751,15 +786,23 @@ inline void rope_head(float* x, const float* cs, const float* sn, int64_t D, boo
 }
 
 // y = x * w / sqrt(mean(x^2) + eps), row by row; x: (M, D), D % 8 == 0
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+// out may be x itself
+void rms_norm_into(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor out) {
   TORCH_CHECK(x.is_contiguous() && x.dtype() == torch::kFloat32, "x: contiguous f32");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() && out.dtype() == torch::kFloat32,
+              "rms_norm: out must be like x");
   const int64_t D = x.size(-1), M = x.numel() / D;
-  TORCH_CHECK(D % 8 == 0, "rms_norm: D must be a multiple of 8");
-  auto out = torch::empty_like(x);
+  TORCH_CHECK(D % 8 == 0 && w.numel() == D, "rms_norm: D must be a multiple of 8, w of D");
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
 #pragma omp parallel for schedule(static) if (M > 16)
   for (int64_t m = 0; m < M; ++m) rms_row(xp + m * D, wp, D, (float)eps, op + m * D);
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous(), "x: contiguous f32");
+  auto out = torch::empty_like(x);
+  rms_norm_into(x, w, eps, out);
   return out;
 }
 
@@ -785,9 +828,10 @@ int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t
 // k_norm are given (Gemma 3), rotate them by the per-token cos/sin tables (T, D/2), and
 // write k and v (rounded to float16, to nearest even) into the paged caches at their slots.
 // Returns q as (T, H, D).
-torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
-                             double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
-                             int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots) {
+void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
+                         double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
+                         int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
+                         torch::Tensor q) {
   TORCH_CHECK(kc.dim() == 4, "qkv_rope_cache: KV caches must be 4-d");
   const int64_t T = qkv.size(0), KV = kc.size(1), D = kc.size(2), W = (H + 2 * KV) * D;
   const int64_t BS = check_kv_cache(kc, vc, KV, D, "qkv_rope_cache");
@@ -803,7 +847,8 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Ten
   for (int64_t i = 0; i < T; ++i)
     TORCH_CHECK(slots.data_ptr<int64_t>()[i] >= 0 && slots.data_ptr<int64_t>()[i] < n_slots,
                 "qkv_rope_cache: slot out of range");
-  auto q = torch::empty({T, H, D}, qkv.options());
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == T && q.size(1) == H && q.size(2) == D &&
+              q.is_contiguous() && q.dtype() == torch::kFloat32, "qkv_rope_cache: q must be (T, H, D) f32");
   const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
   const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
@@ -838,6 +883,14 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Ten
         _mm_storeu_si128(reinterpret_cast<__m128i*>(vt + d), _mm256_cvtps_ph(_mm256_loadu_ps(v + d), kRne));
     }
   }
+}
+
+torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
+                             double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
+                             int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots) {
+  TORCH_CHECK(kc.dim() == 4 && qkv.dim() == 2, "qkv_rope_cache: KV caches must be 4-d, qkv 2-d");
+  auto q = torch::empty({qkv.size(0), H, kc.size(2)}, qkv.options());
+  qkv_rope_cache_into(qkv, q_norm, k_norm, eps, cos, sin, neox, H, kc, vc, slots, q);
   return q;
 }
 
@@ -882,12 +935,13 @@ inline __m256 gated8(__m256 x, __m256 u, bool gelu) {
 
 // gate and up: (T, F) rows, each row contiguous (they may be the two halves of one fused
 // gate|up product: no copies); out: (T, F) contiguous.
-torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
+void gated_act_into(torch::Tensor gate, torch::Tensor up, int64_t gelu, torch::Tensor out) {
   TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 &&
               up.stride(1) == 1 && gate.dtype() == torch::kFloat32 && up.dtype() == torch::kFloat32,
               "gated_act: gate and up must be (T, F) f32 with contiguous rows");
+  TORCH_CHECK(out.sizes() == gate.sizes() && out.is_contiguous() && out.dtype() == torch::kFloat32,
+              "gated_act: out must be (T, F) f32");
   const int64_t T = gate.size(0), F = gate.size(1), gs = gate.stride(0), us = up.stride(0);
-  auto out = torch::empty({T, F}, gate.options());
   const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t chunks = (F + 7) / 8;
@@ -900,6 +954,12 @@ torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
                             _mm256_maskload_ps(u + t * us + i, mask), gelu != 0);
     _mm256_maskstore_ps(o + t * F + i, mask, r);
   }
+}
+
+torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
+  TORCH_CHECK(gate.dim() == 2, "gated_act: gate and up must be (T, F) f32 with contiguous rows");
+  auto out = torch::empty({gate.size(0), gate.size(1)}, gate.options());
+  gated_act_into(gate, up, gelu, out);
   return out;
 }
 
@@ -939,8 +999,7 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
                   int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
                   float scale, std::vector<float>& sc, float* o) {
   const int64_t n = pos - lo + 1;
-  sc.resize(16 + G * n + 16);
-  float* base = sc.data() + 16;              // scores of head g: base[g * n + j - lo]
+  float* base = grow(sc, 16 + G * n + 16) + 16;   // scores of head g: base[g * n + j - lo]
   __m512 mxv[G];
   for (int g = 0; g < G; ++g) mxv[g] = _mm512_set1_ps(-INFINITY);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -1011,30 +1070,37 @@ void attend_heads(int64_t G, const float* qv, const uint16_t* kc, const uint16_t
   }
 }
 
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
-                              torch::Tensor tables, torch::Tensor meta, double scale,
-                              int64_t window) {
+thread_local std::vector<int64_t> t_row_seq;  // the calling thread's row -> sequence map
+thread_local std::vector<float> t_scores;      // each thread's attention scores
+
+// out: (T, H, D) f32, contiguous; every row is written (rows of no sequence get zeros).
+void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor tables,
+                          torch::Tensor meta, double scale, int64_t window, torch::Tensor out) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.dtype() == torch::kFloat32 && kc.dim() == 4,
               "attention: q must be (T, H, D) f32");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.dtype() == torch::kFloat32,
+              "attention: out must be like q");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KV = kc.size(1), S = meta.size(0), maxb = tables.size(1);
   const int64_t BS = check_kv_cache(kc, vc, KV, D, "attention");
   TORCH_CHECK(H % KV == 0, "attention: bad head shapes");
-  auto out = torch::zeros_like(q);
   const float* qp = q.data_ptr<float>();
   const uint16_t *kp = static_cast<const uint16_t*>(kc.data_ptr()),
                  *vp = static_cast<const uint16_t*>(vc.data_ptr());
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* mp = meta.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  std::vector<int64_t> row_seq(T, -1);
+  int64_t* row_seq = grow(t_row_seq, T);
+  std::fill_n(row_seq, T, -1);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t i = 0; i < mp[3 * s + 1]; ++i) row_seq[mp[3 * s] + i] = s;
+  for (int64_t t = 0; t < T; ++t)
+    if (row_seq[t] < 0) std::fill_n(op + t * H * D, H * D, 0.f);
   int64_t work = 0;                     // key rows read, summed over queries and heads
   for (int64_t s = 0; s < S; ++s) work += mp[3 * s + 1] * mp[3 * s + 2] * H;
 #pragma omp parallel if (work >= 4096)   // a short decode step stays on one core
   {
-    std::vector<float> sc;
+    std::vector<float>& sc = t_scores;
     const int64_t G = H / KV;
 #pragma omp for schedule(dynamic, 2)
     for (int64_t tk = 0; tk < T * KV; ++tk) {
@@ -1048,6 +1114,14 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
                    (float)scale, sc, op + (t * H + h0) * D);
     }
   }
+}
+
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
+                              torch::Tensor tables, torch::Tensor meta, double scale,
+                              int64_t window) {
+  TORCH_CHECK(q.dim() == 3, "attention: q must be (T, H, D) f32");
+  auto out = torch::empty_like(q);
+  paged_attention_into(q, kc, vc, tables, meta, scale, window, out);
   return out;
 }
 
@@ -1060,8 +1134,8 @@ struct QW {
   int64_t fmt, bs, zp, N, K;
   QW(torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t fmt, int64_t bs, int64_t zp,
      int64_t N, int64_t K) : q(q), scale(scale), min(min), fmt(fmt), bs(bs), zp(zp), N(N), K(K) {}
-  torch::Tensor operator()(const torch::Tensor& x, int64_t quant) const {
-    return qlinear(x.reshape({-1, K}).contiguous(), q, scale, min, fmt, bs, zp, N, K, quant);
+  void into(const torch::Tensor& x, const torch::Tensor& out, int64_t quant) const {
+    qlinear_into(x, q, scale, min, fmt, bs, zp, N, K, quant, out);
   }
 };
 
@@ -1094,6 +1168,9 @@ class Stopwatch {
   double t_;
 };
 
+// A Plan's activations live in a workspace sized once for the largest step (`reserve`):
+// each step works in views of it, and the kernels' scratch was grown to the same size, so
+// a step allocates no tensor storage and no scratch (tests/test_plan.py counts both).
 class Plan {
  public:
   Plan(int64_t n_heads, int64_t ffn_dim, double eps, int64_t neox, int64_t gelu, double attn_scale,
@@ -1105,44 +1182,77 @@ class Plan {
                  torch::Tensor post_attn_norm, torch::Tensor ffn_norm, torch::Tensor post_ffw_norm,
                  QW qkv, QW o, QW gate_up, QW down, int64_t group, int64_t sliding,
                  torch::Tensor kc, torch::Tensor vc) {
+    TORCH_CHECK(layers_.empty() || (qkv.N == layers_[0].qkv.N && o.K == layers_[0].o.K &&
+                                    gate_up.N == 2 * F_ && down.K == F_),
+                "Plan: every layer must have the same shapes");
     layers_.push_back({attn_norm, q_norm, k_norm, post_attn_norm, ffn_norm, post_ffw_norm, kc, vc,
                        qkv, o, gate_up, down, group, sliding});
   }
 
+  // Workspace for steps of up to max_tokens tokens, and the calling thread's (and its
+  // worker threads') kernel scratch for them, with up to max_context keys per query. Call it
+  // at start-up on the thread that will run the steps.
+  void reserve(int64_t max_tokens, int64_t max_context) {
+    TORCH_CHECK(!layers_.empty() && max_tokens >= 1 && max_context >= 1, "Plan.reserve: sizes");
+    ensure(max_tokens);
+    const PlanLayer& L = layers_[0];
+    int64_t K = 0;
+    for (const QW* w : {&L.qkv, &L.o, &L.gate_up, &L.down}) K = std::max(K, w->K);
+    const int64_t nb = K / 32, M = max_tokens;
+    grow(t_qact.q, M * K); grow(t_qact.dt, nb * (M + 4)); grow(t_qact.fsumt, nb * (M + 4));
+    grow(t_row_seq, M);
+#ifdef OSTINATO_AMX
+    alloc_amx(M, K, true, t_amx);
+#endif
+#pragma omp parallel
+    {
+#ifdef OSTINATO_AMX
+      grow(t_wbuf, 16 * K);
+#endif
+      grow(t_scores, 32 + 4 * max_context);
+    }
+  }
+
   // x: (T, d_model) embedded; cos/sin: [global, local] tables; slots/tables: per KV group.
-  torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> cos,
+  // Returns the final normed hidden states: a view of the workspace, valid until the next step.
+  torch::Tensor forward(torch::Tensor x_in, std::vector<torch::Tensor> cos,
                         std::vector<torch::Tensor> sin, std::vector<torch::Tensor> slots,
                         std::vector<torch::Tensor> tables, torch::Tensor meta) {
-    const int64_t T = x.size(0);
+    const int64_t T = x_in.size(0);
+    ensure(T);
     Stopwatch sw(profile_ ? &seconds_ : nullptr);
+    auto rows = [T](const torch::Tensor& t) { return t.narrow(0, 0, T); };
+    torch::Tensor x = rows(x_), h = rows(h_), qkv = rows(qkv_), q = rows(q_), a = rows(attn_),
+                  gu = rows(gu_), act = rows(act_), out = rows(out_);
+    x.copy_(x_in);
     for (const PlanLayer& L : layers_) {
-      torch::Tensor h = rms_norm(x.contiguous(), L.attn_norm, eps_);
+      rms_norm_into(x, L.attn_norm, eps_, h);
       sw.lap(kNorms);
-      h = L.qkv(h, quant_);
+      L.qkv.into(h, qkv, quant_);
       sw.lap(kQkv);
-      torch::Tensor q = qkv_rope_cache(h, L.q_norm, L.k_norm, eps_, cos[L.sliding],
-                                       sin[L.sliding], neox_, H_, L.kc, L.vc, slots[L.group]);
+      qkv_rope_cache_into(qkv, L.q_norm, L.k_norm, eps_, cos[L.sliding], sin[L.sliding], neox_, H_,
+                          L.kc, L.vc, slots[L.group], q);
       sw.lap(kRope);
-      torch::Tensor a = paged_attention(q, L.kc, L.vc, tables[L.group], meta, scale_,
-                                        L.sliding ? window_ : 0);
+      paged_attention_into(q, L.kc, L.vc, tables[L.group], meta, scale_, L.sliding ? window_ : 0, a);
       sw.lap(kAttention);
-      h = L.o(a.reshape({T, -1}), quant_);
+      L.o.into(a.view({T, -1}), h, quant_);
       sw.lap(kO);
-      if (L.post_attn_norm.numel()) h = rms_norm(h, L.post_attn_norm, eps_);
-      x = x + h;
-      h = rms_norm(x.contiguous(), L.ffn_norm, eps_);
+      if (L.post_attn_norm.numel()) rms_norm_into(h, L.post_attn_norm, eps_, h);
+      x.add_(h);
+      rms_norm_into(x, L.ffn_norm, eps_, h);
       sw.lap(kNorms);
-      torch::Tensor gu = L.gate_up(h, quant_);
+      L.gate_up.into(h, gu, quant_);
       sw.lap(kGateUp);
-      h = gated_act(gu.narrow(1, 0, F_), gu.narrow(1, F_, F_), gelu_);
+      gated_act_into(gu.narrow(1, 0, F_), gu.narrow(1, F_, F_), gelu_, act);
       sw.lap(kAct);
-      h = L.down(h, quant_);
+      L.down.into(act, h, quant_);
       sw.lap(kDown);
-      if (L.post_ffw_norm.numel()) h = rms_norm(h, L.post_ffw_norm, eps_);
-      x = x + h;
+      if (L.post_ffw_norm.numel()) rms_norm_into(h, L.post_ffw_norm, eps_, h);
+      x.add_(h);
       sw.lap(kNorms);
     }
-    return rms_norm(x.contiguous(), out_norm_, eps_);
+    rms_norm_into(x, out_norm_, eps_, out);
+    return out;
   }
 
   // Seconds spent in each stage of forward since profiling was switched on (for `bench`).
@@ -1154,6 +1264,21 @@ class Plan {
   }
 
  private:
+  // the workspace holds at least T rows (growing it is counted like scratch growth)
+  void ensure(int64_t T) {
+    if (x_.defined() && x_.size(0) >= T) return;
+    g_scratch_growths.fetch_add(1, std::memory_order_relaxed);
+    const PlanLayer& L = layers_.at(0);
+    const int64_t D = out_norm_.numel(), Dh = L.kc.size(2);
+    auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+    x_ = torch::empty({T, D}, f32); h_ = torch::empty({T, D}, f32);
+    qkv_ = torch::empty({T, L.qkv.N}, f32);
+    q_ = torch::empty({T, H_, Dh}, f32); attn_ = torch::empty({T, H_, Dh}, f32);
+    gu_ = torch::empty({T, 2 * F_}, f32); act_ = torch::empty({T, F_}, f32);
+    out_ = torch::empty({T, D}, f32);
+  }
+
+  torch::Tensor x_, h_, qkv_, q_, attn_, gu_, act_, out_;
   bool profile_ = false;
   std::array<double, kStages> seconds_{};
   int64_t H_, F_;
@@ -1168,6 +1293,7 @@ class Plan {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear);
   m.def("amx_available", [] { return amx_permitted(); });
+  m.def("scratch_growths", [] { return g_scratch_growths.load(); });
   m.def("set_amx", [](bool on, int64_t min_rows) { g_amx_enabled = on; g_amx_min_rows = min_rows; });
   m.def("rms_norm", &rms_norm);
   m.def("qkv_rope_cache", &qkv_rope_cache);
@@ -1180,6 +1306,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     torch::Tensor>())
       .def("add_layer", &Plan::add_layer)
       .def("forward", &Plan::forward, py::call_guard<py::gil_scoped_release>())
+      .def("reserve", &Plan::reserve, py::call_guard<py::gil_scoped_release>())
       .def("set_profile", &Plan::set_profile)
       .def("profile", &Plan::profile);
 }
