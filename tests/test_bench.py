@@ -42,6 +42,9 @@ def test_bench_latency_and_serving_sweep(smollm_path, tmp_path):
     assert set(lat["ttft_s"]) == {"16", "48"} and all(v > 0 for v in lat["ttft_s"].values())
     assert lat["decode_tok_s"] > 0 and 0 < lat["itl_p50_ms"] <= lat["itl_p99_ms"]
     assert fig["batched_tok_s"] > 0
+    shares = fig["batched_time_shares"]       # the plan's stages, then the rest: the whole run
+    assert {"attention", "gate_up", "qkv"} <= shares.keys() and all(v >= 0 for v in shares.values())
+    assert shares["attention"] > 0 and sum(shares.values()) == pytest.approx(1.0, abs=0.01)
     rows = fig["serving"]["ostinato"]
     assert [row["concurrency"] for row in rows] == [1, 3]
     for row in rows:
@@ -52,6 +55,7 @@ def test_bench_latency_and_serving_sweep(smollm_path, tmp_path):
     server = fig["servers"]["ostinato"]
     assert server["start_to_first_answer_s"] > 0 and server["peak_rss_mb"] > 100
     md = (out / "bench.md").read_text()
-    for needle in ("TTFT, 48-token prompt", "decode (tok/s)", "ITL p99", "$/Mtok", "peak RSS"):
+    for needle in ("TTFT, 48-token prompt", "decode (tok/s)", "ITL p99", "$/Mtok", "peak RSS",
+                   "| attention |"):
         assert needle in md
     assert (out / "latency.png").stat().st_size > 1000 and (out / "serving.png").stat().st_size > 1000

@@ -71,7 +71,9 @@ def run_bench(llm, a: BenchArgs) -> dict:
         fig["latency"] = latency(engines, llm, list(a.prompt_lengths), a.decode_tokens, a.repeats)
         if a.batch:
             fig["batch"] = a.batch
-            fig["batched_tok_s"] = round(batched(llm, a.batch, 64, a.decode_tokens), 1)
+            tok_s, shares = batched(llm, a.batch, 64, a.decode_tokens)
+            fig["batched_tok_s"] = round(tok_s, 1)
+            fig["batched_time_shares"] = {k: round(v, 4) for k, v in shares.items()}
         if "llama.cpp" in a.vs:
             fig["llamacpp_load_s"], fig["llamacpp_peak_rss_mb"] = llamacpp_footprint(
                 llm.model_path, a.threads)

@@ -120,10 +120,27 @@ def latency(engines, llm, prompt_lengths: list[int], decode_tokens: int, repeats
             for e in engines}
 
 
-def batched(llm, n_prompts: int, prompt_tokens: int, max_tokens: int) -> float:
-    """Offline aggregate tok/s for n_prompts generated together (LLM.generate)."""
+OUTSIDE_THE_PLAN = "outside the plan (LM head, sampling, Python)"
+
+
+def batched(llm, n_prompts: int, prompt_tokens: int, max_tokens: int) -> tuple[float, dict]:
+    """Offline aggregate tok/s for n_prompts generated together (LLM.generate), and where the
+    time went: each stage of the compiled plan's share of the wall time (the Plan's own
+    stopwatch), the rest outside it. Empty shares when the model runs without a plan."""
     prompts = [synthetic_prompt(llm, prompt_tokens, 1000 + i) for i in range(n_prompts)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    plan = getattr(llm.engine.runner.forward, "plan", None)
+    if plan is not None:
+        plan.set_profile(True)
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+    try:
+        outs = llm.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        stages = plan.profile() if plan is not None else {}
+    finally:
+        if plan is not None:
+            plan.set_profile(False)
+    shares = {k: v / wall for k, v in sorted(stages.items(), key=lambda kv: -kv[1])}
+    if shares:
+        shares[OUTSIDE_THE_PLAN] = max(0.0, 1.0 - sum(shares.values()))
+    return sum(len(o.outputs[0].token_ids) for o in outs) / wall, shares

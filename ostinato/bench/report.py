@@ -49,6 +49,11 @@ def markdown(fig: dict) -> str:
         if fig.get("batched_tok_s"):
             out += [f"Offline batch of {fig['batch']} (LLM.generate): "
                     f"{fig['batched_tok_s']:.1f} tok/s aggregate.", ""]
+        if fig.get("batched_time_shares"):
+            out += ["Where that batch's time went (the plan's stopwatch per stage):", "",
+                    "| stage | share of wall time |", "| --- | --- |",
+                    *(f"| {k} | {100 * v:.1f}% |" for k, v in fig["batched_time_shares"].items()),
+                    ""]
     serving = fig.get("serving") or {}
     if serving:
         out += [f"## Serving (streaming /v1/completions, {fig['serving_max_tokens']} tokens per "
