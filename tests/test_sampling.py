@@ -313,16 +313,37 @@ def test_sampled_frequencies_with_temperature_top_k_top_p():
 
 def test_top_logprobs_values_and_ranks():
     logits = torch.tensor([0.0, 3.0, 1.0, 2.0, -1.0, 0.5])
-    expected = torch.log_softmax(logits, -1)
+    expected = torch.log_softmax(logits.double(), -1)
     chosen = 4                                  # least likely token: rank 6
     out = top_logprobs(logits, 2, chosen)
     assert list(out) == [4, 1, 3]
-    assert out[1] == Logprob(float(expected[1]), 1, None)
-    assert out[3] == Logprob(float(expected[3]), 2, None)
-    assert out[4] == Logprob(float(expected[4]), 6, None)
+    for tid, rank in ((1, 1), (3, 2), (4, 6)):
+        assert out[tid].rank == rank and out[tid].decoded_token is None
+        assert out[tid].logprob == pytest.approx(float(expected[tid]), abs=1e-6)
     inside = top_logprobs(logits, 3, 3)         # chosen token already in the top 3
     assert [(t, lp.rank) for t, lp in inside.items()] == [(3, 2), (1, 1), (2, 3)]
     assert list(top_logprobs(logits, 0, 2)) == [2]
+
+
+@pytest.mark.parametrize("vocab", [5, 16, 49152, 262144 + 3])
+def test_top_logprobs_match_a_double_log_softmax_on_large_vocabularies(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(vocab, generator=g) * 4
+    logits[vocab // 3] = float("-inf")          # a masked token: probability 0
+    expected = torch.log_softmax(logits.double(), -1)
+    for tid in (0, vocab - 1, int(logits.argmax()), vocab // 3):
+        out = top_logprobs(logits, min(3, vocab), tid)
+        assert out[tid].rank == int((expected > expected[tid]).sum()) + 1
+        for t, lp in out.items():
+            assert lp.logprob == pytest.approx(float(expected[t]), abs=2e-6)
+
+
+def test_top_logprobs_of_a_broken_row_are_nan():
+    for bad in (float("nan"), float("inf")):
+        logits = torch.zeros(40)
+        logits[7] = bad
+        assert math.isnan(top_logprobs(logits, 0, 3)[3].logprob)
+    assert math.isnan(top_logprobs(torch.full((9,), float("-inf")), 0, 2)[2].logprob)
 
 
 def test_logprob_is_frozen():

@@ -20,6 +20,7 @@
 #include <string>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -1125,6 +1126,47 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
   return out;
 }
 
+// ---- log-probabilities ----------------------------------------------------------------
+// For one row of raw logits: its max, log(sum(exp(x - max))), and how many entries exceed
+// x[token] (so a log-probability is (x - max) - logsum, as log_softmax computes it, and the
+// token's rank is one more than the count), in two vector passes and no (vocab,) temporary.
+// The sum is kept in double, 8 lanes in a fixed order, then the lanes. A NaN anywhere, an
+// infinite max or all -inf gives a NaN logsum.
+std::tuple<double, double, int64_t> logprob_stats(torch::Tensor logits, int64_t token) {
+  TORCH_CHECK(logits.dim() == 1 && logits.is_contiguous() && logits.dtype() == torch::kFloat32,
+              "logprob_stats: logits must be a contiguous (vocab,) f32 row");
+  const int64_t n = logits.numel();
+  TORCH_CHECK(token >= 0 && token < n, "logprob_stats: token out of range");
+  const float* x = logits.data_ptr<float>();
+  const __m512 ninf = _mm512_set1_ps(-INFINITY), xt = _mm512_set1_ps(x[token]);
+  auto load = [&](int64_t i) {            // 16 logits, -inf past the end
+    const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    return _mm512_mask_loadu_ps(ninf, k, x + i);
+  };
+  __m512 mxv = ninf;
+  __mmask16 nan = 0;
+  int64_t above = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = load(i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mxv = _mm512_max_ps(mxv, v);
+    above += __builtin_popcount(_mm512_cmp_ps_mask(v, xt, _CMP_GT_OQ));
+  }
+  const float mx = _mm512_reduce_max_ps(mxv);
+  if (nan || std::isinf(mx)) return {mx, NAN, above};
+  const __m256 m = _mm256_set1_ps(mx);
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t left = std::min<int64_t>(8, n - i);
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 v = _mm256_maskload_ps(x + i, keep);
+    const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(v, m)), _mm256_castsi256_ps(keep));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(e));
+  }
+  return {mx, std::log(_mm512_reduce_add_pd(acc)), above};
+}
+
 // ---- the step as one call ------------------------------------------------------------
 // A Plan holds every layer's weights and KV caches, set up once at start-up, and runs the
 // decoder (model/transformer.py's math, with the very same kernels in the same order, so the
@@ -1294,6 +1336,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear);
   m.def("amx_available", [] { return amx_permitted(); });
   m.def("scratch_growths", [] { return g_scratch_growths.load(); });
+  m.def("logprob_stats", &logprob_stats);
   m.def("set_amx", [](bool on, int64_t min_rows) { g_amx_enabled = on; g_amx_min_rows = min_rows; });
   m.def("rms_norm", &rms_norm);
   m.def("qkv_rope_cache", &qkv_rope_cache);
