@@ -341,11 +341,12 @@ void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out
   __m256 acc = _mm256_setzero_ps();
   for (int64_t c = 0; c < nc; ++c) {
     __m256i wv[NR][2];
-    if constexpr (R == 1) {
-      // Batch 1 streams the weights, and one core alone keeps too few loads in flight to
-      // reach the memory's bandwidth: ask for them 512 blocks ahead (8 KB of Q4 rows, 16 KB
-      // of int8), which runs into the rows that come next, as a thread walks its rows in
-      // memory order. SmolLM2 decode here, median tok/s: 8 blocks 85-111, 32: 110-112,
+    if (R == 1 || m0 == 0) {
+      // Small batches stream the weights, and one core alone keeps too few loads in flight
+      // to reach the memory's bandwidth: ask for them 512 blocks ahead (8 KB of Q4 rows, 16
+      // KB of int8), which runs into the rows that come next, as a thread walks its rows in
+      // memory order (with more x rows, the first row tile fetches; the others find the
+      // rows in cache). SmolLM2 decode here, median tok/s: 8 blocks 85-111, 32: 110-112,
       // 128: 138-150, 256: 152-157, 512: 151-154. A prefetch past the weights' end is
       // harmless (it never faults).
       constexpr int64_t kBytes = FMT == kQ4 ? 16 : 32;
@@ -394,9 +395,6 @@ void tile_span_qa(int rows, const Weights& w, int64_t n0, int64_t n1, const QAct
   int64_t n = n0;
   switch (rows) {
     case 1:
-#if defined(__AVX512BW__)
-
-#endif
       for (; n + 4 <= n1; n += 4) tile_qa<1, 4, FMT, BS>(w, n, a, m0, out, ldo);
       break;
     case 2: for (; n + 2 <= n1; n += 2) tile_qa<2, 2, FMT, BS>(w, n, a, m0, out, ldo); break;
