@@ -21,8 +21,16 @@ def _cpu_key() -> str:
     except (OSError, StopIteration):
         flags = platform.processor()
     import torch
-    h = hashlib.sha256(_SRC.read_bytes() + flags.encode() + torch.__version__.encode())
+    h = hashlib.sha256(_SRC.read_bytes() + flags.encode() + torch.__version__.encode()
+                       + _march().encode())
     return h.hexdigest()[:16]
+
+
+def _march() -> str:
+    """The instruction set the kernels are built for: this CPU's own by default;
+    OSTINATO_MARCH=haswell (say) builds the AVX2 paths, to test them on an AVX-512 machine
+    or to make a build that runs on older CPUs."""
+    return os.environ.get("OSTINATO_MARCH", "native")
 
 
 @cache
@@ -42,7 +50,7 @@ def ops():
         warnings.simplefilter("ignore")
         return cpp_extension.load(
             name="ostinato_ops", sources=[str(_SRC)], build_directory=str(build),
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=["-O3", f"-march={_march()}", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"], verbose=False)
 
 

@@ -982,9 +982,58 @@ inline float softmax_numerators(float* sc, int64_t n, float mx) {
   return sum;
 }
 
-inline __m512 load16_half(const uint16_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+// 16 float lanes: one AVX-512 register, or two AVX2 halves (the same arithmetic per lane, so
+// the same bits either way); masks are 16-bit lane sets.
+#if defined(__AVX512F__)
+struct V16 {
+  __m512 v;
+  static V16 zero() { return {_mm512_setzero_ps()}; }
+  static V16 set1(float x) { return {_mm512_set1_ps(x)}; }
+  static V16 half(const uint16_t* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  V16 fma(V16 b, V16 c) const { return {_mm512_fmadd_ps(v, b.v, c.v)}; }
+  V16 operator+(V16 b) const { return {_mm512_add_ps(v, b.v)}; }
+  V16 operator*(V16 b) const { return {_mm512_mul_ps(v, b.v)}; }
+  V16 max_where(uint32_t keep, V16 x) const {
+    return {_mm512_mask_max_ps(v, (__mmask16)keep, v, x.v)};
+  }
+  void store_where(uint32_t keep, float* p) const { _mm512_mask_storeu_ps(p, (__mmask16)keep, v); }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  float max() const { return _mm512_reduce_max_ps(v); }
+};
+#else
+struct V16 {
+  __m256 a, b;
+  static V16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static V16 set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+  static V16 half(const uint16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  }
+  V16 fma(V16 y, V16 c) const { return {_mm256_fmadd_ps(a, y.a, c.a), _mm256_fmadd_ps(b, y.b, c.b)}; }
+  V16 operator+(V16 y) const { return {_mm256_add_ps(a, y.a), _mm256_add_ps(b, y.b)}; }
+  V16 operator*(V16 y) const { return {_mm256_mul_ps(a, y.a), _mm256_mul_ps(b, y.b)}; }
+  static __m256i lanes(uint32_t keep) {     // 8 lanes of a mask: all ones where set
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)keep), bit), bit);
+  }
+  V16 max_where(uint32_t keep, V16 x) const {
+    return {_mm256_blendv_ps(a, _mm256_max_ps(a, x.a), _mm256_castsi256_ps(lanes(keep))),
+            _mm256_blendv_ps(b, _mm256_max_ps(b, x.b), _mm256_castsi256_ps(lanes(keep >> 8)))};
+  }
+  void store_where(uint32_t keep, float* p) const {
+    _mm256_maskstore_ps(p, lanes(keep), a);
+    _mm256_maskstore_ps(p + 8, lanes(keep >> 8), b);
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, a); _mm256_storeu_ps(p + 8, b); }
+  float max() const {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, _mm256_max_ps(a, b));
+    return *std::max_element(t, t + 8);
+  }
+};
+#endif
 
 // G query rows of one token whose heads share one KV head, against keys [lo, pos] of their
 // sequence, read through its block table 16 slots at a time: each key and value is loaded
@@ -999,58 +1048,53 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
                   float scale, std::vector<float>& sc, float* o) {
   const int64_t n = pos - lo + 1;
   float* base = grow(sc, 16 + G * n + 16) + 16;   // scores of head g: base[g * n + j - lo]
-  __m512 mxv[G];
-  for (int g = 0; g < G; ++g) mxv[g] = _mm512_set1_ps(-INFINITY);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  V16 mxv[G];
+  for (int g = 0; g < G; ++g) mxv[g] = V16::set1(-INFINITY);
   for (int64_t j0 = lo / 16 * 16; j0 <= pos; j0 += 16) {        // 16 slots of one block
     const int64_t b = j0 / BS;
     const uint16_t* kt = kc + ((table[b] * KV + kvh) * D) * BS + (j0 - b * BS);
-    __m512 c[G][4];
+    V16 c[G][4];
     for (int g = 0; g < G; ++g)
-      for (int i = 0; i < 4; ++i) c[g][i] = _mm512_setzero_ps();
+      for (int i = 0; i < 4; ++i) c[g][i] = V16::zero();
     for (int64_t d = 0; d < D; d += 4)
       for (int i = 0; i < 4; ++i) {
-        const __m512 k = load16_half(kt + (d + i) * BS);
-        for (int g = 0; g < G; ++g)
-          c[g][i] = _mm512_fmadd_ps(_mm512_set1_ps(qv[g * D + d + i]), k, c[g][i]);
+        const V16 k = V16::half(kt + (d + i) * BS);
+        for (int g = 0; g < G; ++g) c[g][i] = V16::set1(qv[g * D + d + i]).fma(k, c[g][i]);
       }
-    const __m512i j = _mm512_add_epi32(_mm512_set1_epi32((int)j0), lane);
-    const __mmask16 keep = _mm512_cmpge_epi32_mask(j, _mm512_set1_epi32((int)lo)) &
-                           _mm512_cmple_epi32_mask(j, _mm512_set1_epi32((int)pos));
+    uint32_t keep = 0xffff;                   // the slots in [lo, pos]
+    if (j0 < lo) keep &= ~((1u << (lo - j0)) - 1);
+    if (j0 + 15 > pos) keep &= (1u << (pos - j0 + 1)) - 1;
     for (int g = 0; g < G; ++g) {
-      const __m512 x = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(c[g][0], c[g][1]),
-                                                   _mm512_add_ps(c[g][2], c[g][3])),
-                                     _mm512_set1_ps(scale));
-      mxv[g] = _mm512_mask_max_ps(mxv[g], keep, mxv[g], x);
-      _mm512_mask_storeu_ps(base + g * n + j0 - lo, keep, x);   // j0 - lo >= -15
+      const V16 x = ((c[g][0] + c[g][1]) + (c[g][2] + c[g][3])) * V16::set1(scale);
+      mxv[g] = mxv[g].max_where(keep, x);
+      x.store_where(keep, base + g * n + j0 - lo);              // j0 - lo >= -15
     }
   }
   float inv[G];
   for (int g = 0; g < G; ++g)
-    inv[g] = 1.f / softmax_numerators(base + g * n, n, _mm512_reduce_max_ps(mxv[g]));
+    inv[g] = 1.f / softmax_numerators(base + g * n, n, mxv[g].max());
   constexpr int kDims = 64;                  // output dims kept in registers per pass
   for (int64_t d0 = 0; d0 < D; d0 += kDims) {
     const int nd = (int)std::min<int64_t>(kDims, D - d0) / 16;
-    __m512 acc[G][kDims / 16];
+    V16 acc[G][kDims / 16];
     for (int g = 0; g < G; ++g)
-      for (int i = 0; i < kDims / 16; ++i) acc[g][i] = _mm512_setzero_ps();
+      for (int i = 0; i < kDims / 16; ++i) acc[g][i] = V16::zero();
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
       const uint16_t* vb = vc + ((table[b] * KV + kvh) * BS) * D + d0;
       for (; j < end; ++j) {
         const uint16_t* vv = vb + (j - b * BS) * D;
-        __m512 v[kDims / 16];
-        for (int i = 0; i < kDims / 16; ++i) if (i < nd) v[i] = load16_half(vv + 16 * i);
+        V16 v[kDims / 16];
+        for (int i = 0; i < kDims / 16; ++i) if (i < nd) v[i] = V16::half(vv + 16 * i);
         for (int g = 0; g < G; ++g) {
-          const __m512 p = _mm512_set1_ps(base[g * n + j - lo]);
+          const V16 p = V16::set1(base[g * n + j - lo]);
           for (int i = 0; i < kDims / 16; ++i)
-            if (i < nd) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
+            if (i < nd) acc[g][i] = p.fma(v[i], acc[g][i]);
         }
       }
     }
     for (int g = 0; g < G; ++g)
-      for (int i = 0; i < nd; ++i)
-        _mm512_storeu_ps(o + g * D + d0 + 16 * i, _mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv[g])));
+      for (int i = 0; i < nd; ++i) (acc[g][i] * V16::set1(inv[g])).store(o + g * D + d0 + 16 * i);
   }
 }
 
@@ -1128,41 +1172,44 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
 // For one row of raw logits: its max, log(sum(exp(x - max))), and how many entries exceed
 // x[token] (so a log-probability is (x - max) - logsum, as log_softmax computes it, and the
 // token's rank is one more than the count), in two vector passes and no (vocab,) temporary.
-// The sum is kept in double, 8 lanes in a fixed order, then the lanes. A NaN anywhere, an
-// infinite max or all -inf gives a NaN logsum.
+// The sum is kept in double, 8 lanes in a fixed order, then the lanes in a fixed tree. A NaN
+// anywhere, an infinite max or all -inf gives a NaN logsum.
 std::tuple<double, double, int64_t> logprob_stats(torch::Tensor logits, int64_t token) {
   TORCH_CHECK(logits.dim() == 1 && logits.is_contiguous() && logits.dtype() == torch::kFloat32,
               "logprob_stats: logits must be a contiguous (vocab,) f32 row");
   const int64_t n = logits.numel();
   TORCH_CHECK(token >= 0 && token < n, "logprob_stats: token out of range");
   const float* x = logits.data_ptr<float>();
-  const __m512 ninf = _mm512_set1_ps(-INFINITY), xt = _mm512_set1_ps(x[token]);
-  auto load = [&](int64_t i) {            // 16 logits, -inf past the end
-    const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-    return _mm512_mask_loadu_ps(ninf, k, x + i);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY), xt = _mm256_set1_ps(x[token]);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  auto keep = [&](int64_t i) {             // lanes before the end
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, n - i)), lane);
   };
-  __m512 mxv = ninf;
-  __mmask16 nan = 0;
+  __m256 mxv = ninf, nan = _mm256_setzero_ps();
   int64_t above = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 v = load(i);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    mxv = _mm512_max_ps(mxv, v);
-    above += __builtin_popcount(_mm512_cmp_ps_mask(v, xt, _CMP_GT_OQ));
-  }
-  const float mx = _mm512_reduce_max_ps(mxv);
-  if (nan || std::isinf(mx)) return {mx, NAN, above};
-  const __m256 m = _mm256_set1_ps(mx);
-  __m512d acc = _mm512_setzero_pd();
   for (int64_t i = 0; i < n; i += 8) {
-    const int64_t left = std::min<int64_t>(8, n - i);
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 v = _mm256_maskload_ps(x + i, keep);
-    const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(v, m)), _mm256_castsi256_ps(keep));
-    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(e));
+    const __m256i k = keep(i);
+    const __m256 v = _mm256_blendv_ps(ninf, _mm256_maskload_ps(x + i, k), _mm256_castsi256_ps(k));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mxv = _mm256_max_ps(mxv, v);
+    above += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, xt, _CMP_GT_OQ)));
   }
-  return {mx, std::log(_mm512_reduce_add_pd(acc)), above};
+  alignas(32) float t[8];
+  _mm256_store_ps(t, mxv);
+  const float mx = *std::max_element(t, t + 8);
+  if (_mm256_movemask_ps(nan) || std::isinf(mx)) return {mx, NAN, above};
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i k = keep(i);
+    const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m)),
+                                   _mm256_castsi256_ps(k));
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double d[4];
+  _mm256_store_pd(d, _mm256_add_pd(acc0, acc1));
+  return {mx, std::log((d[0] + d[1]) + (d[2] + d[3])), above};
 }
 
 // ---- the step as one call ------------------------------------------------------------
