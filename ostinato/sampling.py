@@ -263,6 +263,29 @@ def top_logprobs(logits_raw: torch.Tensor, k: int, token_id: int) -> dict[int, L
     return out
 
 
+def plain_greedy(params: SamplingParams, num_output: int) -> bool:
+    """Whether this step's token is simply the raw argmax and only its log-probability is
+    wanted: greedy, and nothing in process_logits would change a logit."""
+    p = params
+    return (p.greedy and p.logprobs is None and not p.logit_bias
+            and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0 and num_output >= p.min_tokens)
+
+
+def greedy_choices(logits: torch.Tensor) -> list[tuple[int, float] | None]:
+    """For each row of (rows, vocab) RAW logits: (argmax, its log-probability), the same
+    values sample() and top_logprobs() give for plain-greedy params (plain_greedy), all rows
+    in one parallel C++ call. None for a row to take the per-row way (a NaN or infinite
+    logit there, or logits not on the CPU)."""
+    if logits.device.type != "cpu" or logits.dim() != 2:
+        return [None] * len(logits)
+    from .kernels import ops
+    ids, logsum = ops().greedy_rows(logits.float().contiguous())
+    # the chosen token's log-probability: (x - max) - logsum in float32 is exactly -logsum
+    lps = (-logsum.float()).tolist()
+    return [(i, lp) if i >= 0 else None for i, lp in zip(ids.tolist(), lps)]
+
+
 def _logprob_stats(x: torch.Tensor, token_id: int) -> tuple[float, float, int]:
     """(max, log(sum(exp(x - max))), how many logits exceed x[token_id]) of a float32 row:
     on the CPU one C++ pass with no (vocab,) temporaries (log_softmax plus a comparison took

@@ -155,3 +155,32 @@ def test_logits_bit_identical_alone_batched_chunked_cached(make_llm):
     got = cached.generate(prompts, greedy(5, logprobs=5))
     assert cached.engine.stats.prefix_cache_hits > hits
     assert all_logprobs(got) == alone[1::2]                   # alone: [prompt, generated] pairs
+
+
+@pytest.mark.parametrize("model", ["smollm_path", "gemma_path"])
+def test_greedy_rows_in_one_call_give_what_each_alone_gives(request, model):
+    """Plain greedy rows take one batched argmax + log-sum-exp call; rows with logits
+    processing, logprobs, prompt logprobs or sampling take the per-sequence way. Both must
+    give the same tokens and the same log-probabilities, bit for bit, in a mixed batch."""
+    llm = LLM(request.getfixturevalue(model), max_model_len=MAX_LEN, kv_cache_gb=0.05)
+    prompts = [f"Tell me about the {w}." for w in WORDS[:7]]
+    params = [greedy(10), greedy(10), greedy(10, logprobs=2), greedy(10, repetition_penalty=1.3),
+              greedy(10, prompt_logprobs=1), greedy(10, min_tokens=4),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=10, ignore_eos=True)]
+    runner = llm.engine.runner
+    calls = []
+    quick = runner._quick_greedy
+
+    def counted(plan, logits):
+        got = quick(plan, logits)
+        calls.append(sum(v is not None for v in got.values()))
+        return got
+    runner._quick_greedy = counted
+    fast = llm.generate(prompts, params)
+    runner.quick_greedy = False
+    slow = llm.generate(prompts, params)
+    assert sum(calls) >= 2 * 9 and token_ids(fast) == token_ids(slow)   # 2 plain rows, 9+ steps
+    for a, b in zip(fast, slow):
+        assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+        assert a.prompt_logprobs == b.prompt_logprobs

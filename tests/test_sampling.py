@@ -25,6 +25,7 @@ from ostinato.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    greedy_choices,
     make_generator,
     process_logits,
     random_sample,
@@ -344,6 +345,22 @@ def test_top_logprobs_of_a_broken_row_are_nan():
         logits[7] = bad
         assert math.isnan(top_logprobs(logits, 0, 3)[3].logprob)
     assert math.isnan(top_logprobs(torch.full((9,), float("-inf")), 0, 2)[2].logprob)
+
+
+def test_greedy_choices_equal_sample_and_top_logprobs_row_by_row():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 1000 + 5, generator=g) * 3
+    logits[1, 17] = logits[1, 900] = logits[1].max() + 1       # a tie: the first index wins
+    logits[2, 3] = float("nan")                                # the per-row way takes it
+    logits[3, 8] = float("inf")
+    logits[4] = float("-inf")
+    got = greedy_choices(logits)
+    assert got[1][0] == 17 and got[2] is None and got[3] is None and got[4] is None
+    p = SamplingParams(temperature=0.0)
+    for row, choice in zip(logits, got):
+        if choice is not None:
+            token = sample(process_logits(row, p, [], []), p, None)
+            assert choice == (token, top_logprobs(row, 0, token)[token].logprob)
 
 
 def test_logprob_is_frozen():

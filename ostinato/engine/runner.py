@@ -11,7 +11,8 @@ import torch
 from ..kernels.plan import compile_plan
 from ..model.attention import AttentionMetadata, SeqSlice
 from ..model.transformer import Transformer
-from ..sampling import make_generator, process_logits, sample, top_logprobs
+from ..sampling import (greedy_choices, make_generator, plain_greedy, process_logits, sample,
+                        top_logprobs)
 from .sequence import ScheduledSeq, SchedulerOutput
 
 
@@ -40,6 +41,7 @@ class ModelRunner:
         # the layers as one C++ call per step where the model allows it (same bits), its
         # buffers and the kernels' scratch sized now for the largest step
         self.max_tokens, self.max_context = max_tokens, max_context
+        self.quick_greedy = True        # plain greedy rows in one call (off: each on its own)
         self.forward = (compile_plan(model, self.kv_caches, max_tokens, max_context)
                         or model.forward)
 
@@ -58,12 +60,36 @@ class ModelRunner:
         # the same bits as alone: the kernels are batch-invariant)
         last = [sl.q_start + sl.q_len - 1 for s, sl in zip(plan.scheduled, meta.seqs) if s.samples]
         try:
-            logits = iter(self.model.compute_logits(hidden[last]) if last else ())
+            logits = self.model.compute_logits(hidden[last]) if last else None
         except Exception:           # each sequence then computes (and fails) on its own
-            logits = iter([None] * len(last))
-        return [self._isolated(s, hidden[sl.q_start: sl.q_start + sl.q_len],
-                               next(logits) if s.samples else None)
-                for s, sl in zip(plan.scheduled, meta.seqs)]
+            logits = None
+        quick = self._quick_greedy(plan, logits)
+        rows = iter(range(len(last)))
+        out = []
+        for s, sl in zip(plan.scheduled, meta.seqs):
+            row = next(rows) if s.samples else None
+            if row is not None and quick.get(row) is not None:
+                token, logprob = quick[row]
+                out.append(SeqResult(token_id=token, logprob=logprob))
+                continue
+            out.append(self._isolated(s, hidden[sl.q_start: sl.q_start + sl.q_len],
+                                      None if row is None or logits is None else logits[row]))
+        return out
+
+    def _quick_greedy(self, plan: SchedulerOutput, logits) -> dict[int, tuple[int, float] | None]:
+        """Logits row -> (token, logprob) for the sequences whose token is the raw argmax
+        (greedy, no logits processing, no logprobs or prompt logprobs due): all such rows in
+        one call, the same values the per-sequence way gives (tests/test_engine_features.py)."""
+        if logits is None or not self.quick_greedy:
+            return {}
+        sampling = [s for s in plan.scheduled if s.samples]
+        rows = [j for j, s in enumerate(sampling)
+                if plain_greedy(s.seq.params, len(s.seq.output_ids))
+                and (s.seq.params.prompt_logprobs is None or s.start >= len(s.seq.prompt_ids))]
+        if not rows:
+            return {}
+        picked = logits if len(rows) == len(sampling) else logits[rows]
+        return dict(zip(rows, greedy_choices(picked)))
 
     def _isolated(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:
         """A failure in one sequence's own processing fails that sequence only."""

@@ -1174,6 +1174,24 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
 // token's rank is one more than the count), in two vector passes and no (vocab,) temporary.
 // The sum is kept in double, 8 lanes in a fixed order, then the lanes in a fixed tree. A NaN
 // anywhere, an infinite max or all -inf gives a NaN logsum.
+// log(sum(exp(x - mx))) over n logits (mx finite): exp in 8 lanes, each summed in double in
+// a fixed order, then the lanes in a fixed tree.
+double log_sum_exp(const float* x, int64_t n, float mx) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, n - i)), lane);
+    const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m)),
+                                   _mm256_castsi256_ps(k));
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double d[4];
+  _mm256_store_pd(d, _mm256_add_pd(acc0, acc1));
+  return std::log((d[0] + d[1]) + (d[2] + d[3]));
+}
+
 std::tuple<double, double, int64_t> logprob_stats(torch::Tensor logits, int64_t token) {
   TORCH_CHECK(logits.dim() == 1 && logits.is_contiguous() && logits.dtype() == torch::kFloat32,
               "logprob_stats: logits must be a contiguous (vocab,) f32 row");
@@ -1182,13 +1200,10 @@ std::tuple<double, double, int64_t> logprob_stats(torch::Tensor logits, int64_t 
   const float* x = logits.data_ptr<float>();
   const __m256 ninf = _mm256_set1_ps(-INFINITY), xt = _mm256_set1_ps(x[token]);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  auto keep = [&](int64_t i) {             // lanes before the end
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, n - i)), lane);
-  };
   __m256 mxv = ninf, nan = _mm256_setzero_ps();
   int64_t above = 0;
   for (int64_t i = 0; i < n; i += 8) {
-    const __m256i k = keep(i);
+    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, n - i)), lane);
     const __m256 v = _mm256_blendv_ps(ninf, _mm256_maskload_ps(x + i, k), _mm256_castsi256_ps(k));
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     mxv = _mm256_max_ps(mxv, v);
@@ -1198,18 +1213,51 @@ std::tuple<double, double, int64_t> logprob_stats(torch::Tensor logits, int64_t 
   _mm256_store_ps(t, mxv);
   const float mx = *std::max_element(t, t + 8);
   if (_mm256_movemask_ps(nan) || std::isinf(mx)) return {mx, NAN, above};
-  const __m256 m = _mm256_set1_ps(mx);
-  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256i k = keep(i);
-    const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m)),
-                                   _mm256_castsi256_ps(k));
-    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  return {mx, log_sum_exp(x, n, mx), above};
+}
+
+// Greedy choice for each row of (S, vocab) logits, rows in parallel: the first index of the
+// row's max, and log(sum(exp(x - max))) as logprob_stats gives it (so the chosen token's
+// log-probability is -logsum). A row with a NaN or an infinite max gets index -1: the caller
+// takes it the slow way.
+std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.dtype() == torch::kFloat32,
+              "greedy_rows: logits must be contiguous (rows, vocab) f32");
+  const int64_t S = logits.size(0), n = logits.size(1);
+  auto ids = torch::empty({S}, torch::kInt64);
+  auto logsum = torch::empty({S}, torch::kFloat64);
+  const float* x = logits.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  double* lp = logsum.data_ptr<double>();
+#pragma omp parallel for schedule(dynamic, 1) if (S > 1 && S * n >= (1 << 17))
+  for (int64_t r = 0; r < S; ++r) {
+    const float* row = x + r * n;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    auto load = [&](int64_t i) {            // 8 logits, -inf past the end
+      const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, n - i)), lane);
+      return _mm256_blendv_ps(ninf, _mm256_maskload_ps(row + i, k), _mm256_castsi256_ps(k));
+    };
+    __m256 mxv = ninf, nan = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 v = load(i);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      mxv = _mm256_max_ps(mxv, v);
+    }
+    alignas(32) float t[8];
+    _mm256_store_ps(t, mxv);
+    const float mx = *std::max_element(t, t + 8);
+    int64_t at = -1;
+    if (!_mm256_movemask_ps(nan) && !std::isinf(mx) && n > 0) {
+      for (int64_t i = 0; i < n && at < 0; i += 8) {      // the first lane equal to the max
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(load(i), _mm256_set1_ps(mx), _CMP_EQ_OQ));
+        if (hit) at = i + __builtin_ctz(hit);
+      }
+    }
+    ip[r] = at;
+    lp[r] = at < 0 ? NAN : log_sum_exp(row, n, mx);
   }
-  alignas(32) double d[4];
-  _mm256_store_pd(d, _mm256_add_pd(acc0, acc1));
-  return {mx, std::log((d[0] + d[1]) + (d[2] + d[3])), above};
+  return {ids, logsum};
 }
 
 // ---- the step as one call ------------------------------------------------------------
@@ -1382,6 +1430,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", [] { return amx_permitted(); });
   m.def("scratch_growths", [] { return g_scratch_growths.load(); });
   m.def("logprob_stats", &logprob_stats);
+  m.def("greedy_rows", &greedy_rows);
   m.def("set_amx", [](bool on, int64_t min_rows) { g_amx_enabled = on; g_amx_min_rows = min_rows; });
   m.def("rms_norm", &rms_norm);
   m.def("qkv_rope_cache", &qkv_rope_cache);
