@@ -945,7 +945,7 @@ void gated_act_into(torch::Tensor gate, torch::Tensor up, int64_t gelu, torch::T
   const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t chunks = (F + 7) / 8;
-#pragma omp parallel for schedule(static) if (T * F > 65536)
+#pragma omp parallel for schedule(static) if (T * F >= 8192)   // 16 x 1536: 2 threads pay
   for (int64_t c = 0; c < T * chunks; ++c) {
     const int64_t t = c / chunks, i = (c % chunks) * 8, left = std::min<int64_t>(8, F - i);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
@@ -1051,9 +1051,24 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
   float* base = grow(sc, 16 + G * n + 16) + 16;   // scores of head g: base[g * n + j - lo]
   V16 mxv[G];
   for (int g = 0; g < G; ++g) mxv[g] = V16::set1(-INFINITY);
-  for (int64_t j0 = lo / 16 * 16; j0 <= pos; j0 += 16) {        // 16 slots of one block
+  // The blocks sit wherever the table says, so no hardware prefetcher sees the next one
+  // coming: each block's keys (and, later, values) are asked for one block ahead.
+  auto keys_at = [&](int64_t j0) {
     const int64_t b = j0 / BS;
-    const uint16_t* kt = kc + ((table[b] * KV + kvh) * D) * BS + (j0 - b * BS);
+    return kc + ((table[b] * KV + kvh) * D) * BS + (j0 - b * BS);
+  };
+  auto values_at = [&](int64_t j) {
+    const int64_t b = j / BS;
+    return vc + ((table[b] * KV + kvh) * BS + (j - b * BS)) * D;
+  };
+  auto prefetch_rows = [](const uint16_t* p, int64_t rows, int64_t stride, int64_t bytes) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t at = 0; at < bytes; at += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p + r * stride) + at, _MM_HINT_T0);
+  };
+  for (int64_t j0 = lo / 16 * 16; j0 <= pos; j0 += 16) {        // 16 slots of one block
+    const uint16_t* kt = keys_at(j0);
+    if (j0 + 16 <= pos) prefetch_rows(keys_at(j0 + 16), D, BS, 32);
     V16 c[G][4];
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < 4; ++i) c[g][i] = V16::zero();
@@ -1071,6 +1086,7 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
       x.store_where(keep, base + g * n + j0 - lo);              // j0 - lo >= -15
     }
   }
+  prefetch_rows(values_at(lo), std::min<int64_t>(16, n), D, 2 * std::min<int64_t>(64, D));
   float inv[G];
   for (int g = 0; g < G; ++g)
     inv[g] = 1.f / softmax_numerators(base + g * n, n, mxv[g].max());
@@ -1083,6 +1099,8 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
       const uint16_t* vb = vc + ((table[b] * KV + kvh) * BS) * D + d0;
+      if (end <= pos)                        // the next block's rows of this pass
+        prefetch_rows(values_at(end) + d0, std::min<int64_t>(BS, pos + 1 - end), D, 2 * nd * 16);
       for (; j < end; ++j) {
         const uint16_t* vv = vb + (j - b * BS) * D;
         V16 v[kDims / 16];
