@@ -216,18 +216,27 @@ def summarize(reqs: list[Request], wall: float, errors: int, concurrency: int,
             "usd_per_mtok": round(usd_per_hour / (tput * 3600) * 1e6, 4) if tput else None}
 
 
-def sweep(base: str, model: str, levels: list[int], max_tokens: int, prompt_words: int,
-          usd_per_hour: float, requests_per_level: int | None = None, log=print) -> list[dict]:
-    """Warm up, then one level per concurrency; fresh prompts at every level (no prefix hits)."""
+def warm_up(base: str, model: str, prompt_words: int) -> None:
+    """Four short requests, so the first level does not pay for first-use costs."""
     warm = [synthetic_words(prompt_words, 900_000 + i) for i in range(4)]
     asyncio.run(_level(base, model, 4, warm, 16))
-    out = []
-    for c in levels:
-        n = requests_per_level or max(c, 4)
-        prompts = [synthetic_words(prompt_words, 1000 * c + i) for i in range(n)]
-        reqs, wall, errors = asyncio.run(_level(base, model, c, prompts, max_tokens))
-        row = summarize(reqs, wall, errors, c, usd_per_hour)
-        log(f"  concurrency {c:3d}: {row['throughput_tok_s']:7.1f} tok/s, TTFT p50 "
-            f"{row['ttft_p50_ms']:.0f} ms, ITL p99 {row['itl_p99_ms']:.0f} ms, errors {errors}")
-        out.append(row)
-    return out
+
+
+def level(base: str, model: str, c: int, max_tokens: int, prompt_words: int,
+          usd_per_hour: float, requests_per_level: int | None = None, log=print) -> dict:
+    """One concurrency level: the same fresh prompts for every server (no prefix hits)."""
+    n = requests_per_level or max(c, 4)
+    prompts = [synthetic_words(prompt_words, 1000 * c + i) for i in range(n)]
+    reqs, wall, errors = asyncio.run(_level(base, model, c, prompts, max_tokens))
+    row = summarize(reqs, wall, errors, c, usd_per_hour)
+    log(f"  concurrency {c:3d}: {row['throughput_tok_s']:7.1f} tok/s, TTFT p50 "
+        f"{row['ttft_p50_ms']:.0f} ms, ITL p99 {row['itl_p99_ms']:.0f} ms, errors {errors}")
+    return row
+
+
+def sweep(base: str, model: str, levels: list[int], max_tokens: int, prompt_words: int,
+          usd_per_hour: float, requests_per_level: int | None = None, log=print) -> list[dict]:
+    """Warm up, then one level per concurrency."""
+    warm_up(base, model, prompt_words)
+    return [level(base, model, c, max_tokens, prompt_words, usd_per_hour, requests_per_level, log)
+            for c in levels]
