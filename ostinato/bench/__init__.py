@@ -93,9 +93,10 @@ def run_bench(llm, a: BenchArgs) -> dict:
 
 def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
     """Every server is started first (one after another, each timed alone), then the levels
-    run interleaved: level by level, each server in turn, so a noisy machine hits them alike
-    (an idle server costs nothing measurable: vLLM's engine at rest used 2% of a core here)."""
-    from .serving import level, start_ours, start_vllm, warm_up
+    run interleaved: level by level, each server in turn, so a noisy machine hits them alike.
+    Before each level the servers must be at rest (vLLM's engine at rest used 2% of a core
+    here, but it keeps spinning for a while after its last request)."""
+    from .serving import level, start_ours, start_vllm, wait_quiet, warm_up
     res: dict = {"serving": {}, "servers": {}, "serving_max_tokens": a.serving_max_tokens}
     started, targets = [], []                    # targets: (label, base, model)
     try:
@@ -113,6 +114,7 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
             res["serving"][label] = []
         for c in a.concurrency:
             for label, base, model in targets:
+                wait_quiet(started)
                 _log(f"serving: {label}, {c} streams ...")
                 res["serving"][label].append(
                     level(base, model, c, a.serving_max_tokens, a.prompt_words, a.usd_per_hour,

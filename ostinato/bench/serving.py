@@ -56,6 +56,17 @@ class ServerProcess:
                 pass
         return total / 1024
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its child processes."""
+        ticks = 0
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])      # utime, stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         """SIGTERM to the whole process group (children too, even if the leader is gone),
         SIGKILL after 60 s."""
@@ -214,6 +225,20 @@ def summarize(reqs: list[Request], wall: float, errors: int, concurrency: int,
             "e2e_p50_ms": pct([r.e2e for r in reqs], 50),
             "e2e_p99_ms": pct([r.e2e for r in reqs], 99),
             "usd_per_mtok": round(usd_per_hour / (tput * 3600) * 1e6, 4) if tput else None}
+
+
+def wait_quiet(servers: list[ServerProcess], busy: float = 0.05, window: float = 0.5,
+               timeout: float = 30.0) -> float:
+    """Wait until the servers together use less than `busy` of a core over `window` s (a
+    server may keep its threads spinning a while after its last request: vLLM's did for
+    about a second here, which landed on the next server's first step). Returns the wait."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        before = sum(s.cpu_seconds() for s in servers)
+        time.sleep(window)
+        if sum(s.cpu_seconds() for s in servers) - before < busy * window:
+            break
+    return time.perf_counter() - t0
 
 
 def warm_up(base: str, model: str, prompt_words: int) -> None:
