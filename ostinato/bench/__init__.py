@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -78,7 +79,8 @@ def run_bench(llm, a: BenchArgs) -> dict:
             fig["llamacpp_load_s"], fig["llamacpp_peak_rss_mb"] = llamacpp_footprint(
                 llm.model_path, a.threads)
     if a.serving:
-        fig.update(_serving(llm, a, out_dir or Path(".")))
+        # server logs go with the results, or to a temporary folder (errors name the file)
+        fig.update(_serving(llm, a, out_dir or Path(tempfile.mkdtemp(prefix="ostinato-bench-"))))
     report = markdown(fig)
     print(report)
     if out_dir:
