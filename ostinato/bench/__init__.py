@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
