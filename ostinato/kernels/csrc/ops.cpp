@@ -16,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <map>
+#include <mutex>
 #include <string>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -567,7 +568,7 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
   // come from memory: a step reads each weight once), a few lines per pair of cells
   const int64_t row_bytes = FMT == kQ4 ? K / 2 : K, lines = (row_bytes + 63) / 64;
   const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(16, w.N - n0 - 16));
-  const char* next = static_cast<const char*>(w.q) + (n0 + 16) * row_bytes;
+  const char* next = static_cast<const char*>(w.q) + (next_rows ? n0 + 16 : 0) * row_bytes;
   const int64_t to_fetch = next_rows * lines, pairs = std::max<int64_t>(1, nc * (32 / BS) / 2);
   int64_t fetched = 0;
   auto prefetch_some = [&](int64_t pair) {
@@ -1085,7 +1086,7 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
       x.store_where(keep, base + g * n + j0 - lo);              // j0 - lo >= -15
     }
   }
-  prefetch_rows(values_at(lo), std::min<int64_t>(16, n), D, 2 * std::min<int64_t>(64, D));
+  prefetch_rows(values_at(lo), std::min<int64_t>(n, BS - lo % BS), D, 2 * std::min<int64_t>(64, D));
   float inv[G];
   for (int g = 0; g < G; ++g)
     inv[g] = 1.f / softmax_numerators(base + g * n, n, mxv[g].max());
@@ -1347,6 +1348,7 @@ class Plan {
   // at start-up on the thread that will run the steps.
   void reserve(int64_t max_tokens, int64_t max_context) {
     TORCH_CHECK(!layers_.empty() && max_tokens >= 1 && max_context >= 1, "Plan.reserve: sizes");
+    const std::lock_guard<std::mutex> not_during_a_step(step_);
     ensure(max_tokens);
     const PlanLayer& L = layers_[0];
     int64_t K = 0;
@@ -1371,6 +1373,9 @@ class Plan {
   torch::Tensor forward(torch::Tensor x_in, std::vector<torch::Tensor> cos,
                         std::vector<torch::Tensor> sin, std::vector<torch::Tensor> slots,
                         std::vector<torch::Tensor> tables, torch::Tensor meta) {
+    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == out_norm_.numel() &&
+                x_in.dtype() == torch::kFloat32, "Plan.forward: x must be (T, d_model) f32");
+    const std::lock_guard<std::mutex> one_step_at_a_time(step_);   // the workspace is shared
     const int64_t T = x_in.size(0);
     ensure(T);
     Stopwatch sw(profile_ ? &seconds_ : nullptr);
@@ -1432,6 +1437,7 @@ class Plan {
   }
 
   torch::Tensor x_, h_, qkv_, q_, attn_, gu_, act_, out_;
+  std::mutex step_;
   bool profile_ = false;
   std::array<double, kStages> seconds_{};
   int64_t H_, F_;
