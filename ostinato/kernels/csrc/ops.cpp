@@ -935,15 +935,9 @@ inline __m256 gated8(__m256 x, __m256 u, bool gelu) {
 
 // gate and up: (T, F) rows, each row contiguous (they may be the two halves of one fused
 // gate|up product: no copies); out: (T, F) contiguous.
-void gated_act_into(torch::Tensor gate, torch::Tensor up, int64_t gelu, torch::Tensor out) {
-  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 &&
-              up.stride(1) == 1 && gate.dtype() == torch::kFloat32 && up.dtype() == torch::kFloat32,
-              "gated_act: gate and up must be (T, F) f32 with contiguous rows");
-  TORCH_CHECK(out.sizes() == gate.sizes() && out.is_contiguous() && out.dtype() == torch::kFloat32,
-              "gated_act: out must be (T, F) f32");
-  const int64_t T = gate.size(0), F = gate.size(1), gs = gate.stride(0), us = up.stride(0);
-  const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+// rows of gate at stride gs, of up at stride us, out contiguous (T, F)
+void gated_act_rows(const float* g, int64_t gs, const float* u, int64_t us, int64_t T, int64_t F,
+                    bool gelu, float* o) {
   const int64_t chunks = (F + 7) / 8;
 #pragma omp parallel for schedule(static) if (T * F >= 8192)   // 16 x 1536: 2 threads pay
   for (int64_t c = 0; c < T * chunks; ++c) {
@@ -951,9 +945,19 @@ void gated_act_into(torch::Tensor gate, torch::Tensor up, int64_t gelu, torch::T
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256 r = gated8(_mm256_maskload_ps(g + t * gs + i, mask),
-                            _mm256_maskload_ps(u + t * us + i, mask), gelu != 0);
+                            _mm256_maskload_ps(u + t * us + i, mask), gelu);
     _mm256_maskstore_ps(o + t * F + i, mask, r);
   }
+}
+
+void gated_act_into(torch::Tensor gate, torch::Tensor up, int64_t gelu, torch::Tensor out) {
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 &&
+              up.stride(1) == 1 && gate.dtype() == torch::kFloat32 && up.dtype() == torch::kFloat32,
+              "gated_act: gate and up must be (T, F) f32 with contiguous rows");
+  TORCH_CHECK(out.sizes() == gate.sizes() && out.is_contiguous() && out.dtype() == torch::kFloat32,
+              "gated_act: out must be (T, F) f32");
+  gated_act_rows(gate.data_ptr<float>(), gate.stride(0), up.data_ptr<float>(), up.stride(0),
+                 gate.size(0), gate.size(1), gelu != 0, out.data_ptr<float>());
 }
 
 torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
@@ -1325,6 +1329,16 @@ class Stopwatch {
 // A Plan's activations live in a workspace sized once for the largest step (`reserve`):
 // each step works in views of it, and the kernels' scratch was grown to the same size, so
 // a step allocates no tensor storage and no scratch (tests/test_plan.py counts both).
+// x += h elementwise (both contiguous, the same shape): what torch's add_ computes, without
+// its dispatch (a few us, twice per layer, is a few % of a batch-1 step)
+inline void add_rows(const torch::Tensor& x, const torch::Tensor& h) {
+  float* xp = x.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) if (n >= (1 << 16))
+  for (int64_t i = 0; i < n; ++i) xp[i] += hp[i];
+}
+
 class Plan {
  public:
   Plan(int64_t n_heads, int64_t ffn_dim, double eps, int64_t neox, int64_t gelu, double attn_scale,
@@ -1382,6 +1396,7 @@ class Plan {
     auto rows = [T](const torch::Tensor& t) { return t.narrow(0, 0, T); };
     torch::Tensor x = rows(x_), h = rows(h_), qkv = rows(qkv_), q = rows(q_), a = rows(attn_),
                   gu = rows(gu_), act = rows(act_), out = rows(out_);
+    const torch::Tensor a2 = a.view({T, -1});          // attention out as the o-proj's input
     x.copy_(x_in);
     for (const PlanLayer& L : layers_) {
       rms_norm_into(x, L.attn_norm, eps_, h);
@@ -1393,20 +1408,21 @@ class Plan {
       sw.lap(kRope);
       paged_attention_into(q, L.kc, L.vc, tables[L.group], meta, scale_, L.sliding ? window_ : 0, a);
       sw.lap(kAttention);
-      L.o.into(a.view({T, -1}), h, quant_);
+      L.o.into(a2, h, quant_);
       sw.lap(kO);
       if (L.post_attn_norm.numel()) rms_norm_into(h, L.post_attn_norm, eps_, h);
-      x.add_(h);
+      add_rows(x, h);
       rms_norm_into(x, L.ffn_norm, eps_, h);
       sw.lap(kNorms);
       L.gate_up.into(h, gu, quant_);
       sw.lap(kGateUp);
-      gated_act_into(gu.narrow(1, 0, F_), gu.narrow(1, F_, F_), gelu_, act);
+      gated_act_rows(gu.data_ptr<float>(), 2 * F_, gu.data_ptr<float>() + F_, 2 * F_, T, F_,
+                     gelu_ != 0, act.data_ptr<float>());   // the halves of gate|up, no views
       sw.lap(kAct);
       L.down.into(act, h, quant_);
       sw.lap(kDown);
       if (L.post_ffw_norm.numel()) rms_norm_into(h, L.post_ffw_norm, eps_, h);
-      x.add_(h);
+      add_rows(x, h);
       sw.lap(kNorms);
     }
     rms_norm_into(x, out_norm_, eps_, out);
