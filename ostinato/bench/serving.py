@@ -257,11 +257,3 @@ def level(base: str, model: str, c: int, max_tokens: int, prompt_words: int,
     log(f"  concurrency {c:3d}: {row['throughput_tok_s']:7.1f} tok/s, TTFT p50 "
         f"{row['ttft_p50_ms']:.0f} ms, ITL p99 {row['itl_p99_ms']:.0f} ms, errors {errors}")
     return row
-
-
-def sweep(base: str, model: str, levels: list[int], max_tokens: int, prompt_words: int,
-          usd_per_hour: float, requests_per_level: int | None = None, log=print) -> list[dict]:
-    """Warm up, then one level per concurrency."""
-    warm_up(base, model, prompt_words)
-    return [level(base, model, c, max_tokens, prompt_words, usd_per_hour, requests_per_level, log)
-            for c in levels]

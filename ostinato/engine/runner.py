@@ -84,8 +84,7 @@ class ModelRunner:
             return {}
         sampling = [s for s in plan.scheduled if s.samples]
         rows = [j for j, s in enumerate(sampling)
-                if plain_greedy(s.seq.params, len(s.seq.output_ids))
-                and (s.seq.params.prompt_logprobs is None or s.start >= len(s.seq.prompt_ids))]
+                if plain_greedy(s.seq.params, len(s.seq.output_ids)) and not _scores_prompt(s)]
         if not rows:
             return {}
         picked = logits if len(rows) == len(sampling) else logits[rows]
@@ -117,7 +116,7 @@ class ModelRunner:
     def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:
         # hidden: (n_new, D) rows of this sequence; logits: (vocab,) at its last row, if it samples
         seq, res = s.seq, SeqResult()
-        if seq.params.prompt_logprobs is not None and s.start < len(seq.prompt_ids):
+        if _scores_prompt(s):
             res.prompt_logprobs = self._prompt_logprobs(s, hidden)
         if not s.samples:
             return res
@@ -143,3 +142,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows.start - s.start: rows.stop - s.start])
             out.extend(top_logprobs(logits[i], k, prompt[p + 1]) for i, p in enumerate(rows))
         return out
+
+
+def _scores_prompt(s: ScheduledSeq) -> bool:
+    """Whether this step computes prompt log-probabilities for s (prompt tokens are in it)."""
+    return s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids)

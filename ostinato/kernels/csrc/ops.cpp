@@ -1197,14 +1197,44 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor v
 // token's rank is one more than the count), in two vector passes and no (vocab,) temporary.
 // The sum is kept in double, 8 lanes in a fixed order, then the lanes in a fixed tree. A NaN
 // anywhere, an infinite max or all -inf gives a NaN logsum.
+// The first min(8, left) lanes, as an all-ones mask.
+inline __m256i lanes_before(int64_t left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, left)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 logits from x[i], -inf past x[n - 1].
+inline __m256 load8_logits(const float* x, int64_t i, int64_t n) {
+  const __m256i k = lanes_before(n - i);
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(x + i, k),
+                          _mm256_castsi256_ps(k));
+}
+
+// One pass over a row of n logits: its max, NaN if any entry is NaN; *above counts the
+// entries greater than `than`.
+float row_max(const float* x, int64_t n, float than, int64_t* above) {
+  __m256 mxv = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+  const __m256 t = _mm256_set1_ps(than);
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = load8_logits(x, i, n);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mxv = _mm256_max_ps(mxv, v);
+    count += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_GT_OQ)));
+  }
+  *above = count;
+  alignas(32) float m[8];
+  _mm256_store_ps(m, mxv);
+  return _mm256_movemask_ps(nan) ? NAN : *std::max_element(m, m + 8);
+}
+
 // log(sum(exp(x - mx))) over n logits (mx finite): exp in 8 lanes, each summed in double in
 // a fixed order, then the lanes in a fixed tree.
 double log_sum_exp(const float* x, int64_t n, float mx) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 m = _mm256_set1_ps(mx);
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
   for (int64_t i = 0; i < n; i += 8) {
-    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, n - i)), lane);
+    const __m256i k = lanes_before(n - i);
     const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m)),
                                    _mm256_castsi256_ps(k));
     acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
@@ -1221,21 +1251,9 @@ std::tuple<double, double, int64_t> logprob_stats(torch::Tensor logits, int64_t 
   const int64_t n = logits.numel();
   TORCH_CHECK(token >= 0 && token < n, "logprob_stats: token out of range");
   const float* x = logits.data_ptr<float>();
-  const __m256 ninf = _mm256_set1_ps(-INFINITY), xt = _mm256_set1_ps(x[token]);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 mxv = ninf, nan = _mm256_setzero_ps();
   int64_t above = 0;
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, n - i)), lane);
-    const __m256 v = _mm256_blendv_ps(ninf, _mm256_maskload_ps(x + i, k), _mm256_castsi256_ps(k));
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    mxv = _mm256_max_ps(mxv, v);
-    above += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, xt, _CMP_GT_OQ)));
-  }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, mxv);
-  const float mx = *std::max_element(t, t + 8);
-  if (_mm256_movemask_ps(nan) || std::isinf(mx)) return {mx, NAN, above};
+  const float mx = row_max(x, n, x[token], &above);
+  if (!std::isfinite(mx)) return {mx, NAN, above};
   return {mx, log_sum_exp(x, n, mx), above};
 }
 
@@ -1255,25 +1273,13 @@ std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor logits) {
 #pragma omp parallel for schedule(dynamic, 1) if (S > 1 && S * n >= (1 << 17))
   for (int64_t r = 0; r < S; ++r) {
     const float* row = x + r * n;
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 ninf = _mm256_set1_ps(-INFINITY);
-    auto load = [&](int64_t i) {            // 8 logits, -inf past the end
-      const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, n - i)), lane);
-      return _mm256_blendv_ps(ninf, _mm256_maskload_ps(row + i, k), _mm256_castsi256_ps(k));
-    };
-    __m256 mxv = ninf, nan = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) {
-      const __m256 v = load(i);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      mxv = _mm256_max_ps(mxv, v);
-    }
-    alignas(32) float t[8];
-    _mm256_store_ps(t, mxv);
-    const float mx = *std::max_element(t, t + 8);
+    int64_t above = 0;
+    const float mx = row_max(row, n, INFINITY, &above);
     int64_t at = -1;
-    if (!_mm256_movemask_ps(nan) && !std::isinf(mx) && n > 0) {
+    if (std::isfinite(mx)) {
       for (int64_t i = 0; i < n && at < 0; i += 8) {      // the first lane equal to the max
-        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(load(i), _mm256_set1_ps(mx), _CMP_EQ_OQ));
+        const int hit = _mm256_movemask_ps(
+            _mm256_cmp_ps(load8_logits(row, i, n), _mm256_set1_ps(mx), _CMP_EQ_OQ));
         if (hit) at = i + __builtin_ctz(hit);
       }
     }
