@@ -1,0 +1,671 @@
+"""Tiny random-weight models for tests: a transformers checkpoint folder plus GGUF files of the
+same weights, built at test time (seeded, a few hundred kB each). A plain test-support module
+(like serverproc.py), imported by test modules:
+
+    from randmodels import FAMILIES, build, llamacpp_logits, test_ids
+
+    m = build("llama", tmp_path)            # TinyModel: hf_dir, ggufs {"f32": ..., "q8_0": ...}
+    ids = test_ids(m)                       # bos + 47 deterministic ids
+    ref = m.hf_logits(ids)                  # (T, vocab) float32, transformers fp32, eager attention
+    got = llamacpp_logits(m.ggufs["f32"], ids)
+
+The weights are informative on purpose: linear weights ~ N(0, 0.2), norm scales 1 + 0.3*N(0, 1)
+(Gemma's HF norm stores w with scale (1 + w), so w ~ 0.3*N(0, 1) there), biases ~ N(0, 0.1)
+where a family has them, so the logits are far from uniform and a wrong rope, norm, mask or
+permutation changes them a lot.
+
+GGUF files are written the way llama.cpp's convert_hf_to_gguf.py writes them for the
+architecture (same metadata keys and value types, tensor names, Q/K row permutation for llama,
+Gemma's +1 on norm weights, the `rope_freqs` factors for llama3 rope scaling, F32 for 1-D
+tensors and norms, the chosen type for every other `.weight`), checked against the real
+converter by tests/test_randmodels.py when its source is cached (see `converter_dir`). Only the
+tokenizer differs: ours is a small SentencePiece-style (`tokenizer.ggml.model` = "llama") vocab
+built here, written both as GGUF tokenizer keys and as an HF tokenizer.json.
+
+Adding a family: a function returning the transformers config, registered in FAMILIES; if its
+`model_type` is new, a `GGUFArch` subclass registered in ARCHES (metadata keys + tensor names).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+SEQ_LEN = 48          # test_ids' default length; the rope/window settings below are chosen for it
+VOCAB = 384           # rows of every tiny model (a multiple of 32)
+LLAMA_CPP_PYTHON = "0.3.36"   # the sdist whose convert_hf_to_gguf.py the cross-check runs
+
+# ---------------------------------------------------------------------------------------------
+# families: name -> transformers config
+# ---------------------------------------------------------------------------------------------
+
+
+def _llama_kwargs() -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                max_position_embeddings=512, rms_norm_eps=1e-5, hidden_act="silu",
+                tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                bos_token_id=1, eos_token_id=2, pad_token_id=None, initializer_range=0.2)
+
+
+def llama_config():
+    """Plain Llama: SwiGLU, GQA 4/2, head_dim 32, rope theta 10000 without scaling, untied
+    output. GGUF q/k rows are permuted from rotate-half to adjacent pairs."""
+    from transformers import LlamaConfig
+    return LlamaConfig(**_llama_kwargs(), rope_parameters={"rope_type": "default",
+                                                           "rope_theta": 10000.0})
+
+
+def llama3_rope_config():
+    """Llama with Llama-3.1 rope scaling. head_dim 32 and theta 10000 give 16 frequencies whose
+    wavelengths (2*pi*10000**(i/16): 6.3, 11.2, 19.9, 35.3, 62.8, 111.7, ...) fall in all three
+    bands for original_max_position_embeddings 64 (high-frequency band: wavelength < 64/4 = 16,
+    unscaled; low band: > 64/1, divided by 8; between: smoothed), so the GGUF's `rope_freqs`
+    tensor is [1, 1, 1.29, 2.77, 7.67, 8, ...]."""
+    from transformers import LlamaConfig
+    return LlamaConfig(**_llama_kwargs(), rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+
+
+def gemma3_linear_rope_config():
+    """Gemma 3 text model: 6 layers in llama.cpp's fixed pattern (5 sliding-window layers of
+    window 12, then 1 global layer; the GGUF cannot say otherwise, llama.cpp's converter writes
+    no pattern key), global rope theta 1e6 with linear scaling x8, local theta 1000 unscaled
+    (`rope.freq_base_swa`; a reader defaulting to 10000 gets different logits), q/k norms,
+    pre/post norms, GeGLU (gelu_pytorch_tanh), embeddings scaled by sqrt(hidden), tied output.
+    head_dim 32 != hidden/heads. query_pre_attn_scalar = head_dim: llama.cpp scales queries by
+    1/sqrt(head_dim) for every Gemma 3 size but 27B, whatever the config says."""
+    from transformers import Gemma3TextConfig
+    return Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+        max_position_embeddings=512, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+        sliding_window=12, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+        tie_word_embeddings=True, attention_bias=False, final_logit_softcapping=None,
+        attn_logit_softcapping=None, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        initializer_range=0.2)
+
+
+FAMILIES: dict[str, Callable] = {
+    "llama": llama_config,
+    "llama3_rope": llama3_rope_config,
+    "gemma3_linear_rope": gemma3_linear_rope_config,
+}
+
+
+def without_rope_scaling(config):
+    """A copy of `config` whose rope parameters keep their theta but drop any scaling (for the
+    test that scaling changes the logits)."""
+    import copy
+    c = copy.deepcopy(config)
+    rp = c.rope_parameters
+    if "full_attention" in rp or "sliding_attention" in rp:
+        c.rope_parameters = {k: {"rope_type": "default", "rope_theta": v["rope_theta"]}
+                             for k, v in rp.items()}
+    else:
+        c.rope_parameters = {"rope_type": "default", "rope_theta": rp["rope_theta"]}
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer: a small SentencePiece-style BPE vocabulary (byte fallback), trained here on a
+# fixed text so that ordinary English text tokenizes into multi-character pieces
+# ---------------------------------------------------------------------------------------------
+SPACE = "\u2581"
+_TEXT = (
+    "the quick brown fox jumps over the lazy dog and then the dog sleeps in the sun while the "
+    "fox runs into the forest where there are other animals that live in the trees and on the "
+    "ground there is a river that flows through the forest and into the sea it is a long way "
+    "to the sea but the water goes there every day in the morning and in the evening the "
+    "animals come to the river to drink the water is cold and clean and the fish in it are "
+    "quick and small Hello world This is a test of the tokenizer 0123456789 one two three"
+)
+_CHARS = (SPACE + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+          ".,!?'-:;()\"")
+
+# token types (llama.cpp's LLAMA_TOKEN_TYPE_*)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    merges: list[tuple[str, str]]
+    bos: int
+    eos: int
+    unk: int
+    pad: int | None
+    add_space_prefix: bool
+
+    @property
+    def first_plain(self) -> int:
+        """Ids below this are special tokens."""
+        return next(i for i, t in enumerate(self.types) if t in (_NORMAL, _BYTE))
+
+
+def _train_merges(n: int) -> list[tuple[str, str]]:
+    """n BPE merges learnt from _TEXT (most frequent adjacent pair first, ties by the pair)."""
+    words: dict[tuple[str, ...], int] = {}
+    for w in _TEXT.split():
+        key = tuple(SPACE + w)
+        words[key] = words.get(key, 0) + 1
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n:
+        counts: dict[tuple[str, str], int] = {}
+        for w, f in words.items():
+            for a, b in zip(w, w[1:]):
+                counts[(a, b)] = counts.get((a, b), 0) + f
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        new: dict[tuple[str, ...], int] = {}
+        for w, f in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] = new.get(tuple(out), 0) + f
+        words = new
+    return merges
+
+
+def make_vocab(specials: list[tuple[str, int]], size: int, *, bos: str, eos: str, unk: str,
+               pad: str | None, add_space_prefix: bool) -> Vocab:
+    """specials (text, type) first, then the 256 `<0xNN>` byte tokens, single characters, and
+    learnt merges up to `size` tokens. Scores: merges by rank (first merge highest), so the
+    SentencePiece 'highest score first' rule replays the BPE merge order."""
+    tokens = [t for t, _ in specials] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [ty for _, ty in specials] + [_BYTE] * 256
+    n_merges = size - len(tokens) - len(_CHARS)
+    merges = []
+    seen = set(tokens) | set(_CHARS)
+    for a, b in _train_merges(n_merges + 64):
+        if a + b not in seen and len(merges) < n_merges:
+            merges.append((a, b))
+            seen.add(a + b)
+    scores = [0.0] * len(tokens)
+    for i, (a, b) in enumerate(merges):
+        tokens.append(a + b)
+        scores.append(-float(i))
+        types.append(_NORMAL)
+    for i, c in enumerate(_CHARS):
+        tokens.append(c)
+        scores.append(-float(len(merges) + i))
+        types.append(_NORMAL)
+    assert len(tokens) == size and len(set(tokens)) == size, (len(tokens), size)
+    ix = {t: i for i, t in enumerate(tokens)}
+    return Vocab(tokens, scores, types, merges, ix[bos], ix[eos], ix[unk],
+                 ix[pad] if pad else None, add_space_prefix)
+
+
+def _hf_tokenizer(v: Vocab):
+    """The same vocabulary as a transformers fast tokenizer (BPE with byte fallback)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    merges = v.merges
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(v.tokens)}, merges=merges,
+                     unk_token=v.tokens[v.unk], byte_fallback=True, fuse_unk=True)
+    tok = Tokenizer(bpe)
+    norm = [normalizers.Replace(" ", SPACE)]
+    if v.add_space_prefix:
+        norm.insert(0, normalizers.Prepend(SPACE))
+    tok.normalizer = normalizers.Sequence(norm)
+    dec = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if v.add_space_prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
+    bos = v.tokens[v.bos]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, v.bos)])
+    from tokenizers import AddedToken
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(v.tokens, v.types) if ty in (_CONTROL, _UNKNOWN)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=v.tokens[v.eos], unk_token=v.tokens[v.unk],
+        pad_token=v.tokens[v.pad] if v.pad is not None else None, add_bos_token=True,
+        add_eos_token=False, clean_up_tokenization_spaces=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF writers per HF model_type
+# ---------------------------------------------------------------------------------------------
+def _f32_type(name: str, ndim: int) -> bool:
+    """llama.cpp's converter keeps these F32 whatever the output type: 1-D tensors, norms,
+    anything not named `.weight` (biases)."""
+    return ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
+
+
+class GGUFArch:
+    """How one HF model_type becomes GGUF: the metadata keys and the tensors."""
+    arch: str = ""
+
+    def __init__(self, config, vocab: Vocab):
+        self.c, self.vocab = config, vocab
+
+    def rope(self, kind: str = "full_attention") -> dict:
+        rp = self.c.rope_parameters
+        return rp.get(kind, rp) if ("full_attention" in rp or "sliding_attention" in rp) else rp
+
+    def write_params(self, w) -> None:
+        """The keys TextModel.set_gguf_parameters writes (for the hparams our configs have)."""
+        c = self.c
+        w.add_block_count(c.num_hidden_layers)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        import gguf
+        full = self.rope("full_attention")
+        if full.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full["factor"])
+        w.add_rope_freq_base(full["rope_theta"])
+        if (local := self.c.rope_parameters.get("sliding_attention")) is not None:
+            w.add_rope_freq_base_swa(local["rope_theta"])
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        if getattr(c, "head_dim", None) is not None:
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
+
+    def write_vocab(self, w) -> None:
+        import gguf
+        v = self.vocab
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(v.tokens)
+        w.add_token_scores(v.scores)
+        w.add_token_types(v.types)
+        w.add_bos_token_id(v.bos)
+        w.add_eos_token_id(v.eos)
+        w.add_unk_token_id(v.unk)
+        if v.pad is not None:
+            w.add_pad_token_id(v.pad)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(v.add_space_prefix)
+        del gguf
+
+    def extra_tensors(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def tensor(self, name: str, t: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """HF tensor -> [(gguf name, data)] (empty: dropped)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def layer_name(name: str, table: dict[str, str]) -> str:
+        if not name.startswith("model.layers."):
+            return table[name]
+        _, _, bid, rest = name.split(".", 3)
+        return f"blk.{bid}.{table[rest]}"
+
+
+class LlamaArch(GGUFArch):
+    arch = "llama"
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.o_proj.weight": "attn_output.weight", "self_attn.o_proj.bias": "attn_output.bias",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+
+    def write_params(self, w) -> None:
+        super().write_params(w)
+        w.add_vocab_size(self.c.vocab_size)
+        w.add_rope_dimension_count(self.c.head_dim)
+
+    @staticmethod
+    def pair_rows(t: np.ndarray, n_head: int) -> np.ndarray:
+        """HF rotates halves (row j pairs with j + d/2 in each head); llama.cpp's llama rope
+        rotates adjacent rows (2j, 2j+1). Reorder each head's rows to j0, j0+d/2, j1, ..."""
+        d = t.shape[0] // n_head
+        order = np.arange(d).reshape(2, d // 2).T.reshape(-1)
+        idx = (np.arange(n_head)[:, None] * d + order[None, :]).reshape(-1)
+        return t[idx]
+
+    def tensor(self, name, t):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = self.pair_rows(t, self.c.num_attention_heads)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            t = self.pair_rows(t, self.c.num_key_value_heads)
+        return [(self.layer_name(name, self.names), t)]
+
+    def extra_tensors(self):
+        """llama3 rope scaling as llama.cpp stores it: one divisor per frequency."""
+        rp = self.rope()
+        if rp.get("rope_type") != "llama3":
+            return {}
+        return {"rope_freqs.weight": llama3_rope_factors(
+            rp["rope_theta"], self.c.head_dim, rp["factor"], rp["low_freq_factor"],
+            rp["high_freq_factor"], rp["original_max_position_embeddings"])}
+
+
+def llama3_rope_factors(theta: float, dim: int, factor: float, low: float, high: float,
+                        orig_ctx: int) -> np.ndarray:
+    """(dim/2,) float32 divisors: the angle of frequency i at position p is
+    p * theta**(-2i/dim) / factors[i]. Wavelengths below orig_ctx/high keep factor 1, above
+    orig_ctx/low get `factor`, in between the inverse of a linear blend of 1/factor and 1.
+    Computed in float32 torch arithmetic, as the converter does (bit-identical output)."""
+    import torch
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < orig_ctx / high:
+            out.append(1.0)
+        elif wavelen > orig_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (orig_ctx / wavelen - low) / (high - low)
+            out.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return np.asarray(out, dtype=np.float32)
+
+
+class Gemma3Arch(GGUFArch):
+    arch = "gemma3"
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "self_attn.q_norm.weight": "attn_q_norm.weight",
+        "self_attn.k_norm.weight": "attn_k_norm.weight",
+        "post_attention_layernorm.weight": "post_attention_norm.weight",
+        "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+        "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+
+    def write_params(self, w) -> None:
+        super().write_params(w)
+        if self.c.sliding_window:
+            w.add_sliding_window(self.c.sliding_window)
+
+    def tensor(self, name, t):
+        if name == "lm_head.weight":          # tied: not in the GGUF
+            return []
+        if name.endswith("norm.weight"):      # Gemma3RMSNorm scales by (1 + w)
+            t = t + np.float32(1.0)
+        return [(self.layer_name(name, self.names), t)]
+
+
+ARCHES: dict[str, type[GGUFArch]] = {"llama": LlamaArch, "gemma3_text": Gemma3Arch}
+
+# family vocabularies, by HF model_type
+_VOCABS: dict[str, Callable[[int], Vocab]] = {
+    "llama": lambda n: make_vocab(
+        [("<unk>", _UNKNOWN), ("<s>", _CONTROL), ("</s>", _CONTROL)], n,
+        bos="<s>", eos="</s>", unk="<unk>", pad=None, add_space_prefix=True),
+    "gemma3_text": lambda n: make_vocab(
+        [("<pad>", _CONTROL), ("<eos>", _CONTROL), ("<bos>", _CONTROL), ("<unk>", _UNKNOWN),
+         ("<start_of_turn>", _USER_DEFINED), ("<end_of_turn>", _USER_DEFINED)], n,
+        bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>", add_space_prefix=False),
+}
+
+GGUF_TYPES = {   # name -> (GGMLQuantizationType name, LlamaFileType name)
+    "f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+}
+
+
+def write_gguf(config, vocab: Vocab, tensors: dict[str, np.ndarray], path: Path,
+               type_name: str = "f32", name: str = "tiny") -> Path:
+    """Write `tensors` (HF names, float32) as a GGUF of `type_name` (a GGUF_TYPES key): every
+    `.weight` of 2+ dims except norms in that type (token_embd and output too, as the
+    converter's --outtype does), the rest F32."""
+    import gguf
+    from gguf.quants import quantize
+    qname, ftname = GGUF_TYPES[type_name]
+    qtype = gguf.GGMLQuantizationType[qname]
+    spec = ARCHES[config.model_type](config, vocab)
+    w = gguf.GGUFWriter(path, spec.arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    spec.write_params(w)
+    w.add_file_type(gguf.LlamaFileType[ftname])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    spec.write_vocab(w)
+    out = dict(spec.extra_tensors())
+    for hf_name, t in tensors.items():
+        for gname, data in spec.tensor(hf_name, np.asarray(t, dtype=np.float32)):
+            out[gname] = data
+    for gname, data in out.items():
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if _f32_type(gname, data.ndim) or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, data)
+        else:
+            w.add_tensor(gname, quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+# ---------------------------------------------------------------------------------------------
+def randomize(model, config, seed: int) -> None:
+    """Overwrite every parameter from a seeded generator (independent of transformers' init)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    gemma = config.model_type.startswith("gemma")
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(0.3 * noise if gemma else 1.0 + 0.3 * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.2 * noise)
+
+
+@dataclass
+class TinyModel:
+    family: str
+    hf_dir: Path
+    ggufs: dict[str, Path]
+    config: object
+    vocab: Vocab | None = None
+    _model: object = field(default=None, repr=False)
+
+    @property
+    def bos_id(self) -> int:
+        return self.vocab.bos if self.vocab else self.config.bos_token_id
+
+    def hf_model(self):
+        if self._model is None:
+            self._model = load_hf(self.hf_dir)
+        return self._model
+
+    def hf_logits(self, ids: list[int]) -> np.ndarray:
+        """(T, vocab) float32 logits from transformers, fp32, eager attention, one forward."""
+        return hf_logits(self.hf_model(), ids)
+
+
+def load_hf(hf_dir: Path, config=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+    kw = {"config": config} if config is not None else {}
+    m = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                             attn_implementation="eager", local_files_only=True,
+                                             **kw)
+    return m.eval()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        out = model(torch.tensor([list(ids)], dtype=torch.long), use_cache=False)
+    return out.logits[0].float().numpy()
+
+
+_CACHE: dict[tuple, TinyModel] = {}
+
+
+def build(family: str, out_dir: Path, seed: int = 0, types=("f32", "q8_0")) -> TinyModel:
+    """Build (or reuse, within this process) the tiny `family` model: out_dir/<family>-s<seed>/
+    holds hf/ (config.json, model.safetensors, tokenizer files) and <family>-<type>.gguf."""
+    key = (family, seed, tuple(types))
+    if key in _CACHE and _CACHE[key].hf_dir.exists():
+        return _CACHE[key]
+    import torch
+    from transformers import AutoModelForCausalLM
+    config = FAMILIES[family]()
+    vocab = _VOCABS[config.model_type](config.vocab_size)
+    root = Path(out_dir) / f"{family}-s{seed}"
+    hf_dir = root / "hf"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                             attn_implementation="eager")
+    randomize(model, config, seed)
+    model.eval()
+    model.save_pretrained(str(hf_dir))
+    _hf_tokenizer(vocab).save_pretrained(str(hf_dir))
+    from safetensors.numpy import load_file
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    ggufs = {t: write_gguf(config, vocab, tensors, root / f"{family}-{t}.gguf", t, family)
+             for t in types}
+    tm = TinyModel(family, hf_dir, ggufs, model.config, vocab, model)
+    _CACHE[key] = tm
+    return tm
+
+
+def test_ids(model: TinyModel, n: int = SEQ_LEN, seed: int = 0) -> list[int]:
+    """bos, then n-1 seeded ids drawn from the byte and normal tokens (no special tokens)."""
+    rng = np.random.default_rng(seed)
+    lo = model.vocab.first_plain if model.vocab else 0
+    return [model.bos_id] + rng.integers(lo, model.config.vocab_size, n - 1).tolist()
+
+
+test_ids.__test__ = False   # not a pytest test
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp
+# ---------------------------------------------------------------------------------------------
+def llamacpp_logits(gguf_path, ids: list[int], n_threads: int = 2) -> np.ndarray:
+    """(T, vocab) float32 logits from llama-cpp-python: one batch, F32 K/V cache, all rows."""
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids)), n_batch=512,
+                          n_ubatch=512, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
+                          n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    try:
+        llm.eval(list(ids))
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def converter_dir(download: bool = False) -> Path | None:
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ and gguf-py/) from the
+    llama-cpp-python sdist cached under $OSTINATO_HOME/sdist/, extracted once. None if the
+    sdist is not cached (download=True fetches it with pip, ~77 MB)."""
+    home = Path(os.environ.get("OSTINATO_HOME", Path.home() / ".cache" / "ostinato")) / "sdist"
+    stem = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+    tgz = home / f"{stem}.tar.gz"
+    src = home / stem / "vendor" / "llama.cpp"
+    if (src / "convert_hf_to_gguf.py").exists():
+        return src
+    if not tgz.exists():
+        if not download:
+            return None
+        import subprocess
+        import sys
+        home.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                        ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(home)],
+                       check=True)
+    want = (f"{stem}/vendor/llama.cpp/convert_hf_to_gguf.py",
+            f"{stem}/vendor/llama.cpp/conversion/", f"{stem}/vendor/llama.cpp/gguf-py/")
+    with tarfile.open(tgz) as tf:
+        members = [m for m in tf.getmembers() if m.name.startswith(want) and m.isfile()]
+        tf.extractall(home, members=members, filter="data")
+    return src
+
+
+_CONVERT_DRIVER = r"""
+import json, sys
+from pathlib import Path
+conv = Path(sys.argv[1])
+sys.path[:0] = [str(conv), str(conv / "gguf-py")]
+import torch
+import gguf
+from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+         "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+for hf_dir, outtype, outfile in json.loads(sys.argv[2]):
+    hparams = ModelBase.load_hparams(Path(hf_dir), False)
+    cls = get_model_class(get_model_architecture(hparams, ModelType.TEXT))
+    cls.set_vocab = lambda self: None     # our tokenizer is not the converter's business
+    with torch.inference_mode():
+        cls(Path(hf_dir), types[outtype], Path(outfile), eager=True).write()
+"""
+
+
+def convert_with_llamacpp(jobs: list[tuple[Path, str, Path]], conv: Path) -> None:
+    """Run llama.cpp's converter (its own gguf-py, in a subprocess) on each (hf_dir, outtype,
+    outfile), without the vocabulary (set_vocab is skipped: the converter would not recognise
+    our tokenizer's pre-tokenizer for Gemma 3). outtype: f32, f16, bf16, q8_0."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, NO_LOCAL_GGUF="1")  # the driver puts gguf-py on sys.path itself
+    r = subprocess.run([sys.executable, "-c", _CONVERT_DRIVER, str(conv),
+                        json.dumps([[str(a), b, str(c)] for a, b, c in jobs])],
+                       capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"convert_hf_to_gguf failed:\n{r.stderr[-4000:]}")
+
+
+def read_gguf(path) -> tuple[dict, dict]:
+    """(metadata {key: (type name, value)}, tensors {name: (type name, shape, raw data)})."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    kv = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        kind = f.types[0].name if f.types else None
+        if kind == "ARRAY":
+            kind = f"ARRAY[{f.types[1].name}]"
+        kv[k] = (kind, f.contents())
+    ts = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), np.array(t.data))
+          for t in r.tensors}
+    return kv, ts
