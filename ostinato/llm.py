@@ -5,13 +5,14 @@
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
 from .engine.engine import Engine
 from .engine.kv_cache import KVCacheManager
 from .engine.output_processor import OutputProcessor
@@ -20,9 +21,10 @@ from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .hub import model_name, resolve_model
 from .kernels.backend import make_ops
-from .loader.gguf import read_gguf
-from .loader.weights import load_weights
-from .model.transformer import Transformer
+from .loader.gguf import GGUFFile, read_gguf
+from .loader.weights import logical_tensors
+from .model.config import ModelConfig
+from .model.transformer import Transformer, stacked_groups, tensor_shapes
 from .outputs import CompletionOutput, RequestOutput
 from .params import SamplingParams
 from .tokenizer import Tokenizer
@@ -30,6 +32,20 @@ from .tokenizer import Tokenizer
 Prompt = str | list[int]
 # Longer contexts are there for the asking (max_model_len=...); this bounds the KV cache memory.
 DEFAULT_MAX_MODEL_LEN = 8192
+log = logging.getLogger("ostinato.model")
+
+
+def load_model(gf: GGUFFile, cfg: ModelConfig, backend: str) -> tuple[Transformer, list[str]]:
+    """The file's logical tensors, packed by the backend, under the one decoder. Returns the
+    model and a line per slower path the file forces (each also logged as a warning)."""
+    ops = make_ops(backend)
+    weights, unstacked = ops.load_weights(logical_tensors(gf, *tensor_shapes(cfg)),
+                                          stacked_groups(cfg))
+    slow = [f"{names} have different quantization layouts: one matmul each and a copy "
+            f"instead of one stacked matmul" for names in unstacked]
+    for line in slow:
+        log.warning("%s: %s", gf.path, line)
+    return Transformer(cfg, weights, ops), slow
 
 
 class LLM:
@@ -40,12 +56,13 @@ class LLM:
                  enable_prefix_caching: bool = True):
         if threads:
             torch.set_num_threads(threads)
+        self.backend = backend
         self.model_path: Path = resolve_model(model)
         self.model_name = model_name(str(model))
         gf = read_gguf(self.model_path)
-        self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path))
+        self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path), set(gf.tensors))
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
-        model_ = Transformer(self.config, load_weights(gf, self.config), make_ops(backend))
+        model_, self.slow_paths = load_model(gf, self.config, backend)
         gf.close()
         self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)
@@ -78,6 +95,19 @@ class LLM:
                                  f"than one sequence of max_model_len {self.max_model_len}")
             counts.append(n)
         return counts
+
+    def fingerprint(self) -> str:
+        """What decides this LLM's results besides the request, as OpenAI's
+        `system_fingerprint`: 'fp_' + 12 hex digits of a hash over the model file's bytes,
+        the kernel build (the compiled extension's bytes) and this package's version. Equal
+        fingerprints, equal results. Reads the whole model file (about 1 s per GB)."""
+        return system_fingerprint(_file_sha256(self.model_path), self._kernel_build())
+
+    def _kernel_build(self) -> str:
+        if self.backend != "kernels":
+            return f"{self.backend}-torch-{torch.__version__}"
+        from .kernels import ops
+        return _file_sha256(Path(ops().__file__))
 
     # -- tokens ------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -159,7 +189,26 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         return self.generate([self.chat_prompt_ids(m) for m in convs], params)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                        continue_final_message: bool = False,
+                        extra: dict | None = None) -> list[int]:
+        """The prompt of a chat; continue_final_message: it ends inside the final message
+        (assistant prefill); extra: more variables for the chat template."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt,
+                                                  continue_final_message, extra)
         # a real template writes BOS itself (as vLLM assumes); the plain fallback does not
         return self.tokenize(text, add_special_tokens=self.tokenizer.chat_template is None)
+
+
+def system_fingerprint(model_sha256: str, kernel_build: str) -> str:
+    from . import __version__
+    h = hashlib.sha256(f"{model_sha256}|{kernel_build}|{__version__}".encode())
+    return "fp_" + h.hexdigest()[:12]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

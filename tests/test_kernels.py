@@ -132,8 +132,9 @@ def test_quantized_activations_edge_cases(k):
 
 
 def test_qkv_rope_cache_rejects_a_slot_outside_the_cache(k):
+    from ostinato.model.config import Rope
     from ostinato.model.layers import rope_inv_freq, rope_tables
-    cos, sin = rope_tables(torch.tensor([0, 1]), rope_inv_freq(64, 10000.0))
+    cos, sin = rope_tables(torch.tensor([0, 1]), rope_inv_freq(64, Rope(10000.0)))
     kc, vc = k.new_kv_cache(2, 16, 1, 64)
     qkv = torch.randn(2, 3 * 64)
     with pytest.raises(RuntimeError, match="slot out of range"):
@@ -203,10 +204,10 @@ def test_rms_norm_and_gated_act(k):
     assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(k.rms_norm(x[7:8], w, 1e-6), got[7:8])
     g, u = torch.randn(9, 256), torch.randn(9, 256)
-    assert torch.allclose(k.gated_act(g, u, "silu"), F.silu(g) * u, atol=1e-6)
-    assert torch.allclose(k.gated_act(g, u, "gelu_tanh"), F.gelu(g, approximate="tanh") * u,
+    assert torch.allclose(gated(k, g, u, "silu"), F.silu(g) * u, atol=1e-6)
+    assert torch.allclose(gated(k, g, u, "gelu_tanh"), F.gelu(g, approximate="tanh") * u,
                           atol=1e-6)
-    assert torch.equal(k.gated_act(g[3:4], u[3:4], "silu"), k.gated_act(g, u, "silu")[3:4])
+    assert torch.equal(gated(k, g[3:4], u[3:4], "silu"), gated(k, g, u, "silu")[3:4])
     # wide range and an odd length (the masked tail): relative error near float's, also in the
     # far negative tail, where torch's own 1 + tanh rounds tanh-gelu to 0 (so the reference
     # is the same function written as x * sigmoid(2z), in double)
@@ -216,13 +217,20 @@ def test_rms_norm_and_gated_act(k):
     # (gelu's argument 2z reaches -4600 at x = -40; float rounding of z alone moves
     # exp(2z) by up to |2z| * 6e-8 relative, hence the looser bound)
     for act, ref, rtol in (("silu", F.silu(wide), 1e-6), ("gelu_tanh", gelu, 1e-5)):
-        got = k.gated_act(wide.float(), one.float(), act).double()
+        got = gated(k, wide.float(), one.float(), act).double()
         assert torch.allclose(got, ref, rtol=rtol, atol=1e-30), act
-        assert torch.equal(k.gated_act(wide[5:6].float(), one[5:6].float(), act), got[5:6].float())
-    assert torch.isnan(k.gated_act(torch.tensor([float("nan")]), torch.ones(1), "silu")).all()
+        assert torch.equal(gated(k, wide[5:6].float(), one[5:6].float(), act), got[5:6].float())
+    assert torch.isnan(gated(k, torch.tensor([float("nan")]), torch.ones(1), "silu")).all()
     gu = torch.randn(9, 2 * 260)          # the halves of a fused gate|up product, as views
-    assert torch.equal(k.gated_act(gu[:, :260], gu[:, 260:], "silu"),
-                       k.gated_act(gu[:, :260].contiguous(), gu[:, 260:].contiguous(), "silu"))
+    assert torch.equal(gated(k, gu[:, :260], gu[:, 260:], "silu"),
+                       gated(k, gu[:, :260].contiguous(), gu[:, 260:].contiguous(), "silu"))
+    assert torch.equal(k.gated_act(gu, "gelu_tanh"), gated(k, gu[:, :260], gu[:, 260:], "gelu_tanh"))
+
+
+def gated(k, gate, up, act):
+    """The kernel itself, on separate gate and up matrices."""
+    g, u = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+    return k.ops.gated_act(g, u, int(act != "silu")).view(gate.shape)
 
 
 def _paged(k, kv_len: int, n_kv: int, d: int, block: int, seed: int):
@@ -247,7 +255,7 @@ def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D):
     kd, vd, kc, vc, table = _paged(k, L, KV, D, BS, seed=1)
     q = torch.randn(L, H, D)
     meta = torch.tensor([[0, L, L]])
-    out = k.attention(q, kc, vc, table[None], meta, 0.125, window)
+    out = k.attention(q.view(L, -1), kc, vc, table[None], meta, 0.125, window).view(L, H, D)
     pos = torch.arange(L)
     mask = pos[None, :] <= pos[:, None]
     if window:
@@ -261,7 +269,7 @@ def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D):
     qq = torch.cat([other, q[L - 9:]])
     meta2 = torch.tensor([[0, 5, 20], [5, 9, L]])
     tables = torch.stack([table, table])
-    out2 = k.attention(qq, kc, vc, tables, meta2, 0.125, window)
+    out2 = k.attention(qq.view(len(qq), -1), kc, vc, tables, meta2, 0.125, window).view(-1, H, D)
     assert torch.equal(out2[5:], out[L - 9:])
 
 
@@ -285,12 +293,13 @@ def test_torch_reference_backend_agrees_but_kernels_are_the_invariant_ones(smoll
 def test_qkv_rope_cache_matches_the_torch_reference(k, neox, qk_norm):
     """The fused split + q/k norm + rotary + cache write equals the plain torch version."""
     from ostinato.kernels.reference import TorchOps
+    from ostinato.model.config import Rope
     from ostinato.model.layers import rope_inv_freq, rope_tables
     T, H, KV, D, slots_total = 7, 4, 2, 64, 48
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(T, (H + 2 * KV) * D, generator=g)
     qn, kn = (torch.randn(D, generator=g), torch.randn(D, generator=g)) if qk_norm else (None, None)
-    cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(D, 10000.0))
+    cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(D, Rope(10000.0)))
     slots = torch.tensor([5, 6, 7, 20, 21, 40, 47])
     ref_ops = TorchOps()
     ours, theirs = k.new_kv_cache(3, 16, KV, D), ref_ops.new_kv_cache(3, 16, KV, D)
@@ -298,7 +307,7 @@ def test_qkv_rope_cache_matches_the_torch_reference(k, neox, qk_norm):
         c.fill_(float("nan"))
     got = k.qkv_rope_cache(qkv, qn, kn, 1e-6, cos, sin, neox, H, *ours, slots)
     ref = ref_ops.qkv_rope_cache(qkv, qn, kn, 1e-6, cos, sin, neox, H, *theirs, slots)
-    assert got.shape == (T, H, D)
+    assert got.shape == ref.shape == (T, H * D)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
     # the cache holds float16: each value is the reference's rounded to nearest
     for o, t in zip(k.read_kv(*ours, slots), ref_ops.read_kv(*theirs, slots)):

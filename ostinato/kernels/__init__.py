@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
-_SRC = Path(__file__).parent / "csrc" / "ops.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SRC = _CSRC / "ops.cpp"          # one translation unit; it includes the csrc/*.h parts
 
 
 def _cpu_key() -> str:
@@ -21,7 +22,8 @@ def _cpu_key() -> str:
     except (OSError, StopIteration):
         flags = platform.processor()
     import torch
-    h = hashlib.sha256(_SRC.read_bytes() + flags.encode() + torch.__version__.encode()
+    sources = b"".join(p.read_bytes() for p in sorted(_CSRC.glob("*.[ch]*")))
+    h = hashlib.sha256(sources + flags.encode() + torch.__version__.encode()
                        + _march().encode())
     return h.hexdigest()[:16]
 
@@ -36,7 +38,7 @@ def _march() -> str:
 @cache
 def ops():
     """The compiled extension module (qlinear, rms_norm, qkv_rope_cache, gated_act,
-    paged_attention, the Plan that runs them as one step, and amx_available/set_amx: whether
+    paged_attention, the Executor that replays the recorded decoder as one step, and amx_available/set_amx: whether
     the AMX tiles run batches of 6+ rows here, and a switch for tests and benchmarks)."""
     from torch.utils import cpp_extension
 

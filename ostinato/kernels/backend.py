@@ -6,8 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..loader.weights import LogicalTensor, Progress, current_progress
 from . import ops
-from .repack import F32, Packed
+from .repack import F32, Packed, repack_raw
 
 
 EMPTY = torch.empty(0)      # an absent optional weight (no min, no q/k norm)
@@ -52,7 +53,7 @@ class QWeight:
                    p.N, p.K)
 
     @staticmethod
-    def concat(parts: list["QWeight"]) -> "QWeight | None":
+    def stack(parts: list["QWeight"]) -> "QWeight | None":
         """Stack weights along N (one matmul for q|k|v or gate|up); None if their layouts
         differ (or a part's rows don't fill its fours). Every output element is computed
         exactly as before: only the call is shared."""
@@ -96,29 +97,68 @@ class CpuKernels:
         self.ops = ops()
         self.quantize_activations = quantize_activations
 
-    def linear(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
-        lead = x.shape[:-1]
+    # -- weights: the backend owns their layout ------------------------------------------
+    def load_weights(self, tensors: dict[str, LogicalTensor], groups: list[tuple[str, ...]],
+                     progress: Progress | None = None) -> tuple[dict, list[str]]:
+        """Logical tensors -> this backend's weights: vectors as float32 tensors, matrices
+        repacked for the quantized kernels, and each group of matrices that the decoder
+        multiplies by the same input (q|k|v, gate|up) stacked into one where their layouts
+        agree. Returns the weights and a line per group that could not be stacked (it then
+        costs a matmul per part and a copy: the caller says so in the log)."""
+        progress = progress or current_progress()
+        total, done, weights = sum(t.nbytes for t in tensors.values()), 0, {}
+        for name, t in tensors.items():
+            if len(t.shape) == 2:
+                weights[name] = QWeight.from_packed(repack_raw(t.raw, t.type_name, *t.shape))
+            else:
+                weights[name] = torch.from_numpy(t.dequantize())
+            done += t.nbytes
+            if progress is not None:
+                progress(done, total)
+        return weights, stack_groups(weights, groups, {n: t.type_name for n, t in tensors.items()})
+
+    def embed(self, table: QWeight, ids: torch.Tensor) -> torch.Tensor:
+        return table.rows(ids)
+
+    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        """x (T, K) times one weight, or a list of weights whose outputs are concatenated
+        (one stacked matmul where load_weights stacked them)."""
+        if isinstance(w, list):
+            stacked = stacked_of(w)
+            if stacked is None:
+                return torch.cat([self.linear(x, part) for part in w], dim=-1)
+            w = stacked
+        if isinstance(w, StackedPart):
+            raise ValueError("a stacked weight's part cannot be multiplied on its own")
         y = self.ops.qlinear(x.reshape(-1, w.K).contiguous(), w.q, w.scale, w.min,
                              w.fmt, w.bs, w.zp, w.N, w.K, int(self.quantize_activations))
-        return y.view(*lead, w.N)
+        return y.view(*x.shape[:-1], w.N)
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return self.ops.rms_norm(x.contiguous(), w, eps)
 
-    def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-        g, u = (t.reshape(-1, t.shape[-1]) for t in (gate, up))     # rows contiguous, views kept
-        g, u = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, u))
-        return self.ops.gated_act(g, u, int(act != "silu")).view(gate.shape)
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return x + h
+
+    def gated_act(self, gate_up: torch.Tensor, act: str) -> torch.Tensor:
+        """act(gate) * up, gate and up the two halves of each row (no copies)."""
+        F = gate_up.shape[-1] // 2
+        return self.ops.gated_act(gate_up[:, :F], gate_up[:, F:], int(act != "silu"))
 
     def qkv_rope_cache(self, qkv, q_norm, k_norm, eps, cos, sin, neox, n_heads, k_cache, v_cache,
                        slots) -> torch.Tensor:
-        return self.ops.qkv_rope_cache(qkv.contiguous(), EMPTY if q_norm is None else q_norm,
-                                       EMPTY if k_norm is None else k_norm, eps, cos, sin,
-                                       int(neox), n_heads, k_cache, v_cache, slots)
+        """q (T, n_heads * head_dim); k and v go into the cache."""
+        q = self.ops.qkv_rope_cache(qkv.contiguous(), EMPTY if q_norm is None else q_norm,
+                                    EMPTY if k_norm is None else k_norm, eps, cos, sin,
+                                    int(neox), n_heads, k_cache, v_cache, slots)
+        return q.view(q.shape[0], -1)
 
     def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
-        return self.ops.paged_attention(q.contiguous(), k_cache, v_cache, tables, seq_meta,
-                                        scale, window or 0)
+        """q (T, H * D) -> (T, H * D)."""
+        T, D = q.shape[0], k_cache.shape[2]
+        o = self.ops.paged_attention(q.reshape(T, -1, D).contiguous(), k_cache, v_cache, tables,
+                                     seq_meta, scale, window or 0)
+        return o.view(T, -1)
 
     # -- the KV cache: float16 (llama.cpp's default), in the layout attention reads --------
     # K: (blocks, kv_heads, head_dim, block_size), each block's keys transposed, so one load
@@ -153,6 +193,38 @@ class CpuKernels:
         """The keys and values at `slots` as (T, n_kv, head_dim) float32."""
         b, s = slots // k_cache.shape[-1], slots % k_cache.shape[-1]
         return k_cache[b, :, :, s].float(), v_cache[b, :, s, :].float()
+
+
+@dataclass(frozen=True)
+class StackedPart:
+    """Part `index` of a stacked weight (load_weights stacked its group)."""
+    stacked: QWeight
+    index: int
+    count: int
+
+
+def stacked_of(parts: list) -> QWeight | None:
+    """The stacked weight when `parts` are all of one stack's parts, in order; else None."""
+    first = parts[0]
+    if (isinstance(first, StackedPart) and len(parts) == first.count and
+            all(isinstance(p, StackedPart) and p.stacked is first.stacked and p.index == i
+                for i, p in enumerate(parts))):
+        return first.stacked
+    return None
+
+
+def stack_groups(weights: dict, groups: list[tuple[str, ...]], types: dict[str, str]) -> list[str]:
+    """Replace each group by parts of one stacked matrix where the layouts agree (identical
+    results: every output element is computed as before, only the call is shared)."""
+    unstacked = []
+    for names in groups:
+        stacked = QWeight.stack([weights[n] for n in names])
+        if stacked is None:
+            unstacked.append(f"{', '.join(names)} ({', '.join(types[n] for n in names)})")
+            continue
+        for i, n in enumerate(names):
+            weights[n] = StackedPart(stacked, i, len(names))
+    return unstacked
 
 
 def make_ops(backend: str):

@@ -1,15 +1,188 @@
-"""Compile a Transformer into a C++ Plan: every layer's weights and KV caches are handed to
-the extension once, at start-up, and a step is then one call (no Python between layers, and
-the GIL is released while it runs). The Plan runs the same kernels in the same order as
-model/transformer.py, so its output is the same bits (tests/test_plan.py)."""
+"""Derive the static plan from the decoder: run model.decode once on a recording `ops` whose
+values are symbols, and hand the recorded op list to the C++ executor (csrc/executor.h),
+which replays it in one call per step (no Python between the ops, the GIL released, nothing
+allocated). The decoder is written once; the plan is what it calls, in the order it calls
+it, on the same kernels, so its output is the same bits (tests/test_plan.py).
+
+Every value is a (T, width) float32 matrix of the step's T tokens. After recording, values
+are given buffers by liveness (a value's buffer is reused once its last reader has run), so
+the workspace holds a few buffers, not one per op.
+"""
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from . import ops
-from .backend import EMPTY, CpuKernels, QWeight
+from .backend import EMPTY, CpuKernels, QWeight, StackedPart, stacked_of
+
+log = logging.getLogger("ostinato.model")
+
+
+@dataclass(frozen=True)
+class Value:
+    """A symbolic (T, width) matrix: the output of op `op` (-1: the step's input)."""
+    id: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Input:
+    """A step input other than the activations: ("cos"|"sin", variant), ("slots"|"tables",
+    KV group) or ("meta", 0)."""
+    kind: str
+    index: int
+
+
+@dataclass
+class Op:
+    kind: str                    # linear, concat, norm, add, gated, qkv_rope, attention
+    args: list[Value]
+    out: Value
+    heads: list[int] = field(default_factory=list)   # per arg then out: 3-D view heads (0: 2-D)
+    weights: list[QWeight] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    ints: list[int] = field(default_factory=list)
+    floats: list[float] = field(default_factory=list)
+    stage: str = ""
+
+
+class Recorder:
+    """The ops interface of kernels/backend.py, recording instead of computing. Only the
+    calls the decoder makes inside `decode` are needed."""
+
+    def __init__(self, names: dict[int, str], quantize_activations: bool):
+        self.ops: list[Op] = []
+        self.n_values = 0
+        self.names = names              # id(weight) -> its name, for stage labels
+        self.quant = quantize_activations
+        self.input_width = 0
+
+    def value(self, width: int) -> Value:
+        self.n_values += 1
+        return Value(self.n_values - 1, width)
+
+    def emit(self, kind: str, args: list[Value], width: int, stage: str, **kw) -> Value:
+        out = self.value(width)
+        self.ops.append(Op(kind, args, out, stage=stage, **kw))
+        return out
+
+    def linear(self, x: Value, w) -> Value:
+        parts = w if isinstance(w, list) else [w]
+        stacked = stacked_of(parts) if isinstance(w, list) else None
+        stage = self._stage(parts[0])
+        if stacked is not None or not isinstance(w, list):
+            w = stacked if stacked is not None else w
+            if isinstance(w, StackedPart):
+                raise ValueError("a stacked weight's part cannot be multiplied on its own")
+            return self.emit("linear", [x], w.N, stage, weights=[w], ints=[int(self.quant)])
+        outs = [self.linear(x, p) for p in parts]
+        return self.emit("concat", outs, sum(o.width for o in outs), stage)
+
+    def _stage(self, w) -> str:
+        name = self.names.get(id(w), "linear")
+        for pre in ("blk.", "attn_", "ffn_"):
+            if name.startswith(pre):
+                name = name.split(".", 2)[-1] if pre == "blk." else name[len(pre):]
+        name = name.removesuffix(".weight")
+        return {"q": "qkv", "gate": "gate_up", "output": "o"}.get(name, name)
+
+    def rms_norm(self, x: Value, w: torch.Tensor, eps: float) -> Value:
+        return self.emit("norm", [x], x.width, "norms+residual", tensors=[w], floats=[eps])
+
+    def add(self, x: Value, h: Value) -> Value:
+        return self.emit("add", [x, h], x.width, "norms+residual")
+
+    def gated_act(self, gate_up: Value, act: str) -> Value:
+        return self.emit("gated", [gate_up], gate_up.width // 2, "act", ints=[int(act != "silu")])
+
+    def qkv_rope_cache(self, qkv: Value, q_norm, k_norm, eps, cos: Input, sin: Input, neox,
+                       n_heads, k_cache, v_cache, slots: Input) -> Value:
+        assert cos.index == sin.index and slots.kind == "slots"
+        D = k_cache.shape[2]
+        return self.emit("qkv_rope", [qkv], n_heads * D, "rope+cache", heads=[0, n_heads],
+                         tensors=[EMPTY if q_norm is None else q_norm,
+                                  EMPTY if k_norm is None else k_norm, k_cache, v_cache],
+                         floats=[eps], ints=[cos.index, int(neox), n_heads, slots.index])
+
+    def attention(self, q: Value, k_cache, v_cache, tables: Input, seq_meta: Input, scale,
+                  window) -> Value:
+        H = q.width // k_cache.shape[2]
+        return self.emit("attention", [q], q.width, "attention", heads=[H, H],
+                         tensors=[k_cache, v_cache], floats=[scale],
+                         ints=[tables.index, window or 0])
+
+
+@dataclass
+class _Meta:
+    """The attention metadata as symbols (the decoder reads these three fields)."""
+    slot_mappings: list[Input]
+    tables: list[Input]
+    seq_meta: Input
+
+
+# ops whose output may share its first argument's buffer (row by row, each output row
+# depends on the same row of the inputs only, read before it is written)
+_IN_PLACE = {"norm", "add"}
+
+
+def assign_buffers(rec: Recorder, out: Value) -> tuple[list[int], dict[int, int]]:
+    """Buffers by liveness: (their widths, value id -> buffer)."""
+    last = {0: -1}
+    for i, op in enumerate(rec.ops):
+        for a in op.args:
+            last[a.id] = i
+    last[out.id] = len(rec.ops)
+    widths, buf, free = [rec.input_width], {0: 0}, []
+    for i, op in enumerate(rec.ops):
+        dying = [a for a in op.args if last[a.id] == i]
+        first = op.args[0]
+        if op.kind in _IN_PLACE and first in dying and first.width == op.out.width:
+            buf[op.out.id] = buf[first.id]
+            dying.remove(first)
+        else:
+            fit = next((b for b in free if widths[b] == op.out.width), None)
+            if fit is None:
+                widths.append(op.out.width)
+                fit = len(widths) - 1
+            else:
+                free.remove(fit)
+            buf[op.out.id] = fit
+        free.extend(buf[a.id] for a in dying if buf[a.id] not in free
+                    and buf[a.id] != buf[op.out.id])
+        if last.get(op.out.id, -1) == -1 and op.out.id != out.id:
+            raise ValueError(f"the decoder's {op.kind} result is never used")
+    return widths, buf
+
+
+def record(model, kv_caches: list) -> tuple[Recorder, Value]:
+    n_groups = len(model.cfg.kv_group_windows())
+    names = {id(w): n for n, w in model.w.items()}
+    rec = Recorder(names, model.ops.quantize_activations)
+    x = rec.value(model.cfg.d_model)                    # value 0: the embedded tokens
+    rec.input_width = x.width
+    rope = [(Input("cos", v), Input("sin", v)) for v in range(len(model.cfg.ropes))]
+    meta = _Meta([Input("slots", g) for g in range(n_groups)],
+                 [Input("tables", g) for g in range(n_groups)], Input("meta", 0))
+    recording = copy.copy(model)        # the same decoder and weights, calling the recorder
+    recording.ops = rec
+    return rec, recording.decode(x, rope, meta, kv_caches)
+
+
+def build_executor(rec: Recorder, out: Value):
+    widths, buf = assign_buffers(rec, out)
+    ex = ops().Executor(widths)
+    for op in rec.ops:
+        views = [ex.view(buf[v.id], h) for v, h in
+                 zip(op.args + [op.out], op.heads or [0] * (len(op.args) + 1))]
+        ex.add_op(op.kind, views, [_qw(w) for w in op.weights], op.tensors, op.ints, op.floats,
+                  op.stage)
+    ex.set_output(ex.view(buf[out.id], 0))
+    return ex
 
 
 def _qw(w: QWeight):
@@ -17,36 +190,22 @@ def _qw(w: QWeight):
 
 
 def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int) -> Callable | None:
-    """A drop-in for model.forward, or None when the model can't be planned (the torch
-    backend, or q/k/v or gate/up that the loader could not fuse). Its workspace and the
-    kernels' scratch are sized for steps of up to max_tokens tokens whose queries see up to
+    """A drop-in for model.forward, derived from model.decode; None on a backend without an
+    executor (the torch reference runs eagerly by design). Its workspace and the kernels'
+    scratch are sized for steps of up to max_tokens tokens whose queries see up to
     max_context keys; `forward.plan.reserve(...)` sizes a new thread's scratch too. The
     hidden states it returns are a view of the workspace: valid until the next call."""
-    cfg, w = model.cfg, model.w
     if not isinstance(model.ops, CpuKernels):
+        log.info("backend %s runs the decoder eagerly (no static plan)", type(model.ops).__name__)
         return None
-    if any(f"blk.{i}.{n}" not in w for i in range(cfg.n_layers)
-           for n in ("attn_qkv.weight", "ffn_gate_up.weight")):
-        return None
-    plan = ops().Plan(cfg.n_heads, cfg.ffn_dim, cfg.rms_eps, int(cfg.rope_neox),
-                      int(cfg.act != "silu"), cfg.attn_scale, cfg.sliding_window or 0,
-                      int(model.ops.quantize_activations), w["output_norm.weight"])
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        opt = lambda name: w.get(p + name, EMPTY)   # noqa: E731
-        plan.add_layer(w[p + "attn_norm.weight"], opt("attn_q_norm.weight"),
-                       opt("attn_k_norm.weight"), opt("post_attention_norm.weight"),
-                       w[p + "ffn_norm.weight"], opt("post_ffw_norm.weight"),
-                       _qw(w[p + "attn_qkv.weight"]), _qw(w[p + "attn_output.weight"]),
-                       _qw(w[p + "ffn_gate_up.weight"]), _qw(w[p + "ffn_down.weight"]),
-                       cfg.layer_kv_group(i), int(cfg.is_sliding(i)), *kv_caches[i])
+    plan = build_executor(*record(model, kv_caches))
 
     def inputs(input_ids, positions, meta) -> tuple:
         """plan.forward's arguments: the embedded tokens and the rotary tables (computed in
         torch: a few KB per token), and the slots, block tables and sequence rows."""
         rope = model.rope(positions)
-        return (model.embed(input_ids), [rope[False][0], rope[True][0]],
-                [rope[False][1], rope[True][1]], meta.slot_mappings, meta.tables, meta.seq_meta)
+        return (model.embed(input_ids), [c for c, _ in rope], [s for _, s in rope],
+                meta.slot_mappings, meta.tables, meta.seq_meta)
 
     def forward(input_ids, positions, meta, caches=None) -> torch.Tensor:
         return plan.forward(*inputs(input_ids, positions, meta))

@@ -6,23 +6,43 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import QWeight
+from ..loader.weights import LogicalTensor, Progress, current_progress
+from .repack import repack_raw
 
 
 class TorchOps:
-    def __init__(self):
-        self._dense: dict[int, torch.Tensor] = {}
+    def load_weights(self, tensors: dict[str, LogicalTensor], groups: list[tuple[str, ...]],
+                     progress: Progress | None = None) -> tuple[dict, list[str]]:
+        """Every tensor as float32 with the values the quantized kernels multiply by
+        (nothing is stacked: torch's GEMMs gain little from it)."""
+        progress = progress or current_progress()
+        total, done, weights = sum(t.nbytes for t in tensors.values()), 0, {}
+        for name, t in tensors.items():
+            if len(t.shape) == 2:
+                weights[name] = torch.from_numpy(repack_raw(t.raw, t.type_name, *t.shape).dequantize())
+            else:
+                weights[name] = torch.from_numpy(t.dequantize())
+            done += t.nbytes
+            if progress is not None:
+                progress(done, total)
+        return weights, []
 
-    def linear(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
-        dense = self._dense.get(id(w))
-        if dense is None:   # dequantize once, on first use
-            dense = self._dense[id(w)] = w.rows(torch.arange(w.N))
-        return F.linear(x, dense)
+    def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return table[ids]
+
+    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        if isinstance(w, list):
+            return torch.cat([F.linear(x, part) for part in w], dim=-1)
+        return F.linear(x, w)
+
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return x + h
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
-    def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    def gated_act(self, gate_up: torch.Tensor, act: str) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
         g = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
         return g * up
 
@@ -35,7 +55,7 @@ class TorchOps:
             q, k = self.rms_norm(q, q_norm, eps), self.rms_norm(k, k_norm, eps)
         q, k = apply_rope(q, cos, sin, neox), apply_rope(k, cos, sin, neox)
         write_kv(k_cache, v_cache, k, v, slots)
-        return q
+        return q.reshape(q.shape[0], -1)
 
     # -- the KV cache: float32, (blocks, block_size, kv_heads, head_dim) for K and V --------
     @staticmethod
@@ -59,9 +79,10 @@ class TorchOps:
         return k_cache.view(-1, n_kv, d)[slots], v_cache.view(-1, n_kv, d)[slots]
 
     def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
-        """q: (T, H, D); per sequence, gather its keys through its block table and run SDPA."""
-        out = torch.empty_like(q)
+        """q: (T, H * D); per sequence, gather its keys through its block table and run SDPA."""
         n_kv, d = k_cache.shape[2], k_cache.shape[3]
+        q = q.reshape(q.shape[0], -1, d)
+        out = torch.empty_like(q)
         for table, (q_start, q_len, ctx) in zip(tables, seq_meta.tolist()):
             k = k_cache[table].view(-1, n_kv, d)[:ctx].transpose(0, 1)    # (KV, S, D)
             v = v_cache[table].view(-1, n_kv, d)[:ctx].transpose(0, 1)
@@ -69,7 +90,7 @@ class TorchOps:
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=_mask(q_len, ctx, window),
                                                scale=scale, enable_gqa=True)
             out[q_start: q_start + q_len] = o.transpose(0, 1)
-        return out
+        return out.reshape(out.shape[0], -1)
 
 
 def _mask(q_len: int, context_len: int, window: int | None) -> torch.Tensor:

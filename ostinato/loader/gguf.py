@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import GGUFError
+
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
-_MAX_MESSAGE = 1000  # characters of an error message kept (the middle is elided)
 MAX_ARRAY_DEPTH = 8  # arrays of arrays nest this deep at most; bounds the parser's recursion
 
 # ggml tensor types we can dequantize: id -> (name, elements per block, bytes per block)
@@ -45,18 +46,6 @@ _SCALARS = {
 _NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4",
                7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
-
-
-class GGUFError(ValueError):
-    """A GGUF file is unreadable; str(err) is one line naming the file and the problem."""
-
-    def __init__(self, message: str):
-        # Keys, names and paths come from untrusted bytes: escape newlines and other
-        # unprintable characters so the message stays on one line, and elide the middle
-        # of a huge one (a forged key can be megabytes long).
-        if len(message) > _MAX_MESSAGE:
-            message = f"{message[:_MAX_MESSAGE // 2]} ... {message[-_MAX_MESSAGE // 2:]}"
-        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
 
 
 @dataclass(frozen=True)

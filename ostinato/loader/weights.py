@@ -1,17 +1,17 @@
-"""GGUF tensors -> the fp32 weights the model files expect, checked against the config."""
+"""A model file's tensors as logical tensors (name, type, shape, raw blocks), checked against
+the shapes the model expects. The loader knows files, not kernels: a backend repacks the
+blocks for its own kernels (kernels/backend.py), so a second backend needs no loader change."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from ..config import ModelConfig
-from ..kernels.backend import QWeight
-from ..kernels.repack import repack
-from .dequant import load_tensor
-from .gguf import GGUFError, GGUFFile
+from .dequant import dequantize
+from .gguf import TYPE_IDS, GGUFError, GGUFFile
 
 Progress = Callable[[int, int], None]       # (bytes loaded so far, total bytes)
 # For callers that cannot pass `progress` down (LLM.__init__ loads the weights): the CLI
@@ -21,7 +21,8 @@ _PROGRESS: ContextVar[Progress | None] = ContextVar("ostinato_weight_progress", 
 
 @contextmanager
 def report_progress(callback: Progress) -> Iterator[None]:
-    """Within the block, load_weights calls callback(done, total) after each tensor."""
+    """Within the block, a backend's load_weights calls callback(done, total) after each
+    tensor."""
     token = _PROGRESS.set(callback)
     try:
         yield
@@ -29,69 +30,48 @@ def report_progress(callback: Progress) -> Iterator[None]:
         _PROGRESS.reset(token)
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, hd = cfg.d_model, cfg.head_dim
-    shapes = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        shapes |= {
-            p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,),
-            p + "attn_q.weight": (cfg.n_heads * hd, d),
-            p + "attn_k.weight": (cfg.n_kv_heads * hd, d),
-            p + "attn_v.weight": (cfg.n_kv_heads * hd, d),
-            p + "attn_output.weight": (d, cfg.n_heads * hd),
-            p + "ffn_gate.weight": (cfg.ffn_dim, d), p + "ffn_up.weight": (cfg.ffn_dim, d),
-            p + "ffn_down.weight": (d, cfg.ffn_dim),
-        }
-        if cfg.qk_norm:
-            shapes |= {p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)}
-        if cfg.post_norms:
-            shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
-    return shapes
+def current_progress() -> Progress | None:
+    return _PROGRESS.get()
 
 
-def load_weights(gf: GGUFFile, cfg: ModelConfig,
-                 progress: Progress | None = None) -> dict[str, torch.Tensor | QWeight]:
-    """Vectors as float32 tensors; matrices repacked for the quantized kernels.
-    progress(done, total), in file bytes, runs after each tensor (default: the one set by
-    report_progress, if any)."""
-    shapes = expected_shapes(cfg)
-    if "output.weight" in gf.tensors:
-        shapes["output.weight"] = (cfg.vocab_size, cfg.d_model)
-    progress = progress or _PROGRESS.get()
-    total = sum(gf.tensors[n].nbytes for n in shapes if n in gf.tensors)
-    done = 0
-    weights = {}
-    for name, shape in shapes.items():
+@dataclass(frozen=True)
+class LogicalTensor:
+    name: str
+    type_name: str                # GGML type: F32, F16, BF16, Q4_0, ..., Q6_K
+    shape: tuple[int, ...]        # numpy order: (rows, cols) of a weight
+    raw: np.ndarray               # the file's bytes (uint8, memory-mapped)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.size
+
+    def dequantize(self) -> np.ndarray:
+        """float32 values in `shape` (exact for F32/F16/BF16; the reference dequantizer
+        otherwise)."""
+        return dequantize(self.raw, TYPE_IDS[self.type_name], self.shape)
+
+
+def logical_tensors(gf: GGUFFile, shapes: dict[str, tuple[int, ...]],
+                    optional: dict[str, tuple[int, ...]]) -> dict[str, LogicalTensor]:
+    """The tensors named in `shapes` (required) and `optional`, each checked against its
+    shape. A tensor of the file that neither names is refused: the model would ignore it,
+    and a tensor a file carries changes the arithmetic (a bias, a scale, rotary factors)."""
+    extra = sorted(set(gf.tensors) - shapes.keys() - optional.keys())
+    if extra:
+        named = ", ".join(map(repr, extra[:3])) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise GGUFError(f"{gf.path}: tensor {named} not used by Ostinato's "
+                        f"{gf.metadata.get('general.architecture')} decoder; refusing the file "
+                        f"rather than ignoring what it asks for")
+    out = {}
+    for name, shape in (shapes | optional).items():
         info = gf.tensors.get(name)
         if info is None:
-            raise GGUFError(f"{gf.path}: tensor {name!r} is missing for a {cfg.arch} model")
+            if name in shapes:
+                raise GGUFError(f"{gf.path}: tensor {name!r} is missing for a "
+                                f"{gf.metadata.get('general.architecture')} model")
+            continue
         if info.shape != shape:
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape}, "
                             f"expected {shape} from the metadata")
-        if len(shape) == 2:
-            weights[name] = QWeight.from_packed(repack(gf, name))
-        else:
-            weights[name] = torch.from_numpy(load_tensor(gf, name))
-        done += info.nbytes
-        if progress is not None:
-            progress(done, total)
-    return fuse_projections(weights, cfg.n_layers)
-
-
-FUSED = {"attn_qkv.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
-         "ffn_gate_up.weight": ("ffn_gate.weight", "ffn_up.weight")}
-
-
-def fuse_projections(weights: dict, n_layers: int) -> dict:
-    """Where q/k/v (and gate/up) share a layout, replace them by one stacked matrix: fewer
-    kernel calls per layer, identical results."""
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        for fused, names in FUSED.items():
-            w = QWeight.concat([weights[p + n] for n in names])
-            if w is not None:
-                weights[p + fused] = w
-                for n in names:
-                    del weights[p + n]
-    return weights
+        out[name] = LogicalTensor(name, info.type_name, info.shape, gf.raw(name))
+    return out

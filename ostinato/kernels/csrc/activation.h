@@ -1,0 +1,76 @@
+// The gated MLP activation (SiLU or tanh-GELU) and the exp it shares with softmax.
+// Part of ops.cpp's one translation unit (included there, after the common headers):
+// one file per kernel family so that a reader finds the room for what they change.
+#pragma once
+
+// Own code, no libm call per score; results depend on x alone.
+inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+// act(gate) * up, elementwise, 8 at a time with the tail through the same vector code (masked
+// loads), so an element's result never depends on where it sits. Both activations are
+// x * sigmoid(s): silu has s = x; tanh-gelu has s = 2z, z = sqrt(2/pi) (x + 0.044715 x^3),
+// since (1 + tanh z) / 2 = sigmoid(2z). sigmoid(s) = 1 / (1 + e) for s >= 0 and e / (1 + e)
+// for s < 0 with e = exp(-|s|), so exp_neg sees no positive argument and no 1 - e cancels.
+inline __m256 gated8(__m256 x, __m256 u, bool gelu) {
+  __m256 s = x;
+  if (gelu) {
+    const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    s = _mm256_mul_ps(_mm256_set1_ps(2 * 0.7978845608028654f),
+                      _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+  }
+  const __m256 ns = _mm256_or_ps(_mm256_set1_ps(-0.f), s);            // -|s|
+  const __m256 e = _mm256_and_ps(exp_neg(ns),                         // exp(-|s|), 0 below -87
+                                 _mm256_cmp_ps(ns, _mm256_set1_ps(-87.f), _CMP_GE_OQ));
+  const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), s);    // s < 0: x e
+  return _mm256_mul_ps(_mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
+}
+
+// gate and up: (T, F) rows, each row contiguous (they may be the two halves of one fused
+// gate|up product: no copies); out: (T, F) contiguous.
+// rows of gate at stride gs, of up at stride us, out contiguous (T, F)
+void gated_act_rows(const float* g, int64_t gs, const float* u, int64_t us, int64_t T, int64_t F,
+                    bool gelu, float* o) {
+  const int64_t chunks = (F + 7) / 8;
+#pragma omp parallel for schedule(static) if (T * F >= 8192)   // 16 x 1536: 2 threads pay
+  for (int64_t c = 0; c < T * chunks; ++c) {
+    const int64_t t = c / chunks, i = (c % chunks) * 8, left = std::min<int64_t>(8, F - i);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 r = gated8(_mm256_maskload_ps(g + t * gs + i, mask),
+                            _mm256_maskload_ps(u + t * us + i, mask), gelu);
+    _mm256_maskstore_ps(o + t * F + i, mask, r);
+  }
+}
+
+void gated_act_into(torch::Tensor gate, torch::Tensor up, int64_t gelu, torch::Tensor out) {
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 &&
+              up.stride(1) == 1 && gate.dtype() == torch::kFloat32 && up.dtype() == torch::kFloat32,
+              "gated_act: gate and up must be (T, F) f32 with contiguous rows");
+  TORCH_CHECK(out.sizes() == gate.sizes() && out.is_contiguous() && out.dtype() == torch::kFloat32,
+              "gated_act: out must be (T, F) f32");
+  gated_act_rows(gate.data_ptr<float>(), gate.stride(0), up.data_ptr<float>(), up.stride(0),
+                 gate.size(0), gate.size(1), gelu != 0, out.data_ptr<float>());
+}
+
+torch::Tensor gated_act(torch::Tensor gate, torch::Tensor up, int64_t gelu) {
+  TORCH_CHECK(gate.dim() == 2, "gated_act: gate and up must be (T, F) f32 with contiguous rows");
+  auto out = torch::empty({gate.size(0), gate.size(1)}, gate.options());
+  gated_act_into(gate, up, gelu, out);
+  return out;
+}
+

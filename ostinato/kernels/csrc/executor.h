@@ -1,0 +1,227 @@
+// The static plan's executor: replays the op list that kernels/plan.py recorded from the
+// Python decoder (model/transformer.py), in one call per step with the GIL released. The
+// decoder is written once; this file knows ops, not models, so a new family needs no C++.
+// Every value is a (T, width) float32 matrix in a workspace buffer sized once for the
+// largest step (`reserve`); the kernels' scratch was grown to the same size, so a step
+// allocates no tensor storage and no scratch (tests/test_plan.py counts both).
+// Part of ops.cpp's one translation unit.
+#pragma once
+
+struct QW {
+  torch::Tensor q, scale, min;
+  int64_t fmt, bs, zp, N, K;
+  QW(torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t fmt, int64_t bs, int64_t zp,
+     int64_t N, int64_t K) : q(q), scale(scale), min(min), fmt(fmt), bs(bs), zp(zp), N(N), K(K) {}
+  void into(const torch::Tensor& x, const torch::Tensor& out, int64_t quant) const {
+    qlinear_into(x, q, scale, min, fmt, bs, zp, N, K, quant, out);
+  }
+};
+
+// out = a + b elementwise (all contiguous, one shape; out may be a): what torch's add
+// computes, without its dispatch (a few us, twice per layer, is a few % of a batch-1 step)
+inline void add_into(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& out) {
+  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = a.numel();
+#pragma omp parallel for schedule(static) if (n >= (1 << 16))
+  for (int64_t i = 0; i < n; ++i) op[i] = ap[i] + bp[i];
+}
+
+// out row t = the rows t of args side by side
+inline void concat_into(const std::vector<torch::Tensor>& args, const torch::Tensor& out) {
+  const int64_t T = out.size(0), W = out.size(1);
+  float* op = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t col = 0;
+    for (const torch::Tensor& a : args) {
+      const int64_t w = a.size(1);
+      std::memcpy(op + t * W + col, a.data_ptr<float>() + t * w, w * sizeof(float));
+      col += w;
+    }
+  }
+}
+
+enum class OpKind { kLinear, kConcat, kNorm, kAdd, kGated, kQkvRope, kAttention };
+
+struct ExecOp {
+  OpKind kind;
+  std::vector<int64_t> views;          // the arguments' views, then the output's
+  std::vector<QW> w;
+  std::vector<torch::Tensor> t;
+  std::vector<int64_t> i;
+  std::vector<double> f;
+  int64_t stage;
+};
+
+// Adds the time since the previous lap to a stage (when profiling).
+class Stopwatch {
+ public:
+  explicit Stopwatch(std::vector<double>* into) : into_(into), t_(now()) {}
+  void lap(int64_t stage) {
+    if (!into_) return;
+    const double t = now();
+    (*into_)[stage] += t - t_;
+    t_ = t;
+  }
+
+ private:
+  static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  std::vector<double>* into_;
+  double t_;
+};
+
+class Executor {
+ public:
+  // widths: each workspace buffer's columns; buffer 0 receives the step's input
+  explicit Executor(std::vector<int64_t> widths) : widths_(std::move(widths)) {
+    TORCH_CHECK(!widths_.empty(), "Executor: no buffers");
+  }
+
+  // A view of buffer `buf` as (T, width) or, with heads > 0, (T, heads, width / heads);
+  // returns its id (the same id for the same view).
+  int64_t view(int64_t buf, int64_t heads) {
+    TORCH_CHECK(buf >= 0 && buf < (int64_t)widths_.size() && heads >= 0 &&
+                (heads == 0 || widths_[buf] % heads == 0), "Executor.view: bad view");
+    for (size_t v = 0; v < specs_.size(); ++v)
+      if (specs_[v] == std::make_pair(buf, heads)) return (int64_t)v;
+    specs_.emplace_back(buf, heads);
+    return (int64_t)specs_.size() - 1;
+  }
+
+  void add_op(const std::string& kind, std::vector<int64_t> views, std::vector<QW> w,
+              std::vector<torch::Tensor> t, std::vector<int64_t> i, std::vector<double> f,
+              const std::string& stage) {
+    static const std::map<std::string, std::tuple<OpKind, size_t, size_t, size_t, size_t>> kinds = {
+        // kind: views (at least), weights, tensors, ints
+        {"linear", {OpKind::kLinear, 2, 1, 0, 1}},  {"concat", {OpKind::kConcat, 2, 0, 0, 0}},
+        {"norm", {OpKind::kNorm, 2, 0, 1, 0}},      {"add", {OpKind::kAdd, 3, 0, 0, 0}},
+        {"gated", {OpKind::kGated, 2, 0, 0, 1}},    {"qkv_rope", {OpKind::kQkvRope, 2, 0, 4, 4}},
+        {"attention", {OpKind::kAttention, 2, 0, 2, 2}}};
+    const auto it = kinds.find(kind);
+    TORCH_CHECK(it != kinds.end(), "Executor: unknown op ", kind);
+    const auto [k, nv, nw, nt, ni] = it->second;
+    TORCH_CHECK(views.size() >= nv && w.size() == nw && t.size() == nt && i.size() == ni,
+                "Executor: wrong arguments for ", kind);
+    for (int64_t v : views) TORCH_CHECK(v >= 0 && v < (int64_t)specs_.size(), "Executor: view");
+    int64_t s = std::find(stages_.begin(), stages_.end(), stage) - stages_.begin();
+    if (s == (int64_t)stages_.size()) stages_.push_back(stage);
+    ops_.push_back({k, std::move(views), std::move(w), std::move(t), std::move(i), std::move(f), s});
+  }
+
+  void set_output(int64_t view) {
+    TORCH_CHECK(view >= 0 && view < (int64_t)specs_.size(), "Executor: output view");
+    out_ = view;
+  }
+
+  // Workspace for steps of up to max_tokens tokens, and the calling thread's (and its
+  // worker threads') kernel scratch for them, with up to max_context keys per query. Call it
+  // at start-up on the thread that will run the steps.
+  void reserve(int64_t max_tokens, int64_t max_context) {
+    TORCH_CHECK(!ops_.empty() && out_ >= 0 && max_tokens >= 1 && max_context >= 1,
+                "Executor.reserve: no ops, no output or bad sizes");
+    const std::lock_guard<std::mutex> not_during_a_step(step_);
+    ensure(max_tokens);
+    int64_t K = 0;
+    for (const ExecOp& op : ops_)
+      for (const QW& w : op.w) K = std::max(K, w.K);
+    const int64_t nb = K / 32, M = max_tokens;
+    grow(t_qact.q, M * K); grow(t_qact.dt, nb * (M + 4)); grow(t_qact.fsumt, nb * (M + 4));
+    grow(t_row_seq, M);
+#ifdef OSTINATO_AMX
+    alloc_amx(M, K, true, t_amx);
+#endif
+#pragma omp parallel
+    {
+#ifdef OSTINATO_AMX
+      grow(t_wbuf, 16 * K);
+#endif
+      grow(t_scores, 32 + 4 * max_context);
+    }
+  }
+
+  // x: (T, width of buffer 0) f32; cos/sin: per rotary variant; slots/tables: per KV group.
+  // Returns the output view: valid until the next step.
+  torch::Tensor forward(torch::Tensor x_in, std::vector<torch::Tensor> cos,
+                        std::vector<torch::Tensor> sin, std::vector<torch::Tensor> slots,
+                        std::vector<torch::Tensor> tables, torch::Tensor meta) {
+    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == widths_[0] && x_in.is_contiguous() &&
+                x_in.dtype() == torch::kFloat32, "Executor.forward: x must be (T, width) f32");
+    const std::lock_guard<std::mutex> one_step_at_a_time(step_);   // the workspace is shared
+    const int64_t T = x_in.size(0);
+    ensure(T);
+    views_.clear();
+    for (const auto& [buf, heads] : specs_) {
+      torch::Tensor v = bufs_[buf].narrow(0, 0, T);
+      views_.push_back(heads ? v.view({T, heads, widths_[buf] / heads}) : v);
+    }
+    bufs_[0].narrow(0, 0, T).copy_(x_in);
+    Stopwatch sw(profile_ ? &seconds_ : nullptr);
+    for (const ExecOp& op : ops_) {
+      run(op, T, cos, sin, slots, tables, meta);
+      sw.lap(op.stage);
+    }
+    return views_[out_];
+  }
+
+  // Seconds spent in each stage since profiling was switched on (for `bench`).
+  void set_profile(bool on) { profile_ = on; seconds_.assign(stages_.size(), 0.0); }
+  std::map<std::string, double> profile() const {
+    std::map<std::string, double> out;
+    for (size_t i = 0; i < stages_.size() && i < seconds_.size(); ++i) out[stages_[i]] += seconds_[i];
+    return out;
+  }
+  int64_t num_ops() const { return ops_.size(); }
+  std::vector<int64_t> buffer_widths() const { return widths_; }
+
+ private:
+  void run(const ExecOp& op, int64_t T, const std::vector<torch::Tensor>& cos,
+           const std::vector<torch::Tensor>& sin, const std::vector<torch::Tensor>& slots,
+           const std::vector<torch::Tensor>& tables, const torch::Tensor& meta) {
+    const torch::Tensor& out = views_[op.views.back()];
+    const torch::Tensor& a = views_[op.views[0]];
+    switch (op.kind) {
+      case OpKind::kLinear: op.w[0].into(a, out, op.i[0]); break;
+      case OpKind::kConcat: {
+        std::vector<torch::Tensor> args;
+        for (size_t j = 0; j + 1 < op.views.size(); ++j) args.push_back(views_[op.views[j]]);
+        concat_into(args, out);
+        break;
+      }
+      case OpKind::kNorm: rms_norm_into(a, op.t[0], op.f.at(0), out); break;
+      case OpKind::kAdd: add_into(a, views_[op.views[1]], out); break;
+      case OpKind::kGated: {
+        const int64_t F = out.size(1);
+        gated_act_rows(a.data_ptr<float>(), 2 * F, a.data_ptr<float>() + F, 2 * F, T, F,
+                       op.i[0] != 0, out.data_ptr<float>());   // the halves of gate|up
+        break;
+      }
+      case OpKind::kQkvRope:
+        qkv_rope_cache_into(a, op.t[0], op.t[1], op.f.at(0), cos.at(op.i[0]), sin.at(op.i[0]),
+                            op.i[1], op.i[2], op.t[2], op.t[3], slots.at(op.i[3]), out);
+        break;
+      case OpKind::kAttention:
+        paged_attention_into(a, op.t[0], op.t[1], tables.at(op.i[0]), meta, op.f.at(0), op.i[1], out);
+        break;
+    }
+  }
+
+  // every buffer holds at least T rows (growing them is counted like scratch growth)
+  void ensure(int64_t T) {
+    if (!bufs_.empty() && bufs_[0].size(0) >= T) return;
+    g_scratch_growths.fetch_add(1, std::memory_order_relaxed);
+    bufs_.clear();
+    for (int64_t w : widths_) bufs_.push_back(torch::empty({T, w}, torch::dtype(torch::kFloat32)));
+  }
+
+  std::vector<int64_t> widths_;
+  std::vector<std::pair<int64_t, int64_t>> specs_;   // (buffer, heads) per view id
+  std::vector<ExecOp> ops_;
+  std::vector<std::string> stages_;
+  std::vector<double> seconds_;
+  std::vector<torch::Tensor> bufs_, views_;
+  int64_t out_ = -1;
+  bool profile_ = false;
+  std::mutex step_;
+};

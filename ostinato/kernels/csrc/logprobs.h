@@ -1,0 +1,96 @@
+// Log-probabilities and greedy picks straight from raw logits rows.
+// Part of ops.cpp's one translation unit (included there, after the common headers):
+// one file per kernel family so that a reader finds the room for what they change.
+#pragma once
+
+// The first min(8, left) lanes, as an all-ones mask.
+inline __m256i lanes_before(int64_t left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, left)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 logits from x[i], -inf past x[n - 1].
+inline __m256 load8_logits(const float* x, int64_t i, int64_t n) {
+  const __m256i k = lanes_before(n - i);
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(x + i, k),
+                          _mm256_castsi256_ps(k));
+}
+
+// One pass over a row of n logits: its max, NaN if any entry is NaN; *above counts the
+// entries greater than `than`.
+float row_max(const float* x, int64_t n, float than, int64_t* above) {
+  __m256 mxv = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+  const __m256 t = _mm256_set1_ps(than);
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = load8_logits(x, i, n);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mxv = _mm256_max_ps(mxv, v);
+    count += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_GT_OQ)));
+  }
+  *above = count;
+  alignas(32) float m[8];
+  _mm256_store_ps(m, mxv);
+  return _mm256_movemask_ps(nan) ? NAN : *std::max_element(m, m + 8);
+}
+
+// log(sum(exp(x - mx))) over n logits (mx finite): exp in 8 lanes, each summed in double in
+// a fixed order, then the lanes in a fixed tree.
+double log_sum_exp(const float* x, int64_t n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i k = lanes_before(n - i);
+    const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m)),
+                                   _mm256_castsi256_ps(k));
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double d[4];
+  _mm256_store_pd(d, _mm256_add_pd(acc0, acc1));
+  return std::log((d[0] + d[1]) + (d[2] + d[3]));
+}
+
+std::tuple<double, double, int64_t> logprob_stats(torch::Tensor logits, int64_t token) {
+  TORCH_CHECK(logits.dim() == 1 && logits.is_contiguous() && logits.dtype() == torch::kFloat32,
+              "logprob_stats: logits must be a contiguous (vocab,) f32 row");
+  const int64_t n = logits.numel();
+  TORCH_CHECK(token >= 0 && token < n, "logprob_stats: token out of range");
+  const float* x = logits.data_ptr<float>();
+  int64_t above = 0;
+  const float mx = row_max(x, n, x[token], &above);
+  if (!std::isfinite(mx)) return {mx, NAN, above};
+  return {mx, log_sum_exp(x, n, mx), above};
+}
+
+// Greedy choice for each row of (S, vocab) logits, rows in parallel: the first index of the
+// row's max, and log(sum(exp(x - max))) as logprob_stats gives it (so the chosen token's
+// log-probability is -logsum). A row with a NaN or an infinite max gets index -1: the caller
+// takes it the slow way.
+std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.dtype() == torch::kFloat32,
+              "greedy_rows: logits must be contiguous (rows, vocab) f32");
+  const int64_t S = logits.size(0), n = logits.size(1);
+  auto ids = torch::empty({S}, torch::kInt64);
+  auto logsum = torch::empty({S}, torch::kFloat64);
+  const float* x = logits.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  double* lp = logsum.data_ptr<double>();
+#pragma omp parallel for schedule(dynamic, 1) if (S > 1 && S * n >= (1 << 17))
+  for (int64_t r = 0; r < S; ++r) {
+    const float* row = x + r * n;
+    int64_t above = 0;
+    const float mx = row_max(row, n, INFINITY, &above);
+    int64_t at = -1;
+    if (std::isfinite(mx)) {
+      for (int64_t i = 0; i < n && at < 0; i += 8) {      // the first lane equal to the max
+        const int hit = _mm256_movemask_ps(
+            _mm256_cmp_ps(load8_logits(row, i, n), _mm256_set1_ps(mx), _CMP_EQ_OQ));
+        if (hit) at = i + __builtin_ctz(hit);
+      }
+    }
+    ip[r] = at;
+    lp[r] = at < 0 ? NAN : log_sum_exp(row, n, mx);
+  }
+  return {ids, logsum};
+}

@@ -1,0 +1,138 @@
+// RMSNorm, and the step between the q|k|v projection and attention: q/k norms, rotary, and k/v into the paged float16 cache.
+// Part of ops.cpp's one translation unit (included there, after the common headers):
+// one file per kernel family so that a reader finds the room for what they change.
+#pragma once
+
+// y = x * w / sqrt(mean(x^2) + eps) for one row of D floats (D % 8 == 0); out may alias r.
+inline void rms_row(const float* r, const float* wp, int64_t D, float eps, float* out) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) {
+    __m256 v = _mm256_loadu_ps(r + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  const float inv = 1.f / std::sqrt(hsum8(acc) / (float)D + eps);
+  for (int64_t i = 0; i < D; ++i) out[i] = r[i] * inv * wp[i];
+}
+
+// Rotate one head in place: neox pairs (i, i + D/2), else adjacent pairs (2i, 2i + 1).
+inline void rope_head(float* x, const float* cs, const float* sn, int64_t D, bool neox) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float x1 = x[a], x2 = x[b];
+    x[a] = x1 * cs[i] - x2 * sn[i];
+    x[b] = x2 * cs[i] + x1 * sn[i];
+  }
+}
+
+// y = x * w / sqrt(mean(x^2) + eps), row by row; x: (M, D), D % 8 == 0
+// out may be x itself
+void rms_norm_into(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor out) {
+  TORCH_CHECK(x.is_contiguous() && x.dtype() == torch::kFloat32, "x: contiguous f32");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() && out.dtype() == torch::kFloat32,
+              "rms_norm: out must be like x");
+  const int64_t D = x.size(-1), M = x.numel() / D;
+  TORCH_CHECK(D % 8 == 0 && w.numel() == D, "rms_norm: D must be a multiple of 8, w of D");
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (M > 16)
+  for (int64_t m = 0; m < M; ++m) rms_row(xp + m * D, wp, D, (float)eps, op + m * D);
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous(), "x: contiguous f32");
+  auto out = torch::empty_like(x);
+  rms_norm_into(x, w, eps, out);
+  return out;
+}
+
+// The KV cache (kernels/backend.py makes it): float16, per layer K (blocks, KV, D, BS), each
+// block's keys transposed, and V (blocks, KV, BS, D). Checks the pair and returns BS.
+constexpr int64_t kMaxHeadDim = 1024;
+
+int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t KV, int64_t D,
+                       const char* who) {
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() &&
+              kc.scalar_type() == torch::kHalf && vc.scalar_type() == torch::kHalf, who,
+              ": KV caches must be contiguous float16 (blocks, kv_heads, ...)");
+  const int64_t BS = kc.size(3);
+  TORCH_CHECK(kc.size(1) == KV && kc.size(2) == D && vc.size(0) == kc.size(0) &&
+              vc.size(1) == KV && vc.size(2) == BS && vc.size(3) == D && BS % 16 == 0 && D % 16 == 0,
+              who, ": KV caches must be K (blocks, kv_heads, head_dim, block_size) and V (blocks, "
+              "kv_heads, block_size, head_dim), block_size and head_dim multiples of 16");
+  return BS;
+}
+
+// The step between the q|k|v projection and attention, in one pass: split the fused
+// projection (T, (H + 2 KV) * D) into heads, RMS-normalise q and k per head when q_norm /
+// k_norm are given (Gemma 3), rotate them by the per-token cos/sin tables (T, D/2), and
+// write k and v (rounded to float16, to nearest even) into the paged caches at their slots.
+// Returns q as (T, H, D).
+void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
+                         double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
+                         int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
+                         torch::Tensor q) {
+  TORCH_CHECK(kc.dim() == 4, "qkv_rope_cache: KV caches must be 4-d");
+  const int64_t T = qkv.size(0), KV = kc.size(1), D = kc.size(2), W = (H + 2 * KV) * D;
+  const int64_t BS = check_kv_cache(kc, vc, KV, D, "qkv_rope_cache");
+  TORCH_CHECK(D <= kMaxHeadDim, "qkv_rope_cache: head_dim above ", kMaxHeadDim);
+  TORCH_CHECK(qkv.is_contiguous() && qkv.dtype() == torch::kFloat32 && qkv.size(1) == W,
+              "qkv_rope_cache: qkv must be (T, (H + 2 KV) * D) f32");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+              cos.size(0) == T && cos.size(1) == D / 2, "qkv_rope_cache: shapes");
+  TORCH_CHECK((!q_norm.numel() || q_norm.numel() == D) && (!k_norm.numel() || k_norm.numel() == D),
+              "qkv_rope_cache: norm weights must have head_dim elements");
+  TORCH_CHECK(slots.numel() == T && slots.dtype() == torch::kInt64, "qkv_rope_cache: slots");
+  const int64_t n_slots = kc.size(0) * BS;
+  for (int64_t i = 0; i < T; ++i)
+    TORCH_CHECK(slots.data_ptr<int64_t>()[i] >= 0 && slots.data_ptr<int64_t>()[i] < n_slots,
+                "qkv_rope_cache: slot out of range");
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == T && q.size(1) == H && q.size(2) == D &&
+              q.is_contiguous() && q.dtype() == torch::kFloat32, "qkv_rope_cache: q must be (T, H, D) f32");
+  const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
+  const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
+  float* qp = q.data_ptr<float>();
+  uint16_t *kp = static_cast<uint16_t*>(kc.data_ptr()), *vp = static_cast<uint16_t*>(vc.data_ptr());
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#pragma omp parallel for schedule(static) if (T >= 16)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = src + t * W;
+    const float *cs = cp + t * (D / 2), *sn = sp + t * (D / 2);
+    const int64_t blk = sl[t] / BS, off = sl[t] % BS;
+    float k[kMaxHeadDim];
+    alignas(32) uint16_t half[8];
+    for (int64_t h = 0; h < H + KV; ++h) {
+      float* dst = h < H ? qp + (t * H + h) * D : k;
+      const float* nw = h < H ? qn : kn;
+      if (nw) rms_row(row + h * D, nw, D, (float)eps, dst);
+      else std::copy(row + h * D, row + (h + 1) * D, dst);
+      rope_head(dst, cs, sn, D, neox != 0);
+      if (h < H) continue;
+      uint16_t* kt = kp + ((blk * KV + (h - H)) * D) * BS + off;    // dimension d at kt[d * BS]
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm_store_si128(reinterpret_cast<__m128i*>(half), _mm256_cvtps_ph(_mm256_loadu_ps(dst + d), kRne));
+        for (int i = 0; i < 8; ++i) kt[(d + i) * BS] = half[i];
+      }
+    }
+    for (int64_t h = 0; h < KV; ++h) {
+      const float* v = row + (H + KV + h) * D;
+      uint16_t* vt = vp + ((blk * KV + h) * BS + off) * D;
+      for (int64_t d = 0; d < D; d += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(vt + d), _mm256_cvtps_ph(_mm256_loadu_ps(v + d), kRne));
+    }
+  }
+}
+
+torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
+                             double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
+                             int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots) {
+  TORCH_CHECK(kc.dim() == 4 && qkv.dim() == 2, "qkv_rope_cache: KV caches must be 4-d, qkv 2-d");
+  auto q = torch::empty({qkv.size(0), H, kc.size(2)}, qkv.options());
+  qkv_rope_cache_into(qkv, q_norm, k_norm, eps, cos, sin, neox, H, kc, vc, slots, q);
+  return q;
+}
+
+// exp(x) for x <= 0 (softmax arguments after the max is subtracted), 8 at a time: 2^n * p(r)
+// with x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial (relative error ~2e-7).
