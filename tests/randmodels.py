@@ -9,7 +9,8 @@ same weights, built at test time (seeded, a few hundred kB each). A plain test-s
     ref = m.hf_logits(ids)                  # (T, vocab) float32, transformers fp32, eager attention
     got = llamacpp_logits(m.ggufs["f32"], ids)
 
-The weights are informative on purpose: linear weights ~ N(0, 0.2), norm scales 1 + 0.3*N(0, 1)
+The weights are informative on purpose: linear weights ~ N(0, 0.2) (q/k projections N(0, 0.1),
+see QK_STD), norm scales 1 + 0.3*N(0, 1)
 (Gemma's HF norm stores w with scale (1 + w), so w ~ 0.3*N(0, 1) there), biases ~ N(0, 0.1)
 where a family has them, so the logits are far from uniform and a wrong rope, norm, mask or
 permutation changes them a lot.
@@ -235,7 +236,8 @@ def _hf_tokenizer(v: Vocab):
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, v.bos)])
     from tokenizers import AddedToken
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(v.tokens, v.types) if ty in (_CONTROL, _UNKNOWN)])
+                            for t, ty in zip(v.tokens, v.types)
+                            if ty in (_CONTROL, _UNKNOWN, _USER_DEFINED)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=v.tokens[v.eos], unk_token=v.tokens[v.unk],
         pad_token=v.tokens[v.pad] if v.pad is not None else None, add_bos_token=True,
@@ -477,8 +479,14 @@ def write_gguf(config, vocab: Vocab, tensors: dict[str, np.ndarray], path: Path,
 # ---------------------------------------------------------------------------------------------
 # building
 # ---------------------------------------------------------------------------------------------
+QK_STD = 0.1   # q/k projections: with 0.2 attention scores have std ~5 in the llama models (no
+               # q/k norm) and the softmax is so peaked that q8_0 rounding moves logits by 7% rms
+
+
 def randomize(model, config, seed: int) -> None:
-    """Overwrite every parameter from a seeded generator (independent of transformers' init)."""
+    """Overwrite every parameter from a seeded generator (independent of transformers' init):
+    linear weights N(0, 0.2) (q/k projections N(0, QK_STD)), norms 1 + 0.3*N(0, 1) as the
+    effective scale, biases N(0, 0.1)."""
     import torch
     g = torch.Generator().manual_seed(seed)
     gemma = config.model_type.startswith("gemma")
@@ -489,6 +497,8 @@ def randomize(model, config, seed: int) -> None:
                 p.copy_(0.3 * noise if gemma else 1.0 + 0.3 * noise)
             elif name.endswith(".bias"):
                 p.copy_(0.1 * noise)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(QK_STD * noise)
             else:
                 p.copy_(0.2 * noise)
 
