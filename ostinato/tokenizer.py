@@ -148,6 +148,7 @@ class Tokenizer:
         self.unknown_token_id = unknown_token_id
         self.add_bos, self.add_eos, self.add_space_prefix = add_bos, add_eos, add_space_prefix
         self.chat_template = chat_template
+        self._template_reads: frozenset[str] | None = None     # its free variables, lazily
         self.eos_token_ids = self._end_of_generation_ids(eog_ids)
         self._init_special_matcher()
         if model == "gpt2":
@@ -497,13 +498,19 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **extra) -> str:
+                            continue_final_message: bool = False,
+                            variables: dict | None = None) -> str:
         """Render `messages` ([{"role", "content"}], roles system/user/assistant/tool, content
         a str or a list of {"type": "text", "text": str} parts) to a prompt string.
 
         With the model's `tokenizer.chat_template`, it is rendered in a sandboxed Jinja2
         environment (see ostinato.tokenizer.render_chat_template) with `messages`,
-        `add_generation_prompt`, `bos_token`, `eos_token` and any `extra` variables.
+        `add_generation_prompt`, `bos_token`, `eos_token` and `variables` (chat_template_kwargs:
+        each must be one the template reads, and none of those four, else ChatTemplateError).
+
+        continue_final_message: the prompt ends inside the final message, right after its
+        content (no end-of-turn, no new turn), so generation continues it: assistant prefill.
+        It excludes add_generation_prompt (ValueError).
 
         Fallback when the model has no template (e.g. Gemma 3 270M base): a plain transcript,
         one line per message, "System: ...", "User: ...", "Assistant: ...", "Tool: ..." (the
@@ -511,15 +518,57 @@ class Tokenizer:
         "Assistant:" line with no trailing space or newline. No BOS text is added; encode()
         adds BOS per the model's metadata.
         """
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message exclude each other")
         msgs = _validate_messages(messages)
+        extra = dict(variables or {})
+        self._check_template_variables(extra)
         if self.chat_template is None:
             lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
             if add_generation_prompt:
                 lines.append("Assistant:")
-            return "\n".join(lines)
-        return render_chat_template(self.chat_template, messages=msgs,
-                                    add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+            text = "\n".join(lines)
+        else:
+            text = render_chat_template(self.chat_template, messages=msgs,
+                                        add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token,
+                                        **extra)
+        return _cut_after_final(text, msgs[-1]["content"]) if continue_final_message else text
+
+    def _check_template_variables(self, extra: dict) -> None:
+        """Extra variables must be ones the template reads, and not the four it is given."""
+        reserved = sorted(_TEMPLATE_VARIABLES & set(extra))
+        if reserved:
+            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(reserved)}")
+        if not extra:
+            return
+        if self.chat_template is None:
+            raise ChatTemplateError("chat_template_kwargs: this model has no chat template "
+                                    "(its plain transcript takes no variables)")
+        if self._template_reads is None:
+            self._template_reads = template_variables(self.chat_template)
+        unused = sorted(set(extra) - self._template_reads)
+        if unused:
+            raise ChatTemplateError(f"chat_template_kwargs: the model's chat template does not "
+                                    f"read {', '.join(unused)}")
+
+
+class ChatTemplateError(ValueError):
+    """chat_template_kwargs the template cannot take."""
+
+
+_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+def _cut_after_final(text: str, content: str) -> str:
+    """`text` up to the end of the final message's content, wherever the template put it
+    (as given, or trimmed if the template trims it)."""
+    for needle in (content, content.strip()):
+        at = text.rfind(needle) if needle else -1
+        if at >= 0:
+            return text[: at + len(needle)]
+    raise ValueError("continue_final_message: the final message's content is empty or the "
+                     "chat template does not write it as given")
 
 
 def _int_list(values, n: int, default: int, where: str, key: str) -> list[int]:
@@ -622,6 +671,13 @@ def render_chat_template(template: str, **variables) -> str:
     except RecursionError:
         raise _security_error("chat template recursion too deep") from None
     return "".join(chunks)
+
+
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a template reads from its caller (Jinja2's undeclared variables)."""
+    from jinja2 import meta
+    env = _make_sandbox()
+    return frozenset(meta.find_undeclared_variables(env.parse(template)))
 
 
 def _security_error(msg: str) -> Exception:
