@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
 from .engine.engine import Engine
 from .engine.kv_cache import KVCacheManager
 from .engine.output_processor import OutputProcessor
@@ -21,9 +21,10 @@ from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .hub import model_name, resolve_model
 from .kernels.backend import make_ops
-from .loader.gguf import read_gguf
-from .loader.weights import load_weights
-from .model.transformer import Transformer
+from .loader.gguf import GGUFFile, read_gguf
+from .loader.weights import logical_tensors
+from .model.config import ModelConfig
+from .model.transformer import Transformer, stacked_groups, tensor_shapes
 from .outputs import CompletionOutput, RequestOutput
 from .params import SamplingParams
 from .tokenizer import Tokenizer
@@ -31,6 +32,20 @@ from .tokenizer import Tokenizer
 Prompt = str | list[int]
 # Longer contexts are there for the asking (max_model_len=...); this bounds the KV cache memory.
 DEFAULT_MAX_MODEL_LEN = 8192
+log = logging.getLogger("ostinato.model")
+
+
+def load_model(gf: GGUFFile, cfg: ModelConfig, backend: str) -> tuple[Transformer, list[str]]:
+    """The file's logical tensors, packed by the backend, under the one decoder. Returns the
+    model and a line per slower path the file forces (each also logged as a warning)."""
+    ops = make_ops(backend)
+    weights, unstacked = ops.load_weights(logical_tensors(gf, *tensor_shapes(cfg)),
+                                          stacked_groups(cfg))
+    slow = [f"{names} have different quantization layouts: one matmul each and a copy "
+            f"instead of one stacked matmul" for names in unstacked]
+    for line in slow:
+        log.warning("%s: %s", gf.path, line)
+    return Transformer(cfg, weights, ops), slow
 
 
 class LLM:
@@ -45,9 +60,9 @@ class LLM:
         self.model_path: Path = resolve_model(model)
         self.model_name = model_name(str(model))
         gf = read_gguf(self.model_path)
-        self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path))
+        self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path), set(gf.tensors))
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
-        model_ = Transformer(self.config, load_weights(gf, self.config), make_ops(backend))
+        model_, self.slow_paths = load_model(gf, self.config, backend)
         gf.close()
         self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)
