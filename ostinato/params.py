@@ -48,12 +48,16 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # embed the prompt instead: its final hidden states pooled ("mean" or "last") and
+    # L2-normalised, in the finished sequence's `embedding`; asks for max_tokens 0
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         self._check_floats()
         self._check_ints()
         self._check_logprobs()
         self._check_bools()
+        self._check_pooling()
         self.logit_bias = _normalise_logit_bias(self.logit_bias)
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids)
@@ -99,8 +103,9 @@ class SamplingParams:
         if self.max_tokens is not None:
             if self.max_tokens < 0:
                 raise _bad("max_tokens", self.max_tokens, "must be >= 0")
-            if self.max_tokens == 0 and self.prompt_logprobs is None:
-                raise _bad("max_tokens", 0, "0 is only meaningful with prompt_logprobs set")
+            if self.max_tokens == 0 and self.prompt_logprobs is None and self.pooling is None:
+                raise _bad("max_tokens", 0, "0 is only meaningful with prompt_logprobs or "
+                           "pooling set")
             if self.min_tokens > self.max_tokens:
                 raise _bad("min_tokens", self.min_tokens,
                            f"must be <= max_tokens ({self.max_tokens})")
@@ -114,6 +119,13 @@ class SamplingParams:
                 raise _bad(name, value, "must be an int or None")
             if not 0 <= value <= MAX_LOGPROBS:
                 raise _bad(name, value, f"must be in [0, {MAX_LOGPROBS}]")
+
+    def _check_pooling(self) -> None:
+        if self.pooling not in (None, "mean", "last"):
+            raise _bad("pooling", self.pooling, "must be 'mean', 'last' or None")
+        if self.pooling is not None and self.max_tokens != 0:
+            raise _bad("max_tokens", self.max_tokens, "must be 0 with pooling (nothing is "
+                       "generated)")
 
     def _check_bools(self) -> None:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):

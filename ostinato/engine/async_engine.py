@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..sampling import SamplingParams
 from .engine import Engine
@@ -38,6 +39,9 @@ class Delta:
     finished: bool
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0          # prompt tokens the prefix cache gave this choice
+    cumulative_logprob: float = 0.0     # of all its tokens so far
+    embedding: Any = None               # the pooled prompt, when finished (params.pooling)
 
 
 @dataclass(frozen=True)
@@ -284,7 +288,8 @@ def _snapshot(seq: Sequence, text: str, token_ids: list[int], finished: bool,
     prompt_lps = list(seq.prompt_logprobs) if (first and seq.prompt_logprobs) else None
     return Delta(seq.request_id, seq.index, text, tuple(token_ids), logprobs, prompt_lps,
                  finished, seq.finish_reason if finished else None,
-                 seq.stop_reason if finished else None)
+                 seq.stop_reason if finished else None, seq.num_cached_tokens,
+                 seq.cumulative_logprob, seq.embedding if finished else None)
 
 
 def _engine_snapshot(engine: Engine) -> EngineSnapshot:

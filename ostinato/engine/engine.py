@@ -108,6 +108,8 @@ class Engine:
         seq.num_computed_tokens += s.num_new_tokens
         if r.prompt_logprobs:
             self._add_prompt_logprobs(seq, s.start, r.prompt_logprobs)
+        if r.pooled is not None:
+            seq.embedding = r.pooled
         if r.token_id is None:
             return SeqDelta(seq, "", [], False)
         if seq.max_tokens == 0:          # scoring only: the prompt's logprobs were the point

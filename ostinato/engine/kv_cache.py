@@ -131,8 +131,9 @@ class KVCacheManager:
         """Tokens of seq.all_ids whose KV every group has cached: a multiple of block_size,
         never all of them (the last token is computed so that its logits exist). Sliding
         groups need only the blocks inside the window of the first uncached position."""
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
-            return 0     # prompt logprobs need the logits of every prompt position
+        p = seq.params
+        if not self.enable_prefix_caching or p.prompt_logprobs is not None or p.pooling == "mean":
+            return 0     # prompt logprobs and mean pooling need every prompt position computed
         hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
         full = [p for p, w in zip(self.pools, self.windows) if w is None]
         k = min((self._leading_hits(p, hashes) for p in full), default=len(hashes))

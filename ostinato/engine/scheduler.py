@@ -76,6 +76,8 @@ class Scheduler:
                 return
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
+            if not seq.num_preemptions:
+                seq.num_cached_tokens = item.start
             self.running.append(seq)
             out.append(item)
             budget -= item.num_new_tokens

@@ -37,6 +37,9 @@ class Sequence:
     # chain hashes of all_ids' full blocks, filled lazily by the KV-cache manager
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0        # times its KV was dropped and recomputed
+    num_cached_tokens: int = 0      # prompt tokens the prefix cache gave at first admission
+    pooling_state: Any = None       # the runner's running pool of the prompt's hidden states
+    embedding: Any = None           # the pooled, normalised prompt (params.pooling)
 
     @property
     def num_tokens(self) -> int:
