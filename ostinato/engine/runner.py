@@ -13,6 +13,7 @@ from ..model.attention import AttentionMetadata, SeqSlice
 from ..model.transformer import Transformer
 from ..sampling import (greedy_choices, make_generator, plain_greedy, process_logits, sample,
                         top_logprobs)
+from .pooling import pool_rows
 from .sequence import ScheduledSeq, SchedulerOutput
 
 
@@ -23,6 +24,7 @@ class SeqResult:
     top_logprobs: dict | None = None      # {token_id: Logprob} when params.logprobs is set
     prompt_logprobs: list | None = None   # entries for the prompt positions computed this step
     error: Exception | None = None        # this sequence's sampling or scoring failed
+    pooled: torch.Tensor | None = None    # (D,) the pooled prompt, once complete (params.pooling)
 
 
 class ModelRunner:
@@ -84,7 +86,7 @@ class ModelRunner:
             return {}
         sampling = [s for s in plan.scheduled if s.samples]
         rows = [j for j, s in enumerate(sampling)
-                if plain_greedy(s.seq.params, len(s.seq.output_ids)) and not _scores_prompt(s)]
+                if plain_greedy(s.seq.params, len(s.seq.output_ids)) and not _needs_rows(s)]
         if not rows:
             return {}
         picked = logits if len(rows) == len(sampling) else logits[rows]
@@ -118,6 +120,8 @@ class ModelRunner:
         seq, res = s.seq, SeqResult()
         if _scores_prompt(s):
             res.prompt_logprobs = self._prompt_logprobs(s, hidden)
+        if seq.params.pooling is not None:
+            res.pooled = pool_rows(seq, s.start, hidden)
         if not s.samples:
             return res
         if logits is None:
@@ -147,3 +151,8 @@ class ModelRunner:
 def _scores_prompt(s: ScheduledSeq) -> bool:
     """Whether this step computes prompt log-probabilities for s (prompt tokens are in it)."""
     return s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids)
+
+
+def _needs_rows(s: ScheduledSeq) -> bool:
+    """Whether s needs its own hidden rows this step (prompt logprobs or pooling)."""
+    return _scores_prompt(s) or s.seq.params.pooling is not None
