@@ -180,6 +180,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=16, help="largest request body")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="web origins allowed to call the API from a browser (CORS), e.g. "
+                        "https://app.example.com; '*' for any (default: none)")
+    p.add_argument("--pooling", choices=["last", "mean"], default="last",
+                   help="how /v1/embeddings pools the final hidden states (default last)")
     _add_serve_limits(p)
 
 
@@ -378,7 +383,8 @@ def cmd_serve(a) -> None:
                api_key=a.api_key, limits=limits, log_level=a.log_level,
                shutdown_timeout=a.shutdown_timeout, threads=a.threads,
                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-               kv_cache_gb=a.kv_cache_gb)
+               kv_cache_gb=a.kv_cache_gb, allowed_origins=a.allowed_origins,
+               pooling=a.pooling)
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "generate": cmd_generate,

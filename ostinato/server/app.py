@@ -3,8 +3,9 @@
     app = build_app(LLM("smollm2-135m-instruct"))            # or a loader: build_app(load, "name")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize,
-POST /detokenize, GET /health (503 while loading), GET /metrics, GET / (the chat page, static/).
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models,
+GET /v1/models/{id}, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health (503
+while loading), GET /metrics, GET / (the chat page, static/).
 """
 from __future__ import annotations
 
@@ -19,23 +20,27 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncEngine
+from ..tokenizer import ChatTemplateError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     Limits,
     TokenizeRequest,
     bad_request,
     check_limits,
     parse_body,
 )
+from .embeddings import embed, embedding_inputs, embedding_response
 from .serving import Generation, chat_job, completion_job, error_body
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
@@ -48,9 +53,10 @@ class ServerState:
     background so /health can answer 503 meanwhile)."""
 
     def __init__(self, source, name: str, metrics: ServerMetrics, limits: Limits,
-                 on_load_error: Callable[[BaseException], None] | None):
+                 on_load_error: Callable[[BaseException], None] | None, pooling: str):
         self.source, self.name, self.metrics, self.limits = source, name, metrics, limits
-        self.on_load_error = on_load_error
+        self.on_load_error, self.pooling = on_load_error, pooling
+        self.fingerprint: str | None = None     # system_fingerprint, set before readiness
         self.llm = self.engine = None
         self.error: BaseException | None = None
         self.created = int(time.time())
@@ -76,6 +82,7 @@ class ServerState:
                 log.error("loading the model failed: %s", e)
 
     def _ready(self, llm) -> None:
+        self.fingerprint = llm.fingerprint()
         engine = AsyncEngine(llm.engine, on_step=self.metrics.on_step)
         if self.fault_marker:
             log.warning("%s is set: requests containing %r fail on purpose (test hook)",
@@ -107,16 +114,21 @@ class ServerState:
 
 def build_app(llm, served_model_name: str | None = None, api_key: str | None = None,
               limits: Limits | None = None,
-              on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+              on_load_error: Callable[[BaseException], None] | None = None,
+              allowed_origins: list[str] | None = None, pooling: str = "last") -> FastAPI:
     """llm: an LLM, or a zero-argument callable returning one (loaded in the background at
-    startup; then served_model_name is required)."""
+    startup; then served_model_name is required). allowed_origins: web origins that may
+    call the API from a browser (CORS; "*" for any; none by default). pooling: how
+    /v1/embeddings pools the final hidden states, "last" (default) or "mean"."""
+    if pooling not in ("last", "mean"):
+        raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
     if served_model_name is None:
         if callable(llm):
             raise ValueError("build_app: give served_model_name when llm is a loader")
         served_model_name = llm.model_name
     limits = limits or Limits()
     state = ServerState(llm, served_model_name, ServerMetrics(served_model_name), limits,
-                        on_load_error)
+                        on_load_error, pooling)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -131,6 +143,10 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     _add_token_routes(app, state)
     _add_generation_routes(app, state)
     app.add_middleware(Gate, api_key=api_key, max_body=limits.max_body_bytes)
+    if allowed_origins:     # outside the Gate: preflights carry no key, and 401s need CORS
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app
 
 
@@ -145,7 +161,14 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), e.status_code)
+        message = str(e.detail)
+        if e.status_code == 404:
+            message = f"there is no route {request.url.path}"
+        elif e.status_code == 405:
+            message = (f"{request.method} is not allowed on {request.url.path}; use "
+                       f"{(e.headers or {}).get('Allow', 'another method')}")
+        return JSONResponse(APIError(e.status_code, message).body(), e.status_code,
+                            headers=e.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
@@ -173,10 +196,13 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models")
     async def models():
         llm, _ = state.require()
-        return {"object": "list", "data": [{
-            "id": state.name, "object": "model", "created": state.created,
-            "owned_by": "ostinato", "root": str(llm.model_path),
-            "max_model_len": llm.max_model_len}]}
+        return {"object": "list", "data": [_model_card(state, llm)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        llm, _ = state.require()
+        state.check_model(model_id)
+        return _model_card(state, llm)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -184,6 +210,14 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         return FileResponse(_STATIC / "index.html", headers=_PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
+
+
+def _model_card(state: ServerState, llm) -> dict:
+    return {"id": state.name, "object": "model", "created": state.created,
+            "owned_by": "ostinato", "root": str(llm.model_path),
+            "max_model_len": llm.max_model_len,
+            "embedding_dimensions": llm.config.d_model, "pooling": state.pooling,
+            "system_fingerprint": state.fingerprint}
 
 
 def _add_token_routes(app: FastAPI, state: ServerState) -> None:
@@ -209,6 +243,23 @@ def _add_token_routes(app: FastAPI, state: ServerState) -> None:
             raise bad_request(f"token id {bad[0]} is not in [0, {vocab})", "tokens")
         return {"prompt": llm.detokenize(req.tokens)}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        llm, _ = state.require()
+        return _tokenizer_info(llm)
+
+
+def _tokenizer_info(llm) -> dict:
+    """vLLM's /tokenizer_info, what lm-eval's remote tokenizer reads (eos, bos, pad, chat
+    template) so it needs no tokenizer from a model hub."""
+    tok = llm.tokenizer
+    pad = getattr(tok, "pad_token_id", None)
+    return {"tokenizer_class": f"ostinato.Tokenizer({tok.model})",
+            "bos_token": tok.bos_token or None, "eos_token": tok.eos_token or None,
+            "pad_token": tok.id_to_piece(pad) if pad is not None else None,
+            "chat_template": tok.chat_template, "model_max_length": llm.max_model_len,
+            "vocab_size": llm.config.vocab_size}
+
 
 def _tokenize(llm, req: TokenizeRequest) -> list[int]:
     """vLLM's rules: a prompt gets special tokens (BOS) by default; messages are rendered
@@ -218,8 +269,13 @@ def _tokenize(llm, req: TokenizeRequest) -> list[int]:
     if req.prompt is not None:
         special = True if req.add_special_tokens is None else req.add_special_tokens
         return llm.tokenize(req.prompt, add_special_tokens=special)
+    opts = req.template_options()
     try:
-        text = llm.tokenizer.apply_chat_template(req.messages, req.add_generation_prompt)
+        text = llm.tokenizer.apply_chat_template(
+            req.messages, opts["add_generation_prompt"], opts["continue_final_message"],
+            opts["extra"])
+    except ChatTemplateError as e:
+        raise bad_request(str(e), "chat_template_kwargs") from None
     except Exception as e:
         raise bad_request(f"messages: {e}", "messages") from None
     return llm.tokenize(text, add_special_tokens=bool(req.add_special_tokens))
@@ -234,6 +290,36 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     async def completions(request: Request):
         return await _generate(request, state, CompletionRequest, completion_job)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await _embeddings(request, state)
+
+
+async def _embeddings(request: Request, state: ServerState):
+    req = parse_body(await request.body(), EmbeddingRequest)
+    llm, engine = state.require()
+    state.check_model(req.model)
+    ids = await asyncio.to_thread(embedding_inputs, llm, req, state.limits)
+    if engine.num_waiting() + len(ids) > state.limits.max_queued_requests:
+        raise APIError(503, f"the server is busy: {engine.num_waiting()} requests are waiting "
+                       "(--max-queued-requests); retry later", code="queue_full")
+    outcome = state.metrics.accept()
+    try:
+        vectors = await until_disconnect(request.receive, embed(engine, ids, state.pooling))
+    except Exception as e:
+        log.exception("embeddings request failed")
+        outcome.settle("error")
+        body = error_body(e)
+        return JSONResponse(body, status_code=body["error"]["code"])
+    except BaseException:                     # cancelled (shutdown timeout): still settled
+        outcome.settle("aborted")
+        raise
+    if vectors is DISCONNECTED:
+        outcome.settle("aborted")
+        return Response(status_code=499)
+    outcome.settle("completed")
+    return JSONResponse(embedding_response(vectors, ids, state.name, req.encoding_format))
+
 
 async def _generate(request: Request, state: ServerState, model, make_job):
     raw = await request.body()
@@ -244,6 +330,7 @@ async def _generate(request: Request, state: ServerState, model, make_job):
     check_limits(req, limits)
     # tokenizing and template rendering can take a while for long prompts: off the loop
     job = await asyncio.to_thread(make_job, llm, req, state.name, limits)
+    job.fingerprint = state.fingerprint
     if engine.num_waiting() + len(job.prompts) > limits.max_queued_requests:
         raise APIError(503, f"the server is busy: {engine.num_waiting()} requests are waiting "
                        "(--max-queued-requests); retry later", code="queue_full")

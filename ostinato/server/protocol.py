@@ -1,16 +1,20 @@
 """OpenAI request bodies (pydantic) and their conversion to SamplingParams.
 
-Unknown fields are ignored (`extra="ignore"`: `user`, `best_of`, `suffix`... from clients
-that send them). Every invalid value becomes an APIError(400) in OpenAI's error shape.
+Every field is honoured or refused: a field outside the schema is a 400 naming it
+(`extra="forbid"`), and a field of OpenAI's schema that this server does not implement is
+a 400 naming it unless its value asks for nothing (`tools: []`, `response_format:
+{"type": "text"}`, ...): see REFUSED. Every invalid value becomes an APIError(400) in
+OpenAI's error shape.
 """
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..sampling import MAX_LOGPROBS, SamplingParams
 
@@ -21,15 +25,18 @@ MAX_N = 128                         # OpenAI's limit for n
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-             413: "RequestTooLargeError", 503: "ServiceUnavailableError"}
+    # OpenAI's error types: every client error is an invalid request, 401 included (OpenAI
+    # answers a wrong key so, with code "invalid_api_key"); 5xx are server errors
+    TYPES: ClassVar[dict[int, str]] = {401: "invalid_request_error",
+                                       429: "rate_limit_exceeded"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, type_: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.code = code
-        self.type = type_ or self.TYPES.get(status, "InternalServerError")
+        self.type = type_ or self.TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -70,6 +77,9 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    if getattr(model, "OPENAI", False):
+        check_refused(data)
+        data = {k: v for k, v in data.items() if k not in REFUSED}   # all ask for nothing
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -80,8 +90,57 @@ def from_validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
     where = ".".join(str(x) for x in first["loc"])     # e.g. "stop.str" for a union member
     more = f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""
-    return bad_request(f"{where}: {first['msg']}{more}",
-                       str(first["loc"][0]) if first["loc"] else None)
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "this server does not implement this field; remove it"
+    return bad_request(f"{where}: {msg}{more}", str(first["loc"][0]) if first["loc"] else None)
+
+
+def _nothing(v) -> bool:
+    return v is None or v == [] or v == {} or v is False
+
+
+# OpenAI fields this server does not implement -> (values that ask for nothing, what the
+# field would need). Any other value is refused with a 400 naming the field.
+REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "audio": (_nothing, "audio output"),
+    "modalities": (lambda v: _nothing(v) or v == ["text"], "output other than text"),
+    "tools": (_nothing, "tool calling"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling"),
+    "parallel_tool_calls": (lambda v: v is None, "tool calling"),
+    "functions": (_nothing, "function calling"),
+    "function_call": (lambda v: v in (None, "none"), "function calling"),
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "structured output (json_object, json_schema)"),
+    "prediction": (_nothing, "predicted outputs"),
+    "reasoning_effort": (lambda v: v is None, "a reasoning model"),
+    "verbosity": (lambda v: v is None, "a reasoning model"),
+    "web_search_options": (_nothing, "web search"),
+    "store": (_nothing, "stored completions"),
+    "metadata": (_nothing, "stored completions"),
+    "moderation": (_nothing, "moderation"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "service tiers"),
+    "prompt_cache_options": (_nothing, "explicit prompt-cache breakpoints and lifetimes "
+                             "(the prefix cache here is automatic)"),
+    "prompt_cache_retention": (lambda v: v in (None, "in_memory"),
+                               "a 24-hour prompt cache (the prefix cache here is in memory)"),
+    "suffix": (lambda v: v is None or v == "", "fill-in-the-middle"),
+    "chat_template": (lambda v: v is None, "per-request chat templates (a template is code "
+                      "run on the server; the model's own is used)"),
+}
+
+
+def check_refused(data: dict) -> None:
+    """400 for the first field of REFUSED whose value asks for something."""
+    for name, (harmless, needs) in REFUSED.items():
+        if name in data and not harmless(data[name]):
+            raise bad_request(f"{name}: this server does not implement {needs}; got "
+                              f"{_short(data[name])}", name)
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _over(what: str, value: int, limit: int, flag: str, param: str) -> APIError:
@@ -92,6 +151,8 @@ def check_limits(req: _Sampling, limits: Limits) -> None:
     """The per-request limits that the body alone decides (tokens are checked later)."""
     if req.n > limits.max_n:
         raise _over("n", req.n, limits.max_n, "--max-n", "n")
+    if isinstance(req, CompletionRequest) and req.candidates > limits.max_n:
+        raise _over("best_of", req.candidates, limits.max_n, "--max-n", "best_of")
     k = req.requested_logprobs() if isinstance(req, ChatCompletionRequest) else req.logprobs
     if k is not None and k > limits.max_logprobs:
         raise _over("logprobs", k, limits.max_logprobs, "--max-logprobs",
@@ -113,16 +174,33 @@ def check_limits(req: _Sampling, limits: Limits) -> None:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, v):
+        if v:       # random padding fields on each chunk: nothing to hide on a local server
+            raise bad_request("stream_options.include_obfuscation: this server does not add "
+                              "obfuscation padding; leave it unset or false", "stream_options")
+        return v
 
 
-class _Sampling(BaseModel):
-    """Fields shared by chat and completions; None means 'the default'."""
-    model_config = ConfigDict(extra="ignore")
+class _OpenAIRequest(BaseModel):
+    """Unknown fields are refused (400 naming them); REFUSED fields are checked first."""
+    model_config = ConfigDict(extra="forbid")
+    OPENAI: ClassVar[bool] = True
     model: str | None = None
+    # identify the end user to the operator; by definition they never change the output
+    user: str | None = None
+    safety_identifier: str | None = None
+
+
+class _Sampling(_OpenAIRequest):
+    """Fields shared by chat and completions; None means 'the default'."""
     n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = None
+    temperature: float | None = Field(None, le=2.0)     # OpenAI's range is [0, 2]
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -137,8 +215,17 @@ class _Sampling(BaseModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # a routing hint for OpenAI's machines; the prefix cache here needs no key
+    prompt_cache_key: str | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true",
+                              "stream_options")
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -176,7 +263,28 @@ class _Sampling(BaseModel):
                                   "stop_token_ids")
 
 
-class ChatCompletionRequest(_Sampling):
+class _ChatTemplate(BaseModel):
+    """vLLM's chat-template fields (chat completions and /tokenize)."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_end(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise bad_request("add_generation_prompt and continue_final_message cannot both be "
+                              "true: the first opens a new assistant turn, the second continues "
+                              "the last message; set add_generation_prompt to false",
+                              "continue_final_message")
+        return self
+
+    def template_options(self) -> dict:
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "extra": self.chat_template_kwargs or {}}
+
+
+class ChatCompletionRequest(_ChatTemplate, _Sampling):
     messages: list[dict[str, Any]]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -197,6 +305,23 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=0)       # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    @model_validator(mode="after")
+    def _best_of_fits(self):
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise bad_request(f"best_of ({self.best_of}) must be at least n ({self.n})",
+                                  "best_of")
+            if self.stream and self.best_of > self.n:
+                raise bad_request("best_of cannot be used with stream: the best choices are "
+                                  "known only at the end", "best_of")
+        return self
+
+    @property
+    def candidates(self) -> int:
+        """Choices generated per prompt (best_of), of which the n best are returned."""
+        return self.best_of or self.n
 
     def prompt_list(self) -> list[str | list[int]]:
         """One entry per prompt: a string or a list of token ids."""
@@ -210,18 +335,31 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
-class TokenizeRequest(BaseModel):
+class EmbeddingRequest(_OpenAIRequest):
+    input: Prompt
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    def input_list(self) -> list[str | list[int]]:
+        p = self.input
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            return [p]
+        if not p:
+            raise bad_request("input must not be empty", "input")
+        return list(p)
+
+
+class TokenizeRequest(_ChatTemplate):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the template."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None     # None: True for a prompt, False for messages
-    add_generation_prompt: bool = True
     return_token_strs: bool = False
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     tokens: list[int]

@@ -15,6 +15,7 @@ from .app import Limits, build_app
 def run_server(model: str, *, served_model_name: str | None = None, host: str = "127.0.0.1",
                port: int = 8000, api_key: str | None = None, limits: Limits | None = None,
                log_level: str = "info", shutdown_timeout: float = 30.0,
+               allowed_origins: list[str] | None = None, pooling: str = "last",
                **llm_kwargs) -> None:
     """Serve `model` (an embedded name or a .gguf path) until interrupted. llm_kwargs go to
     LLM(...): threads, max_model_len, max_num_seqs, kv_cache_gb."""
@@ -39,7 +40,7 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
         server.should_exit = True       # uvicorn polls this flag from its main loop
 
     app = build_app(load, served_model_name or model_name(model), api_key, limits,
-                    on_load_error)
+                    on_load_error, allowed_origins, pooling)
     server = _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                             timeout_graceful_shutdown=shutdown_timeout))
     server.run()

@@ -5,6 +5,7 @@ Choice numbering follows OpenAI: with P prompts and n choices each, choice c = p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from .protocol import (
     Limits,
     bad_request,
 )
+from ..tokenizer import ChatTemplateError
 
 log = logging.getLogger("ostinato.server")
 MIN_LOGPROB = -9999.0      # JSON has no -Infinity; vLLM sends the same stand-in
@@ -40,11 +42,18 @@ class Job:
     stream: bool
     include_usage: bool
     echo_texts: list[str] | None = None     # completions with echo: each prompt's text
+    echo_hidden: list[int] | None = None    # of each, leading tokens its text lacks (BOS)
+    keep: int | None = None                 # best_of: the n best of params.n per prompt
+    fingerprint: str | None = None          # system_fingerprint
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def num_choices(self) -> int:
         return len(self.prompts) * self.params.n
+
+    @property
+    def num_returned(self) -> int:
+        return len(self.prompts) * (self.keep or self.params.n)
 
     def prompt_of(self, choice: int) -> int:
         return choice // self.params.n
@@ -55,7 +64,9 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
     try:
-        ids = llm.chat_prompt_ids(req.messages)
+        ids = llm.chat_prompt_ids(req.messages, **req.template_options())
+    except ChatTemplateError as e:
+        raise bad_request(str(e), "chat_template_kwargs") from None
     except Exception as e:          # bad roles or contents, template errors: the caller's
         raise bad_request(f"messages: {e}", "messages") from None
     req.check_token_ids(llm.config.vocab_size)
@@ -68,7 +79,7 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
 
 def completion_job(llm, req: CompletionRequest, model: str, limits: Limits | None = None) -> Job:
     prompts = req.prompt_list()
-    ids = [_prompt_ids(llm, p) for p in prompts]
+    ids = [prompt_ids(llm, p) for p in prompts]
     req.check_token_ids(llm.config.vocab_size)
     max_tokens = _fit(llm.max_model_len, ids, req.max_tokens, "prompt", limits or Limits())
     k = req.logprobs
@@ -76,20 +87,35 @@ def completion_job(llm, req: CompletionRequest, model: str, limits: Limits | Non
     # only allowed when the prompt is scored, so echo alone asks for its top-0 logprobs
     prompt_lps = k if (req.echo and k is not None) else (0 if req.echo and max_tokens == 0
                                                           else None)
-    params = req.sampling_params(max_tokens, k, prompt_lps)
-    echo = ([p if isinstance(p, str) else llm.detokenize(i) for p, i in zip(prompts, ids)]
-            if req.echo else None)
-    return Job("completion", f"cmpl-{uuid.uuid4().hex}", model, ids, params, req.stream,
-               req.include_usage, echo)
+    params = dataclasses.replace(req.sampling_params(max_tokens, k, prompt_lps),
+                                 n=req.candidates)
+    job = Job("completion", f"cmpl-{uuid.uuid4().hex}", model, ids, params, req.stream,
+              req.include_usage, keep=req.n if req.candidates > req.n else None)
+    if req.echo:
+        job.echo_texts = [p if isinstance(p, str) else llm.detokenize(i)
+                          for p, i in zip(prompts, ids)]
+        job.echo_hidden = [_hidden_lead(llm.tokenizer, t, i)
+                           for t, i in zip(job.echo_texts, ids)]
+    return job
 
 
-def _prompt_ids(llm, prompt: str | list[int]) -> list[int]:
+def _hidden_lead(tokenizer, text: str, ids: list[int]) -> int:
+    """Leading special tokens the tokenizer added that `text` does not spell (Gemma's
+    <bos>): they take no room in the echoed text, so text_offset stays put for them."""
+    n = 0
+    while n < len(ids) and tokenizer.is_special(ids[n]) \
+            and not text.startswith(tokenizer.decode(ids[: n + 1])):
+        n += 1
+    return n
+
+
+def prompt_ids(llm, prompt: str | list[int], param: str = "prompt") -> list[int]:
     try:
         ids = llm._prompt_ids(prompt)
     except (ValueError, TypeError) as e:
-        raise bad_request(f"prompt: {e}", "prompt") from None
+        raise bad_request(f"{param}: {e}", param) from None
     if not ids:
-        raise bad_request("prompt is empty: it encodes to no tokens", "prompt")
+        raise bad_request(f"{param} is empty: it encodes to no tokens", param)
     return ids
 
 
@@ -126,8 +152,15 @@ class Choice:
     prompt_logprobs: list | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def score(self) -> float:
+        """best_of's measure, OpenAI's: the mean log-probability per generated token."""
+        return self.cumulative_logprob / max(1, len(self.token_ids))
 
     def add(self, d: Delta) -> None:
+        self.cumulative_logprob = d.cumulative_logprob
         self.text.append(d.text)
         self.token_ids.extend(d.token_ids)
         self.logprobs.extend(d.logprobs or ())
@@ -149,6 +182,7 @@ class Generation:
         self.fault = fault
         self.fmt = TokenFormat(tokenizer)
         self.completion_tokens = 0
+        self.cached_tokens: dict[int, int] = {}     # prompt -> tokens its choice 0 reused
         self._offsets: dict[int, int] = {}      # legacy logprobs' text_offset, per choice
         self._started: set[int] = set()         # streamed choices that had their echo
 
@@ -161,9 +195,11 @@ class Generation:
                 for i, p in enumerate(job.prompts)]
         reasons, complete = [], False
         try:
-            async with aclosing(_merge(gens)) as merged:
+            async with aclosing(merge(gens)) as merged:
                 async for p, d in merged:
                     choice = p * job.params.n + d.index
+                    if d.index == 0:
+                        self.cached_tokens[p] = d.num_cached_tokens
                     timer.tokens(choice, len(d.token_ids))
                     self.completion_tokens += len(d.token_ids)
                     if d.finished:
@@ -181,9 +217,21 @@ class Generation:
         async with aclosing(self.deltas()) as deltas:
             async for c, d in deltas:
                 choices[c].add(d)
+        if self.job.keep is not None:
+            choices = self._best(choices)
         render = self._chat_choice if self.job.kind == "chat" else self._completion_choice
         return {**self._head(""), "choices": [render(c) for c in choices],
                 "usage": self.usage()}
+
+    def _best(self, choices: list[Choice]) -> list[Choice]:
+        """best_of: of each prompt's candidates, the `keep` best by score (ties: the lower
+        index), numbered p * keep + j."""
+        n, keep, out = self.job.params.n, self.job.keep, []
+        for p in range(len(self.job.prompts)):
+            ranked = sorted(choices[p * n:(p + 1) * n], key=lambda c: (-c.score, c.index))
+            for j, c in enumerate(ranked[:keep]):
+                out.append(dataclasses.replace(c, index=p * keep + j))
+        return out
 
     def _chat_choice(self, c: Choice) -> dict:
         lps = ({"content": self.fmt.chat_logprobs(c.token_ids, c.logprobs,
@@ -194,34 +242,38 @@ class Generation:
 
     def _completion_choice(self, c: Choice) -> dict:
         text, lps = self._completion_text(c.index, "".join(c.text), c.token_ids, c.logprobs,
-                                          c.prompt_logprobs, first=True)
+                                          c.prompt_logprobs, first=True,
+                                          prompt=c.index // (self.job.keep or self.job.params.n))
         return {"index": c.index, "text": text, "logprobs": lps,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
-    def _completion_text(self, choice: int, text: str, ids, entries, prompt_lps, first: bool):
+    def _completion_text(self, choice: int, text: str, ids, entries, prompt_lps, first: bool,
+                         prompt: int | None = None):
         """The choice's text (with the echoed prompt on its first piece) and legacy logprobs."""
         job = self.job
-        ids, entries = list(ids), list(entries)
+        ids, entries, hidden = list(ids), list(entries), 0
         if first and job.echo_texts is not None:
-            p = job.prompt_of(choice)
+            p = job.prompt_of(choice) if prompt is None else prompt
             text = job.echo_texts[p] + text
             ids = job.prompts[p] + ids
             entries = list(prompt_lps or [None] * len(job.prompts[p])) + entries
+            hidden = job.echo_hidden[p]
         if job.params.logprobs is None:
             return text, None
         offset = self._offsets.get(choice, 0)
-        lps, self._offsets[choice] = self.fmt.legacy_logprobs(ids, entries, offset)
+        lps, self._offsets[choice] = self.fmt.legacy_logprobs(ids, entries, offset, hidden)
         return text, lps
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.job.prompts)
         return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+                "total_tokens": prompt + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
 
     def _head(self, suffix: str) -> dict:
         obj = "chat.completion" if self.job.kind == "chat" else "text_completion"
         return {"id": self.job.id, "object": obj + suffix, "created": self.job.created,
-                "model": self.job.model}
+                "model": self.job.model, "system_fingerprint": self.job.fingerprint}
 
     # -- streaming -----------------------------------------------------------------------
     async def stream(self) -> AsyncIterator[bytes]:
@@ -281,7 +333,7 @@ class Generation:
         return self._chunk(c, text, lps, d if d.finished else None)
 
 
-async def _merge(gens: list) -> AsyncIterator[tuple[int, Delta]]:
+async def merge(gens: list) -> AsyncIterator[tuple[int, Delta]]:
     """Interleave several async iterators as (which, item); closing this closes them all
     (their tasks are cancelled, so each engine request is aborted)."""
     q: asyncio.Queue = asyncio.Queue()
@@ -350,15 +402,16 @@ class TokenFormat:
     def _item(self, tid: int, lp) -> dict:
         return {"token": self.text(tid), "logprob": self.lp(lp.logprob), "bytes": self.bytes(tid)}
 
-    def legacy_logprobs(self, ids, entries, offset: int) -> tuple[dict, int]:
+    def legacy_logprobs(self, ids, entries, offset: int, hidden: int = 0) -> tuple[dict, int]:
         """OpenAI completions: parallel lists; None where nothing predicts the token (the
-        first prompt token). top_logprobs holds the k best and the chosen token, as vLLM."""
+        first prompt token). top_logprobs holds the k best and the chosen token, as vLLM.
+        The first `hidden` tokens are not in the text (an added BOS): no room in text_offset."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for tid, entry in zip(ids, entries):
+        for i, (tid, entry) in enumerate(zip(ids, entries)):
             s = self.text(tid)
             out["tokens"].append(s)
             out["text_offset"].append(offset)
-            offset += len(s)
+            offset += len(s) if i >= hidden else 0
             if entry is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
