@@ -10,6 +10,7 @@ from serverproc import start_server, stop_server
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 1024
 MAX_BODY_MB = 1
+ALLOWED_ORIGIN = "http://allowed.example"     # CORS (test_conformance.py)
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Server:
 @pytest.fixture(scope="session")
 def server(smollm_path):
     proc = start_server(smollm_path, "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gb",
-                        "0.25", "--api-key", API_KEY, "--max-body-mb", str(MAX_BODY_MB))
+                        "0.25", "--api-key", API_KEY, "--max-body-mb", str(MAX_BODY_MB),
+                        "--allowed-origins", ALLOWED_ORIGIN)
     try:
         yield Server(proc.base, proc.model, proc.log_path)
     finally:

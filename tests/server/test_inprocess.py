@@ -150,7 +150,8 @@ def test_tokenize_defaults_follow_vllm():
     class Stub:
         class tokenizer:
             @staticmethod
-            def apply_chat_template(messages, add_generation_prompt):
+            def apply_chat_template(messages, add_generation_prompt, continue_final_message,
+                                    variables):
                 return "rendered"
 
         @staticmethod
