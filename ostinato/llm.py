@@ -35,10 +35,11 @@ DEFAULT_MAX_MODEL_LEN = 8192
 log = logging.getLogger("ostinato.model")
 
 
-def load_model(gf: GGUFFile, cfg: ModelConfig, backend: str) -> tuple[Transformer, list[str]]:
+def load_model(gf: GGUFFile, cfg: ModelConfig, backend: str,
+               kv_cache_dtype: str = "float16") -> tuple[Transformer, list[str]]:
     """The file's logical tensors, packed by the backend, under the one decoder. Returns the
     model and a line per slower path the file forces (each also logged as a warning)."""
-    ops = make_ops(backend)
+    ops = make_ops(backend, kv_cache_dtype)
     weights, unstacked = ops.load_weights(logical_tensors(gf, *tensor_shapes(cfg)),
                                           stacked_groups(cfg))
     slow = [f"{names} have different quantization layouts: one matmul each and a copy "
@@ -53,7 +54,7 @@ class LLM:
                  threads: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  block_size: int = 16, kv_cache_gb: float = 1.0, backend: str = "kernels",
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "float16"):
         if threads:
             torch.set_num_threads(threads)
         self.backend = backend
@@ -62,7 +63,7 @@ class LLM:
         gf = read_gguf(self.model_path)
         self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path), set(gf.tensors))
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
-        model_, self.slow_paths = load_model(gf, self.config, backend)
+        model_, self.slow_paths = load_model(gf, self.config, backend, kv_cache_dtype)
         gf.close()
         self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)

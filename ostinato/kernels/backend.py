@@ -89,13 +89,22 @@ class QWeight:
         return vals.reshape(len(ids), self.K)
 
 
+KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
 class CpuKernels:
     """quantize_activations: quantize activations to int16 per 32 elements and take exact
-    integer dot products with the quantized weights; False keeps them in float32."""
+    integer dot products with the quantized weights; False keeps them in float32.
+    kv_cache_dtype: "float16" (llama.cpp's default: half the memory and bandwidth) or
+    "float32" (keys and values exactly as computed)."""
 
-    def __init__(self, quantize_activations: bool = True):
+    def __init__(self, quantize_activations: bool = True, kv_cache_dtype: str = "float16"):
+        if kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, "
+                             f"got {kv_cache_dtype!r}")
         self.ops = ops()
         self.quantize_activations = quantize_activations
+        self.kv_dtype = KV_DTYPES[kv_cache_dtype]
 
     # -- weights: the backend owns their layout ------------------------------------------
     def load_weights(self, tensors: dict[str, LogicalTensor], groups: list[tuple[str, ...]],
@@ -160,30 +169,28 @@ class CpuKernels:
                                      seq_meta, scale, window or 0)
         return o.view(T, -1)
 
-    # -- the KV cache: float16 (llama.cpp's default), in the layout attention reads --------
+    # -- the KV cache: float16 (llama.cpp's default) or float32, in the layout attention reads
     # K: (blocks, kv_heads, head_dim, block_size), each block's keys transposed, so one load
     # brings a dimension of 16 keys and scores need no horizontal sums; V: (blocks, kv_heads,
     # block_size, head_dim). A KV head's share of a block is one contiguous run either way.
-    @staticmethod
-    def new_kv_cache(num_blocks: int, block_size: int, n_kv: int, head_dim: int):
+    def new_kv_cache(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int):
         if block_size % 16 or head_dim % 16:
             raise ValueError(f"the CPU kernels need block_size and head_dim in multiples of 16, "
                              f"got {block_size} and {head_dim}")
         # empty, not zeros: attention reads only slots written before it, so the pages of
         # blocks never used are never touched and cost no resident memory
-        k = torch.empty(num_blocks, n_kv, head_dim, block_size, dtype=torch.float16)
-        v = torch.empty(num_blocks, n_kv, block_size, head_dim, dtype=torch.float16)
+        k = torch.empty(num_blocks, n_kv, head_dim, block_size, dtype=self.kv_dtype)
+        v = torch.empty(num_blocks, n_kv, block_size, head_dim, dtype=self.kv_dtype)
         k[0].zero_(), v[0].zero_()          # the null block (padding in block tables)
         return k, v
 
-    @staticmethod
-    def kv_cache_bytes(block_size: int, n_kv: int, head_dim: int) -> int:
+    def kv_cache_bytes(self, block_size: int, n_kv: int, head_dim: int) -> int:
         """Bytes of one block of one layer, K and V."""
-        return 2 * block_size * n_kv * head_dim * 2
+        return 2 * block_size * n_kv * head_dim * self.kv_dtype.itemsize
 
     @staticmethod
     def write_kv(k_cache, v_cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """k, v: (T, n_kv, head_dim) into their slots (rounded to float16)."""
+        """k, v: (T, n_kv, head_dim) into their slots (rounded to the cache's dtype)."""
         b, s = slots // k_cache.shape[-1], slots % k_cache.shape[-1]
         k_cache[b, :, :, s] = k.to(k_cache.dtype)
         v_cache[b, :, s, :] = v.to(v_cache.dtype)
@@ -227,10 +234,11 @@ def stack_groups(weights: dict, groups: list[tuple[str, ...]], types: dict[str, 
     return unstacked
 
 
-def make_ops(backend: str):
-    """"kernels": batch-invariant C++ (the default); "torch": MKL/SDPA, not batch-invariant."""
+def make_ops(backend: str, kv_cache_dtype: str = "float16"):
+    """"kernels": batch-invariant C++ (the default); "torch": MKL/SDPA, not batch-invariant
+    (its cache is always float32)."""
     if backend == "kernels":
-        return CpuKernels()
+        return CpuKernels(kv_cache_dtype=kv_cache_dtype)
     if backend == "torch":
         from .reference import TorchOps
         return TorchOps()

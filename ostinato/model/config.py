@@ -112,8 +112,9 @@ def _layer_sliding(m: "_Meta", fam: Family, n_layers: int) -> tuple[bool, ...]:
     if not m.int("attention.sliding_window", 0):
         return (False,) * n_layers
     pattern = m.md.get(f"{m.arch}.attention.sliding_window_pattern")
-    if isinstance(pattern, list):
-        if len(pattern) != n_layers or not all(isinstance(v, (bool, int)) for v in pattern):
+    if isinstance(pattern, list) or getattr(pattern, "ndim", 0) == 1:      # an array: per layer
+        pattern = [v.item() if hasattr(v, "item") else v for v in pattern]
+        if len(pattern) != n_layers or not all(v in (0, 1) for v in pattern):
             raise GGUFError(f"{m.path}: {m.arch}.attention.sliding_window_pattern must hold one "
                             f"flag per layer ({n_layers}), got {pattern!r}")
         return tuple(bool(v) for v in pattern)

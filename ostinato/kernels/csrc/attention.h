@@ -30,9 +30,10 @@ struct V16 {
   __m512 v;
   static V16 zero() { return {_mm512_setzero_ps()}; }
   static V16 set1(float x) { return {_mm512_set1_ps(x)}; }
-  static V16 half(const uint16_t* p) {
+  static V16 load(const uint16_t* p) {       // 16 float16 values
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
+  static V16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
   V16 fma(V16 b, V16 c) const { return {_mm512_fmadd_ps(v, b.v, c.v)}; }
   V16 operator+(V16 b) const { return {_mm512_add_ps(v, b.v)}; }
   V16 operator*(V16 b) const { return {_mm512_mul_ps(v, b.v)}; }
@@ -48,10 +49,11 @@ struct V16 {
   __m256 a, b;
   static V16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static V16 set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
-  static V16 half(const uint16_t* p) {
+  static V16 load(const uint16_t* p) {       // 16 float16 values
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
   }
+  static V16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
   V16 fma(V16 y, V16 c) const { return {_mm256_fmadd_ps(a, y.a, c.a), _mm256_fmadd_ps(b, y.b, c.b)}; }
   V16 operator+(V16 y) const { return {_mm256_add_ps(a, y.a), _mm256_add_ps(b, y.b)}; }
   V16 operator*(V16 y) const { return {_mm256_mul_ps(a, y.a), _mm256_mul_ps(b, y.b)}; }
@@ -82,9 +84,10 @@ struct V16 {
 // summed over the dimensions in 4 interleaved chains, added (c0 + c1) + (c2 + c3), then
 // scaled; softmax with the head's max; values summed in key order into o (the G output
 // rows, overwritten). A key's slot is where it sits in its block, the same whatever the batch
-// or however the prompt is cut, so nothing depends on either.
-template <int G>
-void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const int64_t* table,
+// or however the prompt is cut, so nothing depends on either. E: the cache's element type,
+// float16 (uint16_t bits, the default) or float32 (--kv-cache-dtype float32).
+template <typename E, int G>
+void attend_group(const float* qv, const E* kc, const E* vc, const int64_t* table,
                   int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
                   float scale, std::vector<float>& sc, float* o) {
   const int64_t n = pos - lo + 1;
@@ -101,20 +104,20 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
     const int64_t b = j / BS;
     return vc + ((table[b] * KV + kvh) * BS + (j - b * BS)) * D;
   };
-  auto prefetch_rows = [](const uint16_t* p, int64_t rows, int64_t stride, int64_t bytes) {
+  auto prefetch_rows = [](const E* p, int64_t rows, int64_t stride, int64_t bytes) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t at = 0; at < bytes; at += 64)
         _mm_prefetch(reinterpret_cast<const char*>(p + r * stride) + at, _MM_HINT_T0);
   };
   for (int64_t j0 = lo / 16 * 16; j0 <= pos; j0 += 16) {        // 16 slots of one block
-    const uint16_t* kt = keys_at(j0);
-    if (j0 + 16 <= pos) prefetch_rows(keys_at(j0 + 16), D, BS, 32);
+    const E* kt = keys_at(j0);
+    if (j0 + 16 <= pos) prefetch_rows(keys_at(j0 + 16), D, BS, 16 * sizeof(E));
     V16 c[G][4];
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < 4; ++i) c[g][i] = V16::zero();
     for (int64_t d = 0; d < D; d += 4)
       for (int i = 0; i < 4; ++i) {
-        const V16 k = V16::half(kt + (d + i) * BS);
+        const V16 k = V16::load(kt + (d + i) * BS);
         for (int g = 0; g < G; ++g) c[g][i] = V16::set1(qv[g * D + d + i]).fma(k, c[g][i]);
       }
     uint32_t keep = 0xffff;                   // the slots in [lo, pos]
@@ -126,7 +129,8 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
       x.store_where(keep, base + g * n + j0 - lo);              // j0 - lo >= -15
     }
   }
-  prefetch_rows(values_at(lo), std::min<int64_t>(n, BS - lo % BS), D, 2 * std::min<int64_t>(64, D));
+  prefetch_rows(values_at(lo), std::min<int64_t>(n, BS - lo % BS), D,
+                sizeof(E) * std::min<int64_t>(64, D));
   float inv[G];
   for (int g = 0; g < G; ++g)
     inv[g] = 1.f / softmax_numerators(base + g * n, n, mxv[g].max());
@@ -138,13 +142,14 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
       for (int i = 0; i < kDims / 16; ++i) acc[g][i] = V16::zero();
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
-      const uint16_t* vb = vc + ((table[b] * KV + kvh) * BS) * D + d0;
+      const E* vb = vc + ((table[b] * KV + kvh) * BS) * D + d0;
       if (end <= pos)                        // the next block's rows of this pass
-        prefetch_rows(values_at(end) + d0, std::min<int64_t>(BS, pos + 1 - end), D, 2 * nd * 16);
+        prefetch_rows(values_at(end) + d0, std::min<int64_t>(BS, pos + 1 - end), D,
+                      sizeof(E) * nd * 16);
       for (; j < end; ++j) {
-        const uint16_t* vv = vb + (j - b * BS) * D;
+        const E* vv = vb + (j - b * BS) * D;
         V16 v[kDims / 16];
-        for (int i = 0; i < kDims / 16; ++i) if (i < nd) v[i] = V16::half(vv + 16 * i);
+        for (int i = 0; i < kDims / 16; ++i) if (i < nd) v[i] = V16::load(vv + 16 * i);
         for (int g = 0; g < G; ++g) {
           const V16 p = V16::set1(base[g * n + j - lo]);
           for (int i = 0; i < kDims / 16; ++i)
@@ -157,15 +162,17 @@ void attend_group(const float* qv, const uint16_t* kc, const uint16_t* vc, const
   }
 }
 
-using AttendFn = void (*)(const float*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&,
-                          float*);
+template <typename E>
+using AttendFn = void (*)(const float*, const E*, const E*, const int64_t*, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&, float*);
 
 // Heads per KV head: 1..4 together; larger groups go in runs of 4, then the rest.
-void attend_heads(int64_t G, const float* qv, const uint16_t* kc, const uint16_t* vc,
+template <typename E>
+void attend_heads(int64_t G, const float* qv, const E* kc, const E* vc,
                   const int64_t* table, int64_t BS, int64_t KV, int64_t kvh, int64_t D,
                   int64_t lo, int64_t pos, float scale, std::vector<float>& sc, float* o) {
-  static const AttendFn fns[4] = {attend_group<1>, attend_group<2>, attend_group<3>, attend_group<4>};
+  static const AttendFn<E> fns[4] = {attend_group<E, 1>, attend_group<E, 2>, attend_group<E, 3>,
+                                     attend_group<E, 4>};
   for (int64_t g = 0; g < G; g += 4) {
     const int64_t k = std::min<int64_t>(4, G - g);
     fns[k - 1](qv + g * D, kc, vc, table, BS, KV, kvh, D, lo, pos, scale, sc, o + g * D);
@@ -187,8 +194,8 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
   const int64_t BS = check_kv_cache(kc, vc, KV, D, "attention");
   TORCH_CHECK(H % KV == 0, "attention: bad head shapes");
   const float* qp = q.data_ptr<float>();
-  const uint16_t *kp = static_cast<const uint16_t*>(kc.data_ptr()),
-                 *vp = static_cast<const uint16_t*>(vc.data_ptr());
+  const bool f32 = kc.scalar_type() == torch::kFloat32;     // else float16
+  const void *kp = kc.data_ptr(), *vp = vc.data_ptr();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* mp = meta.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -212,8 +219,14 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
       const int64_t pos = ctx - q_len + (t - q_start);
       const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
       const int64_t h0 = kvh * G;             // heads h0 .. h0 + G - 1 read KV head kvh
-      attend_heads(G, qp + (t * H + h0) * D, kp, vp, tp + s * maxb, BS, KV, kvh, D, lo, pos,
-                   (float)scale, sc, op + (t * H + h0) * D);
+      if (f32)
+        attend_heads(G, qp + (t * H + h0) * D, static_cast<const float*>(kp),
+                     static_cast<const float*>(vp), tp + s * maxb, BS, KV, kvh, D, lo, pos,
+                     (float)scale, sc, op + (t * H + h0) * D);
+      else
+        attend_heads(G, qp + (t * H + h0) * D, static_cast<const uint16_t*>(kp),
+                     static_cast<const uint16_t*>(vp), tp + s * maxb, BS, KV, kvh, D, lo, pos,
+                     (float)scale, sc, op + (t * H + h0) * D);
     }
   }
 }

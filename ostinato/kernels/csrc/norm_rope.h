@@ -53,8 +53,9 @@ constexpr int64_t kMaxHeadDim = 1024;
 int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t KV, int64_t D,
                        const char* who) {
   TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() &&
-              kc.scalar_type() == torch::kHalf && vc.scalar_type() == torch::kHalf, who,
-              ": KV caches must be contiguous float16 (blocks, kv_heads, ...)");
+              kc.scalar_type() == vc.scalar_type() &&
+              (kc.scalar_type() == torch::kHalf || kc.scalar_type() == torch::kFloat32), who,
+              ": KV caches must be contiguous float16 or float32 (blocks, kv_heads, ...)");
   const int64_t BS = kc.size(3);
   TORCH_CHECK(kc.size(1) == KV && kc.size(2) == D && vc.size(0) == kc.size(0) &&
               vc.size(1) == KV && vc.size(2) == BS && vc.size(3) == D && BS % 16 == 0 && D % 16 == 0,
@@ -93,7 +94,9 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
   const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
   const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
   float* qp = q.data_ptr<float>();
+  const bool f32 = kc.scalar_type() == torch::kFloat32;     // else float16, rounded to nearest
   uint16_t *kp = static_cast<uint16_t*>(kc.data_ptr()), *vp = static_cast<uint16_t*>(vc.data_ptr());
+  float *kf = static_cast<float*>(kc.data_ptr()), *vf = static_cast<float*>(vc.data_ptr());
   const int64_t* sl = slots.data_ptr<int64_t>();
   constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 #pragma omp parallel for schedule(static) if (T >= 16)
@@ -110,7 +113,12 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
       else std::copy(row + h * D, row + (h + 1) * D, dst);
       rope_head(dst, cs, sn, D, neox != 0);
       if (h < H) continue;
-      uint16_t* kt = kp + ((blk * KV + (h - H)) * D) * BS + off;    // dimension d at kt[d * BS]
+      const int64_t at = ((blk * KV + (h - H)) * D) * BS + off;    // dimension d at [at + d * BS]
+      if (f32) {
+        for (int64_t d = 0; d < D; ++d) kf[at + d * BS] = dst[d];
+        continue;
+      }
+      uint16_t* kt = kp + at;
       for (int64_t d = 0; d < D; d += 8) {
         _mm_store_si128(reinterpret_cast<__m128i*>(half), _mm256_cvtps_ph(_mm256_loadu_ps(dst + d), kRne));
         for (int i = 0; i < 8; ++i) kt[(d + i) * BS] = half[i];
@@ -118,6 +126,10 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
     }
     for (int64_t h = 0; h < KV; ++h) {
       const float* v = row + (H + KV + h) * D;
+      if (f32) {
+        std::copy(v, v + D, vf + ((blk * KV + h) * BS + off) * D);
+        continue;
+      }
       uint16_t* vt = vp + ((blk * KV + h) * BS + off) * D;
       for (int64_t d = 0; d < D; d += 8)
         _mm_storeu_si128(reinterpret_cast<__m128i*>(vt + d), _mm256_cvtps_ph(_mm256_loadu_ps(v + d), kRne));

@@ -1,0 +1,133 @@
+"""Every family the one decoder runs, proven on tiny random-weight checkpoints built at test
+time (tests/randmodels.py): Ostinato's logits equal transformers' fp32 logits on the same
+weights, the static plan equals the eager decoder bit for bit, and a sequence's logits do not
+depend on what shares its batch. Where llama-cpp-python is installed, the same files are
+compared with llama.cpp too."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ostinato import LLM, SamplingParams
+from randmodels import FAMILIES, build, llamacpp_logits, test_ids
+
+# max |logit difference| against transformers fp32 on f32 files (measured: llama 1.4e-5,
+# llama3_rope 1.6e-5, gemma3_linear_rope 5.7e-6)
+F32_BOUND = {"llama": 1e-4, "llama3_rope": 1e-4, "gemma3_linear_rope": 1e-4}
+# Q8_0 weights against transformers' float weights: the weights' rounding, not arithmetic
+# (llama.cpp's own q8_0 logits differ from transformers' by up to 0.69 on these models).
+Q8_BOUND = 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build(f, root) for f in FAMILIES}
+
+
+def ostinato_llm(path, kv_cache_dtype="float32", **kw) -> LLM:
+    """A float32 KV cache for the exactness bars (the default float16 cache rounds keys and
+    values: ~5e-3 on these logits)."""
+    return LLM(path, max_model_len=256, kv_cache_gb=0.01, enable_prefix_caching=False,
+               kv_cache_dtype=kv_cache_dtype, **kw)
+
+
+def logits_of(llm: LLM, ids: list[int]) -> np.ndarray:
+    """(T, vocab) logits at every position of `ids` (one prefill step; the hidden states the
+    model computes, through the LM head)."""
+    runner, seen = llm.engine.runner, []
+    forward = runner.forward
+
+    def spy(*args):
+        hidden = forward(*args)
+        seen.append(hidden.clone())
+        return hidden
+    runner.forward = spy
+    try:
+        llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))
+    finally:
+        runner.forward = forward
+    assert seen[0].shape[0] == len(ids), "the prompt did not run as one step"
+    return runner.model.compute_logits(seen[0]).numpy()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_f32_logits_equal_transformers(tiny, family):
+    m = tiny[family]
+    ids = test_ids(m)
+    ref = m.hf_logits(ids)
+    assert ref.std(axis=-1).min() > 0.5, "the checkpoint's logits are near uniform"
+    got = logits_of(ostinato_llm(m.ggufs["f32"]), ids)
+    err = np.abs(got - ref).max()
+    print(f"{family} f32: max |Δ| vs transformers {err:.2e}")
+    assert err <= F32_BOUND[family], err
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_q8_0_logits_near_transformers(tiny, family):
+    m = tiny[family]
+    ids = test_ids(m)
+    ref = m.hf_logits(ids)
+    got = logits_of(ostinato_llm(m.ggufs["q8_0"]), ids)
+    err = np.abs(got - ref).max()
+    print(f"{family} q8_0: max |Δ| vs transformers {err:.2e}")
+    assert err <= Q8_BOUND, err
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_same_files_agree_with_llama_cpp(tiny, family, kind):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-peers)")
+    m = tiny[family]
+    ids = test_ids(m)
+    got = logits_of(ostinato_llm(m.ggufs[kind]), ids)
+    theirs = llamacpp_logits(m.ggufs[kind], ids)
+    err = np.abs(got - theirs).max()
+    print(f"{family} {kind}: max |Δ| vs llama.cpp {err:.2e}")
+    # f32: both are exact arithmetic on the same weights; q8_0: llama.cpp quantizes the
+    # activations to 8 bits, we to 16 bits
+    # (Gemma: llama.cpp's CPU GELU goes through a float16 table: ~3e-3 from transformers)
+    f32_bound = 5e-3 if family.startswith("gemma") else 1e-4
+    assert err <= (f32_bound if kind == "f32" else Q8_BOUND), err
+
+
+@pytest.mark.parametrize("family", ["llama3_rope", "gemma3_linear_rope"])
+def test_the_scaling_the_file_asks_for_matters(tiny, family):
+    """The tests above could not fail if the rotary scaling were ignored on these inputs: the
+    same weights without scaling give clearly different logits."""
+    from randmodels import hf_logits, load_hf, without_rope_scaling
+    m = tiny[family]
+    ids = test_ids(m)
+    plain = hf_logits(load_hf(m.hf_dir, without_rope_scaling(m.config)), ids)
+    assert np.abs(plain - m.hf_logits(ids)).max() > 0.05
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kv_dtype", ["float16", "float32"])
+def test_plan_equals_eager_and_batches_are_invariant(tiny, family, kv_dtype):
+    """The plan derived from the decoder gives the eager decoder's bits on mixed steps
+    (prefill chunks with decodes), and each sequence's tokens and logprobs are the same
+    alone as in a batch."""
+    llm = ostinato_llm(tiny[family].ggufs["q8_0"], kv_cache_dtype=kv_dtype,
+                       max_num_batched_tokens=40)
+    runner, plan_forward, seen = llm.engine.runner, llm.engine.runner.forward, []
+    assert plan_forward is not runner.model.forward, "no plan was derived"
+
+    def both(input_ids, positions, meta, caches):
+        eager = runner.model.forward(input_ids, positions, meta, caches)
+        planned = plan_forward(input_ids, positions, meta, caches)
+        seen.append(torch.equal(eager, planned))
+        return planned
+    runner.forward = both
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 33, 70)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    batch = llm.generate(prompts, params)
+    assert len(seen) >= 4 and all(seen)
+    runner.forward = plan_forward
+    for prompt, together in zip(prompts, batch):
+        alone = llm.generate([prompt], params)[0].outputs[0]
+        assert alone.token_ids == together.outputs[0].token_ids
+        assert alone.logprobs == together.outputs[0].logprobs
