@@ -33,7 +33,7 @@ install-browser:                    ## Debian's headless Chromium + driver, for 
 	fi
 
 install-peers: $(VENV)/.installed   ## llama.cpp + transformers, for fixtures and side-by-side bench
-	$(BIN)/pip install -q '.[peers,bench]'
+	$(BIN)/pip install -q -e '.[peers,bench]'
 	$(BIN)/pip install -q $(wildcard ../shared/wheels/llama_cpp_python-*.whl) || \
 	  $(BIN)/pip install -q llama-cpp-python==0.3.36
 

@@ -86,6 +86,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["kernels", "torch"], default="kernels",
                    help="kernels: batch-invariant C++ (default); torch: MKL/SDPA reference, "
                         "faster prefill but not batch-invariant")
+    p.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float16",
+                   help="float16: llama.cpp's default, half the memory; float32: keys and "
+                        "values exactly as computed (kernels backend only)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -228,7 +231,8 @@ def load_llm(a):
     print(f"loading {a.model} ...", file=sys.stderr, flush=True)
     # a bar on a terminal only (disable=None): logs and pipes keep their one-line messages
     with _byte_bar("loading weights") as bar, report_progress(bar.to):
-        llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend)
+        llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend,
+                  kv_cache_dtype=a.kv_cache_dtype)
     print(f"loaded {llm.model_name} ({llm.config.arch}, {llm.config.n_layers} layers) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return llm
@@ -383,7 +387,8 @@ def cmd_serve(a) -> None:
                api_key=a.api_key, limits=limits, log_level=a.log_level,
                shutdown_timeout=a.shutdown_timeout, threads=a.threads,
                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-               kv_cache_gb=a.kv_cache_gb, allowed_origins=a.allowed_origins,
+               kv_cache_gb=a.kv_cache_gb, backend=a.backend, kv_cache_dtype=a.kv_cache_dtype,
+               allowed_origins=a.allowed_origins,
                pooling=a.pooling)
 
 

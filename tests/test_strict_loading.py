@@ -3,11 +3,15 @@ one line naming the file, the key or tensor and the value, never run with the re
 ignored. Each case rewrites a tiny random-weight file (tests/randmodels.py) with one change."""
 from __future__ import annotations
 
+import logging
+
 import gguf
+import gguf.quants
 import numpy as np
 import pytest
+import torch
 
-from ostinato import LLM
+from ostinato import LLM, SamplingParams
 from ostinato.loader.gguf import GGUFError, read_gguf
 from ostinato.model.config import ModelConfig
 from randmodels import build
@@ -21,9 +25,9 @@ def files(tmp_path_factory):
     return {f: build(f, root).ggufs["f32"] for f in ("llama", "gemma3_linear_rope")}
 
 
-def rewrite(src, dst, set_keys=None, drop_keys=(), add_tensors=None):
+def rewrite(src, dst, set_keys=None, drop_keys=(), add_tensors=None, q8_0=()):
     """A copy of the f32 GGUF `src` with keys set ({key: (value, GGUFValueType)}), keys
-    dropped and tensors added."""
+    dropped, tensors added and the tensors named in q8_0 quantized."""
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
     set_keys = set_keys or {}
@@ -37,7 +41,11 @@ def rewrite(src, dst, set_keys=None, drop_keys=(), add_tensors=None):
         sub = T.BOOL if vtype == T.ARRAY else None
         w.add_key_value(key, val, vtype, sub_type=sub)
     for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data))
+        if t.name in q8_0:
+            q = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(t.name, gguf.quants.quantize(np.array(t.data), q), raw_dtype=q)
+        else:
+            w.add_tensor(t.name, np.array(t.data))
     for name, data in (add_tensors or {}).items():
         w.add_tensor(name, data)
     w.write_header_to_file()
@@ -148,3 +156,25 @@ def test_gemma3_reads_its_sliding_pattern_and_local_base_where_the_file_has_them
     no_swa_base = rewrite(files["gemma3_linear_rope"], tmp_path / "base.gguf",
                           drop_keys=("gemma3.rope.freq_base_swa",))
     assert _config(no_swa_base).ropes[1].base == 10_000.0            # Gemma 3's own default
+
+
+def test_a_mixed_quantization_file_runs_on_the_plan_and_says_it_is_slower(files, tmp_path, caplog):
+    """q/k/v of different layouts cannot be one stacked matmul: the plan computes them one by
+    one and copies them side by side (the same bits as the eager decoder), and the load says
+    so in the log and in LLM.slow_paths (the server's ostinato:slow_paths gauge)."""
+    path = rewrite(files["llama"], tmp_path / "mixed.gguf", q8_0=("blk.1.attn_k.weight",))
+    with caplog.at_level(logging.WARNING, logger="ostinato.model"):
+        llm = LLM(path, max_model_len=64, kv_cache_gb=0.01)
+    assert len(llm.slow_paths) == 1 and "blk.1.attn_k.weight" in llm.slow_paths[0]
+    assert "blk.1.attn_q.weight" in caplog.text and "one matmul each" in caplog.text
+    runner, plan_forward, same = llm.engine.runner, llm.engine.runner.forward, []
+    assert plan_forward is not runner.model.forward
+
+    def both(input_ids, positions, meta, caches):
+        eager = runner.model.forward(input_ids, positions, meta, caches)
+        planned = plan_forward(input_ids, positions, meta, caches)
+        same.append(torch.equal(eager, planned))
+        return planned
+    runner.forward = both
+    llm.generate([[1, 5, 9, 30, 44]], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(same) == 4 and all(same)

@@ -83,6 +83,7 @@ class ServerState:
 
     def _ready(self, llm) -> None:
         self.fingerprint = llm.fingerprint()
+        self.metrics.slow_paths.set(len(getattr(llm, "slow_paths", ())))   # logged at load
         engine = AsyncEngine(llm.engine, on_step=self.metrics.on_step)
         if self.fault_marker:
             log.warning("%s is set: requests containing %r fail on purpose (test hook)",

@@ -37,6 +37,9 @@ class ServerMetrics:
         self.kv_usage = gauge("ostinato:kv_cache_usage_perc", "fraction of KV blocks in use")
         self.prefix_hit = gauge("ostinato:prefix_cache_hit_rate",
                                 "prompt tokens served from the prefix cache / prompt tokens")
+        self.slow_paths = gauge("ostinato:slow_paths", "slower paths the loaded model file "
+                                "forces (each named in the log at load), e.g. q/k/v of "
+                                "different quantization layouts computed one by one")
         self.batch = hist("ostinato:batch_size", "sequences per engine step", _BATCH)
         self.ttft = hist("ostinato:time_to_first_token_seconds", "arrival to first token",
                          _LATENCY)
