@@ -20,17 +20,15 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from ostinato.bench.server_proc import Launch, ServerProcess, ServerStartError, start_ostinato
 
 PROMPTS = ["Tell me about the {w}.", "Write two lines about the {w}.",
            "What colour is the {w}?", "Name three things that go with the {w}."]
@@ -220,31 +218,14 @@ class RSSSampler(threading.Thread):
         return b / a - 1, a, b
 
 
-def start_server(model: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # the server writes its log here for its whole life
-    log = tempfile.NamedTemporaryFile("w", prefix="ostinato-soak-", suffix=".log",  # noqa: SIM115
-                                      delete=False)
-    cmd = [sys.executable, "-m", "ostinato", "serve", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--threads", str(threads), "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OSTINATO_API_KEY": ""})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"soak: the server exited ({proc.returncode}); see {log.name}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                print(f"soak: server at {base} (log {log.name})", file=sys.stderr)
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    sys.exit("soak: the server was not healthy within 300 s")
+def start_server(model: str, threads: int, extra: list[str]) -> ServerProcess:
+    how = Launch(log_prefix="ostinato-soak-", timeout=300, grace_s=60)
+    try:
+        srv = start_ostinato(model, *extra, threads=threads, how=how)
+    except ServerStartError as e:
+        sys.exit(f"soak: {e}")
+    print(f"soak: server at {srv.base} (log {srv.log_path})", file=sys.stderr)
+    return srv
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -274,21 +255,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    proc = None
+    srv = None
     if a.url is None:
-        proc, base = start_server(a.model, a.threads, a.server_arg)
-        pid = proc.pid
+        srv = start_server(a.model, a.threads, a.server_arg)
+        base, pid = srv.base, srv.proc.pid
     else:
         base, pid = a.url.rstrip("/"), a.pid
     try:
         return soak(a, base, pid)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if srv is not None:
+            srv.stop()
 
 
 def soak(a: argparse.Namespace, base: str, pid: int | None) -> int:

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from .latency import percentile, synthetic_words
+from .server_proc import (  # noqa: F401  (free_port: for callers of this module)
+    Launch,
+    ServerProcess,
+    answers,
+    free_port,
+    launch,
+    start_ostinato,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,117 +35,12 @@ class Request:
     gaps: list[float]
 
 
-@dataclass
-class ServerProcess:
-    """A server we started: its base URL, model id and process (a session of its own, so
-    stopping it stops its children too)."""
-    name: str
-    base: str
-    model: str
-    proc: subprocess.Popen
-    start_to_first_answer_s: float = 0.0
-    log: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def peak_rss_mb(self) -> float:
-        """Peak resident memory (VmHWM) of the server and its child processes, summed."""
-        total = 0
-        for pid in [self.proc.pid, *_children(self.proc.pid)]:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        total += int(line.split()[1])
-            except OSError:
-                pass
-        return total / 1024
-
-    def cpu_seconds(self) -> float:
-        """CPU time used so far by the server and its child processes."""
-        ticks = 0
-        for pid in [self.proc.pid, *_children(self.proc.pid)]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                ticks += int(fields[11]) + int(fields[12])      # utime, stime
-            except (OSError, IndexError, ValueError):
-                pass
-        return ticks / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        """SIGTERM to the whole process group (children too, even if the leader is gone),
-        SIGKILL after 60 s."""
-        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def _children(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            kids = []
-        out += [int(k) for k in kids]
-        todo += [int(k) for k in kids]
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(name: str, cmd: list[str], model: str, port: int, env: dict, log_path: Path,
-            timeout: float) -> ServerProcess:
-    """Start cmd; ready when a 1-token completion is answered (the start-to-first-answer time)."""
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:        # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env}, start_new_session=True)
-    srv = ServerProcess(name, f"http://127.0.0.1:{port}", model, proc, log=str(log_path))
-    try:
-        _wait_first_answer(srv, timeout)
-    except BaseException:                   # Ctrl-C or a failure: leave nothing running
-        srv.stop()
-        raise
-    srv.start_to_first_answer_s = time.perf_counter() - t0
-    return srv
-
-
-def _wait_first_answer(srv: ServerProcess, timeout: float) -> None:
-    body = {"model": srv.model, "prompt": "Hello", "max_tokens": 1}
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if srv.proc.poll() is not None:
-            raise RuntimeError(f"{srv.name} server exited ({srv.proc.returncode}); see {srv.log}")
-        try:
-            r = httpx.post(srv.base + "/v1/completions", json=body, timeout=30)
-            if r.status_code == 200:
-                return
-            if 400 <= r.status_code < 500:  # a wrong request will not get better by waiting
-                raise RuntimeError(f"{srv.name} server answered {r.status_code}: {r.text[:200]}")
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{srv.name} server did not answer within {timeout:.0f} s; see {srv.log}")
-
-
 def start_ours(model: str, threads: int, max_model_len: int, log_dir: Path) -> ServerProcess:
-    port = free_port()
-    cmd = [sys.executable, "-m", "ostinato", "serve", "--model", model, "--port", str(port),
-           "--threads", str(threads), "--max-model-len", str(max_model_len),
-           "--served-model-name", "bench", "--log-level", "warning"]
-    return _launch("ostinato", cmd, "bench", port, {"OSTINATO_API_KEY": ""},
-                   log_dir / "ostinato-server.log", 600)
+    how = Launch(log_path=log_dir / "ostinato-server.log", ready=answers, timeout=600,
+                 own_session=True, grace_s=60)
+    return start_ostinato(model, "--max-model-len", str(max_model_len),
+                          "--served-model-name", "bench", threads=threads, model_id="bench",
+                          how=how)
 
 
 def vllm_paths(model_name: str, python: str | None = None,
@@ -164,7 +62,9 @@ def start_vllm(model_name: str, max_model_len: int, log_dir: Path, python: str |
     port = free_port()
     cmd = [py, str(REPO / "scripts" / "vllm_peer.py"), "serve", "--model-dir", str(model_dir),
            "--port", str(port), "--max-model-len", str(max_model_len)]
-    return _launch("vllm", cmd, model_dir.name, port, {}, log_dir / "vllm-server.log", 900)
+    how = Launch(name="vllm", log_path=log_dir / "vllm-server.log", ready=answers, timeout=900,
+                 own_session=True, grace_s=60)
+    return launch(cmd, port, model_dir.name, how)
 
 
 async def _one(client: httpx.AsyncClient, base: str, model: str, prompt: str,
