@@ -59,12 +59,12 @@ def test_chunked_prefill_gives_the_same_tokens(make_llm):
     prompts = [SYSTEM * 2 + f"Tell me about {w}." for w in WORDS[:3]]
     small = make_llm(max_num_batched_tokens=32, enable_prefix_caching=False)
     big = make_llm(max_num_batched_tokens=2048, enable_prefix_caching=False)
-    n0 = len(small.engine.stats.tokens_per_step)
+    n0 = small.engine.stats.tokens_per_step.count
     got = token_ids(small.generate(prompts, greedy(8)))
     want = token_ids(big.generate(prompts, greedy(8)))
-    per_step = small.engine.stats.tokens_per_step[n0:]
+    per_step = small.engine.stats.tokens_per_step.since(n0)
     assert max(per_step) <= 32 and per_step.count(32) >= 3   # the prompts came in chunks
-    assert max(big.engine.stats.tokens_per_step) > 32 * 3     # one step took every prompt
+    assert big.engine.stats.tokens_per_step.peak > 32 * 3     # one step took every prompt
     assert got == want
 
 
@@ -96,9 +96,9 @@ def logprob_keys(out) -> list[set[int] | None]:
 def test_batch_of_32_gives_what_each_gives_alone(make_llm):
     llm = make_llm(enable_prefix_caching=False)
     prompts = [f"A short sentence with the word {w}:" for w in WORDS]
-    n0 = len(llm.engine.stats.batch_sizes)
+    n0 = llm.engine.stats.batch_sizes.count
     together = token_ids(llm.generate(prompts, greedy(6)))
-    assert max(llm.engine.stats.batch_sizes[n0:]) >= 16
+    assert max(llm.engine.stats.batch_sizes.since(n0)) >= 16
     alone = [token_ids(llm.generate(p, greedy(6)))[0] for p in prompts]
     mismatched = [p for p, t, a in zip(prompts, together, alone) if t != a]
     assert not mismatched, f"{len(mismatched)} of 32 differ, e.g. {mismatched[:3]}"

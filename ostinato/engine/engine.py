@@ -10,14 +10,15 @@ from .output_processor import OutputProcessor, SeqDelta
 from .runner import ModelRunner, SeqResult
 from .scheduler import Scheduler
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence
+from .stats import StepSeries
 
 
 @dataclass
 class EngineStats:
     """Plain numbers, ready for a metrics exporter."""
     steps: int = 0
-    batch_sizes: list[int] = field(default_factory=list)   # running sequences per step
-    tokens_per_step: list[int] = field(default_factory=list)
+    batch_sizes: StepSeries = field(default_factory=StepSeries)   # running sequences per step
+    tokens_per_step: StepSeries = field(default_factory=StepSeries)
     preemptions: int = 0
     prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0       # of those, tokens whose KV was reused
