@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m-instruct
 PYTEST_ARGS ?=
 
-.PHONY: install install-test install-browser install-peers install-vllm serve chat pull test test-fast bench bench-peers fixtures clean
+.PHONY: install install-test install-llamacpp-wheel install-browser install-peers install-vllm serve chat pull test test-fast bench bench-peers fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -22,7 +22,12 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 
 install: $(VENV)/.installed          ## create/update .venv (idempotent)
 
-install-test: $(VENV)/.installed-test install-browser
+install-test: $(VENV)/.installed-test install-browser install-llamacpp-wheel
+
+install-llamacpp-wheel: $(VENV)/.installed   ## llama.cpp for the tests' cross-checks, where its wheel is at hand
+	@whl=$$(ls ../shared/wheels/llama_cpp_python-*.whl 2>/dev/null | head -1); \
+	if [ -z "$$whl" ]; then echo "no llama-cpp-python wheel in ../shared/wheels: the llama.cpp cross-checks skip"; \
+	elif ! $(BIN)/python -c 'import llama_cpp' 2>/dev/null; then $(BIN)/pip install -q "$$whl"; fi
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 install-browser:                    ## Debian's headless Chromium + driver, for tests/browser

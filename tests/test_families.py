@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from ostinato import LLM, SamplingParams
+from plancheck import plan_and_eager
 from randmodels import FAMILIES, build, llamacpp_logits, test_ids
 
 # max |logit difference| against transformers fp32 on f32 files (measured: llama 1.4e-5,
@@ -112,21 +112,12 @@ def test_plan_equals_eager_and_batches_are_invariant(tiny, family, kv_dtype):
     alone as in a batch."""
     llm = ostinato_llm(tiny[family].ggufs["q8_0"], kv_cache_dtype=kv_dtype,
                        max_num_batched_tokens=40)
-    runner, plan_forward, seen = llm.engine.runner, llm.engine.runner.forward, []
-    assert plan_forward is not runner.model.forward, "no plan was derived"
-
-    def both(input_ids, positions, meta, caches):
-        eager = runner.model.forward(input_ids, positions, meta, caches)
-        planned = plan_forward(input_ids, positions, meta, caches)
-        seen.append(torch.equal(eager, planned))
-        return planned
-    runner.forward = both
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 300, n).tolist() for n in (5, 33, 70)]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
-    batch = llm.generate(prompts, params)
-    assert len(seen) >= 4 and all(seen)
-    runner.forward = plan_forward
+    with plan_and_eager(llm) as seen:
+        batch = llm.generate(prompts, params)
+    assert len(seen) >= 4 and all(same for _, same in seen) and any(n > 1 for n, _ in seen)
     for prompt, together in zip(prompts, batch):
         alone = llm.generate([prompt], params)[0].outputs[0]
         assert alone.token_ids == together.outputs[0].token_ids

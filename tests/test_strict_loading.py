@@ -9,11 +9,11 @@ import gguf
 import gguf.quants
 import numpy as np
 import pytest
-import torch
 
 from ostinato import LLM, SamplingParams
 from ostinato.loader.gguf import GGUFError, read_gguf
 from ostinato.model.config import ModelConfig
+from plancheck import plan_and_eager
 from randmodels import build
 
 T = gguf.GGUFValueType
@@ -167,14 +167,6 @@ def test_a_mixed_quantization_file_runs_on_the_plan_and_says_it_is_slower(files,
         llm = LLM(path, max_model_len=64, kv_cache_gb=0.01)
     assert len(llm.slow_paths) == 1 and "blk.1.attn_k.weight" in llm.slow_paths[0]
     assert "blk.1.attn_q.weight" in caplog.text and "one matmul each" in caplog.text
-    runner, plan_forward, same = llm.engine.runner, llm.engine.runner.forward, []
-    assert plan_forward is not runner.model.forward
-
-    def both(input_ids, positions, meta, caches):
-        eager = runner.model.forward(input_ids, positions, meta, caches)
-        planned = plan_forward(input_ids, positions, meta, caches)
-        same.append(torch.equal(eager, planned))
-        return planned
-    runner.forward = both
-    llm.generate([[1, 5, 9, 30, 44]], SamplingParams(max_tokens=4, temperature=0.0))
-    assert len(same) == 4 and all(same)
+    with plan_and_eager(llm) as seen:
+        llm.generate([[1, 5, 9, 30, 44]], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(seen) == 4 and all(same for _, same in seen)
