@@ -50,7 +50,11 @@ def test_bench_latency_and_serving_sweep(smollm_path, tmp_path):
     for row in rows:
         n = max(row["concurrency"], 4)
         assert row["requests"] == n and row["errors"] == 0 and row["output_tokens"] == 6 * n
-        assert row["usd_per_mtok"] == pytest.approx(1e6 / (row["throughput_tok_s"] * 3600), rel=0.01)
+        # (the reported throughput is rounded to 0.1 tok/s: on a saturated machine, a few
+        # tok/s, that alone is a few % of the cost)
+        rounding = 0.05 / row["throughput_tok_s"]
+        assert row["usd_per_mtok"] == pytest.approx(1e6 / (row["throughput_tok_s"] * 3600),
+                                                    rel=0.01 + rounding)
         assert row["ttft_p50_ms"] <= row["ttft_p99_ms"] <= row["e2e_p99_ms"]
     server = fig["servers"]["ostinato"]
     assert server["start_to_first_answer_s"] > 0 and server["peak_rss_mb"] > 100
