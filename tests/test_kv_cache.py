@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_seq(seq_id: str, prompt, prompt_logprobs=None) -> Sequence:
-    params = SimpleNamespace(prompt_logprobs=prompt_logprobs)   # all these layers read
+    params = SimpleNamespace(prompt_logprobs=prompt_logprobs, pooling=None)   # what these layers read
     return Sequence(seq_id, seq_id, 0, list(prompt), params, max_tokens=1000)
 
 

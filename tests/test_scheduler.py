@@ -16,7 +16,7 @@ BS = 4
 
 
 def make_seq(seq_id: str, prompt, prompt_logprobs=None) -> Sequence:
-    params = SimpleNamespace(prompt_logprobs=prompt_logprobs)
+    params = SimpleNamespace(prompt_logprobs=prompt_logprobs, pooling=None)
     return Sequence(seq_id, seq_id, 0, list(prompt), params, max_tokens=1000)
 
 
