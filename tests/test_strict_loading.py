@@ -93,6 +93,18 @@ def test_an_unimplemented_rope_scaling_is_refused(files, tmp_path):
     refused(path, "llama.rope.scaling.type", "'yarn'")
 
 
+def test_a_scaling_factor_is_acted_on_or_refused(files, tmp_path):
+    """A factor with no type is linear scaling, as llama.cpp reads it; with type "none" it
+    cannot be honoured, so it is refused."""
+    bare = rewrite(files["llama"], tmp_path / "factor.gguf",
+                   {"llama.rope.scaling.factor": (4.0, T.FLOAT32)})
+    assert _config(bare).ropes[0].factor == 4.0
+    none = rewrite(files["llama"], tmp_path / "none.gguf",
+                   {"llama.rope.scaling.type": ("none", T.STRING),
+                    "llama.rope.scaling.factor": (4.0, T.FLOAT32)})
+    refused(none, "llama.rope.scaling.factor", "'none'")
+
+
 def test_rotary_over_part_of_a_head_is_refused(files, tmp_path):
     path = rewrite(files["llama"], tmp_path / "partial.gguf",
                    {"llama.rope.dimension_count": (16, T.UINT32)})

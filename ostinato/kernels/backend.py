@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..loader.weights import LogicalTensor, Progress, current_progress
+from ..loader.weights import LogicalTensor, Progress, convert_each
 from . import ops
 from .repack import F32, Packed, repack_raw
 
@@ -114,16 +114,9 @@ class CpuKernels:
         multiplies by the same input (q|k|v, gate|up) stacked into one where their layouts
         agree. Returns the weights and a line per group that could not be stacked (it then
         costs a matmul per part and a copy: the caller says so in the log)."""
-        progress = progress or current_progress()
-        total, done, weights = sum(t.nbytes for t in tensors.values()), 0, {}
-        for name, t in tensors.items():
-            if len(t.shape) == 2:
-                weights[name] = QWeight.from_packed(repack_raw(t.raw, t.type_name, *t.shape))
-            else:
-                weights[name] = torch.from_numpy(t.dequantize())
-            done += t.nbytes
-            if progress is not None:
-                progress(done, total)
+        weights = convert_each(
+            tensors, lambda t: QWeight.from_packed(repack_raw(t.raw, t.type_name, *t.shape)),
+            lambda t: torch.from_numpy(t.dequantize()), progress)
         return weights, stack_groups(weights, groups, {n: t.type_name for n, t in tensors.items()})
 
     def embed(self, table: QWeight, ids: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ log = logging.getLogger("ostinato.model")
 
 @dataclass(frozen=True)
 class Value:
-    """A symbolic (T, width) matrix: the output of op `op` (-1: the step's input)."""
+    """A symbolic (T, width) matrix: the step's input (id 0) or an op's output."""
     id: int
     width: int
 
@@ -72,23 +72,23 @@ class Recorder:
         return out
 
     def linear(self, x: Value, w) -> Value:
-        parts = w if isinstance(w, list) else [w]
-        stacked = stacked_of(parts) if isinstance(w, list) else None
-        stage = self._stage(parts[0])
-        if stacked is not None or not isinstance(w, list):
-            w = stacked if stacked is not None else w
-            if isinstance(w, StackedPart):
-                raise ValueError("a stacked weight's part cannot be multiplied on its own")
-            return self.emit("linear", [x], w.N, stage, weights=[w], ints=[int(self.quant)])
-        outs = [self.linear(x, p) for p in parts]
-        return self.emit("concat", outs, sum(o.width for o in outs), stage)
+        """As CpuKernels.linear: a list is one stacked matmul where the backend stacked it,
+        else a matmul per part and their outputs side by side."""
+        stage = self._stage(w[0] if isinstance(w, list) else w)
+        if isinstance(w, list):
+            stacked = stacked_of(w)
+            if stacked is None:
+                outs = [self.linear(x, part) for part in w]
+                return self.emit("concat", outs, sum(o.width for o in outs), stage)
+            w = stacked
+        if isinstance(w, StackedPart):
+            raise ValueError("a stacked weight's part cannot be multiplied on its own")
+        return self.emit("linear", [x], w.N, stage, weights=[w], ints=[int(self.quant)])
 
     def _stage(self, w) -> str:
-        name = self.names.get(id(w), "linear")
-        for pre in ("blk.", "attn_", "ffn_"):
-            if name.startswith(pre):
-                name = name.split(".", 2)[-1] if pre == "blk." else name[len(pre):]
-        name = name.removesuffix(".weight")
+        """A profile label from the weight's name: blk.3.attn_q.weight -> "qkv"."""
+        name = self.names.get(id(w), "linear.weight").split(".")[-2]
+        name = name.removeprefix("attn_").removeprefix("ffn_")
         return {"q": "qkv", "gate": "gate_up", "output": "o"}.get(name, name)
 
     def rms_norm(self, x: Value, w: torch.Tensor, eps: float) -> Value:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..loader.weights import LogicalTensor, Progress, current_progress
+from ..loader.weights import LogicalTensor, Progress, convert_each
 from .repack import repack_raw
 
 
@@ -15,16 +15,8 @@ class TorchOps:
                      progress: Progress | None = None) -> tuple[dict, list[str]]:
         """Every tensor as float32 with the values the quantized kernels multiply by
         (nothing is stacked: torch's GEMMs gain little from it)."""
-        progress = progress or current_progress()
-        total, done, weights = sum(t.nbytes for t in tensors.values()), 0, {}
-        for name, t in tensors.items():
-            if len(t.shape) == 2:
-                weights[name] = torch.from_numpy(repack_raw(t.raw, t.type_name, *t.shape).dequantize())
-            else:
-                weights[name] = torch.from_numpy(t.dequantize())
-            done += t.nbytes
-            if progress is not None:
-                progress(done, total)
+        dense = lambda t: torch.from_numpy(repack_raw(t.raw, t.type_name, *t.shape).dequantize())  # noqa: E731
+        weights = convert_each(tensors, dense, lambda t: torch.from_numpy(t.dequantize()), progress)
         return weights, []
 
     def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -44,23 +44,6 @@ class ModelConfig:
     embed_scale: float               # Gemma multiplies embeddings by sqrt(d_model)
     attn_scale: float
 
-    # the family's switches, as the decoder reads them
-    @property
-    def act(self) -> str:
-        return self.family.act
-
-    @property
-    def rope_neox(self) -> bool:
-        return self.family.rope_neox
-
-    @property
-    def qk_norm(self) -> bool:
-        return self.family.qk_norm
-
-    @property
-    def post_norms(self) -> bool:
-        return self.family.post_norms
-
     def kv_group_windows(self) -> list[int | None]:
         """One KV-cache group per distinct attention window: group 0 is full attention,
         group 1 the sliding-window layers, whose old blocks can be freed."""
@@ -127,13 +110,16 @@ def _layer_sliding(m: "_Meta", fam: Family, n_layers: int) -> tuple[bool, ...]:
 def _ropes(m: "_Meta", fam: Family, sliding: tuple[bool, ...]):
     """The rotary variants and which one each layer uses: global layers take the file's base
     and scaling; sliding layers (Gemma 3) their own base, unscaled."""
-    kind = m.str("rope.scaling.type", "none")
+    # no type but a factor: linear, as llama.cpp reads it (never a factor silently dropped)
+    has_factor = f"{m.arch}.rope.scaling.factor" in m.md
+    kind = m.str("rope.scaling.type", "linear" if has_factor else "none")
     if kind not in fam.rope_scalings:
         raise GGUFError(f"{m.path}: {m.arch}.rope.scaling.type {kind!r} is not implemented for "
                         f"{m.arch} (implemented: {', '.join(fam.rope_scalings)})")
-    factor = m.float("rope.scaling.factor", 1.0) if kind == "linear" else 1.0
-    if factor <= 0:
-        raise GGUFError(f"{m.path}: {m.arch}.rope.scaling.factor must be positive, got {factor}")
+    factor = m.float("rope.scaling.factor", 1.0)
+    if factor <= 0 or (kind != "linear" and factor != 1.0):
+        raise GGUFError(f"{m.path}: {m.arch}.rope.scaling.factor {factor} does not fit rotary "
+                        f"scaling type {kind!r}")
     base = m.float("rope.freq_base", 10_000.0)
     ropes = [Rope(base, factor, freq_factors=fam.rope_freqs and m.has_tensor("rope_freqs.weight"))]
     if not any(sliding):

@@ -84,18 +84,19 @@ class Transformer:
     def layer(self, i: int, x, rope, meta, kv_cache):
         p, ops = f"blk.{i}.", self.ops
         h = self.attention(i, self.norm(x, p + "attn_norm.weight"), rope, meta, kv_cache)
-        if self.cfg.post_norms:
+        if self.cfg.family.post_norms:
             h = self.norm(h, p + "post_attention_norm.weight")
         x = ops.add(x, h)
         h = self.mlp(i, self.norm(x, p + "ffn_norm.weight"))
-        if self.cfg.post_norms:
+        if self.cfg.family.post_norms:
             h = self.norm(h, p + "post_ffw_norm.weight")
         return ops.add(x, h)
 
     def mlp(self, i: int, x):
         w, ops = self.w, self.ops
         gate_up = ops.linear(x, [w[f"blk.{i}.ffn_gate.weight"], w[f"blk.{i}.ffn_up.weight"]])
-        return ops.linear(ops.gated_act(gate_up, self.cfg.act), w[f"blk.{i}.ffn_down.weight"])
+        act = ops.gated_act(gate_up, self.cfg.family.act)
+        return ops.linear(act, w[f"blk.{i}.ffn_down.weight"])
 
     def attention(self, i: int, x, rope, meta: AttentionMetadata, kv_cache):
         """rope: this step's tables per rotary variant. (T, d) -> (T, d)."""
@@ -106,8 +107,8 @@ class Transformer:
         group = cfg.layer_kv_group(i)
         # q/k norm (Gemma 3), rotary embedding, and k/v into the paged cache
         q = ops.qkv_rope_cache(qkv, w.get(p + "attn_q_norm.weight"), w.get(p + "attn_k_norm.weight"),
-                               cfg.rms_eps, cos, sin, cfg.rope_neox, cfg.n_heads, k_cache, v_cache,
-                               meta.slot_mappings[group])
+                               cfg.rms_eps, cos, sin, cfg.family.rope_neox, cfg.n_heads, k_cache,
+                               v_cache, meta.slot_mappings[group])
         o = ops.attention(q, k_cache, v_cache, meta.tables[group], meta.seq_meta,
                           cfg.attn_scale, cfg.sliding_window if cfg.is_sliding(i) else None)
         return ops.linear(o, w[p + "attn_output.weight"])

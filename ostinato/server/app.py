@@ -305,20 +305,10 @@ async def _embeddings(request: Request, state: ServerState):
         raise APIError(503, f"the server is busy: {engine.num_waiting()} requests are waiting "
                        "(--max-queued-requests); retry later", code="queue_full")
     outcome = state.metrics.accept()
-    try:
-        vectors = await until_disconnect(request.receive, embed(engine, ids, state.pooling))
-    except Exception as e:
-        log.exception("embeddings request failed")
-        outcome.settle("error")
-        body = error_body(e)
-        return JSONResponse(body, status_code=body["error"]["code"])
-    except BaseException:                     # cancelled (shutdown timeout): still settled
-        outcome.settle("aborted")
-        raise
-    if vectors is DISCONNECTED:
-        outcome.settle("aborted")
-        return Response(status_code=499)
-    outcome.settle("completed")
+    vectors = await _settled(request, outcome, embed(engine, ids, state.pooling),
+                             "embeddings request")
+    if isinstance(vectors, Response):
+        return vectors
     return JSONResponse(embedding_response(vectors, ids, state.name, req.encoding_format))
 
 
@@ -345,10 +335,17 @@ async def _generate(request: Request, state: ServerState, model, make_job):
     if job.stream:
         return SSEResponse(gen.stream(), on_close=lambda: outcome.settle("aborted"),
                            counter=state)
+    result = await _settled(request, outcome, gen.collect(), f"request {job.id}")
+    return result if isinstance(result, Response) else JSONResponse(result)
+
+
+async def _settled(request: Request, outcome, work, what: str):
+    """Await `work` unless the client disconnects first, settling exactly one outcome: the
+    result, or the Response to send instead (the error's, or a 499 nobody reads)."""
     try:
-        result = await until_disconnect(request.receive, gen.collect())
+        result = await until_disconnect(request.receive, work)
     except Exception as e:                    # this request failed; the server goes on
-        log.exception("request %s failed", job.id)
+        log.exception("%s failed", what)
         outcome.settle("error")
         body = error_body(e)
         return JSONResponse(body, status_code=body["error"]["code"])
@@ -357,9 +354,9 @@ async def _generate(request: Request, state: ServerState, model, make_job):
         raise
     if result is DISCONNECTED:
         outcome.settle("aborted")
-        return Response(status_code=499)      # nobody reads it; the requests were aborted
+        return Response(status_code=499)      # the requests were aborted
     outcome.settle("completed")
-    return JSONResponse(result)
+    return result
 
 
 _STATIC = Path(__file__).parent / "static"

@@ -27,13 +27,15 @@ inline void add_into(const torch::Tensor& a, const torch::Tensor& b, const torch
   for (int64_t i = 0; i < n; ++i) op[i] = ap[i] + bp[i];
 }
 
-// out row t = the rows t of args side by side
-inline void concat_into(const std::vector<torch::Tensor>& args, const torch::Tensor& out) {
+// out row t = the rows t of views[args[0..n)] side by side (no allocation in the step)
+inline void concat_into(const std::vector<torch::Tensor>& views, const std::vector<int64_t>& args,
+                        size_t n, const torch::Tensor& out) {
   const int64_t T = out.size(0), W = out.size(1);
   float* op = out.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
     int64_t col = 0;
-    for (const torch::Tensor& a : args) {
+    for (size_t j = 0; j < n; ++j) {
+      const torch::Tensor& a = views[args[j]];
       const int64_t w = a.size(1);
       std::memcpy(op + t * W + col, a.data_ptr<float>() + t * w, w * sizeof(float));
       col += w;
@@ -183,12 +185,9 @@ class Executor {
     const torch::Tensor& a = views_[op.views[0]];
     switch (op.kind) {
       case OpKind::kLinear: op.w[0].into(a, out, op.i[0]); break;
-      case OpKind::kConcat: {
-        std::vector<torch::Tensor> args;
-        for (size_t j = 0; j + 1 < op.views.size(); ++j) args.push_back(views_[op.views[j]]);
-        concat_into(args, out);
+      case OpKind::kConcat:
+        concat_into(views_, op.views, op.views.size() - 1, out);   // the last view is out
         break;
-      }
       case OpKind::kNorm: rms_norm_into(a, op.t[0], op.f.at(0), out); break;
       case OpKind::kAdd: add_into(a, views_[op.views[1]], out); break;
       case OpKind::kGated: {
