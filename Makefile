@@ -68,9 +68,10 @@ PORT  ?= 8000
 serve: pull                         ## the main job: the OpenAI-compatible server on $(HOST):$(PORT)
 	$(BIN)/ostinato serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: install-test                  ## pulls both embedded models, then runs the whole suite
+test: install-test                  ## pulls the three test models, then runs the whole suite
 	$(BIN)/ostinato pull smollm2-135m-instruct
 	$(BIN)/ostinato pull gemma3-270m
+	$(BIN)/ostinato pull qwen2.5-coder-0.5b-instruct
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install-test             ## tests that need no model file
