@@ -56,6 +56,35 @@ _LLAMA3 = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen 3.5: Qwen 2's pattern with combining marks (\p{M}) kept inside words
+_QWEN35 = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+           r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GPT-4o (o200k) and Tekken split words at case changes. As llama.cpp writes them, "upper" is
+# any letter but a-z and "lower" any letter but A-Z: a non-ASCII letter is both, and combining
+# marks are not letters (the tokenizer.json originals use \p{Lu}/\p{Ll}/\p{M} classes).
+_UPPER, _LOWER = r"(?:(?=\p{L})[^a-z])", r"(?:(?=\p{L})[^A-Z])"
+_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS_ANY_CASE}?"
+          rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS_ANY_CASE}?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek LLM: newlines alone; runs of cased letters (Unicode's L&, as DeepSeek's tokenizer.json
+# enumerates them); runs of ASCII/full-width punctuation; trailing spaces; CJK/Hangul; numbers.
+_DEEPSEEK_CASED = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293"
+    "\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c"
+    "\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5"
+    "\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59"
+    "\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc"
+    "\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107"
+    "\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+    "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee"
+    "\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e"
+    "\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f"
+    "\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
+    "\U000118a0-\U000118df\U0001e900-\U0001e943")
+_CJK_HANGUL = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
 
 
 @dataclass(frozen=True)
@@ -70,6 +99,16 @@ _PRE_GPT2 = _PreTokenizer((_GPT2,))
 _PRE_SMOLLM = _PreTokenizer((r"\p{N}", _GPT2))          # digits one by one, then GPT-2
 _PRE_LLAMA3 = _PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)
 _PRE_QWEN2 = _PreTokenizer((_QWEN2,))
+_PRE_QWEN35 = _PreTokenizer((_QWEN35,))
+_PRE_DBRX = _PreTokenizer((_LLAMA3,))                    # Llama 3's regex, merges as usual
+_PRE_GPT4O = _PreTokenizer((_GPT4O,))
+_PRE_TEKKEN = _PreTokenizer((_TEKKEN,), ignore_merges=True, add_bos=True)
+_PRE_FALCON = _PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"))
+_PRE_DEEPSEEK_LLM = _PreTokenizer((r"[\r\n]", rf"\s?[{_DEEPSEEK_CASED}]+",
+                                   "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+                                   r"\s+\Z", _CJK_HANGUL, r"\p{N}+"))
+_PRE_DEEPSEEK_CODER = _PreTokenizer((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_HANGUL,
+                                     r"\p{N}"))
 
 PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "default": _PRE_DEFAULT, "": _PRE_DEFAULT,
@@ -78,6 +117,13 @@ PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
                      "minerva-7b"), _PRE_SMOLLM),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _PRE_LLAMA3),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _PRE_QWEN2),
+    "qwen35": _PRE_QWEN35,
+    **dict.fromkeys(("dbrx", "smaug-bpe"), _PRE_DBRX),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _PRE_GPT4O),
+    "tekken": _PRE_TEKKEN,
+    "falcon": _PRE_FALCON,
+    "deepseek-llm": _PRE_DEEPSEEK_LLM,
+    "deepseek-coder": _PRE_DEEPSEEK_CODER,
 }
 
 
@@ -284,17 +330,19 @@ class Tokenizer:
         return token_id
 
     # ------------------------------------------------------------------ encode
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True,
+               parse_special: bool = True) -> list[int]:
         """Token ids of `text`. Special-token texts in `text` (e.g. `<|im_start|>`) become
-        their single ids. With add_special_tokens, BOS/EOS are added per the GGUF's
-        add_bos_token/add_eos_token."""
+        their single ids; with parse_special=False only USER_DEFINED ones do, CONTROL texts
+        are tokenized as plain text (llama.cpp's parse_special). With add_special_tokens,
+        BOS/EOS are added per the GGUF's add_bos_token/add_eos_token."""
         if not isinstance(text, str):
             raise TypeError(f"encode() needs str, got {type(text).__name__}")
         out: list[int] = []
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             out.append(self.bos_token_id)
         prev_special = True   # SentencePiece: a space prefix goes before text at the start...
-        for frag in self._partition(text):
+        for frag in self._partition(text, parse_special):
             if isinstance(frag, int):
                 out.append(frag)
                 prev_special = True   # ...and after every special token
@@ -310,13 +358,15 @@ class Tokenizer:
             out.append(self.eos_token_id)
         return out
 
-    def _partition(self, text: str) -> list[str | int]:
+    def _partition(self, text: str, parse_special: bool = True) -> list[str | int]:
         """Cut special tokens out of text: longest token text first (ties: lower id), each one
         splitting every remaining raw-text fragment at its non-overlapping leftmost matches.
         Returns raw strings and token ids in text order; empty strings are dropped."""
         if not text:
             return []
         found = self._specials_in(text)
+        if not parse_special:
+            found = {t for t in found if self._types[self._special_ids[t]] == USER_DEFINED}
         frags: list[str | int] = [text]
         for tok in sorted(found, key=lambda t: (-len(t), self._special_ids[t])):
             tid = self._special_ids[tok]
