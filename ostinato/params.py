@@ -2,6 +2,7 @@
 request parsing can use them without loading the engine."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -51,6 +52,9 @@ class SamplingParams:
     # embed the prompt instead: its final hidden states pooled ("mean" or "last") and
     # L2-normalised, in the finished sequence's `embedding`; asks for max_tokens 0
     pooling: str | None = None
+    # constrain the output to a JSON schema, regex, choice or grammar (a dict of the same
+    # keys is accepted); the request ends when the grammar is complete
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_floats()
@@ -58,6 +62,7 @@ class SamplingParams:
         self._check_logprobs()
         self._check_bools()
         self._check_pooling()
+        self._check_structured()
         self.logit_bias = _normalise_logit_bias(self.logit_bias)
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids)
@@ -127,6 +132,24 @@ class SamplingParams:
             raise _bad("max_tokens", self.max_tokens, "must be 0 with pooling (nothing is "
                        "generated)")
 
+    def _check_structured(self) -> None:
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            try:
+                so = self.structured_outputs = StructuredOutputsParams(**so)
+            except TypeError as e:      # an unknown key
+                raise _bad("structured_outputs", so, str(e).split(".__init__() ")[-1]) from None
+        if so is None:
+            return
+        if not isinstance(so, StructuredOutputsParams):
+            raise _bad("structured_outputs", so, "must be a StructuredOutputsParams, a dict "
+                       "of its fields, or None")
+        # the grammar decides where the output ends: these would fight it
+        for name, off in (("ignore_eos", False), ("min_tokens", 0), ("pooling", None)):
+            if getattr(self, name) != off:
+                raise _bad(name, getattr(self, name), "cannot be combined with "
+                           "structured_outputs (the grammar decides where the output ends)")
+
     def _check_bools(self) -> None:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -136,6 +159,62 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling reduces to argmax (no randomness is drawn)."""
         return self.temperature == 0.0 or self.top_k == 1
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """One constraint on the output, as vLLM's StructuredOutputsParams: `json` a JSON schema
+    (dict, bool or its JSON text), `regex` a regular expression (Rust regex syntax, no
+    look-around), `choice` one of these strings exactly, `grammar` a Lark grammar
+    (llguidance's dialect) or a GBNF one (llama.cpp's), `json_object` any JSON object.
+    Exactly one must be set."""
+
+    json: dict | bool | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)
+                 or (k == "json" and self.json is False)]
+        if len(given) != 1:
+            raise _bad("structured_outputs", self, f"exactly one of {', '.join(STRUCTURED_KINDS)}"
+                       f" must be set, got {len(given)}" + (f" ({', '.join(given)})" if given
+                                                            else ""))
+        self._check_types()
+        if isinstance(self.choice, (list, tuple)):
+            object.__setattr__(self, "choice", list(self.choice))
+
+    def _check_types(self) -> None:
+        kind, value = self.kind, self.value
+        ok = {"json": lambda v: isinstance(v, (dict, bool, str)),
+              "regex": lambda v: isinstance(v, str) and v != "",
+              "choice": lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+              and all(isinstance(c, str) and c for c in v),
+              "grammar": lambda v: isinstance(v, str) and v.strip() != "",
+              "json_object": lambda v: v is True}[kind]
+        if not ok(value):
+            need = {"json": "a JSON schema (object, boolean or its JSON text)",
+                    "regex": "a non-empty string", "choice": "a non-empty list of non-empty "
+                    "strings", "grammar": "a non-empty string", "json_object": "true"}[kind]
+            raise _bad("structured_outputs", {kind: value}, f"{kind} must be {need}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)
+                    or (k == "json" and self.json is False))
+
+    @property
+    def value(self):
+        return getattr(self, self.kind)
+
+    def key(self) -> str:
+        """A canonical text of the constraint (what a compiled grammar is cached under)."""
+        return json.dumps([self.kind, self.value], sort_keys=True, ensure_ascii=False)
 
 
 def _normalise_logit_bias(bias: object) -> dict[int, float] | None:

@@ -6,8 +6,8 @@ which other requests share its batch (no batch-wide reductions, no shared RNG).
 
 Processing order (`process_logits`), chosen to match vLLM's penalties and HF's
 warper order:
-    logit_bias -> repetition_penalty -> frequency/presence -> min_tokens (mask EOS)
-    -> temperature -> top_k -> top_p -> min_p
+    grammar mask (structured output) -> logit_bias -> repetition_penalty
+    -> frequency/presence -> min_tokens (mask EOS) -> temperature -> top_k -> top_p -> min_p
 Filtered tokens are set to -inf (HF's default `filter_value`), so softmax gives them
 probability exactly 0 and they can never be drawn.
 
@@ -143,16 +143,30 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Tokens outside `allowed` ((vocab,) bool, a grammar's mask) get -inf."""
+    if allowed is None:
+        return logits
+    if allowed.shape != logits.shape or allowed.dtype != torch.bool:
+        raise ValueError(f"apply_allowed: the mask must be bool of shape {tuple(logits.shape)}, "
+                         f"got {allowed.dtype} {tuple(allowed.shape)}")
+    if not bool(allowed.any()):
+        raise ValueError("the grammar allows no token here")
+    return logits.masked_fill(~allowed, NEG_INF)
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams,
                    prompt_ids: Sequence[int] | torch.Tensor,
                    output_ids: Sequence[int] | torch.Tensor,
-                   eos_ids: Iterable[int] = ()) -> torch.Tensor:
+                   eos_ids: Iterable[int] = (),
+                   allowed: torch.Tensor | None = None) -> torch.Tensor:
     """All of `params`' logits transformations for one sequence; returns a new [vocab] fp32
     tensor (the input is left untouched). `eos_ids` (and params.stop_token_ids) are
-    masked while len(output_ids) < params.min_tokens."""
+    masked while len(output_ids) < params.min_tokens. `allowed`: the grammar's mask, applied
+    first (a structured-output request), so every later step sees only allowed tokens."""
     if logits.dim() != 1:
         raise ValueError(f"process_logits: expected 1-D logits [vocab], got shape {tuple(logits.shape)}")
-    x = logits.float()
+    x = apply_allowed(logits.float(), allowed)
     x = apply_logit_bias(x, params.logit_bias)
     if params.repetition_penalty != 1.0:
         x = apply_repetition_penalty(x, _concat_ids(prompt_ids, output_ids), params.repetition_penalty)
@@ -268,6 +282,7 @@ def plain_greedy(params: SamplingParams, num_output: int) -> bool:
     wanted: greedy, and nothing in process_logits would change a logit."""
     p = params
     return (p.greedy and p.logprobs is None and not p.logit_bias
+            and p.structured_outputs is None
             and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
             and p.presence_penalty == 0.0 and num_output >= p.min_tokens)
 

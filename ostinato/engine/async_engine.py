@@ -148,9 +148,13 @@ class AsyncEngine:
         """Yield the request's deltas until all its choices finish. Leaving early (break,
         task cancelled because the client went away) aborts it and frees its KV blocks.
         fault: only with enable_fault_injection(), fail this request on purpose."""
+        grammar = None
+        if params.structured_outputs is not None:     # compiled here, not on the engine thread
+            grammar = await asyncio.to_thread(self.engine.grammars.compile,
+                                              params.structured_outputs)
         req = _Request(asyncio.Queue(), asyncio.get_running_loop(), params.n,
                        fault=fault and self._fault_hook)
-        self._submit(("add", request_id, list(prompt_ids), params, req))
+        self._submit(("add", request_id, list(prompt_ids), params, req, grammar))
         done = False
         try:
             while (item := await req.queue.get()) is not _END:
@@ -193,9 +197,9 @@ class AsyncEngine:
             self._publish(0, applied_adds=sum(cmd[0] == "add" for cmd in cmds))
         return True
 
-    def _add(self, request_id: str, prompt_ids, params, req: _Request) -> None:
+    def _add(self, request_id: str, prompt_ids, params, req: _Request, grammar) -> None:
         try:
-            self.engine.add_request(prompt_ids, params, request_id)
+            self.engine.add_request(prompt_ids, params, request_id, grammar)
         except Exception as e:              # e.g. prompt too long: this request only
             req.put(e)
             return

@@ -6,8 +6,9 @@ import itertools
 from dataclasses import dataclass, field
 
 from ..params import SamplingParams
+from ..structured import Grammar, GrammarCompiler
 from .output_processor import OutputProcessor, SeqDelta
-from .runner import ModelRunner, SeqResult
+from .runner import ModelRunner, SamplerState, SeqResult
 from .scheduler import Scheduler
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence
 from .stats import StepSeries
@@ -40,10 +41,16 @@ class Engine:
         self.seqs: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
+        # structured output: thread-safe, its vocabulary built on first use
+        self.grammars = GrammarCompiler(output.tok, runner.eos_ids, runner.model.cfg.vocab_size)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, grammar: Grammar | None = None) -> str:
+        """grammar: params.structured_outputs compiled (AsyncEngine compiles it on another
+        thread); without it the constraint is compiled here."""
         request_id = request_id or f"req-{next(self._ids)}"
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.grammars.compile(params.structured_outputs)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         room = self.max_model_len - len(prompt_ids)
@@ -53,6 +60,8 @@ class Engine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs = [self._new_seq(request_id, i, prompt_ids, params, max_tokens)
                 for i in range(params.n)]
+        for seq in seqs if grammar is not None else ():
+            seq.sampler_state = SamplerState(constraint=grammar.new_constraint())
         self.seqs[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)

@@ -5,6 +5,7 @@ The only place the engine touches torch. Owns the KV cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,17 @@ from ..sampling import (greedy_choices, make_generator, plain_greedy, process_lo
                         top_logprobs)
 from .pooling import pool_rows
 from .sequence import ScheduledSeq, SchedulerOutput
+
+if TYPE_CHECKING:
+    from ..structured import Constraint
+
+
+@dataclass
+class SamplerState:
+    """A sequence's sampling state (Sequence.sampler_state): its RNG, made on first use, and
+    its grammar's state when the output is constrained (params.structured_outputs)."""
+    generator: torch.Generator | None = None
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -126,11 +138,15 @@ class ModelRunner:
             return res
         if logits is None:
             logits = self.model.compute_logits(hidden[-1:])[0]
-        if seq.sampler_state is None:
-            seq.sampler_state = make_generator(seq.params.seed)
+        st = seq.sampler_state = seq.sampler_state or SamplerState()
+        if st.generator is None:
+            st.generator = make_generator(seq.params.seed)
+        allowed = None if st.constraint is None else torch.from_numpy(st.constraint.allowed())
         processed = process_logits(logits, seq.params, seq.prompt_ids, seq.output_ids,
-                                   eos_ids=self.eos_ids)
-        token = sample(processed, seq.params, seq.sampler_state)
+                                   eos_ids=self.eos_ids, allowed=allowed)
+        token = sample(processed, seq.params, st.generator)
+        if st.constraint is not None:
+            st.constraint.advance(token)
         k = seq.params.logprobs or 0
         lp = top_logprobs(logits, k, token)
         res.token_id, res.logprob = token, lp[token].logprob

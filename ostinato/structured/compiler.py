@@ -1,0 +1,138 @@
+"""Constraint specs -> compiled grammars, off the engine thread, time-limited and cached."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+
+import llguidance
+from llguidance.gbnf_to_lark import any_to_lark
+
+from ..params import StructuredOutputsParams
+from ..tokenizer import Tokenizer
+from .constraint import Constraint
+from .vocab import llg_tokenizer
+
+log = logging.getLogger("ostinato.structured")
+
+# Whitespace a JSON schema allows between two tokens of the JSON: at most one line break
+# and 20 spaces or tabs of indentation (pretty-printing to depth 5), none before the value
+# or after it, so a model cannot loop on newlines.
+JSON_WHITESPACE = r"(?:\r?\n)?[ \t]{0,20}"
+# lenient off: a schema keyword llguidance does not implement is an error, never ignored
+JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE, "lenient": False}
+COMPILE_TIMEOUT_S = 5.0     # longer is a 400: the schema is too complex
+_MAX_ERROR_CHARS = 600
+
+
+class GrammarError(ValueError):
+    """The constraint cannot be compiled: invalid, unsupported or too complex."""
+
+
+class Grammar:
+    """A compiled constraint: the matcher in its initial state, copied per sequence."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, compile_s: float):
+        self._matcher, self.vocab_size, self.compile_s = matcher, vocab_size, compile_s
+
+    def new_constraint(self) -> Constraint:
+        return Constraint(self._matcher.deep_copy(), self.vocab_size)
+
+
+class GrammarCompiler:
+    """One per engine. compile() may be called from any thread; the vocabulary is built on
+    first use (0.3-1 s) and compiled grammars are kept by their text (LRU)."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_ids, vocab_size: int,
+                 timeout_s: float = COMPILE_TIMEOUT_S, cache_size: int = 64):
+        self.tokenizer, self.eos_ids = tokenizer, sorted(eos_ids)
+        self.vocab_size, self.timeout_s, self.cache_size = vocab_size, timeout_s, cache_size
+        self._lock = threading.Lock()
+        self._llg_tok: llguidance.LLTokenizer | None = None
+        self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ostinato-grammar")
+
+    def llg_tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._llg_tok is None:
+                self._llg_tok = llg_tokenizer(self.tokenizer, self.eos_ids, self.vocab_size)
+            return self._llg_tok
+
+    def cached(self, spec: StructuredOutputsParams) -> Grammar | None:
+        with self._lock:
+            g = self._cache.get(spec.key())
+            if g is not None:
+                self._cache.move_to_end(spec.key())
+            return g
+
+    def compile(self, spec: StructuredOutputsParams) -> Grammar:
+        """The compiled grammar of `spec`; GrammarError when it is invalid, uses a feature
+        llguidance does not implement, or takes longer than timeout_s to compile."""
+        grammar = self.cached(spec)
+        if grammar is not None:
+            return grammar
+        text = grammar_text(spec)
+        tok = self.llg_tokenizer()          # once per model, not counted in the time limit
+        t0 = time.perf_counter()
+        future = self._pool.submit(_build, tok, text, spec.kind)
+        try:
+            matcher = future.result(timeout=self.timeout_s)
+        except FutureTimeout:   # the worker runs on, bounded by llguidance's fuel limits
+            raise GrammarError(f"{spec.kind}: compiling it took longer than "
+                               f"{self.timeout_s:g} s; simplify it") from None
+        grammar = Grammar(matcher, self.vocab_size, time.perf_counter() - t0)
+        with self._lock:
+            self._cache[spec.key()] = grammar
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return grammar
+
+
+def _build(tok: llguidance.LLTokenizer, text: str, kind: str) -> llguidance.LLMatcher:
+    matcher = llguidance.LLMatcher(tok, text, log_level=0)
+    if matcher.is_error():
+        raise GrammarError(f"{kind}: {_short(matcher.get_error())}")
+    return matcher
+
+
+def grammar_text(spec: StructuredOutputsParams) -> str:
+    """llguidance's grammar for one constraint (not yet checked: _build does that)."""
+    kind, value = spec.kind, spec.value
+    if kind in ("json", "json_object"):
+        return _json_grammar(value if kind == "json" else {"type": "object"})
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(value)
+    if kind == "choice":
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
+    try:        # Lark as it is; GBNF (a `::=` rule) converted to Lark
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(value))
+    except Exception as e:
+        raise GrammarError(f"grammar: not a valid Lark or GBNF grammar: {_short(str(e))}") \
+            from None
+
+
+def _json_grammar(schema) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise GrammarError(f"json: the schema is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise GrammarError(f"json: a schema is an object or a boolean, not "
+                           f"{type(schema).__name__}")
+    if isinstance(schema, dict) and "x-guidance" in schema:
+        raise GrammarError("json: x-guidance (llguidance's own options) is not accepted: "
+                           "the server sets the whitespace and strictness")
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except (ValueError, TypeError) as e:
+        raise GrammarError(f"json: {_short(str(e))}") from None
+
+
+def _short(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3] + "..."
