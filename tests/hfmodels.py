@@ -1,0 +1,121 @@
+"""Variants of the tiny Hugging Face folders tests/randmodels.py builds, for tests of the
+safetensors-folder loader (tests/test_hf_folder.py): resharded with an index, converted to
+bf16, config.json edited, hostile safetensors headers. A small safetensors writer of our own
+(the format: 8-byte little-endian header length, a JSON header, the tensors' bytes) so that
+bf16 and deliberately wrong headers can be written without torch."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+_ITEM = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def read_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """{name: (dtype, shape, bytes)} of every safetensors file in the folder."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        data = f.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8:8 + n])
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = info["data_offsets"]
+            out[name] = (info["dtype"], tuple(info["shape"]), data[8 + n + lo:8 + n + hi])
+    return out
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]],
+                      header_patch: dict | None = None) -> Path:
+    """Write tensors; header_patch {name: {field: value}} overrides header fields (to forge)."""
+    header, blobs, pos = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + len(raw)]}
+        blobs.append(raw)
+        pos += len(raw)
+    for name, fields in (header_patch or {}).items():
+        header[name].update(fields)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    return Path(path)
+
+
+def copy_folder(src: Path, dst: Path, weights: bool = True) -> Path:
+    """The folder's config/tokenizer files (and its safetensors files if weights)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.is_file() and (weights or not f.name.endswith((".safetensors", ".index.json"))):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def reshard(src: Path, dst: Path, n_shards: int = 3) -> Path:
+    """The same tensors in n_shards files with a model.safetensors.index.json."""
+    dst = copy_folder(src, dst, weights=False)
+    items = sorted(read_tensors(src).items())
+    weight_map = {}
+    for k in range(n_shards):
+        name = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = dict(items[k::n_shards])
+        write_safetensors(dst / name, part)
+        weight_map |= {t: name for t in part}
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def bf16_pair(src: Path, dst: Path) -> tuple[Path, Path]:
+    """(bf16 folder, f32 folder holding the very same values): every F32 tensor rounded to
+    bf16 (round to nearest even), stored once as BF16 and once widened back to F32."""
+    bf, f32 = copy_folder(src, dst / "bf16", False), copy_folder(src, dst / "f32", False)
+    as_bf16, as_f32 = {}, {}
+    for name, (dtype, shape, raw) in read_tensors(src).items():
+        assert dtype == "F32"
+        bits = np.frombuffer(raw, dtype="<u4")
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        as_bf16[name] = ("BF16", shape, rounded.tobytes())
+        as_f32[name] = ("F32", shape, (rounded.astype("<u4") << 16).tobytes())
+    write_safetensors(bf / "model.safetensors", as_bf16)
+    write_safetensors(f32 / "model.safetensors", as_f32)
+    return bf, f32
+
+
+def edit_config(src: Path, dst: Path, **changes) -> Path:
+    dst = copy_folder(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def ostinato_llm(path, **kw):
+    """An LLM with a float32 KV cache (exactness bars), one prompt per step."""
+    from ostinato import LLM
+    return LLM(path, max_model_len=256, kv_cache_gb=0.01, enable_prefix_caching=False,
+               kv_cache_dtype="float32", **kw)
+
+
+def logits_of(llm, ids: list[int]) -> np.ndarray:
+    """(T, vocab) logits at every position of `ids`, from one prefill step."""
+    from ostinato import SamplingParams
+    runner, seen = llm.engine.runner, []
+    forward = runner.forward
+
+    def spy(*args):
+        hidden = forward(*args)
+        seen.append(hidden.clone())
+        return hidden
+    runner.forward = spy
+    try:
+        llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))
+    finally:
+        runner.forward = forward
+    assert seen[0].shape[0] == len(ids), "the prompt did not run as one step"
+    return runner.model.compute_logits(seen[0]).numpy()

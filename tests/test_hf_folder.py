@@ -1,0 +1,282 @@
+"""Hugging Face safetensors folders (ostinato/loader/hf.py): every family of
+tests/randmodels.py, loaded from its HF folder, is the GGUF llama.cpp's converter makes of it
+(same keys, same tensor bytes), gives the GGUF-f32 file's logits bit for bit and transformers'
+within 1e-4; sharding and bf16 change nothing they should not; --quantize q8_0 writes the
+converter's q8_0 bytes; the quantizer equals gguf-py's on random matrices; and what the loader
+cannot honour (config keys, missing shards, lying headers, pickles) is refused in one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hfmodels import (bf16_pair, edit_config, logits_of, ostinato_llm, read_tensors, reshard,
+                      write_safetensors)
+from ostinato.errors import ModelFileError
+from ostinato.loader.gguf import read_gguf
+from ostinato.loader.hf import read_hf_folder
+from randmodels import FAMILIES, build, converter_dir, convert_with_llamacpp, test_ids
+
+F32_BOUND = 1e-4          # against transformers fp32 (as tests/test_families.py)
+# keys of the GGUF the folder need not reproduce: the file's own name/type/version, and the
+# tokenizer's scores and types (checked through tokenization instead: ours are merge ranks,
+# randmodels' writer has its own; an added token HF calls special is CONTROL here)
+NOT_COMPARED = ("general.", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build(f, root) for f in FAMILIES}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, np.ndarray)) or isinstance(b, (list, np.ndarray)):
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    return a == b
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_folder_is_the_gguf(tiny, family):
+    """Every metadata key and every tensor (name, type, shape, bytes) of the GGUF-f32 file."""
+    m = tiny[family]
+    hf, gf = read_hf_folder(m.hf_dir), read_gguf(m.ggufs["f32"])
+    keys = {k for k in set(hf.metadata) | set(gf.metadata) if not k.startswith(NOT_COMPARED)}
+    differ = sorted(k for k in keys if not _same(hf.metadata.get(k), gf.metadata.get(k)))
+    assert not differ, [(k, hf.metadata.get(k), gf.metadata.get(k)) for k in differ]
+    assert set(hf.tensors) == set(gf.tensors)
+    for name, info in gf.tensors.items():
+        t = hf.tensors[name]
+        assert (t.type_name, t.shape) == (info.type_name, info.shape), name
+        assert np.array_equal(hf.raw(name), gf.raw(name)), name
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_equal_gguf_bits_and_transformers(tiny, family):
+    m = tiny[family]
+    ids = test_ids(m)
+    got = logits_of(ostinato_llm(m.hf_dir), ids)
+    gguf = logits_of(ostinato_llm(m.ggufs["f32"]), ids)
+    assert np.array_equal(got, gguf), np.abs(got - gguf).max()
+    ref = m.hf_logits(ids)
+    assert ref.std(axis=-1).min() > 0.5, "the checkpoint's logits are near uniform"
+    err = np.abs(got - ref).max()
+    print(f"{family}: folder == GGUF-f32 bit for bit; max |Δ| vs transformers {err:.2e}")
+    assert err <= F32_BOUND, err
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tokenizer_equals_gguf_and_hf(tiny, family):
+    """The folder's tokenizer.json, turned into GGUF keys, tokenizes as the GGUF's vocabulary
+    and as the `tokenizers` package does on tokenizer.json itself."""
+    from tokenizers import Tokenizer as HFTok
+
+    from ostinato.tokenizer import Tokenizer
+    m = tiny[family]
+    ours = Tokenizer.from_gguf(read_hf_folder(m.hf_dir).metadata)
+    gguf = Tokenizer.from_gguf(read_gguf(m.ggufs["f32"]).metadata)
+    hf = HFTok.from_file(str(m.hf_dir / "tokenizer.json"))
+    texts = ["Hello world", "the quick brown fox jumps over the lazy dog", " two  spaces",
+             "über 0123456789 ok?", "the river\nflows\tinto the sea", "unknown ✓ bytes"]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == gguf.encode(text), text
+        assert ids == hf.encode(text).ids, text
+        assert ours.decode(ids, skip_special_tokens=True) == gguf.decode(
+            ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sharded_folder_gives_the_same_bits(tiny, family, tmp_path):
+    m = tiny[family]
+    sharded = reshard(m.hf_dir, tmp_path / "sharded", n_shards=3)
+    assert len(list(sharded.glob("*.safetensors"))) == 3
+    ids = test_ids(m)
+    a = logits_of(ostinato_llm(m.hf_dir), ids)
+    b = logits_of(ostinato_llm(sharded), ids)
+    assert np.array_equal(a, b)
+
+
+def test_bf16_runs_as_stored(tiny, tmp_path):
+    """A bf16 folder keeps BF16 matrices (norms F32) and gives the same bits as an f32 folder
+    holding the same values."""
+    m = tiny["llama"]
+    bf, f32 = bf16_pair(m.hf_dir, tmp_path)
+    hf = read_hf_folder(bf)
+    types = {t.type_name for n, t in hf.tensors.items() if len(t.shape) == 2}
+    assert types == {"BF16"}
+    assert hf.tensors["output_norm.weight"].type_name == "F32"
+    ids = test_ids(m)
+    a, b = logits_of(ostinato_llm(bf), ids), logits_of(ostinato_llm(f32), ids)
+    assert np.array_equal(a, b)
+    assert np.abs(a - logits_of(ostinato_llm(m.hf_dir), ids)).max() > 1e-4  # bf16 did round
+
+
+@pytest.fixture(scope="module")
+def converter_q8(tiny, tmp_path_factory):
+    """{family: q8_0 GGUF} written by llama.cpp's own convert_hf_to_gguf.py where its
+    source is cached; else randmodels' q8_0 files (gguf-py's quantizer, checked against the
+    converter by tests/test_randmodels.py)."""
+    conv = converter_dir()
+    if conv is None:
+        return {f: m.ggufs["q8_0"] for f, m in tiny.items()}, "randmodels (gguf-py)"
+    out = tmp_path_factory.mktemp("conv")
+    jobs = [(m.hf_dir, "q8_0", out / f"{f}-conv-q8_0.gguf") for f, m in tiny.items()]
+    convert_with_llamacpp(jobs, conv)
+    return {f: p for (_, _, p), f in zip(jobs, tiny)}, "convert_hf_to_gguf.py"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_quantize_q8_0_equals_the_converter(tiny, converter_q8, family):
+    files, made_by = converter_q8
+    m = tiny[family]
+    hf, gf = read_hf_folder(m.hf_dir, quantize="q8_0"), read_gguf(files[family])
+    assert set(hf.tensors) == set(gf.tensors)
+    n_q8 = 0
+    for name, info in gf.tensors.items():
+        assert hf.tensors[name].type_name == info.type_name, name
+        assert np.array_equal(hf.raw(name), gf.raw(name)), name
+        n_q8 += info.type_name == "Q8_0"
+    assert n_q8 >= 3
+    print(f"{family}: {n_q8} Q8_0 tensors equal byte for byte to {made_by}'s")
+    ids = test_ids(m)
+    a = logits_of(ostinato_llm(m.hf_dir, quantize="q8_0"), ids)
+    b = logits_of(ostinato_llm(m.ggufs["q8_0"]), ids)
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_quantizer_bytes_equal_gguf_py(qtype):
+    """Random rows at several scales, plus the edge cases: all-zero blocks, constant blocks,
+    +-max ties, halves that round away from zero."""
+    import gguf
+    from gguf.quants import quantize as reference
+
+    from ostinato.loader.quantize import quantize
+    rng = np.random.default_rng(7)
+    for scale in (1e-4, 1.0, 300.0):
+        x = (rng.standard_normal((48, 256)) * scale).astype(np.float32)
+        x[0, :32] = 0
+        x[1, :32] = 0.25
+        x[2, :32] = np.linspace(-1, 1, 32)
+        x[3, :32] = np.arange(32) - 15.5          # exact halves after scaling for Q8_0
+        x[4, 3], x[4, 9] = 5.0, -5.0               # a tie of magnitudes
+        got = quantize(x, qtype)
+        want = reference(x, gguf.GGMLQuantizationType[qtype])
+        assert got.shape == want.shape and np.array_equal(got, want), (qtype, scale)
+
+
+def test_quantize_refusals(tiny):
+    m = tiny["llama"]
+    with pytest.raises(ModelFileError, match="K-quants"):
+        read_hf_folder(m.hf_dir, quantize="q4_k")
+    with pytest.raises(ModelFileError, match="unknown type"):
+        read_hf_folder(m.hf_dir, quantize="q3")
+    with pytest.raises(ValueError, match="applies to a Hugging Face safetensors folder"):
+        ostinato_llm(m.ggufs["f32"], quantize="q8_0")
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, named", [
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_type 'dynamic'"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"sliding_window": 16}, "sliding_window"),
+    ({"architectures": ["FalconForCausalLM"]}, "FalconForCausalLM"),
+])
+def test_config_key_not_implemented_is_refused(tiny, tmp_path, change, named):
+    folder = edit_config(tiny["llama"].hf_dir, tmp_path / "edited", **change)
+    with pytest.raises(ModelFileError, match=named) as e:
+        read_hf_folder(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_shard_is_refused(tiny, tmp_path):
+    sharded = reshard(tiny["llama"].hf_dir, tmp_path / "sharded", n_shards=3)
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(ModelFileError, match="model-00002-of-00003.safetensors.*missing"):
+        read_hf_folder(sharded)
+
+
+def test_index_naming_a_path_outside_the_folder_is_refused(tiny, tmp_path):
+    sharded = reshard(tiny["llama"].hf_dir, tmp_path / "sharded", n_shards=2)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../model-00001-of-00002.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFileError, match="not a .safetensors file name in the folder"):
+        read_hf_folder(sharded)
+
+
+@pytest.mark.parametrize("lie", [
+    {"data_offsets": [0, 1 << 40]},                 # beyond the file
+    {"shape": [4096, 4096]},                        # more elements than its bytes
+    {"dtype": "I64"},                               # a type we do not run
+])
+def test_lying_safetensors_header_is_refused(tiny, tmp_path, lie):
+    folder = tiny["llama"].hf_dir
+    bad = edit_config(folder, tmp_path / "bad")
+    (bad / "model.safetensors").unlink()
+    tensors = read_tensors(folder)
+    write_safetensors(bad / "model.safetensors", tensors,
+                      header_patch={"model.norm.weight": lie})
+    with pytest.raises(ModelFileError, match="model.safetensors") as e:
+        hf = read_hf_folder(bad)
+        [hf.raw(n) for n in hf.tensors]
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_safetensors_is_refused(tiny, tmp_path):
+    bad = edit_config(tiny["llama"].hf_dir, tmp_path / "bad")
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ModelFileError, match="not a valid safetensors file"):
+        read_hf_folder(bad)
+
+
+def test_pickle_checkpoint_is_refused_unopened(tiny, tmp_path):
+    """A folder with only pytorch_model.bin: refused by name; the file is never read (it
+    would run code when unpickled: here it is not even a pickle)."""
+    folder = edit_config(tiny["llama"].hf_dir, tmp_path / "pickled")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ModelFileError, match="pytorch_model.bin.*never unpickles"):
+        read_hf_folder(folder)
+
+
+def test_tensor_the_mapping_does_not_know_is_refused(tiny, tmp_path):
+    folder = tiny["llama"].hf_dir
+    bad = edit_config(folder, tmp_path / "extra")
+    tensors = read_tensors(folder)
+    tensors["model.layers.0.self_attn.rotary_scale"] = ("F32", (4,), bytes(16))
+    write_safetensors(bad / "model.safetensors", tensors)
+    with pytest.raises(ModelFileError, match="rotary_scale.*not used"):
+        read_hf_folder(bad)
+
+
+def test_generation_config_eos_list_ends_generation(tiny, tmp_path):
+    m = tiny["llama"]
+    folder = edit_config(m.hf_dir, tmp_path / "eos")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    llm = ostinato_llm(folder)
+    assert {2, 7} <= set(llm.tokenizer.eos_token_ids)
+
+
+def test_cli_generates_from_a_folder_with_quantize(tiny):
+    m = tiny["llama"]
+    r = subprocess.run([sys.executable, "-m", "ostinato", "generate", "-m", str(m.hf_dir),
+                        "--quantize", "q8_0", "-p", "the quick brown", "--max-tokens", "4",
+                        "--temperature", "0", "--ignore-eos"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(llama, 2 layers)" in r.stderr
+    bad = subprocess.run([sys.executable, "-m", "ostinato", "generate", "-m", str(m.ggufs["f32"]),
+                          "--quantize", "q8_0", "-p", "x"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "applies to a Hugging Face safetensors folder" in bad.stderr
