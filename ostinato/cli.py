@@ -78,8 +78,13 @@ def _add_command(sub, name: str) -> argparse.ArgumentParser:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"embedded model name ({', '.join(EMBEDDED)}) or a path to a .gguf file "
+                   help=f"embedded model name ({', '.join(EMBEDDED)}), a path to a .gguf file "
+                        f"or to a Hugging Face folder (config.json + safetensors) "
                         f"(default: {DEFAULT_MODEL}); a known name is pulled on first use")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="quantize a Hugging Face folder's weight matrices at load, with "
+                        "llama.cpp's block arithmetic: q8_0, q4_0, q4_1, q5_0, q5_1 (default: "
+                        "keep F32/F16/BF16 as stored); refused for a .gguf file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: min(context, 8192))")
@@ -232,7 +237,7 @@ def load_llm(a):
     # a bar on a terminal only (disable=None): logs and pipes keep their one-line messages
     with _byte_bar("loading weights") as bar, report_progress(bar.to):
         llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend,
-                  kv_cache_dtype=a.kv_cache_dtype)
+                  kv_cache_dtype=a.kv_cache_dtype, quantize=a.quantize)
     print(f"loaded {llm.model_name} ({llm.config.arch}, {llm.config.n_layers} layers) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return llm
@@ -389,7 +394,7 @@ def cmd_serve(a) -> None:
                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                kv_cache_gb=a.kv_cache_gb, backend=a.backend, kv_cache_dtype=a.kv_cache_dtype,
                allowed_origins=a.allowed_origins,
-               pooling=a.pooling)
+               pooling=a.pooling, quantize=a.quantize)
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "generate": cmd_generate,

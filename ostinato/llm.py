@@ -22,6 +22,7 @@ from .engine.sequence import Sequence
 from .hub import model_name, resolve_model
 from .kernels.backend import make_ops
 from .loader.gguf import GGUFFile, read_gguf
+from .loader.hf import HFFolder, is_hf_folder, read_hf_folder
 from .loader.weights import logical_tensors
 from .model.config import ModelConfig
 from .model.transformer import Transformer, stacked_groups, tensor_shapes
@@ -35,7 +36,21 @@ DEFAULT_MAX_MODEL_LEN = 8192
 log = logging.getLogger("ostinato.model")
 
 
-def load_model(gf: GGUFFile, cfg: ModelConfig, backend: str,
+def open_model(model: str | os.PathLike, quantize: str | None = None
+               ) -> tuple[Path, GGUFFile | HFFolder]:
+    """(path, file): a Hugging Face folder (config.json + safetensors) read as its GGUF
+    would be, optionally quantized at load; else a GGUF file or an embedded model's name."""
+    if is_hf_folder(model):
+        return Path(model), read_hf_folder(model, quantize)
+    if quantize is not None:
+        raise ValueError(f"quantize={quantize!r} applies to a Hugging Face safetensors folder; "
+                         f"a GGUF file's tensors run in the types it holds (requantize it with "
+                         f"llama.cpp's llama-quantize)")
+    path = resolve_model(model)
+    return path, read_gguf(path)
+
+
+def load_model(gf: GGUFFile | HFFolder, cfg: ModelConfig, backend: str,
                kv_cache_dtype: str = "float16") -> tuple[Transformer, list[str]]:
     """The file's logical tensors, packed by the backend, under the one decoder. Returns the
     model and a line per slower path the file forces (each also logged as a warning)."""
@@ -54,15 +69,18 @@ class LLM:
                  threads: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  block_size: int = 16, kv_cache_gb: float = 1.0, backend: str = "kernels",
-                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "float16"):
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "float16",
+                 quantize: str | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.backend = backend
-        self.model_path: Path = resolve_model(model)
+        self.model_path, gf = open_model(model, quantize)
+        self.quantize = quantize
         self.model_name = model_name(str(model))
-        gf = read_gguf(self.model_path)
         self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path), set(gf.tensors))
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
+        if isinstance(gf, HFFolder) and gf.extra_eos_ids:   # generation_config.json's eos list
+            self.tokenizer.eos_token_ids = self.tokenizer.eos_token_ids | set(gf.extra_eos_ids)
         model_, self.slow_paths = load_model(gf, self.config, backend, kv_cache_dtype)
         gf.close()
         self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
@@ -102,7 +120,9 @@ class LLM:
         `system_fingerprint`: 'fp_' + 12 hex digits of a hash over the model file's bytes,
         the kernel build (the compiled extension's bytes) and this package's version. Equal
         fingerprints, equal results. Reads the whole model file (about 1 s per GB)."""
-        return system_fingerprint(_file_sha256(self.model_path), self._kernel_build())
+        model = _file_sha256(self.model_path) if self.model_path.is_file() \
+            else _folder_sha256(self.model_path) + f"|quantize={self.quantize}"
+        return system_fingerprint(model, self._kernel_build())
 
     def _kernel_build(self) -> str:
         if self.backend != "kernels":
@@ -205,6 +225,14 @@ def system_fingerprint(model_sha256: str, kernel_build: str) -> str:
     from . import __version__
     h = hashlib.sha256(f"{model_sha256}|{kernel_build}|{__version__}".encode())
     return "fp_" + h.hexdigest()[:12]
+
+
+def _folder_sha256(path: Path) -> str:
+    """A hash over a model folder's files (names and contents), in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        h.update(f"{f.name}:{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

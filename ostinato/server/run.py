@@ -22,7 +22,8 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
     import uvicorn
 
     from ..hub import EMBEDDED, model_name, resolve_model
-    if model not in EMBEDDED:
+    from ..loader.hf import is_hf_folder
+    if model not in EMBEDDED and not is_hf_folder(model):
         resolve_model(model)            # a missing file fails now, not in the background
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
