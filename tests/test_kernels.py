@@ -134,7 +134,7 @@ def test_quantized_activations_edge_cases(k):
 def test_qkv_rope_cache_rejects_a_slot_outside_the_cache(k):
     from ostinato.model.config import Rope
     from ostinato.model.layers import rope_inv_freq, rope_tables
-    cos, sin = rope_tables(torch.tensor([0, 1]), rope_inv_freq(64, Rope(10000.0)))
+    cos, sin = rope_tables(torch.tensor([0, 1]), rope_inv_freq(Rope(10000.0, 64)))
     kc, vc = k.new_kv_cache(2, 16, 1, 64)
     qkv = torch.randn(2, 3 * 64)
     with pytest.raises(RuntimeError, match="slot out of range"):
@@ -299,7 +299,7 @@ def test_qkv_rope_cache_matches_the_torch_reference(k, neox, qk_norm):
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(T, (H + 2 * KV) * D, generator=g)
     qn, kn = (torch.randn(D, generator=g), torch.randn(D, generator=g)) if qk_norm else (None, None)
-    cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(D, Rope(10000.0)))
+    cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(Rope(10000.0, D)))
     slots = torch.tensor([5, 6, 7, 20, 21, 40, 47])
     ref_ops = TorchOps()
     ours, theirs = k.new_kv_cache(3, 16, KV, D), ref_ops.new_kv_cache(3, 16, KV, D)

@@ -71,8 +71,8 @@ def test_the_unchanged_copy_loads(files, tmp_path):
 
 def test_an_unknown_metadata_key_is_refused(files, tmp_path):
     path = rewrite(files["llama"], tmp_path / "softcap.gguf",
-                   {"llama.attn_logit_softcapping": (30.0, T.FLOAT32)})
-    refused(path, "llama.attn_logit_softcapping", "30.0", "not implemented")
+                   {"llama.router_logit_softcapping": (30.0, T.FLOAT32)})
+    refused(path, "llama.router_logit_softcapping", "30.0", "not implemented")
 
 
 def test_a_known_feature_at_its_neutral_value_loads(files, tmp_path):
@@ -81,9 +81,19 @@ def test_a_known_feature_at_its_neutral_value_loads(files, tmp_path):
     LLM(path, max_model_len=64, kv_cache_gb=0.01)
 
 
-def test_experts_are_refused(files, tmp_path):
-    path = rewrite(files["llama"], tmp_path / "moe.gguf", {"llama.expert_count": (8, T.UINT32)})
-    refused(path, "llama.expert_count", "8")
+def test_experts_of_an_unimplemented_kind_are_refused(files, tmp_path):
+    """Softmax routing is implemented; sigmoid gating (DeepSeek V3's) and shared experts are
+    not; experts the metadata promises must be in the file."""
+    sigmoid = rewrite(files["llama"], tmp_path / "sigmoid.gguf",
+                      {"llama.expert_count": (8, T.UINT32), "llama.expert_used_count": (2, T.UINT32),
+                       "llama.expert_gating_func": (2, T.UINT32)})
+    refused(sigmoid, "llama.expert_gating_func", "2")
+    shared = rewrite(files["llama"], tmp_path / "shared.gguf",
+                     {"llama.expert_shared_count": (1, T.UINT32)})
+    refused(shared, "llama.expert_shared_count", "1")
+    missing = rewrite(files["llama"], tmp_path / "moe.gguf",
+                      {"llama.expert_count": (8, T.UINT32), "llama.expert_used_count": (2, T.UINT32)})
+    refused(missing, "blk.0.ffn_down.weight", "not used")   # dense tensors where experts should be
 
 
 def test_an_unimplemented_rope_scaling_is_refused(files, tmp_path):
@@ -105,10 +115,13 @@ def test_a_scaling_factor_is_acted_on_or_refused(files, tmp_path):
     refused(none, "llama.rope.scaling.factor", "'none'")
 
 
-def test_rotary_over_part_of_a_head_is_refused(files, tmp_path):
+def test_rotary_over_part_of_a_head_is_read_and_an_impossible_one_refused(files, tmp_path):
     path = rewrite(files["llama"], tmp_path / "partial.gguf",
                    {"llama.rope.dimension_count": (16, T.UINT32)})
-    refused(path, "llama.rope.dimension_count", "16")
+    assert _config(path).ropes[0].dim == 16
+    path = rewrite(files["llama"], tmp_path / "wide.gguf",
+                   {"llama.rope.dimension_count": (48, T.UINT32)})
+    refused(path, "llama.rope.dimension_count", "48")
 
 
 def test_value_heads_of_another_width_are_refused(files, tmp_path):

@@ -114,9 +114,8 @@ class CpuKernels:
         multiplies by the same input (q|k|v, gate|up) stacked into one where their layouts
         agree. Returns the weights and a line per group that could not be stacked (it then
         costs a matmul per part and a copy: the caller says so in the log)."""
-        weights = convert_each(
-            tensors, lambda t: QWeight.from_packed(repack_raw(t.raw, t.type_name, *t.shape)),
-            lambda t: torch.from_numpy(t.dequantize()), progress)
+        weights = convert_each(tensors, _repack, lambda t: torch.from_numpy(t.dequantize()),
+                               progress)
         return weights, stack_groups(weights, groups, {n: t.type_name for n, t in tensors.items()})
 
     def embed(self, table: QWeight, ids: torch.Tensor) -> torch.Tensor:
@@ -142,6 +141,21 @@ class CpuKernels:
     def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return x + h
 
+    def bias(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        """x plus the biases of its parts side by side (one float add: the executor's bits)."""
+        return x + torch.cat(parts)
+
+    def scale(self, x: torch.Tensor, s: float) -> torch.Tensor:
+        return x * torch.tensor(s, dtype=torch.float32)
+
+    def moe(self, x, router: QWeight, gate: list, up: list, down: list[QWeight], k: int,
+            norm: bool, act: str) -> torch.Tensor:
+        """Routed experts (csrc/moe.h): x (T, d) -> (T, d)."""
+        gate_up, up_ = expert_mats(gate, up)
+        return self.ops.moe(x.contiguous(), qw_of(router), [qw_of(w) for w in gate_up],
+                            [qw_of(w) for w in up_], [qw_of(w) for w in down], k, int(norm),
+                            int(act != "silu"), int(self.quantize_activations))
+
     def gated_act(self, gate_up: torch.Tensor, act: str) -> torch.Tensor:
         """act(gate) * up, gate and up the two halves of each row (no copies)."""
         F = gate_up.shape[-1] // 2
@@ -150,16 +164,19 @@ class CpuKernels:
     def qkv_rope_cache(self, qkv, q_norm, k_norm, eps, cos, sin, neox, n_heads, k_cache, v_cache,
                        slots) -> torch.Tensor:
         """q (T, n_heads * head_dim); k and v go into the cache."""
+        if cos is None:                     # a layer without rotary
+            cos = sin = EMPTY
         q = self.ops.qkv_rope_cache(qkv.contiguous(), EMPTY if q_norm is None else q_norm,
                                     EMPTY if k_norm is None else k_norm, eps, cos, sin,
                                     int(neox), n_heads, k_cache, v_cache, slots)
         return q.view(q.shape[0], -1)
 
-    def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window) -> torch.Tensor:
+    def attention(self, q, k_cache, v_cache, tables, seq_meta, scale, window,
+                  softcap: float = 0.0) -> torch.Tensor:
         """q (T, H * D) -> (T, H * D)."""
         T, D = q.shape[0], k_cache.shape[2]
         o = self.ops.paged_attention(q.reshape(T, -1, D).contiguous(), k_cache, v_cache, tables,
-                                     seq_meta, scale, window or 0)
+                                     seq_meta, scale, window or 0, softcap)
         return o.view(T, -1)
 
     # -- the KV cache: float16 (llama.cpp's default) or float32, in the layout attention reads
@@ -215,16 +232,46 @@ def stacked_of(parts: list) -> QWeight | None:
 
 def stack_groups(weights: dict, groups: list[tuple[str, ...]], types: dict[str, str]) -> list[str]:
     """Replace each group by parts of one stacked matrix where the layouts agree (identical
-    results: every output element is computed as before, only the call is shared)."""
+    results: every output element is computed as before, only the call is shared). Experts
+    (lists of matrices) are stacked expert by expert, all of them or none."""
     unstacked = []
     for names in groups:
-        stacked = QWeight.stack([weights[n] for n in names])
-        if stacked is None:
+        if isinstance(weights[names[0]], list):
+            per_expert = [QWeight.stack(list(ws)) for ws in zip(*(weights[n] for n in names))]
+            ok = all(st is not None for st in per_expert)
+            if ok:
+                for i, n in enumerate(names):
+                    weights[n] = [StackedPart(st, i, len(names)) for st in per_expert]
+        else:
+            stacked = QWeight.stack([weights[n] for n in names])
+            ok = stacked is not None
+            if ok:
+                for i, n in enumerate(names):
+                    weights[n] = StackedPart(stacked, i, len(names))
+        if not ok:
             unstacked.append(f"{', '.join(names)} ({', '.join(types[n] for n in names)})")
-            continue
-        for i, n in enumerate(names):
-            weights[n] = StackedPart(stacked, i, len(names))
     return unstacked
+
+
+def expert_mats(gate: list, up: list) -> tuple[list[QWeight], list[QWeight]]:
+    """(per expert gate|up stacked, []) where load_weights stacked them, else (gates, ups)."""
+    stacked = [stacked_of([g, u]) for g, u in zip(gate, up)]
+    if all(st is not None for st in stacked):
+        return stacked, []
+    return gate, up
+
+
+def _repack(t: LogicalTensor):
+    """A matrix as one QWeight; a stack of expert matrices (E, N, K) as a list of E."""
+    if len(t.shape) == 2:
+        return QWeight.from_packed(repack_raw(t.raw, t.type_name, *t.shape))
+    E, N, K = t.shape
+    raw = t.raw.reshape(E, -1)
+    return [QWeight.from_packed(repack_raw(raw[e], t.type_name, N, K)) for e in range(E)]
+
+
+def qw_of(w: QWeight):
+    return ops().QW(w.q, w.scale, w.min, w.fmt, w.bs, w.zp, w.N, w.K)
 
 
 def make_ops(backend: str, kv_cache_dtype: str = "float16"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .backend import EMPTY, CpuKernels, QWeight, StackedPart, stacked_of
+from .backend import EMPTY, CpuKernels, QWeight, StackedPart, expert_mats, qw_of, stacked_of
 
 log = logging.getLogger("ostinato.model")
 
@@ -40,7 +40,8 @@ class Input:
 
 @dataclass
 class Op:
-    kind: str                    # linear, concat, norm, add, gated, qkv_rope, attention
+    kind: str                    # linear, concat, norm, add, bias, scale, gated, qkv_rope,
+                                 # attention, moe
     args: list[Value]
     out: Value
     heads: list[int] = field(default_factory=list)   # per arg then out: 3-D view heads (0: 2-D)
@@ -89,7 +90,7 @@ class Recorder:
         """A profile label from the weight's name: blk.3.attn_q.weight -> "qkv"."""
         name = self.names.get(id(w), "linear.weight").split(".")[-2]
         name = name.removeprefix("attn_").removeprefix("ffn_")
-        return {"q": "qkv", "gate": "gate_up", "output": "o"}.get(name, name)
+        return {"q": "qkv", "gate": "gate_up", "up": "gate_up", "output": "o"}.get(name, name)
 
     def rms_norm(self, x: Value, w: torch.Tensor, eps: float) -> Value:
         return self.emit("norm", [x], x.width, "norms+residual", tensors=[w], floats=[eps])
@@ -97,23 +98,39 @@ class Recorder:
     def add(self, x: Value, h: Value) -> Value:
         return self.emit("add", [x, h], x.width, "norms+residual")
 
+    def bias(self, x: Value, parts: list[torch.Tensor]) -> Value:
+        return self.emit("bias", [x], x.width, "bias", tensors=[torch.cat(parts)])
+
+    def scale(self, x: Value, s: float) -> Value:
+        return self.emit("scale", [x], x.width, "norms+residual", floats=[s])
+
+    def moe(self, x: Value, router, gate: list, up: list, down: list, k: int, norm: bool,
+            act: str) -> Value:
+        gate_up, up_ = expert_mats(gate, up)
+        return self.emit("moe", [x], x.width, "experts",
+                         weights=[router, *gate_up, *up_, *down],
+                         ints=[len(down), k, int(norm), int(act != "silu"), int(self.quant),
+                               int(bool(up_))])
+
     def gated_act(self, gate_up: Value, act: str) -> Value:
         return self.emit("gated", [gate_up], gate_up.width // 2, "act", ints=[int(act != "silu")])
 
-    def qkv_rope_cache(self, qkv: Value, q_norm, k_norm, eps, cos: Input, sin: Input, neox,
-                       n_heads, k_cache, v_cache, slots: Input) -> Value:
-        assert cos.index == sin.index and slots.kind == "slots"
+    def qkv_rope_cache(self, qkv: Value, q_norm, k_norm, eps, cos: Input | None,
+                       sin: Input | None, neox, n_heads, k_cache, v_cache, slots: Input) -> Value:
+        """cos/sin None: a layer without rotary (variant -1)."""
+        variant = -1 if cos is None else cos.index
+        assert (sin is None if cos is None else cos.index == sin.index) and slots.kind == "slots"
         D = k_cache.shape[2]
         return self.emit("qkv_rope", [qkv], n_heads * D, "rope+cache", heads=[0, n_heads],
                          tensors=[EMPTY if q_norm is None else q_norm,
                                   EMPTY if k_norm is None else k_norm, k_cache, v_cache],
-                         floats=[eps], ints=[cos.index, int(neox), n_heads, slots.index])
+                         floats=[eps], ints=[variant, int(neox), n_heads, slots.index])
 
     def attention(self, q: Value, k_cache, v_cache, tables: Input, seq_meta: Input, scale,
-                  window) -> Value:
+                  window, softcap: float = 0.0) -> Value:
         H = q.width // k_cache.shape[2]
         return self.emit("attention", [q], q.width, "attention", heads=[H, H],
-                         tensors=[k_cache, v_cache], floats=[scale],
+                         tensors=[k_cache, v_cache], floats=[scale, softcap],
                          ints=[tables.index, window or 0])
 
 
@@ -127,7 +144,7 @@ class _Meta:
 
 # ops whose output may share its first argument's buffer (row by row, each output row
 # depends on the same row of the inputs only, read before it is written)
-_IN_PLACE = {"norm", "add"}
+_IN_PLACE = {"norm", "add", "bias", "scale"}
 
 
 def assign_buffers(rec: Recorder, out: Value) -> tuple[list[int], dict[int, int]]:
@@ -179,14 +196,12 @@ def build_executor(rec: Recorder, out: Value):
     for op in rec.ops:
         views = [ex.view(buf[v.id], h) for v, h in
                  zip(op.args + [op.out], op.heads or [0] * (len(op.args) + 1))]
-        ex.add_op(op.kind, views, [_qw(w) for w in op.weights], op.tensors, op.ints, op.floats,
+        ex.add_op(op.kind, views, [qw_of(w) for w in op.weights], op.tensors, op.ints, op.floats,
                   op.stage)
     ex.set_output(ex.view(buf[out.id], 0))
     return ex
 
 
-def _qw(w: QWeight):
-    return ops().QW(w.q, w.scale, w.min, w.fmt, w.bs, w.zp, w.N, w.K)
 
 
 def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int) -> Callable | None:

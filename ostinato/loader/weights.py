@@ -32,13 +32,13 @@ def report_progress(callback: Progress) -> Iterator[None]:
 
 def convert_each(tensors: dict[str, "LogicalTensor"], matrix: Callable, vector: Callable,
                  progress: Progress | None = None) -> dict:
-    """{name: matrix(t) for 2-D tensors, vector(t) for the others}, reporting
+    """{name: matrix(t) for 2-D and 3-D (stacked experts) tensors, vector(t) for the others}, reporting
     progress(done, total) in file bytes after each (default: the one report_progress set):
     a backend's loop over a file's tensors."""
     progress = progress or _PROGRESS.get()
     total, done, out = sum(t.nbytes for t in tensors.values()), 0, {}
     for name, t in tensors.items():
-        out[name] = matrix(t) if len(t.shape) == 2 else vector(t)
+        out[name] = matrix(t) if len(t.shape) >= 2 else vector(t)
         done += t.nbytes
         if progress is not None:
             progress(done, total)

@@ -8,7 +8,7 @@ the arithmetic (a rotary scaling, a soft-cap, experts) and give wrong answers wi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import GGUFError
 from .families import FAMILIES, Family
@@ -16,12 +16,26 @@ from .families import FAMILIES, Family
 
 @dataclass(frozen=True)
 class Rope:
-    """One rotary variant: angle(pos, i) = pos * inv_freq[i], where inv_freq[i] =
-    base^(-2i/head_dim) / factor, and further divided by the file's `rope_freqs` tensor
-    (Llama 3's per-frequency factors) when freq_factors is set."""
+    """One rotary variant over the first `dim` dimensions of each head: angle(pos, i) =
+    pos * inv_freq[i], inv_freq[i] = base^(-2i/dim) / factor, further divided by the file's
+    tensor `factors` where set (Llama 3's `rope_freqs`, Phi-3's LongRoPE short or long
+    factors); cos and sin are multiplied by attn_factor (LongRoPE's magnitude correction)."""
     base: float
+    dim: int
     factor: float = 1.0             # linear scaling (positions / factor); 1.0: none
-    freq_factors: bool = False
+    factors: str | None = None      # the tensor of per-frequency divisors
+    attn_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Routed experts (Mixtral, Qwen3-MoE): a softmax over `count` router logits, the top
+    `used` experts, their weights renormalised to sum 1 where `norm`, each expert a gated MLP
+    of width ffn_dim."""
+    count: int
+    used: int
+    ffn_dim: int
+    norm: bool = True
 
 
 @dataclass(frozen=True)
@@ -38,11 +52,26 @@ class ModelConfig:
     context_length: int
     rms_eps: float
     ropes: tuple[Rope, ...]          # the rotary variants; layer i uses ropes[layer_rope[i]]
-    layer_rope: tuple[int, ...]
+    layer_rope: tuple[int, ...]      # -1: the layer has no rotary (SmolLM3)
     sliding_window: int | None       # None: every layer attends to the whole context
     layer_sliding: tuple[bool, ...]  # which layers attend within sliding_window
-    embed_scale: float               # Gemma multiplies embeddings by sqrt(d_model)
+    embed_scale: float               # Gemma: sqrt(d_model); Granite: embedding_multiplier
     attn_scale: float
+    attn_softcap: float = 0.0        # scores -> cap * tanh(scores / cap) (Gemma 2); 0: none
+    final_softcap: float = 0.0       # the same on the logits
+    logit_scale: float = 1.0         # logits are divided by it (Granite)
+    residual_scale: float = 1.0      # each block's output is multiplied by it (Granite)
+    experts: Experts | None = None   # routed experts instead of one MLP
+    long_rope_context: int = 0       # LongRoPE: the long factors apply beyond this context
+
+    def for_context(self, n: int) -> "ModelConfig":
+        """This config for an engine of context n: LongRoPE (Phi-3) rotates with its long
+        factors where n exceeds the original context, as llama.cpp chooses, else the short."""
+        if not self.long_rope_context or n <= self.long_rope_context:
+            return self
+        ropes = tuple(replace(r, factors="rope_factors_long.weight")
+                      if r.factors == "rope_factors_short.weight" else r for r in self.ropes)
+        return replace(self, ropes=ropes)
 
     def kv_group_windows(self) -> list[int | None]:
         """One KV-cache group per distinct attention window: group 0 is full attention,
@@ -72,9 +101,8 @@ class ModelConfig:
                             f"must be positive")
         head_dim = m.int("attention.key_length", d // n_heads)
         m.require_equal("attention.value_length", head_dim, "value heads of another width")
-        m.require_equal("rope.dimension_count", head_dim, "rotary over part of a head")
         sliding = _layer_sliding(m, fam, n_layers)
-        ropes, layer_rope = _ropes(m, fam, sliding)
+        ropes, layer_rope = _ropes(m, fam, sliding, head_dim)
         return cls(
             arch=arch, family=fam, n_layers=n_layers, d_model=d, n_heads=n_heads,
             n_kv_heads=m.int("attention.head_count_kv", n_heads), head_dim=head_dim,
@@ -84,9 +112,39 @@ class ModelConfig:
             ropes=ropes, layer_rope=layer_rope,
             sliding_window=m.int("attention.sliding_window", 0) or None if any(sliding) else None,
             layer_sliding=sliding,
-            embed_scale=math.sqrt(d) if fam.embed_scale_sqrt_d else 1.0,
+            embed_scale=math.sqrt(d) if fam.embed_scale_sqrt_d else m.float("embedding_scale", 1.0),
             attn_scale=m.float("attention.scale", 0.0) or 1.0 / math.sqrt(head_dim),
+            attn_softcap=m.float("attn_logit_softcapping", 0.0),
+            final_softcap=m.float("final_logit_softcapping", 0.0),
+            logit_scale=m.positive("logit_scale", 1.0),
+            residual_scale=m.float("residual_scale", 1.0),
+            experts=_experts(m, fam),
+            long_rope_context=(m.int("rope.scaling.original_context_length", 0)
+                               if any(r.factors == "rope_factors_short.weight" for r in ropes) else 0),
         )
+
+
+def _experts(m: "_Meta", fam: Family) -> Experts | None:
+    """Routed experts where the file has them: softmax gating (the only kind implemented)."""
+    count = m.int("expert_count", 0)
+    if not count:
+        return None
+    if not fam.moe:
+        raise GGUFError(f"{m.path}: {m.arch}.expert_count = {count}: experts are not "
+                        f"implemented for {m.arch}")
+    used = m.int("expert_used_count")
+    if not 0 < used <= count:
+        raise GGUFError(f"{m.path}: {m.arch}.expert_used_count = {used} must be in 1..{count}")
+    gating = m.int("expert_gating_func", 1)
+    if gating != 1:
+        raise GGUFError(f"{m.path}: {m.arch}.expert_gating_func = {gating} is not implemented "
+                        f"(only 1, softmax)")
+    norm = m.md.get(f"{m.arch}.expert_weights_norm", True)
+    if not isinstance(norm, bool):
+        raise GGUFError(f"{m.path}: {m.arch}.expert_weights_norm is not a bool: {_short(norm)}")
+    ffn = m.int("expert_feed_forward_length", None) if \
+        f"{m.arch}.expert_feed_forward_length" in m.md else m.int("feed_forward_length")
+    return Experts(count, used, ffn, bool(norm))
 
 
 def _layer_sliding(m: "_Meta", fam: Family, n_layers: int) -> tuple[bool, ...]:
@@ -107,9 +165,10 @@ def _layer_sliding(m: "_Meta", fam: Family, n_layers: int) -> tuple[bool, ...]:
     return tuple((i + 1) % period != 0 for i in range(n_layers))
 
 
-def _ropes(m: "_Meta", fam: Family, sliding: tuple[bool, ...]):
+def _ropes(m: "_Meta", fam: Family, sliding: tuple[bool, ...], head_dim: int):
     """The rotary variants and which one each layer uses: global layers take the file's base
-    and scaling; sliding layers (Gemma 3) their own base, unscaled."""
+    and scaling; sliding layers (Gemma 3) their own base, unscaled; -1 for a layer without
+    rotary (SmolLM3: every 4th)."""
     # no type but a factor: linear, as llama.cpp reads it (never a factor silently dropped)
     has_factor = f"{m.arch}.rope.scaling.factor" in m.md
     kind = m.str("rope.scaling.type", "linear" if has_factor else "none")
@@ -121,12 +180,24 @@ def _ropes(m: "_Meta", fam: Family, sliding: tuple[bool, ...]):
         raise GGUFError(f"{m.path}: {m.arch}.rope.scaling.factor {factor} does not fit rotary "
                         f"scaling type {kind!r}")
     base = m.float("rope.freq_base", 10_000.0)
-    ropes = [Rope(base, factor, freq_factors=fam.rope_freqs and m.has_tensor("rope_freqs.weight"))]
-    if not any(sliding):
-        return tuple(ropes), (0,) * len(sliding)
-    local_base = m.float("rope.freq_base_swa", fam.local_rope_base or base)
-    ropes.append(Rope(local_base))
-    return tuple(ropes), tuple(int(s) for s in sliding)
+    dim = m.int("rope.dimension_count", head_dim)
+    if dim % 2 or not 0 < dim <= head_dim:
+        raise GGUFError(f"{m.path}: {m.arch}.rope.dimension_count = {dim} must be even and in "
+                        f"2..{head_dim} (the head dimension)")
+    factors = None
+    if fam.rope_freqs and m.has_tensor("rope_freqs.weight"):
+        factors = "rope_freqs.weight"
+    elif fam.long_rope and m.has_tensor("rope_factors_short.weight"):
+        factors = "rope_factors_short.weight"
+    ropes = [Rope(base, dim, factor, factors, m.positive("rope.scaling.attn_factor", 1.0))]
+    layer_rope = [0] * len(sliding)
+    if any(sliding):
+        ropes.append(Rope(m.float("rope.freq_base_swa", fam.local_rope_base or base), dim))
+        layer_rope = [int(s) for s in sliding]
+    if fam.no_rope_every:
+        layer_rope = [-1 if (i + 1) % fam.no_rope_every == 0 else r
+                      for i, r in enumerate(layer_rope)]
+    return tuple(ropes), tuple(layer_rope)
 
 
 # Keys under `{arch}.` that this file implements. Each other key is refused, except where the
@@ -137,13 +208,15 @@ _IMPLEMENTED = {
     "attention.key_length", "attention.value_length", "attention.sliding_window",
     "attention.sliding_window_pattern", "attention.scale", "rope.dimension_count",
     "rope.freq_base", "rope.freq_base_swa", "rope.scaling.type", "rope.scaling.factor",
-    # what the model was trained for: informative, no arithmetic depends on it here
-    "rope.scaling.original_context_length", "rope.scaling.finetuned",
+    "rope.scaling.attn_factor", "attn_logit_softcapping", "final_logit_softcapping",
+    "logit_scale", "residual_scale", "embedding_scale", "expert_count", "expert_used_count",
+    "expert_feed_forward_length", "expert_gating_func", "expert_weights_norm",
+    # LongRoPE's switch between its factors; else what the model was trained for
+    "rope.scaling.original_context_length",
+    "rope.scaling.finetuned",      # informative, no arithmetic depends on it
 }
-_NEUTRAL = {"expert_count": 0, "expert_used_count": 0, "attn_logit_softcapping": 0.0,
-            "final_logit_softcapping": 0.0, "logit_scale": 1.0, "residual_scale": 1.0,
-            "embedding_scale": 1.0, "attention.clamp_kqv": 0.0, "attention.causal": True,
-            "use_parallel_residual": False, "rope.scaling.attn_factor": 1.0}
+_NEUTRAL = {"expert_shared_count": 0, "expert_weights_scale": 1.0, "attention.clamp_kqv": 0.0,
+            "attention.causal": True, "use_parallel_residual": False}
 
 
 class _Meta:
@@ -191,6 +264,13 @@ class _Meta:
 
     def float(self, key: str, default=None) -> float:
         return self._get(key, default, float)
+
+    def positive(self, key: str, default: float) -> float:
+        val = self.float(key, default)
+        if val <= 0:
+            raise GGUFError(f"{self.path}: metadata key {self.arch}.{key!r} must be positive, "
+                            f"got {val}")
+        return val
 
     def str(self, key: str, default: str) -> str:
         val = self.md.get(f"{self.arch}.{key}", default)

@@ -89,7 +89,7 @@ struct V16 {
 template <typename E, int G>
 void attend_group(const float* qv, const E* kc, const E* vc, const int64_t* table,
                   int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
-                  float scale, std::vector<float>& sc, float* o) {
+                  float scale, float cap, std::vector<float>& sc, float* o) {
   const int64_t n = pos - lo + 1;
   float* base = grow(sc, 16 + G * n + 16) + 16;   // scores of head g: base[g * n + j - lo]
   V16 mxv[G];
@@ -132,8 +132,15 @@ void attend_group(const float* qv, const E* kc, const E* vc, const int64_t* tabl
   prefetch_rows(values_at(lo), std::min<int64_t>(n, BS - lo % BS), D,
                 sizeof(E) * std::min<int64_t>(64, D));
   float inv[G];
-  for (int g = 0; g < G; ++g)
-    inv[g] = 1.f / softmax_numerators(base + g * n, n, mxv[g].max());
+  for (int g = 0; g < G; ++g) {
+    float mx = mxv[g].max();
+    if (cap > 0.f) {            // soft-cap (Gemma 2): monotonic, so the max maps to the max
+      float* sg = base + g * n;
+      for (int64_t j = 0; j < n; ++j) sg[j] = cap * std::tanh(sg[j] / cap);
+      mx = cap * std::tanh(mx / cap);
+    }
+    inv[g] = 1.f / softmax_numerators(base + g * n, n, mx);
+  }
   constexpr int kDims = 64;                  // output dims kept in registers per pass
   for (int64_t d0 = 0; d0 < D; d0 += kDims) {
     const int nd = (int)std::min<int64_t>(kDims, D - d0) / 16;
@@ -164,18 +171,20 @@ void attend_group(const float* qv, const E* kc, const E* vc, const int64_t* tabl
 
 template <typename E>
 using AttendFn = void (*)(const float*, const E*, const E*, const int64_t*, int64_t, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&, float*);
+                          int64_t, int64_t, int64_t, int64_t, float, float, std::vector<float>&,
+                          float*);
 
 // Heads per KV head: 1..4 together; larger groups go in runs of 4, then the rest.
 template <typename E>
 void attend_heads(int64_t G, const float* qv, const E* kc, const E* vc,
                   const int64_t* table, int64_t BS, int64_t KV, int64_t kvh, int64_t D,
-                  int64_t lo, int64_t pos, float scale, std::vector<float>& sc, float* o) {
+                  int64_t lo, int64_t pos, float scale, float cap, std::vector<float>& sc,
+                  float* o) {
   static const AttendFn<E> fns[4] = {attend_group<E, 1>, attend_group<E, 2>, attend_group<E, 3>,
                                      attend_group<E, 4>};
   for (int64_t g = 0; g < G; g += 4) {
     const int64_t k = std::min<int64_t>(4, G - g);
-    fns[k - 1](qv + g * D, kc, vc, table, BS, KV, kvh, D, lo, pos, scale, sc, o + g * D);
+    fns[k - 1](qv + g * D, kc, vc, table, BS, KV, kvh, D, lo, pos, scale, cap, sc, o + g * D);
   }
 }
 
@@ -184,7 +193,8 @@ thread_local std::vector<float> t_scores;      // each thread's attention scores
 
 // out: (T, H, D) f32, contiguous; every row is written (rows of no sequence get zeros).
 void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor tables,
-                          torch::Tensor meta, double scale, int64_t window, torch::Tensor out) {
+                          torch::Tensor meta, double scale, int64_t window, double softcap,
+                          torch::Tensor out) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.dtype() == torch::kFloat32 && kc.dim() == 4,
               "attention: q must be (T, H, D) f32");
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.dtype() == torch::kFloat32,
@@ -222,21 +232,21 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
       if (f32)
         attend_heads(G, qp + (t * H + h0) * D, static_cast<const float*>(kp),
                      static_cast<const float*>(vp), tp + s * maxb, BS, KV, kvh, D, lo, pos,
-                     (float)scale, sc, op + (t * H + h0) * D);
+                     (float)scale, (float)softcap, sc, op + (t * H + h0) * D);
       else
         attend_heads(G, qp + (t * H + h0) * D, static_cast<const uint16_t*>(kp),
                      static_cast<const uint16_t*>(vp), tp + s * maxb, BS, KV, kvh, D, lo, pos,
-                     (float)scale, sc, op + (t * H + h0) * D);
+                     (float)scale, (float)softcap, sc, op + (t * H + h0) * D);
     }
   }
 }
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                               torch::Tensor tables, torch::Tensor meta, double scale,
-                              int64_t window) {
+                              int64_t window, double softcap) {
   TORCH_CHECK(q.dim() == 3, "attention: q must be (T, H, D) f32");
   auto out = torch::empty_like(q);
-  paged_attention_into(q, kc, vc, tables, meta, scale, window, out);
+  paged_attention_into(q, kc, vc, tables, meta, scale, window, softcap, out);
   return out;
 }
 

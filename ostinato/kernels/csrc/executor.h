@@ -7,15 +7,22 @@
 // Part of ops.cpp's one translation unit.
 #pragma once
 
-struct QW {
-  torch::Tensor q, scale, min;
-  int64_t fmt, bs, zp, N, K;
-  QW(torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t fmt, int64_t bs, int64_t zp,
-     int64_t N, int64_t K) : q(q), scale(scale), min(min), fmt(fmt), bs(bs), zp(zp), N(N), K(K) {}
-  void into(const torch::Tensor& x, const torch::Tensor& out, int64_t quant) const {
-    qlinear_into(x, q, scale, min, fmt, bs, zp, N, K, quant, out);
-  }
-};
+// out row t = a row t + b (a row vector: a bias), or a * s: plain float arithmetic, so the
+// eager backend's torch `x + b` and `x * s` give the same bits
+inline void bias_into(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& out) {
+  const int64_t T = a.size(0), W = a.size(1);
+  TORCH_CHECK(b.numel() == W && b.is_contiguous() && b.dtype() == torch::kFloat32, "bias: width");
+  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < W; ++i) op[t * W + i] = ap[t * W + i] + bp[i];
+}
+
+inline void scale_into(const torch::Tensor& a, float s, const torch::Tensor& out) {
+  const float* ap = a.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) op[i] = ap[i] * s;
+}
 
 // out = a + b elementwise (all contiguous, one shape; out may be a): what torch's add
 // computes, without its dispatch (a few us, twice per layer, is a few % of a batch-1 step)
@@ -43,7 +50,8 @@ inline void concat_into(const std::vector<torch::Tensor>& views, const std::vect
   }
 }
 
-enum class OpKind { kLinear, kConcat, kNorm, kAdd, kGated, kQkvRope, kAttention };
+enum class OpKind { kLinear, kConcat, kNorm, kAdd, kGated, kQkvRope, kAttention, kBias, kScale,
+                    kMoe };
 
 struct ExecOp {
   OpKind kind;
@@ -100,11 +108,15 @@ class Executor {
         {"linear", {OpKind::kLinear, 2, 1, 0, 1}},  {"concat", {OpKind::kConcat, 2, 0, 0, 0}},
         {"norm", {OpKind::kNorm, 2, 0, 1, 0}},      {"add", {OpKind::kAdd, 3, 0, 0, 0}},
         {"gated", {OpKind::kGated, 2, 0, 0, 1}},    {"qkv_rope", {OpKind::kQkvRope, 2, 0, 4, 4}},
-        {"attention", {OpKind::kAttention, 2, 0, 2, 2}}};
+        {"attention", {OpKind::kAttention, 2, 0, 2, 2}}, {"bias", {OpKind::kBias, 2, 0, 1, 0}},
+        {"scale", {OpKind::kScale, 2, 0, 0, 0}},    {"moe", {OpKind::kMoe, 2, 4, 0, 6}}};
     const auto it = kinds.find(kind);
     TORCH_CHECK(it != kinds.end(), "Executor: unknown op ", kind);
     const auto [k, nv, nw, nt, ni] = it->second;
-    TORCH_CHECK(views.size() >= nv && w.size() == nw && t.size() == nt && i.size() == ni,
+    // moe: the router, then per expert gate|up (or gate and up), then per expert down
+    const bool ok_w = k == OpKind::kMoe ? w.size() >= nw && i.size() == ni &&
+                      w.size() == 1 + (size_t)i[0] * (i[5] ? 3 : 2) : w.size() == nw;
+    TORCH_CHECK(views.size() >= nv && ok_w && t.size() == nt && i.size() == ni,
                 "Executor: wrong arguments for ", kind);
     for (int64_t v : views) TORCH_CHECK(v >= 0 && v < (int64_t)specs_.size(), "Executor: view");
     int64_t s = std::find(stages_.begin(), stages_.end(), stage) - stages_.begin();
@@ -126,8 +138,11 @@ class Executor {
     const std::lock_guard<std::mutex> not_during_a_step(step_);
     ensure(max_tokens);
     int64_t K = 0;
-    for (const ExecOp& op : ops_)
+    for (const ExecOp& op : ops_) {
       for (const QW& w : op.w) K = std::max(K, w.K);
+      if (op.kind == OpKind::kMoe)
+        moe_reserve(max_tokens, op.w[0].N, op.i[1], op.w[0].K, op.w.back().K);
+    }
     const int64_t nb = K / 32, M = max_tokens;
     grow(t_qact.q, M * K); grow(t_qact.dt, nb * (M + 4)); grow(t_qact.fsumt, nb * (M + 4));
     grow(t_row_seq, M);
@@ -196,14 +211,32 @@ class Executor {
                        op.i[0] != 0, out.data_ptr<float>());   // the halves of gate|up
         break;
       }
-      case OpKind::kQkvRope:
-        qkv_rope_cache_into(a, op.t[0], op.t[1], op.f.at(0), cos.at(op.i[0]), sin.at(op.i[0]),
-                            op.i[1], op.i[2], op.t[2], op.t[3], slots.at(op.i[3]), out);
+      case OpKind::kQkvRope: {
+        const bool rotary = op.i[0] >= 0;      // -1: a layer without rotary
+        qkv_rope_cache_into(a, op.t[0], op.t[1], op.f.at(0), rotary ? cos.at(op.i[0]) : empty_,
+                            rotary ? sin.at(op.i[0]) : empty_, op.i[1], op.i[2], op.t[2], op.t[3],
+                            slots.at(op.i[3]), out);
         break;
+      }
       case OpKind::kAttention:
-        paged_attention_into(a, op.t[0], op.t[1], tables.at(op.i[0]), meta, op.f.at(0), op.i[1], out);
+        paged_attention_into(a, op.t[0], op.t[1], tables.at(op.i[0]), meta, op.f.at(0), op.i[1],
+                             op.f.at(1), out);
         break;
+      case OpKind::kBias: bias_into(a, op.t[0], out); break;
+      case OpKind::kScale: scale_into(a, (float)op.f.at(0), out); break;
+      case OpKind::kMoe: run_moe(op, a, out); break;
     }
+  }
+
+  // ints: experts, k, norm, gelu, quant, gate and up separate (then 3 weights per expert)
+  void run_moe(const ExecOp& op, const torch::Tensor& x, const torch::Tensor& out) {
+    const int64_t E = op.i[0];
+    const bool split = op.i[5] != 0;
+    moe_w_.assign(op.w.begin() + 1, op.w.end());      // capacity kept: no allocation after
+    gate_up_.assign(moe_w_.begin(), moe_w_.begin() + E);
+    up_.assign(moe_w_.begin() + E, moe_w_.begin() + (split ? 2 * E : E));
+    down_.assign(moe_w_.end() - E, moe_w_.end());
+    moe_into(x, op.w[0], gate_up_, up_, down_, op.i[1], op.i[2], op.i[3], op.i[4], out);
   }
 
   // every buffer holds at least T rows (growing them is counted like scratch growth)
@@ -220,6 +253,8 @@ class Executor {
   std::vector<std::string> stages_;
   std::vector<double> seconds_;
   std::vector<torch::Tensor> bufs_, views_;
+  std::vector<QW> moe_w_, gate_up_, up_, down_;
+  const torch::Tensor empty_ = torch::empty({0});
   int64_t out_ = -1;
   bool profile_ = false;
   std::mutex step_;

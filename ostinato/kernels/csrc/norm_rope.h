@@ -3,20 +3,26 @@
 // one file per kernel family so that a reader finds the room for what they change.
 #pragma once
 
-// y = x * w / sqrt(mean(x^2) + eps) for one row of D floats (D % 8 == 0); out may alias r.
-inline void rms_row(const float* r, const float* wp, int64_t D, float eps, float* out) {
+// 1 / sqrt(mean(x^2) + eps) over D floats (D % 8 == 0)
+inline float rms_inv(const float* r, int64_t D, float eps) {
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < D; i += 8) {
     __m256 v = _mm256_loadu_ps(r + i);
     acc = _mm256_fmadd_ps(v, v, acc);
   }
-  const float inv = 1.f / std::sqrt(hsum8(acc) / (float)D + eps);
+  return 1.f / std::sqrt(hsum8(acc) / (float)D + eps);
+}
+
+// y = x * w / sqrt(mean(x^2) + eps) for one row of D floats (D % 8 == 0); out may alias r.
+inline void rms_row(const float* r, const float* wp, int64_t D, float eps, float* out) {
+  const float inv = rms_inv(r, D, eps);
   for (int64_t i = 0; i < D; ++i) out[i] = r[i] * inv * wp[i];
 }
 
-// Rotate one head in place: neox pairs (i, i + D/2), else adjacent pairs (2i, 2i + 1).
-inline void rope_head(float* x, const float* cs, const float* sn, int64_t D, bool neox) {
-  const int64_t half = D / 2;
+// Rotate the first R dimensions of one head in place (the rest pass): neox pairs
+// (i, i + R/2), else adjacent pairs (2i, 2i + 1).
+inline void rope_head(float* x, const float* cs, const float* sn, int64_t R, bool neox) {
+  const int64_t half = R / 2;
   for (int64_t i = 0; i < half; ++i) {
     const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
     const float x1 = x[a], x2 = x[b];
@@ -65,10 +71,11 @@ int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t
 }
 
 // The step between the q|k|v projection and attention, in one pass: split the fused
-// projection (T, (H + 2 KV) * D) into heads, RMS-normalise q and k per head when q_norm /
-// k_norm are given (Gemma 3), rotate them by the per-token cos/sin tables (T, D/2), and
-// write k and v (rounded to float16, to nearest even) into the paged caches at their slots.
-// Returns q as (T, H, D).
+// projection (T, (H + 2 KV) * D) into heads, RMS-normalise q and k when q_norm / k_norm are
+// given (D weights: each head, as Gemma 3 and Qwen3; H*D or KV*D: the whole projection, as
+// OLMo 2), rotate the first R dims of each head by the per-token cos/sin tables (T, R/2;
+// empty: no rotary, as SmolLM3's every 4th layer), and write k and v (float32, or float16
+// rounded to nearest even) into the paged caches at their slots. Returns q as (T, H, D).
 void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
                          double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
                          int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
@@ -79,10 +86,13 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
   TORCH_CHECK(D <= kMaxHeadDim, "qkv_rope_cache: head_dim above ", kMaxHeadDim);
   TORCH_CHECK(qkv.is_contiguous() && qkv.dtype() == torch::kFloat32 && qkv.size(1) == W,
               "qkv_rope_cache: qkv must be (T, (H + 2 KV) * D) f32");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
-              cos.size(0) == T && cos.size(1) == D / 2, "qkv_rope_cache: shapes");
-  TORCH_CHECK((!q_norm.numel() || q_norm.numel() == D) && (!k_norm.numel() || k_norm.numel() == D),
-              "qkv_rope_cache: norm weights must have head_dim elements");
+  const int64_t R = cos.numel() ? 2 * cos.size(1) : 0;      // rotated dims per head
+  TORCH_CHECK(cos.sizes() == sin.sizes() && (!R || (cos.is_contiguous() && sin.is_contiguous() &&
+              cos.dim() == 2 && cos.size(0) == T && R <= D)), "qkv_rope_cache: cos/sin shapes");
+  TORCH_CHECK((!q_norm.numel() || q_norm.numel() == D || q_norm.numel() == H * D) &&
+              (!k_norm.numel() || k_norm.numel() == D || k_norm.numel() == KV * D),
+              "qkv_rope_cache: norm weights must have head_dim or all heads' elements");
+  const bool q_all = q_norm.numel() == H * D && H > 1, k_all = k_norm.numel() == KV * D && KV > 1;
   TORCH_CHECK(slots.numel() == T && slots.dtype() == torch::kInt64, "qkv_rope_cache: slots");
   const int64_t n_slots = kc.size(0) * BS;
   for (int64_t i = 0; i < T; ++i)
@@ -90,7 +100,8 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
                 "qkv_rope_cache: slot out of range");
   TORCH_CHECK(q.dim() == 3 && q.size(0) == T && q.size(1) == H && q.size(2) == D &&
               q.is_contiguous() && q.dtype() == torch::kFloat32, "qkv_rope_cache: q must be (T, H, D) f32");
-  const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const float *src = qkv.data_ptr<float>();
+  const float *cp = R ? cos.data_ptr<float>() : nullptr, *sp = R ? sin.data_ptr<float>() : nullptr;
   const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
   const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
   float* qp = q.data_ptr<float>();
@@ -102,16 +113,27 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
 #pragma omp parallel for schedule(static) if (T >= 16)
   for (int64_t t = 0; t < T; ++t) {
     const float* row = src + t * W;
-    const float *cs = cp + t * (D / 2), *sn = sp + t * (D / 2);
+    const float *cs = R ? cp + t * (R / 2) : nullptr, *sn = R ? sp + t * (R / 2) : nullptr;
     const int64_t blk = sl[t] / BS, off = sl[t] % BS;
+    // a norm over the whole projection: one scale for all its heads
+    const float q_inv = q_all ? rms_inv(row, H * D, (float)eps) : 0.f;
+    const float k_inv = k_all ? rms_inv(row + H * D, KV * D, (float)eps) : 0.f;
     float k[kMaxHeadDim];
     alignas(32) uint16_t half[8];
     for (int64_t h = 0; h < H + KV; ++h) {
       float* dst = h < H ? qp + (t * H + h) * D : k;
       const float* nw = h < H ? qn : kn;
-      if (nw) rms_row(row + h * D, nw, D, (float)eps, dst);
-      else std::copy(row + h * D, row + (h + 1) * D, dst);
-      rope_head(dst, cs, sn, D, neox != 0);
+      const float* r = row + h * D;
+      if (h < H ? q_all : k_all) {
+        const float inv = h < H ? q_inv : k_inv;
+        const float* wh = nw + (h < H ? h : h - H) * D;
+        for (int64_t i = 0; i < D; ++i) dst[i] = r[i] * inv * wh[i];
+      } else if (nw) {
+        rms_row(r, nw, D, (float)eps, dst);
+      } else {
+        std::copy(r, r + D, dst);
+      }
+      if (R) rope_head(dst, cs, sn, R, neox != 0);
       if (h < H) continue;
       const int64_t at = ((blk * KV + (h - H)) * D) * BS + off;    // dimension d at [at + d * BS]
       if (f32) {

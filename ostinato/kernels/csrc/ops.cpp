@@ -31,6 +31,7 @@
 #include "qlinear.h"      // the quantized matmul's entry point
 #include "norm_rope.h"    // RMSNorm; q/k norm + rotary + KV-cache write
 #include "activation.h"   // SiLU / tanh-GELU gating
+#include "moe.h"          // routed experts
 #include "attention.h"    // paged attention over the float16 cache
 #include "logprobs.h"     // log-probabilities and greedy picks from logits
 #include "executor.h"     // the static plan: replays the recorded decoder
@@ -47,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qkv_rope_cache", &qkv_rope_cache);
   m.def("gated_act", &gated_act);
   m.def("paged_attention", &paged_attention);
+  m.def("moe", &moe);
   py::class_<QW>(m, "QW").def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
                                        int64_t, int64_t, int64_t, int64_t>());
   py::class_<Executor>(m, "Executor")

@@ -85,3 +85,13 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, tor
   return out;
 }
 
+// A repacked weight (kernels/backend.py QWeight) as the executor and moe hold it.
+struct QW {
+  torch::Tensor q, scale, min;
+  int64_t fmt, bs, zp, N, K;
+  QW(torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t fmt, int64_t bs, int64_t zp,
+     int64_t N, int64_t K) : q(q), scale(scale), min(min), fmt(fmt), bs(bs), zp(zp), N(N), K(K) {}
+  void into(const torch::Tensor& x, const torch::Tensor& out, int64_t quant) const {
+    qlinear_into(x, q, scale, min, fmt, bs, zp, N, K, quant, out);
+  }
+};
