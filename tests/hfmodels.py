@@ -119,3 +119,57 @@ def logits_of(llm, ids: list[int]) -> np.ndarray:
         runner.forward = forward
     assert seen[0].shape[0] == len(ids), "the prompt did not run as one step"
     return runner.model.compute_logits(seen[0]).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# one tiny checkpoint per architecture the folder loader maps (loader/hf_arch.py ARCHES),
+# to compare its GGUF view with llama.cpp's converter whether or not the decoder runs it yet
+# ---------------------------------------------------------------------------------------------
+def _common(**kw) -> dict:
+    base = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                pad_token_id=None)
+    return base | kw
+
+
+def arch_configs() -> dict:
+    import transformers as t
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    return {
+        "MistralForCausalLM": lambda: t.MistralConfig(**_common(sliding_window=None,
+                                                                head_dim=16)),
+        "MixtralForCausalLM": lambda: t.MixtralConfig(**_common(
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=None, head_dim=16)),
+        "Qwen2ForCausalLM": lambda: t.Qwen2Config(**_common(rope_parameters=rope)),
+        "Qwen3ForCausalLM": lambda: t.Qwen3Config(**_common(head_dim=32, rope_parameters=rope)),
+        "Qwen3MoeForCausalLM": lambda: t.Qwen3MoeConfig(**_common(
+            head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            norm_topk_prob=True, rope_parameters=rope)),
+        "Phi3ForCausalLM": lambda: t.Phi3Config(**_common(pad_token_id=0, rope_parameters=rope)),
+        "Gemma2ForCausalLM": lambda: t.Gemma2Config(**_common(
+            head_dim=16, query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
+            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, pad_token_id=0)),
+        "Olmo2ForCausalLM": lambda: t.Olmo2Config(**_common(pad_token_id=0)),
+        "GraniteForCausalLM": lambda: t.GraniteConfig(**_common(
+            embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+            logits_scaling=8.0)),
+        "SmolLM3ForCausalLM": lambda: t.SmolLM3Config(**_common(pad_token_id=0)),
+    }
+
+
+def build_arch(arch: str, out: Path) -> Path:
+    """A tiny random checkpoint of `arch` saved as a folder (tokenizer: randmodels' llama
+    vocabulary)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from randmodels import _VOCABS, _hf_tokenizer, randomize
+    config = arch_configs()[arch]()
+    folder = Path(out) / arch
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(model, config, 0)
+    model.save_pretrained(str(folder))
+    _hf_tokenizer(_VOCABS["llama"](config.vocab_size)).save_pretrained(str(folder))
+    return folder

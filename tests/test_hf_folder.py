@@ -280,3 +280,40 @@ def test_cli_generates_from_a_folder_with_quantize(tiny):
                           "--quantize", "q8_0", "-p", "x"], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 1 and "applies to a Hugging Face safetensors folder" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# every architecture the loader maps, against llama.cpp's converter (whether or not the
+# decoder runs the family yet: ModelConfig refuses those it does not)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def converted_archs(tmp_path_factory):
+    from hfmodels import arch_configs, build_arch
+    conv = converter_dir()
+    if conv is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not cached (llama-cpp-python sdist)")
+    out = tmp_path_factory.mktemp("archs")
+    folders = {a: build_arch(a, out) for a in arch_configs()}
+    convert_with_llamacpp([(f, "f32", out / f"{a}.gguf") for a, f in folders.items()], conv)
+    return {a: (f, out / f"{a}.gguf") for a, f in folders.items()}
+
+
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "MixtralForCausalLM",
+                                  "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                                  "Phi3ForCausalLM", "Gemma2ForCausalLM", "Olmo2ForCausalLM",
+                                  "GraniteForCausalLM", "SmolLM3ForCausalLM"])
+def test_every_mapped_arch_equals_the_converter(converted_archs, arch):
+    """The `{arch}.*` keys and every tensor (names, types, shapes, bytes) of the GGUF
+    convert_hf_to_gguf.py writes from the same folder (the converter's vocabulary step is
+    skipped by randmodels' driver: tokenizer keys are compared elsewhere)."""
+    folder, gguf_path = converted_archs[arch]
+    hf, gf = read_hf_folder(folder), read_gguf(gguf_path)
+    keys = {k for k in set(hf.metadata) | set(gf.metadata)
+            if not k.startswith(("general.", "tokenizer."))}
+    differ = sorted(k for k in keys if not _same(hf.metadata.get(k), gf.metadata.get(k)))
+    assert not differ, [(k, hf.metadata.get(k), gf.metadata.get(k)) for k in differ]
+    assert set(hf.tensors) == set(gf.tensors)
+    for name, info in gf.tensors.items():
+        t = hf.tensors[name]
+        assert (t.type_name, t.shape) == (info.type_name, info.shape), name
+        assert np.array_equal(hf.raw(name), gf.raw(name)), name

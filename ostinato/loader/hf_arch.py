@@ -26,7 +26,7 @@ _INFO = {
     "tie_word_embeddings", "_sliding_window_pattern", "unsloth_fixed",
     "vocab_size",       # the tokenizer's rows (hf_tokenizer.py); the embedding's shape decides
 }
-_NEUTRAL = {"pretraining_tp": 1, "use_bidirectional_attention": False, "is_causal": True,
+_NEUTRAL = {"pretraining_tp": 1, "use_bidirectional_attention": (False, None), "is_causal": True,
             "use_sliding_window": False, "attn_logit_softcapping": None,
             "final_logit_softcapping": None, "rope_scaling": None, "sliding_window": None,
             "layer_types": None, "partial_rotary_factor": 1.0}
@@ -80,6 +80,10 @@ class Cfg:
 
 
 def _same(val, neutral) -> bool:
+    if isinstance(neutral, tuple):
+        return any(_same(val, n) for n in neutral)
+    if neutral is None and isinstance(val, list):     # layer_types: every layer full
+        return all(v == "full_attention" for v in val)
     return isinstance(val, bool) == isinstance(neutral, bool) and val == neutral
 
 
@@ -156,7 +160,7 @@ def _check_rope_keys(c: Cfg, d: dict) -> None:
     kind = "longrope" if kind == "su" else kind
     if kind not in _ROPE_KEYS:
         raise c.refuse("rope_parameters", d, f"rope_type {kind!r}")
-    extra = set(d) - _ROPE_KEYS[kind]
+    extra = set(d) - _ROPE_KEYS[kind] - {"partial_rotary_factor"}
     if extra:
         raise c.refuse("rope_parameters", d, f"keys {sorted(extra)} for rope_type {kind!r}")
 
@@ -166,6 +170,8 @@ def rope_params(c: Cfg, allowed=("default", "linear", "llama3", "yarn")) -> dict
     llama3 scaling becomes the `rope_freqs` tensor (llama_rope_freqs)."""
     glob, local = rope_dicts(c)
     kind = glob["rope_type"]
+    if glob.get("partial_rotary_factor", 1.0) != 1.0:
+        raise c.refuse("rope_parameters", glob, "rotary over part of a head")
     if kind not in allowed:
         raise c.refuse("rope_parameters", glob, f"rope_type {kind!r} for this architecture")
     out = {"rope.freq_base": glob.get("rope_theta")}
@@ -312,6 +318,8 @@ def _query_scale(c: Cfg, head_dim: int) -> float | None:
 def gemma2_params(c: Cfg) -> dict:
     _window_layers(c, 2)
     p = base_params(c, act=(None, "gelu_pytorch_tanh"))
+    if p["rope.freq_base"] in (None, 10000.0):    # llama.cpp's default; the converter writes
+        del p["rope.freq_base"]                   # none (another theta: written, not dropped)
     c.only("hidden_activation", ("gelu_pytorch_tanh",), "activation")
     return p | {"attn_logit_softcapping": c.get("attn_logit_softcapping"),
                 "final_logit_softcapping": c.get("final_logit_softcapping"),
