@@ -317,3 +317,24 @@ def test_every_mapped_arch_equals_the_converter(converted_archs, arch):
         t = hf.tensors[name]
         assert (t.type_name, t.shape) == (info.type_name, info.shape), name
         assert np.array_equal(hf.raw(name), gf.raw(name)), name
+
+
+@pytest.mark.parametrize("qtype, ftype", [("Q4_0", 2), ("Q4_1", 3), ("Q8_0", 7), ("Q5_0", 8),
+                                          ("Q5_1", 9)])
+def test_quantize_equals_llama_cpp_quantizer(tiny, tmp_path, qtype, ftype):
+    """llama.cpp's own C quantizer (llama_model_quantize, `pure`: one type for every matrix)
+    on the GGUF-f32 file writes the bytes --quantize writes from the folder."""
+    import ctypes
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    m = tiny["llama"]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.nthread = ftype, True, 2
+    out = tmp_path / f"{qtype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(m.ggufs["f32"]).encode(), str(out).encode(),
+                                          ctypes.byref(params)) == 0
+    gf, hf = read_gguf(out), read_hf_folder(m.hf_dir, quantize=qtype.lower())
+    assert set(gf.tensors) == set(hf.tensors)
+    assert sum(t.type_name == qtype for t in gf.tensors.values()) >= 10
+    for name, info in gf.tensors.items():
+        assert hf.tensors[name].type_name == info.type_name, name
+        assert np.array_equal(hf.raw(name), gf.raw(name)), name
