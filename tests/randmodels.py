@@ -96,10 +96,113 @@ def gemma3_linear_rope_config():
         initializer_range=0.2)
 
 
+def _small(**kw) -> dict:
+    """The shape most of the families below share: 2 layers, d 128, GQA 4/2, ff 192."""
+    base = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                pad_token_id=None, initializer_range=0.2)
+    return base | kw
+
+
+def qwen2_config():
+    """Qwen2 / 2.5: biases on q, k and v; NeoX rotary (theta 1e6)."""
+    from transformers import Qwen2Config
+    return Qwen2Config(**_small(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                use_sliding_window=False))
+
+
+def qwen3_config():
+    """Qwen3: q/k RMSNorm per head before rotary; head_dim 48 != hidden / heads (32)."""
+    from transformers import Qwen3Config
+    return Qwen3Config(**_small(head_dim=48, attention_bias=False, use_sliding_window=False,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+
+
+def qwen3moe_config():
+    """Qwen3-MoE: 4 experts of width 64, top 2 renormalised, on both layers."""
+    from transformers import Qwen3MoeConfig
+    return Qwen3MoeConfig(**_small(head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=64, norm_topk_prob=True,
+                                   decoder_sparse_step=1, mlp_only_layers=[],
+                                   attention_bias=False, use_sliding_window=False,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+
+
+def mixtral_config():
+    """Mixtral (GGUF arch llama): 4 experts, top 2 renormalised; Llama's permuted q/k rows."""
+    from transformers import MixtralConfig
+    return MixtralConfig(**_small(head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+                                  sliding_window=None,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+
+
+def phi3_longrope_config():
+    """Phi-3 with LongRoPE over 3/4 of each head (as Phi-4-mini): fused qkv and gate|up, NeoX
+    rotary over the first 24 of 32 dims, short and long factors, attention factor
+    sqrt(1 + ln 8 / ln 256) from max_position 2048 over an original 256. The short factors
+    apply (the engine's context and the test sequence fit in 256)."""
+    from transformers import Phi3Config
+    rng = np.random.default_rng(7)
+    short = (1.0 + rng.random(12) * 3).round(3).tolist()
+    long = (2.0 + rng.random(12) * 12).round(3).tolist()
+    return Phi3Config(**_small(max_position_embeddings=2048, original_max_position_embeddings=256,
+                               pad_token_id=0, sliding_window=None,
+                               rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                "short_factor": short, "long_factor": long,
+                                                "partial_rotary_factor": 0.75}))
+
+
+def gemma2_config():
+    """Gemma 2: attention soft-cap 4 and final soft-cap 6 (both bind on these weights), pre and
+    post norms, every other layer slides (window 12), GeGLU, sqrt(d) embedding scale, tied."""
+    from transformers import Gemma2Config
+    return Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+        max_position_embeddings=512, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+        sliding_window=12, attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        initializer_range=0.2)
+
+
+def olmo2_config():
+    """OLMo 2: norms after attention and the MLP only, q/k norms over the whole projection."""
+    from transformers import Olmo2Config
+    return Olmo2Config(**_small(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+
+
+def granite_config():
+    """Granite: embedding x12, residual x0.22, attention scale 0.05 (not 1/sqrt(32)), logits
+    / 3; Llama's layout otherwise."""
+    from transformers import GraniteConfig
+    return GraniteConfig(**_small(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                  attention_multiplier=0.05, logits_scaling=3.0,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+
+
+def smollm3_config():
+    """SmolLM3: 4 layers, the 4th without rotary."""
+    from transformers import SmolLM3Config
+    return SmolLM3Config(**_small(num_hidden_layers=4, no_rope_layer_interval=4,
+                                  use_sliding_window=False,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+
+
 FAMILIES: dict[str, Callable] = {
     "llama": llama_config,
     "llama3_rope": llama3_rope_config,
     "gemma3_linear_rope": gemma3_linear_rope_config,
+    "qwen2": qwen2_config,
+    "qwen3": qwen3_config,
+    "qwen3moe": qwen3moe_config,
+    "mixtral": mixtral_config,
+    "phi3_longrope": phi3_longrope_config,
+    "gemma2": gemma2_config,
+    "olmo2": olmo2_config,
+    "granite": granite_config,
+    "smollm3": smollm3_config,
 }
 
 
@@ -249,8 +352,9 @@ def _hf_tokenizer(v: Vocab):
 # ---------------------------------------------------------------------------------------------
 def _f32_type(name: str, ndim: int) -> bool:
     """llama.cpp's converter keeps these F32 whatever the output type: 1-D tensors, norms,
-    anything not named `.weight` (biases)."""
-    return ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
+    anything not named `.weight` (biases), the experts' router."""
+    return (ndim <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight"))
+            or not name.endswith(".weight"))
 
 
 class GGUFArch:
@@ -282,7 +386,7 @@ class GGUFArch:
         if (local := self.c.rope_parameters.get("sliding_attention")) is not None:
             w.add_rope_freq_base_swa(local["rope_theta"])
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
-        if getattr(c, "head_dim", None) is not None:
+        if getattr(c, "head_dim", None) is not None and self.arch != "granite":   # it pops it
             w.add_key_length(c.head_dim)
             w.add_value_length(c.head_dim)
 
@@ -339,7 +443,8 @@ class LlamaArch(GGUFArch):
     def write_params(self, w) -> None:
         super().write_params(w)
         w.add_vocab_size(self.c.vocab_size)
-        w.add_rope_dimension_count(self.c.head_dim)
+        c = self.c
+        w.add_rope_dimension_count(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
     @staticmethod
     def pair_rows(t: np.ndarray, n_head: int) -> np.ndarray:
@@ -421,13 +526,192 @@ class Gemma3Arch(GGUFArch):
         return [(self.layer_name(name, self.names), t)]
 
 
-ARCHES: dict[str, type[GGUFArch]] = {"llama": LlamaArch, "gemma3_text": Gemma3Arch}
+_PLAIN = {k: v for k, v in LlamaArch.names.items()}
+_QK_NORMS = {"self_attn.q_norm.weight": "attn_q_norm.weight",
+             "self_attn.k_norm.weight": "attn_k_norm.weight"}
+
+
+class Qwen2Arch(GGUFArch):
+    """Qwen2 (and the base of Qwen3): Llama's names, no row permutation (NeoX rotary)."""
+    arch = "qwen2"
+    names = _PLAIN
+
+    def tensor(self, name, t):
+        return [(self.layer_name(name, self.names), t)]
+
+
+class Qwen3Arch(Qwen2Arch):
+    arch = "qwen3"
+    names = _PLAIN | _QK_NORMS
+
+
+# per-expert tensors as transformers saves them -> the kind of llama.cpp's (E, ...) stack
+_EXPERT_PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",   # Qwen3-MoE
+                 "w1": "gate", "w3": "up", "w2": "down"}                      # Mixtral
+
+
+class ExpertStacks:
+    """Collects the per-expert matrices of a layer (`mlp.experts.{e}.gate_proj.weight`,
+    Mixtral's `block_sparse_moe.experts.{e}.w1.weight`) and yields each kind as one (E, N, K)
+    stack once all E are in, as llama.cpp's converter does; the router (`mlp.gate` or
+    `block_sparse_moe.gate`) is ffn_gate_inp."""
+
+    def __init__(self, n_experts: int):
+        self.n, self.parts = n_experts, {}
+
+    def take(self, name: str, t: np.ndarray) -> list | None:
+        """[(gguf name, data)] for an expert tensor (empty until its stack is complete);
+        None for any other tensor."""
+        f = name.split(".")
+        if len(f) < 5 or f[3] not in ("mlp", "block_sparse_moe"):
+            return None
+        bid = f[2]
+        if f[4] == "gate" and f[-1] == "weight" and len(f) == 6:
+            return [(f"blk.{bid}.ffn_gate_inp.weight", t)]
+        if f[4] != "experts":
+            return None
+        kind = _EXPERT_PARTS[f[6]]
+        got = self.parts.setdefault((bid, kind), {})
+        got[int(f[5])] = t
+        if len(got) < self.n:
+            return []
+        return [(f"blk.{bid}.ffn_{kind}_exps.weight", np.stack([got[e] for e in range(self.n)]))]
+
+
+class Qwen3MoeArch(Qwen3Arch):
+    arch = "qwen3moe"
+
+    def write_params(self, w) -> None:
+        super().write_params(w)
+        w.add_expert_count(self.c.num_experts)
+        w.add_expert_used_count(self.c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(self.c.moe_intermediate_size)
+
+    def tensor(self, name, t):
+        self.experts = getattr(self, "experts", None) or ExpertStacks(self.c.num_experts)
+        out = self.experts.take(name, t)
+        return super().tensor(name, t) if out is None else out
+
+
+class MixtralArch(LlamaArch):
+    def write_params(self, w) -> None:
+        super().write_params(w)
+        w.add_expert_count(self.c.num_local_experts)
+        w.add_expert_used_count(self.c.num_experts_per_tok)
+
+    def tensor(self, name, t):
+        self.experts = getattr(self, "experts", None) or ExpertStacks(self.c.num_local_experts)
+        out = self.experts.take(name, t)
+        return super().tensor(name, t) if out is None else out
+
+
+class Phi3Arch(GGUFArch):
+    arch = "phi3"
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.qkv_proj.weight": "attn_qkv.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    }
+
+    def rope_dim(self) -> int:
+        c = self.c
+        return int(self.rope().get("partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads
+
+    def write_params(self, w) -> None:
+        """Phi3MiniModel.set_gguf_parameters and its LongRoPE attention factor."""
+        c, rp = self.c, self.rope()
+        orig = c.original_max_position_embeddings
+        w.add_context_length(c.max_position_embeddings)
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_rope_dimension_count(self.rope_dim())
+        w.add_rope_freq_base(rp["rope_theta"])
+        w.add_sliding_window(c.sliding_window or 0)
+        scale = c.max_position_embeddings / orig
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig))
+                                        if scale > 1.0 else 1.0)
+
+    def extra_tensors(self):
+        rp = self.rope()
+        return {"rope_factors_long.weight": np.asarray(rp["long_factor"], np.float32),
+                "rope_factors_short.weight": np.asarray(rp["short_factor"], np.float32)}
+
+    def tensor(self, name, t):
+        return [(self.layer_name(name, self.names), t)]
+
+
+class Gemma2Arch(Gemma3Arch):
+    arch = "gemma2"
+    names = {k: v for k, v in Gemma3Arch.names.items() if "q_norm" not in k and "k_norm" not in k}
+
+    def write_params(self, w) -> None:
+        """Gemma2Model.set_gguf_parameters: no rotary keys (llama.cpp's default base 10000)."""
+        c = self.c
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+        w.add_sliding_window(c.sliding_window)
+
+
+class Olmo2Arch(Qwen2Arch):
+    arch = "olmo2"
+    names = {k: v for k, v in _PLAIN.items()
+             if k not in ("input_layernorm.weight", "post_attention_layernorm.weight")} | _QK_NORMS | {
+        "post_attention_layernorm.weight": "post_attention_norm.weight",
+        "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+
+
+class GraniteArch(LlamaArch):
+    arch = "granite"
+
+    def write_params(self, w) -> None:
+        super().write_params(w)
+        c = self.c
+        w.add_attention_scale(c.attention_multiplier)
+        w.add_embedding_scale(c.embedding_multiplier)
+        w.add_residual_scale(c.residual_multiplier)
+        w.add_logit_scale(c.logits_scaling)
+
+
+class SmolLM3Arch(LlamaArch):
+    arch = "smollm3"
+
+
+ARCHES: dict[str, type[GGUFArch]] = {
+    "llama": LlamaArch, "gemma3_text": Gemma3Arch, "qwen2": Qwen2Arch, "qwen3": Qwen3Arch,
+    "qwen3_moe": Qwen3MoeArch, "mixtral": MixtralArch, "phi3": Phi3Arch, "gemma2": Gemma2Arch,
+    "olmo2": Olmo2Arch, "granite": GraniteArch, "smollm3": SmolLM3Arch,
+}
 
 # family vocabularies, by HF model_type
 _VOCABS: dict[str, Callable[[int], Vocab]] = {
     "llama": lambda n: make_vocab(
         [("<unk>", _UNKNOWN), ("<s>", _CONTROL), ("</s>", _CONTROL)], n,
         bos="<s>", eos="</s>", unk="<unk>", pad=None, add_space_prefix=True),
+    **dict.fromkeys(("qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "olmo2", "granite",
+                     "smollm3"), lambda n: make_vocab(
+        [("<unk>", _UNKNOWN), ("<s>", _CONTROL), ("</s>", _CONTROL)], n,
+        bos="<s>", eos="</s>", unk="<unk>", pad=None, add_space_prefix=True)),
+    "gemma2": lambda n: make_vocab(
+        [("<pad>", _CONTROL), ("<eos>", _CONTROL), ("<bos>", _CONTROL), ("<unk>", _UNKNOWN),
+         ("<start_of_turn>", _USER_DEFINED), ("<end_of_turn>", _USER_DEFINED)], n,
+        bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>", add_space_prefix=False),
     "gemma3_text": lambda n: make_vocab(
         [("<pad>", _CONTROL), ("<eos>", _CONTROL), ("<bos>", _CONTROL), ("<unk>", _UNKNOWN),
          ("<start_of_turn>", _USER_DEFINED), ("<end_of_turn>", _USER_DEFINED)], n,
