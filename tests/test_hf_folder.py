@@ -21,10 +21,13 @@ from ostinato.loader.hf import read_hf_folder
 from randmodels import FAMILIES, build, converter_dir, convert_with_llamacpp, test_ids
 
 F32_BOUND = 1e-4          # against transformers fp32 (as tests/test_families.py)
-# keys of the GGUF the folder need not reproduce: the file's own name/type/version, and the
+# keys of the GGUF the folder need not reproduce: the file's own name/type/version, the
 # tokenizer's scores and types (checked through tokenization instead: ours are merge ranks,
-# randmodels' writer has its own; an added token HF calls special is CONTROL here)
-NOT_COMPARED = ("general.", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+# randmodels' writer has its own; an added token HF calls special is CONTROL here), and the
+# padding id (taken from config.json's pad_token_id, as gguf-py's SpecialVocab does; the
+# randmodels writer writes it only for vocabularies with a pad token)
+NOT_COMPARED = ("general.", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.padding_token_id")
 
 
 class _Built(dict):
