@@ -704,7 +704,11 @@ _VOCABS: dict[str, Callable[[int], Vocab]] = {
     "llama": lambda n: make_vocab(
         [("<unk>", _UNKNOWN), ("<s>", _CONTROL), ("</s>", _CONTROL)], n,
         bos="<s>", eos="</s>", unk="<unk>", pad=None, add_space_prefix=True),
-    **dict.fromkeys(("qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "olmo2", "granite",
+    # Phi-3's own end token: llama.cpp looks it up in any model named phi3
+    "phi3": lambda n: make_vocab(
+        [("<unk>", _UNKNOWN), ("<s>", _CONTROL), ("</s>", _CONTROL), ("<|endoftext|>", _CONTROL)],
+        n, bos="<s>", eos="<|endoftext|>", unk="<unk>", pad=None, add_space_prefix=True),
+    **dict.fromkeys(("qwen2", "qwen3", "qwen3_moe", "mixtral", "olmo2", "granite",
                      "smollm3"), lambda n: make_vocab(
         [("<unk>", _UNKNOWN), ("<s>", _CONTROL), ("</s>", _CONTROL)], n,
         bos="<s>", eos="</s>", unk="<unk>", pad=None, add_space_prefix=True)),
@@ -808,6 +812,25 @@ class TinyModel:
     def hf_logits(self, ids: list[int]) -> np.ndarray:
         """(T, vocab) float32 logits from transformers, fp32, eager attention, one forward."""
         return hf_logits(self.hf_model(), ids)
+
+    def hf_logits_rounded(self, ids: list[int], type_name: str = "q8_0") -> np.ndarray:
+        """transformers' logits with every weight the GGUF of `type_name` quantizes rounded
+        exactly as it is (quantize, dequantize: blocks run along each row, so the converter's
+        row permutations commute with it). The reference for a quantized file: what is left
+        is arithmetic, not the weights' rounding (which can flip a token's experts)."""
+        import torch
+        from gguf.quants import dequantize, quantize
+        import gguf
+        qtype = gguf.GGMLQuantizationType[GGUF_TYPES[type_name][0]]
+        model = load_hf(self.hf_dir)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim < 2 or "norm" in name or name.endswith(("mlp.gate.weight",
+                                                                  "block_sparse_moe.gate.weight")):
+                    continue
+                w = p.detach().numpy().astype(np.float32)
+                p.copy_(torch.from_numpy(dequantize(quantize(w, qtype), qtype).reshape(w.shape)))
+        return hf_logits(model, ids)
 
 
 def load_hf(hf_dir: Path, config=None):

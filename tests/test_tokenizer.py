@@ -40,10 +40,27 @@ def gemma(gemma_md, gemma_path):
     return Tokenizer.from_gguf(gemma_md, str(gemma_path))
 
 
-@pytest.fixture(params=["smollm2-135m-instruct", "gemma3-270m"])
+QWEN = "qwen2.5-coder-0.5b-instruct"
+# fixture name -> (tokenizer fixture, metadata fixture)
+MODELS = {"smollm2-135m-instruct": ("smollm", "smollm_md"), "gemma3-270m": ("gemma", "gemma_md"),
+          QWEN: ("qwen", "qwen_md")}
+
+
+@pytest.fixture(scope="module")
+def qwen_md():
+    from conftest import _model_file
+    return read_gguf(_model_file(QWEN)).metadata
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_md):
+    return Tokenizer.from_gguf(qwen_md, QWEN)
+
+
+@pytest.fixture(params=list(MODELS))
 def model(request):
     """(tokenizer, fixture data) for each model."""
-    tok = request.getfixturevalue("smollm" if request.param.startswith("smollm") else "gemma")
+    tok = request.getfixturevalue(MODELS[request.param][0])
     return tok, _fixture(request.param)
 
 
@@ -64,11 +81,14 @@ def test_encode_matches_llama_cpp(model):
     assert not wrong, f"{len(wrong)} of {len(fx['cases'])} cases differ from llama.cpp: {wrong}"
 
 
-def test_variant_settings_match_llama_cpp(model, request):
-    """Other pre-tokenizers (gpt-2, default, llama-bpe) on SmolLM's vocab; SentencePiece
-    with add_space_prefix on Gemma's: metadata overridden in memory as the script did."""
-    tok, fx = model
-    md = request.getfixturevalue("smollm_md" if tok.model == "gpt2" else "gemma_md")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_variant_settings_match_llama_cpp(name, request):
+    """Other pre-tokenizers (gpt-2, default, llama-bpe) on SmolLM's vocab; those of the other
+    families (qwen35, gpt-4o, tekken, dbrx, falcon, deepseek-llm/-coder) on Qwen's;
+    SentencePiece with add_space_prefix on Gemma's: metadata overridden in memory as the
+    script did."""
+    fx = _fixture(name)
+    md = request.getfixturevalue(MODELS[name][1])
     assert fx["variants"]
     for variant in fx["variants"]:
         other = Tokenizer.from_gguf({**md, **variant["override"]})

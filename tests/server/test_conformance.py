@@ -119,7 +119,7 @@ def test_chat_template_kwargs_reach_the_template(persona_server):
 @pytest.mark.parametrize("route, field, value", [
     ("chat", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("chat", "tool_choice", "auto"),
-    ("chat", "response_format", {"type": "json_object"}),
+    ("chat", "response_format", {"type": "xml"}),     # json_object/json_schema: structured
     ("chat", "audio", {"voice": "alloy", "format": "wav"}),
     ("chat", "modalities", ["text", "audio"]),
     ("chat", "reasoning_effort", "low"),
