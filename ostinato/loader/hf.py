@@ -99,7 +99,20 @@ def read_hf_folder(path: str | os.PathLike, quantize: str | None = None) -> HFFo
     folder = HFFolder(path, metadata, tensors, tuple(extra_eos), _maps=maps)
     if qtype is not None:
         _quantize_all(folder, qtype)
+    _log_widened(folder)
     return folder
+
+
+def _log_widened(folder: HFFolder) -> None:
+    """F16/BF16 matrices run in float32 (the backend widens them at load, exactly): twice the
+    memory and the bytes read per token. Said once, not silently."""
+    half = [n for n, t in folder.tensors.items() if len(t.shape) >= 2
+            and t.type_name in ("F16", "BF16")]
+    if half:
+        kind = folder.tensors[half[0]].type_name
+        log.warning("%s: %d %s matrices are widened to float32 at load (no half-precision "
+                    "kernel): 2x their file size in memory; --quantize q8_0 makes them 1/4",
+                    folder.path, len(half), kind)
 
 
 def _check_quantize(quantize: str | None) -> str | None:
