@@ -355,3 +355,36 @@ def test_quantize_equals_llama_cpp_quantizer(tiny, tmp_path, qtype, ftype):
     for name, info in gf.tensors.items():
         assert hf.tensors[name].type_name == info.type_name, name
         assert np.array_equal(hf.raw(name), gf.raw(name)), name
+
+
+_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_serve_a_folder_with_quantize(tiny, tmp_path):
+    """`ostinato serve --model ./folder --quantize q8_0` through the official client: the
+    greedy completion equals the offline LLM's on the same folder, and chat renders the
+    folder's chat_template.jinja."""
+    from openai import OpenAI
+
+    from serverproc import start_server, stop_server
+    folder = edit_config(tiny["llama"].hf_dir, tmp_path / "served")
+    (folder / "chat_template.jinja").write_text(_TEMPLATE)
+    llm = ostinato_llm(folder, quantize="q8_0")
+    from ostinato import SamplingParams
+    want = llm.generate(["the quick brown"], SamplingParams(max_tokens=6, temperature=0.0,
+                                                            ignore_eos=True))[0].outputs[0]
+    messages = [{"role": "user", "content": "the river flows"}]
+    prompt_ids = llm.chat_prompt_ids(messages)
+    assert llm.detokenize(prompt_ids).endswith("user: the river flows\nassistant:")
+    srv = start_server(folder, "--quantize", "q8_0", "--kv-cache-dtype", "float32")
+    try:
+        client = OpenAI(base_url=f"{srv.base}/v1", api_key="none")
+        assert [m.id for m in client.models.list().data] == ["served"]
+        got = client.completions.create(model="served", prompt="the quick brown", max_tokens=6,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == want.text
+        chat = client.chat.completions.create(model="served", messages=messages, max_tokens=3)
+        assert chat.usage.prompt_tokens == len(prompt_ids)
+    finally:
+        stop_server(srv)
