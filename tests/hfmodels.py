@@ -173,3 +173,42 @@ def build_arch(arch: str, out: Path) -> Path:
     model.save_pretrained(str(folder))
     _hf_tokenizer(_VOCABS["llama"](config.vocab_size)).save_pretrained(str(folder))
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# a real byte-level vocabulary as tokenizer.json: a GGUF's tokens and merges laid out the way
+# Hugging Face saves that model family's tokenizer (model, pre-tokenizer, added tokens)
+# ---------------------------------------------------------------------------------------------
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tokenizer_json_from_gguf(gguf_path, folder: Path) -> Path:
+    """Write folder/tokenizer.json (+ config.json's vocab_size) from a gpt2-kind GGUF whose
+    pre-tokenizer is 'smollm' or 'qwen2'; CONTROL tokens become special added tokens,
+    USER_DEFINED ones non-special added tokens, UNUSED ones are left out."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pt
+
+    from ostinato.loader.gguf import read_gguf
+    md = read_gguf(gguf_path).metadata
+    tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"].tolist()
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (1, 3, 4)}
+    merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False))
+    if md["tokenizer.ggml.pre"] == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pt.Sequence([pt.Split(Regex(_QWEN2_SPLIT), "isolated"),
+                                         pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True),
+                                         pt.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty in (3, 4):
+            tok.add_tokens([AddedToken(t, special=ty == 3, normalized=False)])
+            assert tok.token_to_id(t) == i, (t, i)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps({"vocab_size": len(tokens)}))
+    return folder

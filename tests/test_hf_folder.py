@@ -388,3 +388,37 @@ def test_serve_a_folder_with_quantize(tiny, tmp_path):
         assert chat.usage.prompt_tokens == len(prompt_ids)
     finally:
         stop_server(srv)
+
+
+_TEXTS = ["Hello world", "Hello, world! How are you today?", "  leading spaces and\ttabs\n\n",
+          "numbers 1234567 and 3.14159", "def f(x):\n    return x**2  # square", "Ünïcödé ñ 中文 日本語",
+          "emoji 🦙🚀 and <|im_start|>user\nhi<|im_end|>", "don't WON'T I'll they're", "\r\n\r\n x"]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_real_byte_level_vocab_through_tokenizer_json(name, tmp_path):
+    """A real byte-level vocabulary (SmolLM2's 49k, Qwen2.5's 152k tokens and merges), saved
+    as tokenizer.json in its family's layout, becomes the GGUF's tokenizer keys (tokens,
+    types, merges, pre-tokenizer) and tokenizes as the GGUF and as `tokenizers` do."""
+    from tokenizers import Tokenizer as HFTok
+
+    from hfmodels import tokenizer_json_from_gguf
+    from ostinato.hub import ModelNotFound, resolve_model
+    from ostinato.loader.hf_tokenizer import tokenizer_metadata
+    from ostinato.tokenizer import Tokenizer
+    try:
+        path = resolve_model(name, pull_missing=False)
+    except ModelNotFound:
+        pytest.skip(f"{name} is not pulled (ostinato pull {name})")
+    gmd = read_gguf(path).metadata
+    folder = tokenizer_json_from_gguf(path, tmp_path / "tok")
+    md, _ = tokenizer_metadata(folder, {"vocab_size": len(gmd["tokenizer.ggml.tokens"])}, {})
+    for key in ("tokens", "merges", "pre", "model"):
+        assert _same(md[f"tokenizer.ggml.{key}"], gmd[f"tokenizer.ggml.{key}"]), key
+    assert list(md["tokenizer.ggml.token_type"]) == gmd["tokenizer.ggml.token_type"].tolist()
+    ours, theirs = Tokenizer.from_gguf(md), Tokenizer.from_gguf(gmd)
+    hf = HFTok.from_file(str(folder / "tokenizer.json"))
+    for text in _TEXTS:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text
