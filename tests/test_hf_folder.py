@@ -277,6 +277,16 @@ def test_tensor_the_mapping_does_not_know_is_refused(tiny, tmp_path):
         read_hf_folder(bad)
 
 
+def test_untied_config_without_lm_head_is_refused(tiny, tmp_path):
+    folder = tiny["llama"].hf_dir
+    bad = edit_config(folder, tmp_path / "headless")
+    tensors = read_tensors(folder)
+    del tensors["lm_head.weight"]
+    write_safetensors(bad / "model.safetensors", tensors)
+    with pytest.raises(ModelFileError, match="lm_head.weight is missing"):
+        read_hf_folder(bad)
+
+
 def test_generation_config_eos_list_ends_generation(tiny, tmp_path):
     m = tiny["llama"]
     folder = edit_config(m.hf_dir, tmp_path / "eos")

@@ -244,6 +244,10 @@ _SKIPPED = (".rotary_emb.inv_freq",)
 def _gguf_tensors(spec: ArchSpec, config: dict, sources: dict[str, Source],
                   path: Path) -> dict[str, HFTensor]:
     tied = bool(config.get("tie_word_embeddings", spec.tied_default))
+    if not (tied or spec.drop_lm_head or "lm_head.weight" in sources):
+        raise ModelFileError(f"{path}: config.json says tie_word_embeddings false but "
+                             f"lm_head.weight is missing: the output matrix is not in the "
+                             f"folder (refusing to tie it to the embeddings silently)")
     out: dict[str, HFTensor] = {}
     experts: dict[tuple[int, str], dict[int, Source]] = {}
     for name, src in sources.items():
