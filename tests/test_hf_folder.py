@@ -432,3 +432,27 @@ def test_real_byte_level_vocab_through_tokenizer_json(name, tmp_path):
         ids = ours.encode(text, add_special_tokens=False)
         assert ids == theirs.encode(text, add_special_tokens=False), text
         assert ids == hf.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.parametrize("family", ["llama3_rope", "gemma3_linear_rope"])
+def test_config_values_of_the_wrong_type_fail_in_one_line(tiny, tmp_path, family):
+    """Every config.json key set to a string, a negative number, a list, a huge number or
+    null: the folder loads (an informative key) or is refused in one line naming the file;
+    never a traceback from deep in the arithmetic."""
+    from ostinato.model.config import ModelConfig
+    from ostinato.tokenizer import Tokenizer
+    src = tiny[family].hf_dir
+    keys = list(json.loads((src / "config.json").read_text())) + ["rope_scaling", "rope_theta"]
+    refused = 0
+    for key in keys:
+        for val in ("x", -1, [1, 2], 1e30, None, 0):
+            folder = edit_config(src, tmp_path / f"{key}-{val!r}"[:80], **{key: val})
+            try:
+                hf = read_hf_folder(folder)
+                ModelConfig.from_gguf(hf.metadata, str(folder), set(hf.tensors))
+                Tokenizer.from_gguf(hf.metadata, str(folder))
+                [hf.raw(n) for n in hf.tensors]
+            except ModelFileError as e:
+                assert "\n" not in str(e) and str(folder) in str(e), (key, val, str(e))
+                refused += 1
+    assert refused > len(keys)

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import ModelFileError
 from .dequant import dequantize
 from .gguf import TYPE_IDS
-from .hf_arch import ARCHES, ArchSpec, gguf_params
+from .hf_arch import ARCHES, ArchSpec, gguf_params, wrong_values
 from .hf_tokenizer import tokenizer_metadata
 from .quantize import QK, QuantizeError, check_type, quantize as quantize_blocks
 
@@ -265,7 +265,9 @@ def _gguf_tensors(spec: ArchSpec, config: dict, sources: dict[str, Source],
     for (bid, proj), by_expert in sorted(experts.items()):
         gname, shape, make = _stacked(spec, bid, proj, by_expert, config, path)
         out[gname] = _float_tensor(gname, shape, make, by_expert[0].dtype)
-    for gname, values in spec.extra_tensors(config).items():
+    with wrong_values(str(path)):
+        extra = spec.extra_tensors(config)
+    for gname, values in extra.items():
         out[gname] = HFTensor(gname, values.shape, "F32", lambda v=values: v.view(np.uint8))
     return out
 

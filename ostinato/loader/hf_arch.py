@@ -10,6 +10,7 @@ quantization) and the converter would have dropped it silently.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -117,9 +118,24 @@ class ArchSpec:
 def gguf_params(spec: ArchSpec, config: dict, path: str) -> dict:
     """The `{arch}.*` GGUF keys for config.json, every key of which is read or refused."""
     c = Cfg(config, path)
-    params = spec.params(c)
+    with wrong_values(path):
+        params = spec.params(c)
     c.refuse_unread()
     return {f"{spec.arch}.{k}": _as_stored(v) for k, v in params.items() if v is not None}
+
+
+@contextmanager
+def wrong_values(path: str):
+    """A config.json value of the wrong type or range (a string for a count, a zero divisor)
+    fails the arithmetic that reads it: one line naming the file, not a traceback."""
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, KeyError, AttributeError,
+            OverflowError) as e:
+        raise ModelFileError(f"{path}/config.json: a value has the wrong type or range "
+                             f"({type(e).__name__}: {e})") from None
 
 
 def _as_stored(v):
@@ -201,6 +217,8 @@ def llama_rope_freqs(config: dict) -> dict[str, np.ndarray]:
         return {}
     import torch
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= 1 << 16:
+        raise ValueError(f"head_dim {dim!r} is not a positive integer")
     base = glob.get("rope_theta") or 10000.0
     factor, low = glob.get("factor", 8.0), glob.get("low_freq_factor", 1.0)
     high, orig = glob.get("high_freq_factor", 4.0), glob.get("original_max_position_embeddings", 8192)

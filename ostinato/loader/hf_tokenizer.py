@@ -84,7 +84,10 @@ def _tokens(tj: Path, model: dict, added: list, config: dict) -> tuple[list[str]
     for a in added:
         by_id[int(a["id"])] = a["content"]
         added_by_id[int(a["id"])] = a
-    n = max(max(by_id, default=-1) + 1, int(config.get("vocab_size") or 0))
+    rows = config.get("vocab_size") or 0
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise ModelFileError(f"{tj.parent}/config.json: vocab_size {rows!r} is not an integer")
+    n = max(max(by_id, default=-1) + 1, rows)
     if n > 1 << 22 or min(by_id, default=0) < 0:
         raise ModelFileError(f"{tj}: token ids out of range")
     return [by_id.get(i, f"[PAD{i}]") for i in range(n)], added_by_id
