@@ -154,14 +154,14 @@ def phi3_longrope_config():
 
 
 def gemma2_config():
-    """Gemma 2: attention soft-cap 4 and final soft-cap 6 (both bind on these weights), pre and
+    """Gemma 2: attention soft-cap 1 and final soft-cap 6 (both bind on these weights), pre and
     post norms, every other layer slides (window 12), GeGLU, sqrt(d) embedding scale, tied."""
     from transformers import Gemma2Config
     return Gemma2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
         max_position_embeddings=512, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-        sliding_window=12, attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
+        sliding_window=12, attn_logit_softcapping=1.0, final_logit_softcapping=6.0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
         initializer_range=0.2)
@@ -175,10 +175,10 @@ def olmo2_config():
 
 def granite_config():
     """Granite: embedding x12, residual x0.22, attention scale 0.05 (not 1/sqrt(32)), logits
-    / 3; Llama's layout otherwise."""
+    / 1.5; Llama's layout otherwise."""
     from transformers import GraniteConfig
     return GraniteConfig(**_small(embedding_multiplier=12.0, residual_multiplier=0.22,
-                                  attention_multiplier=0.05, logits_scaling=3.0,
+                                  attention_multiplier=0.05, logits_scaling=1.5,
                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
 
 
