@@ -164,11 +164,16 @@ def _spm(tj: Path, data: dict, tokens: list[str], merges: list[str]) -> dict:
             "tokenizer.ggml.scores": scores, "tokenizer.ggml.add_space_prefix": prefix}
 
 
+# Gemma's pre-tokenizer: a split at " " after the normalizer replaced every " " (a no-op)
+_SPLIT_ON_SPACE = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                   "invert": False}
+
+
 def _space_prefix(tj: Path, data: dict) -> bool:
     """Spaces -> U+2581 by a Replace normalizer (a Prepend first: a leading one) or by a
     Metaspace pre-tokenizer; anything else is refused."""
     norm = _parts(data.get("normalizer"))
-    pre = _parts(data.get("pre_tokenizer"))
+    pre = [p for p in _parts(data.get("pre_tokenizer")) if p != _SPLIT_ON_SPACE]
     kinds = [n.get("type") for n in norm]
     if not pre and kinds in (["Replace"], ["Prepend", "Replace"]) \
             and norm[-1].get("content") == SPACE and norm[-1].get("pattern") == {"String": " "}:
