@@ -182,9 +182,9 @@ class StructuredOutputsParams:
         given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)
                  or (k == "json" and self.json is False)]
         if len(given) != 1:
-            raise _bad("structured_outputs", self, f"exactly one of {', '.join(STRUCTURED_KINDS)}"
-                       f" must be set, got {len(given)}" + (f" ({', '.join(given)})" if given
-                                                            else ""))
+            raise ValueError(f"structured_outputs: exactly one of {', '.join(STRUCTURED_KINDS)}"
+                             f" must be set, got {len(given)}"
+                             + (f" ({', '.join(given)})" if given else ""))
         self._check_types()
         if isinstance(self.choice, (list, tuple)):
             object.__setattr__(self, "choice", list(self.choice))
@@ -201,7 +201,7 @@ class StructuredOutputsParams:
             need = {"json": "a JSON schema (object, boolean or its JSON text)",
                     "regex": "a non-empty string", "choice": "a non-empty list of non-empty "
                     "strings", "grammar": "a non-empty string", "json_object": "true"}[kind]
-            raise _bad("structured_outputs", {kind: value}, f"{kind} must be {need}")
+            raise ValueError(f"structured_outputs: {kind} must be {need}")
 
     @property
     def kind(self) -> str:

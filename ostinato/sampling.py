@@ -143,30 +143,28 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
-def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """Tokens outside `allowed` ((vocab,) bool, a grammar's mask) get -inf."""
-    if allowed is None:
+def apply_forbidden(logits: torch.Tensor, forbidden: torch.Tensor | None) -> torch.Tensor:
+    """Tokens marked in `forbidden` ((vocab,) bool, a grammar's mask) get -inf."""
+    if forbidden is None:
         return logits
-    if allowed.shape != logits.shape or allowed.dtype != torch.bool:
-        raise ValueError(f"apply_allowed: the mask must be bool of shape {tuple(logits.shape)}, "
-                         f"got {allowed.dtype} {tuple(allowed.shape)}")
-    if not bool(allowed.any()):
-        raise ValueError("the grammar allows no token here")
-    return logits.masked_fill(~allowed, NEG_INF)
+    if forbidden.shape != logits.shape or forbidden.dtype != torch.bool:
+        raise ValueError(f"apply_forbidden: the mask must be bool of shape "
+                         f"{tuple(logits.shape)}, got {forbidden.dtype} {tuple(forbidden.shape)}")
+    return logits.masked_fill(forbidden, NEG_INF)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams,
                    prompt_ids: Sequence[int] | torch.Tensor,
                    output_ids: Sequence[int] | torch.Tensor,
                    eos_ids: Iterable[int] = (),
-                   allowed: torch.Tensor | None = None) -> torch.Tensor:
+                   forbidden: torch.Tensor | None = None) -> torch.Tensor:
     """All of `params`' logits transformations for one sequence; returns a new [vocab] fp32
     tensor (the input is left untouched). `eos_ids` (and params.stop_token_ids) are
-    masked while len(output_ids) < params.min_tokens. `allowed`: the grammar's mask, applied
+    masked while len(output_ids) < params.min_tokens. `forbidden`: the grammar's mask, applied
     first (a structured-output request), so every later step sees only allowed tokens."""
     if logits.dim() != 1:
         raise ValueError(f"process_logits: expected 1-D logits [vocab], got shape {tuple(logits.shape)}")
-    x = apply_allowed(logits.float(), allowed)
+    x = apply_forbidden(logits.float(), forbidden)
     x = apply_logit_bias(x, params.logit_bias)
     if params.repetition_penalty != 1.0:
         x = apply_repetition_penalty(x, _concat_ids(prompt_ids, output_ids), params.repetition_penalty)

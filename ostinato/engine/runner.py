@@ -141,9 +141,9 @@ class ModelRunner:
         st = seq.sampler_state = seq.sampler_state or SamplerState()
         if st.generator is None:
             st.generator = make_generator(seq.params.seed)
-        allowed = None if st.constraint is None else torch.from_numpy(st.constraint.allowed())
+        masked = None if st.constraint is None else torch.from_numpy(st.constraint.forbidden())
         processed = process_logits(logits, seq.params, seq.prompt_ids, seq.output_ids,
-                                   eos_ids=self.eos_ids, allowed=allowed)
+                                   eos_ids=self.eos_ids, forbidden=masked)
         token = sample(processed, seq.params, st.generator)
         if st.constraint is not None:
             st.constraint.advance(token)

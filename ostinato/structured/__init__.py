@@ -4,7 +4,7 @@ or grammar into a per-request token mask.
     compiler = GrammarCompiler(tokenizer, eos_ids, vocab_size)   # one per engine
     grammar = compiler.compile(params.structured_outputs)        # off the engine thread
     constraint = grammar.new_constraint()                        # one per sequence
-    allowed = constraint.allowed()      # (vocab,) bool: this step's tokens
+    forbidden = constraint.forbidden()  # (vocab,) bool: the tokens masked this step
     constraint.advance(token)           # after sampling
 
 Why llguidance (not xgrammar): a small dependency-free wheel (no torch or transformers

@@ -13,13 +13,15 @@ class Constraint:
         self._m, self.vocab_size = matcher, vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)   # bit t: token t
 
-    def allowed(self) -> np.ndarray:
-        """(vocab,) bool: the tokens the grammar allows next (an end-of-generation token
-        once the grammar is complete)."""
+    def forbidden(self) -> np.ndarray:
+        """(vocab,) bool: the tokens the grammar forbids next (all but an end-of-generation
+        token once the grammar is complete)."""
         self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self._m.is_error():
             raise RuntimeError(f"the grammar failed: {self._m.get_error()}")
-        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
+        if not self._bits.any():
+            raise RuntimeError("the grammar allows no token here")
+        bits = np.unpackbits(np.invert(self._bits).view(np.uint8), bitorder="little")
         return bits[: self.vocab_size].view(np.bool_)
 
     def advance(self, token: int) -> None:

@@ -1,0 +1,271 @@
+"""Structured output below the server: the constraint spec, the grammar compiler (errors,
+cache, time limit, bounded whitespace), the token mask checked against the vocabulary by
+brute force, and the engine: constrained == unconstrained when the model's answer already
+fits, batch invariance, preemption / chunked prefill / prefix caching with constraints."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+
+import jsonschema
+import pytest
+
+from ostinato.params import SamplingParams, StructuredOutputsParams as SO
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0,
+                                                   "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+ALICE = [{"role": "user", "content": "Give me a JSON object describing a person named Alice "
+                                     "aged 30, with keys name and age."}]
+
+
+# ------------------------------------------------------------------------------ the spec
+def test_exactly_one_constraint():
+    assert SO(json=PERSON).kind == "json" and SO(choice=["a"]).kind == "choice"
+    assert SO(json_object=True).kind == "json_object"
+    for bad in ({}, {"json": PERSON, "regex": "a"}, {"json_object": False}):
+        with pytest.raises(ValueError, match="exactly one"):
+            SO(**bad)
+    for bad, words in (({"choice": []}, "non-empty list"), ({"choice": ["a", 1]}, "strings"),
+                       ({"regex": ""}, "non-empty"), ({"json": 3}, "JSON schema"),
+                       ({"json_object": "yes"}, "true")):
+        with pytest.raises(ValueError, match=words):
+            SO(**bad)
+
+
+def test_sampling_params_take_a_dict_and_refuse_what_fights_the_grammar():
+    p = SamplingParams(structured_outputs={"regex": "[0-9]+"})
+    assert p.structured_outputs == SO(regex="[0-9]+")
+    assert p.structured_outputs.key() == SO(regex="[0-9]+").key()
+    assert SO(json={"b": 1, "a": 2}).key() == SO(json={"a": 2, "b": 1}).key()
+    with pytest.raises(ValueError, match="unexpected keyword argument 'whitespace'"):
+        SamplingParams(structured_outputs={"regex": "a", "whitespace": " "})
+    for field, value in (("ignore_eos", True), ("min_tokens", 3)):
+        with pytest.raises(ValueError, match=f"{field}.*structured_outputs"):
+            SamplingParams(structured_outputs={"regex": "a"}, **{field: value})
+
+
+# ------------------------------------------------------------------------- the compiler
+@pytest.fixture(scope="module")
+def tok(smollm_path):
+    from ostinato.loader.gguf import read_gguf
+    from ostinato.tokenizer import Tokenizer
+    gf = read_gguf(smollm_path)
+    try:
+        return Tokenizer.from_gguf(gf.metadata, str(smollm_path))
+    finally:
+        gf.close()
+
+
+@pytest.fixture(scope="module")
+def compiler(tok):
+    from ostinato.structured import GrammarCompiler
+    return GrammarCompiler(tok, tok.eos_token_ids, tok.vocab_size)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("spec, words", [
+    (SO(json={"type": "foo"}), "foo"),
+    (SO(json={"type": "array", "uniqueItems": True}), "uniqueItems"),
+    (SO(json={"type": "object", "if": {}}), "if"),
+    (SO(json={"type": "string", "format": "colour"}), "colour"),
+    (SO(json={"type": "string", "minLength": 5, "maxLength": 2}), "minLength"),
+    (SO(json={"$ref": "#/$defs/missing"}), "missing"),
+    (SO(json="{not json"), "not valid JSON"),
+    (SO(json={"type": "object", "x-guidance": {"lenient": True}}), "x-guidance"),
+    (SO(regex="(?<=a)b"), "look-around"),
+    (SO(regex="[a-"), "regex"),
+    (SO(grammar="start: undefined_rule"), "undefined_rule"),
+    (SO(grammar="root ::= [a-"), "grammar"),
+])
+def test_bad_constraints_raise_naming_the_problem(compiler, spec, words):
+    from ostinato.structured import GrammarError
+    with pytest.raises(GrammarError, match=re.escape(words)):
+        compiler.compile(spec)
+
+
+@pytest.mark.model
+def test_compiles_are_cached_and_time_limited(tok, compiler):
+    from ostinato.structured import GrammarCompiler, GrammarError
+    g = compiler.compile(SO(json=PERSON))
+    assert compiler.compile(SO(json=json.loads(json.dumps(PERSON)))) is g
+    assert compiler.compile(SO(regex="[0-9]+")) is not g
+    # a big schema (200 patterned properties) cannot compile in no time at all
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string",
+                                                      "pattern": f"^[a-z]{{{i % 7 + 1}}}x$"}
+                                            for i in range(200)}}
+    strict = GrammarCompiler(tok, tok.eos_token_ids, tok.vocab_size, timeout_s=0.0)
+    strict.llg_tokenizer()
+    with pytest.raises(GrammarError, match="longer than 0 s"):
+        strict.compile(SO(json=big))
+    assert compiler.compile(SO(json=big)).compile_s < 5     # the default limit is 5 s
+
+
+def feed(constraint, tok, text: str) -> None:
+    for t in tok.encode(text, add_special_tokens=False):
+        assert not constraint.forbidden()[t], (text, tok.decode([t]))
+        constraint.advance(t)
+
+
+@pytest.mark.model
+def test_json_whitespace_is_bounded(tok, compiler):
+    grammar = compiler.compile(SO(json=PERSON))
+    for ok in ('{"name":"A","age":1}', '{"name": "A", "age": 1}',
+               '{\n    "name": "A",\n    "age": 1\n}'):
+        c = grammar.new_constraint()
+        feed(c, tok, ok)
+        assert c.done
+    for bad in (' {"name":"A"', '{\n\n"name":"A"', '{' + ' ' * 21 + '"name"'):
+        c = grammar.new_constraint()
+        with pytest.raises((AssertionError, RuntimeError)):
+            feed(c, tok, bad)
+
+
+@pytest.mark.model
+def test_mask_matches_the_vocabulary(tok, compiler):
+    """For regex [a-z]{1,4}: the allowed tokens are exactly those spelling 1-4 letters, by
+    brute force over every token's bytes; then those that fit what is left, or the end."""
+    c = compiler.compile(SO(regex="[a-z]{1,4}")).new_constraint()
+
+    def allowed() -> set[int]:
+        return set((~c.forbidden()).nonzero()[0].tolist())
+    size = {t: len(tok.token_to_bytes(t)) for t in range(tok.vocab_size)
+            if not tok.is_special(t) and re.fullmatch(rb"[a-z]{1,4}", tok.token_to_bytes(t))}
+    assert allowed() == set(size) and len(size) > 1000
+    two = min(t for t, n in size.items() if n == 2)
+    c.advance(two)
+    eos = set(tok.eos_token_ids)
+    assert allowed() == {t for t, n in size.items() if n <= 2} | eos
+    c.advance(two)
+    assert c.done and allowed() == eos
+
+
+@pytest.mark.model
+def test_special_tokens_are_never_spelled(tok, compiler):
+    """A grammar that allows any text still forbids control tokens such as <|im_start|>."""
+    c = compiler.compile(SO(regex="[\\s\\S]{0,50}")).new_constraint()
+    forbidden = c.forbidden()
+    im_start = tok.token_id("<|im_start|>")
+    assert forbidden[im_start] and not forbidden[tok.encode("hi", False)[0]]
+
+
+# ------------------------------------------------------------------------------ engine
+@pytest.mark.model
+def test_constrained_equals_unconstrained_when_already_valid(smollm_llm):
+    llm = smollm_llm
+    free = llm.chat(ALICE, SamplingParams(temperature=0, max_tokens=60))[0].outputs[0]
+    held = llm.chat(ALICE, SamplingParams(temperature=0, max_tokens=60,
+                                          structured_outputs={"json": PERSON}))[0].outputs[0]
+    # the model wrote the JSON, then went on: the mask never changed its argmax, and the
+    # grammar ended the answer where the JSON ends
+    jsonschema.validate(json.loads(held.text), PERSON)
+    assert held.finish_reason == "stop"
+    assert held.token_ids[:-1] == free.token_ids[:len(held.token_ids) - 1]
+    assert held.token_ids[-1] in llm.tokenizer.eos_token_ids
+    # a constraint the whole free answer (end included) satisfies gives the same answer
+    q = [{"role": "user", "content": "Give the name and age of a person named Bob who is 40."}]
+    free = llm.chat(q, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    assert free.finish_reason == "stop" and re.fullmatch(r"[A-Za-z0-9 .,-]+", free.text)
+    held = llm.chat(q, SamplingParams(temperature=0, max_tokens=40, structured_outputs={
+        "regex": r"[A-Za-z0-9 .,-]+"}))[0].outputs[0]
+    assert held.token_ids == free.token_ids and held.text == free.text
+
+
+def _mixed_batch(probe: SamplingParams, sampled: SamplingParams) -> list:
+    """32 requests: the two probes and 30 others (other constraints, free, sampled)."""
+    others = []
+    for i in range(30):
+        so = [{"json": PERSON}, {"regex": "[a-z ]{1,30}"}, {"choice": ["yes", "no"]}, None][i % 4]
+        others.append(SamplingParams(temperature=0.9 if i % 3 else 0, seed=i, max_tokens=30,
+                                     structured_outputs=so))
+    return [probe, *others[:15], sampled, *others[15:]]
+
+
+@pytest.mark.model
+def test_batch_invariance(smollm_llm):
+    llm = smollm_llm
+    probe = SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": PERSON})
+    sampled = SamplingParams(temperature=1.0, seed=11, max_tokens=60,
+                             structured_outputs={"json": PERSON})
+    alone = [llm.chat(ALICE, p)[0].outputs[0].token_ids for p in (probe, sampled)]
+    params = _mixed_batch(probe, sampled)
+    outs = llm.chat([ALICE] * len(params), params)
+    assert len(outs) == 32
+    assert outs[0].outputs[0].token_ids == alone[0]
+    assert outs[16].outputs[0].token_ids == alone[1]
+    for o in (outs[0], outs[16]):
+        jsonschema.validate(json.loads(o.outputs[0].text), PERSON)
+
+
+@pytest.mark.model
+def test_n_choices_each_hold(smollm_llm):
+    out = smollm_llm.chat(ALICE, SamplingParams(n=4, temperature=1.2, seed=5, max_tokens=60,
+                                                structured_outputs={"json": PERSON}))[0]
+    assert len({c.text for c in out.outputs}) > 1
+    for c in out.outputs:
+        jsonschema.validate(json.loads(c.text), PERSON)
+
+
+@pytest.mark.model
+def test_preemption_chunking_and_prefix_cache_keep_the_constraint(smollm_path, smollm_llm):
+    """A small KV cache (preemptions), 32-token steps (chunked prefill), prompts sharing a
+    long prefix (prefix-cache hits): every constrained answer equals its solo answer."""
+    from ostinato import LLM
+    system = {"role": "system", "content": "You are a careful assistant who answers every "
+              "question with one JSON object, with no extra words, and always fills in the "
+              "name and the age of the person asked about."}
+    people = ["Ann, 31", "Bob, 40", "Cy, 7", "Di, 65", "Ed, 19", "Flo, 88", "Gus, 23",
+              "Hal, 50", "Ivy, 12", "Jo, 77"]
+    convs = [[system, {"role": "user", "content": f"Describe {p} as JSON."}] for p in people]
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"json": PERSON})
+    solo = [smollm_llm.chat(c, params)[0].outputs[0].token_ids for c in convs]
+    tight = LLM(smollm_path, max_model_len=256, kv_cache_gb=0.008, max_num_batched_tokens=32)
+    outs = tight.chat(convs, params)
+    st = tight.engine.stats
+    assert st.preemptions > 0 and st.prefix_cache_hits > 0, st
+    assert [o.outputs[0].token_ids for o in outs] == solo
+    for o in outs:
+        jsonschema.validate(json.loads(o.outputs[0].text), PERSON)
+
+
+@pytest.mark.model
+def test_bad_schema_raises_in_the_offline_api(smollm_llm):
+    from ostinato.structured import GrammarError
+    with pytest.raises(GrammarError, match="uniqueItems"):
+        smollm_llm.generate("x", SamplingParams(structured_outputs={
+            "json": {"type": "array", "uniqueItems": True}}))
+    assert not smollm_llm.engine.has_unfinished()
+
+
+@pytest.mark.model
+def test_async_engine_compiles_off_the_engine_thread(smollm_llm):
+    from ostinato.engine.async_engine import AsyncEngine
+    from ostinato.structured import GrammarError
+    grammars = smollm_llm.engine.grammars
+    threads, real = [], grammars.compile
+
+    def spy(spec):
+        threads.append(threading.current_thread().name)
+        return real(spec)
+    ae = AsyncEngine(smollm_llm.engine)
+    ae.start()
+    grammars.compile = spy
+    ids = smollm_llm.chat_prompt_ids(ALICE)
+
+    async def run(so):
+        return [d async for d in ae.generate(ids, SamplingParams(
+            temperature=0, max_tokens=60, structured_outputs=so), f"r{len(threads)}")]
+    try:
+        deltas = asyncio.run(run({"json": PERSON}))
+        text = "".join(d.text for d in deltas)
+        jsonschema.validate(json.loads(text), PERSON)
+        assert deltas[-1].finish_reason == "stop"
+        with pytest.raises(GrammarError, match="look-around"):
+            asyncio.run(run({"regex": "(?=x)"}))
+    finally:
+        grammars.compile = real
+        ae.shutdown()
+    assert threads and "ostinato-engine" not in threads
