@@ -84,16 +84,43 @@ def test_encode_matches_llama_cpp(model):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_variant_settings_match_llama_cpp(name, request):
     """Other pre-tokenizers (gpt-2, default, llama-bpe) on SmolLM's vocab; those of the other
-    families (qwen35, gpt-4o, tekken, dbrx, falcon, deepseek-llm/-coder) on Qwen's;
+    families (qwen35, gpt-4o, tekken, dbrx, falcon, deepseek-llm/-coder) on Qwen's and on the
+    Llama 3 vocab of llama.cpp's test GGUFs (a variant's "vocab", from the sdist);
     SentencePiece with add_space_prefix on Gemma's: metadata overridden in memory as the
     script did."""
     fx = _fixture(name)
-    md = request.getfixturevalue(MODELS[name][1])
     assert fx["variants"]
     for variant in fx["variants"]:
+        md = _variant_base(variant, request)
         other = Tokenizer.from_gguf({**md, **variant["override"]})
         wrong = [c["text"][:40] for c in variant["cases"] if other.encode(c["text"]) != c["ids"]]
-        assert not wrong, f"{variant['override']}: {len(wrong)} cases differ: {wrong}"
+        where = f"{variant.get('vocab', name)} {variant['override']}"
+        assert not wrong, f"{where}: {len(wrong)} of {len(variant['cases'])} differ: {wrong}"
+
+
+_SDIST_VOCABS: dict[str, dict] = {}
+
+
+def _variant_base(variant: dict, request) -> dict:
+    """The metadata a variant overrides: the model's own, or an sdist vocab GGUF's."""
+    if "vocab" not in variant:
+        return request.getfixturevalue(MODELS[request.node.callspec.params["name"]][1])
+    if variant["vocab"] not in _SDIST_VOCABS:
+        from test_tokenizer_vectors import llama_cpp_models_dir
+        _SDIST_VOCABS[variant["vocab"]] = read_gguf(llama_cpp_models_dir() / variant["vocab"]).metadata
+    return _SDIST_VOCABS[variant["vocab"]]
+
+
+def test_qwen_variants_tell_the_pre_tokenizers_apart():
+    """On the Llama 3 vocab, llama.cpp's ids differ between every pair of these
+    pre-tokenizers, so each variant checks its own regex (qwen2/qwen35 and gpt-4o/dbrx differ
+    on one text each: combining marks, a case change)."""
+    by_pre = {v["override"]["tokenizer.ggml.pre"]: [c["ids"] for c in v["cases"]]
+              for v in _fixture(QWEN)["variants"] if v.get("vocab")}
+    assert len(by_pre) == 8
+    names = sorted(by_pre)
+    same = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if by_pre[a] == by_pre[b]]
+    assert not same, same
 
 
 def test_pre_tokenizers_really_differ(smollm, smollm_md):
