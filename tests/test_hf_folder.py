@@ -214,6 +214,8 @@ def test_quantizer_bytes_equal_gguf_py(qtype):
         got = quantize(x, qtype)
         want = reference(x, gguf.GGMLQuantizationType[qtype])
         assert got.shape == want.shape and np.array_equal(got, want), (qtype, scale)
+    big = rng.standard_normal((1100, 1024)).astype(np.float32)    # more blocks than a chunk
+    assert np.array_equal(quantize(big, qtype), reference(big, gguf.GGMLQuantizationType[qtype]))
 
 
 def test_quantize_refusals(tiny):

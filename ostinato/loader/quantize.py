@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 QK = 32
+_CHUNK_BLOCKS = 1 << 15         # blocks quantized at a time (1M values)
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
 TYPES = tuple(BLOCK_BYTES)          # what quantize() writes
 NOT_IMPLEMENTED = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS")
@@ -49,7 +50,9 @@ def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
         raise QuantizeError(f"a row of {x.shape[-1] if x.ndim else 0} values is not a multiple "
                             f"of the block size {QK}")
     blocks = x.reshape(-1, QK)
-    out = _KERNELS[type_name](blocks)
+    out = np.empty((len(blocks), BLOCK_BYTES[type_name]), dtype=np.uint8)
+    for start in range(0, len(blocks), _CHUNK_BLOCKS):     # temporaries stay a few MB
+        out[start:start + _CHUNK_BLOCKS] = _KERNELS[type_name](blocks[start:start + _CHUNK_BLOCKS])
     return out.reshape(*x.shape[:-1], x.shape[-1] // QK * BLOCK_BYTES[type_name])
 
 
