@@ -287,8 +287,8 @@ class Generation:
                 async for c, d in deltas:
                     chunk = self._chat_chunk(c, d) if self.job.kind == "chat" \
                         else self._completion_chunk(c, d)
-                    if chunk is not None:
-                        yield self._event(chunk)
+                    for part in split_finish(chunk):
+                        yield self._event(part)
             if self.job.include_usage:
                 head = self._head(".chunk" if self.job.kind == "chat" else "")
                 yield self._event({**head, "choices": [], "usage": self.usage()})
@@ -331,6 +331,21 @@ class Generation:
         if not (text or d.finished or lps):
             return None
         return self._chunk(c, text, lps, d if d.finished else None)
+
+
+def split_finish(chunk: dict | None) -> list[dict]:
+    """A finishing chunk that still carries text (or logprobs) is sent as two, as OpenAI
+    sends them: the text, then one with nothing but the finish_reason. A client that stops
+    reading at the finish_reason then loses no text (llama.cpp's tests read streams so)."""
+    if chunk is None:
+        return []
+    choice = chunk["choices"][0]
+    key = "delta" if "delta" in choice else "text"
+    if choice["finish_reason"] is None or not (choice[key] or choice["logprobs"]):
+        return [chunk]
+    text = {k: v for k, v in choice.items() if k != "stop_reason"} | {"finish_reason": None}
+    finish = choice | {key: {} if key == "delta" else "", "logprobs": None}
+    return [chunk | {"choices": [text]}, chunk | {"choices": [finish]}]
 
 
 async def merge(gens: list) -> AsyncIterator[tuple[int, Delta]]:

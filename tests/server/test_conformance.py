@@ -435,3 +435,36 @@ def test_gemma_fingerprint_and_template_variables(gemma, client):
     prefill = http.post("/tokenize", json={"messages": PREFILL, "add_generation_prompt": False,
                                            "continue_final_message": True}).json()["tokens"]
     assert detok(http, prefill).endswith("Assistant: The capital of France is")
+
+
+# ------------------------------------------------- found by llama.cpp's server test suite
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_stream_finish_chunk_carries_no_text(client, server, kind, logprobs):
+    """As OpenAI streams: the finish_reason comes in a chunk of its own, with an empty delta
+    (text) and no logprobs, so a client that stops reading at the finish_reason (as
+    llama.cpp's tests and many hand-written clients do) still has every token. The text
+    read up to there equals the non-streamed answer."""
+    def create(**kw):
+        if kind == "chat":
+            lp = {"logprobs": True, "top_logprobs": 1} if logprobs else {}
+            return client.chat.completions.create(
+                model=server.model, messages=HI, max_tokens=6, temperature=0, **lp, **kw)
+        lp = {"logprobs": 1} if logprobs else {}
+        return client.completions.create(model=server.model, prompt="Once upon a time",
+                                         max_tokens=6, temperature=0, **lp, **kw)
+
+    def text(choice):
+        return (choice.delta.content or "") if kind == "chat" else choice.text
+
+    full = create().choices[0]
+    read, finishes = "", []
+    for chunk in create(stream=True):
+        choice = chunk.choices[0]
+        if choice.finish_reason is not None:
+            finishes.append(chunk)
+            assert text(choice) == "" and choice.logprobs is None, chunk
+            break
+        read += text(choice)
+    assert len(finishes) == 1 and finishes[0].choices[0].finish_reason == "length"
+    assert read == (full.message.content if kind == "chat" else full.text)
