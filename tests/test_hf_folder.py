@@ -134,6 +134,41 @@ def test_other_sentencepiece_layouts_tokenize_the_same(tiny, tmp_path, layout):
             assert ours.encode(text) == hf.encode(text).ids, text
 
 
+def test_sentencepiece_tokenizer_model(tiny, tmp_path):
+    """A folder with tokenizer.model (SentencePiece BPE, byte fallback) and no tokenizer.json:
+    our protobuf reader gives sentencepiece's own pieces, scores and types, padded with
+    [PADn] rows to config.json's vocab_size, and tokenizes as sentencepiece does."""
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
+    from randmodels import _TEXT
+
+    from ostinato.tokenizer import Tokenizer
+    (tmp_path / "text.txt").write_text("\n".join(_TEXT.split(" and ")))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=330,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    folder = edit_config(tiny["llama"].hf_dir, tmp_path / "spm")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    md = read_hf_folder(folder).metadata
+    n = sp.get_piece_size()
+    assert 300 < n < 384 and len(md["tokenizer.ggml.tokens"]) == 384
+    assert md["tokenizer.ggml.tokens"][:n] == [sp.id_to_piece(i) for i in range(n)]
+    assert md["tokenizer.ggml.scores"][:n] == [sp.get_score(i) for i in range(n)]
+    assert md["tokenizer.ggml.token_type"][n:] == [5] * (384 - n)           # UNUSED
+    assert [md["tokenizer.ggml.token_type"][i] for i in range(3)] == [2, 3, 3]
+    ours = Tokenizer.from_gguf(md)
+    for text in ["the quick brown fox", "Hello world", "über ✓ 42", "the river flows"]:
+        assert ours.encode(text, add_special_tokens=False) == sp.encode(text), text
+    assert ostinato_llm(folder).tokenize("the sea")[0] == 1                  # bos
+    data = (folder / "tokenizer.model").read_bytes()
+    for bad in (data[:len(data) // 3], b"\x0a\xff\xff\xff\xff\x0f", b"\x0f" * 64):
+        (folder / "tokenizer.model").write_bytes(bad)
+        with pytest.raises(ModelFileError, match="tokenizer.model"):
+            read_hf_folder(folder)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sharded_folder_gives_the_same_bits(tiny, family, tmp_path):
     m = tiny[family]

@@ -10,8 +10,9 @@ Llama 3's `rope_freqs`). ModelConfig, the decoder and the backends then see no d
 What is read: config.json (strictly: a key that is not understood and could change the
 arithmetic is refused, naming it), generation_config.json (its eos ids end generation too),
 safetensors shards (one file or an index; memory-mapped; headers validated by the
-`safetensors` package and checked again here), tokenizer.json (tokenizer_hf.py) with
-tokenizer_config.json and chat_template.jinja. Pickle checkpoints (*.bin, *.pt) are refused.
+`safetensors` package and checked again here), tokenizer.json or tokenizer.model
+(hf_tokenizer.py) with tokenizer_config.json and chat_template.jinja. Pickle checkpoints
+(*.bin, *.pt) are refused unopened.
 
 Weights keep their type where the engine has one (F32, F16, BF16; norms and 1-D tensors become
 F32 as the converter makes them), or are quantized at load (`quantize=`, loader/quantize.py).

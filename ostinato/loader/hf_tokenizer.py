@@ -42,10 +42,16 @@ def tokenizer_metadata(path: Path, config: dict, metadata: dict) -> tuple[dict, 
     tj = path / "tokenizer.json"
     if not tj.is_file():
         if (path / "tokenizer.model").is_file():
-            raise ModelFileError(f"{path}: tokenizer.model without tokenizer.json is not "
-                                 f"supported (SentencePiece protobuf); save the tokenizer "
-                                 f"with transformers to get tokenizer.json")
-        raise ModelFileError(f"{path}: no tokenizer.json")
+            out = sentencepiece_metadata(path / "tokenizer.model", config)
+            _added_tokens_decoder(path, out)
+            # no post-processor to ask: SentencePiece tokenizers (LlamaTokenizer) add bos
+            # unless tokenizer_config.json says otherwise, as llama.cpp assumes for them
+            bos_template = {"post_processor": {"type": "TemplateProcessing", "single": [
+                {"SpecialToken": {}}, {"Sequence": {}}]}}
+            specials, extra_eos = _specials(path, bos_template, out["tokenizer.ggml.tokens"],
+                                            config)
+            return out | specials, extra_eos
+        raise ModelFileError(f"{path}: no tokenizer.json or tokenizer.model")
     data = _json(tj)
     model = data.get("model") or {}
     if model.get("type") != "BPE":
@@ -239,3 +245,88 @@ def _chat_template(path: Path, tc: dict) -> str | None:
         named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
         t = named.get("default")
     return t if isinstance(t, str) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer.model (a SentencePiece ModelProto), read with a small protobuf reader of our own:
+# pieces (1: piece, 2: score, 3: type), trainer_spec (3: model_type), normalizer_spec
+# (3: add_dummy_prefix). Used when a folder has no tokenizer.json.
+# ---------------------------------------------------------------------------------------------
+_SPM_TYPES = {2: UNKNOWN, 3: CONTROL, 5: UNUSED, 6: BYTE}      # the rest (normal, user) NORMAL
+
+
+def sentencepiece_metadata(file: Path, config: dict) -> dict:
+    """GGUF keys as convert_hf_to_gguf.py's sentencepiece path writes them: every piece with
+    its score and type, [PADn] rows (score -10000, UNUSED) up to config.json's vocab_size."""
+    try:
+        fields = _proto(file.read_bytes())
+        pieces = [_piece(_proto(raw)) for raw in fields.get(1, [])]
+        trainer = _proto(fields[2][-1]) if 2 in fields else {}
+        norm = _proto(fields[3][-1]) if 3 in fields else {}
+    except (IndexError, UnicodeDecodeError, ValueError) as e:
+        raise ModelFileError(f"{file}: not a SentencePiece model ({e})") from None
+    if trainer.get(3, [1])[-1] != 2:
+        raise ModelFileError(f"{file}: SentencePiece model type {trainer.get(3, [1])[-1]} is not "
+                             f"supported (BPE, type 2, only)")
+    n = max(len(pieces), int(config.get("vocab_size") or 0))
+    pad = [(f"[PAD{i}]", -10000.0, UNUSED) for i in range(len(pieces), n)]
+    tokens, scores, types = zip(*(pieces + pad)) if pieces else ((), (), ())
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": list(tokens), "tokenizer.ggml.scores": list(scores),
+            "tokenizer.ggml.token_type": list(types),
+            "tokenizer.ggml.add_space_prefix": bool(norm.get(3, [1])[-1])}
+
+
+def _added_tokens_decoder(path: Path, out: dict) -> None:
+    """tokenizer_config.json's added_tokens_decoder over the SentencePiece pieces, as the
+    converter applies it: special ones CONTROL, the others USER_DEFINED."""
+    file = path / "tokenizer_config.json"
+    decoder = (_json(file).get("added_tokens_decoder") or {}) if file.is_file() else {}
+    tokens, types = out["tokenizer.ggml.tokens"], out["tokenizer.ggml.token_type"]
+    for key, entry in decoder.items():
+        i = int(key)
+        if not 0 <= i < len(tokens) or not isinstance(entry, dict):
+            raise ModelFileError(f"{file}: added token {key!r} is outside the vocabulary")
+        tokens[i] = str(entry.get("content", tokens[i]))
+        types[i] = CONTROL if entry.get("special") else USER_DEFINED
+
+
+def _piece(f: dict) -> tuple[str, float, int]:
+    import struct
+    score = struct.unpack("<f", f[2][-1])[0] if 2 in f else 0.0
+    return f[1][-1].decode("utf-8"), score, _SPM_TYPES.get(f.get(3, [1])[-1], NORMAL)
+
+
+def _proto(buf: bytes) -> dict[int, list]:
+    """One protobuf message: {field number: [values]} (varints as int, 32/64-bit fields and
+    length-delimited ones as bytes). Every length is checked against the bytes left."""
+    out, pos = {}, 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            val, pos = _varint(buf, pos)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            val, pos = buf[pos:pos + size], pos + size
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            val, pos = buf[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf field")
+        out.setdefault(field, []).append(val)
+    return out
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    val = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated protobuf varint")
+        b = buf[pos]
+        val |= (b & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if b < 0x80:
+            return val, pos
