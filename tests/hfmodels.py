@@ -195,12 +195,18 @@ def tokenizer_json_from_gguf(gguf_path, folder: Path) -> Path:
     tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"].tolist()
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (1, 3, 4)}
     merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False))
-    if md["tokenizer.ggml.pre"] == "qwen2":
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pt.Sequence([pt.Split(Regex(_QWEN2_SPLIT), "isolated"),
+    pre = md["tokenizer.ggml.pre"]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False,
+                               ignore_merges=pre == "llama-bpe"))
+    if pre in ("qwen2", "llama-bpe"):
+        if pre == "qwen2":
+            tok.normalizer = normalizers.NFC()
+        split = _QWEN2_SPLIT if pre == "qwen2" else _QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")
+        tok.pre_tokenizer = pt.Sequence([pt.Split(Regex(split), "isolated"),
                                          pt.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
+    elif pre == "gpt-2":
+        tok.pre_tokenizer = pt.ByteLevel(add_prefix_space=False)
+    else:               # smollm, starcoder: digits one by one, then GPT-2's split
         tok.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True),
                                          pt.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
@@ -212,3 +218,19 @@ def tokenizer_json_from_gguf(gguf_path, folder: Path) -> Path:
     tok.save(str(folder / "tokenizer.json"))
     (folder / "config.json").write_text(json.dumps({"vocab_size": len(tokens)}))
     return folder
+
+
+def vocab_vectors(name: str) -> tuple[Path, list[tuple[str, list[int]]]] | None:
+    """llama.cpp's models/ggml-vocab-<name>.gguf and its test vectors ((text, ids) pairs,
+    tokenized by llama.cpp without special tokens), where the sdist is extracted; else None."""
+    from randmodels import converter_dir
+    conv = converter_dir()
+    gguf = conv / "models" / f"ggml-vocab-{name}.gguf" if conv else None
+    if gguf is None or not gguf.with_suffix(".gguf.inp").exists():
+        return None
+    texts = gguf.with_suffix(".gguf.inp").read_text(encoding="utf-8").split(
+        "\n__ggml_vocab_test__\n")
+    texts = texts[:-1] if texts and texts[-1] == "" else texts
+    lines = gguf.with_suffix(".gguf.out").read_text(encoding="utf-8").splitlines()
+    assert len(texts) == len(lines)
+    return gguf, [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines)]

@@ -467,6 +467,28 @@ def test_serve_a_folder_with_quantize(tiny, tmp_path):
         stop_server(srv)
 
 
+@pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "qwen2", "starcoder"])
+def test_tokenizer_json_meets_llama_cpp_vectors(name, tmp_path):
+    """llama.cpp's own vocabularies (models/ggml-vocab-*.gguf of the sdist) written as
+    tokenizer.json in their families' layout: the folder's tokenizer gives llama.cpp's ids on
+    its test texts (tests/test_tokenizer_vectors.py runs the same texts on the GGUFs)."""
+    from hfmodels import tokenizer_json_from_gguf, vocab_vectors
+    from ostinato.loader.hf_tokenizer import tokenizer_metadata
+    from ostinato.tokenizer import PRE_TOKENIZERS, Tokenizer
+    found = vocab_vectors(name)
+    if found is None:
+        pytest.skip("llama.cpp's models/ are not extracted from the llama-cpp-python sdist")
+    gguf, cases = found
+    gmd = read_gguf(gguf).metadata
+    folder = tokenizer_json_from_gguf(gguf, tmp_path / name)
+    md, _ = tokenizer_metadata(folder, {"vocab_size": len(gmd["tokenizer.ggml.tokens"])}, {})
+    assert PRE_TOKENIZERS[md["tokenizer.ggml.pre"]] == PRE_TOKENIZERS[gmd["tokenizer.ggml.pre"]]
+    tok = Tokenizer.from_gguf(md)
+    wrong = [(text[:30], ids[:8]) for text, ids in cases
+             if tok.encode(text, add_special_tokens=False, parse_special=False) != ids]
+    assert len(cases) >= 40 and not wrong, wrong[:5]
+
+
 _TEXTS = ["Hello world", "Hello, world! How are you today?", "  leading spaces and\ttabs\n\n",
           "numbers 1234567 and 3.14159", "def f(x):\n    return x**2  # square", "Ünïcödé ñ 中文 日本語",
           "emoji 🦙🚀 and <|im_start|>user\nhi<|im_end|>", "don't WON'T I'll they're", "\r\n\r\n x"]
