@@ -90,6 +90,11 @@ fixtures: install-peers             ## regenerate the llama.cpp / transformers r
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
+LLAMACPP_SUITE_ARGS ?=
+.PHONY: llamacpp-server-suite
+llamacpp-server-suite: install-test pull   ## llama.cpp's server tests against ostinato, sorted into a table (~30 min)
+	$(BIN)/python scripts/llamacpp_server_suite.py $(LLAMACPP_SUITE_ARGS)
+
 SOAK_SECONDS ?= 300
 SOAK_ARGS    ?=
 .PHONY: soak
