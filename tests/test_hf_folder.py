@@ -490,8 +490,9 @@ def test_tokenizer_json_meets_llama_cpp_vectors(name, tmp_path):
 
 
 _TEXTS = ["Hello world", "Hello, world! How are you today?", "  leading spaces and\ttabs\n\n",
-          "numbers 1234567 and 3.14159", "def f(x):\n    return x**2  # square", "Ünïcödé ñ 中文 日本語",
-          "emoji 🦙🚀 and <|im_start|>user\nhi<|im_end|>", "don't WON'T I'll they're", "\r\n\r\n x"]
+          "numbers 1234567 and 3.14159", "def f(x):\n    return x**2  # square",
+          "Ünïcödé ñ 中文 日本語", "emoji 🦙🚀 and <|im_start|>user\nhi<|im_end|>",
+          "don't WON'T I'll they're", "\r\n\r\n x"]
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])

@@ -221,7 +221,8 @@ def llama_rope_freqs(config: dict) -> dict[str, np.ndarray]:
         raise ValueError(f"head_dim {dim!r} is not a positive integer")
     base = glob.get("rope_theta") or 10000.0
     factor, low = glob.get("factor", 8.0), glob.get("low_freq_factor", 1.0)
-    high, orig = glob.get("high_freq_factor", 4.0), glob.get("original_max_position_embeddings", 8192)
+    high = glob.get("high_freq_factor", 4.0)
+    orig = glob.get("original_max_position_embeddings", 8192)
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     out = []
     for f in freqs:

@@ -10,7 +10,7 @@ int8 cast after adding an offset (8.5, 16.5 or 0.5) for the 4/5-bit types.
     Q4_0  d = max/-8              q = min(15, trunc(x*id + 8.5))         d:f16 | nibbles x16
     Q4_1  d = (max-min)/15        q = min(15, trunc((x-min)*id + 0.5))   d:f16 | m:f16 | nibbles
     Q5_0  d = max/-16             q = min(31, trunc(x*id + 16.5))        d:f16 | qh:u32 | nibbles
-    Q5_1  d = (max-min)/31        q = trunc((x-min)*id + 0.5)            d:f16 | m:f16 | qh | nibbles
+    Q5_1  d = (max-min)/31        q = trunc((x-min)*id + 0.5)            d:f16 | m:f16 | qh | nib.
 
 (`max` in Q4_0/Q5_0 is the signed value of largest magnitude, the first one on ties.) Nibbles
 pack element j in the low half and j+16 in the high half of byte j; qh bit j is bit 4 of
