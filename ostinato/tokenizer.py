@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
@@ -549,14 +550,16 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False,
-                            variables: dict | None = None) -> str:
+                            variables: dict | None = None, tools: list[dict] | None = None) -> str:
         """Render `messages` ([{"role", "content"}], roles system/user/assistant/tool, content
         a str or a list of {"type": "text", "text": str} parts) to a prompt string.
 
         With the model's `tokenizer.chat_template`, it is rendered in a sandboxed Jinja2
         environment (see ostinato.tokenizer.render_chat_template) with `messages`,
-        `add_generation_prompt`, `bos_token`, `eos_token` and `variables` (chat_template_kwargs:
-        each must be one the template reads, and none of those four, else ChatTemplateError).
+        `add_generation_prompt`, `bos_token`, `eos_token`, `tools` (OpenAI-style function
+        schemas, or None), `documents` (None) and `variables` (chat_template_kwargs: each must
+        be one the template reads, and none of those six, else ChatTemplateError). As in HF
+        transformers, `tools` and `documents` are always defined, None when not given.
 
         continue_final_message: the prompt ends inside the final message, right after its
         content (no end-of-turn, no new turn), so generation continues it: assistant prefill.
@@ -574,6 +577,8 @@ class Tokenizer:
         extra = dict(variables or {})
         self._check_template_variables(extra)
         if self.chat_template is None:
+            if tools is not None:
+                raise ChatTemplateError("this model has no chat template to write tools with")
             lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
             if add_generation_prompt:
                 lines.append("Assistant:")
@@ -582,11 +587,11 @@ class Tokenizer:
             text = render_chat_template(self.chat_template, messages=msgs,
                                         add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token,
-                                        **extra)
+                                        tools=tools, documents=None, **extra)
         return _cut_after_final(text, msgs[-1]["content"]) if continue_final_message else text
 
     def _check_template_variables(self, extra: dict) -> None:
-        """Extra variables must be ones the template reads, and not the four it is given."""
+        """Extra variables must be ones the template reads, and not the six it is given."""
         reserved = sorted(_TEMPLATE_VARIABLES & set(extra))
         if reserved:
             raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(reserved)}")
@@ -607,7 +612,8 @@ class ChatTemplateError(ValueError):
     """chat_template_kwargs the template cannot take."""
 
 
-_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
+                                 "tools", "documents"})
 
 
 def _cut_after_final(text: str, content: str) -> str:
@@ -701,15 +707,23 @@ def _validate_messages(messages) -> list[dict]:
 
 def render_chat_template(template: str, **variables) -> str:
     """Render a model's chat template in Jinja2's immutable sandbox (no attribute access to
-    internals, no mutation of passed objects, no file loading), with trim_blocks and
-    lstrip_blocks, the helpers `raise_exception(msg)` and `strftime_now(fmt)`, a `range`
-    whose items are counted against MAX_TEMPLATE_ITERATIONS per render, `*`/`+` refused
-    beyond MAX_TEMPLATE_SEQUENCE items, and output capped at MAX_TEMPLATE_OUTPUT chars.
-    Violations raise jinja2.exceptions.SecurityError; template errors raise Jinja2's
+    internals, no mutation of passed objects, no file loading), with what HF transformers'
+    chat templates rely on: trim_blocks and lstrip_blocks, loop controls, `raise_exception(msg)`,
+    `strftime_now(fmt)`, a `tojson` filter taking json.dumps' ensure_ascii/indent/separators/
+    sort_keys (non-ASCII kept, keys in the given order, no HTML escaping) and the
+    `{% generation %}` block (rendered as its body). Beyond transformers: `tojson` also takes
+    the generators `map`/`select` give, and `list.append`/`list.pop` work (Kimi K2's queue;
+    a list is capped at MAX_TEMPLATE_SEQUENCE items; the variables are copied first, so a
+    template never changes the caller's objects).
+
+    Limits: a `range` whose items are counted against MAX_TEMPLATE_ITERATIONS per render,
+    `*`/`+` refused beyond MAX_TEMPLATE_SEQUENCE items, output capped at MAX_TEMPLATE_OUTPUT
+    chars. Violations raise jinja2.exceptions.SecurityError; template errors raise Jinja2's
     TemplateError subclasses; `raise_exception` raises ValueError with the message."""
     env = _make_sandbox()
     budget = [MAX_TEMPLATE_ITERATIONS]
     env.globals["range"] = lambda *a: _budgeted_range(budget, *a)
+    variables = {k: _plain_copy(v) for k, v in variables.items()}
     try:
         chunks, total = [], 0
         for chunk in env.from_string(template).generate(**variables):
@@ -752,6 +766,30 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """json.dumps with its own options, as HF transformers' tojson (Jinja's escapes HTML
+    characters and sorts keys); iterators (a `map` result) are written as lists."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys, default=_json_iterable)
+
+
+def _json_iterable(value):
+    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict)):
+        return list(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _plain_copy(value):
+    """A copy of dicts/lists/tuples all the way down (scalars and other objects shared)."""
+    if isinstance(value, dict):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain_copy(v) for v in value)
+    return value
+
+
 _sandbox_factory = None
 
 
@@ -770,6 +808,18 @@ def _make_sandbox():
         class _Sandbox(ImmutableSandboxedEnvironment):
             intercepted_binops = frozenset({"*", "**", "+"})
 
+            def is_safe_attribute(self, obj, attr, value):
+                if attr in ("append", "pop") and type(obj) is list:
+                    return True                 # append size-checked in call()
+                return super().is_safe_attribute(obj, attr, value)
+
+            def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's names)
+                owner = getattr(__obj, "__self__", None)
+                if type(owner) is list and getattr(__obj, "__name__", "") == "append" \
+                        and len(owner) >= MAX_TEMPLATE_SEQUENCE:
+                    raise _security_error(f"chat template list over {MAX_TEMPLATE_SEQUENCE} items")
+                return super().call(__context, __obj, *args, **kwargs)
+
             def call_binop(self, context, operator, left, right):
                 if operator == "**" and isinstance(left, int) and isinstance(right, int) \
                         and (right > 64 or abs(left).bit_length() * right > 4096):
@@ -780,12 +830,33 @@ def _make_sandbox():
 
         def factory():
             env = _Sandbox(trim_blocks=True, lstrip_blocks=True, loader=_NoFiles(),
-                           extensions=["jinja2.ext.loopcontrols"])
+                           extensions=["jinja2.ext.loopcontrols", _generation_extension()])
             env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+            env.filters["tojson"] = _tojson
             return env
 
         _sandbox_factory = factory
     return _sandbox_factory()
+
+
+def _generation_extension():
+    """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks in
+    transformers): rendered as its body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return Generation
 
 
 def _check_sequence_size(op: str, left, right) -> None:

@@ -313,7 +313,8 @@ def test_chat_content_parts(gemma):
     "{{ cycler.__init__.__globals__.os }}",
     "{% include '/etc/passwd' %}",
     "{% import '/etc/passwd' as p %}",
-    "{% set _ = messages.append(1) %}",
+    "{% set l = [] %}{% for i in range(99999) %}{% set _ = l.append(i) %}{% endfor %}"
+    "{% for x in l %}{% set _ = l.append(x) %}{% endfor %}",
     "{% for i in range(10**9) %}x{% endfor %}",
     "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
     "{% for i in range(99999) %}{{ 'x' * 100 }}{% endfor %}",
@@ -326,6 +327,16 @@ def test_sandbox_blocks_hostile_templates(template):
     with pytest.raises(SecurityError):
         render_chat_template(template, messages=[{"role": "user", "content": "x"}])
     assert time.perf_counter() - t0 < 5
+
+
+def test_templates_never_change_the_callers_objects():
+    """list.append/pop work (Kimi K2's templates queue tool call ids) on copies only."""
+    msgs = [{"role": "user", "content": "x", "tool_calls": [{"id": "a"}]}]
+    out = render_chat_template("{% set _ = messages.append(1) %}{% set _ = messages[0]"
+                               ".tool_calls.pop() %}{{ messages | length }}", messages=msgs)
+    assert out == "2" and msgs == [{"role": "user", "content": "x", "tool_calls": [{"id": "a"}]}]
+    with pytest.raises(SecurityError):
+        render_chat_template("{% set _ = messages.clear() %}", messages=msgs)
 
 
 def test_sandbox_helpers():
