@@ -71,20 +71,25 @@ def reshard(src: Path, dst: Path, n_shards: int = 3) -> Path:
     return dst
 
 
-def bf16_pair(src: Path, dst: Path) -> tuple[Path, Path]:
-    """(bf16 folder, f32 folder holding the very same values): every F32 tensor rounded to
-    bf16 (round to nearest even), stored once as BF16 and once widened back to F32."""
-    bf, f32 = copy_folder(src, dst / "bf16", False), copy_folder(src, dst / "f32", False)
-    as_bf16, as_f32 = {}, {}
+def half_pair(src: Path, dst: Path, kind: str = "BF16") -> tuple[Path, Path]:
+    """(half folder, f32 folder holding the very same values): every F32 tensor rounded to
+    BF16 or F16 (to nearest even), stored once as that and once widened back to F32."""
+    half, f32 = copy_folder(src, dst / kind, False), copy_folder(src, dst / "f32", False)
+    as_half, as_f32 = {}, {}
     for name, (dtype, shape, raw) in read_tensors(src).items():
         assert dtype == "F32"
-        bits = np.frombuffer(raw, dtype="<u4")
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
-        as_bf16[name] = ("BF16", shape, rounded.tobytes())
-        as_f32[name] = ("F32", shape, (rounded.astype("<u4") << 16).tobytes())
-    write_safetensors(bf / "model.safetensors", as_bf16)
+        if kind == "BF16":
+            bits = np.frombuffer(raw, dtype="<u4")
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+            wide = (rounded.astype("<u4") << 16).view("<f4")
+        else:
+            rounded = np.frombuffer(raw, dtype="<f4").astype("<f2")
+            wide = rounded.astype("<f4")
+        as_half[name] = (kind, shape, rounded.tobytes())
+        as_f32[name] = ("F32", shape, wide.tobytes())
+    write_safetensors(half / "model.safetensors", as_half)
     write_safetensors(f32 / "model.safetensors", as_f32)
-    return bf, f32
+    return half, f32
 
 
 def edit_config(src: Path, dst: Path, **changes) -> Path:

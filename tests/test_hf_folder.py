@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from hfmodels import (bf16_pair, edit_config, logits_of, ostinato_llm, read_tensors, reshard,
+from hfmodels import (edit_config, half_pair, logits_of, ostinato_llm, read_tensors, reshard,
                       write_safetensors)
 from ostinato.errors import ModelFileError
 from ostinato.loader.gguf import read_gguf
@@ -180,14 +180,15 @@ def test_sharded_folder_gives_the_same_bits(tiny, family, tmp_path):
     assert np.array_equal(a, b)
 
 
-def test_bf16_runs_as_stored(tiny, tmp_path):
-    """A bf16 folder keeps BF16 matrices (norms F32) and gives the same bits as an f32 folder
-    holding the same values."""
+@pytest.mark.parametrize("kind", ["BF16", "F16"])
+def test_half_precision_runs_as_stored(tiny, tmp_path, kind):
+    """A bf16 (f16) folder keeps BF16 (F16) matrices (norms F32) and gives the same bits as
+    an f32 folder holding the same values."""
     m = tiny["llama"]
-    bf, f32 = bf16_pair(m.hf_dir, tmp_path)
+    bf, f32 = half_pair(m.hf_dir, tmp_path, kind)
     hf = read_hf_folder(bf)
     types = {t.type_name for n, t in hf.tensors.items() if len(t.shape) == 2}
-    assert types == {"BF16"}
+    assert types == {kind}
     assert hf.tensors["output_norm.weight"].type_name == "F32"
     ids = test_ids(m)
     a, b = logits_of(ostinato_llm(bf), ids), logits_of(ostinato_llm(f32), ids)

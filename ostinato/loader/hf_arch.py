@@ -26,11 +26,13 @@ _INFO = {
     "output_router_logits", "router_jitter_noise", "attention_bias", "mlp_bias",
     "tie_word_embeddings", "_sliding_window_pattern", "unsloth_fixed",
     "vocab_size",       # the tokenizer's rows (hf_tokenizer.py); the embedding's shape decides
+    "cache_implementation", "auto_map", "is_llama_config", "transformers.js_config",
+    "keys_to_ignore_at_inference",
 }
 _NEUTRAL = {"pretraining_tp": 1, "use_bidirectional_attention": (False, None), "is_causal": True,
             "use_sliding_window": False, "attn_logit_softcapping": None,
             "final_logit_softcapping": None, "rope_scaling": None, "sliding_window": None,
-            "layer_types": None, "partial_rotary_factor": 1.0}
+            "layer_types": None, "partial_rotary_factor": 1.0, "rope_interleaved": False}
 _ROPE_KEYS = {   # keys a rope dict may hold, by rope_type
     "default": {"rope_type", "type", "rope_theta"},
     "linear": {"rope_type", "type", "rope_theta", "factor"},
@@ -263,7 +265,8 @@ def base_params(c: Cfg, act=("silu",), rope_allowed=("default", "linear", "yarn"
 def llama_params(c: Cfg) -> dict:
     p = base_params(c, rope_allowed=("default", "linear", "llama3", "yarn"))
     window = c.get("sliding_window")
-    if window is not None and window < (c.get("max_position_embeddings") or 0):
+    used = c.c.get("use_sliding_window", True) is not False     # SmolLM3 says when it is not
+    if used and window is not None and window < (c.get("max_position_embeddings") or 0):
         raise c.refuse("sliding_window", window, "llama.cpp's llama architecture has no window")
     head_dim = c.get("head_dim") or p["embedding_length"] // p["attention.head_count"]
     return p | {"vocab_size": c.need("vocab_size"), "rope.dimension_count": head_dim}
@@ -312,7 +315,7 @@ def smollm3_params(c: Cfg) -> dict:
     if layers is not None and list(layers) != fixed:
         raise c.refuse("no_rope_layers", layers, "llama.cpp skips rotary on every 4th layer")
     c.only("no_rope_layer_interval", (4,), "llama.cpp skips rotary on every 4th layer")
-    c.get("use_sliding_window")
+    no_window(c)
     return llama_params(c)
 
 
