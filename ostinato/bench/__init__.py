@@ -78,6 +78,7 @@ def run_bench(llm, a: BenchArgs) -> dict:
         if "llama.cpp" in a.vs:
             fig["llamacpp_load_s"], fig["llamacpp_peak_rss_mb"] = llamacpp_footprint(
                 llm.model_path, a.threads)
+        fig["bandwidth"] = bandwidth_ceiling(llm, "llama.cpp" in a.vs)
     if a.serving:
         # server logs go with the results, or to a temporary folder (errors name the file)
         fig.update(_serving(llm, a, out_dir or Path(tempfile.mkdtemp(prefix="ostinato-bench-"))))
@@ -91,6 +92,20 @@ def run_bench(llm, a: BenchArgs) -> dict:
              + "".join(f", {p}" for p in made)
              + ("" if made else " (no plots: pip install 'ostinato[bench]' for matplotlib)"))
     return fig
+
+
+def bandwidth_ceiling(llm, with_llamacpp: bool) -> dict:
+    """The machine's read bandwidth and the weight bytes a batch-1 decode step reads, ours
+    and (for a GGUF) the file's own blocks, which llama.cpp reads."""
+    from .bandwidth import gguf_bytes_per_token, ours_bytes_per_token, read_bandwidth_gbs
+    out = {"read_gbs": round(read_bandwidth_gbs(), 2),
+           "bytes_per_token": {"ostinato": ours_bytes_per_token(llm.engine.runner.model)}}
+    if with_llamacpp and str(llm.model_path).endswith(".gguf"):
+        from ..loader.gguf import read_gguf
+        gf = read_gguf(llm.model_path)
+        out["bytes_per_token"]["llama.cpp"] = gguf_bytes_per_token(gf)
+        gf.close()
+    return out
 
 
 def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:

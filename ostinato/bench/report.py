@@ -42,6 +42,22 @@ def serving_table(name: str, rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+def bandwidth_table(fig: dict) -> list[str]:
+    """Batch-1 decode against the memory-bandwidth ceiling (bandwidth / weight bytes read per
+    token), per engine."""
+    bw = fig["bandwidth"]
+    out = [f"## Decode against the memory-bandwidth ceiling (read bandwidth measured: "
+           f"{bw['read_gbs']:.1f} GB/s)", "",
+           "| engine | weights read per token (MB) | ceiling (tok/s) | decode (tok/s) | "
+           "share of ceiling |", "| --- | --- | --- | --- | --- |"]
+    for name, nbytes in bw["bytes_per_token"].items():
+        ceiling = bw["read_gbs"] * 1e9 / nbytes
+        got = fig["latency"].get(name, {}).get("decode_tok_s", 0.0)
+        out.append(f"| {name} | {nbytes / 1e6:.0f} | {ceiling:.1f} | {got:.1f} | "
+                   f"{100 * got / ceiling:.0f}% |")
+    return out + [""]
+
+
 def markdown(fig: dict) -> str:
     out = [f"# ostinato bench: {fig['model']}", "", f"Machine: {fig.get('machine', '?')}", ""]
     if "latency" in fig:
@@ -54,6 +70,8 @@ def markdown(fig: dict) -> str:
                     "| stage | share of wall time |", "| --- | --- |",
                     *(f"| {k} | {100 * v:.1f}% |" for k, v in fig["batched_time_shares"].items()),
                     ""]
+    if fig.get("bandwidth") and "latency" in fig:
+        out += bandwidth_table(fig)
     serving = fig.get("serving") or {}
     if serving:
         out += [f"## Serving (streaming /v1/completions, {fig['serving_max_tokens']} tokens per "
