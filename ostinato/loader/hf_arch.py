@@ -27,7 +27,7 @@ _INFO = {
     "tie_word_embeddings", "_sliding_window_pattern", "unsloth_fixed",
     "vocab_size",       # the tokenizer's rows (hf_tokenizer.py); the embedding's shape decides
     "cache_implementation", "auto_map", "is_llama_config", "transformers.js_config",
-    "keys_to_ignore_at_inference",
+    "keys_to_ignore_at_inference", "_model_name_or_path", "unk_token_id",
 }
 _NEUTRAL = {"pretraining_tp": 1, "use_bidirectional_attention": (False, None), "is_causal": True,
             "use_sliding_window": False, "attn_logit_softcapping": None,
