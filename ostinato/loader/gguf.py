@@ -74,6 +74,20 @@ class GGUFFile:
         t = self.tensors[name]
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident memory once it has been
+        converted (the backend keeps its own layout): peak memory is then the converted
+        weights plus one tensor, not the whole file on top. Pages read again come back from
+        the file."""
+        t = self.tensors[name]
+        if self._mm is None or not hasattr(self._mm, "madvise"):
+            return
+        start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+        except (OSError, ValueError):    # advice only: a kernel that declines changes nothing
+            pass
+
     def close(self) -> None:
         if self._mm is not None:
             try:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -39,6 +40,8 @@ def convert_each(tensors: dict[str, "LogicalTensor"], matrix: Callable, vector: 
     total, done, out = sum(t.nbytes for t in tensors.values()), 0, {}
     for name, t in tensors.items():
         out[name] = matrix(t) if len(t.shape) >= 2 else vector(t)
+        if t.release is not None and len(t.shape) >= 2:    # vectors may still view the file
+            t.release()
         done += t.nbytes
         if progress is not None:
             progress(done, total)
@@ -51,6 +54,8 @@ class LogicalTensor:
     type_name: str                # GGML type: F32, F16, BF16, Q4_0, ..., Q6_K
     shape: tuple[int, ...]        # numpy order: (rows, cols) of a weight
     raw: np.ndarray               # the file's bytes (uint8, memory-mapped)
+    # drops the file's pages once converted (GGUFFile.release); None: nothing to drop
+    release: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -84,5 +89,6 @@ def logical_tensors(gf: GGUFFile, shapes: dict[str, tuple[int, ...]],
         if info.shape != shape:
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape}, "
                             f"expected {shape} from the metadata")
-        out[name] = LogicalTensor(name, info.type_name, info.shape, gf.raw(name))
+        out[name] = LogicalTensor(name, info.type_name, info.shape, gf.raw(name),
+                                  partial(gf.release, name))
     return out
