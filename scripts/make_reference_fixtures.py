@@ -62,6 +62,17 @@ MODELS: dict[str, dict] = {
             "Q: What is the largest planet in the solar system?\nA:",
         ],
     },
+    "qwen2.5-coder-0.5b-instruct": {
+        "file": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "prompts": [
+            "def quicksort(arr):\n",
+            "The capital of Italy is",
+            "# Read a CSV file with pandas and print the first rows\nimport pandas as pd\n",
+            "SELECT name, COUNT(*) FROM orders",
+            "A linked list is a data structure in which",
+            (CHAT, "Write a Python function that checks whether a string is a palindrome."),
+        ],
+    },
 }
 
 

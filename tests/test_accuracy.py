@@ -10,7 +10,9 @@ Checked here, through the public API only:
   * teacher-forced top-1 agreement with llama.cpp, against an absolute floor and against the
     agreement HF fp32 reaches (an exact fp32 engine lands near that figure);
   * perplexity within 1.5% of llama.cpp's;
-  * greedy completions: the first 12 characters match llama.cpp on at least 5 of 6 prompts.
+  * greedy completions: the first 12 characters match llama.cpp on at least 5 of 6 prompts;
+  * our tokenizer gives llama.cpp's ids for the reference text and every prompt, and the chat
+    prompts are what our chat template renders (needs no engine).
 Run with `pytest -s tests/test_accuracy.py` to see the measured figures.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = {
     "smollm2-135m-instruct": ("smollm_path", 0.96),
     "gemma3-270m": ("gemma_path", 0.93),
+    "qwen2.5-coder-0.5b-instruct": ("qwen_path", 0.96),
 }
 HF_AGREEMENT_SLACK = 0.01      # ours may be at most 1 point below HF fp32's agreement
 PERPLEXITY_RTOL = 0.015        # |ours / llama.cpp - 1|
@@ -82,6 +85,12 @@ def perplexity(nll: list[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def qwen_path():
+    from conftest import _model_file
+    return _model_file("qwen2.5-coder-0.5b-instruct")
+
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def name(request) -> str:
@@ -165,3 +174,43 @@ def test_greedy_completions_start_like_llamacpp(name, ref, llm):
     print(f"[{name}] greedy prefix matches: {matches}/{len(cases)}")
     assert matches >= MIN_PREFIX_MATCHES, (
         f"only {matches}/{len(cases)} greedy completions start like llama.cpp's")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+@pytest.fixture(scope="module")
+def tokenizer(request, name, ref):
+    from ostinato.loader.gguf import read_gguf
+    from ostinato.tokenizer import Tokenizer
+    path = gguf_path(request, name, ref["gguf_file"])
+    return Tokenizer.from_gguf(read_gguf(path).metadata, str(path))
+
+
+def test_tokenizer_matches_llamacpp_on_the_fixture_texts(ref, tokenizer):
+    """llama.cpp tokenized the reference text with add_bos, no special parsing (then capped at
+    1000 ids), and the prompts with add_bos and special parsing."""
+    text = (FIXTURES / ref["text_file"]).read_text(encoding="utf-8")
+    ours = tokenizer.encode(text, parse_special=False)
+    assert len(ours) >= ref["n_tokens"] and ours[:ref["n_tokens"]] == ref["tokens"]
+    for case in ref["completions"]:
+        assert tokenizer.encode(case["prompt"]) == case["prompt_ids"], case["prompt"][:60]
+        assert tokenizer.decode(case["generated_ids"]).startswith(case["text"].rstrip("\ufffd"))
+
+
+def test_chat_prompts_are_our_template(name, ref, tokenizer):
+    """The chat prompts llama.cpp completed are what apply_chat_template renders."""
+    chats = [c for c in ref["completions"] if c["chat"]]
+    users = [p[1] for p in _script_prompts(name) if isinstance(p, tuple)]
+    assert len(chats) == len(users)
+    for case, user in zip(chats, users):
+        assert tokenizer.apply_chat_template([{"role": "user", "content": user}]) == case["prompt"]
+
+
+def _script_prompts(name: str) -> list:
+    """The prompts scripts/make_reference_fixtures.py used (its MODELS table)."""
+    import importlib.util
+    path = Path(__file__).parent.parent / "scripts" / "make_reference_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_reference_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MODELS[name]["prompts"]
