@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.model
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # name -> (conftest fixture giving the GGUF path, minimum top-1 agreement with llama.cpp)

@@ -171,6 +171,7 @@ def test_gemma2_has_no_tool_role():
         _theirs(name, "tools", messages=TOOL_CHAT[1:])
 
 
+@pytest.mark.model
 def test_qwen_gguf_template_renders_chatml_with_tools():
     """The embedded Qwen2.5-Coder's own template, through Tokenizer.apply_chat_template."""
     from conftest import _model_file

@@ -100,6 +100,7 @@ def test_split_wheel_models_are_pinned(name, package, version, parts, size, sha)
     assert len(m.members) == parts and m.size == size and m.sha256 == sha
 
 
+@pytest.mark.model
 def test_pulled_qwen_file_is_the_pinned_one():
     """The pulled 0.5B file (make test pulls it) has the pinned size and GGUF magic; its full
     hash was checked by pull as it was written."""
