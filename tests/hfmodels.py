@@ -239,3 +239,28 @@ def vocab_vectors(name: str) -> tuple[Path, list[tuple[str, list[int]]]] | None:
     lines = gguf.with_suffix(".gguf.out").read_text(encoding="utf-8").splitlines()
     assert len(texts) == len(lines)
     return gguf, [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines)]
+
+
+def folder_from_gguf(gguf_path: Path, out: Path, arch: str) -> Path:
+    """A real model as a Hugging Face folder: transformers dequantizes the GGUF (to float32,
+    q/k rows back in HF's order) and we save weights, config, tokenizer and generation
+    config as save_pretrained would (transformers will not save a GGUF-loaded model)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_path = Path(gguf_path)
+    src, name = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_diff_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [arch]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    return out

@@ -22,10 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import re
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,7 @@ class HFTensor:
     shape: tuple[int, ...]
     type_name: str
     make: Callable[[], np.ndarray] = field(repr=False)
+    sources: tuple["Source", ...] = field(default=(), repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +82,12 @@ class HFFolder:
             raise ModelFileError(f"{self.path}: tensor {name!r} made {raw.size} bytes, "
                                  f"expected {t.nbytes}")
         return raw
+
+    def release(self, name: str) -> None:
+        """Drop the file pages the tensor was made from (as GGUFFile.release): called once
+        the backend has converted it."""
+        for src in self.tensors[name].sources:
+            src.release()
 
     def close(self) -> None:
         self._maps.clear()          # the memory maps go when the last view does
@@ -158,6 +167,17 @@ class Source:
     dtype: str
     shape: tuple[int, ...]
     raw: np.ndarray
+    mm: mmap.mmap = field(repr=False, compare=False)
+    offset: int = 0                 # of raw in the file
+
+    def release(self) -> None:
+        """madvise(DONTNEED) over the tensor's pages: advice only; pages read again come back
+        from the file."""
+        start = self.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self.mm.madvise(mmap.MADV_DONTNEED, start, self.offset + self.raw.size - start)
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def values(self) -> np.ndarray:
         """float32 values (exact for F32/F16/BF16)."""
@@ -201,7 +221,7 @@ def _open_shards(path: Path) -> tuple[dict[str, Source], list]:
     return sources, maps
 
 
-def _open_shard(file: Path) -> tuple[np.memmap, dict[str, Source]]:
+def _open_shard(file: Path) -> tuple[mmap.mmap, dict[str, Source]]:
     """Validate the header with the safetensors package (offsets, sizes, overlaps), then map
     the file and hand out each tensor's bytes, checked once more against the file."""
     from safetensors import SafetensorError, safe_open
@@ -211,9 +231,10 @@ def _open_shard(file: Path) -> tuple[np.memmap, dict[str, Source]]:
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"{file}: not a valid safetensors file: {e}") from None
     size = file.stat().st_size
-    mm = np.memmap(file, dtype=np.uint8, mode="r")
-    n = int(mm[:8].view("<u8")[0])
-    header = json.loads(bytes(mm[8:8 + n]).decode("utf-8"))
+    with open(file, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    n = struct.unpack("<Q", mm[:8])[0]
+    header = json.loads(mm[8:8 + n].decode("utf-8"))
     out = {}
     for name in names:
         out[name] = _source(file, name, header[name], 8 + n, size, mm)
@@ -230,7 +251,8 @@ def _source(file: Path, name: str, info: dict, start: int, size: int, mm) -> Sou
     if not 0 <= lo <= hi or hi - lo != want or start + hi > size:
         raise ModelFileError(f"{file}: tensor {name!r} has data offsets {[lo, hi]} that do not "
                              f"fit its shape {list(shape)} or the file: corrupt")
-    return Source(name, _DTYPES[dtype][0], shape, mm[start + lo:start + hi])
+    raw = np.frombuffer(mm, dtype=np.uint8, count=hi - lo, offset=start + lo)
+    return Source(name, _DTYPES[dtype][0], shape, raw, mm, start + lo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,13 +281,13 @@ def _gguf_tensors(spec: ArchSpec, config: dict, sources: dict[str, Source],
             experts.setdefault((int(m[1]), e[2]), {})[int(e[1])] = src
             continue
         for gname, shape, make in _map(spec, config, name, src, path):
-            if spec.norm_shift and name.endswith("norm.weight"):
-                out[gname] = _shifted(gname, shape, make, src.dtype)
-            else:
-                out[gname] = _float_tensor(gname, shape, make, src.dtype)
+            shift = spec.norm_shift and name.endswith("norm.weight")
+            t = (_shifted if shift else _float_tensor)(gname, shape, make, src.dtype)
+            out[gname] = replace(t, sources=(src,))
     for (bid, proj), by_expert in sorted(experts.items()):
         gname, shape, make = _stacked(spec, bid, proj, by_expert, config, path)
-        out[gname] = _float_tensor(gname, shape, make, by_expert[0].dtype)
+        out[gname] = replace(_float_tensor(gname, shape, make, by_expert[0].dtype),
+                             sources=tuple(by_expert.values()))
     with wrong_values(str(path)):
         extra = spec.extra_tensors(config)
     for gname, values in extra.items():
@@ -370,7 +392,7 @@ def _quantize_all(folder: HFFolder, qtype: str) -> None:
             kind = "F16"
         else:
             kind = qtype
-        folder.tensors[name] = HFTensor(name, t.shape, kind, _quantizer(t, kind))
+        folder.tensors[name] = replace(t, type_name=kind, make=_quantizer(t, kind))
         folder.quantized[name] = kind
     log.info("%s: %d matrices are quantized to %s while loading (numpy, ~10-40 M values/s)",
              folder.path, len(folder.quantized), qtype)
