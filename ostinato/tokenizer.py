@@ -677,6 +677,8 @@ class IncrementalDetokenizer:
 MAX_TEMPLATE_OUTPUT = 1_000_000     # characters a template may produce
 MAX_TEMPLATE_ITERATIONS = 100_000   # range() items summed over one render
 MAX_TEMPLATE_SEQUENCE = 100_000     # longest str/list `*` or `+` may build
+MAX_TEMPLATE_LOOP_STEPS = 1_000_000  # `{% for %}` items summed over one render (~0.5 s)
+_LOOP_GUARD = "__ostinato_loop_guard"   # the global every for-loop's iterable goes through
 _ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -717,16 +719,19 @@ def render_chat_template(template: str, **variables) -> str:
     template never changes the caller's objects).
 
     Limits: a `range` whose items are counted against MAX_TEMPLATE_ITERATIONS per render,
-    `*`/`+` refused beyond MAX_TEMPLATE_SEQUENCE items, output capped at MAX_TEMPLATE_OUTPUT
+    `{% for %}` items (over anything: strings, lists, dicts) counted against
+    MAX_TEMPLATE_LOOP_STEPS, so nested loops cannot run for hours, `*`/`+` refused beyond MAX_TEMPLATE_SEQUENCE items, output capped at MAX_TEMPLATE_OUTPUT
     chars. Violations raise jinja2.exceptions.SecurityError; template errors raise Jinja2's
     TemplateError subclasses; `raise_exception` raises ValueError with the message."""
     env = _make_sandbox()
     budget = [MAX_TEMPLATE_ITERATIONS]
     env.globals["range"] = lambda *a: _budgeted_range(budget, *a)
+    steps = [MAX_TEMPLATE_LOOP_STEPS]
+    env.globals[_LOOP_GUARD] = lambda iterable: _budgeted_iter(steps, iterable)
     variables = {k: _plain_copy(v) for k, v in variables.items()}
     try:
         chunks, total = [], 0
-        for chunk in env.from_string(template).generate(**variables):
+        for chunk in env.from_string(_guard_loops(env, template)).generate(**variables):
             total += len(chunk)
             if total > MAX_TEMPLATE_OUTPUT:
                 raise _security_error(f"chat template output exceeds {MAX_TEMPLATE_OUTPUT} "
@@ -747,6 +752,24 @@ def template_variables(template: str) -> frozenset[str]:
 def _security_error(msg: str) -> Exception:
     from jinja2.exceptions import SecurityError
     return SecurityError(msg)
+
+
+def _guard_loops(env, template: str):
+    """The template's syntax tree with every for-loop iterating `_LOOP_GUARD(iterable)`."""
+    from jinja2 import nodes
+    tree = env.parse(template)
+    for loop in tree.find_all(nodes.For):
+        loop.iter = nodes.Call(nodes.Name(_LOOP_GUARD, "load"), [loop.iter], [], None, None)
+    return tree
+
+
+def _budgeted_iter(steps: list[int], iterable):
+    for item in iterable:
+        steps[0] -= 1
+        if steps[0] < 0:
+            raise _security_error(f"chat template loops over budget: more than "
+                                  f"{MAX_TEMPLATE_LOOP_STEPS} items in one render")
+        yield item
 
 
 def _budgeted_range(budget: list[int], *args):

@@ -321,6 +321,9 @@ def test_chat_content_parts(gemma):
     "{{ 'a' * 10**9 }}",
     "{{ ((10**60)**60)**60 }}",
     "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "{% set s = 'x' * 99999 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "{% for a in messages %}{% for b in 'x' * 99999 %}{% for c in 'y' * 99999 %}"
+    "{% endfor %}{% endfor %}{% endfor %}",
 ])
 def test_sandbox_blocks_hostile_templates(template):
     t0 = time.perf_counter()
