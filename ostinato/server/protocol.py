@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..params import StructuredOutputsParams
 from ..sampling import MAX_LOGPROBS, SamplingParams
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -110,8 +111,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "parallel_tool_calls": (lambda v: v is None, "tool calling"),
     "functions": (_nothing, "function calling"),
     "function_call": (lambda v: v in (None, "none"), "function calling"),
-    "response_format": (lambda v: v is None or v == {"type": "text"},
-                        "structured output (json_object, json_schema)"),
     "prediction": (_nothing, "predicted outputs"),
     "reasoning_effort": (lambda v: v is None, "a reasoning model"),
     "verbosity": (lambda v: v is None, "a reasoning model"),
@@ -187,6 +186,51 @@ class StreamOptions(BaseModel):
         return v
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint. grammar: Lark (llguidance's
+    dialect) or GBNF (llama.cpp's, told apart by its `::=` rules)."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def set_fields(self) -> dict:
+        return {("json" if k == "json_" else k): v
+                for k, v in self.model_dump(exclude_none=True).items()
+                if not (k == "json_object" and v is False)}
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")    # OpenAI's rule for the name
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")
+    strict: bool | None = None      # enforced either way: every token is masked
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise bad_request("response_format: json_schema is required with type "
+                              "'json_schema' and allowed only with it", "response_format")
+        return self
+
+    def constraint(self) -> dict:
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":      # no schema: any JSON, as OpenAI
+            schema = self.json_schema.schema_
+            return {"json": {} if schema is None else schema}
+        return {}
+
+
 class _OpenAIRequest(BaseModel):
     """Unknown fields are refused (400 naming them); REFUSED fields are checked first."""
     model_config = ConfigDict(extra="forbid")
@@ -219,6 +263,12 @@ class _Sampling(_OpenAIRequest):
     stream_options: StreamOptions | None = None
     # a routing hint for OpenAI's machines; the prefix cache here needs no key
     prompt_cache_key: str | None = None
+    # structured output (vLLM's fields; chat's response_format too): at most one constraint
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -230,6 +280,35 @@ class _Sampling(_OpenAIRequest):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def constraints(self) -> dict[str, tuple[str, Any]]:
+        """Field -> (kind, value) of every constraint the request asks for."""
+        out = {f"structured_outputs.{k}": (k, v) for k, v in
+               (self.structured_outputs.set_fields() if self.structured_outputs else {}).items()}
+        for kind in ("json", "regex", "choice", "grammar"):
+            if getattr(self, f"guided_{kind}") is not None:
+                out[f"guided_{kind}"] = (kind, getattr(self, f"guided_{kind}"))
+        fmt = getattr(self, "response_format", None)
+        for k, v in (fmt.constraint() if fmt else {}).items():
+            out["response_format"] = (k, v)
+        return out
+
+    def structured(self) -> StructuredOutputsParams | None:
+        found = self.constraints()
+        if self.structured_outputs is not None and not self.structured_outputs.set_fields():
+            raise bad_request("structured_outputs: exactly one of json, regex, choice, grammar, "
+                              "json_object must be set, got none", "structured_outputs")
+        if len(found) > 1:
+            raise bad_request(f"one output constraint at a time, got {len(found)}: "
+                              f"{', '.join(found)}", next(iter(found)).split(".")[0])
+        if not found:
+            return None
+        field, (kind, value) = next(iter(found.items()))
+        try:
+            return StructuredOutputsParams(**{kind: value})
+        except ValueError as e:
+            raise bad_request(f"{field}: {str(e).removeprefix('structured_outputs: ')}",
+                              field.split(".")[0]) from None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -247,7 +326,8 @@ class _Sampling(_OpenAIRequest):
                 min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 include_stop_str_in_output=self.include_stop_str_in_output,
-                skip_special_tokens=self.skip_special_tokens)
+                skip_special_tokens=self.skip_special_tokens,
+                structured_outputs=self.structured())
         except ValueError as e:
             raise from_sampling_error(e) from None
 
@@ -290,6 +370,7 @@ class ChatCompletionRequest(_ChatTemplate, _Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     def requested_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

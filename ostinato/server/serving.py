@@ -26,6 +26,7 @@ from .protocol import (
     Limits,
     bad_request,
 )
+from ..structured import GrammarError
 from ..tokenizer import ChatTemplateError
 
 log = logging.getLogger("ostinato.server")
@@ -73,6 +74,7 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
     max_tokens = _fit(llm.max_model_len, [ids], req.max_completion_tokens or req.max_tokens,
                       "messages", limits or Limits())
     params = req.sampling_params(max_tokens, req.requested_logprobs())
+    compile_constraint(llm, req, params)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, req.stream,
                req.include_usage)
 
@@ -89,6 +91,7 @@ def completion_job(llm, req: CompletionRequest, model: str, limits: Limits | Non
                                                           else None)
     params = dataclasses.replace(req.sampling_params(max_tokens, k, prompt_lps),
                                  n=req.candidates)
+    compile_constraint(llm, req, params)
     job = Job("completion", f"cmpl-{uuid.uuid4().hex}", model, ids, params, req.stream,
               req.include_usage, keep=req.n if req.candidates > req.n else None)
     if req.echo:
@@ -97,6 +100,19 @@ def completion_job(llm, req: CompletionRequest, model: str, limits: Limits | Non
         job.echo_hidden = [_hidden_lead(llm.tokenizer, t, i)
                            for t, i in zip(job.echo_texts, ids)]
     return job
+
+
+def compile_constraint(llm, req, params: SamplingParams) -> None:
+    """Compile the request's output constraint now (this runs off the event loop and off the
+    engine thread; the engine finds it cached): an invalid, unsupported or too complex one
+    is a 400 before anything is queued or streamed."""
+    if params.structured_outputs is None:
+        return
+    try:
+        llm.engine.grammars.compile(params.structured_outputs)
+    except GrammarError as e:
+        field = next(iter(req.constraints()))
+        raise bad_request(f"{field}: {e}", field.split(".")[0]) from None
 
 
 def _hidden_lead(tokenizer, text: str, ids: list[int]) -> int:
