@@ -85,6 +85,7 @@ _DEEPSEEK_CASED = (
     "\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f"
     "\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
     "\U000118a0-\U000118df\U0001e900-\U0001e943")
+_DEEPSEEK_PUNCT = "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+"
 _CJK_HANGUL = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
 
 
@@ -106,7 +107,7 @@ _PRE_GPT4O = _PreTokenizer((_GPT4O,))
 _PRE_TEKKEN = _PreTokenizer((_TEKKEN,), ignore_merges=True, add_bos=True)
 _PRE_FALCON = _PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"))
 _PRE_DEEPSEEK_LLM = _PreTokenizer((r"[\r\n]", rf"\s?[{_DEEPSEEK_CASED}]+",
-                                   "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+                                   _DEEPSEEK_PUNCT,
                                    r"\s+\Z", _CJK_HANGUL, r"\p{N}+"))
 _PRE_DEEPSEEK_CODER = _PreTokenizer((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_HANGUL,
                                      r"\p{N}"))
@@ -720,8 +721,8 @@ def render_chat_template(template: str, **variables) -> str:
 
     Limits: a `range` whose items are counted against MAX_TEMPLATE_ITERATIONS per render,
     `{% for %}` items (over anything: strings, lists, dicts) counted against
-    MAX_TEMPLATE_LOOP_STEPS, so nested loops cannot run for hours, `*`/`+` refused beyond MAX_TEMPLATE_SEQUENCE items, output capped at MAX_TEMPLATE_OUTPUT
-    chars. Violations raise jinja2.exceptions.SecurityError; template errors raise Jinja2's
+    MAX_TEMPLATE_LOOP_STEPS, so nested loops cannot run for hours, `*`/`+` refused beyond
+    MAX_TEMPLATE_SEQUENCE items, output capped at MAX_TEMPLATE_OUTPUT chars. Violations raise jinja2.exceptions.SecurityError; template errors raise Jinja2's
     TemplateError subclasses; `raise_exception` raises ValueError with the message."""
     env = _make_sandbox()
     budget = [MAX_TEMPLATE_ITERATIONS]

@@ -124,7 +124,8 @@ EXTRA_TEXTS = {"qwen2.5-coder-0.5b-instruct": [
     "e\u0301cole \u0915\u093f\u0924\u093e\u092c \u0e01\u0e34\u0e19",
     "123456789 1,234,567.89 0x1F 3e-10",
     "I'M HERE, YOU'RE THERE. We'LL see; THEY'D agree",
-    "\u4f60\u597d\uff0c\u4e16\u754c\u3002\u6df7\u5408English\u548c\u4e2d\u6587 \ud55c\uad6d\uc5b4 \u30ab\u30bf\u30ab\u30ca",
+    "\u4f60\u597d\uff0c\u4e16\u754c\u3002\u6df7\u5408English\u548c\u4e2d\u6587 "
+    "\ud55c\uad6d\uc5b4 \u30ab\u30bf\u30ab\u30ca",
     "path/to/file.py:42 a/b//c ///",
     "   indented\n\tcode\r\n  \n",
     "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n",

@@ -107,7 +107,8 @@ def _variant_base(variant: dict, request) -> dict:
         return request.getfixturevalue(MODELS[request.node.callspec.params["name"]][1])
     if variant["vocab"] not in _SDIST_VOCABS:
         from test_tokenizer_vectors import llama_cpp_models_dir
-        _SDIST_VOCABS[variant["vocab"]] = read_gguf(llama_cpp_models_dir() / variant["vocab"]).metadata
+        path = llama_cpp_models_dir() / variant["vocab"]
+        _SDIST_VOCABS[variant["vocab"]] = read_gguf(path).metadata
     return _SDIST_VOCABS[variant["vocab"]]
 
 
