@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models,
-GET /v1/models/{id}, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health (503
+GET /v1/models/{id}, POST /v1/responses (+ GET/DELETE /v1/responses/{id}, POST .../cancel),
+POST /v1/messages, POST /v1/messages/count_tokens (Anthropic), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health (503
 while loading), GET /metrics, GET / (the chat page, static/).
 """
 from __future__ import annotations
@@ -40,7 +41,9 @@ from .protocol import (
     check_limits,
     parse_body,
 )
+from .anthropic import add_anthropic_routes
 from .embeddings import embed, embedding_inputs, embedding_response
+from .responses import add_responses_routes
 from .serving import Generation, chat_job, completion_job, error_body
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
@@ -143,11 +146,14 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     _add_info_routes(app, state)
     _add_token_routes(app, state)
     _add_generation_routes(app, state)
+    add_responses_routes(app, state, admit, run_generation)
+    add_anthropic_routes(app, state, admit, run_generation)
     app.add_middleware(Gate, api_key=api_key, max_body=limits.max_body_bytes)
     if allowed_origins:     # outside the Gate: preflights carry no key, and 401s need CORS
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
                            allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+                           allow_headers=["Authorization", "Content-Type", "x-api-key",
+                                          "anthropic-version"], max_age=600)
     return app
 
 
@@ -314,7 +320,13 @@ async def _embeddings(request: Request, state: ServerState):
 
 async def _generate(request: Request, state: ServerState, model, make_job):
     raw = await request.body()
-    req = parse_body(raw, model)
+    gen = await admit(state, raw, parse_body(raw, model), make_job)
+    return await run_generation(request, state, gen)
+
+
+async def admit(state: ServerState, raw: bytes, req, make_job=chat_job) -> Generation:
+    """A parsed request, checked against the limits and queued as a Generation (not yet
+    started); /v1/responses and /v1/messages translate onto chat requests and come here."""
     llm, engine = state.require()
     state.check_model(req.model)
     limits = state.limits
@@ -331,12 +343,22 @@ async def _generate(request: Request, state: ServerState, model, make_job):
     # accepted from here on: exactly one outcome is settled, whatever happens
     outcome = state.metrics.accept()
     fault = state.fault_marker is not None and state.fault_marker.encode() in raw
-    gen = Generation(job, engine, state.metrics, llm.tokenizer, outcome, fault)
-    if job.stream:
-        return SSEResponse(gen.stream(), on_close=lambda: outcome.settle("aborted"),
-                           counter=state)
-    result = await _settled(request, outcome, gen.collect(), f"request {job.id}")
-    return result if isinstance(result, Response) else JSONResponse(result)
+    return Generation(job, engine, state.metrics, llm.tokenizer, outcome, fault)
+
+
+async def run_generation(request: Request, state: ServerState, gen: Generation,
+                         on_stream=None, on_result=None):
+    """The SSE stream (through on_stream, which turns chat chunks' SSE bytes into another
+    API's events) or the JSON (through on_result, dict -> dict); an error's body is
+    OpenAI's, and a disconnect aborts the generation either way."""
+    outcome = gen.outcome
+    if gen.job.stream:
+        events = on_stream(gen.stream()) if on_stream else gen.stream()
+        return SSEResponse(events, on_close=lambda: outcome.settle("aborted"), counter=state)
+    result = await _settled(request, outcome, gen.collect(), f"request {gen.job.id}")
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(on_result(result) if on_result else result)
 
 
 async def _settled(request: Request, outcome, work, what: str):

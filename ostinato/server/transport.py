@@ -19,8 +19,20 @@ def _protected(path: str) -> bool:
     return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
-async def send_error(send, e: APIError) -> None:
-    body = json.dumps(e.body()).encode()
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str) -> dict:
+    """Anthropic's error body, what /v1/messages answers instead of OpenAI's."""
+    kind = ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+async def send_error(send, e: APIError, path: str = "") -> None:
+    anthropic = path.startswith("/v1/messages")
+    body = json.dumps(anthropic_error(e.status, e.message) if anthropic else e.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if e.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
@@ -41,18 +53,24 @@ class Gate:
             return await self.app(scope, receive, send)
         if self.expected and _protected(scope["path"]) and not self._authorized(scope):
             return await send_error(send, APIError(401, "missing or wrong API key: send "
-                                                   "'Authorization: Bearer <key>'",
-                                                   code="invalid_api_key"))
+                                                   "'Authorization: Bearer <key>' or "
+                                                   "'x-api-key: <key>'",
+                                                   code="invalid_api_key"), scope["path"])
         body = await self._read_body(scope, receive)
         if body is None:
             return await send_error(send, APIError(413, f"the request body is over the "
-                                                   f"{self.max_body} byte limit"))
+                                                   f"{self.max_body} byte limit"), scope["path"])
         if body is DISCONNECTED:
             return
         await self.app(scope, _replay(body, receive), send)
 
     def _authorized(self, scope) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"")
+        """'Authorization: Bearer <key>', or Anthropic's 'x-api-key: <key>'."""
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        key = headers.get(b"x-api-key")
+        if key is not None:
+            given = b"Bearer " + key
         return hmac.compare_digest(given, self.expected)      # constant time
 
     async def _read_body(self, scope, receive):
