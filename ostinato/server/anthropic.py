@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import APIError, bad_request, parse_body
-from .responses import chat_chunks, chat_request, sse_event
+from .responses import admit_as, chat_chunks, chat_request, sse_event
 from .serving import chat_job
 from .transport import anthropic_error
 
-RENAME = {"max_tokens": "max_tokens", "stop": "stop_sequences"}
+RENAME = {"stop": "stop_sequences"}
 
 
 class MessagesRequest(BaseModel):
@@ -284,7 +284,7 @@ def add_anthropic_routes(app: FastAPI, state, admit, run_generation) -> None:
         raw = await request.body()
         req = parse_body(raw, MessagesRequest)
         req.check()
-        gen = await admit(state, raw, to_chat(req))
+        gen = await admit_as(admit, state, raw, to_chat(req), RENAME)
         if req.stream:
             events = EventStream(req, state.name, len(gen.job.prompts[0]))
             return await run_generation(request, state, gen, on_stream=events.run)

@@ -51,10 +51,22 @@ def chat_request(body: dict, rename: dict[str, str]) -> ChatCompletionRequest:
         err = from_validation_error(e)
     except APIError as e:
         err = e
+    raise renamed(err, rename)
+
+
+def renamed(err: APIError, rename: dict[str, str]) -> APIError:
+    """The chat path's error, naming the translated API's fields."""
     for chat_name, name in rename.items():
-        err.message = err.message.replace(chat_name, name)
+        err.message = err.message.replace(f"{chat_name}:", f"{name}:")
         err.param = name if err.param == chat_name else err.param
-    raise err
+    return err
+
+
+async def admit_as(admit, state, raw: bytes, chat, rename: dict[str, str]):
+    try:
+        return await admit(state, raw, chat)
+    except APIError as e:
+        raise renamed(e, rename) from None
 
 
 async def chat_chunks(stream):
@@ -462,7 +474,7 @@ def add_responses_routes(app: FastAPI, state, admit, run_generation) -> None:
         history = store.get(req.previous_response_id).convo if req.previous_response_id \
             else []
         chat, convo = to_chat(req, history)
-        gen = await admit(state, raw, chat)
+        gen = await admit_as(admit, state, raw, chat, RENAME)
         rid, created = _new_id("resp"), int(time.time())
         head = response_object(rid, req, state.name, "in_progress", [], None, created)
         if req.stream:

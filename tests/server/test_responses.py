@@ -1,0 +1,227 @@
+"""OpenAI's Responses API on the real server (SmolLM2) through the official openai client:
+a response is its chat completion translated (same greedy text, same token counts), its stream
+is the documented event sequence, previous_response_id continues a stored conversation."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import jsonschema
+import openai
+import pytest
+
+from ostinato.server.responses import ResponseStore, Stored
+
+pytestmark = pytest.mark.model
+
+GREEDY = {"temperature": 0.0}
+
+
+def _chat_text(client, server, messages, max_tokens):
+    r = client.chat.completions.create(model=server.model, messages=messages,
+                                       max_tokens=max_tokens, temperature=0.0)
+    return r.choices[0].message.content, r.usage
+
+
+def test_create_is_the_chat_completion(client, server):
+    r = client.responses.create(model=server.model, input="Name a colour.",
+                                instructions="Answer in one word.", max_output_tokens=12,
+                                **GREEDY)
+    text, usage = _chat_text(client, server, [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Name a colour."}], 12)
+    assert r.object == "response" and r.id.startswith("resp_")
+    assert r.output_text == text and text
+    assert r.output[0].type == "message" and r.output[0].role == "assistant"
+    assert r.usage.input_tokens == usage.prompt_tokens
+    assert r.usage.output_tokens == usage.completion_tokens
+    assert r.usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert r.status == ("incomplete" if usage.completion_tokens == 12 else "completed")
+
+
+def test_max_output_tokens_gives_incomplete(client, server):
+    r = client.responses.create(model=server.model, input="Tell me a long story.",
+                                max_output_tokens=3, **GREEDY)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 3 and r.output[-1].status == "incomplete"
+
+
+def test_item_list_input(client, server):
+    items = [{"role": "developer", "content": "Be brief."},
+             {"type": "message", "role": "user",
+              "content": [{"type": "input_text", "text": "Hi, "},
+                          {"type": "input_text", "text": "who are you?"}]}]
+    r = client.responses.create(model=server.model, input=items, max_output_tokens=8, **GREEDY)
+    text, _ = _chat_text(client, server, [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi, who are you?"}], 8)
+    assert r.output_text == text
+
+
+def test_stream_event_sequence(client, server):
+    kwargs = dict(model=server.model, input="Say hello.", max_output_tokens=10, **GREEDY)
+    whole = client.responses.create(**kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    kinds = [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    n = kinds.count("response.output_text.delta")
+    assert n >= 1
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added"] + ["response.output_text.delta"] * n + [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.completed" if whole.status == "completed" else "response.incomplete"]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text
+    assert events[-4].text == text and events[-2].item.content[0].text == text
+    final = events[-1].response
+    assert final.output_text == text and final.usage.output_tokens == whole.usage.output_tokens
+    assert events[0].response.id == final.id and events[0].response.status == "in_progress"
+
+
+def test_previous_response_id_continues(client, server):
+    first = client.responses.create(model=server.model, input="My name is Ada.",
+                                    instructions="Be brief.", max_output_tokens=6, **GREEDY)
+    second = client.responses.create(model=server.model, input="What is my name?",
+                                     previous_response_id=first.id, max_output_tokens=6,
+                                     **GREEDY)
+    # instructions are not carried over (OpenAI's rule); input and output are
+    text, usage = _chat_text(client, server, [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"}], 6)
+    assert second.output_text == text
+    assert second.usage.input_tokens == usage.prompt_tokens
+    assert second.previous_response_id == first.id
+    got = client.responses.retrieve(second.id)
+    assert got.output_text == second.output_text and got.id == second.id
+
+
+def test_stream_is_stored(client, server):
+    events = list(client.responses.create(model=server.model, input="Hi", stream=True,
+                                          max_output_tokens=4, **GREEDY))
+    final = events[-1].response
+    assert client.responses.retrieve(final.id).output_text == final.output_text
+
+
+def test_store_false_and_delete(client, server, http):
+    r = client.responses.create(model=server.model, input="Hi", store=False,
+                                max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    kept = client.responses.create(model=server.model, input="Hi", max_output_tokens=2)
+    assert http.delete(f"/v1/responses/{kept.id}").json()["deleted"] is True
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=server.model, input="Hi", previous_response_id="resp_x")
+
+
+def test_json_schema_format(client, server):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = client.responses.create(
+        model=server.model, input="Make up a person.", max_output_tokens=60,
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema,
+                         "strict": True}}, **GREEDY)
+    jsonschema.validate(json.loads(r.output_text), schema)
+
+
+def test_cancel_stops_a_stream(client, server, http):
+    """Cancel while streaming: the stream ends early, status cancelled."""
+    with http.stream("POST", "/v1/responses", json={
+            "model": server.model, "input": "Write a very long story about the sea.",
+            "max_output_tokens": 400, "stream": True, "temperature": 0.0}) as resp:
+        lines = resp.iter_lines()
+        rid, deltas = None, 0
+        for line in lines:
+            if line.startswith("data: "):
+                e = json.loads(line[6:])
+                rid = rid or e["response"]["id"]
+                if e["type"] == "response.output_text.delta":
+                    break
+        assert http.post(f"/v1/responses/{rid}/cancel").json()["status"] == "cancelled"
+        last = None
+        for line in lines:
+            if line.startswith("data: "):
+                last = json.loads(line[6:])
+                deltas += last["type"] == "response.output_text.delta"
+    assert last["response"]["status"] == "cancelled" and deltas < 100
+    assert http.get(f"/v1/responses/{rid}").json()["status"] == "cancelled"
+    # a finished response cannot be cancelled
+    assert http.post(f"/v1/responses/{rid}/cancel").status_code == 400
+
+
+def _tools_landed(http) -> bool:
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
+    return r.status_code == 200
+
+
+def test_function_tools_follow_the_chat_path(client, server, http):
+    tool = {"type": "function", "name": "get_weather", "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}}
+    if not _tools_landed(http):     # the chat path refuses tools: so must this route
+        with pytest.raises(openai.BadRequestError, match="tool calling"):
+            client.responses.create(model=server.model, input="Weather in Paris?",
+                                    tools=[tool], max_output_tokens=4)
+        return
+    r = client.responses.create(model=server.model, input="Weather in Paris?", tools=[tool],
+                                tool_choice="required", max_output_tokens=40)
+    call = next(o for o in r.output if o.type == "function_call")
+    assert call.name == "get_weather" and "city" in json.loads(call.arguments)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "hi", "background": True}, "background"),
+    ({"input": "hi", "include": ["reasoning.encrypted_content"]}, "include"),
+    ({"input": "hi", "reasoning": {"effort": "high"}}, "reasoning"),
+    ({"input": "hi", "conversation": "conv_1"}, "conversation"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input"),
+    ({"input": [{"type": "web_search_call"}]}, "input"),
+    ({"input": "hi", "text": {"format": {"type": "grammar"}}}, "text"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": 5000}, "input"),     # over the context
+    ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice"),
+])
+def test_refused_with_400(http, body, param):
+    r = http.post("/v1/responses", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+
+
+def test_store_bounds():
+    store = ResponseStore(max_count=3, max_age_s=0.2)
+    for i in range(5):
+        store.put(f"r{i}", Stored({"id": f"r{i}"}, []))
+    assert list(store.items) == ["r2", "r3", "r4"]
+    time.sleep(0.25)
+    store.put("r5", Stored({"id": "r5"}, []))
+    assert store.get("r5").response["id"] == "r5" and list(store.items) == ["r5"]
+
+
+def test_disconnect_aborts(server, http):
+    """A client that leaves mid-stream frees its engine request (running goes back to 0)."""
+    def leave():
+        with http.stream("POST", "/v1/responses", json={
+                "input": "Count to a thousand.", "max_output_tokens": 400,
+                "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if "output_text.delta" in line:
+                    return
+    t = threading.Thread(target=leave)
+    t.start()
+    t.join(60)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        running = [ln for ln in http.get("/metrics").text.splitlines()
+                   if ln.startswith("ostinato:num_requests_running")]
+        if running and float(running[0].split()[-1]) == 0:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the engine request was not aborted: {running}")
