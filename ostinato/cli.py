@@ -368,6 +368,13 @@ def cmd_bench(a) -> None:
     import json
 
     from .bench import BenchArgs, run_bench
+    from .loader.hf import is_hf_folder
+    if is_hf_folder(a.model) and a.vs:
+        raise ValueError("--vs runs the peers on the model file: a Hugging Face folder is not "
+                         "one (convert it to GGUF to compare with llama.cpp)")
+    if a.quantize and a.serving:
+        raise ValueError("--serving starts a server on the folder as stored: it does not pass "
+                         "--quantize on; bench the quantized folder without --serving")
     args = BenchArgs(prompt_lengths=a.prompt_tokens, decode_tokens=a.decode_tokens,
                      repeats=a.repeats, batch=a.batch, serving=a.serving or bool(a.url),
                      concurrency=a.concurrency, serving_max_tokens=a.serving_max_tokens,

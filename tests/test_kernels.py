@@ -146,7 +146,7 @@ def test_qkv_rope_cache_rejects_a_slot_outside_the_cache(k):
         k.new_kv_cache(2, 8, 1, 64)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F32"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F32"])
 def test_qlinear_rows_are_batch_invariant(k_any, type_name):
     k = k_any
     _, p = packed(type_name)
@@ -170,7 +170,7 @@ def _cpu_flags() -> set[str]:
         return set(next(ln for ln in f if ln.startswith("flags")).split(":")[1].split())
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_amx_tiles_give_the_avx_kernels_bits(k, type_name):
     """Where the CPU has AMX, batches from 5 rows run on the tile unit; every row must still
     equal, bit for bit, what the AVX kernels give (which run it alone at batch 1)."""

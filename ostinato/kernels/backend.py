@@ -8,7 +8,7 @@ import torch
 
 from ..loader.weights import LogicalTensor, Progress, convert_each
 from . import ops
-from .repack import F32, Packed, repack_raw
+from .repack import F32, Q5, Packed, unpack_q5, repack_raw
 
 
 EMPTY = torch.empty(0)      # an absent optional weight (no min, no q/k norm)
@@ -80,7 +80,9 @@ class QWeight:
         if self.fmt == F32:
             return self.q[ids]
         q = self.q[ids]
-        if self.fmt != 1:   # Q4: unpack nibbles of each 32-block
+        if self.fmt == Q5:  # 16 nibble bytes and 4 bytes of bit 4 per 32-block
+            q = torch.from_numpy(unpack_q5(q.numpy(), self.K)).to(torch.int32) - self.zp
+        elif self.fmt != 1:   # Q4: unpack nibbles of each 32-block
             q = q.view(len(ids), -1, 16)
             q = torch.cat([q & 0x0F, q >> 4], dim=2).to(torch.int32) - self.zp
         vals = q.reshape(len(ids), -1, self.bs).to(torch.float32) * self._row(self.scale, ids)

@@ -3,8 +3,12 @@
     F32: (N, K) float32                                   value = w
     Q8:  (N, K) int8 codes, per-block scale (and min)     value = scale * q + min
     Q4:  (N, K/2) nibbles, per-32 scale (and min), zp     value = scale * (q - zp) + min
+    Q5:  (N, K/32 * 20) 5-bit codes, per-32 scale (and min), zp: as Q4
 
 Q4 packing per 32-element block: byte j holds element j (low nibble) and j+16 (high).
+Q5 per 32-element block: those 16 bytes, then a little-endian uint32 whose bit j is bit 4
+of element j (GGUF's own Q5_0/Q5_1 bits, reordered): 5.5 bits a weight with a half scale,
+where int8 codes would read 8.5.
 Every GGUF type maps onto one of these exactly (integer codes, scales computed in float32
 the way the reference dequantizer computes them); the kernels then never branch on type.
 """
@@ -17,7 +21,7 @@ import numpy as np
 from ..loader import dequant as dq
 from ..loader.gguf import GGML_TYPES, TYPE_IDS, GGUFFile
 
-F32, Q8, Q4 = 0, 1, 2
+F32, Q8, Q4, Q5 = 0, 1, 2, 3
 
 
 @dataclass
@@ -35,7 +39,8 @@ class Packed:
         """Reference values (for tests): what the kernels multiply with."""
         if self.fmt == F32:
             return self.q
-        q = _unpack_q4(self.q, self.K) if self.fmt == Q4 else self.q
+        q = (_unpack_q4(self.q, self.K) if self.fmt == Q4 else
+             unpack_q5(self.q, self.K) if self.fmt == Q5 else self.q)
         vals = (q.astype(np.int32) - self.zp).astype(np.float32).reshape(self.N, -1, self.bs)
         out = vals * self.scale[:, :, None]
         if self.min is not None:
@@ -46,6 +51,22 @@ class Packed:
 def _unpack_q4(packed: np.ndarray, K: int) -> np.ndarray:
     b = packed.reshape(packed.shape[0], K // 32, 16)
     return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(packed.shape[0], K)
+
+
+def _pack_q5(codes: np.ndarray) -> np.ndarray:
+    """codes: (N, K) uint8 0..31 -> (N, K/32 * 20): per block Q4's 16 nibble bytes of the low
+    bits, then 4 bytes holding bit 4 of elements 0..31 (little-endian)."""
+    N, K = codes.shape
+    nib = _pack_q4(codes & 0x0F).reshape(N, K // 32, 16)
+    high = np.packbits((codes >> 4).reshape(N, K // 32, 32), axis=2, bitorder="little")
+    return np.ascontiguousarray(np.concatenate([nib, high], axis=2).reshape(N, -1))
+
+
+def unpack_q5(packed: np.ndarray, K: int) -> np.ndarray:
+    b = packed.reshape(packed.shape[0], K // 32, 20)
+    low = np.concatenate([b[:, :, :16] & 0x0F, b[:, :, :16] >> 4], axis=2)
+    high = np.unpackbits(b[:, :, 16:], axis=2, bitorder="little")
+    return (low | (high << 4)).reshape(packed.shape[0], K)
 
 
 def _pack_q4(codes: np.ndarray) -> np.ndarray:
@@ -74,13 +95,14 @@ def _q4_1(b, N, K):
 
 
 def _q5_0(b, N, K):
-    q = dq._q5(b[:, 6:22], b[:, 2:6]).view(np.int8) - np.int8(16)
-    return Packed(Q8, 32, 0, _rows(q, N), _rows(dq._f16(b, 0), N), None, N, K)
+    codes = _rows(dq._q5(b[:, 6:22], b[:, 2:6]), N)
+    return Packed(Q5, 32, 16, _pack_q5(codes), _rows(dq._f16(b, 0), N), None, N, K)
 
 
 def _q5_1(b, N, K):
-    q = dq._q5(b[:, 8:24], b[:, 4:8]).view(np.int8)
-    return Packed(Q8, 32, 0, _rows(q, N), _rows(dq._f16(b, 0), N), _rows(dq._f16(b, 2), N), N, K)
+    codes = _rows(dq._q5(b[:, 8:24], b[:, 4:8]), N)
+    return Packed(Q5, 32, 0, _pack_q5(codes), _rows(dq._f16(b, 0), N), _rows(dq._f16(b, 2), N),
+                  N, K)
 
 
 def _q8_0(b, N, K):
@@ -104,7 +126,7 @@ def _q5_k(b, N, K):
     low = dq._nibbles(b[:, 48:176].reshape(-1, 4, 32)).reshape(-1, 8, 32)
     high = np.stack([(b[:, 16:48] >> s) & 1 for s in range(8)], axis=1)
     scale, mn = _k_scale_min(b)
-    return Packed(Q8, 32, 0, _rows((low | (high << 4)).view(np.int8), N), _rows(scale, N),
+    return Packed(Q5, 32, 0, _pack_q5(_rows(low | (high << 4), N)), _rows(scale, N),
                   _rows(mn, N), N, K)
 
 

@@ -84,6 +84,23 @@ const int8_t* weight_rows(const Weights& w, int64_t n0, int8_t* buf) {
     int8_t* dst = buf + r * K;
     if (r >= rows) { std::memset(dst, 0, K); continue; }
     if (w.fmt == kQ8) { std::memcpy(dst, static_cast<const int8_t*>(w.q) + (n0 + r) * K, K); continue; }
+    if (w.fmt == kQ5) {                    // codes 0..31, as Q4's 0..15 (zp off the sums)
+      const uint8_t* src = static_cast<const uint8_t*>(w.q) + (n0 + r) * (K / 32) * kQ5Block;
+      const __m128i mask = _mm_set1_epi8(0x0f);
+      for (int64_t c = 0; c < K / 32; ++c) {
+        const uint8_t* b = src + c * kQ5Block;
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+        uint32_t qh;
+        std::memcpy(&qh, b + 16, 4);
+        const __m128i lo = _mm_or_si128(_mm_and_si128(q, mask),
+                                        _mm_maskz_set1_epi8((__mmask16)(qh & 0xffff), 16));
+        const __m128i hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask),
+                                        _mm_maskz_set1_epi8((__mmask16)(qh >> 16), 16));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c * 32), lo);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c * 32 + 16), hi);
+      }
+      continue;
+    }
     const uint8_t* src = static_cast<const uint8_t*>(w.q) + (n0 + r) * K / 2;
     int64_t c = 0;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
@@ -145,7 +162,8 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
   };
   // the next group's weight bytes stream into the cache while this group computes (they
   // come from memory: a step reads each weight once), a few lines per pair of cells
-  const int64_t row_bytes = FMT == kQ4 ? K / 2 : K, lines = (row_bytes + 63) / 64;
+  const int64_t row_bytes = FMT == kQ4 ? (w.fmt == kQ5 ? K / 32 * kQ5Block : K / 2) : K;
+  const int64_t lines = (row_bytes + 63) / 64;
   const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(16, w.N - n0 - 16));
   const char* next = static_cast<const char*>(w.q) + (next_rows ? n0 + 16 : 0) * row_bytes;
   const int64_t to_fetch = next_rows * lines, pairs = std::max<int64_t>(1, nc * (32 / BS) / 2);
@@ -237,9 +255,10 @@ thread_local AmxAct t_amx;                    // the calling thread's packed act
 
 void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool parallel) {
   AmxAct& a = t_amx;
-  const bool qsum = w.fmt == kQ4 && w.zp;
+  const bool qsum = (w.fmt == kQ4 || w.fmt == kQ5) && w.zp;
   alloc_amx(M, w.K, qsum, a);
-  auto group = w.fmt == kQ4 ? amx_group<kQ4, 32>
+  // Q5 runs as Q4 does: its rows unpacked to unsigned codes (weight_rows), zp off the sums
+  auto group = w.fmt == kQ4 || w.fmt == kQ5 ? amx_group<kQ4, 32>
              : w.bs == 16 ? amx_group<kQ8, 16> : amx_group<kQ8, 32>;
   const int64_t groups = (w.N + 15) / 16, cells = a.tiles * a.nc;
 #pragma omp parallel if (parallel)

@@ -25,7 +25,7 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
   TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
               out.size(0) == x.size(0) && out.size(1) == N, "qlinear: out must be (M, N) f32");
   TORCH_CHECK(x.size(1) == K && K % bs == 0, "qlinear: x has the wrong width");
-  TORCH_CHECK((fmt == kQ8 && (bs == 16 || bs == 32)) || ((fmt == kQ4 || fmt == kF32) && bs == 32),
+  TORCH_CHECK((fmt == kQ8 && (bs == 16 || bs == 32)) || ((fmt == kQ4 || fmt == kQ5 || fmt == kF32) && bs == 32),
               "qlinear: unsupported format/block size");
   TORCH_CHECK(fmt == kF32 || (scale.is_contiguous() && scale.numel() == (N + 3) / 4 * (K / bs) * 4 &&
                               (!min.numel() || min.numel() == scale.numel())),

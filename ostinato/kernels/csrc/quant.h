@@ -7,7 +7,10 @@ namespace {
 
 constexpr int kRowTile = 4;   // x rows sharing one unpacked weight block
 
-enum Format : int64_t { kF32 = 0, kQ8 = 1, kQ4 = 2 };
+enum Format : int64_t { kF32 = 0, kQ8 = 1, kQ4 = 2, kQ5 = 3 };
+// Q5 (Q5_0, Q5_1, Q5_K): per 32-block 20 bytes, the 16 bytes of Q4's nibbles (byte j:
+// element j low, j + 16 high) then a little-endian uint32 whose bit j is element j's bit 4.
+constexpr int64_t kQ5Block = 20;
 
 inline float hsum8(__m256 v) {
   // fixed pairwise order: (0+4, 1+5, 2+6, 3+7), then (a+c, b+d), then (a+b)
@@ -35,6 +38,27 @@ inline void load32_q4(const uint8_t* q, int zp, __m256 out[4]) {
   out[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), z));
   out[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), z));
   out[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), z));
+}
+
+// The 32 five-bit codes of a Q5 block, minus zp, as int16: elements 0..15 and 16..31.
+// (AVX2 only: a bit of qh becomes 16 in its lane by a compare against the lane's bit.)
+inline void load32_q5_s16(const uint8_t* p, int zp, __m256i out[2]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  uint32_t qh;
+  std::memcpy(&qh, p + 16, 4);
+  const __m256i lane_bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                             4096, 8192, 16384, (int16_t)0x8000);
+  auto high = [&](uint32_t bits16) {
+    const __m256i b = _mm256_and_si256(_mm256_set1_epi16((int16_t)bits16), lane_bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi16(b, lane_bit), _mm256_set1_epi16(16));
+  };
+  const __m256i z = _mm256_set1_epi16((int16_t)zp);
+  out[0] = _mm256_sub_epi16(_mm256_add_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask)),
+                                             high(qh & 0xffff)), z);
+  out[1] = _mm256_sub_epi16(
+      _mm256_add_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)),
+                       high(qh >> 16)), z);
 }
 
 // Per-block values of the weight rows (scales, mins), stored by fours of rows,
@@ -85,6 +109,13 @@ inline void unpack(const Weights& w, int64_t n, int64_t b, __m256 v[4]) {
   } else if constexpr (FMT == kQ8) {
     const int8_t* p = static_cast<const int8_t*>(w.q) + off;
     for (int i = 0; i < BS / 8; ++i) v[i] = load8_q8(p + 8 * i);
+  } else if constexpr (FMT == kQ5) {
+    __m256i s16[2];
+    load32_q5_s16(static_cast<const uint8_t*>(w.q) + (n * w.nb + b) * kQ5Block, (int)w.zp, s16);
+    for (int h = 0; h < 2; ++h) {
+      v[2 * h] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[h])));
+      v[2 * h + 1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[h], 1)));
+    }
   } else {
     load32_q4(static_cast<const uint8_t*>(w.q) + off / 2, (int)w.zp, v);
   }
@@ -130,6 +161,7 @@ using TileFn = void (*)(int, const Weights&, int64_t, const float*, const float*
 TileFn pick_tile(int64_t fmt, int64_t bs) {
   if (fmt == kF32) return tile_rows<kF32, 32>;
   if (fmt == kQ4) return tile_rows<kQ4, 32>;
+  if (fmt == kQ5) return tile_rows<kQ5, 32>;
   return bs == 16 ? tile_rows<kQ8, 16> : tile_rows<kQ8, 32>;
 }
 
@@ -251,6 +283,8 @@ inline void load_w32(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
     const __m256i zp = _mm256_set1_epi16((int16_t)w.zp);    // codes - zp: still exact integers
     out[0] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask)), zp);
     out[1] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)), zp);
+  } else if constexpr (FMT == kQ5) {
+    load32_q5_s16(static_cast<const uint8_t*>(w.q) + (n * (w.K / 32) + c) * kQ5Block, (int)w.zp, out);
   } else {
     const int8_t* p = static_cast<const int8_t*>(w.q) + n * w.K + c * 32;
     out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -328,7 +362,7 @@ void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out
       // rows in cache). SmolLM2 decode here, median tok/s: 8 blocks 85-111, 32: 110-112,
       // 128: 138-150, 256: 152-157, 512: 151-154. A prefetch past the weights' end is
       // harmless (it never faults).
-      constexpr int64_t kBytes = FMT == kQ4 ? 16 : 32;
+      constexpr int64_t kBytes = FMT == kQ4 ? 16 : FMT == kQ5 ? kQ5Block : 32;
       for (int j = 0; j < NR; ++j)
         _mm_prefetch(static_cast<const char*>(w.q) + ((n0 + j) * (w.K / 32) + c + 512) * kBytes,
                      _MM_HINT_T0);
@@ -395,6 +429,7 @@ using SpanQaFn = void (*)(int, const Weights&, int64_t, int64_t, const QAct&, in
 
 SpanQaFn pick_span_qa(int64_t fmt, int64_t bs) {
   if (fmt == kQ4) return tile_span_qa<kQ4, 32>;
+  if (fmt == kQ5) return tile_span_qa<kQ5, 32>;
   return bs == 16 ? tile_span_qa<kQ8, 16> : tile_span_qa<kQ8, 32>;
 }
 
