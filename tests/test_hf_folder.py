@@ -378,6 +378,9 @@ def test_cli_generates_from_a_folder_with_quantize(tiny):
                           "--quantize", "q8_0", "-p", "x"], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 1 and "applies to a Hugging Face safetensors folder" in bad.stderr
+    vs = subprocess.run([sys.executable, "-m", "ostinato", "bench", "-m", str(m.hf_dir), "--vs",
+                         "llama.cpp"], capture_output=True, text=True, timeout=300)
+    assert vs.returncode == 1 and "convert it to GGUF" in vs.stderr
 
 
 # ---------------------------------------------------------------------------------------------
