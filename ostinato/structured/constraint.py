@@ -1,8 +1,33 @@
 """One sequence's grammar state: the tokens allowed next, and the token taken."""
 from __future__ import annotations
 
+import os
+import threading
+
 import llguidance
 import numpy as np
+
+_executor: llguidance.LLExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def fill_masks(constraints: list[Constraint]) -> None:
+    """Compute the next masks of a step's constraints at once, on llguidance's own threads
+    (the GIL released); each forbidden() then reads its own. The masks are the same bits as
+    one at a time."""
+    if len(constraints) < 2:
+        return
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = llguidance.LLExecutor(num_threads=os.cpu_count() or 1)
+    words = constraints[0]._bits.size
+    buf = np.empty((len(constraints), words), dtype=np.int32)
+    _executor.unsafe_compute_mask_ptr([(c._m, i) for i, c in enumerate(constraints)],
+                                      buf.ctypes.data, words * 4, len(constraints))
+    for c, row in zip(constraints, buf):
+        c._bits[:] = row
+        c._ready = True
 
 
 class Constraint:
@@ -12,11 +37,14 @@ class Constraint:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         self._m, self.vocab_size = matcher, vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)   # bit t: token t
+        self._ready = False             # _bits already holds this step's mask (fill_masks)
 
     def forbidden(self) -> np.ndarray:
         """(vocab,) bool: the tokens the grammar forbids next (all but an end-of-generation
         token once the grammar is complete)."""
-        self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        if not self._ready:
+            self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        self._ready = False
         if self._m.is_error():
             raise RuntimeError(f"the grammar failed: {self._m.get_error()}")
         if not self._bits.any():
@@ -25,6 +53,7 @@ class Constraint:
         return bits[: self.vocab_size].view(np.bool_)
 
     def advance(self, token: int) -> None:
+        self._ready = False
         if not self._m.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self._m.get_error()}")
 
