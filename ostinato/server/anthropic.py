@@ -6,11 +6,13 @@ its result (or stream) is turned back into a Message (or Anthropic's event strea
 these routes have Anthropic's shape: {"type": "error", "error": {"type", "message"}}.
 
 Fields Anthropic's clients send that change nothing here, accepted and documented:
-`metadata` (user_id: identifies the end user), `cache_control` on blocks and tools (a
-prompt-cache breakpoint: the prefix cache here is automatic), `service_tier` auto or
+`metadata` (user_id: identifies the end user), `cache_control` on the request, blocks and
+tools (prompt-cache breakpoints: the prefix cache here is automatic), `service_tier` auto or
 standard_only (there is one tier), `thinking` {"type": "disabled"}. A tool_result's
 `is_error` is written into the tool message ("Error: ..."). Everything else outside the
-schema is a 400 naming it.
+schema is a 400 naming it. `output_config.format` (a JSON schema) is enforced through chat's
+response_format; the anthropic 2.x client has no temperature/top_p/top_k arguments, so
+those come in extra_body (still Anthropic's API fields).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from .responses import admit_as, chat_chunks, chat_request, sse_event
 from .serving import chat_job
 from .transport import anthropic_error
 
-RENAME = {"stop": "stop_sequences"}
+RENAME = {"stop": "stop_sequences", "response_format": "output_config.format"}
 
 
 class MessagesRequest(BaseModel):
@@ -48,11 +50,27 @@ class MessagesRequest(BaseModel):
     metadata: dict[str, Any] | None = None
     service_tier: Literal["auto", "standard_only"] | None = None
     thinking: dict[str, Any] | None = None
+    cache_control: dict[str, Any] | None = None     # automatic caching: the prefix cache is
+    output_config: dict[str, Any] | None = None     # format: a JSON schema; effort refused
 
     def check(self) -> None:
         if self.thinking and self.thinking.get("type") != "disabled":
             raise bad_request("thinking: this server serves no extended-thinking model; "
                               "leave it unset or {'type': 'disabled'}", "thinking")
+        unknown = set(self.output_config or {}) - {"format"}
+        if unknown:
+            raise bad_request(f"output_config: {', '.join(sorted(unknown))} is not "
+                              "supported (format is)", "output_config")
+
+    def response_format(self) -> dict | None:
+        fmt = (self.output_config or {}).get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            raise bad_request("output_config.format must be {'type': 'json_schema', "
+                              "'schema': {...}}", "output_config")
+        return {"type": "json_schema", "json_schema": {"name": "output",
+                                                       "schema": fmt.get("schema")}}
 
 
 class CountTokensRequest(MessagesRequest):
@@ -138,13 +156,14 @@ def to_chat(req: MessagesRequest, count_only: bool = False):
     for i, m in enumerate(req.messages):
         messages += _message(m, f"messages[{i}]")
     choice, parallel = _tool_choice(req.tool_choice)
-    body = {"messages": messages, "max_tokens": req.max_tokens, "stop": req.stop_sequences,
+    body = {"model": req.model, "messages": messages, "max_tokens": req.max_tokens, "stop": req.stop_sequences,
             "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
             "stream": req.stream and not count_only,
             "stream_options": {"include_usage": True} if req.stream and not count_only
             else None,
             "tools": [_tool(t, i) for i, t in enumerate(req.tools)] if req.tools else None,
-            "tool_choice": choice, "parallel_tool_calls": parallel}
+            "tool_choice": choice, "parallel_tool_calls": parallel,
+            "response_format": req.response_format()}
     return chat_request(body, RENAME)
 
 

@@ -222,7 +222,7 @@ def to_chat(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionR
     for i, item in enumerate(items):
         _input_item(item, f"input[{i}]", convo)
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-    body = {"messages": system + convo, "max_tokens": req.max_output_tokens,
+    body = {"model": req.model, "messages": system + convo, "max_tokens": req.max_output_tokens,
             "temperature": req.temperature, "top_p": req.top_p, "stream": req.stream,
             "stream_options": {"include_usage": True} if req.stream else None,
             "response_format": _format(req.text),

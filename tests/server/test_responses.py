@@ -187,10 +187,11 @@ def test_function_tools_follow_the_chat_path(client, server, http):
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "hi", "max_output_tokens": 5000}, "input"),     # over the context
     ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice"),
+    ({"input": "hi", "model": "gpt-nonexistent"}, "model"),
 ])
-def test_refused_with_400(http, body, param):
+def test_refused_naming_the_field(http, body, param):
     r = http.post("/v1/responses", json=body)
-    assert r.status_code == 400, r.text
+    assert r.status_code == (404 if param == "model" else 400), r.text
     err = r.json()["error"]
     assert err["param"] == param, err
 
