@@ -488,7 +488,7 @@ def test_tokenizer_json_meets_llama_cpp_vectors(name, tmp_path):
     gguf, cases = found
     gmd = read_gguf(gguf).metadata
     folder = tokenizer_json_from_gguf(gguf, tmp_path / name)
-    md, _ = tokenizer_metadata(folder, {"vocab_size": len(gmd["tokenizer.ggml.tokens"])}, {})
+    md, _ = tokenizer_metadata(folder, {"vocab_size": len(gmd["tokenizer.ggml.tokens"])})
     assert PRE_TOKENIZERS[md["tokenizer.ggml.pre"]] == PRE_TOKENIZERS[gmd["tokenizer.ggml.pre"]]
     tok = Tokenizer.from_gguf(md)
     wrong = [(text[:30], ids[:8]) for text, ids in cases
@@ -519,7 +519,7 @@ def test_real_byte_level_vocab_through_tokenizer_json(name, tmp_path):
         pytest.skip(f"{name} is not pulled (ostinato pull {name})")
     gmd = read_gguf(path).metadata
     folder = tokenizer_json_from_gguf(path, tmp_path / "tok")
-    md, _ = tokenizer_metadata(folder, {"vocab_size": len(gmd["tokenizer.ggml.tokens"])}, {})
+    md, _ = tokenizer_metadata(folder, {"vocab_size": len(gmd["tokenizer.ggml.tokens"])})
     for key in ("tokens", "merges", "pre", "model"):
         assert _same(md[f"tokenizer.ggml.{key}"], gmd[f"tokenizer.ggml.{key}"]), key
     assert list(md["tokenizer.ggml.token_type"]) == gmd["tokenizer.ggml.token_type"].tolist()

@@ -103,7 +103,7 @@ def read_hf_folder(path: str | os.PathLike, quantize: str | None = None) -> HFFo
     shards, maps = _open_shards(path)
     metadata = {"general.architecture": spec.arch, "general.name": path.name,
                 **gguf_params(spec, config, str(path))}
-    tok_meta, extra_eos = tokenizer_metadata(path, config, metadata)
+    tok_meta, extra_eos = tokenizer_metadata(path, config)
     metadata.update(tok_meta)
     tensors = _gguf_tensors(spec, config, shards, path)
     folder = HFFolder(path, metadata, tensors, tuple(extra_eos), _maps=maps)
@@ -178,10 +178,6 @@ class Source:
             self.mm.madvise(mmap.MADV_DONTNEED, start, self.offset + self.raw.size - start)
         except (OSError, ValueError, AttributeError):
             pass
-
-    def values(self) -> np.ndarray:
-        """float32 values (exact for F32/F16/BF16)."""
-        return dequantize(self.raw, TYPE_IDS[self.dtype], self.shape)
 
 
 def _shard_files(path: Path) -> list[Path]:

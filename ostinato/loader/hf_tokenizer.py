@@ -37,7 +37,7 @@ _SPLITS = {
 }
 
 
-def tokenizer_metadata(path: Path, config: dict, metadata: dict) -> tuple[dict, list[int]]:
+def tokenizer_metadata(path: Path, config: dict) -> tuple[dict, list[int]]:
     """({tokenizer.* key: value}, further eos ids from generation_config.json)."""
     tj = path / "tokenizer.json"
     if not tj.is_file():
