@@ -11,7 +11,8 @@ conftest. It changes nothing in their files; it patches their utils module:
   is recorded with its status and error message, for the classification. The only
   rewrites are pure renames, each noted in the record: the unprefixed OpenAI routes
   (/chat/completions -> /v1/chat/completions, /models -> /v1/models), and in a /v1/* body `model` -> the id
-  we serve (llama-server serves any name) and `n_predict` -> `max_tokens`; in a /tokenize
+  we serve (llama-server serves any name) and `n_predict` -> `max_tokens` (and their
+  server-wide --n-predict default as `max_tokens` where the body sets none); in a /tokenize
   body `content` -> `prompt` and `add_special` -> `add_special_tokens` (vLLM's names).
 - A few flags only choose among things a test rarely looks at (SOFT: --chat-template, the
   reasoning parser): the test runs without them, and the record says so, so a test that
@@ -26,6 +27,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import sys
 import types
 from pathlib import Path
@@ -41,8 +43,13 @@ sys.path.insert(0, str(SUITE))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: serverproc
 
 
-class LlamaCppOnlyOption(RuntimeError):
-    """The test asks llama-server for a flag (or model) ostinato has no equivalent of."""
+class LlamaCppOnlyOption(Exception):
+    """The test asks llama-server for a flag (or model) ostinato has no equivalent of. (Not a
+    RuntimeError: their tests catch that as "the server failed to start", and would pass.)"""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        _log.append({"event": "llamacpp_option", "option": what})
 
 
 if "wget" not in sys.modules:           # utils imports it only to download test images
@@ -66,8 +73,8 @@ MODELS = {
 # attributes of their ServerProcess whose default (or given value) asks for nothing that
 # ostinato does differently: server-wide sampling defaults (every test that depends on them
 # sets them in the request), batch sizes (ours are batch-invariant), always-on features
-# (n_predict, their server-wide default max_tokens, has no ostinato flag: a request without
-# max_tokens gets what the context leaves, as OpenAI's API does)
+# (n_predict, their server-wide default max_tokens, has no ostinato flag: the shim puts it
+# into a /v1 request that sets no max_tokens, as llama-server applies it)
 IGNORED = {"server_port", "temperature", "seed", "offline", "debug", "n_predict",
            "n_batch", "n_ubatch", "n_threads", "n_gpu_layer", "server_continuous_batching",
            "server_embeddings", "server_metrics", "server_slots", "kv_unified", "fa",
@@ -146,6 +153,7 @@ def _in(value, ok: set) -> bool:
 _pool: dict[tuple, object] = {}        # flags -> a running tests/serverproc Server
 _log: list[dict] = []                 # this test's events
 _starting = False                     # inside start_server (its polls are not recorded)
+_default_max_tokens = None            # their server-wide n_predict, for requests without one
 
 
 def _start(self, timeout_seconds: int = 180) -> None:
@@ -167,6 +175,8 @@ def _start(self, timeout_seconds: int = 180) -> None:
     self._ostinato = proc
     self.server_port = int(proc.base.rsplit(":", 1)[1])
     self.served_model = key[key.index("--served-model-name") + 1]
+    global _default_max_tokens
+    _default_max_tokens = self.n_predict if self.n_predict and self.n_predict > 0 else None
     self.ready = True
     utils.server_instances.add(self)
 
@@ -184,7 +194,13 @@ def _stop_pool() -> None:
     _pool.clear()
 
 
+def _on_sigterm(signum, frame):
+    _stop_pool()
+    raise SystemExit(128 + signum)
+
+
 atexit.register(_stop_pool)
+signal.signal(signal.SIGTERM, _on_sigterm)      # stopped from outside: stop our servers too
 utils.ServerProcess.start = _start
 utils.ServerProcess.stop = _stop
 utils.ServerPreset.load_all = staticmethod(lambda: None)
@@ -228,6 +244,10 @@ def rename(path: str, body):
         body["model"], _ = served, done.append(f"model {body['model']!r}")
     if "n_predict" in body and "max_tokens" not in body:
         body["max_tokens"], _ = body.pop("n_predict"), done.append("n_predict")
+    generates = path in ("/v1/chat/completions", "/v1/completions")
+    if generates and _default_max_tokens and not {"max_tokens", "max_completion_tokens"} & set(body):
+        body["max_tokens"] = _default_max_tokens
+        done.append(f"default max_tokens {_default_max_tokens}")
     return body, done
 
 
