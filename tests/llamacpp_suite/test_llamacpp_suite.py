@@ -35,7 +35,8 @@ def test_smoke_of_llamacpp_server_suite(smollm_path, tmp_path):
                          capture_output=True, text=True, timeout=900)
     suite = _script()
     rows = [(r, *suite.classify(r)) for r in suite.load(results)]
-    real = [r["nodeid"] for r, cls, _ in rows if cls == "real"]
+    real = [(r["nodeid"], r.get("exc_type"), (r.get("exc") or "")[:400])
+            for r, cls, _ in rows if cls == "real"]
     assert not real, f"real incompatibilities: {real}\n{run.stdout[-3000:]}"
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     passed = [r for r, cls, _ in rows if cls == "pass"]
