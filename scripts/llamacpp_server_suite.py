@@ -6,17 +6,19 @@ sdist, in place) against `ostinato serve`, and sort every test into one of:
                    a token count of their tokenizer, a vocabulary id)
   llama.cpp-only   it needs a route, request field, response field or server flag that only
                    llama-server has (/completion, /slots, /infill, n_probs, timings, --lora...)
-  refused          it uses an OpenAI field whose feature ostinato does not implement and
-                   refuses with a 400 naming it (README's request-field table)
+  refused          it uses an OpenAI feature ostinato does not implement and refuses with a
+                   clear 400 or 404 (tools, image input, the Responses API)
   skipped          llama.cpp itself skips it here (their skip marks; no network)
   real             none of the above: an incompatibility to fix in ostinato
 
 The rules are RULES below, tried in order on each failed test's record (its exception, the
 failing source lines, every request it made with the status and error message); the first
-that matches decides. A failure no rule explains is "real". The shim that points the suite at
+that matches decides; then JUDGED, a short list of tests sorted by reading them. A failure
+nothing explains is "real". A passing test that got its pass only from a missing route or a
+refused flag or input (VACUOUS) is counted in that class. The shim that points the suite at
 ostinato is tests/llamacpp_suite/ostinato_shim.py.
 
-    python scripts/llamacpp_server_suite.py                      # the whole suite (~25 min)
+    python scripts/llamacpp_server_suite.py                      # the whole suite (20-60 min)
     python scripts/llamacpp_server_suite.py unit/test_completion.py unit/test_chat_completion.py
     python scripts/llamacpp_server_suite.py --from-results r.jsonl   # classify a saved run
 """
