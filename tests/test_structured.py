@@ -326,3 +326,100 @@ def test_gemma3_vocabulary_and_answer(gemma_path):
                                          structured_outputs={"json": PERSON}))[0].outputs[0]
     jsonschema.validate(json.loads(out.text), PERSON)
     assert out.finish_reason == "stop" and out.token_ids[-1] in tok.eos_token_ids
+
+
+# ------------------------------------------------------------- tools (not yet served)
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("tools, words", [
+    ([], "non-empty"), ([{"type": "code_interpreter"}], "function"),
+    ([{"type": "function", "function": {"name": "bad name"}}], "bad name"),
+    ([{"type": "function", "function": {"name": "f", "parameters": []}}], "parameters"),
+    ([{"type": "function", "function": {"name": "f", "extra": 1}}], "extra"),
+    ([WEATHER[0], WEATHER[0]], "defined twice"),
+])
+def test_malformed_tools_are_named(tools, words):
+    from ostinato.structured.tools import check_tools
+    with pytest.raises(ValueError, match=words):
+        check_tools(tools)
+
+
+def test_tool_choice_schemas():
+    from ostinato.structured.tools import check_tools, tool_choice_schema
+    tools = check_tools(WEATHER)
+    assert tool_choice_schema(tools, "auto") is None and tool_choice_schema(tools, "none") is None
+    req = tool_choice_schema(tools, "required")
+    call = {"name": "add", "arguments": {"a": 1, "b": 2}}
+    jsonschema.validate([call, {"name": "get_weather", "arguments": {"city": "Oslo"}}], req)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "add", "arguments": {"a": 1}}], req)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([], req)
+    named = tool_choice_schema(tools, {"type": "function", "function": {"name": "add"}})
+    jsonschema.validate([call], named)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "get_weather", "arguments": {"city": "x"}}], named)
+    with pytest.raises(ValueError, match="no tool named 'nope'"):
+        tool_choice_schema(tools, {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(ValueError, match="tool_choice"):
+        tool_choice_schema(tools, "sometimes")
+    one = tool_choice_schema(tools, "required", parallel=False)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([call, call], one)
+
+
+@pytest.mark.parametrize("family, text, content, calls", [
+    ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+     '"Oslo"}}\n</tool_call>', "Let me check.", [("get_weather", {"city": "Oslo"})]),
+    ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'
+     '<tool_call>{"name": "add", "arguments": "{\\"a\\": 3, \\"b\\": 4}"}</tool_call>', None,
+     [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+    ("hermes", "<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
+    ("llama3", '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
+     '{"name": "get_weather", "parameters": {"city": "a;b"}}', None,
+     [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "a;b"})]),
+    ("llama3", "The answer is 3.", "The answer is 3.", []),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]', None,
+     [("add", {"a": 1, "b": 2})]),
+    ("mistral", "[TOOL_CALLS] oops", "[TOOL_CALLS] oops", []),
+    ("generic", '[{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c"}}]', None,
+     [("get_weather", {"city": "Rome", "unit": "c"})]),
+    ("generic", "plain words", "plain words", []),
+])
+def test_tool_call_parsers(family, text, content, calls):
+    from ostinato.structured.tools import parse_tool_calls
+    got_content, got = parse_tool_calls(text, family)
+    assert got_content == content
+    assert [(c.name, json.loads(c.arguments)) for c in got] == calls
+    assert len({c.id for c in got}) == len(got) and all(c.id.startswith("call_") for c in got)
+
+
+def test_template_families():
+    from ostinato.structured.tools import family_of
+    assert family_of("{% for m in messages %}<tool_call>{% endfor %}") == "hermes"
+    assert family_of("[TOOL_CALLS]") == "mistral" and family_of("<|python_tag|>") == "llama3"
+    assert family_of(None) == "generic"
+
+
+@pytest.mark.model
+def test_required_tool_choice_holds_a_real_answer(smollm_llm):
+    """The generic form on SmolLM2 (no tool tokens): "required" held by the grammar gives
+    calls that parse and whose arguments validate against the tool's schema."""
+    from ostinato.structured.tools import check_tools, parse_tool_calls, tool_choice_schema
+    tools = check_tools(WEATHER)
+    schema = tool_choice_schema(tools, "required")
+    q = [{"role": "user", "content": "What is the weather in Paris? Call get_weather."}]
+    out = smollm_llm.chat(q, SamplingParams(temperature=0, max_tokens=80,
+                                            structured_outputs={"json": schema}))[0].outputs[0]
+    content, calls = parse_tool_calls(out.text, "generic")
+    assert content is None and calls and out.finish_reason == "stop"
+    for c in calls:
+        jsonschema.validate(json.loads(c.arguments), tools[c.name])
