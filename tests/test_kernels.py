@@ -104,7 +104,7 @@ def test_quantized_activations_match_their_float64_reference(k, type_name, N):
     if p.fmt == 0:        # float weights keep float activations
         ref = x.double() @ dense.T
     else:
-        mins = torch.from_numpy(p.min).double() if p.min is not None else None
+        mins = torch.from_numpy(p.values(p.min, p.min_d)).double() if p.min is not None else None
         codes = dense if mins is None else dense - mins.repeat_interleave(p.bs, dim=1)
         ref = quantize_activations(x) @ codes.T
         if mins is not None:

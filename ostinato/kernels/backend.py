@@ -40,11 +40,21 @@ class QWeight:
     min: torch.Tensor          # the same layout; empty when the format has no min
     N: int
     K: int
+    # K-quants: scale and min are int8 multipliers of these halves, one per super-block
+    # (by fours of rows: (ceil(N/4), K // 256, 4)); empty otherwise
+    scale_d: torch.Tensor = EMPTY
+    min_d: torch.Tensor = EMPTY
 
     @classmethod
     def from_packed(cls, p: Packed) -> "QWeight":
         """Scales and mins go by fours of rows, in float16 when that is exact (GGUF stores
-        Q4_0/Q4_1/Q5_x/Q8_0 scales as halves; K-quant scales are float32 products)."""
+        Q4_0/Q4_1/Q5_x/Q8_0 scales as halves), K-quants' as int8 under their super-blocks'
+        halves (the format's own two levels)."""
+        if p.scale_d is not None:
+            fours = lambda t, dt: by_fours(torch.from_numpy(t.astype(dt))) if t is not None else EMPTY  # noqa: E731
+            return cls(p.fmt, p.bs, p.zp, torch.from_numpy(p.q), fours(p.scale, np.int8),
+                       fours(p.min, np.int8), p.N, p.K, fours(p.scale_d, np.float16),
+                       fours(p.min_d, np.float16))
         dtype = np.float16 if p.scale is not None and _exact_half(p.scale, p.min) else np.float32
 
         def fours(t):
@@ -58,22 +68,29 @@ class QWeight:
         differ (or a part's rows don't fill its fours). Every output element is computed
         exactly as before: only the call is shared."""
         a = parts[0]
-        if any((p.fmt, p.bs, p.zp, p.K, bool(p.min.numel()), p.scale.dtype) !=
-               (a.fmt, a.bs, a.zp, a.K, bool(a.min.numel()), a.scale.dtype) or p.N % 4
-               for p in parts):
+        layout = lambda p: (p.fmt, p.bs, p.zp, p.K, bool(p.min.numel()), p.scale.dtype,  # noqa: E731
+                            p.scale_d.shape[1:])
+        if any(layout(p) != layout(a) or p.N % 4 for p in parts):
             return None
         cat = lambda ts: torch.cat(ts) if ts[0].numel() else ts[0]  # noqa: E731
         return QWeight(a.fmt, a.bs, a.zp, cat([p.q for p in parts]),
                        cat([p.scale for p in parts]), cat([p.min for p in parts]),
-                       sum(p.N for p in parts), a.K)
+                       sum(p.N for p in parts), a.K, cat([p.scale_d for p in parts]),
+                       cat([p.min_d for p in parts]))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.q, self.scale, self.min, self.scale_d, self.min_d))
 
     @staticmethod
-    def _row(fours: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return fours[ids // 4, :, ids % 4].float().unsqueeze(-1)          # (T, nb, 1)
+    def _row(fours: torch.Tensor, ids: torch.Tensor, d: torch.Tensor = EMPTY) -> torch.Tensor:
+        """Rows `ids` of per-block values (T, nb, 1): K-quants' d * sub as the kernels form it."""
+        vals = fours[ids // 4, :, ids % 4].float()
+        if d.numel():
+            sup = d[ids // 4, :, ids % 4].float()
+            vals = sup.repeat_interleave(vals.shape[1] // sup.shape[1], dim=1) * vals
+        return vals.unsqueeze(-1)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (an embedding lookup): (T,) -> (T, K) float32."""
@@ -85,9 +102,10 @@ class QWeight:
         elif self.fmt != 1:   # Q4: unpack nibbles of each 32-block
             q = q.view(len(ids), -1, 16)
             q = torch.cat([q & 0x0F, q >> 4], dim=2).to(torch.int32) - self.zp
-        vals = q.reshape(len(ids), -1, self.bs).to(torch.float32) * self._row(self.scale, ids)
+        vals = (q.reshape(len(ids), -1, self.bs).to(torch.float32)
+                * self._row(self.scale, ids, self.scale_d))
         if self.min.numel():
-            vals = vals + self._row(self.min, ids)
+            vals = vals + self._row(self.min, ids, self.min_d)
         return vals.reshape(len(ids), self.K)
 
 
@@ -133,8 +151,8 @@ class CpuKernels:
             w = stacked
         if isinstance(w, StackedPart):
             raise ValueError("a stacked weight's part cannot be multiplied on its own")
-        y = self.ops.qlinear(x.reshape(-1, w.K).contiguous(), w.q, w.scale, w.min,
-                             w.fmt, w.bs, w.zp, w.N, w.K, int(self.quantize_activations))
+        y = self.ops.qlinear(x.reshape(-1, w.K).contiguous(), w.q, w.scale, w.min, w.scale_d,
+                             w.min_d, w.fmt, w.bs, w.zp, w.N, w.K, int(self.quantize_activations))
         return y.view(*x.shape[:-1], w.N)
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -273,7 +291,7 @@ def _repack(t: LogicalTensor):
 
 
 def qw_of(w: QWeight):
-    return ops().QW(w.q, w.scale, w.min, w.fmt, w.bs, w.zp, w.N, w.K)
+    return ops().QW(w.q, w.scale, w.min, w.scale_d, w.min_d, w.fmt, w.bs, w.zp, w.N, w.K)
 
 
 def make_ops(backend: str, kv_cache_dtype: str = "float16"):

@@ -30,10 +30,20 @@ class Packed:
     bs: int                   # elements per scale block
     zp: int                   # Q4 zero point (integer, subtracted before scaling)
     q: np.ndarray
-    scale: np.ndarray | None  # (N, K // bs) float32
-    min: np.ndarray | None    # (N, K // bs) float32 or None
+    scale: np.ndarray | None  # (N, K // bs) float32; K-quants: int8 multipliers of scale_d
+    min: np.ndarray | None    # (N, K // bs) float32 or None; K-quants: int8 of min_d
     N: int
     K: int
+    # K-quants: the super-blocks' halves (N, K // 256) (d; -dmin for the mins): a block's
+    # scale is the float32 product scale_d * scale, as the format defines it
+    scale_d: np.ndarray | None = None
+    min_d: np.ndarray | None = None
+
+    def values(self, sub: np.ndarray | None, d: np.ndarray | None) -> np.ndarray | None:
+        """Per-block float32 values: sub itself, or d (per super-block) times sub."""
+        if sub is None or d is None:
+            return sub
+        return np.repeat(d, sub.shape[1] // d.shape[1], axis=1) * sub.astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
         """Reference values (for tests): what the kernels multiply with."""
@@ -42,9 +52,9 @@ class Packed:
         q = (_unpack_q4(self.q, self.K) if self.fmt == Q4 else
              unpack_q5(self.q, self.K) if self.fmt == Q5 else self.q)
         vals = (q.astype(np.int32) - self.zp).astype(np.float32).reshape(self.N, -1, self.bs)
-        out = vals * self.scale[:, :, None]
+        out = vals * self.values(self.scale, self.scale_d)[:, :, None]
         if self.min is not None:
-            out += self.min[:, :, None]
+            out += self.values(self.min, self.min_d)[:, :, None]
         return out.reshape(self.N, self.K)
 
 
@@ -110,24 +120,25 @@ def _q8_0(b, N, K):
                   None, N, K)
 
 
-def _k_scale_min(b):
+def _k_packed(fmt, codes, b, N, K) -> Packed:
+    """Q4_K / Q5_K: codes with each 32-block's 6-bit scale and min (int8) under the
+    super-block's d and -dmin (halves): scale = d * sc, min = -dmin * mn, the float32
+    products the reference dequantizer forms."""
     d, dmin = dq._f16(b, 0), dq._f16(b, 2)
     sc, mn = dq._k_scales_mins(b[:, 4:16])
-    return d * sc, -(dmin * mn)          # (n, 8) each, float32 as the reference rounds them
+    return Packed(fmt, 32, 0, codes, _rows(sc.astype(np.int8), N), _rows(mn.astype(np.int8), N),
+                  N, K, _rows(d, N), _rows(-dmin, N))
 
 
 def _q4_k(b, N, K):
     codes = dq._nibbles(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, 32)   # (n*8, 32)
-    scale, mn = _k_scale_min(b)
-    return Packed(Q4, 32, 0, _pack_q4(_rows(codes, N)), _rows(scale, N), _rows(mn, N), N, K)
+    return _k_packed(Q4, _pack_q4(_rows(codes, N)), b, N, K)
 
 
 def _q5_k(b, N, K):
     low = dq._nibbles(b[:, 48:176].reshape(-1, 4, 32)).reshape(-1, 8, 32)
     high = np.stack([(b[:, 16:48] >> s) & 1 for s in range(8)], axis=1)
-    scale, mn = _k_scale_min(b)
-    return Packed(Q5, 32, 0, _pack_q5(_rows(low | (high << 4), N)), _rows(scale, N),
-                  _rows(mn, N), N, K)
+    return _k_packed(Q5, _pack_q5(_rows(low | (high << 4), N)), b, N, K)
 
 
 def _q6_k(b, N, K):
@@ -136,8 +147,9 @@ def _q6_k(b, N, K):
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
     high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
     q = (low | (high << 4)).view(np.int8) - np.int8(32)
-    scale = dq._f16(b, 208) * b[:, 192:208].view(np.int8)      # (n, 16)
-    return Packed(Q8, 16, 0, _rows(q, N), _rows(scale, N), None, N, K)
+    # each 16-block's int8 scale under the super-block's d: scale = d * sc (float32)
+    return Packed(Q8, 16, 0, _rows(q, N), _rows(b[:, 192:208].view(np.int8), N), None, N, K,
+                  _rows(dq._f16(b, 208), N))
 
 
 _REPACK = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,

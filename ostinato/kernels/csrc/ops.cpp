@@ -49,8 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_act", &gated_act);
   m.def("paged_attention", &paged_attention);
   m.def("moe", &moe);
-  py::class_<QW>(m, "QW").def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
-                                       int64_t, int64_t, int64_t, int64_t>());
+  py::class_<QW>(m, "QW").def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                                       torch::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t>());
   py::class_<Executor>(m, "Executor")
       .def(py::init<std::vector<int64_t>>())
       .def("view", &Executor::view)

@@ -18,9 +18,11 @@ bool use_amx(int64_t M) { return g_amx_enabled && M >= g_amx_min_rows && amx_per
 }  // namespace
 
 // x: (M, K) f32 contiguous -> out: (M, N) f32 contiguous
+// scale, min: per-block values by fours of rows (float32 or float16); or, for K-quants, int8
+// multipliers with scale_d / min_d holding the super-blocks' halves (empty otherwise)
 void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
-                  int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K, int64_t quant_act,
-                  torch::Tensor out) {
+                  torch::Tensor scale_d, torch::Tensor min_d, int64_t fmt, int64_t bs, int64_t zp,
+                  int64_t N, int64_t K, int64_t quant_act, torch::Tensor out) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: (M,K) f32");
   TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
               out.size(0) == x.size(0) && out.size(1) == N, "qlinear: out must be (M, N) f32");
@@ -31,13 +33,20 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
                               (!min.numel() || min.numel() == scale.numel())),
               "qlinear: scales (and mins) must be (ceil(N/4), K/bs, 4)");
   const int64_t M = x.size(0);
-  auto vals = [&](const torch::Tensor& t) {
+  auto vals = [&](const torch::Tensor& t, const torch::Tensor& d) {
+    if (t.numel() && t.scalar_type() == torch::kChar) {        // K-quant: halves x int8
+      const int64_t rows = (N + 3) / 4 * 4, nb = K / bs;
+      TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.numel() > 0 &&
+                  d.numel() % rows == 0 && nb % (d.numel() / rows) == 0,
+                  "qlinear: int8 block scales need (ceil(N/4), super-blocks, 4) halves");
+      return BlockVals{d.data_ptr(), true, nb, t.data_ptr<int8_t>(), nb / (d.numel() / rows)};
+    }
     TORCH_CHECK(!t.numel() || t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kHalf,
-                "qlinear: scales and mins are float32 or float16");
+                "qlinear: scales and mins are float32, float16 or int8 (K-quants)");
     return BlockVals{t.numel() ? t.data_ptr() : nullptr, t.scalar_type() == torch::kHalf, K / bs};
   };
-  Weights w{fmt, bs, zp, N, K, K / bs, q.data_ptr(), fmt == kF32 ? BlockVals{} : vals(scale),
-            vals(min)};
+  Weights w{fmt, bs, zp, N, K, K / bs, q.data_ptr(),
+            fmt == kF32 ? BlockVals{} : vals(scale, scale_d), vals(min, min_d)};
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   constexpr int64_t kColChunk = 16;   // weight rows kept hot in cache across row tiles
@@ -78,20 +87,23 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
 }
 
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
-                      int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K, int64_t quant_act) {
+                      torch::Tensor scale_d, torch::Tensor min_d, int64_t fmt, int64_t bs,
+                      int64_t zp, int64_t N, int64_t K, int64_t quant_act) {
   TORCH_CHECK(x.dim() == 2, "x: (M,K) f32");
   auto out = torch::empty({x.size(0), N}, x.options());
-  qlinear_into(x, q, scale, min, fmt, bs, zp, N, K, quant_act, out);
+  qlinear_into(x, q, scale, min, scale_d, min_d, fmt, bs, zp, N, K, quant_act, out);
   return out;
 }
 
 // A repacked weight (kernels/backend.py QWeight) as the executor and moe hold it.
 struct QW {
-  torch::Tensor q, scale, min;
+  torch::Tensor q, scale, min, scale_d, min_d;
   int64_t fmt, bs, zp, N, K;
-  QW(torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t fmt, int64_t bs, int64_t zp,
-     int64_t N, int64_t K) : q(q), scale(scale), min(min), fmt(fmt), bs(bs), zp(zp), N(N), K(K) {}
+  QW(torch::Tensor q, torch::Tensor scale, torch::Tensor min, torch::Tensor scale_d,
+     torch::Tensor min_d, int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K)
+      : q(q), scale(scale), min(min), scale_d(scale_d), min_d(min_d), fmt(fmt), bs(bs), zp(zp),
+        N(N), K(K) {}
   void into(const torch::Tensor& x, const torch::Tensor& out, int64_t quant) const {
-    qlinear_into(x, q, scale, min, fmt, bs, zp, N, K, quant, out);
+    qlinear_into(x, q, scale, min, scale_d, min_d, fmt, bs, zp, N, K, quant, out);
   }
 };

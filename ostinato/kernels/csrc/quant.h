@@ -64,23 +64,47 @@ inline void load32_q5_s16(const uint8_t* p, int zp, __m256i out[2]) {
 // Per-block values of the weight rows (scales, mins), stored by fours of rows,
 // [n / 4][block][n % 4], so the rows a tile reads together sit side by side; float32, or
 // float16 where every value is exactly a half (the scales of Q4_0, Q4_1, Q8_0 ... are).
+// K-quants (Q4_K, Q5_K, Q6_K) keep their two levels: `p` holds one half per super-block of
+// `per` blocks (d, or -dmin for mins) and `sub` one int8 per block (the 6- or 8-bit scale),
+// and a block's value is float(half) * sub, the one float32 product the repack would have
+// stored: the same bits from 0.5 bits a weight instead of 1 or 2.
 struct BlockVals {
   const void* p = nullptr;
   bool half = false;
   int64_t nb = 0;
+  const int8_t* sub = nullptr;   // K-quants: per-block multipliers of p's super-block values
+  int64_t per = 1;               // blocks per super-block
   explicit operator bool() const { return p != nullptr; }
   int64_t at(int64_t n, int64_t b) const { return (n >> 2) * nb * 4 + (n & 3) + 4 * b; }
+  int64_t at_super(int64_t n, int64_t b) const {
+    return (n >> 2) * (nb / per) * 4 + (n & 3) + 4 * (b / per);
+  }
   float get(int64_t n, int64_t b) const {
+    if (sub) return _cvtsh_ss(static_cast<const uint16_t*>(p)[at_super(n, b)]) * (float)sub[at(n, b)];
     const int64_t i = at(n, b);
     return half ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
   }
   __m128 four(int64_t n, int64_t b) const {          // rows n .. n + 3 (n % 4 == 0)
+    if (sub) {
+      int32_t s;
+      std::memcpy(&s, sub + at(n, b), 4);
+      const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+          static_cast<const uint16_t*>(p) + at_super(n, b))));
+      return _mm_mul_ps(d, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(s))));
+    }
     const int64_t i = at(n, b);
     if (half) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(
                                       static_cast<const uint16_t*>(p) + i)));
     return _mm_loadu_ps(static_cast<const float*>(p) + i);
   }
   __m128 two(int64_t n, int64_t b) const {           // rows n, n + 1 in lanes 0, 1 (n even)
+    if (sub) {
+      int32_t d2;
+      std::memcpy(&d2, static_cast<const uint16_t*>(p) + at_super(n, b), 4);
+      const int64_t i = at(n, b);
+      return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(d2)),
+                        _mm_setr_ps((float)sub[i], (float)sub[i + 1], 0.f, 0.f));
+    }
     const int64_t i = at(n, b);
     if (half) {
       int32_t v;
