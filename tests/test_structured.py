@@ -423,3 +423,29 @@ def test_required_tool_choice_holds_a_real_answer(smollm_llm):
     assert content is None and calls and out.finish_reason == "stop"
     for c in calls:
         jsonschema.validate(json.loads(c.arguments), tools[c.name])
+
+
+@pytest.fixture(scope="module")
+def qwen_llm():
+    """Qwen2.5-Coder-0.5B (`make test` pulls it; a missing file fails in CI, as conftest's)."""
+    import os
+
+    from ostinato import LLM
+    from ostinato.hub import EMBEDDED, home
+    path = home() / EMBEDDED["qwen2.5-coder-0.5b-instruct"].filename
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing in CI: `make test` should have pulled it")
+        pytest.skip(f"{path} is missing: run `ostinato pull qwen2.5-coder-0.5b-instruct`")
+    return LLM(path, max_model_len=1024)
+
+
+@pytest.mark.model
+def test_qwen_answer_already_valid_is_unchanged(qwen_llm):
+    """Qwen2.5-Coder answers this prompt with the JSON alone: held to the schema, the answer
+    is the same tokens to the end-of-turn token."""
+    free = qwen_llm.chat(ALICE, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    jsonschema.validate(json.loads(free.text), PERSON)
+    held = qwen_llm.chat(ALICE, SamplingParams(temperature=0, max_tokens=40,
+                                               structured_outputs={"json": PERSON}))[0].outputs[0]
+    assert held.token_ids == free.token_ids and held.finish_reason == free.finish_reason == "stop"

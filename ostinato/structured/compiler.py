@@ -58,7 +58,10 @@ class GrammarCompiler:
     def llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._llg_tok is None:
-                self._llg_tok = llg_tokenizer(self.tokenizer, self.eos_ids, self.vocab_size)
+                try:
+                    self._llg_tok = llg_tokenizer(self.tokenizer, self.eos_ids, self.vocab_size)
+                except ValueError as e:     # this model cannot be constrained: say why
+                    raise GrammarError(f"structured output is not available: {e}") from None
             return self._llg_tok
 
     def cached(self, spec: StructuredOutputsParams) -> Grammar | None:
