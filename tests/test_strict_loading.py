@@ -195,3 +195,27 @@ def test_a_mixed_quantization_file_runs_on_the_plan_and_says_it_is_slower(files,
     with plan_and_eager(llm) as seen:
         llm.generate([[1, 5, 9, 30, 44]], SamplingParams(max_tokens=4, temperature=0.0))
     assert len(seen) == 4 and all(same for _, same in seen)
+
+
+def _gemma_meta(arch: str, layers: int) -> dict:
+    return {"general.architecture": arch, f"{arch}.block_count": layers,
+            f"{arch}.embedding_length": 4608, f"{arch}.attention.head_count": 32,
+            f"{arch}.attention.head_count_kv": 16, f"{arch}.attention.key_length": 128,
+            f"{arch}.attention.value_length": 128, f"{arch}.feed_forward_length": 36864,
+            f"{arch}.context_length": 8192, f"{arch}.attention.sliding_window": 4096,
+            "tokenizer.ggml.tokens": ["a"] * 64}
+
+
+@pytest.mark.parametrize("arch,layers", [("gemma2", 46), ("gemma3", 62)])
+def test_gemma_27b_scales_queries_by_the_width_as_llama_cpp(arch, layers):
+    """Gemma 2/3 27B were trained with query_pre_attn_scalar = d_model / heads (144), not
+    head_dim (128); their GGUFs carry no attention.scale, and llama.cpp picks the scale by
+    the model's size. Other sizes scale by head_dim; a file's attention.scale wins."""
+    from ostinato.model.config import ModelConfig
+    big = ModelConfig.from_gguf(_gemma_meta(arch, layers), "x.gguf")
+    assert big.attn_scale == pytest.approx(144 ** -0.5)
+    other = ModelConfig.from_gguf(_gemma_meta(arch, layers - 4), "x.gguf")
+    assert other.attn_scale == pytest.approx(128 ** -0.5)
+    given = ModelConfig.from_gguf(_gemma_meta(arch, layers) | {f"{arch}.attention.scale": 0.1},
+                                  "x.gguf")
+    assert given.attn_scale == pytest.approx(0.1)

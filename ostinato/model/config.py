@@ -113,7 +113,8 @@ class ModelConfig:
             sliding_window=m.int("attention.sliding_window", 0) or None if any(sliding) else None,
             layer_sliding=sliding,
             embed_scale=math.sqrt(d) if fam.embed_scale_sqrt_d else m.float("embedding_scale", 1.0),
-            attn_scale=m.float("attention.scale", 0.0) or 1.0 / math.sqrt(head_dim),
+            attn_scale=m.float("attention.scale", 0.0) or 1.0 / math.sqrt(
+                d // n_heads if n_layers in fam.width_scaled_queries else head_dim),
             attn_softcap=m.float("attn_logit_softcapping", 0.0),
             final_softcap=m.float("final_logit_softcapping", 0.0),
             logit_scale=m.positive("logit_scale", 1.0),

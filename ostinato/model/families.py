@@ -28,6 +28,9 @@ class Family:
     rope_freqs: bool = False            # a `rope_freqs.weight` tensor divides the frequencies
     long_rope: bool = False             # LongRoPE: `rope_factors_short/long` tensors (Phi-3)
     moe: bool = False                   # routed experts where the file has expert_count > 0
+    # block counts of the sizes whose queries scale by 1/sqrt(d_model / heads), not
+    # 1/sqrt(head_dim), when the file has no attention.scale (Gemma 2/3 27B, as llama.cpp)
+    width_scaled_queries: tuple[int, ...] = ()
     optional_tensors: tuple[str, ...] = ("output.weight",)   # beyond the per-family set
 
 
@@ -44,11 +47,11 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family("phi3", rope_neox=True, fused_qkv=True, long_rope=True),
     # Gemma 2: soft-caps, pre and post norms, every other layer slides
     "gemma2": Family("gemma2", act="gelu_tanh", rope_neox=True, post_norms=True,
-                     embed_scale_sqrt_d=True, sliding_pattern=2),
+                     embed_scale_sqrt_d=True, sliding_pattern=2, width_scaled_queries=(46,)),
     # Gemma 3: 5 sliding layers to 1 global; local layers rotate with base 10k, unscaled
     "gemma3": Family("gemma3", act="gelu_tanh", rope_neox=True, qk_norm="head", post_norms=True,
                      embed_scale_sqrt_d=True, sliding_pattern=6, local_rope_base=10_000.0,
-                     rope_scalings=("none", "linear")),
+                     rope_scalings=("none", "linear"), width_scaled_queries=(62,)),
     # OLMo 2: norms after attention and the MLP only; q/k norms over the whole projection
     "olmo2": Family("olmo2", rope_neox=True, qk_norm="all", pre_norms=False, post_norms=True),
     # Granite: embedding, residual, attention and logit multipliers (generic keys)
