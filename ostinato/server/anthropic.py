@@ -101,6 +101,17 @@ def _tool_result(block: dict, where: str) -> dict:
     return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text}
 
 
+def _check_tool_block(b: dict, kind: str, role: str, where: str) -> None:
+    need = {"tool_use": ("assistant", ("id", "name")),
+            "tool_result": ("user", ("tool_use_id",))}
+    owner, keys = need[kind]
+    if role != owner:
+        raise bad_request(f"{where}: a {kind} block belongs in a {owner} message", "messages")
+    for key in keys:
+        if not isinstance(b.get(key), str) or not b[key]:
+            raise bad_request(f"{where}: a {kind} block needs {key}", "messages")
+
+
 def _message(msg: dict, where: str) -> list[dict]:
     """One Anthropic message as chat messages (tool results become tool messages first)."""
     role = msg.get("role") if isinstance(msg, dict) else None
@@ -110,10 +121,12 @@ def _message(msg: dict, where: str) -> list[dict]:
     for j, b in enumerate(_blocks(msg.get("content"), where)):
         at = f"{where}.content[{j}]"
         kind = b.get("type") if isinstance(b, dict) else None
-        if kind == "tool_use" and role == "assistant":
+        if kind in ("tool_use", "tool_result"):
+            _check_tool_block(b, kind, role, at)
+        if kind == "tool_use":
             calls.append({"id": b.get("id"), "type": "function", "function": {
                 "name": b.get("name"), "arguments": json.dumps(b.get("input", {}))}})
-        elif kind == "tool_result" and role == "user":
+        elif kind == "tool_result":
             results.append(_tool_result(b, at))
         else:
             texts.append(_text(b, at))

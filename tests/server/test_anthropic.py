@@ -167,6 +167,10 @@ def test_auth(server):
         {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                      "data": "AA=="}}]}]}, "image"),
     ({"max_tokens": 4, "messages": [{"role": "system", "content": "hi"}]}, "role"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "content": "22 C"}]}]}, "tool_use_id"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}, "assistant message"),
     ({"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
       "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
     ({"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
