@@ -79,7 +79,7 @@ def run_suite(files: list[str], results: Path, fresh: bool, timeout: int) -> int
 # ---------------------------------------------------------------------------------------
 # routes only llama-server has (each answers a 404 here)
 LLAMACPP_ROUTES = re.compile(r"^/(completions?|embeddings?|slots|props|infill|rerank|reranking|v1/rerank|"
-                             r"apply-template|lora-adapters|v1/messages|"
+                             r"apply-template|lora-adapters|"
                              r"models/(load|unload)|tools|mcp|cors-proxy|"
                              r"chat/completions/input_tokens|v1/chat/completions/input_tokens|"
                              r"api/|predict|metrics/slots|sw\.js|manifest\.webmanifest|"
@@ -153,8 +153,8 @@ def llamacpp_route(rec: dict) -> bool:
     return any(e["status"] == 404 and LLAMACPP_ROUTES.match(e["path"]) for e in _requests(rec))
 
 
-# OpenAI routes ostinato does not serve (a clear 404): the Responses API
-OPENAI_ROUTES_MISSING = re.compile(r"^(/v1)?/responses(/.*)?$")
+# OpenAI routes ostinato does not serve (a clear 404); none since /v1/responses came
+OPENAI_ROUTES_MISSING = re.compile(r"^/v1/responses(/.*)?$")
 
 
 def openai_route_missing(rec: dict) -> bool:
@@ -179,6 +179,21 @@ def refused_openai_field(rec: dict) -> bool:
     json_schema, ...): refused by design, listed in README's table."""
     path, msg = _first_400(rec)
     return path in OPENAI_FIELDS and "this server does not implement" in msg
+
+
+REFUSAL = re.compile(r"does not implement|is not supported here|serves no ")
+
+
+def refused_api_feature(rec: dict) -> bool:
+    """A 400 from the Anthropic Messages or Responses route that refuses a feature by name
+    (extended thinking, image blocks, tools): refused by design, not ignored."""
+    return any(ev["status"] == 400 and re.match(r"^/v1/(messages|responses)", ev["path"])
+               and REFUSAL.search(ev.get("error") or "") for ev in _requests(rec))
+
+
+def expects_500(rec: dict) -> bool:
+    """They expect a 500 (llama-server fails inside) where ostinato answers a clear 400."""
+    return bool(re.search(r"status_code == 500", _lines(rec)))
 
 
 def unhonoured_option(rec: dict) -> bool:
@@ -272,6 +287,8 @@ RULES = [
     ("refused", "OpenAI field not implemented", refused_openai_field),
     ("refused", "OpenAI route not implemented (Responses API)", openai_route_missing),
     ("refused", "image or audio input (OpenAI's; a text-only model here)", media_input),
+    ("refused", "Anthropic/Responses feature refused by name", refused_api_feature),
+    ("llama.cpp-only", "they expect a 500 where ours is a 400", expects_500),
     ("llama.cpp-only", "CORS on by default there", cors_by_default),
     ("llama.cpp-only", "response field or format", llamacpp_response),
     ("llama.cpp-only", "embeddings input outside OpenAI's schema", embedding_input_outside_openai),
@@ -303,6 +320,8 @@ JUDGED = [
     ("unit/test_chat_completion.py::test_invalid_chat_completion_req[messages7]",
      "llama.cpp-only", "they refuse two assistant messages in a row; OpenAI's schema allows it "
      "and ostinato closes the turn as the template says"),
+    ("unit/test_compat_anthropic.py::test_anthropic_empty_messages", "llama.cpp-only",
+     "they answer an empty messages list; Anthropic's API requires at least one message"),
 ]
 
 

@@ -10,8 +10,8 @@ conftest. It changes nothing in their files; it patches their utils module:
 - Every HTTP request the test makes (theirs with `requests`, the openai client's with httpx)
   is recorded with its status and error message, for the classification. The only
   rewrites are pure renames, each noted in the record: the unprefixed OpenAI routes
-  (/chat/completions -> /v1/chat/completions, /models -> /v1/models), and in a /v1/* body `model` -> the id
-  we serve (llama-server serves any name) and `n_predict` -> `max_tokens` (and their
+  (/chat/completions, /models, /responses -> their /v1 routes), and in a /v1/* body
+  `model` -> the id we serve (llama-server serves any name) and `n_predict` -> `max_tokens` (and their
   server-wide --n-predict default as `max_tokens` where the body sets none); in a /tokenize
   body `content` -> `prompt` and `add_special` -> `add_special_tokens` (vLLM's names).
 - A few flags only choose among things a test rarely looks at (SOFT: --chat-template, the
@@ -217,7 +217,8 @@ def _current_model() -> str | None:
 
 # llama-server answers these OpenAI routes with and without /v1 (its /completions and
 # /embeddings without /v1 are its native routes, not OpenAI's: not renamed)
-PATHS = {"/chat/completions": "/v1/chat/completions", "/models": "/v1/models"}
+PATHS = {"/chat/completions": "/v1/chat/completions", "/models": "/v1/models",
+         "/responses": "/v1/responses"}
 
 
 def rename_path(url: str) -> tuple[str, list]:
