@@ -169,7 +169,8 @@ def to_chat(req: MessagesRequest, count_only: bool = False):
     for i, m in enumerate(req.messages):
         messages += _message(m, f"messages[{i}]")
     choice, parallel = _tool_choice(req.tool_choice)
-    body = {"model": req.model, "messages": messages, "max_tokens": req.max_tokens, "stop": req.stop_sequences,
+    body = {"model": req.model, "messages": messages, "max_tokens": req.max_tokens,
+            "stop": req.stop_sequences,
             "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
             "stream": req.stream and not count_only,
             "stream_options": {"include_usage": True} if req.stream and not count_only

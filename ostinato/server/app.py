@@ -5,8 +5,9 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models,
 GET /v1/models/{id}, POST /v1/responses (+ GET/DELETE /v1/responses/{id}, POST .../cancel),
-POST /v1/messages, POST /v1/messages/count_tokens (Anthropic), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health (503
-while loading), GET /metrics, GET / (the chat page, static/).
+POST /v1/messages, POST /v1/messages/count_tokens (Anthropic), POST /tokenize,
+POST /detokenize, GET /tokenizer_info, GET /health (503 while loading), GET /metrics, GET /
+(the chat page, static/).
 """
 from __future__ import annotations
 
