@@ -81,9 +81,10 @@ class LLM:
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
         if isinstance(gf, HFFolder) and gf.extra_eos_ids:   # generation_config.json's eos list
             self.tokenizer.eos_token_ids = self.tokenizer.eos_token_ids | set(gf.extra_eos_ids)
+        self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
+        self.config = self.config.for_context(self.max_model_len)     # LongRoPE's factors
         model_, self.slow_paths = load_model(gf, self.config, backend, kv_cache_dtype)
         gf.close()
-        self.max_model_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, self.config.context_length)
         eos = set(self.tokenizer.eos_token_ids)
         num_blocks = self._num_blocks(kv_cache_gb, block_size,
                                       model_.ops.kv_cache_bytes(block_size, self.config.n_kv_heads,
