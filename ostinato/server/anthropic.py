@@ -10,7 +10,9 @@ Fields Anthropic's clients send that change nothing here, accepted and documente
 tools (prompt-cache breakpoints: the prefix cache here is automatic), `service_tier` auto or
 standard_only (there is one tier), `thinking` {"type": "disabled"}. A tool_result's
 `is_error` is written into the tool message ("Error: ..."). Everything else outside the
-schema is a 400 naming it. `output_config.format` (a JSON schema) is enforced through chat's
+schema is a 400 naming it. The `anthropic-version` and `anthropic-beta` headers are not
+read: a beta only matters through the body fields it enables, and those are refused here
+(SGLang answers 501 to unknown betas; that would refuse Claude Code's usual headers). `output_config.format` (a JSON schema) is enforced through chat's
 response_format; the anthropic 2.x client has no temperature/top_p/top_k arguments, so
 those come in extra_body (still Anthropic's API fields).
 """
