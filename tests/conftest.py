@@ -1,20 +1,9 @@
 """Shared fixtures: the embedded model files (pulled by `make test`)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from ostinato.hub import EMBEDDED, home
-
-
-def _model_file(name: str):
-    path = home() / EMBEDDED[name].filename
-    if not path.exists():
-        if os.environ.get("CI"):   # in CI a missing model is a failure, never a skip
-            pytest.fail(f"{path} is missing in CI: `make test` should have pulled it")
-        pytest.skip(f"{path} is missing: run `ostinato pull {name}` (make test does)")
-    return path
+from modelfiles import model_file as _model_file
 
 
 @pytest.fixture(scope="session")

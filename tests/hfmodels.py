@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plancheck import logits_of, ostinato_llm  # noqa: F401  (re-exported: the families tests' own)
+
 _ITEM = {"F32": 4, "F16": 2, "BF16": 2}
 
 
@@ -100,30 +102,6 @@ def edit_config(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-def ostinato_llm(path, **kw):
-    """An LLM with a float32 KV cache (exactness bars), one prompt per step."""
-    from ostinato import LLM
-    return LLM(path, max_model_len=256, kv_cache_gb=0.01, enable_prefix_caching=False,
-               kv_cache_dtype="float32", **kw)
-
-
-def logits_of(llm, ids: list[int]) -> np.ndarray:
-    """(T, vocab) logits at every position of `ids`, from one prefill step."""
-    from ostinato import SamplingParams
-    runner, seen = llm.engine.runner, []
-    forward = runner.forward
-
-    def spy(*args):
-        hidden = forward(*args)
-        seen.append(hidden.clone())
-        return hidden
-    runner.forward = spy
-    try:
-        llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))
-    finally:
-        runner.forward = forward
-    assert seen[0].shape[0] == len(ids), "the prompt did not run as one step"
-    return runner.model.compute_logits(seen[0]).numpy()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -588,9 +588,14 @@ class Qwen3MoeArch(Qwen3Arch):
         w.add_expert_feed_forward_length(self.c.moe_intermediate_size)
 
     def tensor(self, name, t):
-        self.experts = getattr(self, "experts", None) or ExpertStacks(self.c.num_experts)
-        out = self.experts.take(name, t)
-        return super().tensor(name, t) if out is None else out
+        return stacked_experts(self, self.c.num_experts, name, t, super().tensor)
+
+
+def stacked_experts(arch: GGUFArch, n_experts: int, name: str, t: np.ndarray, plain) -> list:
+    """An arch's tensor(): the experts' parts stacked (ExpertStacks), the rest by `plain`."""
+    arch.experts = getattr(arch, "experts", None) or ExpertStacks(n_experts)
+    out = arch.experts.take(name, t)
+    return plain(name, t) if out is None else out
 
 
 class MixtralArch(LlamaArch):
@@ -600,9 +605,7 @@ class MixtralArch(LlamaArch):
         w.add_expert_used_count(self.c.num_experts_per_tok)
 
     def tensor(self, name, t):
-        self.experts = getattr(self, "experts", None) or ExpertStacks(self.c.num_local_experts)
-        out = self.experts.take(name, t)
-        return super().tensor(name, t) if out is None else out
+        return stacked_experts(self, self.c.num_local_experts, name, t, super().tensor)
 
 
 class Phi3Arch(GGUFArch):

@@ -89,7 +89,7 @@ def perplexity(nll: list[float]) -> float:
 
 @pytest.fixture(scope="session")
 def qwen_path():
-    from conftest import _model_file
+    from modelfiles import model_file as _model_file
     return _model_file("qwen2.5-coder-0.5b-instruct")
 
 

@@ -174,7 +174,7 @@ def test_gemma2_has_no_tool_role():
 @pytest.mark.model
 def test_qwen_gguf_template_renders_chatml_with_tools():
     """The embedded Qwen2.5-Coder's own template, through Tokenizer.apply_chat_template."""
-    from conftest import _model_file
+    from modelfiles import model_file as _model_file
     from ostinato.loader.gguf import read_gguf
     from ostinato.tokenizer import Tokenizer
     tok = Tokenizer.from_gguf(read_gguf(_model_file("qwen2.5-coder-0.5b-instruct")).metadata)

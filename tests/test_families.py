@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ostinato import LLM, SamplingParams
-from plancheck import plan_and_eager
+from plancheck import logits_of, ostinato_llm, plan_and_eager
 from randmodels import FAMILIES, build, llamacpp_logits, test_ids
 
 # max |logit difference| against transformers fp32 on f32 files, 1e-4 for every family
@@ -30,32 +30,6 @@ LLAMACPP_Q8_BOUND = 1.0
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return {f: build(f, root) for f in FAMILIES}
-
-
-def ostinato_llm(path, kv_cache_dtype="float32", **kw) -> LLM:
-    """A float32 KV cache for the exactness bars (the default float16 cache rounds keys and
-    values: ~5e-3 on these logits)."""
-    return LLM(path, max_model_len=256, kv_cache_gb=0.01, enable_prefix_caching=False,
-               kv_cache_dtype=kv_cache_dtype, **kw)
-
-
-def logits_of(llm: LLM, ids: list[int]) -> np.ndarray:
-    """(T, vocab) logits at every position of `ids` (one prefill step; the hidden states the
-    model computes, through the LM head)."""
-    runner, seen = llm.engine.runner, []
-    forward = runner.forward
-
-    def spy(*args):
-        hidden = forward(*args)
-        seen.append(hidden.clone())
-        return hidden
-    runner.forward = spy
-    try:
-        llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))
-    finally:
-        runner.forward = forward
-    assert seen[0].shape[0] == len(ids), "the prompt did not run as one step"
-    return runner.model.compute_logits(seen[0]).numpy()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -104,7 +104,7 @@ def test_split_wheel_models_are_pinned(name, package, version, parts, size, sha)
 def test_pulled_qwen_file_is_the_pinned_one():
     """The pulled 0.5B file (make test pulls it) has the pinned size and GGUF magic; its full
     hash was checked by pull as it was written."""
-    from conftest import _model_file
+    from modelfiles import model_file as _model_file
     path = _model_file("qwen2.5-coder-0.5b-instruct")
     assert path.stat().st_size == hub.EMBEDDED["qwen2.5-coder-0.5b-instruct"].size
     with open(path, "rb") as f:

@@ -48,7 +48,7 @@ MODELS = {"smollm2-135m-instruct": ("smollm", "smollm_md"), "gemma3-270m": ("gem
 
 @pytest.fixture(scope="module")
 def qwen_md():
-    from conftest import _model_file
+    from modelfiles import model_file as _model_file
     return read_gguf(_model_file(QWEN)).metadata
 
 
