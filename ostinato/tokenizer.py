@@ -695,6 +695,9 @@ def _validate_messages(messages) -> list[dict]:
         if role not in _ROLES:
             raise ValueError(f"messages[{k}]: role must be one of {', '.join(_ROLES)}; "
                              f"got {role!r}")
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            raise ValueError(f"messages[{k}]: an assistant message with tool_calls (a tool-call "
+                             f"history) is not supported: tool calling is not implemented yet")
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text"
                        and isinstance(p.get("text"), str) for p in content):

@@ -349,3 +349,16 @@ def test_sandbox_helpers():
     with pytest.raises(ValueError, match="no system"):
         render_chat_template("{{ raise_exception('no system') }}")
     assert render_chat_template("{% for i in range(3) %}{{ i }}{% endfor %}") == "012"
+
+
+def test_a_tool_call_history_is_refused_by_name(smollm_path):
+    """Until tool calling is served, an assistant turn that is only tool_calls (content
+    null) is a one-line refusal naming the feature, not a content-type error."""
+    tok = Tokenizer.from_gguf(read_gguf(smollm_path).metadata)
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c1", "type": "function",
+                             "function": {"name": "w", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    with pytest.raises(ValueError, match="tool_calls.*tool calling is not implemented"):
+        tok.apply_chat_template(msgs)
