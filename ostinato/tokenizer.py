@@ -697,7 +697,7 @@ def _validate_messages(messages) -> list[dict]:
                              f"got {role!r}")
         if content is None and role == "assistant" and m.get("tool_calls"):
             raise ValueError(f"messages[{k}]: an assistant message with tool_calls (a tool-call "
-                             f"history) is not supported: tool calling is not implemented yet")
+                             f"history): this server does not implement tool calling yet")
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text"
                        and isinstance(p.get("text"), str) for p in content):
