@@ -6,7 +6,6 @@ its GGUF writer agrees with llama.cpp's own convert_hf_to_gguf.py."""
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -175,9 +174,10 @@ def test_gguf_metadata(family, out_dir):
         kv, tensors = read_gguf(path)
         arch = kv["general.architecture"][1]
         got = {k: v for k, (_, v) in kv.items() if k.startswith(arch + ".")}
-        # spelled out for the first families; the others are checked key for key against
-        # llama.cpp's converter (test_writer_matches_llamacpp_converter)
-        assert got == ARCH_KEYS.get(family, got), kind
+        # spelled out for the first families; every family's are checked key for key
+        # against llama.cpp's converter (test_writer_matches_llamacpp_converter)
+        if family in ARCH_KEYS:
+            assert got == ARCH_KEYS[family], kind
         assert kv["general.file_type"][1] == {"f32": 0, "q8_0": 7}[kind]
         assert kv["tokenizer.ggml.model"][1] == "llama"
         toks = kv["tokenizer.ggml.tokens"][1]
@@ -214,13 +214,11 @@ def test_tokenizer_matches_llamacpp(family, out_dir):
 def test_writer_matches_llamacpp_converter(out_dir):
     """Our GGUF files equal what llama.cpp's convert_hf_to_gguf.py makes of the same HF folder:
     every architecture key (name, type, value) and every tensor (name, type, shape, bytes).
-    Tokenizer keys and general.name/size_label are ours to choose. Needs the llama-cpp-python
-    sdist under $OSTINATO_HOME/sdist (OSTINATO_FETCH_LLAMA_SDIST=1 downloads it, ~77 MB)."""
-    conv = converter_dir(download=os.environ.get("OSTINATO_FETCH_LLAMA_SDIST") == "1")
-    if conv is None:
-        pytest.skip("llama.cpp's converter is not cached: run with OSTINATO_FETCH_LLAMA_SDIST=1 "
-                    "once (pip downloads the llama-cpp-python 0.3.36 sdist into "
-                    "$OSTINATO_HOME/sdist)")
+    Tokenizer keys and general.name/size_label are ours to choose. The llama-cpp-python sdist
+    is fetched into $OSTINATO_HOME/sdist when absent (~77 MB, once; the tokenizer-vector tests
+    need it too), so this check runs wherever the suite does: for the families added after
+    the first three it is the only check of their metadata."""
+    conv = converter_dir(download=True)
     jobs, pairs = [], []
     for family in FAMS:
         m = build(family, out_dir)

@@ -36,7 +36,7 @@ from ..errors import ModelFileError
 from .dequant import dequantize
 from .gguf import TYPE_IDS
 from .hf_arch import ARCHES, ArchSpec, gguf_params, wrong_values
-from .hf_tokenizer import tokenizer_metadata
+from .hf_tokenizer import read_json, tokenizer_metadata
 from .quantize import QK, QuantizeError, check_type, quantize as quantize_blocks
 
 log = logging.getLogger("ostinato.loader")
@@ -140,13 +140,7 @@ def _read_json(file: Path, folder: Path, required: bool = True) -> dict | None:
             raise ModelFileError(f"{folder}: {file.name} is missing: not a Hugging Face model "
                                  f"folder")
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{file}: unreadable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ModelFileError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(file)
 
 
 def _arch_spec(config: dict, path: Path) -> ArchSpec:

@@ -52,7 +52,7 @@ def tokenizer_metadata(path: Path, config: dict) -> tuple[dict, list[int]]:
                                             config)
             return out | specials, extra_eos
         raise ModelFileError(f"{path}: no tokenizer.json or tokenizer.model")
-    data = _json(tj)
+    data = read_json(tj)
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise ModelFileError(f"{tj}: tokenizer model {model.get('type')!r} is not supported "
@@ -70,13 +70,14 @@ def tokenizer_metadata(path: Path, config: dict) -> tuple[dict, list[int]]:
     return out | specials, extra_eos
 
 
-def _json(file: Path) -> dict:
+def read_json(file: Path) -> dict:
+    """A folder's JSON file as an object; unreadable or not an object: one line naming it."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{file}: unreadable JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ModelFileError(f"{file}: expected a JSON object")
+        raise ModelFileError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -192,9 +193,9 @@ def _space_prefix(tj: Path, data: dict) -> bool:
 
 
 def _specials(path: Path, data: dict, tokens: list[str], config: dict) -> tuple[dict, list]:
-    tc = _json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() \
+    tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() \
         else {}
-    gc = _json(path / "generation_config.json") \
+    gc = read_json(path / "generation_config.json") \
         if (path / "generation_config.json").is_file() else {}
     ids = {t: i for i, t in enumerate(tokens)}
 
@@ -281,7 +282,7 @@ def _added_tokens_decoder(path: Path, out: dict) -> None:
     """tokenizer_config.json's added_tokens_decoder over the SentencePiece pieces, as the
     converter applies it: special ones CONTROL, the others USER_DEFINED."""
     file = path / "tokenizer_config.json"
-    decoder = (_json(file).get("added_tokens_decoder") or {}) if file.is_file() else {}
+    decoder = (read_json(file).get("added_tokens_decoder") or {}) if file.is_file() else {}
     tokens, types = out["tokenizer.ggml.tokens"], out["tokenizer.ggml.token_type"]
     for key, entry in decoder.items():
         i = int(key)

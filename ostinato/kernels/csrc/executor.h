@@ -61,6 +61,7 @@ struct ExecOp {
   std::vector<int64_t> i;
   std::vector<double> f;
   int64_t stage;
+  std::vector<QW> gate_up, up, down;   // moe: w[1:] split once per expert kind (add_op)
 };
 
 // Adds the time since the previous lap to a stage (when profiling).
@@ -122,6 +123,7 @@ class Executor {
     int64_t s = std::find(stages_.begin(), stages_.end(), stage) - stages_.begin();
     if (s == (int64_t)stages_.size()) stages_.push_back(stage);
     ops_.push_back({k, std::move(views), std::move(w), std::move(t), std::move(i), std::move(f), s});
+    if (k == OpKind::kMoe) split_experts(ops_.back());
   }
 
   void set_output(int64_t view) {
@@ -228,15 +230,17 @@ class Executor {
     }
   }
 
-  // ints: experts, k, norm, gelu, quant, gate and up separate (then 3 weights per expert)
-  void run_moe(const ExecOp& op, const torch::Tensor& x, const torch::Tensor& out) {
-    const int64_t E = op.i[0];
-    const bool split = op.i[5] != 0;
-    moe_w_.assign(op.w.begin() + 1, op.w.end());      // capacity kept: no allocation after
-    gate_up_.assign(moe_w_.begin(), moe_w_.begin() + E);
-    up_.assign(moe_w_.begin() + E, moe_w_.begin() + (split ? 2 * E : E));
-    down_.assign(moe_w_.end() - E, moe_w_.end());
-    moe_into(x, op.w[0], gate_up_, up_, down_, op.i[1], op.i[2], op.i[3], op.i[4], out);
+  // moe ints: experts, k, norm, gelu, quant, gate and up separate (then 3 weights per expert)
+  static void split_experts(ExecOp& op) {
+    const auto E = op.i[0];
+    const auto first = op.w.begin() + 1, last = op.w.end();
+    op.gate_up.assign(first, first + E);
+    op.up.assign(first + E, first + (op.i[5] ? 2 * E : E));
+    op.down.assign(last - E, last);
+  }
+
+  static void run_moe(const ExecOp& op, const torch::Tensor& x, const torch::Tensor& out) {
+    moe_into(x, op.w[0], op.gate_up, op.up, op.down, op.i[1], op.i[2], op.i[3], op.i[4], out);
   }
 
   // every buffer holds at least T rows (growing them is counted like scratch growth)
@@ -253,7 +257,6 @@ class Executor {
   std::vector<std::string> stages_;
   std::vector<double> seconds_;
   std::vector<torch::Tensor> bufs_, views_;
-  std::vector<QW> moe_w_, gate_up_, up_, down_;
   const torch::Tensor empty_ = torch::empty({0});
   int64_t out_ = -1;
   bool profile_ = false;
