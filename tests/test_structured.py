@@ -328,7 +328,42 @@ def test_gemma3_vocabulary_and_answer(gemma_path):
     assert out.finish_reason == "stop" and out.token_ids[-1] in tok.eos_token_ids
 
 
-# ------------------------------------------------------------- tools (not yet served)
+def _accepts(tok, compiler, grammar: str, text: str) -> bool:
+    """Whether the grammar lets `text` (as the tokenizer splits it) through and then ends."""
+    c = compiler.compile(SO(grammar=grammar)).new_constraint()
+    for t in tok.encode(text, add_special_tokens=False):
+        if c.forbidden()[t]:
+            return False
+        c.advance(t)
+    return not c.forbidden()[tok.eos_token_id]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("spec, good, bad", [
+    (SO(json={"type": "object", "properties": {"blue": {"type": "boolean"}},
+              "required": ["blue"], "additionalProperties": False}),
+     '{"blue": true}', '{"red": 1}'),
+    (SO(json_object=True), '{"a": [1]}', "[1]"),
+    (SO(choice=["yes", "no"]), "no", "maybe"),
+    (SO(regex="[0-9]{2}/[0-9]{2}"), "12/31", "1/31"),
+])
+def test_a_thought_comes_before_the_constraint(tok, compiler, spec, good, bad):
+    """On a model that thinks, the constraint holds the answer after a free thought: an
+    optional <think>...</think> first, or (the prompt opened it) the rest of the thought."""
+    from ostinato.structured.compiler import after_thought, answer_lark
+    lark = answer_lark(spec)
+    free = after_thought(lark, in_thought=False)
+    assert _accepts(tok, compiler, free, good)
+    assert _accepts(tok, compiler, free, f"<think>\nno idea {{}} </thin </think>\n\n{good}")
+    assert not _accepts(tok, compiler, free, bad)
+    assert not _accepts(tok, compiler, free, f"<think>\nhm\n</think>\n\n{bad}")
+    inside = after_thought(lark, in_thought=True)
+    assert _accepts(tok, compiler, inside, f"so {{ [ \n</think>\n\n{good}")
+    assert not _accepts(tok, compiler, inside, good)        # the thought must close first
+    assert not _accepts(tok, compiler, inside, f"so\n</think>\n\n{bad}")
+
+
+# ------------------------------------------------------------- tools (served: tests/server/test_tools.py)
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -376,32 +411,6 @@ def test_tool_choice_schemas():
         jsonschema.validate([call, call], one)
 
 
-@pytest.mark.parametrize("family, text, content, calls", [
-    ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
-     '"Oslo"}}\n</tool_call>', "Let me check.", [("get_weather", {"city": "Oslo"})]),
-    ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'
-     '<tool_call>{"name": "add", "arguments": "{\\"a\\": 3, \\"b\\": 4}"}</tool_call>', None,
-     [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
-    ("hermes", "<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
-    ("llama3", '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
-     '{"name": "get_weather", "parameters": {"city": "a;b"}}', None,
-     [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "a;b"})]),
-    ("llama3", "The answer is 3.", "The answer is 3.", []),
-    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]', None,
-     [("add", {"a": 1, "b": 2})]),
-    ("mistral", "[TOOL_CALLS] oops", "[TOOL_CALLS] oops", []),
-    ("generic", '[{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c"}}]', None,
-     [("get_weather", {"city": "Rome", "unit": "c"})]),
-    ("generic", "plain words", "plain words", []),
-])
-def test_tool_call_parsers(family, text, content, calls):
-    from ostinato.structured.tools import parse_tool_calls
-    got_content, got = parse_tool_calls(text, family)
-    assert got_content == content
-    assert [(c.name, json.loads(c.arguments)) for c in got] == calls
-    assert len({c.id for c in got}) == len(got) and all(c.id.startswith("call_") for c in got)
-
-
 def test_template_families():
     from ostinato.structured.tools import family_of
     assert family_of("{% for m in messages %}<tool_call>{% endfor %}") == "hermes"
@@ -413,12 +422,13 @@ def test_template_families():
 def test_required_tool_choice_holds_a_real_answer(smollm_llm):
     """The generic form on SmolLM2 (no tool tokens): "required" held by the grammar gives
     calls that parse and whose arguments validate against the tool's schema."""
-    from ostinato.structured.tools import check_tools, parse_tool_calls, tool_choice_schema
+    from ostinato.structured.toolparse import parse_tool_calls
+    from ostinato.structured.tools import ToolPlan, check_tools
     tools = check_tools(WEATHER)
-    schema = tool_choice_schema(tools, "required")
+    grammar = ToolPlan("generic", tools, WEATHER, "required").grammar(lambda text: None)
     q = [{"role": "user", "content": "What is the weather in Paris? Call get_weather."}]
     out = smollm_llm.chat(q, SamplingParams(temperature=0, max_tokens=80,
-                                            structured_outputs={"json": schema}))[0].outputs[0]
+                                            structured_outputs={"grammar": grammar}))[0].outputs[0]
     content, calls = parse_tool_calls(out.text, "generic")
     assert content is None and calls and out.finish_reason == "stop"
     for c in calls:

@@ -45,7 +45,7 @@ from .protocol import (
 from .anthropic import add_anthropic_routes
 from .embeddings import embed, embedding_inputs, embedding_response
 from .responses import add_responses_routes
-from .serving import Generation, chat_job, completion_job, error_body
+from .serving import Generation, chat_job, completion_job, error_body, render_chat
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
 log = logging.getLogger("ostinato.server")
@@ -277,15 +277,7 @@ def _tokenize(llm, req: TokenizeRequest) -> list[int]:
     if req.prompt is not None:
         special = True if req.add_special_tokens is None else req.add_special_tokens
         return llm.tokenize(req.prompt, add_special_tokens=special)
-    opts = req.template_options()
-    try:
-        text = llm.tokenizer.apply_chat_template(
-            req.messages, opts["add_generation_prompt"], opts["continue_final_message"],
-            opts["extra"])
-    except ChatTemplateError as e:
-        raise bad_request(str(e), "chat_template_kwargs") from None
-    except Exception as e:
-        raise bad_request(f"messages: {e}", "messages") from None
+    text = render_chat(llm, req, req.tool_plan(llm.tokenizer.chat_template))
     return llm.tokenize(text, add_special_tokens=bool(req.add_special_tokens))
 
 

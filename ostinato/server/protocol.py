@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..params import StructuredOutputsParams
+from ..structured.tools import ToolPlan, check_tool_choice, check_tools, family_of
 from ..sampling import MAX_LOGPROBS, SamplingParams
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -106,9 +107,6 @@ def _nothing(v) -> bool:
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "audio": (_nothing, "audio output"),
     "modalities": (lambda v: _nothing(v) or v == ["text"], "output other than text"),
-    "tools": (_nothing, "tool calling"),
-    "tool_choice": (lambda v: v in (None, "none"), "tool calling"),
-    "parallel_tool_calls": (lambda v: v is None, "tool calling"),
     "functions": (_nothing, "function calling"),
     "function_call": (lambda v: v in (None, "none"), "function calling"),
     "prediction": (_nothing, "predicted outputs"),
@@ -371,11 +369,44 @@ class ChatCompletionRequest(_ChatTemplate, _Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_plan(self, chat_template: str | None) -> ToolPlan | None:
+        """The tools, the choice and the call format of this request (None: no tools and
+        no tool choice); 400 naming a malformed tool, an unknown choice, or a constraint
+        beside tools the output is read for."""
+        plan = make_tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls,
+                              chat_template)
+        found = self.constraints()
+        if plan is not None and plan.active and found:
+            raise bad_request(f"{next(iter(found))} cannot be combined with tools unless "
+                              "tool_choice is 'none': the output is held to the tool-call "
+                              "format", next(iter(found)).split(".")[0])
+        return plan
 
     def requested_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def make_tool_plan(tools, tool_choice, parallel: bool | None,
+                   chat_template: str | None) -> ToolPlan | None:
+    """A request's tools and tool choice checked (400 naming the problem); None when it has
+    neither."""
+    tools = tools or None               # [] asks for nothing
+    try:
+        defs = check_tools(tools) if tools else {}
+        choice = check_tool_choice(defs, tool_choice)
+    except ValueError as e:
+        raise bad_request(str(e), "tool_choice" if str(e).startswith("tool_choice")
+                          else "tools") from None
+    if not tools and choice == "none":
+        return None
+    return ToolPlan(family_of(chat_template), defs, list(tools or []), choice,
+                    parallel is not False)
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -438,6 +469,10 @@ class TokenizeRequest(_ChatTemplate):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None     # None: True for a prompt, False for messages
     return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None   # written by the template, as chat's
+
+    def tool_plan(self, chat_template: str | None) -> ToolPlan | None:
+        return make_tool_plan(self.tools, None, None, chat_template)
 
 
 class DetokenizeRequest(BaseModel):

@@ -26,7 +26,12 @@ from .protocol import (
     Limits,
     bad_request,
 )
+from ..params import StructuredOutputsParams
 from ..structured import GrammarError
+from ..structured.compiler import after_thought, answer_lark
+from ..structured.toolparse import (AnswerReader, CallArgs, CallStart, Reasoning, Text,
+                                    prompt_in_thought, thinks)
+from ..structured.tools import ToolPlan, family_of, template_messages
 from ..tokenizer import ChatTemplateError
 
 log = logging.getLogger("ostinato.server")
@@ -46,7 +51,16 @@ class Job:
     echo_hidden: list[int] | None = None    # of each, leading tokens its text lacks (BOS)
     keep: int | None = None                 # best_of: the n best of params.n per prompt
     fingerprint: str | None = None          # system_fingerprint
-    created: int = field(default_factory=lambda: int(time.time()))
+    tools: ToolPlan | None = None           # chat: the tools, read back when active
+    think: bool | None = None               # chat: None, or whether the answer starts in
+    created: int = field(default_factory=lambda: int(time.time()))     # a <think>
+
+    def reader(self) -> AnswerReader | None:
+        """A reader of one choice's answer, or None when its text is the answer as is."""
+        family = self.tools.family if self.tools is not None and self.tools.active else None
+        if family is None and self.think is None:
+            return None
+        return AnswerReader(family, self.think)
 
     @property
     def num_choices(self) -> int:
@@ -64,19 +78,79 @@ class Job:
 def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None = None) -> Job:
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
-    try:
-        ids = llm.chat_prompt_ids(req.messages, **req.template_options())
-    except ChatTemplateError as e:
-        raise bad_request(str(e), "chat_template_kwargs") from None
-    except Exception as e:          # bad roles or contents, template errors: the caller's
-        raise bad_request(f"messages: {e}", "messages") from None
+    template = llm.tokenizer.chat_template
+    plan = req.tool_plan(template)
+    text = render_chat(llm, req, plan)
+    # a real template writes BOS itself (as vLLM assumes); the plain fallback does not
+    ids = llm.tokenize(text, add_special_tokens=template is None)
     req.check_token_ids(llm.config.vocab_size)
     max_tokens = _fit(llm.max_model_len, [ids], req.max_completion_tokens or req.max_tokens,
                       "messages", limits or Limits())
-    params = req.sampling_params(max_tokens, req.requested_logprobs())
-    compile_constraint(llm, req, params)
+    think = prompt_in_thought(text) if thinks(template) else None
+    params = _with_tools(llm, plan, req.sampling_params(max_tokens, req.requested_logprobs()))
+    params, think = _after_thought(req, plan, params, think)
+    compile_constraint(llm, req, params, plan)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, req.stream,
-               req.include_usage)
+               req.include_usage, tools=plan, think=think)
+
+
+def render_chat(llm, req, plan: ToolPlan | None) -> str:
+    """The chat prompt's text: the messages (their calls and tool results as the template
+    takes them) and, when tools are active, the tools (the template writes them, or the
+    system message does in the generic family)."""
+    template = llm.tokenizer.chat_template
+    family = plan.family if plan is not None else family_of(template)
+    writes_tools = plan is not None and plan.active and family != "generic"
+    opts = req.template_options()
+    try:
+        messages = template_messages(req.messages, plan, family)
+        return llm.tokenizer.apply_chat_template(
+            messages, opts["add_generation_prompt"], opts["continue_final_message"],
+            opts["extra"], plan.definitions if writes_tools else None)
+    except ChatTemplateError as e:
+        raise bad_request(str(e), "chat_template_kwargs") from None
+    except APIError:
+        raise
+    except Exception as e:          # bad roles or contents, template errors: the caller's
+        raise bad_request(f"messages: {e}", "messages") from None
+
+
+def _after_thought(req, plan: ToolPlan | None, params: SamplingParams,
+                   think: bool | None) -> tuple[SamplingParams, bool | None]:
+    """On a model that thinks, a constraint holds the answer after the thought. A grammar of
+    the caller's own is not rewritten: it holds the answer from its first token, and the
+    answer is then not read for a thought (think None)."""
+    spec = params.structured_outputs
+    if think is None or spec is None:
+        return params, think
+    try:
+        lark = spec.grammar if plan is not None and plan.active else answer_lark(spec)
+    except GrammarError as e:
+        field = next(iter(req.constraints()))
+        raise bad_request(f"{field}: {e}", field.split(".")[0]) from None
+    if lark is None:
+        return params, None
+    held = StructuredOutputsParams(grammar=after_thought(lark, think))
+    return dataclasses.replace(params, structured_outputs=held), think
+
+
+def _with_tools(llm, plan: ToolPlan | None, params: SamplingParams) -> SamplingParams:
+    """The grammar that holds the answer to the tool-call format; special tokens kept in the
+    text when the format's marker is one ([TOOL_CALLS], <|python_tag|>)."""
+    if plan is None or not plan.active:
+        return params
+    tok = llm.tokenizer
+
+    def special(text: str) -> int | None:
+        tid = tok.token_id(text)
+        return tid if tid is not None and tok.is_special(tid) else None
+
+    grammar = plan.grammar(special)
+    marker = {"mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}.get(plan.family)
+    keep_special = marker is not None and special(marker) is not None
+    return dataclasses.replace(
+        params, skip_special_tokens=params.skip_special_tokens and not keep_special,
+        structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None)
 
 
 def completion_job(llm, req: CompletionRequest, model: str, limits: Limits | None = None) -> Job:
@@ -102,7 +176,7 @@ def completion_job(llm, req: CompletionRequest, model: str, limits: Limits | Non
     return job
 
 
-def compile_constraint(llm, req, params: SamplingParams) -> None:
+def compile_constraint(llm, req, params: SamplingParams, plan: ToolPlan | None = None) -> None:
     """Compile the request's output constraint now (this runs off the event loop and off the
     engine thread; the engine finds it cached): an invalid, unsupported or too complex one
     is a 400 before anything is queued or streamed."""
@@ -111,7 +185,7 @@ def compile_constraint(llm, req, params: SamplingParams) -> None:
     try:
         llm.engine.grammars.compile(params.structured_outputs)
     except GrammarError as e:
-        field = next(iter(req.constraints()))
+        field = "tools" if plan is not None and plan.active else next(iter(req.constraints()))
         raise bad_request(f"{field}: {e}", field.split(".")[0]) from None
 
 
@@ -201,6 +275,8 @@ class Generation:
         self.cached_tokens: dict[int, int] = {}     # prompt -> tokens its choice 0 reused
         self._offsets: dict[int, int] = {}      # legacy logprobs' text_offset, per choice
         self._started: set[int] = set()         # streamed choices that had their echo
+        readers = {c: job.reader() for c in range(job.num_choices)} if job.stream else {}
+        self._readers = {c: r for c, r in readers.items() if r is not None}
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         """(choice index, delta) of every prompt and choice as they come; leaving early
@@ -253,8 +329,23 @@ class Generation:
         lps = ({"content": self.fmt.chat_logprobs(c.token_ids, c.logprobs,
                                                   self.job.params.logprobs)}
                if self.job.params.logprobs is not None else None)
-        return {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                "logprobs": lps, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        message, finish = {"role": "assistant", "content": "".join(c.text)}, c.finish_reason
+        reader = self.job.reader()
+        if reader is not None:
+            events = reader.feed(message["content"]) + reader.finish()
+            message, finish = self._message(reader, events), _finish(reader, finish)
+        return {"index": c.index, "message": message, "logprobs": lps,
+                "finish_reason": finish, "stop_reason": c.stop_reason}
+
+    def _message(self, reader: AnswerReader, events: list) -> dict:
+        text = "".join(e.text for e in events if isinstance(e, Text))
+        msg = {"role": "assistant", "content": text or (None if reader.calls else "")}
+        if reader.calls:
+            msg["tool_calls"] = [call.openai() for call in reader.calls]
+        if self.job.think is not None:
+            thought = "".join(e.text for e in events if isinstance(e, Reasoning)) or None
+            msg["reasoning_content"] = msg["reasoning"] = thought
+        return msg
 
     def _completion_choice(self, c: Choice) -> dict:
         text, lps = self._completion_text(c.index, "".join(c.text), c.token_ids, c.logprobs,
@@ -301,9 +392,12 @@ class Generation:
                     yield self._event(self._chunk(c, {"role": "assistant", "content": ""}))
             async with aclosing(self.deltas()) as deltas:
                 async for c, d in deltas:
-                    chunk = self._chat_chunk(c, d) if self.job.kind == "chat" \
-                        else self._completion_chunk(c, d)
-                    for part in split_finish(chunk):
+                    if self.job.kind == "chat" and c in self._readers:
+                        parts = self._read_chunks(c, d)
+                    else:
+                        parts = split_finish(self._chat_chunk(c, d) if self.job.kind == "chat"
+                                             else self._completion_chunk(c, d))
+                    for part in parts:
                         yield self._event(part)
             if self.job.include_usage:
                 head = self._head(".chunk" if self.job.kind == "chat" else "")
@@ -339,6 +433,25 @@ class Generation:
         delta = {"content": d.text} if d.text else {}
         return self._chunk(c, delta, lps, d if d.finished else None)
 
+    def _read_chunks(self, c: int, d: Delta) -> list[dict]:
+        """A streamed chat choice read for its thought and calls: a chunk per run of text,
+        thought, call head or arguments, then the finish alone."""
+        reader = self._readers[c]
+        events = reader.feed(d.text) + (reader.finish() if d.finished else [])
+        chunks = [self._chunk(c, delta) for delta in stream_deltas(events)]
+        want = self.job.params.logprobs
+        if want is not None and d.token_ids:
+            lps = {"content": self.fmt.chat_logprobs(d.token_ids, d.logprobs or (), want)}
+            if chunks:
+                chunks[0]["choices"][0]["logprobs"] = lps
+            else:
+                chunks.append(self._chunk(c, {}, lps))
+        if d.finished:
+            finish = self._chunk(c, {}, None, d)
+            finish["choices"][0]["finish_reason"] = _finish(reader, d.finish_reason)
+            chunks.append(finish)
+        return chunks
+
     def _completion_chunk(self, c: int, d: Delta) -> dict | None:
         first = c not in self._started
         self._started.add(c)
@@ -347,6 +460,41 @@ class Generation:
         if not (text or d.finished or lps):
             return None
         return self._chunk(c, text, lps, d if d.finished else None)
+
+
+def _finish(reader: AnswerReader, reason: str | None) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when the answer ended (not cut) in calls."""
+    return "tool_calls" if reader.calls and reason == "stop" else reason
+
+
+def stream_deltas(events: list) -> list[dict]:
+    """Chat deltas of a reader's events: a run of text or thought is one delta; a call
+    opens with its id, type and name (arguments ""), then its arguments' fragments."""
+    out: list[dict] = []
+    for e in events:
+        last = out[-1] if out else None
+        if isinstance(e, Text):
+            if last is not None and set(last) == {"content"}:
+                last["content"] += e.text
+            else:
+                out.append({"content": e.text})
+        elif isinstance(e, Reasoning):
+            if last is not None and "reasoning_content" in last:
+                last["reasoning_content"] += e.text
+                last["reasoning"] = last["reasoning_content"]
+            else:
+                out.append({"reasoning_content": e.text, "reasoning": e.text})
+        elif isinstance(e, CallStart):
+            out.append({"tool_calls": [{"index": e.index, "id": e.call.id, "type": "function",
+                                        "function": {"name": e.call.name, "arguments": ""}}]})
+        elif isinstance(e, CallArgs):
+            item = (last or {}).get("tool_calls", [{}])[0]
+            if last is not None and item.get("index") == e.index and "id" not in item:
+                item["function"]["arguments"] += e.fragment
+            else:
+                out.append({"tool_calls": [{"index": e.index,
+                                            "function": {"arguments": e.fragment}}]})
+    return out
 
 
 def split_finish(chunk: dict | None) -> list[dict]:

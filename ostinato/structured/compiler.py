@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -116,6 +117,48 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
     except Exception as e:
         raise GrammarError(f"grammar: not a valid Lark or GBNF grammar: {_short(str(e))}") \
             from None
+
+
+# The thought of a model that thinks (<think>...</think>) is free text: a constraint holds
+# the answer after it. The thought ends at the first </think> (a lazy lexeme).
+_THOUGHT = ('thought[lazy]: THOUGHT_TEXT "</think>"\nTHOUGHT_TEXT: /(.|\\n)*/\n'
+            "THOUGHT_WS: /[ \\t\\r\\n]{0,4}/\n")
+
+
+def after_thought(lark: str, in_thought: bool) -> str:
+    """A Lark grammar (its top rule `start`) held only after the thought: the answer may
+    open with <think>...</think> (or, in_thought, starts inside it and must close it)."""
+    body = re.sub(r"^%llguidance \{\}\n", "", lark)
+    body = re.sub(r"^start:", "answer:", body, count=1, flags=re.M)
+    head = "thought THOUGHT_WS" if in_thought else '("<think>" thought THOUGHT_WS)?'
+    return f"%llguidance {{}}\nstart: {head} answer\n{_THOUGHT}{body}"
+
+
+def answer_lark(spec: StructuredOutputsParams) -> str | None:
+    """The constraint as a Lark grammar whose top rule is `start` (for after_thought), or None
+    for a grammar of the user's own (not rewritten)."""
+    kind, value = spec.kind, spec.value
+    if kind in ("json", "json_object"):
+        schema = value if kind == "json" else {"type": "object"}
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"json: the schema is not valid JSON: {e}") from None
+        if isinstance(schema, dict) and "x-guidance" in schema:
+            raise GrammarError("json: x-guidance (llguidance's own options) is not accepted: "
+                               "the server sets the whitespace and strictness")
+        if isinstance(schema, bool):
+            schema = {} if schema else {"not": {}}
+        if not isinstance(schema, dict):
+            raise GrammarError(f"json: a schema is an object or a boolean, not "
+                               f"{type(schema).__name__}")
+        return "start: %json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+    if kind == "choice":
+        return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value)
+    if kind == "regex":
+        return "start: /" + value.replace("/", "\\/") + "/"
+    return None
 
 
 def _json_grammar(schema) -> str:

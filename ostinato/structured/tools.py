@@ -1,15 +1,18 @@
-"""Tool-calling pieces (not yet wired to the server, which still refuses `tools`): checking
-OpenAI tool definitions, the JSON schema that `tool_choice: "required"` or a named function
-holds the output to, and parsers that read calls back out of a model's text, one per
-template family:
+"""Tool calling: checking OpenAI tool definitions, writing them and a conversation's earlier
+calls into the prompt, the grammar that holds the output to calls, and the streaming parser
+that reads the calls back (toolparse.py). One format per template family:
 
-    hermes   <tool_call>{"name": ..., "arguments": {...}}</tool_call>  (Qwen 2.5, Hermes)
+    hermes   <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>  (Qwen 2.5/3, Hermes)
     llama3   {"name": ..., "parameters": {...}}  (Llama 3.x; optional <|python_tag|>; ';' between)
     mistral  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
-    generic  [{"name": ..., "arguments": {...}}, ...]  (the constrained form, for models with
-             no tool tokens: SmolLM2, Gemma 3)
+    generic  {"tool_calls": [{"name": ..., "arguments": {...}}, ...]} or {"response": "..."}
+             (for templates with no tool syntax, e.g. SmolLM2, Gemma 3: the tools and the
+             answer's form are written into the system message, the output is held to it)
 
-A malformed call is left as text (no call), as llama.cpp's parsers do."""
+The model's own template writes the tools for hermes, llama3 and mistral. tool_choice
+"required" and a named function are held by a grammar in every family; "auto" is held
+lazily in hermes (free text until `<tool_call>`, then a call of one of the tools) and wholly
+in generic (one of the two JSON forms); llama3 and mistral's "auto" is parsed, not held."""
 from __future__ import annotations
 
 import json
@@ -17,8 +20,12 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from .compiler import JSON_OPTIONS
+
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")      # OpenAI's rule for a function name
 FAMILIES = ("hermes", "llama3", "mistral", "generic")
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_OPEN, PYTHON_TAG = "[TOOL_CALLS]", "<|python_tag|>"
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,10 @@ class ToolCall:
     name: str
     arguments: str                      # the arguments object as JSON text
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def openai(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
 
 
 def check_tools(tools) -> dict[str, dict]:
@@ -39,6 +50,8 @@ def check_tools(tools) -> dict[str, dict]:
         if not isinstance(tool, dict) or tool.get("type") != "function":
             raise ValueError(f"{where}: only {{'type': 'function', 'function': {{...}}}} tools "
                              "are supported")
+        if set(tool) - {"type", "function"}:
+            raise ValueError(f"{where}: unknown keys {sorted(set(tool) - {'type', 'function'})}")
         fn = tool.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ValueError(f"{where}.function: must be an object with a string name")
@@ -53,148 +66,254 @@ def check_tools(tools) -> dict[str, dict]:
             raise ValueError(f"{where}.function.name {name!r}: defined twice")
         if not isinstance(params, dict):
             raise ValueError(f"{where}.function.parameters: must be a JSON schema object")
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise ValueError(f"{where}.function.description: must be a string")
         out[name] = params
     return out
 
 
-def tool_choice_schema(tools: dict[str, dict], choice, parallel: bool = True) -> dict | None:
-    """The JSON schema the output is held to (the generic form): None for "auto" / "none";
-    for "required" an array of one or more calls (exactly one unless parallel); for a named
-    function one call of it. ValueError for an unknown choice or function."""
-    if choice in (None, "auto", "none"):
-        return None
-    if choice == "required":
-        calls = [_call_schema(n, p) for n, p in tools.items()]
-        item = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        return {"type": "array", "items": item, "minItems": 1,
-                **({} if parallel else {"maxItems": 1})}
+def check_tool_choice(tools: dict[str, dict] | None, choice) -> str | None:
+    """The choice as "none" | "auto" | "required" | a function name (None: the default,
+    "auto" with tools and "none" without); ValueError for anything else or an unknown
+    function."""
+    if choice is None:
+        return "auto" if tools else "none"
+    if choice in ("none", "auto", "required"):
+        if choice != "none" and not tools:
+            raise ValueError(f"tool_choice {choice!r} needs tools")
+        return choice
     name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
-    if not isinstance(choice, dict) or choice.get("type") != "function" or name is None:
+    if not isinstance(choice, dict) or choice.get("type") != "function" \
+            or not isinstance(name, str) or set(choice) - {"type", "function"}:
         raise ValueError(f"tool_choice: {json.dumps(choice)[:60]} is not 'none', 'auto', "
                          "'required' or {'type': 'function', 'function': {'name': ...}}")
-    if name not in tools:
+    if not tools or name not in tools:
         raise ValueError(f"tool_choice: no tool named {name!r} in tools "
-                         f"({', '.join(tools)})")
-    return {"type": "array", "items": _call_schema(name, tools[name]), "minItems": 1,
-            "maxItems": 1}
+                         f"({', '.join(tools or {}) or 'none given'})")
+    return name
 
 
-def _call_schema(name: str, params: dict) -> dict:
-    return {"type": "object", "properties": {"name": {"const": name}, "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False}
+def tool_choice_schema(tools: dict[str, dict], choice, parallel: bool = True) -> dict | None:
+    """The JSON schema of the generic form's `tool_calls` list: None for "auto" / "none";
+    for "required" one or more calls (exactly one unless parallel); for a named function
+    one call of it."""
+    choice = check_tool_choice(tools, choice)
+    if choice in ("auto", "none"):
+        return None
+    calls = tools if choice == "required" else {choice: tools[choice]}
+    one = choice != "required" or not parallel
+    return {"type": "array", "items": call_schema(calls), "minItems": 1,
+            **({"maxItems": 1} if one else {})}
+
+
+def call_schema(tools: dict[str, dict], args_key: str = "arguments") -> dict:
+    """One call of any of `tools`: {"name": <const>, args_key: <its parameters>}."""
+    each = [{"type": "object", "properties": {"name": {"const": n}, args_key: p},
+             "required": ["name", args_key], "additionalProperties": False}
+            for n, p in tools.items()]
+    return each[0] if len(each) == 1 else {"anyOf": each}
 
 
 def family_of(chat_template: str | None) -> str:
-    """Which parser reads this template's calls: by the markers the template writes."""
+    """Which format this template writes calls in: by the markers it writes."""
     t = chat_template or ""
-    if "<tool_call>" in t:
+    if HERMES_OPEN in t:
         return "hermes"
-    if "[TOOL_CALLS]" in t:
+    if MISTRAL_OPEN in t:
         return "mistral"
-    if "<|python_tag|>" in t or "ipython" in t:
+    if PYTHON_TAG in t or "ipython" in t:
         return "llama3"
     return "generic"
 
 
-def parse_tool_calls(text: str, family: str) -> tuple[str | None, list[ToolCall]]:
-    """(content left over or None, the calls) of a model's whole answer."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tool-call family {family!r}; known: {', '.join(FAMILIES)}")
-    return {"hermes": _hermes, "llama3": _llama3, "mistral": _mistral,
-            "generic": _generic}[family](text)
+# ------------------------------------------------------------------ the plan of one request
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a chat request with tools needs: the family, the parsed tools, the choice
+    ("none" | "auto" | "required" | a name) and whether calls may come several at once."""
+    family: str
+    tools: dict[str, dict]
+    definitions: list[dict]             # the request's tool definitions, for the template
+    choice: str
+    parallel: bool = True
 
+    @property
+    def active(self) -> bool:
+        """Whether the output is read for calls (tool_choice is not "none")."""
+        return self.choice != "none"
 
-def _call(obj, args_key: str = "arguments") -> ToolCall | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args = obj.get(args_key, obj.get("arguments", {}))
-    if isinstance(args, str):           # some models write the arguments as JSON text
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+    def allowed(self) -> dict[str, dict]:
+        return self.tools if self.choice in ("auto", "required") else \
+            {self.choice: self.tools[self.choice]}
+
+    def grammar(self, special_token) -> str | None:
+        """The Lark grammar (llguidance's dialect) the output is held to, or None when it
+        is free. special_token(text) -> a special token's id or None (a marker that is one
+        must be named by id: special tokens are never spelled out of text)."""
+        if not self.active:
             return None
+        forced = self.choice != "auto"
+        many = self.parallel and self.choice in ("auto", "required")
+        if self.family == "hermes":
+            return _hermes_grammar(self.allowed(), forced, many)
+        if self.family == "generic":
+            return _generic_grammar(self.allowed(), forced, many)
+        if not forced:
+            return None             # llama3 / mistral "auto": parsed, not held
+        if self.family == "llama3":
+            return "start: " + _json_rule(call_schema(self.allowed(), "parameters"))
+        items = {"type": "array", "items": call_schema(self.allowed()), "minItems": 1,
+                 **({} if many else {"maxItems": 1})}
+        tag = special_token(MISTRAL_OPEN)
+        return f"start: {_literal(MISTRAL_OPEN, tag)} {_json_rule(items)}"
+
+
+def _json_rule(schema: dict) -> str:
+    """A JSON value held to `schema`, inside a Lark grammar, with the server's whitespace."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+
+
+def _literal(text: str, token: int | None) -> str:
+    return f"<[{token}]>" if token is not None else json.dumps(text)
+
+
+def _hermes_grammar(tools: dict[str, dict], forced: bool, many: bool) -> str:
+    call = (f'call: "{HERMES_OPEN}\\n" ' + _json_rule(call_schema(tools))
+            + f' "\\n{HERMES_CLOSE}"')
+    if forced:
+        more = ' ("\\n" call)*' if many else ""
+        return f"start: call{more}\n{call}\n"
+    # free text until the lazy trigger <tool_call>, then a call; text may follow a call
+    return ("%llguidance {}\n"
+            f"start: {'tagged*' if many else 'tagged?'} TEXT\n"
+            "TEXT: /(.|\\n)*/\n"
+            f'trigger[lazy]: TEXT "{HERMES_OPEN}"\n'
+            "tagged: trigger body\n"
+            'body: "\\n" ' + _json_rule(call_schema(tools)) + f' "\\n{HERMES_CLOSE}"\n')
+
+
+def _generic_grammar(tools: dict[str, dict], forced: bool, many: bool) -> str:
+    calls = {"type": "array", "items": call_schema(tools), "minItems": 1,
+             **({} if many else {"maxItems": 1})}
+    form = {"type": "object", "properties": {"tool_calls": calls},
+            "required": ["tool_calls"], "additionalProperties": False}
+    if not forced:
+        form = {"anyOf": [form, {"type": "object", "properties": {"response": {
+            "type": "string"}}, "required": ["response"], "additionalProperties": False}]}
+    return "start: " + _json_rule(form)
+
+
+# ------------------------------------------------------------------ the prompt
+def template_messages(messages: list[dict], plan: ToolPlan | None, family: str) -> list[dict]:
+    """OpenAI messages as the chat template takes them: an assistant turn's calls with their
+    arguments as objects (templates write them with tojson), content "" where it is null.
+    In the generic family the tools and the answer's form go into the system message, earlier
+    calls become the assistant's JSON and tool results user turns."""
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{k}] must be an object")
+        if m.get("role") == "assistant" and m.get("tool_calls") is not None:
+            m = {**m, "content": m.get("content") or "",
+                 "tool_calls": [_template_call(c, k, i) for i, c in
+                                enumerate(_list(m["tool_calls"], k))]}
+        elif m.get("role") == "tool":
+            _check_tool_message(m, k)
+        out.append(m)
+    if family == "generic":
+        out = _generic_history(out)
+        if plan is not None and plan.active:
+            out = _with_system(out, generic_instructions(plan))
+    return out
+
+
+def _list(v, k: int) -> list:
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"messages[{k}].tool_calls: must be a non-empty list")
+    return v
+
+
+def _template_call(c, k: int, i: int) -> dict:
+    where = f"messages[{k}].tool_calls[{i}]"
+    fn = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+            or c.get("type", "function") != "function":
+        raise ValueError(f"{where}: must be {{'id', 'type': 'function', 'function': "
+                         "{'name', 'arguments'}}")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}.function.arguments: not valid JSON ({e})") from None
     if not isinstance(args, dict):
-        return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+        raise ValueError(f"{where}.function.arguments: must be a JSON object")
+    return {"id": c.get("id"), "type": "function",
+            "function": {"name": fn["name"], "arguments": args}}
 
 
-def _content(text: str) -> str | None:
-    return text.strip() or None
+def _check_tool_message(m: dict, k: int) -> None:
+    if m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
+        raise ValueError(f"messages[{k}].tool_call_id: must be a string")
 
 
-def _hermes(text: str):
-    calls, rest = [], text
-    for m in re.finditer(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
-        try:
-            call = _call(json.loads(m.group(1)))
-        except json.JSONDecodeError:
-            call = None
-        if call is not None:
-            calls.append(call)
-            rest = rest.replace(m.group(0), "", 1)
-    return _content(rest), calls
+def generic_instructions(plan: ToolPlan) -> str:
+    tools = [{"name": n, **({"description": d} if (d := _description(plan, n)) else {}),
+              "parameters": p} for n, p in plan.allowed().items()]
+    lines = ["You can call these tools (their arguments are JSON objects held to these "
+             "schemas):", json.dumps(tools, ensure_ascii=False), ""]
+    if plan.choice == "auto":
+        lines.append('Answer with one JSON object: {"tool_calls": [{"name": "<tool name>", '
+                     '"arguments": {...}}]} to call tools, or {"response": "<your reply>"} '
+                     "to reply to the user.")
+    else:
+        lines.append('Answer with one JSON object calling tools: {"tool_calls": [{"name": '
+                     '"<tool name>", "arguments": {...}}]}.')
+    return "\n".join(lines)
 
 
-def _llama3(text: str):
-    body = text.strip().removeprefix("<|python_tag|>").strip()
-    if not body.startswith("{"):
-        return _content(text), []
-    calls = []
-    for part in _split_top_level(body, ";"):
-        try:
-            call = _call(json.loads(part), "parameters")
-        except json.JSONDecodeError:
-            call = None
-        if call is None:
-            return _content(text), []
-        calls.append(call)
-    return None, calls
+def _description(plan: ToolPlan, name: str) -> str | None:
+    for t in plan.definitions:
+        if t["function"]["name"] == name:
+            return t["function"].get("description")
+    return None
 
 
-def _mistral(text: str):
-    head, sep, tail = text.partition("[TOOL_CALLS]")
-    if not sep:
-        return _content(text), []
-    calls = _array_of_calls(tail.strip())
-    return (_content(text), []) if calls is None else (_content(head), calls)
+def _with_system(messages: list[dict], text: str) -> list[dict]:
+    if messages and messages[0].get("role") == "system":
+        first = messages[0]
+        content = first.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return [{**first, "content": f"{content}\n\n{text}" if content else text},
+                *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
-def _generic(text: str):
-    calls = _array_of_calls(text.strip())
-    return (_content(text), []) if calls is None else (None, calls)
+def _generic_history(messages: list[dict]) -> list[dict]:
+    """Earlier calls as the assistant's JSON; tool results (consecutive ones merged) as a
+    user turn, so templates that only know user and assistant turns take them."""
+    out: list[dict] = []
+    for m in messages:
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in m["tool_calls"]]
+            out.append({"role": "assistant",
+                        "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)})
+        elif m.get("role") == "tool":
+            item = json.dumps({"tool_response": {
+                **({"tool_call_id": m["tool_call_id"]} if m.get("tool_call_id") else {}),
+                "content": _text(m.get("content"))}}, ensure_ascii=False)
+            if out and out[-1].get("_tool_results"):
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + item}
+            else:
+                out.append({"role": "user", "content": item, "_tool_results": True})
+        else:
+            out.append(m)
+    return [{k: v for k, v in m.items() if k != "_tool_results"} for m in out]
 
 
-def _array_of_calls(text: str) -> list[ToolCall] | None:
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(items, list) or not items:
-        return None
-    calls = [_call(x) for x in items]
-    return None if any(c is None for c in calls) else calls
-
-
-def _split_top_level(text: str, sep: str) -> list[str]:
-    """Split on `sep` outside JSON strings and brackets."""
-    parts, depth, start, in_str, esc = [], 0, 0, False, False
-    for i, ch in enumerate(text):
-        if in_str:              # inside a JSON string: only its end matters
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
-    return [p for p in parts if p]
+def _text(content) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)

@@ -62,3 +62,22 @@ def http(server):
     with httpx.Client(base_url=server.base, timeout=120,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def qwen_server():
+    """Qwen2.5-Coder-0.5B-Instruct (the tool-capable model: hermes <tool_call> format) on its
+    own loopback port, shared by every module that needs a model that calls tools."""
+    from modelfiles import model_file
+    proc = start_server(model_file("qwen2.5-coder-0.5b-instruct"), "--max-model-len", "2048",
+                        "--kv-cache-gb", "0.25", "--api-key", API_KEY)
+    try:
+        yield Server(proc.base, proc.model, proc.log_path, max_model_len=2048)
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def qwen_client(qwen_server):
+    import openai
+    return openai.OpenAI(base_url=qwen_server.v1, api_key=API_KEY, max_retries=0, timeout=120)

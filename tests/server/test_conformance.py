@@ -117,8 +117,8 @@ def test_chat_template_kwargs_reach_the_template(persona_server):
 
 # ------------------------------------------------------------------ refused and checked
 @pytest.mark.parametrize("route, field, value", [
-    ("chat", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("chat", "tool_choice", "auto"),
+    ("completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("chat", "tool_choice", "auto"),              # without tools: nothing to choose from
     ("chat", "response_format", {"type": "xml"}),     # json_object/json_schema: structured
     ("chat", "audio", {"voice": "alloy", "format": "wav"}),
     ("chat", "modalities", ["text", "audio"]),
