@@ -278,14 +278,40 @@ def top_logprobs(logits_raw: torch.Tensor, k: int, token_id: int) -> dict[int, L
     return out
 
 
-def plain_greedy(params: SamplingParams, num_output: int) -> bool:
+def plain_greedy(params: SamplingParams, num_output: int, held: bool = False) -> bool:
     """Whether this step's token is simply the raw argmax and only its log-probability is
-    wanted: greedy, and nothing in process_logits would change a logit."""
+    wanted: greedy, and nothing in process_logits would change a logit. held: the argmax
+    of the tokens a grammar allows (params.structured_outputs set, nothing else changing
+    a logit)."""
     p = params
     return (p.greedy and p.logprobs is None and not p.logit_bias
-            and p.structured_outputs is None
+            and (p.structured_outputs is not None) == held
             and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
             and p.presence_penalty == 0.0 and num_output >= p.min_tokens)
+
+
+def held_greedy_choices(logits: torch.Tensor, forbidden: np.ndarray) -> list[tuple[int, float] | None]:
+    """For each row of (rows, vocab) RAW logits and its grammar's (rows, vocab) bool mask:
+    (the argmax of the allowed tokens, its log-probability under the raw distribution), the
+    same values process_logits + sample() + top_logprobs() give one row at a time, all rows
+    in two parallel C++ calls. None for a row to take the per-row way (NaN or infinite
+    logits, no allowed token, logits not on the CPU)."""
+    if logits.device.type != "cpu" or logits.dim() != 2:
+        return [None] * len(logits)
+    from .kernels import ops
+    raw = logits.float().contiguous()
+    masked = raw.clone()
+    masked.numpy()[forbidden] = NEG_INF
+    picked, _ = ops().greedy_rows(masked)
+    top, logsum = ops().greedy_rows(raw)
+    out: list[tuple[int, float] | None] = []
+    for r, (t, m, ls) in enumerate(zip(picked.tolist(), top.tolist(), logsum.tolist())):
+        if t < 0 or m < 0:
+            out.append(None)
+            continue
+        # as top_logprobs: float32 (x - max) - log(sum(exp(x - max)))
+        out.append((t, ((raw[r, t:t + 1] - float(raw[r, m])) - ls).item()))
+    return out
 
 
 def greedy_choices(logits: torch.Tensor) -> list[tuple[int, float] | None]:

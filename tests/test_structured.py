@@ -222,6 +222,37 @@ def test_batch_invariance(smollm_llm):
 
 
 @pytest.mark.model
+def test_held_greedy_rows_in_one_call_equal_one_at_a_time(smollm_llm):
+    """Greedy rows held by a grammar take their masks and argmaxes for all rows at once
+    (ModelRunner._held_greedy): the same tokens, log-probabilities and finishes as each row
+    processed on its own (quick_greedy off), in a batch mixing them with sampled and free
+    rows."""
+    llm, runner = smollm_llm, smollm_llm.engine.runner
+    probe = SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": PERSON})
+    params = _mixed_batch(probe, SamplingParams(temperature=1.0, seed=11, max_tokens=60,
+                                                structured_outputs={"json": PERSON}))
+    taken, held = [], runner._held_greedy
+
+    def counted(plan, logits):
+        got = held(plan, logits)
+        taken.append(sum(v is not None for v in got.values()))
+        return got
+    runner._held_greedy = counted
+    try:
+        fast = llm.chat([ALICE] * len(params), params)
+        runner.quick_greedy = False
+        slow = llm.chat([ALICE] * len(params), params)
+    finally:
+        runner.quick_greedy = True
+        del runner._held_greedy
+    assert sum(taken) > 50           # the held greedy rows went the quick way, step after step
+    for a, b in zip(fast, slow):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob
+        assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+
+
+@pytest.mark.model
 def test_n_choices_each_hold(smollm_llm):
     out = smollm_llm.chat(ALICE, SamplingParams(n=4, temperature=1.2, seed=5, max_tokens=60,
                                                 structured_outputs={"json": PERSON}))[0]

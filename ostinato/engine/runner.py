@@ -11,8 +11,8 @@ import torch
 from ..kernels.plan import compile_plan
 from ..model.attention import AttentionMetadata, SeqSlice
 from ..model.transformer import Transformer
-from ..sampling import (greedy_choices, make_generator, plain_greedy, process_logits, sample,
-                        top_logprobs)
+from ..sampling import (greedy_choices, held_greedy_choices, make_generator, plain_greedy,
+                        process_logits, sample, top_logprobs)
 from ..structured import Constraint, fill_masks
 from .pooling import pool_rows
 from .sequence import ScheduledSeq, SchedulerOutput
@@ -77,6 +77,7 @@ class ModelRunner:
         quick = self._quick_greedy(plan, logits)
         fill_masks([s.seq.sampler_state.constraint for s in plan.scheduled
                     if s.samples and _constraint(s) is not None])
+        quick.update(self._held_greedy(plan, logits))
         rows = iter(range(len(last)))
         out = []
         for s, sl in zip(plan.scheduled, meta.seqs):
@@ -102,6 +103,34 @@ class ModelRunner:
             return {}
         picked = logits if len(rows) == len(sampling) else logits[rows]
         return dict(zip(rows, greedy_choices(picked)))
+
+    def _held_greedy(self, plan: SchedulerOutput, logits) -> dict[int, tuple[int, float] | None]:
+        """Logits row -> (token, logprob) for greedy sequences held by a grammar and nothing
+        else (plain_greedy held): their masks applied and argmaxes taken for all rows at once,
+        the same tokens and values as one at a time (tests/test_structured.py); each
+        grammar then advances by its token. A row the batch cannot take (None) goes the
+        per-row way, which recomputes its mask."""
+        if logits is None or not self.quick_greedy:
+            return {}
+        sampling = [s for s in plan.scheduled if s.samples]
+        rows = [j for j, s in enumerate(sampling)
+                if _constraint(s) is not None and not _needs_rows(s)
+                and plain_greedy(s.seq.params, len(s.seq.output_ids), held=True)]
+        if not rows:
+            return {}
+        held = [_constraint(sampling[j]) for j in rows]
+        try:
+            forbidden = Constraint.forbidden_rows(held)
+        except RuntimeError:            # a failed grammar: each row fails on its own
+            return {}
+        out = dict(zip(rows, held_greedy_choices(logits[rows], forbidden)))
+        for j, c in zip(rows, held):
+            if out[j] is not None:
+                try:
+                    c.advance(out[j][0])
+                except RuntimeError:    # the per-row way fails this sequence alone
+                    out[j] = None
+        return out
 
     def _isolated(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:
         """A failure in one sequence's own processing fails that sequence only."""
