@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -49,6 +50,12 @@ CASES = [
     ("mistral", 'Sure. [TOOL_CALLS] {"name": "add", "arguments": {"a": 1}}', "Sure.",
      [("add", {"a": 1})]),
     ("mistral", "[TOOL_CALLS] oops", "[TOOL_CALLS] oops", []),
+    ("mistral_args", '[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}[TOOL_CALLS]get_weather[CALL_ID]'
+     'a1B2c3D4e[ARGS]{"city": "Nice"}', None, [("add", {"a": 1, "b": 2}),
+                                               ("get_weather", {"city": "Nice"})]),
+    ("mistral_args", 'Let me see.[TOOL_CALLS]add[ARGS]{"a": 1}', "Let me see.",
+     [("add", {"a": 1})]),
+    ("mistral_args", "[TOOL_CALLS]add[ARGS]{oops", "[TOOL_CALLS]add[ARGS]{oops", []),
     ("generic", '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Rome", '
      '"unit": "c"}}]}', None, [("get_weather", {"city": "Rome", "unit": "c"})]),
     ("generic", '{"response": "Hello there"}', "Hello there", []),
@@ -95,7 +102,10 @@ def test_whole_answers(family, answer, text, calls):
     got_text, got = parse_tool_calls(answer, family)
     assert got_text == text
     assert [(c.name, json.loads(c.arguments)) for c in got] == calls
-    assert len({c.id for c in got}) == len(got) and all(c.id.startswith("call_") for c in got)
+    assert len({c.id for c in got}) == len(got)
+    for c in got:       # Mistral's templates refuse any id but 9 letters and digits
+        assert re.fullmatch("[A-Za-z0-9]{9}", c.id) if family.startswith("mistral") \
+            else c.id.startswith("call_")
 
 
 @pytest.mark.parametrize("family, answer, text, calls", CASES)

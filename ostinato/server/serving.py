@@ -146,7 +146,8 @@ def _with_tools(llm, plan: ToolPlan | None, params: SamplingParams) -> SamplingP
         return tid if tid is not None and tok.is_special(tid) else None
 
     grammar = plan.grammar(special)
-    marker = {"mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}.get(plan.family)
+    marker = {"mistral": "[TOOL_CALLS]", "mistral_args": "[TOOL_CALLS]",
+              "llama3": "<|python_tag|>"}.get(plan.family)
     keep_special = marker is not None and special(marker) is not None
     return dataclasses.replace(
         params, skip_special_tokens=params.skip_special_tokens and not keep_special,

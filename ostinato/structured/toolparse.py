@@ -20,7 +20,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from .tools import FAMILIES, HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, PYTHON_TAG, ToolCall
+from .tools import (FAMILIES, HERMES_CLOSE, HERMES_OPEN, MISTRAL_ARGS, MISTRAL_ID, MISTRAL_OPEN,
+                    PYTHON_TAG, ToolCall, new_call_id)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -97,7 +98,8 @@ class ToolCallParser:
                              f"{', '.join(FAMILIES)}")
         self.family = family
         self.buf = ""
-        self.state = "text" if family == "mistral" else "start"
+        self.marked = family in ("hermes", "mistral", "mistral_args")   # calls open with a tag
+        self.state = "start" if family in ("hermes", "llama3", "generic") else "text"
         self.calls: list[ToolCall] = []
         self.text = _Trim(Text)
         self._sent = 0                  # arguments characters streamed of the open call
@@ -129,9 +131,9 @@ class ToolCallParser:
     # -- states: each consumes what it can; True when the state changed (run again) ------
     def _text(self, out: list[Event]) -> bool:
         marker = HERMES_OPEN if self.family == "hermes" else MISTRAL_OPEN
-        at = self.buf.find(marker) if self.family in ("hermes", "mistral") else -1
+        at = self.buf.find(marker) if self.marked else -1
         if at < 0:
-            keep = _held_prefix(self.buf, marker) if self.family in ("hermes", "mistral") else 0
+            keep = _held_prefix(self.buf, marker) if self.marked else 0
             out += self.text.add(self.buf[:len(self.buf) - keep])
             self.buf = self.buf[len(self.buf) - keep:]
             return False
@@ -181,7 +183,7 @@ class ToolCallParser:
             if m:
                 name = _json_string(m.group(1))
                 if name is not None:
-                    self._open = ToolCall(name, "")
+                    self._open = ToolCall(name, "", new_call_id(self.family))
                     self._args_at = m.end()
                     out.append(CallStart(len(self.calls), self._open))
         if at < 0:
@@ -224,13 +226,13 @@ class ToolCallParser:
     def _emit(self, calls: list[ToolCall]) -> list[Event]:
         out: list[Event] = []
         for c in calls:
-            i = len(self.calls)
+            i, c = len(self.calls), ToolCall(c.name, c.arguments, new_call_id(self.family))
             self.calls.append(c)
             out += [CallStart(i, ToolCall(c.name, "", c.id)), CallArgs(i, c.arguments)]
         return out
 
     def _mistral_calls(self, text: str) -> list[Event]:
-        calls = _array_of_calls(text.strip())
+        calls = (_args_calls(text) if MISTRAL_ARGS in text else _array_of_calls(text.strip()))
         if calls is None:
             return self.text.add(MISTRAL_OPEN + text)
         return self._emit(calls)
@@ -352,6 +354,25 @@ def _bare_calls(text: str) -> list[ToolCall] | None:
         calls.append(call)
         while at < len(text) and text[at].isspace():
             at += 1
+    return calls or None
+
+
+def _args_calls(text: str) -> list[ToolCall] | None:
+    """name[ARGS]{...} calls, each after a [TOOL_CALLS] (the first one's already read); a
+    [CALL_ID]id between the name and [ARGS] is the model's id for it (ours replaces it)."""
+    calls = []
+    for part in text.split(MISTRAL_OPEN):
+        head, sep, args = part.partition(MISTRAL_ARGS)
+        name = head.partition(MISTRAL_ID)[0].strip()
+        if not sep or not name:
+            return None
+        try:
+            call = _call({"name": name, "arguments": json.loads(args)})
+        except json.JSONDecodeError:
+            return None
+        if call is None:
+            return None
+        calls.append(call)
     return calls or None
 
 

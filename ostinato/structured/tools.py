@@ -4,35 +4,52 @@ that reads the calls back (toolparse.py). One format per template family:
 
     hermes   <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>  (Qwen 2.5/3, Hermes)
     llama3   {"name": ..., "parameters": {...}}  (Llama 3.x; optional <|python_tag|>; ';' between)
-    mistral  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+    mistral  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]  (Mistral v3: Nemo, 7B v0.3)
+    mistral_args  [TOOL_CALLS]name[ARGS]{...} per call, optionally [CALL_ID]id before [ARGS]
+             (Mistral Small 3.2, Devstral, Ministral 3)
     generic  {"tool_calls": [{"name": ..., "arguments": {...}}, ...]} or {"response": "..."}
              (for templates with no tool syntax, e.g. SmolLM2, Gemma 3: the tools and the
              answer's form are written into the system message, the output is held to it)
 
-The model's own template writes the tools for hermes, llama3 and mistral. tool_choice
+The model's own template writes the tools for hermes, llama3 and the mistrals. Mistral's
+templates take only call ids of 9 letters and digits: calls read in those families get such
+ids. tool_choice
 "required" and a named function are held by a grammar in every family; "auto" is held
 lazily in hermes (free text until `<tool_call>`, then a call of one of the tools) and wholly
-in generic (one of the two JSON forms); llama3 and mistral's "auto" is parsed, not held."""
+in generic (one of the two JSON forms); llama3's and the mistrals' "auto" is parsed, not
+held."""
 from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass, field
 
 from .compiler import JSON_OPTIONS
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")      # OpenAI's rule for a function name
-FAMILIES = ("hermes", "llama3", "mistral", "generic")
+FAMILIES = ("hermes", "llama3", "mistral", "mistral_args", "generic")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-MISTRAL_OPEN, PYTHON_TAG = "[TOOL_CALLS]", "<|python_tag|>"
+MISTRAL_OPEN, MISTRAL_ARGS, MISTRAL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+PYTHON_TAG = "<|python_tag|>"
+_ALNUM = string.ascii_letters + string.digits
+
+
+def new_call_id(family: str | None = None) -> str:
+    """A call's id: OpenAI's form, or 9 letters and digits where Mistral's templates demand
+    them."""
+    if family in ("mistral", "mistral_args"):
+        return "".join(secrets.choice(_ALNUM) for _ in range(9))
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 @dataclass(frozen=True)
 class ToolCall:
     name: str
     arguments: str                      # the arguments object as JSON text
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = field(default_factory=new_call_id)
 
     def openai(self) -> dict:
         return {"id": self.id, "type": "function",
@@ -120,7 +137,7 @@ def family_of(chat_template: str | None) -> str:
     if HERMES_OPEN in t:
         return "hermes"
     if MISTRAL_OPEN in t:
-        return "mistral"
+        return "mistral_args" if MISTRAL_ARGS in t else "mistral"
     if PYTHON_TAG in t or "ipython" in t:
         return "llama3"
     return "generic"
@@ -162,10 +179,15 @@ class ToolPlan:
             return None             # llama3 / mistral "auto": parsed, not held
         if self.family == "llama3":
             return "start: " + _json_rule(call_schema(self.allowed(), "parameters"))
+        opener = _literal(MISTRAL_OPEN, special_token(MISTRAL_OPEN))
+        if self.family == "mistral_args":       # [TOOL_CALLS]name[ARGS]{...}, per call
+            args = _literal(MISTRAL_ARGS, special_token(MISTRAL_ARGS))
+            call = " | ".join(f"{opener} {json.dumps(n)} {args} {_json_rule(p)}"
+                              for n, p in self.allowed().items())
+            return f"start: call{'+' if many else ''}\ncall: {call}\n"
         items = {"type": "array", "items": call_schema(self.allowed()), "minItems": 1,
                  **({} if many else {"maxItems": 1})}
-        tag = special_token(MISTRAL_OPEN)
-        return f"start: {_literal(MISTRAL_OPEN, tag)} {_json_rule(items)}"
+        return f"start: {opener} {_json_rule(items)}"
 
 
 def _json_rule(schema: dict) -> str:
