@@ -478,6 +478,19 @@ def test_each_family_holds_its_own_call_form(tok, compiler, family, choice):
         [("add", {"a": 1, "b": 2})]
 
 
+@pytest.mark.model
+def test_hermes_auto_holds_one_call_when_parallel_is_off(tok, compiler):
+    from ostinato.structured.tools import ToolPlan, check_tools
+    call = CALL_TEXTS["hermes"][0]
+    one = ToolPlan("hermes", check_tools(WEATHER), WEATHER, "auto", parallel=False)
+    many = ToolPlan("hermes", check_tools(WEATHER), WEATHER, "auto")
+    for plan, two_ok in ((one, False), (many, True)):
+        grammar = plan.grammar(lambda text: None)
+        assert _accepts(tok, compiler, grammar, "No tool needed.")
+        assert _accepts(tok, compiler, grammar, "Sure. " + call)
+        assert _accepts(tok, compiler, grammar, f"{call}\n{call}") == two_ok
+
+
 def test_template_families():
     from ostinato.structured.tools import family_of
     assert family_of("{% for m in messages %}<tool_call>{% endfor %}") == "hermes"

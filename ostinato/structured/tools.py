@@ -205,9 +205,11 @@ def _hermes_grammar(tools: dict[str, dict], forced: bool, many: bool) -> str:
     if forced:
         more = ' ("\\n" call)*' if many else ""
         return f"start: call{more}\n{call}\n"
-    # free text until the lazy trigger <tool_call>, then a call; text may follow a call
+    # free text until the lazy trigger <tool_call>, then a call (the trigger ends the text:
+    # a lazy lexeme is taken where it first matches); with many, more text and calls may
+    # follow; with one, the answer ends after its call
     return ("%llguidance {}\n"
-            f"start: {'tagged*' if many else 'tagged?'} TEXT\n"
+            f"start: {'tagged* TEXT' if many else 'TEXT | tagged'}\n"
             "TEXT: /(.|\\n)*/\n"
             f'trigger[lazy]: TEXT "{HERMES_OPEN}"\n'
             "tagged: trigger body\n"
