@@ -60,6 +60,11 @@ CASES = [
      '"unit": "c"}}]}', None, [("get_weather", {"city": "Rome", "unit": "c"})]),
     ("generic", '{"response": "Hello there"}', "Hello there", []),
     ("generic", "plain words", "plain words", []),
+    # nesting past Python's recursion limit is text, not a crash
+    ("hermes", "[" * 5000, "[" * 5000, []),
+    ("generic", '{"tool_calls": ' + "[" * 5000, '{"tool_calls": ' + "[" * 5000, []),
+    ("hermes", "<tool_call>" + '{"a":' * 3000 + "1" + "}" * 3000 + "</tool_call>",
+     "<tool_call>" + '{"a":' * 3000 + "1" + "}" * 3000 + "</tool_call>", []),
 ]
 
 

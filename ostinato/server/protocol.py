@@ -72,11 +72,31 @@ def from_sampling_error(e: ValueError) -> APIError:
     return bad_request(str(e).removeprefix("SamplingParams."), m.group(1) if m else None)
 
 
+MAX_JSON_DEPTH = 64        # nesting of a request body: schemas and tool parameters fit well
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels (no recursion: any depth)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     try:
         data = json.loads(raw)
+    except RecursionError:
+        data = None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if data is None or _deeper_than(data, MAX_JSON_DEPTH):
+        raise bad_request(f"the request body nests arrays and objects deeper than "
+                          f"{MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     if getattr(model, "OPENAI", False):

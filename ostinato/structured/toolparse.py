@@ -301,7 +301,7 @@ def prompt_in_thought(prompt: str) -> bool:
 def _json_string(raw: str) -> str | None:
     try:
         return json.loads(f'"{raw}"')
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -312,17 +312,20 @@ def _call(obj, args_key: str = "arguments") -> ToolCall | None:
     if isinstance(args, str):           # some models write the arguments as JSON text
         try:
             args = json.loads(args)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    try:
+        return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    except RecursionError:
+        return None
 
 
 def _one_call(body: str) -> ToolCall | None:
     try:
         return _call(json.loads(body))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -332,7 +335,7 @@ def _llama3_calls(text: str) -> list[ToolCall] | None:
     for part in _split_top_level(body, ";"):
         try:
             call = _call(json.loads(part), "parameters")
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             call = None
         if call is None:
             return None
@@ -346,7 +349,7 @@ def _bare_calls(text: str) -> list[ToolCall] | None:
     while at < len(text):
         try:
             obj, at = decoder.raw_decode(text, at)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
         call = _call(obj)
         if call is None:
@@ -368,7 +371,7 @@ def _args_calls(text: str) -> list[ToolCall] | None:
             return None
         try:
             call = _call({"name": name, "arguments": json.loads(args)})
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
         if call is None:
             return None
@@ -380,7 +383,7 @@ def _generic_calls(text: str) -> list[ToolCall] | str | None:
     """generic: the calls, or the reply of {"response": ...}, or None (neither)."""
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(obj, dict) and set(obj) == {"response"} and isinstance(obj["response"], str):
         return obj["response"]
@@ -393,7 +396,7 @@ def _array_of_calls(items) -> list[ToolCall] | None:
     if isinstance(items, str):
         try:
             items = json.loads(items)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
     if isinstance(items, dict):
         items = [items]

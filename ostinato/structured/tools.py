@@ -268,8 +268,9 @@ def _template_call(c, k: int, i: int) -> dict:
     if isinstance(args, str):
         try:
             args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}.function.arguments: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{where}.function.arguments: not valid JSON "
+                             f"({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(args, dict):
         raise ValueError(f"{where}.function.arguments: must be a JSON object")
     return {"id": c.get("id"), "type": "function",

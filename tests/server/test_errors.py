@@ -93,3 +93,26 @@ def test_server_keeps_serving_after_errors(client, server):
             client.chat.completions.create(model=server.model, messages=MSGS, temperature=-1)
     r = client.chat.completions.create(model=server.model, messages=MSGS, max_tokens=2)
     assert r.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", '{"messages": ' + "[" * 100000 + "]" * 100000 + "}"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], '
+     '"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": '
+     + '{"a": ' * 5000 + "1" + "}" * 5000 + "}}}"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], '
+     '"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", '
+     '"parameters": ' + '{"a": ' * 70 + "1" + "}" * 70 + "}}]}"),
+    ("/v1/completions", '{"prompt": "hi", "metadata": ' + '{"a": ' * 3000 + "1"
+     + "}" * 3000 + "}"),
+    ("/v1/responses", '{"input": ' + "[" * 50000 + "]" * 50000 + "}"),
+    ("/v1/messages", '{"max_tokens": 2, "messages": [{"role": "user", "content": '
+     + "[" * 20000 + '"x"' + "]" * 20000 + "}]}"),
+    ("/tokenize", '{"prompt": "hi", "x": ' + "[" * 3000 + "]" * 3000 + "}"),
+])
+def test_deeply_nested_bodies_are_400(http, path, body):
+    """Nesting past 64 levels (and past Python's recursion limit) is a 400 naming the limit,
+    on every route, never a 500."""
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "deeper than 64 levels" in r.text
