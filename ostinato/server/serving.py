@@ -36,6 +36,7 @@ from ..tokenizer import ChatTemplateError
 
 log = logging.getLogger("ostinato.server")
 MIN_LOGPROB = -9999.0      # JSON has no -Infinity; vLLM sends the same stand-in
+CONTEXT_EXCEEDED = "context_length_exceeded"    # OpenAI's error code for it
 
 
 @dataclass
@@ -223,12 +224,13 @@ def _fit(max_model_len: int, prompts: list[list[int]], max_tokens: int | None,
         if limits.max_tokens is not None:
             max_tokens = min(max_tokens, limits.max_tokens)
         if max_tokens < 1:
-            raise bad_request(f"the prompt has {longest} tokens, which leaves no room in this "
-                              f"model's context of {max_model_len} tokens", param)
+            raise APIError(400, f"the prompt has {longest} tokens, which leaves no room in "
+                           f"this model's context of {max_model_len} tokens", param,
+                           CONTEXT_EXCEEDED)
     if longest + max_tokens > max_model_len:
-        raise bad_request(f"this model's maximum context length is {max_model_len} tokens; "
-                          f"the request asks for {longest + max_tokens} ({longest} in the "
-                          f"prompt, {max_tokens} to generate)", param)
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; "
+                       f"the request asks for {longest + max_tokens} ({longest} in the "
+                       f"prompt, {max_tokens} to generate)", param, CONTEXT_EXCEEDED)
     return max_tokens
 
 

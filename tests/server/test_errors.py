@@ -116,3 +116,15 @@ def test_deeply_nested_bodies_are_400(http, path, body):
     r = http.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert "deeper than 64 levels" in r.text
+
+
+def test_context_overflow_has_openai_code(http, server):
+    """A prompt plus max_tokens over the context is a 400 with OpenAI's error code
+    "context_length_exceeded" (clients and agents look for it to trim the conversation)."""
+    long = "word " * (server.max_model_len + 50)
+    for body in ({"messages": [{"role": "user", "content": long}]},
+                 {"messages": [{"role": "user", "content": "hi"}],
+                  "max_tokens": server.max_model_len}):
+        r = http.post("/v1/chat/completions", json=body)
+        err = assert_error(r, 400, "messages")
+        assert err["code"] == "context_length_exceeded", err
