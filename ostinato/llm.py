@@ -160,8 +160,10 @@ class LLM:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         ids = [self._prompt_ids(p) for p in prompts]
-        rids = [self.engine.add_request(i, p) for i, p in zip(ids, plist)]
+        rids: list[str] = []
         try:
+            for i, p in zip(ids, plist):    # a prompt refused here leaves none queued
+                rids.append(self.engine.add_request(i, p))
             while self.engine.has_unfinished():
                 self.engine.step()
         except BaseException:

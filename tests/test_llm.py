@@ -154,3 +154,17 @@ def test_fault_in_one_sequence_fails_it_alone(llm, monkeypatch):
     assert outs[1].outputs[0].finish_reason == "error" and outs[1].outputs[0].token_ids == []
     llm.engine.scheduler.check_integrity()
     assert llm.engine.scheduler.kv.usage() == 0.0
+
+
+@pytest.mark.model
+def test_a_refused_prompt_leaves_nothing_queued(smollm_llm):
+    """generate() with a prompt the engine refuses (here: too long for the context) raises,
+    and the prompts added before it are aborted, not left to run in the next call."""
+    llm = smollm_llm
+    ok = llm.tokenize("Hello there")
+    with pytest.raises(ValueError):
+        llm.generate([ok, ok, list(range(1, llm.max_model_len + 10))],
+                     SamplingParams(temperature=0, max_tokens=4))
+    assert not llm.engine.has_unfinished() and not llm.engine.seqs
+    out = llm.generate([ok], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 4
