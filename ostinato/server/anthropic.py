@@ -8,17 +8,28 @@ these routes have Anthropic's shape: {"type": "error", "error": {"type", "messag
 Fields Anthropic's clients send that change nothing here, accepted and documented:
 `metadata` (user_id: identifies the end user), `cache_control` on the request, blocks and
 tools (prompt-cache breakpoints: the prefix cache here is automatic), `service_tier` auto or
-standard_only (there is one tier), `thinking` {"type": "disabled"}. A tool_result's
-`is_error` is written into the tool message ("Error: ..."). Everything else outside the
-schema is a 400 naming it. The `anthropic-version` and `anthropic-beta` headers are not
-read: a beta only matters through the body fields it enables, and those are refused here
-(SGLang answers 501 to unknown betas; that would refuse Claude Code's usual headers). `output_config.format` (a JSON schema) is enforced through chat's
-response_format; the anthropic 2.x client has no temperature/top_p/top_k arguments, so
-those come in extra_body (still Anthropic's API fields).
+standard_only (there is one tier), `output_config.effort` "high" (Anthropic's default, so
+the same as leaving it out; other levels are refused), `context_management` edits of type
+clear_thinking_20251015 (done here: the thinking of older assistant turns is left out of the
+prompt; keep "all" changes nothing). `thinking`: "adaptive" lets the model decide, which here
+means its template does (a thinking template thinks, another does not); "disabled" asks a
+thinking template not to think (enable_thinking false); "enabled" is refused, since a thought
+cannot be held to budget_tokens. A thought comes back as a `thinking` block (streamed as
+thinking_delta, then a signature_delta) before the text; thinking blocks sent back in an
+assistant turn are given to the template as that turn's reasoning_content. A system message
+inside `messages` (Claude Code's mid-conversation system beta) is a chat system message where
+it stands. A tool_result's `is_error` is written into the tool message ("Error: ...").
+Everything else outside the schema is a 400 naming it. The `anthropic-version` and
+`anthropic-beta` headers (and Claude Code's `?beta=true` query) are not read: a beta only
+matters through the body fields it enables, and those are checked here (SGLang answers 501 to
+unknown betas; that would refuse Claude Code's usual headers). `output_config.format` (a JSON
+schema) is enforced through chat's response_format; the anthropic 2.x client has no
+temperature/top_p/top_k arguments, so those come in extra_body (still Anthropic's API fields).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from contextlib import aclosing
@@ -29,8 +40,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import APIError, bad_request, parse_body
-from .responses import admit_as, chat_chunks, chat_request, sse_event
+from .responses import admit_as, chat_chunks, chat_request, sse_event, without_vacuous
 from .serving import chat_job
+from ..structured.toolparse import thinks
 from .transport import anthropic_error
 
 RENAME = {"stop": "stop_sequences", "response_format": "output_config.format"}
@@ -53,16 +65,61 @@ class MessagesRequest(BaseModel):
     service_tier: Literal["auto", "standard_only"] | None = None
     thinking: dict[str, Any] | None = None
     cache_control: dict[str, Any] | None = None     # automatic caching: the prefix cache is
-    output_config: dict[str, Any] | None = None     # format: a JSON schema; effort refused
+    output_config: dict[str, Any] | None = None     # format: a JSON schema; effort high only
+    context_management: dict[str, Any] | None = None    # clear_thinking edits only
 
-    def check(self) -> None:
-        if self.thinking and self.thinking.get("type") != "disabled":
-            raise bad_request("thinking: this server serves no extended-thinking model; "
-                              "leave it unset or {'type': 'disabled'}", "thinking")
-        unknown = set(self.output_config or {}) - {"format"}
+    def check(self, template_thinks: bool = False) -> None:
+        """template_thinks: the served model's template writes a <think> thought."""
+        kind = (self.thinking or {}).get("type")
+        if kind == "enabled":
+            raise bad_request(
+                "thinking: {'type': 'enabled'} is not supported: this server cannot hold a "
+                "thought to budget_tokens" + ("" if template_thinks else
+                                              ", and the served model does not think")
+                + "; use {'type': 'adaptive'} (the model's template decides) or "
+                "{'type': 'disabled'}", "thinking")
+        if kind not in (None, "adaptive", "disabled"):
+            raise bad_request(f"thinking type {kind!r} must be adaptive, disabled or "
+                              "enabled", "thinking")
+        unknown = set(self.output_config or {}) - {"format", "effort"}
         if unknown:
             raise bad_request(f"output_config: {', '.join(sorted(unknown))} is not "
-                              "supported (format is)", "output_config")
+                              "supported (format and effort 'high' are)", "output_config")
+        effort = (self.output_config or {}).get("effort")
+        if effort not in (None, "high"):
+            raise bad_request(f"output_config.effort {effort!r}: this server does not "
+                              "implement effort levels; 'high' (Anthropic's default, the same "
+                              "as leaving it out) is accepted", "output_config")
+        self.kept_thinking_turns()
+
+    def kept_thinking_turns(self) -> int | None:
+        """context_management's clear_thinking edit: how many of the latest assistant turns
+        keep their thinking blocks (None: all of them)."""
+        edits = (self.context_management or {}).get("edits") or []
+        extra = set(self.context_management or {}) - {"edits"}
+        keep: int | None = None
+        for edit in edits:
+            if not isinstance(edit, dict) or edit.get("type") != "clear_thinking_20251015" \
+                    or extra:
+                raise bad_request("context_management: only the clear_thinking_20251015 edit "
+                                  f"is supported, got {json.dumps(edit)[:80]}",
+                                  "context_management")
+            value = edit.get("keep", {"type": "thinking_turns", "value": 1})
+            if value == "all":
+                continue
+            if not (isinstance(value, dict) and value.get("type") == "thinking_turns"
+                    and isinstance(value.get("value"), int) and value["value"] >= 0):
+                raise bad_request("context_management: clear_thinking keep must be 'all' or "
+                                  "{'type': 'thinking_turns', 'value': N}", "context_management")
+            keep = value["value"] if keep is None else min(keep, value["value"])
+        return keep
+
+    def template_kwargs(self) -> dict | None:
+        """thinking disabled: a thinking template is asked not to think (Qwen3's and
+        DeepSeek's enable_thinking); a template without the variable ignores it."""
+        if (self.thinking or {}).get("type") == "disabled":
+            return {"enable_thinking": False}
+        return None
 
     def response_format(self) -> dict | None:
         fmt = (self.output_config or {}).get("format")
@@ -114,18 +171,33 @@ def _check_tool_block(b: dict, kind: str, role: str, where: str) -> None:
             raise bad_request(f"{where}: a {kind} block needs {key}", "messages")
 
 
-def _message(msg: dict, where: str) -> list[dict]:
-    """One Anthropic message as chat messages (tool results become tool messages first)."""
+def _message(msg: dict, where: str, keep_thinking: bool = True) -> list[dict]:
+    """One Anthropic message as chat messages (tool results become tool messages first).
+    A system message in the list (Claude Code's mid-conversation system beta) is a chat
+    system message where it stands; an assistant turn's thinking blocks become its
+    reasoning_content, which the template writes or drops as it does for its own thoughts
+    (keep_thinking False: context_management cleared them)."""
     role = msg.get("role") if isinstance(msg, dict) else None
-    if role not in ("user", "assistant"):
-        raise bad_request(f"{where}.role must be user or assistant, not {role!r}", "messages")
-    texts, calls, results = [], [], []
+    if role not in ("user", "assistant", "system"):
+        raise bad_request(f"{where}.role must be user, assistant or system, not {role!r}",
+                          "messages")
+    if role == "system":
+        return [{"role": "system", "content": "".join(
+            _text(b, f"{where}.content[{j}]")
+            for j, b in enumerate(_blocks(msg.get("content"), where)))}]
+    texts, calls, results, thoughts = [], [], [], []
     for j, b in enumerate(_blocks(msg.get("content"), where)):
         at = f"{where}.content[{j}]"
         kind = b.get("type") if isinstance(b, dict) else None
         if kind in ("tool_use", "tool_result"):
             _check_tool_block(b, kind, role, at)
-        if kind == "tool_use":
+        if kind in ("thinking", "redacted_thinking"):
+            if role != "assistant" or kind == "redacted_thinking":
+                raise bad_request(f"{at}: a {kind} block is only accepted in an assistant "
+                                  "message and as this server writes it (thinking, not "
+                                  "redacted_thinking)", "messages")
+            thoughts.append(str(b.get("thinking", "")))
+        elif kind == "tool_use":
             calls.append({"id": b.get("id"), "type": "function", "function": {
                 "name": b.get("name"), "arguments": json.dumps(b.get("input", {}))}})
         elif kind == "tool_result":
@@ -135,6 +207,8 @@ def _message(msg: dict, where: str) -> list[dict]:
     out = results
     if texts or calls or not results:
         chat = {"role": role, "content": "".join(texts) if texts or not calls else None}
+        if thoughts and keep_thinking:
+            chat["reasoning_content"] = "".join(thoughts)
         out = out + [chat | ({"tool_calls": calls} if calls else {})]
     return out
 
@@ -144,7 +218,7 @@ def _tool(t: dict, i: int) -> dict:
             or "input_schema" not in t:
         raise bad_request(f"tools[{i}]: only custom tools with a name and an input_schema "
                           f"are supported, got {json.dumps(t)[:80]}", "tools")
-    fn = {"name": t.get("name"), "parameters": t["input_schema"]}
+    fn = {"name": t.get("name"), "parameters": without_vacuous(t["input_schema"])}
     if t.get("description"):
         fn["description"] = t["description"]
     return {"type": "function", "function": fn}
@@ -168,8 +242,12 @@ def to_chat(req: MessagesRequest, count_only: bool = False):
     system = req.system if isinstance(req.system, str) or req.system is None else "\n".join(
         _text(b, f"system[{i}]") for i, b in enumerate(req.system))
     messages = [{"role": "system", "content": system}] if system else []
+    keep = req.kept_thinking_turns()
+    turns = [i for i, m in enumerate(req.messages) if isinstance(m, dict)
+             and m.get("role") == "assistant"]
+    kept = set(turns if keep is None else turns[len(turns) - keep:] if keep else [])
     for i, m in enumerate(req.messages):
-        messages += _message(m, f"messages[{i}]")
+        messages += _message(m, f"messages[{i}]", i in kept)
     choice, parallel = _tool_choice(req.tool_choice)
     body = {"model": req.model, "messages": messages, "max_tokens": req.max_tokens,
             "stop": req.stop_sequences,
@@ -179,7 +257,8 @@ def to_chat(req: MessagesRequest, count_only: bool = False):
             else None,
             "tools": [_tool(t, i) for i, t in enumerate(req.tools)] if req.tools else None,
             "tool_choice": choice, "parallel_tool_calls": parallel,
-            "response_format": req.response_format()}
+            "response_format": req.response_format(),
+            "chat_template_kwargs": req.template_kwargs()}
     return chat_request(body, RENAME)
 
 
@@ -209,9 +288,21 @@ def usage_of(chat_usage: dict) -> dict:
             "output_tokens": chat_usage["completion_tokens"]}
 
 
+def signature(thought: str) -> str:
+    """A thinking block's `signature`: Anthropic's is an opaque token that lets its API check
+    the thought comes back unmodified. Here it is the hex SHA-256 of the thinking text: a
+    client can check it, and this server does not require it when the block is sent back
+    (nothing secret is in it; a thought is only ever given back to the template)."""
+    return hashlib.sha256(thought.encode()).hexdigest()
+
+
 def message_of(chat: dict, req: MessagesRequest, model: str) -> dict:
     choice = chat["choices"][0]
     msg, content = choice["message"], []
+    thought = msg.get("reasoning_content")
+    if thought:
+        content.append({"type": "thinking", "thinking": thought,
+                        "signature": signature(thought)})
     calls = msg.get("tool_calls") or []
     if msg.get("content") or not calls:
         content.append({"type": "text", "text": msg.get("content") or ""})
@@ -226,13 +317,15 @@ def message_of(chat: dict, req: MessagesRequest, model: str) -> dict:
 
 class EventStream:
     """Chat chunks -> message_start, ping, per block content_block_start / deltas
-    (text_delta, input_json_delta) / content_block_stop, message_delta, message_stop."""
+    (thinking_delta then signature_delta, text_delta, input_json_delta) /
+    content_block_stop, message_delta, message_stop."""
 
     def __init__(self, req: MessagesRequest, model: str, prompt_tokens: int):
         self.req, self.model, self.prompt_tokens = req, model, prompt_tokens
         self.index = -1             # the open block's index
         self.open: str | None = None
         self.calls: set[int] = set()
+        self.thought: list[str] = []        # the open thinking block's text, for its signature
 
     async def run(self, stream):
         yield sse_event("message_start", {"type": "message_start", "message": {
@@ -271,12 +364,23 @@ class EventStream:
                                                 "index": self.index, "content_block": block})
 
     def _close(self):
+        if self.open == "thinking":
+            yield self._block_delta({"type": "signature_delta",
+                                     "signature": signature("".join(self.thought))})
+            self.thought = []
         if self.open is not None:
             yield sse_event("content_block_stop", {"type": "content_block_stop",
                                                    "index": self.index})
             self.open = None
 
     def _delta(self, delta: dict):
+        if delta.get("reasoning_content"):
+            if self.open != "thinking":
+                yield from self._start("thinking", {"type": "thinking", "thinking": "",
+                                                    "signature": ""})
+            self.thought.append(delta["reasoning_content"])
+            yield self._block_delta({"type": "thinking_delta",
+                                     "thinking": delta["reasoning_content"]})
         if delta.get("content"):
             if self.open != "text":
                 yield from self._start("text", {"type": "text", "text": ""})
@@ -312,13 +416,18 @@ def _errors_as_anthropic(handler):
     return wrapped
 
 
+def _thinks(state) -> bool:
+    llm, _ = state.require()
+    return thinks(llm.tokenizer.chat_template)
+
+
 def add_anthropic_routes(app: FastAPI, state, admit, run_generation) -> None:
     """admit and run_generation are the chat path's own (app.py)."""
 
     async def create(request: Request):
         raw = await request.body()
         req = parse_body(raw, MessagesRequest)
-        req.check()
+        req.check(_thinks(state))
         gen = await admit_as(admit, state, raw, to_chat(req), RENAME)
         if req.stream:
             events = EventStream(req, state.name, len(gen.job.prompts[0]))
@@ -328,7 +437,7 @@ def add_anthropic_routes(app: FastAPI, state, admit, run_generation) -> None:
 
     async def count_tokens(request: Request):
         req = parse_body(await request.body(), CountTokensRequest)
-        req.check()
+        req.check(_thinks(state))
         llm, _ = state.require()
         state.check_model(req.model)
         chat = to_chat(req, count_only=True)

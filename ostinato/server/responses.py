@@ -14,6 +14,7 @@ not its instructions, as OpenAI). GET /v1/responses/{id} reads one, DELETE drops
 """
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -34,6 +35,7 @@ from .protocol import (
     parse_body,
 )
 
+ENCRYPTED = "reasoning.encrypted_content"
 STORE_MAX_COUNT = 1000
 STORE_MAX_AGE_S = 3600.0
 
@@ -111,19 +113,25 @@ class ResponsesRequest(BaseModel):
     service_tier: Literal["auto", "default"] | None = None
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
-    # identify the user or route OpenAI's cache: they never change the output
+    # identify the user or client, or route OpenAI's cache: they never change the output
+    # (client_metadata: Codex CLI's session and turn ids)
+    client_metadata: dict[str, Any] | None = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
 
     def check(self) -> None:
+        reasoning = self.reasoning or {}
         refuse = [("background", bool(self.background), "background mode"),
-                  ("include", bool(self.include), "extra output data (include)"),
+                  ("include", bool(set(self.include or ()) - {ENCRYPTED}),
+                   f"extra output data (include) other than {ENCRYPTED}"),
                   ("top_logprobs", bool(self.top_logprobs), "logprobs on responses"),
                   ("max_tool_calls", self.max_tool_calls is not None, "max_tool_calls"),
-                  ("reasoning", bool(self.reasoning and any(
-                      v is not None for v in self.reasoning.values())),
-                   "reasoning settings (no reasoning model is served)"),
+                  ("reasoning", bool(set(reasoning) - {"summary", "effort"}
+                                     or reasoning.get("summary") not in (None, "auto")
+                                     or reasoning.get("effort") not in (None, "none")),
+                   "reasoning settings other than summary 'auto' (the thought is given whole "
+                   "as reasoning_text; no summarizer) and effort 'none' (no thought)"),
                   ("stream_options", bool(self.stream_options and any(
                       self.stream_options.values())), "stream obfuscation")]
         for name, asked, what in refuse:
@@ -161,8 +169,17 @@ def _input_item(item, where: str, messages: list[dict]) -> None:
     if not isinstance(item, dict):
         raise bad_request(f"{where} must be an object", "input")
     kind = item.get("type", "message")
+    if kind == "reasoning":         # a thought given back: the next assistant turn's
+        messages.append({"role": "assistant", "content": None, THOUGHT: _thought_of(item)})
+        return
+    last = messages[-1] if messages else None
+    thought = last.pop(THOUGHT) if last is not None and THOUGHT in last else None
+    if thought is not None:
+        messages.pop()
     if kind == "message":
         messages.append(_input_message(item, where))
+        if thought is not None and messages[-1]["role"] == "assistant":
+            messages[-1]["reasoning_content"] = thought
     elif kind == "function_call":
         call = {"id": item.get("call_id"), "type": "function",
                 "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
@@ -171,13 +188,58 @@ def _input_item(item, where: str, messages: list[dict]) -> None:
             last["tool_calls"].append(call)         # parallel calls: one assistant turn
         else:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        if thought is not None:
+            messages[-1]["reasoning_content"] = thought
     elif kind == "function_call_output":
         out = item.get("output")
         messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
                          "content": out if isinstance(out, str) else _text_of(out, where)})
     else:
         raise bad_request(f"{where}: input item type {kind!r} is not supported (message, "
-                          "function_call and function_call_output are)", "input")
+                          "reasoning, function_call and function_call_output are)", "input")
+
+
+THOUGHT = "__thought"       # a reasoning input item waiting for its assistant turn
+
+
+def _thought_of(item: dict) -> str:
+    """A reasoning item's thought: its reasoning_text content, else its encrypted_content
+    as this server writes it (see encrypted())."""
+    text = "".join(str(c.get("text", "")) for c in item.get("content") or []
+                   if isinstance(c, dict) and c.get("type") == "reasoning_text")
+    if text or not item.get("encrypted_content"):
+        return text
+    try:
+        return base64.b64decode(item["encrypted_content"], validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("a reasoning item's encrypted_content is not one this server "
+                          "wrote (base64 of the thought's UTF-8)", "input") from None
+
+
+def encrypted(thought: str) -> str:
+    """`encrypted_content` (include reasoning.encrypted_content): OpenAI's is the thought
+    encrypted so that a client with store false can give it back. Here it is the thought's
+    UTF-8 in base64, NOT encrypted: the thought is in the item's content already, and this
+    is only its round-trip form."""
+    return base64.b64encode(thought.encode()).decode()
+
+
+def _convo_tail(convo: list[dict]) -> list[dict]:
+    """A reasoning item with no assistant turn after it is left out of the prompt."""
+    return [m for m in convo if THOUGHT not in m]
+
+
+def without_vacuous(schema):
+    """The schema without `propertyNames: {"type": "string"}`, which every JSON object
+    satisfies (its keys are strings) and the grammar engine does not compile (Claude Code's
+    TaskCreate/TaskUpdate `metadata` records carry it, as zod writes a record). Nothing else
+    is changed: any other propertyNames still reaches the engine and is refused there."""
+    if isinstance(schema, list):
+        return [without_vacuous(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: without_vacuous(v) for k, v in schema.items()
+            if not (k == "propertyNames" and v == {"type": "string"})}
 
 
 def _tool(t: dict, i: int) -> dict:
@@ -186,6 +248,8 @@ def _tool(t: dict, i: int) -> dict:
         raise bad_request(f"tools[{i}]: tool type {kind!r} is not supported; this server "
                           "runs function tools only", "tools")
     fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
+    if "parameters" in fn:
+        fn["parameters"] = without_vacuous(fn["parameters"])
     return {"type": "function", "function": fn}
 
 
@@ -221,6 +285,7 @@ def to_chat(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionR
         else req.input
     for i, item in enumerate(items):
         _input_item(item, f"input[{i}]", convo)
+    convo = _convo_tail(convo)
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
     body = {"model": req.model, "messages": system + convo, "max_tokens": req.max_output_tokens,
             "temperature": req.temperature, "top_p": req.top_p, "stream": req.stream,
@@ -228,7 +293,9 @@ def to_chat(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionR
             "response_format": _format(req.text),
             "tools": [_tool(t, i) for i, t in enumerate(req.tools)] if req.tools else None,
             "tool_choice": _tool_choice(req.tool_choice),
-            "parallel_tool_calls": req.parallel_tool_calls}
+            "parallel_tool_calls": req.parallel_tool_calls,
+            "chat_template_kwargs": {"enable_thinking": False}
+            if (req.reasoning or {}).get("effort") == "none" else None}
     return chat_request(body, RENAME), convo
 
 
@@ -316,13 +383,23 @@ def call_item(call: dict, status: str = "completed", iid: str | None = None) -> 
             "arguments": fn.get("arguments") or ""}
 
 
-def output_of(message: dict) -> list[dict]:
+def reasoning_item(thought: str, with_encrypted: bool, status: str = "completed",
+                   iid: str | None = None) -> dict:
+    """The thought whole as reasoning_text content; summary stays empty (no summarizer)."""
+    item = {"id": iid or _new_id("rs"), "type": "reasoning", "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": thought}] if status == "completed"
+            else []}
+    if with_encrypted:
+        item["encrypted_content"] = encrypted(thought)
+    return item
+
+
+def output_of(message: dict, with_encrypted: bool = False) -> list[dict]:
     """A chat message as Responses output items: reasoning, text, function calls."""
     out = []
     thought = message.get("reasoning_content") or message.get("reasoning")
     if thought:
-        out.append({"id": _new_id("rs"), "type": "reasoning", "summary": [],
-                    "content": [{"type": "reasoning_text", "text": thought}]})
+        out.append(reasoning_item(thought, with_encrypted))
     calls = message.get("tool_calls") or []
     if message.get("content") or not calls:
         out.append(message_item(message.get("content") or ""))
@@ -335,10 +412,9 @@ def convo_of(output: list[dict]) -> list[dict]:
     msgs: list[dict] = []
     for item in output:
         if item["type"] == "message":
-            msgs.append({"role": "assistant", "content": item["content"][0]["text"]})
-        elif item["type"] == "function_call":
-            _input_item(item, "output", msgs)
-    return msgs
+            item = {"type": "message", "role": "assistant", "content": item["content"]}
+        _input_item(item, "output", msgs)
+    return _convo_tail(msgs)
 
 
 def status_of(finish_reason: str | None) -> str:
@@ -355,11 +431,12 @@ def settle_items(output: list[dict], status: str) -> list[dict]:
 # ------------------------------------------------------------------------------ streaming
 class EventStream:
     """Chat chunks -> Responses events: created, in_progress, then per output item added /
-    (content_part added, output_text deltas and done, content_part done) or (arguments
-    deltas and done) / item done, and completed (incomplete at max_output_tokens)."""
+    (reasoning_text deltas and done) or (content_part added, output_text deltas and done,
+    content_part done) or (arguments deltas and done) / item done, and completed
+    (incomplete at max_output_tokens)."""
 
-    def __init__(self, head: dict, entry: Stored | None):
-        self.head, self.entry = head, entry
+    def __init__(self, head: dict, entry: Stored | None, with_encrypted: bool = False):
+        self.head, self.entry, self.with_encrypted = head, entry, with_encrypted
         self.seq, self.output = 0, []
         self.open: dict | None = None           # the item being streamed
         self.calls: dict[int, int] = {}         # chat tool_calls index -> output index
@@ -408,6 +485,13 @@ class EventStream:
         yield self.event(kind, response=self.final)
 
     def _delta(self, delta: dict):
+        if delta.get("reasoning_content"):
+            if self.open is None or self.open["item"]["type"] != "reasoning":
+                yield from self._close()
+                yield from self._add(reasoning_item("", False, "in_progress"))
+            self.open["text"].append(delta["reasoning_content"])
+            yield self.event("response.reasoning_text.delta", delta=delta["reasoning_content"],
+                             **self._where(content_index=0))
         if delta.get("content"):
             if self.open is None or self.open["item"]["type"] != "message":
                 yield from self._close()
@@ -450,6 +534,10 @@ class EventStream:
                              **self._where(content_index=0))
             yield self._part_event("response.content_part.done", text)
             done = message_item(text, iid=item["id"])
+        elif item["type"] == "reasoning":
+            yield self.event("response.reasoning_text.done", text=text,
+                             **self._where(content_index=0))
+            done = reasoning_item(text, self.with_encrypted, iid=item["id"])
         else:
             yield self.event("response.function_call_arguments.done", arguments=text,
                              name=item["name"], **self._where())
@@ -482,7 +570,9 @@ def add_responses_routes(app: FastAPI, state, admit, run_generation) -> None:
             if entry is not None:
                 store.put(rid, entry)
             return await run_generation(request, state, gen,
-                                        on_stream=lambda s: _streamed(head, entry, s, convo))
+                                        on_stream=lambda s: _streamed(
+                                            head, entry, s, convo,
+                                            ENCRYPTED in (req.include or ())))
         return await run_generation(request, state, gen,
                                     on_result=lambda r: _finished(store, req, head, r, convo))
 
@@ -511,7 +601,8 @@ def _finished(store: ResponseStore, req: ResponsesRequest, head: dict, chat: dic
               convo: list[dict]) -> dict:
     choice = chat["choices"][0]
     status = status_of(choice["finish_reason"])
-    output = settle_items(output_of(choice["message"]), status)
+    output = settle_items(output_of(choice["message"], ENCRYPTED in (req.include or ())),
+                          status)
     response = {**head, "status": status, "output": output,
                 "usage": usage_of(chat.get("usage"))}
     if response["status"] == "incomplete":
@@ -521,8 +612,9 @@ def _finished(store: ResponseStore, req: ResponsesRequest, head: dict, chat: dic
     return response
 
 
-async def _streamed(head: dict, entry: Stored | None, stream, convo: list[dict]):
-    events = EventStream(head, entry)
+async def _streamed(head: dict, entry: Stored | None, stream, convo: list[dict],
+                    with_encrypted: bool):
+    events = EventStream(head, entry, with_encrypted)
     async with aclosing(events.run(stream)) as out:
         async for b in out:
             yield b

@@ -123,7 +123,7 @@ def test_tools_follow_the_chat_path(ac, server):
     tool = {"name": "get_weather", "description": "Weather of a city",
             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                              "required": ["city"]}}
-    kwargs = dict(model=server.model, max_tokens=40, tools=[tool], temperature=0,
+    kwargs = dict(model=server.model, max_tokens=40, tools=[tool], extra_body=GREEDY,
                   tool_choice={"type": "any", "disable_parallel_tool_use": True},
                   messages=[{"role": "user", "content": "Weather in Paris?"}])
     m = ac.messages.create(**kwargs)
@@ -155,7 +155,7 @@ def test_auth(server):
     ({"max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                      "data": "AA=="}}]}]}, "image"),
-    ({"max_tokens": 4, "messages": [{"role": "system", "content": "hi"}]}, "role"),
+    ({"max_tokens": 4, "messages": [{"role": "tool", "content": "hi"}]}, "role"),
     ({"max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "tool_result", "content": "22 C"}]}]}, "tool_use_id"),
     ({"max_tokens": 4, "messages": [{"role": "user", "content": [
@@ -177,3 +177,72 @@ def test_errors_have_anthropic_shape(http, body, needle):
     assert err["type"] == "error" and needle in err["error"]["message"], err
     assert err["error"]["type"] == ("not_found_error" if r.status_code == 404
                                     else "invalid_request_error")
+
+
+# --------------------------------------------------------------- thinking (no model needed)
+def _chunks(*deltas, finish="stop"):
+    async def gen():
+        for d in deltas:
+            yield ("data: " + json.dumps({"choices": [{"delta": d, "finish_reason": None}]})
+                   + "\n\n").encode()
+        yield ("data: " + json.dumps({"choices": [{"delta": {}, "finish_reason": finish}],
+               "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+               + "\n\n").encode()
+    return gen()
+
+
+def _events(stream) -> list[dict]:
+    import asyncio
+
+    async def run():
+        return [json.loads(b.decode().split("data: ", 1)[1]) async for b in stream]
+    return asyncio.run(run())
+
+
+def test_thought_streams_as_a_thinking_block_before_text():
+    from ostinato.server.anthropic import EventStream, MessagesRequest, signature
+    req = MessagesRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=9)
+    ev = _events(EventStream(req, "m", 3).run(_chunks(
+        {"reasoning_content": "sky "}, {"reasoning_content": "is blue"}, {"content": "Yes."})))
+    kinds = [(e["type"], (e.get("delta") or e.get("content_block") or {}).get("type"))
+             for e in ev]
+    assert kinds[2:] == [("content_block_start", "thinking"),
+                         ("content_block_delta", "thinking_delta"),
+                         ("content_block_delta", "thinking_delta"),
+                         ("content_block_delta", "signature_delta"),
+                         ("content_block_stop", None),
+                         ("content_block_start", "text"), ("content_block_delta", "text_delta"),
+                         ("content_block_stop", None), ("message_delta", None),
+                         ("message_stop", None)]
+    assert ev[5]["delta"]["signature"] == signature("sky is blue") and ev[8]["index"] == 1
+
+
+def test_thinking_options_and_history():
+    from ostinato.server.anthropic import MessagesRequest, to_chat
+    from ostinato.server.protocol import APIError
+    turn = {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature":
+                                              "x"}, {"type": "text", "text": "a"}]}
+    msgs = [{"role": "user", "content": "q"}, turn, {"role": "user", "content": "q2"}, turn,
+            {"role": "system", "content": "mid"}, {"role": "user", "content": "q3"}]
+
+    def chat(**kw):
+        req = MessagesRequest(messages=msgs, max_tokens=5, **kw)
+        req.check(template_thinks=True)
+        return to_chat(req).messages
+
+    kept = [m.get("reasoning_content") for m in chat() if m["role"] == "assistant"]
+    assert kept == ["t", "t"]
+    cleared = chat(context_management={"edits": [{"type": "clear_thinking_20251015"}]})
+    assert [m.get("reasoning_content") for m in cleared if m["role"] == "assistant"] == \
+        [None, "t"]
+    assert cleared[4] == {"role": "system", "content": "mid"}
+    assert chat(thinking={"type": "disabled"}) and MessagesRequest(
+        messages=msgs, max_tokens=5, thinking={"type": "disabled"}).template_kwargs() == \
+        {"enable_thinking": False}
+    chat(thinking={"type": "adaptive"}, output_config={"effort": "high"})
+    for bad in ({"thinking": {"type": "enabled", "budget_tokens": 1024}},
+                {"output_config": {"effort": "low"}},
+                {"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}):
+        with pytest.raises(APIError) as e:
+            chat(**bad)
+        assert e.value.param == next(iter(bad)), bad

@@ -167,8 +167,10 @@ def test_function_tools_follow_the_chat_path(client, server):
 @pytest.mark.parametrize("body, param", [
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "hi", "background": True}, "background"),
-    ({"input": "hi", "include": ["reasoning.encrypted_content"]}, "include"),
+    ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
     ({"input": "hi", "reasoning": {"effort": "high"}}, "reasoning"),
+    ({"input": "hi", "reasoning": {"summary": "detailed"}}, "reasoning"),
+    ({"input": "hi", "tools": [{"type": "namespace", "name": "n", "tools": []}]}, "tools"),
     ({"input": "hi", "conversation": "conv_1"}, "conversation"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input"),
@@ -216,3 +218,52 @@ def test_disconnect_aborts(server, http):
             return
         time.sleep(0.2)
     pytest.fail(f"the engine request was not aborted: {running}")
+
+
+# --------------------------------------------------------------- reasoning (no model needed)
+def test_thought_streams_as_a_reasoning_item_before_the_message():
+    import asyncio
+
+    from ostinato.server.responses import EventStream, encrypted
+
+    async def chunks():
+        for d in ({"reasoning_content": "sky "}, {"reasoning_content": "is blue"},
+                  {"content": "Yes."}):
+            yield ("data: " + json.dumps({"choices": [{"delta": d}]}) + "\n\n").encode()
+        yield ("data: " + json.dumps({"choices": [{"delta": {}, "finish_reason": "stop"}]})
+               + "\n\n").encode()
+
+    async def run():
+        es = EventStream({"id": "r", "error": None}, None, with_encrypted=True)
+        return [json.loads(b.decode().split("data: ", 1)[1]) async for b in es.run(chunks())]
+    ev = asyncio.run(run())
+    assert [e["type"] for e in ev[2:7]] == [
+        "response.output_item.added", "response.reasoning_text.delta",
+        "response.reasoning_text.delta", "response.reasoning_text.done",
+        "response.output_item.done"]
+    assert [e["sequence_number"] for e in ev] == list(range(len(ev)))
+    done = ev[6]["item"]
+    assert done["content"] == [{"type": "reasoning_text", "text": "sky is blue"}]
+    assert done["encrypted_content"] == encrypted("sky is blue")
+    final = ev[-1]["response"]["output"]
+    assert [o["type"] for o in final] == ["reasoning", "message"]
+
+
+def test_reasoning_items_given_back():
+    from ostinato.server.responses import ResponsesRequest, encrypted, to_chat
+    req = ResponsesRequest(input=[
+        {"role": "user", "content": "q"},
+        {"type": "reasoning", "summary": [], "encrypted_content": encrypted("t1")},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "r"},
+        {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text",
+                                                          "text": "t2"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
+        {"role": "user", "content": "q2"}], reasoning={"summary": "auto", "effort": "none"},
+        include=["reasoning.encrypted_content"], client_metadata={"session_id": "s"})
+    req.check()
+    chat, _ = to_chat(req, [])
+    got = [(m["role"], m.get("reasoning_content")) for m in chat.messages]
+    assert got == [("user", None), ("assistant", "t1"), ("tool", None), ("assistant", "t2"),
+                   ("user", None)]
+    assert chat.chat_template_kwargs == {"enable_thinking": False}
