@@ -100,3 +100,8 @@ SOAK_ARGS    ?=
 .PHONY: soak
 soak: install-test pull              ## bounded soak: 64 concurrent mixed clients, $(SOAK_SECONDS) s (pass/fail JSON)
 	$(BIN)/python scripts/soak.py --model $(MODEL) --duration $(SOAK_SECONDS) --concurrency 64 $(SOAK_ARGS)
+
+.PHONY: agents-test
+agents-test: install-test            ## Claude Code and Codex CLI (npm) against the real server (~4 min)
+	$(BIN)/ostinato pull qwen2.5-coder-0.5b-instruct
+	$(BIN)/python -m pytest -m agents tests/agents $(PYTEST_ARGS)
