@@ -359,6 +359,28 @@ def test_gemma3_vocabulary_and_answer(gemma_path):
     assert out.finish_reason == "stop" and out.token_ids[-1] in tok.eos_token_ids
 
 
+@pytest.mark.model
+def test_vacuous_property_names_compile(tok, compiler):
+    """propertyNames {"type": "string"} (every key is a string; zod writes it for a record,
+    Claude Code's tools carry it) is dropped before compiling; a property that is named
+    propertyNames is kept; any other propertyNames is still llguidance's to refuse."""
+    from ostinato.structured import GrammarError
+    from ostinato.structured.compiler import compilable
+    record = {"type": "object", "propertyNames": {"type": "string"},
+              "additionalProperties": {"type": "integer"}}
+    named = {"type": "object", "properties": {"propertyNames": {"type": "string"}},
+             "required": ["propertyNames"]}
+    assert compilable({"type": "object", "properties": {"meta": record}}) == \
+        {"type": "object", "properties": {"meta": {"type": "object", "additionalProperties":
+                                                   {"type": "integer"}}}}
+    assert compilable(named) == named
+    compiler.compile(SO(json={"type": "object", "properties": {"meta": record}}))
+    assert _accepts(tok, compiler, f"start: %json {json.dumps(named)}",
+                    '{"propertyNames": "x"}')
+    with pytest.raises(GrammarError, match="propertyNames"):
+        compiler.compile(SO(json={"type": "object", "propertyNames": {"pattern": "^a"}}))
+
+
 def _accepts(tok, compiler, grammar: str, text: str) -> bool:
     """Whether the grammar lets `text` (as the tokenizer splits it) through and then ends."""
     c = compiler.compile(SO(grammar=grammar)).new_constraint()

@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import APIError, bad_request, parse_body
-from .responses import admit_as, chat_chunks, chat_request, sse_event, without_vacuous
+from .responses import admit_as, chat_chunks, chat_request, sse_event
 from .serving import chat_job
 from ..structured.toolparse import thinks
 from .transport import anthropic_error
@@ -218,7 +218,7 @@ def _tool(t: dict, i: int) -> dict:
             or "input_schema" not in t:
         raise bad_request(f"tools[{i}]: only custom tools with a name and an input_schema "
                           f"are supported, got {json.dumps(t)[:80]}", "tools")
-    fn = {"name": t.get("name"), "parameters": without_vacuous(t["input_schema"])}
+    fn = {"name": t.get("name"), "parameters": t["input_schema"]}
     if t.get("description"):
         fn["description"] = t["description"]
     return {"type": "function", "function": fn}

@@ -212,9 +212,10 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         state.check_model(model_id)
         return _model_card(state, llm)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index():
-        # the chat page (static/); the CSP forbids inline script and any other origin
+        # the chat page (static/); the CSP forbids inline script and any other origin.
+        # HEAD too: clients probe the base URL so before their first request (Claude Code)
         return FileResponse(_STATIC / "index.html", headers=_PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")

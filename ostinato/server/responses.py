@@ -229,27 +229,12 @@ def _convo_tail(convo: list[dict]) -> list[dict]:
     return [m for m in convo if THOUGHT not in m]
 
 
-def without_vacuous(schema):
-    """The schema without `propertyNames: {"type": "string"}`, which every JSON object
-    satisfies (its keys are strings) and the grammar engine does not compile (Claude Code's
-    TaskCreate/TaskUpdate `metadata` records carry it, as zod writes a record). Nothing else
-    is changed: any other propertyNames still reaches the engine and is refused there."""
-    if isinstance(schema, list):
-        return [without_vacuous(v) for v in schema]
-    if not isinstance(schema, dict):
-        return schema
-    return {k: without_vacuous(v) for k, v in schema.items()
-            if not (k == "propertyNames" and v == {"type": "string"})}
-
-
 def _tool(t: dict, i: int) -> dict:
     if not isinstance(t, dict) or t.get("type") != "function":
         kind = t.get("type") if isinstance(t, dict) else t
         raise bad_request(f"tools[{i}]: tool type {kind!r} is not supported; this server "
                           "runs function tools only", "tools")
     fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
-    if "parameters" in fn:
-        fn["parameters"] = without_vacuous(fn["parameters"])
     return {"type": "function", "function": fn}
 
 

@@ -153,12 +153,37 @@ def answer_lark(spec: StructuredOutputsParams) -> str | None:
         if not isinstance(schema, dict):
             raise GrammarError(f"json: a schema is an object or a boolean, not "
                                f"{type(schema).__name__}")
-        return "start: %json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+        return "start: %json " + json.dumps({**compilable(schema), "x-guidance": JSON_OPTIONS})
     if kind == "choice":
         return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value)
     if kind == "regex":
         return "start: /" + value.replace("/", "\\/") + "/"
     return None
+
+
+# keywords whose value maps names to schemas, and those whose value is data, not a schema
+_NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_DATA = ("enum", "const", "default", "examples")
+
+
+def compilable(schema):
+    """The schema without `propertyNames: {"type": "string"}`, which every JSON object meets
+    (its keys are strings) and llguidance does not compile (zod writes it for a record:
+    Claude Code's tools carry it). Any other propertyNames is left for llguidance to
+    refuse."""
+    if isinstance(schema, list):
+        return [compilable(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "propertyNames" and v == {"type": "string"}:
+            continue
+        if k in _NAMED_SCHEMAS and isinstance(v, dict):
+            out[k] = {name: compilable(sub) for name, sub in v.items()}
+        else:
+            out[k] = v if k in _DATA else compilable(v)
+    return out
 
 
 def _json_grammar(schema) -> str:
@@ -174,7 +199,8 @@ def _json_grammar(schema) -> str:
         raise GrammarError("json: x-guidance (llguidance's own options) is not accepted: "
                            "the server sets the whitespace and strictness")
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(compilable(schema),
+                                                             overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"json: {_short(str(e))}") from None
 

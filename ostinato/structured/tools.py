@@ -27,7 +27,7 @@ import string
 import uuid
 from dataclasses import dataclass, field
 
-from .compiler import JSON_OPTIONS
+from .compiler import JSON_OPTIONS, compilable
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")      # OpenAI's rule for a function name
 FAMILIES = ("hermes", "llama3", "mistral", "mistral_args", "generic")
@@ -192,7 +192,7 @@ class ToolPlan:
 
 def _json_rule(schema: dict) -> str:
     """A JSON value held to `schema`, inside a Lark grammar, with the server's whitespace."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+    return "%json " + json.dumps({**compilable(schema), "x-guidance": JSON_OPTIONS})
 
 
 def _literal(text: str, token: int | None) -> str:

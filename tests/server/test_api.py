@@ -203,3 +203,9 @@ def test_raw_stream_format(http, server):
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]].count("length") == 1
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_head_of_the_base_url(server):
+    """Clients probe the base URL with HEAD before their first request (Claude Code does)."""
+    import httpx
+    assert httpx.head(server.base + "/", timeout=30).status_code == 200
