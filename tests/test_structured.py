@@ -501,6 +501,24 @@ def test_each_family_holds_its_own_call_form(tok, compiler, family, choice):
 
 
 @pytest.mark.model
+def test_calls_read_not_held_are_checked_against_their_schema(tok, compiler):
+    """A call the grammar did not hold (a bare hermes call, llama3's and the mistrals' auto)
+    comes back as a call only if its arguments hold the tool's schema; else it is text."""
+    from ostinato.structured.toolparse import ToolCallParser
+    from ostinato.structured.tools import arguments_check, check_tools
+    tools = check_tools(WEATHER)
+    valid = arguments_check(compiler, tok, tools)
+    assert valid("get_weather", '{"city": "Oslo"}') and valid("add", '{"a": 1, "b": 2}')
+    assert not valid("get_weather", '{"city": 7}') and not valid("add", '{"a": 1}')
+    for answer, calls in (('{"name": "add", "arguments": {"a": 1, "b": 2}}', 1),
+                          ('{"name": "add", "arguments": {"a": "one"}}', 0)):
+        p = ToolCallParser("hermes", tools, valid)
+        p.feed(answer)
+        p.finish()
+        assert len(p.calls) == calls
+
+
+@pytest.mark.model
 def test_hermes_auto_holds_one_call_when_parallel_is_off(tok, compiler):
     from ostinato.structured.tools import ToolPlan, check_tools
     call = CALL_TEXTS["hermes"][0]

@@ -37,6 +37,11 @@ CASES = [
     ("hermes", '{"name": "get_weather", "arguments": {"city": "Paris"}}\n{"name": "add", '
      '"arguments": {"a": 1}}', None, [("get_weather", {"city": "Paris"}), ("add", {"a": 1})]),
     ("hermes", '{"answer": 42}', '{"answer": 42}', []),
+    ("hermes", '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```', None,
+     [("get_weather", {"city": "Paris"})]),
+    ("hermes", '```\n{"name": "add", "arguments": {"a": 1}}\n```\n', None, [("add", {"a": 1})]),
+    ("hermes", '```python\nprint("hi")\n```', '```python\nprint("hi")\n```', []),
+    ("hermes", '`code` and more', '`code` and more', []),
     ("hermes", '<tool_call>\n{"name": "f", "arguments": {"a": 1}}', None, [("f", {"a": 1})]),
     ("llama3", '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
      '{"name": "get_weather", "parameters": {"city": "a;b"}}', None,
@@ -125,6 +130,23 @@ def test_pieces_give_the_whole(family, answer, text, calls):
         # the streamed arguments are the call's arguments exactly
         assert [c[2] for c in got[2]] == [c.arguments for c in p.calls]
         assert [c[0] for c in got[2]] == [c.id for c in p.calls]
+
+
+@pytest.mark.parametrize("family, answer", [
+    ("hermes", '<tool_call>\n{"name": "rm_rf", "arguments": {"path": "/"}}\n</tool_call>'),
+    ("hermes", '{"name": "rm_rf", "arguments": {}}'),
+    ("llama3", '{"name": "rm_rf", "parameters": {}}'),
+    ("mistral", '[TOOL_CALLS][{"name": "rm_rf", "arguments": {}}]'),
+    ("mistral_args", "[TOOL_CALLS]rm_rf[ARGS]{}"),
+    ("generic", '{"tool_calls": [{"name": "rm_rf", "arguments": {}}]}'),
+])
+def test_a_call_of_a_tool_not_given_is_text(family, answer):
+    """Only the request's tools are called: a call of any other name stays text (whole or
+    in pieces)."""
+    for pieces in ([answer], list(answer)):
+        p = ToolCallParser(family, names={"get_weather", "add"})
+        text, _, calls = merged(run(p, pieces))
+        assert calls == [] and p.calls == [] and text == answer.strip()
 
 
 def test_hermes_arguments_stream_before_the_call_ends():

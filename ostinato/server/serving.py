@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,7 +31,7 @@ from ..structured import GrammarError
 from ..structured.compiler import after_thought, answer_lark
 from ..structured.toolparse import (AnswerReader, CallArgs, CallStart, Reasoning, Text,
                                     prompt_in_thought, thinks)
-from ..structured.tools import ToolPlan, family_of, template_messages
+from ..structured.tools import ToolPlan, arguments_check, family_of, template_messages
 from ..tokenizer import ChatTemplateError
 
 log = logging.getLogger("ostinato.server")
@@ -53,6 +53,7 @@ class Job:
     keep: int | None = None                 # best_of: the n best of params.n per prompt
     fingerprint: str | None = None          # system_fingerprint
     tools: ToolPlan | None = None           # chat: the tools, read back when active
+    check_call: Callable | None = None      # chat: valid(name, arguments) of unheld calls
     think: bool | None = None               # chat: None, or whether the answer starts in
     created: int = field(default_factory=lambda: int(time.time()))     # a <think>
 
@@ -61,7 +62,8 @@ class Job:
         family = self.tools.family if self.tools is not None and self.tools.active else None
         if family is None and self.think is None:
             return None
-        return AnswerReader(family, self.think)
+        return AnswerReader(family, self.think, set(self.tools.tools) if family else None,
+                            self.check_call)
 
     @property
     def num_choices(self) -> int:
@@ -91,8 +93,10 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
     params = _with_tools(llm, plan, req.sampling_params(max_tokens, req.requested_logprobs()))
     params, think = _after_thought(req, plan, params, think)
     compile_constraint(llm, req, params, plan)
+    check = (arguments_check(llm.engine.grammars, llm.tokenizer, plan.tools)
+             if plan is not None and plan.active else None)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, req.stream,
-               req.include_usage, tools=plan, think=think)
+               req.include_usage, tools=plan, think=think, check_call=check)
 
 
 def render_chat(llm, req, plan: ToolPlan | None) -> str:
@@ -182,10 +186,14 @@ def compile_constraint(llm, req, params: SamplingParams, plan: ToolPlan | None =
     """Compile the request's output constraint now (this runs off the event loop and off the
     engine thread; the engine finds it cached): an invalid, unsupported or too complex one
     is a 400 before anything is queued or streamed."""
-    if params.structured_outputs is None:
-        return
+    specs = [params.structured_outputs] if params.structured_outputs is not None else []
+    if plan is not None and plan.choice == "auto":
+        # calls the grammar may not hold (a bare hermes call, llama3's and the mistrals'
+        # auto) have their arguments checked against these when read (arguments_check)
+        specs += [StructuredOutputsParams(json=p) for p in plan.tools.values()]
     try:
-        llm.engine.grammars.compile(params.structured_outputs)
+        for spec in specs:
+            llm.engine.grammars.compile(spec)
     except GrammarError as e:
         field = "tools" if plan is not None and plan.active else next(iter(req.constraints()))
         raise bad_request(f"{field}: {e}", field.split(".")[0]) from None

@@ -92,11 +92,17 @@ _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:argument
 class ToolCallParser:
     """Text and calls out of an answer in one family's format (see tools.py)."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, names=None, valid=None):
+        """names: the tools of the request; a call of any other name is left as text (None:
+        any name). valid(name, arguments) -> bool: whether a call read whole holds its
+        tool's schema (one that fails is text); calls that stream as they come are held by
+        the grammar already."""
         if family not in FAMILIES:
             raise ValueError(f"unknown tool-call family {family!r}; known: "
                              f"{', '.join(FAMILIES)}")
         self.family = family
+        self.names = frozenset(names) if names is not None else None
+        self.valid = valid
         self.buf = ""
         self.marked = family in ("hermes", "mistral", "mistral_args")   # calls open with a tag
         self.state = "start" if family in ("hermes", "llama3", "generic") else "text"
@@ -147,15 +153,24 @@ class ToolCallParser:
     def _start(self, out: list[Event]) -> bool:
         """llama3, generic and hermes: whether the answer is a bare call (or calls) shows at
         its first character. Small Qwen models often write hermes calls without the tags,
-        as llama.cpp's parser also accepts."""
+        or in a ```json block, as llama.cpp's parser also accepts."""
         head = self.buf.lstrip()
         tag = self.family == "llama3"
         if self.family == "generic" or head.startswith("{") or tag and head.startswith(
                 PYTHON_TAG):
             self.state = "whole"
             return False
-        if not head or tag and PYTHON_TAG.startswith(head):
-            return False                    # may still be <|python_tag|>: wait
+        if self.family == "hermes" and head.startswith("```"):
+            line, newline, rest = head.partition("\n")
+            rest = rest.lstrip()
+            if not newline or not rest:
+                return False                # the fence's first line or what follows: wait
+            self.state = "whole" if line.strip() in ("```", "```json") and \
+                rest.startswith("{") else "text"
+            return self.state == "text"
+        if not head or tag and PYTHON_TAG.startswith(head) or \
+                self.family == "hermes" and "```".startswith(head):
+            return False                    # may still be <|python_tag|> or a fence: wait
         self.state = "text"
         return True
 
@@ -167,7 +182,7 @@ class ToolCallParser:
         calls = read[self.family](text)
         if isinstance(calls, str):          # generic's {"response": ...}
             return self.text.add(calls)
-        if calls is None:
+        if self._known(calls) is None:
             return self.text.add(text)
         return self._emit(calls)
 
@@ -182,7 +197,7 @@ class ToolCallParser:
             m = _HEAD.match(body)
             if m:
                 name = _json_string(m.group(1))
-                if name is not None:
+                if name is not None and self._known([ToolCall(name, "")]):
                     self._open = ToolCall(name, "", new_call_id(self.family))
                     self._args_at = m.end()
                     out.append(CallStart(len(self.calls), self._open))
@@ -218,10 +233,21 @@ class ToolCallParser:
             self._open = None
             return out
         call = _one_call(body)
-        if call is None:                    # not a call: back into the text
+        if self._known([call] if call else None) is None:   # not a call: back into the text
             tail = HERMES_OPEN + body + (HERMES_CLOSE if closed else "")
             return self.text.add(tail)
         return self._emit([call])
+
+    def _known(self, calls: list[ToolCall] | None) -> list[ToolCall] | None:
+        """The calls, if there are any and each names one of the request's tools (and holds
+        its schema, where that is checked)."""
+        if not calls or self.names is not None and any(c.name not in self.names
+                                                       for c in calls):
+            return None
+        if self.valid is not None and not all(self.valid(c.name, c.arguments) for c in calls
+                                              if c.arguments):
+            return None
+        return calls
 
     def _emit(self, calls: list[ToolCall]) -> list[Event]:
         out: list[Event] = []
@@ -233,7 +259,7 @@ class ToolCallParser:
 
     def _mistral_calls(self, text: str) -> list[Event]:
         calls = (_args_calls(text) if MISTRAL_ARGS in text else _array_of_calls(text.strip()))
-        if calls is None:
+        if self._known(calls) is None:
             return self.text.add(MISTRAL_OPEN + text)
         return self._emit(calls)
 
@@ -344,8 +370,12 @@ def _llama3_calls(text: str) -> list[ToolCall] | None:
 
 
 def _bare_calls(text: str) -> list[ToolCall] | None:
-    """One or more call objects, one after another (whitespace between), and nothing else."""
+    """One or more call objects, one after another (whitespace between), and nothing else;
+    perhaps in a ``` or ```json block."""
     decoder, text, at, calls = json.JSONDecoder(), text.strip(), 0, []
+    if text.startswith("```"):
+        text = text.partition("\n")[2].strip()
+        text = text[:-3].strip() if text.endswith("```") else text
     while at < len(text):
         try:
             obj, at = decoder.raw_decode(text, at)
@@ -443,11 +473,12 @@ class AnswerReader:
     """One choice's answer read as it streams: the thought split off first (when the
     template thinks), then the text read for calls (when tools are active)."""
 
-    def __init__(self, family: str | None, think: bool | None):
+    def __init__(self, family: str | None, think: bool | None, names=None, valid=None):
         """family: the call format, None when calls are not read; think: None when the
-        template does not think, else whether the answer starts inside the thought."""
+        template does not think, else whether the answer starts inside the thought; names:
+        the request's tools (a call of another name is text); valid: ToolCallParser's."""
         self.thought = ReasoningParser(think) if think is not None else None
-        self.tools = ToolCallParser(family) if family is not None else None
+        self.tools = ToolCallParser(family, names, valid) if family is not None else None
 
     @property
     def calls(self) -> list[ToolCall]:

@@ -227,6 +227,31 @@ def _generic_grammar(tools: dict[str, dict], forced: bool, many: bool) -> str:
     return "start: " + _json_rule(form)
 
 
+def arguments_check(grammars, tokenizer, tools: dict[str, dict]):
+    """valid(name, arguments) for the calls the grammar did not hold (a bare hermes call,
+    llama3's and the mistrals' auto): the arguments text walked through the tool's schema,
+    compiled as any schema is (cached). A schema that cannot be compiled cannot be checked:
+    its calls pass."""
+    from ..params import StructuredOutputsParams
+    from .compiler import GrammarError
+
+    def valid(name: str, arguments: str) -> bool:
+        try:
+            held = grammars.compile(StructuredOutputsParams(json=tools[name])).new_constraint()
+        except (GrammarError, KeyError):
+            return True
+        try:
+            for t in tokenizer.encode(arguments, add_special_tokens=False):
+                if held.forbidden()[t]:
+                    return False
+                held.advance(t)
+            end = held.forbidden()
+            return not all(end[e] for e in grammars.eos_ids)
+        except RuntimeError:            # the grammar refused a token, or allows none
+            return False
+    return valid
+
+
 # ------------------------------------------------------------------ the prompt
 def template_messages(messages: list[dict], plan: ToolPlan | None, family: str) -> list[dict]:
     """OpenAI messages as the chat template takes them: an assistant turn's calls with their

@@ -4,9 +4,9 @@ through the official `openai` client against real servers on loopback ports, gre
 
 Two families stand in for llama.cpp's list of models and templates:
 
-    hermes   Qwen2.5-Coder-0.5B-Instruct, its own template (<tool_call> JSON): one server
-             started by this module (llama.cpp runs the same format on Qwen2.5-Coder-3B and
-             Qwen2.5-1.5B/7B)
+    hermes   Qwen2.5-Coder-0.5B-Instruct, its own template (<tool_call> JSON), the session's
+             shared Qwen server (tests/server/conftest.py); llama.cpp runs the same format
+             on Qwen2.5-Coder-3B and Qwen2.5-1.5B/7B
     generic  SmolLM2-135M-Instruct, the session `server` (a ChatML template with no tool
              syntax: the answer is held to {"tool_calls": [...]} or {"response": ...}; the
              nearest thing here to llama.cpp's "chatml" template-override rows)
@@ -79,7 +79,6 @@ import re
 import jsonschema
 import openai
 import pytest
-from serverproc import start_server, stop_server
 
 from conftest import API_KEY  # tests/server/conftest.py
 
@@ -136,18 +135,10 @@ CALC_HISTORY = [
 
 # ------------------------------------------------------------------ servers and answers
 @pytest.fixture(scope="module")
-def qwen():
-    """Qwen2.5-Coder-0.5B-Instruct, this module's own server (the hermes family): its
+def qwen(qwen_client, qwen_server):
+    """Qwen2.5-Coder-0.5B-Instruct (the hermes family), the session's shared server: its
     (openai client, model id)."""
-    from modelfiles import model_file
-    proc = start_server(model_file("qwen2.5-coder-0.5b-instruct"), "--max-model-len", "2048",
-                        "--kv-cache-gb", "0.25", "--api-key", API_KEY)
-    try:
-        client = openai.OpenAI(base_url=proc.base + "/v1", api_key=API_KEY, max_retries=0,
-                               timeout=120)
-        yield client, proc.model
-    finally:
-        stop_server(proc)
+    return qwen_client, qwen_server.model
 
 
 @pytest.fixture
@@ -418,10 +409,6 @@ BARE = [pytest.param({"name": "delete_everything", "arguments": {"force": True}}
                      id="arguments-not-valid")]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "hermes 'auto': an answer that is bare call JSON (no <tool_call> tags, so not held by "
-    "the grammar) comes back as tool_calls without checking it against `tools`: an "
-    "undefined function, arguments its schema refuses"))
 @family("hermes")
 @pytest.mark.parametrize("call", BARE)
 @pytest.mark.parametrize("mode", MODES)
