@@ -290,23 +290,20 @@ def plain_greedy(params: SamplingParams, num_output: int, held: bool = False) ->
             and p.presence_penalty == 0.0 and num_output >= p.min_tokens)
 
 
-def held_greedy_choices(logits: torch.Tensor, forbidden: np.ndarray) -> list[tuple[int, float] | None]:
-    """For each row of (rows, vocab) RAW logits and its grammar's (rows, vocab) bool mask:
-    (the argmax of the allowed tokens, its log-probability under the raw distribution), the
-    same values process_logits + sample() + top_logprobs() give one row at a time, all rows
-    in two parallel C++ calls. None for a row to take the per-row way (NaN or infinite
-    logits, no allowed token, logits not on the CPU)."""
+def held_greedy_choices(logits: torch.Tensor, allowed: np.ndarray) -> list[tuple[int, float] | None]:
+    """For each row of (rows, vocab) RAW logits and its grammar's allowed-token bits ((rows,
+    words) int32, bit t: token t allowed): (the argmax of the allowed tokens, its
+    log-probability under the raw distribution), the same values process_logits + sample()
+    + top_logprobs() give one row at a time, all rows in one parallel C++ pass. None for a
+    row to take the per-row way (NaN or infinite logits, no allowed token, not on the CPU)."""
     if logits.device.type != "cpu" or logits.dim() != 2:
         return [None] * len(logits)
     from .kernels import ops
     raw = logits.float().contiguous()
-    masked = raw.clone()
-    masked.numpy()[forbidden] = NEG_INF
-    picked, _ = ops().greedy_rows(masked)
-    top, logsum = ops().greedy_rows(raw)
+    picked, top, logsum = ops().held_greedy_rows(raw, torch.from_numpy(allowed))
     out: list[tuple[int, float] | None] = []
     for r, (t, m, ls) in enumerate(zip(picked.tolist(), top.tolist(), logsum.tolist())):
-        if t < 0 or m < 0:
+        if t < 0:
             out.append(None)
             continue
         # as top_logprobs: float32 (x - max) - log(sum(exp(x - max)))

@@ -120,10 +120,11 @@ class ModelRunner:
             return {}
         held = [_constraint(sampling[j]) for j in rows]
         try:
-            forbidden = Constraint.forbidden_rows(held)
+            allowed = Constraint.allowed_rows(held)
         except RuntimeError:            # a failed grammar: each row fails on its own
             return {}
-        out = dict(zip(rows, held_greedy_choices(logits[rows], forbidden)))
+        picked = logits if len(rows) == len(sampling) else logits[rows]
+        out = dict(zip(rows, held_greedy_choices(picked, allowed)))
         for j, c in zip(rows, held):
             if out[j] is not None:
                 try:

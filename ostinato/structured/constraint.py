@@ -53,18 +53,17 @@ class Constraint:
         return bits[: self.vocab_size].view(np.bool_)
 
     @staticmethod
-    def forbidden_rows(constraints: list[Constraint]) -> np.ndarray:
-        """(len, vocab) bool: each constraint's forbidden() as one array, in one unpacking
-        (each mask counts as read, as by forbidden()). Raises as forbidden() does."""
+    def allowed_rows(constraints: list[Constraint]) -> np.ndarray:
+        """(len, words) int32: each constraint's allowed-token bits (bit t: token t), as one
+        array; each mask counts as read, as by forbidden(). Raises as forbidden() does when
+        a grammar failed."""
         for c in constraints:
             if not c._ready:
                 c._m.unsafe_compute_mask_ptr(c._bits.ctypes.data, c._bits.nbytes)
             c._ready = False
             if c._m.is_error():
                 raise RuntimeError(f"the grammar failed: {c._m.get_error()}")
-        words = np.stack([c._bits for c in constraints])
-        bits = np.unpackbits(np.invert(words).view(np.uint8), axis=1, bitorder="little")
-        return bits[:, : constraints[0].vocab_size].view(np.bool_)
+        return np.stack([c._bits for c in constraints])
 
     def advance(self, token: int) -> None:
         self._ready = False

@@ -94,3 +94,52 @@ std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor logits) {
   }
   return {ids, logsum};
 }
+
+// Greedy choice under a grammar, for each row of (S, vocab) logits and its allowed-token
+// bit mask (S, words) int32 (bit t % 32 of word t / 32: token t allowed): the first index of
+// the row's largest allowed logit, and, as greedy_rows gives them, the raw row's first argmax
+// and log(sum(exp(x - max))) (the chosen token's raw log-probability is then
+// (x[pick] - x[top]) - logsum). A row with a NaN, an infinite max or no allowed finite logit
+// gets pick -1: the caller takes it the slow way. One pass over the allowed bits: no mask is
+// unpacked and no masked copy made.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> held_greedy_rows(torch::Tensor logits,
+                                                                         torch::Tensor allowed) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.dtype() == torch::kFloat32,
+              "held_greedy_rows: logits must be contiguous (rows, vocab) f32");
+  const int64_t S = logits.size(0), n = logits.size(1);
+  TORCH_CHECK(allowed.dim() == 2 && allowed.is_contiguous() && allowed.dtype() == torch::kInt32
+              && allowed.size(0) == S && allowed.size(1) * 32 >= n,
+              "held_greedy_rows: allowed must be contiguous (rows, >= vocab / 32) int32");
+  const int64_t words = allowed.size(1);
+  auto pick = torch::empty({S}, torch::kInt64), top = torch::empty({S}, torch::kInt64);
+  auto logsum = torch::empty({S}, torch::kFloat64);
+  const float* x = logits.data_ptr<float>();
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(allowed.data_ptr<int32_t>());
+  int64_t *pp = pick.data_ptr<int64_t>(), *tp = top.data_ptr<int64_t>();
+  double* lp = logsum.data_ptr<double>();
+#pragma omp parallel for schedule(dynamic, 1) if (S > 1 && S * n >= (1 << 17))
+  for (int64_t r = 0; r < S; ++r) {
+    const float* row = x + r * n;
+    int64_t above = 0, at = -1, best_at = -1;
+    const float mx = row_max(row, n, INFINITY, &above);
+    if (std::isfinite(mx)) {
+      for (int64_t i = 0; i < n && at < 0; i += 8) {      // the first lane equal to the max
+        const int hit = _mm256_movemask_ps(
+            _mm256_cmp_ps(load8_logits(row, i, n), _mm256_set1_ps(mx), _CMP_EQ_OQ));
+        if (hit) at = i + __builtin_ctz(hit);
+      }
+      float best = -INFINITY;
+      const uint32_t* b = bits + r * words;
+      for (int64_t w = 0; w < words; ++w) {
+        for (uint32_t m = b[w]; m; m &= m - 1) {
+          const int64_t t = w * 32 + __builtin_ctz(m);
+          if (t < n && row[t] > best) best = row[t], best_at = t;
+        }
+      }
+    }
+    tp[r] = at;
+    pp[r] = at < 0 ? -1 : best_at;
+    lp[r] = at < 0 ? NAN : log_sum_exp(row, n, mx);
+  }
+  return {pick, top, logsum};
+}

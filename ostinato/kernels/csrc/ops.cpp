@@ -42,6 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scratch_growths", [] { return g_scratch_growths.load(); });
   m.def("logprob_stats", &logprob_stats);
   m.def("greedy_rows", &greedy_rows);
+  m.def("held_greedy_rows", &held_greedy_rows);
   m.def("set_amx", [](bool on, int64_t min_rows) { g_amx_enabled = on; g_amx_min_rows = min_rows; });
   m.def("amx_settings", [] { return std::make_tuple(g_amx_enabled, g_amx_min_rows); });
   m.def("rms_norm", &rms_norm);
