@@ -95,13 +95,20 @@ std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor logits) {
   return {ids, logsum};
 }
 
+// 8 lanes, all ones where bit k of `byte` is set (token i + k allowed), else zero.
+inline __m256 allowed_lanes(uint8_t byte) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+      _mm256_and_si256(_mm256_set1_epi32(byte), lane_bit), lane_bit));
+}
+
 // Greedy choice under a grammar, for each row of (S, vocab) logits and its allowed-token
 // bit mask (S, words) int32 (bit t % 32 of word t / 32: token t allowed): the first index of
 // the row's largest allowed logit, and, as greedy_rows gives them, the raw row's first argmax
 // and log(sum(exp(x - max))) (the chosen token's raw log-probability is then
 // (x[pick] - x[top]) - logsum). A row with a NaN, an infinite max or no allowed finite logit
-// gets pick -1: the caller takes it the slow way. One pass over the allowed bits: no mask is
-// unpacked and no masked copy made.
+// gets pick -1: the caller takes it the slow way. Three passes over the row (both maxes, both
+// first indices, the log-sum-exp); the mask is read as bits: none unpacked, no masked copy.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> held_greedy_rows(torch::Tensor logits,
                                                                          torch::Tensor allowed) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.dtype() == torch::kFloat32,
@@ -120,21 +127,32 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> held_greedy_rows(torch::
 #pragma omp parallel for schedule(dynamic, 1) if (S > 1 && S * n >= (1 << 17))
   for (int64_t r = 0; r < S; ++r) {
     const float* row = x + r * n;
-    int64_t above = 0, at = -1, best_at = -1;
-    const float mx = row_max(row, n, INFINITY, &above);
-    if (std::isfinite(mx)) {
-      for (int64_t i = 0; i < n && at < 0; i += 8) {      // the first lane equal to the max
-        const int hit = _mm256_movemask_ps(
-            _mm256_cmp_ps(load8_logits(row, i, n), _mm256_set1_ps(mx), _CMP_EQ_OQ));
-        if (hit) at = i + __builtin_ctz(hit);
-      }
-      float best = -INFINITY;
-      const uint32_t* b = bits + r * words;
-      for (int64_t w = 0; w < words; ++w) {
-        for (uint32_t m = b[w]; m; m &= m - 1) {
-          const int64_t t = w * 32 + __builtin_ctz(m);
-          if (t < n && row[t] > best) best = row[t], best_at = t;
-        }
+    const uint8_t* on8 = reinterpret_cast<const uint8_t*>(bits + r * words);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    // one pass: the raw max (NaN if any), the max over the allowed tokens
+    __m256 mxv = ninf, okv = ninf, nan = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 v = load8_logits(row, i, n);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      mxv = _mm256_max_ps(mxv, v);
+      okv = _mm256_max_ps(okv, _mm256_blendv_ps(ninf, v, allowed_lanes(on8[i / 8])));
+    }
+    alignas(32) float m[8], k[8];
+    _mm256_store_ps(m, mxv);
+    _mm256_store_ps(k, okv);
+    const float mx = _mm256_movemask_ps(nan) ? NAN : *std::max_element(m, m + 8);
+    const float best = *std::max_element(k, k + 8);
+    int64_t at = -1, best_at = -1;
+    if (std::isfinite(mx) && std::isfinite(best)) {
+      // one pass: the first lane equal to the raw max, the first allowed lane equal to best
+      const __m256 mb = _mm256_set1_ps(mx), bb = _mm256_set1_ps(best);
+      for (int64_t i = 0; i < n && (at < 0 || best_at < 0); i += 8) {
+        const __m256 v = load8_logits(row, i, n);
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(v, mb, _CMP_EQ_OQ));
+        const int ok = _mm256_movemask_ps(_mm256_and_ps(allowed_lanes(on8[i / 8]),
+                                                        _mm256_cmp_ps(v, bb, _CMP_EQ_OQ)));
+        if (at < 0 && hit) at = i + __builtin_ctz(hit);
+        if (best_at < 0 && ok) best_at = i + __builtin_ctz(ok);
       }
     }
     tp[r] = at;
