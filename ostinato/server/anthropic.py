@@ -288,6 +288,13 @@ def usage_of(chat_usage: dict) -> dict:
             "output_tokens": chat_usage["completion_tokens"]}
 
 
+def tool_use_id(call_id: str | None) -> str:
+    """A tool_use block's id in Anthropic's form, toolu_...: the chat call id with its call_
+    prefix swapped (the same call's id in a message and in its stream). A client gives it
+    back as the tool_result's tool_use_id, which the chat path takes as it is."""
+    return "toolu_" + (call_id or uuid.uuid4().hex).removeprefix("call_").removeprefix("toolu_")
+
+
 def signature(thought: str) -> str:
     """A thinking block's `signature`: Anthropic's is an opaque token that lets its API check
     the thought comes back unmodified. Here it is the hex SHA-256 of the thinking text: a
@@ -307,7 +314,8 @@ def message_of(chat: dict, req: MessagesRequest, model: str) -> dict:
     if msg.get("content") or not calls:
         content.append({"type": "text", "text": msg.get("content") or ""})
     for c in calls:
-        content.append({"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+        content.append({"type": "tool_use", "id": tool_use_id(c["id"]),
+                        "name": c["function"]["name"],
                         "input": _input(c["function"].get("arguments"))})
     reason, seq = stop_reason(choice["finish_reason"], choice.get("stop_reason"), req)
     return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
@@ -389,7 +397,8 @@ class EventStream:
             fn = tc.get("function") or {}
             if tc.get("index", 0) not in self.calls:
                 self.calls.add(tc.get("index", 0))
-                yield from self._start("tool_use", {"type": "tool_use", "id": tc.get("id"),
+                yield from self._start("tool_use", {"type": "tool_use",
+                                                    "id": tool_use_id(tc.get("id")),
                                                     "name": fn.get("name"), "input": {}})
             if fn.get("arguments"):
                 yield self._block_delta({"type": "input_json_delta",

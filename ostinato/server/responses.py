@@ -327,18 +327,45 @@ def _new_id(prefix: str) -> str:
 
 def response_object(rid: str, req: ResponsesRequest, model: str, status: str,
                     output: list, usage: dict | None, created: int) -> dict:
+    """Every field of the Response object, as the Open Responses spec lists them (required,
+    null where it has no value): sampling settings as used (chat's defaults where the request
+    left them out: temperature and top_p 1, no penalties), tools and reasoning echoed in
+    their full shape. completed_at is set when the response completes."""
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-    return {"id": rid, "object": "response", "created_at": created, "status": status,
-            "model": model, "output": output, "usage": usage, "error": None,
-            "incomplete_details": incomplete, "instructions": req.instructions,
-            "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {},
+    text = {**(req.text or {}), "format": (req.text or {}).get("format") or {"type": "text"}}
+    reasoning = None if req.reasoning is None else {
+        **req.reasoning, "effort": req.reasoning.get("effort"),
+        "summary": req.reasoning.get("summary")}
+    return {"id": rid, "object": "response", "created_at": created, "completed_at": None,
+            "status": status, "model": model, "output": output, "usage": usage,
+            "error": None, "incomplete_details": incomplete, "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens, "max_tool_calls": None,
+            "metadata": req.metadata or {},
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
-            "temperature": req.temperature, "top_p": req.top_p,
-            "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
-            "text": req.text or {"format": {"type": "text"}}, "store": req.store,
-            "truncation": "disabled", "reasoning": req.reasoning, "background": False,
-            "user": req.user}
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "top_logprobs": 0,
+            "tool_choice": req.tool_choice or "auto",
+            "tools": [_echo_tool(t) for t in req.tools or []],
+            "text": text, "store": req.store, "truncation": "disabled",
+            "reasoning": reasoning, "background": False,
+            "service_tier": req.service_tier or "default", "user": req.user,
+            "safety_identifier": req.safety_identifier,
+            "prompt_cache_key": req.prompt_cache_key}
+
+
+def _echo_tool(t: dict) -> dict:
+    """A function tool as the response lists it: description, parameters and strict are
+    always there (null when the request left them out)."""
+    return {**t, "description": t.get("description"), "parameters": t.get("parameters"),
+            "strict": t.get("strict")}
+
+
+def completed(response: dict) -> dict:
+    """completed_at: the time a response completed (null otherwise)."""
+    done = response["status"] == "completed"
+    return {**response, "completed_at": int(time.time()) if done else None}
 
 
 def usage_of(chat_usage: dict | None) -> dict | None:
@@ -464,7 +491,7 @@ class EventStream:
         for b in self._close():
             yield b
         status = status or status_of(finish)
-        self.final = self.snapshot(status, usage_of(usage))
+        self.final = completed(self.snapshot(status, usage_of(usage)))
         kind = {"completed": "response.completed", "failed": "response.failed"}.get(
             status, "response.incomplete")
         yield self.event(kind, response=self.final)
@@ -592,6 +619,7 @@ def _finished(store: ResponseStore, req: ResponsesRequest, head: dict, chat: dic
                 "usage": usage_of(chat.get("usage"))}
     if response["status"] == "incomplete":
         response["incomplete_details"] = {"reason": "max_output_tokens"}
+    response = completed(response)
     if req.store:
         store.put(head["id"], Stored(response, convo + convo_of(output)))
     return response

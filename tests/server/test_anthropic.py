@@ -246,3 +246,29 @@ def test_thinking_options_and_history():
         with pytest.raises(APIError) as e:
             chat(**bad)
         assert e.value.param == next(iter(bad)), bad
+
+
+def test_tool_use_ids_have_anthropics_form():
+    """tool_use ids are toolu_... (SGLang's Anthropic tests check the prefix), the same id in
+    a message and in a stream, and a client's own id sent back passes through unchanged."""
+    from ostinato.server.anthropic import EventStream, MessagesRequest, message_of, to_chat
+    req = MessagesRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=9)
+    call = {"id": "call_abc", "type": "function",
+            "function": {"name": "f", "arguments": '{"x": 1}'}}
+    m = message_of({"choices": [{"message": {"content": None, "tool_calls": [call]},
+                                 "finish_reason": "tool_calls"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 4}}, req, "m")
+    assert m["content"] == [{"type": "tool_use", "id": "toolu_abc", "name": "f",
+                             "input": {"x": 1}}]
+    ev = _events(EventStream(req, "m", 3).run(_chunks(
+        {"tool_calls": [{"index": 0, **call}]}, finish="tool_calls")))
+    start = next(e for e in ev if e["type"] == "content_block_start")
+    assert start["content_block"]["id"] == "toolu_abc"
+    back = MessagesRequest(max_tokens=9, messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": m["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_abc",
+                                      "content": "ok"}]}])
+    msgs = to_chat(back).messages
+    assert msgs[1]["tool_calls"][0]["id"] == "toolu_abc"
+    assert msgs[2] == {"role": "tool", "tool_call_id": "toolu_abc", "content": "ok"}

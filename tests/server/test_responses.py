@@ -267,3 +267,77 @@ def test_reasoning_items_given_back():
     assert got == [("user", None), ("assistant", "t1"), ("tool", None), ("assistant", "t2"),
                    ("user", None)]
     assert chat.chat_template_kwargs == {"enable_thinking": False}
+
+
+# ------------------------------------------- Response object shape (no model needed)
+# The Open Responses spec's required fields of a Response, with the types a conforming
+# server gives them (None: the field may be null); its compliance cases failed on these.
+SPEC_FIELDS = {"id": str, "object": str, "created_at": int, "completed_at": (int, None),
+               "status": str, "incomplete_details": (dict, None), "model": str,
+               "previous_response_id": (str, None), "instructions": (str, None),
+               "output": list, "error": (dict, None), "tools": list,
+               "tool_choice": (str, dict), "truncation": str, "parallel_tool_calls": bool,
+               "text": dict, "top_p": float, "presence_penalty": float,
+               "frequency_penalty": float, "top_logprobs": int, "temperature": float,
+               "reasoning": (dict, None), "usage": (dict, None),
+               "max_output_tokens": (int, None), "max_tool_calls": (int, None),
+               "store": bool, "background": bool, "service_tier": str, "metadata": dict,
+               "safety_identifier": (str, None), "prompt_cache_key": (str, None)}
+
+
+def _conforms(resp: dict) -> None:
+    for key, kinds in SPEC_FIELDS.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        types = tuple(type(None) if k is None else k for k in kinds)
+        assert key in resp and isinstance(resp[key], types), (key, resp.get(key))
+    assert "format" in resp["text"]
+    for tool in resp["tools"]:
+        assert {"description", "parameters", "strict"} <= set(tool), tool
+    if resp["reasoning"] is not None:
+        assert {"effort", "summary"} <= set(resp["reasoning"])
+
+
+def test_response_object_has_every_spec_field():
+    from ostinato.server.responses import (
+        ResponsesRequest,
+        completed,
+        message_item,
+        response_object,
+    )
+    req = ResponsesRequest(input="hi", tools=[{"type": "function", "name": "f"}],
+                           reasoning={"effort": "none"}, text={"verbosity": "low"})
+    head = response_object("resp_1", req, "m", "in_progress", [], None, 5)
+    _conforms(head)
+    assert head["completed_at"] is None and head["temperature"] == 1.0
+    assert head["tools"] == [{"type": "function", "name": "f", "description": None,
+                              "parameters": None, "strict": None}]
+    assert head["text"] == {"verbosity": "low", "format": {"type": "text"}}
+    assert head["reasoning"] == {"effort": "none", "summary": None}
+    done = completed({**head, "status": "completed", "output": [message_item("x")]})
+    _conforms(done)
+    assert isinstance(done["completed_at"], int) and done["completed_at"] >= 5
+    assert completed({**head, "status": "incomplete"})["completed_at"] is None
+
+
+def test_stream_snapshots_have_every_spec_field():
+    import asyncio
+
+    from ostinato.server.responses import EventStream, ResponsesRequest, response_object
+
+    async def chunks():
+        yield b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+        yield (b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": '
+               b'{"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}\n\n')
+
+    async def run():
+        head = response_object("r", ResponsesRequest(input="q"), "m", "in_progress", [],
+                               None, 1)
+        es = EventStream(head, None)
+        return [json.loads(b.decode().split("data: ", 1)[1]) async for b in es.run(chunks())]
+    ev = asyncio.run(run())
+    for e in ev:
+        if "response" in e:
+            _conforms(e["response"])
+    assert ev[0]["response"]["completed_at"] is None
+    assert ev[-1]["type"] == "response.completed"
+    assert isinstance(ev[-1]["response"]["completed_at"], int)
