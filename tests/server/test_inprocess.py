@@ -149,9 +149,11 @@ def test_tokenize_defaults_follow_vllm():
 
     class Stub:
         class tokenizer:
+            chat_template = None
+
             @staticmethod
             def apply_chat_template(messages, add_generation_prompt, continue_final_message,
-                                    variables):
+                                    variables, tools=None):
                 return "rendered"
 
         @staticmethod
