@@ -181,7 +181,7 @@ def refused_openai_field(rec: dict) -> bool:
     return path in OPENAI_FIELDS and "this server does not implement" in msg
 
 
-REFUSAL = re.compile(r"does not implement|is not supported here|serves no ")
+REFUSAL = re.compile(r"does not implement|is not supported|serves no ")
 
 
 def refused_api_feature(rec: dict) -> bool:
