@@ -399,6 +399,9 @@ def _accepts(tok, compiler, grammar: str, text: str) -> bool:
     (SO(json_object=True), '{"a": [1]}', "[1]"),
     (SO(choice=["yes", "no"]), "no", "maybe"),
     (SO(regex="[0-9]{2}/[0-9]{2}"), "12/31", "1/31"),
+    (SO(regex=r"a\/b"), "a/b", "a\\/b"),          # an escaped slash stays escaped
+    (SO(regex=r"x\\/y"), "x\\/y", "x/y"),         # an escaped backslash, then a slash
+    (SO(regex="p\nq"), "p\nq", "pq"),              # a newline in the pattern
 ])
 def test_a_thought_comes_before_the_constraint(tok, compiler, spec, good, bad):
     """On a model that thinks, the constraint holds the answer after a free thought: an

@@ -65,6 +65,19 @@ CASES = [
      '"unit": "c"}}]}', None, [("get_weather", {"city": "Rome", "unit": "c"})]),
     ("generic", '{"response": "Hello there"}', "Hello there", []),
     ("generic", "plain words", "plain words", []),
+    # text around calls keeps one separator; a call cut off inside its closing tag keeps its
+    # arguments clean; JSON-looking text before a tagged call does not hide the call
+    ("hermes", 'Hi <tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n'
+     '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call> bye', "Hi bye",
+     [("add", {"a": 1}), ("add", {"a": 2})]),
+    ("hermes", '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_c', None,
+     [("add", {"a": 1})]),
+    ("hermes", '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n<', None,
+     [("add", {"a": 1})]),
+    ("hermes", '{"a": 1}\n<tool_call>\n{"name": "add", "arguments": {"b": 2}}\n</tool_call>',
+     '{"a": 1}', [("add", {"b": 2})]),
+    ("hermes", '```json\n{"a": 1}\n```\n<tool_call>\n{"name": "add", "arguments": {}}\n'
+     '</tool_call>', '```json\n{"a": 1}\n```', [("add", {})]),
     # nesting past Python's recursion limit is text, not a crash
     ("hermes", "[" * 5000, "[" * 5000, []),
     ("generic", '{"tool_calls": ' + "[" * 5000, '{"tool_calls": ' + "[" * 5000, []),
@@ -147,6 +160,10 @@ def test_a_call_of_a_tool_not_given_is_text(family, answer):
         p = ToolCallParser(family, names={"get_weather", "add"})
         text, _, calls = merged(run(p, pieces))
         assert calls == [] and p.calls == [] and text == answer.strip()
+    p = ToolCallParser("hermes", names={"add"})     # the text around it is kept as it was
+    text, _, _ = merged(run(p, ["  a  <tool_call>{\"name\": \"zz\", \"arguments\": {}}"
+                                "</tool_call>  b "]))
+    assert text == 'a  <tool_call>{"name": "zz", "arguments": {}}</tool_call>  b'
 
 
 def test_hermes_arguments_stream_before_the_call_ends():

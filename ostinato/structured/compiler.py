@@ -157,7 +157,10 @@ def answer_lark(spec: StructuredOutputsParams) -> str | None:
     if kind == "choice":
         return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value)
     if kind == "regex":
-        return "start: /" + value.replace("/", "\\/") + "/"
+        # a Lark regex ends at an unescaped "/": escape those (an escaped one stays as it is)
+        # and keep it on one line
+        body = re.sub(r"(?<!\\)((?:\\\\)*)/", r"\1\\/", value)
+        return "start: /" + body.replace("\n", "\\n").replace("\r", "\\r") + "/"
     return None
 
 

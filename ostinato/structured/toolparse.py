@@ -60,17 +60,20 @@ def _held_prefix(text: str, marker: str) -> int:
 
 
 class _Trim:
-    """Drops the whitespace at the start and end of a run of text (and before a call), the
+    """Drops the whitespace at the start and end of the text and right after a call, the
     same whether the text comes whole or in pieces: trailing whitespace is held until text
-    follows it."""
+    follows it (so "Hi <call> bye" reads "Hi bye")."""
 
     def __init__(self, make):
-        self.make, self.pending, self.started = make, "", False
+        self.make, self.pending, self.started, self.fresh = make, "", False, False
 
     def add(self, text: str) -> list[Event]:
-        text = self.pending + text
-        if not self.started:
+        if self.fresh or not self.started:
             text = text.lstrip()
+            if not text:
+                return []
+            self.fresh = False
+        text = self.pending + text
         body = text.rstrip()
         self.pending = text[len(body):]
         if not body:
@@ -79,8 +82,9 @@ class _Trim:
         return [self.make(body)]
 
     def cut(self) -> None:
-        """A call or the end follows: held whitespace is dropped, the next text starts fresh."""
-        self.pending, self.started = "", False
+        """A call may follow: the whitespace after it is dropped (before it, it is kept for
+        text that comes later)."""
+        self.fresh = True
 
 
 # A call's head whose arguments can stream: {"name": "...", "arguments": then the first
@@ -124,9 +128,14 @@ class ToolCallParser:
         out: list[Event] = []
         if self.state == "text":
             out += self.text.add(self.buf)
-        elif self.state == "call":
-            out += self._end_call(self.buf, closed=False)
+        elif self.state == "call":          # cut off inside a call
+            held = _held_prefix(self.buf, HERMES_CLOSE) if self._open is not None else 0
+            out += self._end_call(self.buf[:len(self.buf) - held], closed=False)
         elif self.state in ("start", "whole"):
+            if self.family == "hermes" and HERMES_OPEN in self.buf \
+                    and _bare_calls(self.buf) is None:
+                text, self.buf, self.state = self.buf, "", "text"    # tagged calls after
+                return self.feed(text) + self.finish()              # JSON-looking text
             out += self._read_whole(self.buf)
         elif self.state == "mistral":
             out += self._mistral_calls(self.buf)
