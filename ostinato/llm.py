@@ -215,13 +215,15 @@ class LLM:
 
     def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
                         continue_final_message: bool = False,
-                        extra: dict | None = None, tools: list[dict] | None = None) -> list[int]:
+                        extra: dict | None = None) -> list[int]:
         """The prompt of a chat; continue_final_message: it ends inside the final message
-        (assistant prefill); extra: more variables for the chat template; tools: OpenAI tool
-        definitions for the template to write."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt,
-                                                  continue_final_message, extra, tools)
-        # a real template writes BOS itself (as vLLM assumes); the plain fallback does not
+        (assistant prefill); extra: more variables for the chat template."""
+        return self.chat_text_ids(self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt, continue_final_message, extra))
+
+    def chat_text_ids(self, text: str) -> list[int]:
+        """The ids of a rendered chat prompt: a real template writes BOS itself (as vLLM
+        assumes); the plain fallback does not, so encoding adds it."""
         return self.tokenize(text, add_special_tokens=self.tokenizer.chat_template is None)
 
 

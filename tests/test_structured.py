@@ -444,25 +444,33 @@ def test_malformed_tools_are_named(tools, words):
 
 
 def test_tool_choice_schemas():
-    from ostinato.structured.tools import check_tools, tool_choice_schema
+    """The list of calls a choice allows (ToolPlan.calls_schema: the generic and mistral
+    forms hold it), and the choices that are no choice at all."""
+    from ostinato.structured.tools import ToolPlan, check_tool_choice, check_tools
     tools = check_tools(WEATHER)
-    assert tool_choice_schema(tools, "auto") is None and tool_choice_schema(tools, "none") is None
-    req = tool_choice_schema(tools, "required")
+
+    def plan(choice, parallel=True):
+        return ToolPlan("generic", tools, WEATHER, check_tool_choice(tools, choice), parallel)
+    assert plan("none").grammar(lambda text: None) is None and not plan("none").active
+    assert plan("auto").calls_schema() == plan("required").calls_schema()
+    req = plan("required").calls_schema()
     call = {"name": "add", "arguments": {"a": 1, "b": 2}}
     jsonschema.validate([call, {"name": "get_weather", "arguments": {"city": "Oslo"}}], req)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([{"name": "add", "arguments": {"a": 1}}], req)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([], req)
-    named = tool_choice_schema(tools, {"type": "function", "function": {"name": "add"}})
+    named = plan({"type": "function", "function": {"name": "add"}}).calls_schema()
     jsonschema.validate([call], named)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([{"name": "get_weather", "arguments": {"city": "x"}}], named)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([call, call], named)
     with pytest.raises(ValueError, match="no tool named 'nope'"):
-        tool_choice_schema(tools, {"type": "function", "function": {"name": "nope"}})
+        plan({"type": "function", "function": {"name": "nope"}})
     with pytest.raises(ValueError, match="tool_choice"):
-        tool_choice_schema(tools, "sometimes")
-    one = tool_choice_schema(tools, "required", parallel=False)
+        plan("sometimes")
+    one = plan("required", parallel=False).calls_schema()
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([call, call], one)
 

@@ -75,8 +75,7 @@ class ModelRunner:
         except Exception:           # each sequence then computes (and fails) on its own
             logits = None
         quick = self._quick_greedy(plan, logits)
-        fill_masks([s.seq.sampler_state.constraint for s in plan.scheduled
-                    if s.samples and _constraint(s) is not None])
+        fill_masks([c for s in plan.scheduled if s.samples and (c := _constraint(s))])
         quick.update(self._held_greedy(plan, logits))
         rows = iter(range(len(last)))
         out = []

@@ -121,8 +121,11 @@ class ResponsesRequest(BaseModel):
     prompt_cache_key: str | None = None
 
     def check(self) -> None:
-        reasoning = self.reasoning or {}
-        refuse = [("background", bool(self.background), "background mode"),
+        reasoning, text = self.reasoning or {}, self.text or {}
+        refuse = [("text", bool(set(text) - {"format", "verbosity"})
+                   or text.get("verbosity") not in (None, "medium"),
+                   "text settings other than format and verbosity 'medium' (the default)"),
+                  ("background", bool(self.background), "background mode"),
                   ("include", bool(set(self.include or ()) - {ENCRYPTED}),
                    f"extra output data (include) other than {ENCRYPTED}"),
                   ("top_logprobs", bool(self.top_logprobs), "logprobs on responses"),

@@ -84,8 +84,7 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
     template = llm.tokenizer.chat_template
     plan = req.tool_plan(template)
     text = render_chat(llm, req, plan)
-    # a real template writes BOS itself (as vLLM assumes); the plain fallback does not
-    ids = llm.tokenize(text, add_special_tokens=template is None)
+    ids = llm.chat_text_ids(text)
     req.check_token_ids(llm.config.vocab_size)
     max_tokens = _fit(llm.max_model_len, [ids], req.max_completion_tokens or req.max_tokens,
                       "messages", limits or Limits())
@@ -94,7 +93,7 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
     params, think = _after_thought(req, plan, params, think)
     compile_constraint(llm, req, params, plan)
     check = (arguments_check(llm.engine.grammars, llm.tokenizer, plan.tools)
-             if plan is not None and plan.active else None)
+             if plan is not None and plan.reads_unheld else None)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, req.stream,
                req.include_usage, tools=plan, think=think, check_call=check)
 
@@ -103,8 +102,7 @@ def render_chat(llm, req, plan: ToolPlan | None) -> str:
     """The chat prompt's text: the messages (their calls and tool results as the template
     takes them) and, when tools are active, the tools (the template writes them, or the
     system message does in the generic family)."""
-    template = llm.tokenizer.chat_template
-    family = plan.family if plan is not None else family_of(template)
+    family = family_of(llm.tokenizer.chat_template)
     writes_tools = plan is not None and plan.active and family != "generic"
     opts = req.template_options()
     try:
@@ -151,9 +149,7 @@ def _with_tools(llm, plan: ToolPlan | None, params: SamplingParams) -> SamplingP
         return tid if tid is not None and tok.is_special(tid) else None
 
     grammar = plan.grammar(special)
-    marker = {"mistral": "[TOOL_CALLS]", "mistral_args": "[TOOL_CALLS]",
-              "llama3": "<|python_tag|>"}.get(plan.family)
-    keep_special = marker is not None and special(marker) is not None
+    keep_special = any(special(m) is not None for m in plan.markers)
     return dataclasses.replace(
         params, skip_special_tokens=params.skip_special_tokens and not keep_special,
         structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None)
@@ -187,9 +183,8 @@ def compile_constraint(llm, req, params: SamplingParams, plan: ToolPlan | None =
     engine thread; the engine finds it cached): an invalid, unsupported or too complex one
     is a 400 before anything is queued or streamed."""
     specs = [params.structured_outputs] if params.structured_outputs is not None else []
-    if plan is not None and plan.choice == "auto":
-        # calls the grammar may not hold (a bare hermes call, llama3's and the mistrals'
-        # auto) have their arguments checked against these when read (arguments_check)
+    if plan is not None and plan.reads_unheld:
+        # calls no grammar held have their arguments checked against these when read
         specs += [StructuredOutputsParams(json=p) for p in plan.tools.values()]
     try:
         for spec in specs:

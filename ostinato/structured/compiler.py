@@ -139,21 +139,10 @@ def answer_lark(spec: StructuredOutputsParams) -> str | None:
     for a grammar of the user's own (not rewritten)."""
     kind, value = spec.kind, spec.value
     if kind in ("json", "json_object"):
-        schema = value if kind == "json" else {"type": "object"}
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise GrammarError(f"json: the schema is not valid JSON: {e}") from None
-        if isinstance(schema, dict) and "x-guidance" in schema:
-            raise GrammarError("json: x-guidance (llguidance's own options) is not accepted: "
-                               "the server sets the whitespace and strictness")
+        schema = _checked_schema(value) if kind == "json" else {"type": "object"}
         if isinstance(schema, bool):
             schema = {} if schema else {"not": {}}
-        if not isinstance(schema, dict):
-            raise GrammarError(f"json: a schema is an object or a boolean, not "
-                               f"{type(schema).__name__}")
-        return "start: %json " + json.dumps({**compilable(schema), "x-guidance": JSON_OPTIONS})
+        return "start: " + json_rule(schema)
     if kind == "choice":
         return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value)
     if kind == "regex":
@@ -189,7 +178,14 @@ def compilable(schema):
     return out
 
 
-def _json_grammar(schema) -> str:
+def json_rule(schema: dict) -> str:
+    """A JSON value held to `schema` inside a Lark grammar, with the server's whitespace."""
+    return "%json " + json.dumps({**compilable(schema), "x-guidance": JSON_OPTIONS})
+
+
+def _checked_schema(schema) -> dict | bool:
+    """A request's schema (a dict, a boolean, or its JSON text) as a dict or a boolean;
+    GrammarError for anything else, or for llguidance's own options in it."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -201,9 +197,13 @@ def _json_grammar(schema) -> str:
     if isinstance(schema, dict) and "x-guidance" in schema:
         raise GrammarError("json: x-guidance (llguidance's own options) is not accepted: "
                            "the server sets the whitespace and strictness")
+    return schema
+
+
+def _json_grammar(schema) -> str:
+    schema = compilable(_checked_schema(schema))
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(compilable(schema),
-                                                             overrides=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"json: {_short(str(e))}") from None
 

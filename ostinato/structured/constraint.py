@@ -42,11 +42,7 @@ class Constraint:
     def forbidden(self) -> np.ndarray:
         """(vocab,) bool: the tokens the grammar forbids next (all but an end-of-generation
         token once the grammar is complete)."""
-        if not self._ready:
-            self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        self._ready = False
-        if self._m.is_error():
-            raise RuntimeError(f"the grammar failed: {self._m.get_error()}")
+        self._read_bits()
         if not self._bits.any():
             raise RuntimeError("the grammar allows no token here")
         bits = np.unpackbits(np.invert(self._bits).view(np.uint8), bitorder="little")
@@ -58,12 +54,16 @@ class Constraint:
         array; each mask counts as read, as by forbidden(). Raises as forbidden() does when
         a grammar failed."""
         for c in constraints:
-            if not c._ready:
-                c._m.unsafe_compute_mask_ptr(c._bits.ctypes.data, c._bits.nbytes)
-            c._ready = False
-            if c._m.is_error():
-                raise RuntimeError(f"the grammar failed: {c._m.get_error()}")
+            c._read_bits()
         return np.stack([c._bits for c in constraints])
+
+    def _read_bits(self) -> None:
+        """This step's mask into _bits (computed now unless fill_masks did), read once."""
+        if not self._ready:
+            self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        self._ready = False
+        if self._m.is_error():
+            raise RuntimeError(f"the grammar failed: {self._m.get_error()}")
 
     def advance(self, token: int) -> None:
         self._ready = False

@@ -27,7 +27,7 @@ import string
 import uuid
 from dataclasses import dataclass, field
 
-from .compiler import JSON_OPTIONS, compilable
+from .compiler import json_rule
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")      # OpenAI's rule for a function name
 FAMILIES = ("hermes", "llama3", "mistral", "mistral_args", "generic")
@@ -110,19 +110,6 @@ def check_tool_choice(tools: dict[str, dict] | None, choice) -> str | None:
     return name
 
 
-def tool_choice_schema(tools: dict[str, dict], choice, parallel: bool = True) -> dict | None:
-    """The JSON schema of the generic form's `tool_calls` list: None for "auto" / "none";
-    for "required" one or more calls (exactly one unless parallel); for a named function
-    one call of it."""
-    choice = check_tool_choice(tools, choice)
-    if choice in ("auto", "none"):
-        return None
-    calls = tools if choice == "required" else {choice: tools[choice]}
-    one = choice != "required" or not parallel
-    return {"type": "array", "items": call_schema(calls), "minItems": 1,
-            **({"maxItems": 1} if one else {})}
-
-
 def call_schema(tools: dict[str, dict], args_key: str = "arguments") -> dict:
     """One call of any of `tools`: {"name": <const>, args_key: <its parameters>}."""
     each = [{"type": "object", "properties": {"name": {"const": n}, args_key: p},
@@ -159,9 +146,32 @@ class ToolPlan:
         """Whether the output is read for calls (tool_choice is not "none")."""
         return self.choice != "none"
 
+    @property
+    def many(self) -> bool:
+        """Whether several calls may come (required or auto, parallel calls allowed)."""
+        return self.parallel and self.choice in ("auto", "required")
+
+    @property
+    def reads_unheld(self) -> bool:
+        """Whether calls may come that no grammar held (a bare hermes call, llama3's and the
+        mistrals' auto): their arguments are checked when read (arguments_check)."""
+        return self.choice == "auto" and self.family != "generic"
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The family's markers that a vocabulary may hold as special tokens (the answer's
+        text must keep them to be read)."""
+        return {"llama3": (PYTHON_TAG,), "mistral": (MISTRAL_OPEN,),
+                "mistral_args": (MISTRAL_OPEN, MISTRAL_ID, MISTRAL_ARGS)}.get(self.family, ())
+
     def allowed(self) -> dict[str, dict]:
         return self.tools if self.choice in ("auto", "required") else \
             {self.choice: self.tools[self.choice]}
+
+    def calls_schema(self) -> dict:
+        """A list of calls of the allowed tools: one or more, exactly one unless many."""
+        return {"type": "array", "items": call_schema(self.allowed()), "minItems": 1,
+                **({} if self.many else {"maxItems": 1})}
 
     def grammar(self, special_token) -> str | None:
         """The Lark grammar (llguidance's dialect) the output is held to, or None when it
@@ -170,29 +180,21 @@ class ToolPlan:
         if not self.active:
             return None
         forced = self.choice != "auto"
-        many = self.parallel and self.choice in ("auto", "required")
         if self.family == "hermes":
-            return _hermes_grammar(self.allowed(), forced, many)
+            return _hermes_grammar(self.allowed(), forced, self.many)
         if self.family == "generic":
-            return _generic_grammar(self.allowed(), forced, many)
+            return _generic_grammar(self.calls_schema(), forced)
         if not forced:
             return None             # llama3 / mistral "auto": parsed, not held
         if self.family == "llama3":
-            return "start: " + _json_rule(call_schema(self.allowed(), "parameters"))
+            return "start: " + json_rule(call_schema(self.allowed(), "parameters"))
         opener = _literal(MISTRAL_OPEN, special_token(MISTRAL_OPEN))
         if self.family == "mistral_args":       # [TOOL_CALLS]name[ARGS]{...}, per call
             args = _literal(MISTRAL_ARGS, special_token(MISTRAL_ARGS))
-            call = " | ".join(f"{opener} {json.dumps(n)} {args} {_json_rule(p)}"
+            call = " | ".join(f"{opener} {json.dumps(n)} {args} {json_rule(p)}"
                               for n, p in self.allowed().items())
-            return f"start: call{'+' if many else ''}\ncall: {call}\n"
-        items = {"type": "array", "items": call_schema(self.allowed()), "minItems": 1,
-                 **({} if many else {"maxItems": 1})}
-        return f"start: {opener} {_json_rule(items)}"
-
-
-def _json_rule(schema: dict) -> str:
-    """A JSON value held to `schema`, inside a Lark grammar, with the server's whitespace."""
-    return "%json " + json.dumps({**compilable(schema), "x-guidance": JSON_OPTIONS})
+            return f"start: call{'+' if self.many else ''}\ncall: {call}\n"
+        return f"start: {opener} {json_rule(self.calls_schema())}"
 
 
 def _literal(text: str, token: int | None) -> str:
@@ -200,7 +202,7 @@ def _literal(text: str, token: int | None) -> str:
 
 
 def _hermes_grammar(tools: dict[str, dict], forced: bool, many: bool) -> str:
-    call = (f'call: "{HERMES_OPEN}\\n" ' + _json_rule(call_schema(tools))
+    call = (f'call: "{HERMES_OPEN}\\n" ' + json_rule(call_schema(tools))
             + f' "\\n{HERMES_CLOSE}"')
     if forced:
         more = ' ("\\n" call)*' if many else ""
@@ -213,24 +215,21 @@ def _hermes_grammar(tools: dict[str, dict], forced: bool, many: bool) -> str:
             "TEXT: /(.|\\n)*/\n"
             f'trigger[lazy]: TEXT "{HERMES_OPEN}"\n'
             "tagged: trigger body\n"
-            'body: "\\n" ' + _json_rule(call_schema(tools)) + f' "\\n{HERMES_CLOSE}"\n')
+            'body: "\\n" ' + json_rule(call_schema(tools)) + f' "\\n{HERMES_CLOSE}"\n')
 
 
-def _generic_grammar(tools: dict[str, dict], forced: bool, many: bool) -> str:
-    calls = {"type": "array", "items": call_schema(tools), "minItems": 1,
-             **({} if many else {"maxItems": 1})}
+def _generic_grammar(calls: dict, forced: bool) -> str:
     form = {"type": "object", "properties": {"tool_calls": calls},
             "required": ["tool_calls"], "additionalProperties": False}
     if not forced:
         form = {"anyOf": [form, {"type": "object", "properties": {"response": {
             "type": "string"}}, "required": ["response"], "additionalProperties": False}]}
-    return "start: " + _json_rule(form)
+    return "start: " + json_rule(form)
 
 
 def arguments_check(grammars, tokenizer, tools: dict[str, dict]):
-    """valid(name, arguments) for the calls the grammar did not hold (a bare hermes call,
-    llama3's and the mistrals' auto): the arguments text walked through the tool's schema,
-    compiled as any schema is (cached). A schema that cannot be compiled cannot be checked:
+    """valid(name, arguments) for the calls the grammar did not hold (ToolPlan.reads_unheld):
+    the arguments text walked through the tool's schema, compiled as any schema is (cached). A schema that cannot be compiled cannot be checked:
     its calls pass."""
     from ..params import StructuredOutputsParams
     from .compiler import GrammarError

@@ -176,6 +176,7 @@ def test_function_tools_follow_the_chat_path(client, server):
      "input"),
     ({"input": [{"type": "web_search_call"}]}, "input"),
     ({"input": "hi", "text": {"format": {"type": "grammar"}}}, "text"),
+    ({"input": "hi", "text": {"verbosity": "low"}}, "text"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "hi", "max_output_tokens": 5000}, "input"),     # over the context
     ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice"),
@@ -305,13 +306,13 @@ def test_response_object_has_every_spec_field():
         response_object,
     )
     req = ResponsesRequest(input="hi", tools=[{"type": "function", "name": "f"}],
-                           reasoning={"effort": "none"}, text={"verbosity": "low"})
+                           reasoning={"effort": "none"}, text={"verbosity": "medium"})
     head = response_object("resp_1", req, "m", "in_progress", [], None, 5)
     _conforms(head)
     assert head["completed_at"] is None and head["temperature"] == 1.0
     assert head["tools"] == [{"type": "function", "name": "f", "description": None,
                               "parameters": None, "strict": None}]
-    assert head["text"] == {"verbosity": "low", "format": {"type": "text"}}
+    assert head["text"] == {"verbosity": "medium", "format": {"type": "text"}}
     assert head["reasoning"] == {"effort": "none", "summary": None}
     done = completed({**head, "status": "completed", "output": [message_item("x")]})
     _conforms(done)
