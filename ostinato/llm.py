@@ -19,6 +19,7 @@ from .engine.output_processor import OutputProcessor
 from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
+from .engine.speculative import SpeculativeConfig, Speculator
 from .hub import model_name, resolve_model
 from .kernels.backend import make_ops
 from .loader.gguf import GGUFFile, read_gguf
@@ -70,7 +71,14 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  block_size: int = 16, kv_cache_gb: float = 1.0, backend: str = "kernels",
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "float16",
-                 quantize: str | None = None):
+                 quantize: str | None = None,
+                 speculative: str | SpeculativeConfig | None = None,
+                 num_speculative_tokens: int | None = None, draft_model: str | None = None):
+        """speculative: "ngram" (prompt lookup), "suffix" (also other requests' text) or
+        "draft" (with draft_model, a smaller model of the same vocabulary), or a
+        SpeculativeConfig; the output is the same bits as without (engine/speculative.py)."""
+        spec = SpeculativeConfig.parse(speculative, num_speculative_tokens=num_speculative_tokens,
+                                       draft_model=draft_model)
         if threads:
             torch.set_num_threads(threads)
         self.backend = backend
@@ -96,7 +104,17 @@ class LLM:
                         self.max_model_len),
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
             Scheduler(kv, max_num_seqs, max_num_batched_tokens),
-            self.max_model_len)
+            self.max_model_len, self._speculator(spec, threads))
+        self.speculative = spec
+
+    def _speculator(self, spec: SpeculativeConfig | None, threads: int | None):
+        if spec is None:
+            return None
+        proposer = None
+        if spec.method == "draft":
+            from .engine.draft_model import DraftModel
+            proposer = DraftModel.for_target(spec.draft_model, self, threads)
+        return Speculator(spec, proposer)
 
     def _num_blocks(self, kv_cache_gb: float, block_size: int, per_layer_block: int) -> list[int]:
         """Blocks per KV-cache group: the budget is split by the groups' layer counts (so

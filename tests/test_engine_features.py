@@ -171,8 +171,8 @@ def test_greedy_rows_in_one_call_give_what_each_alone_gives(request, model):
     calls = []
     quick = runner._quick_greedy
 
-    def counted(plan, logits):
-        got = quick(plan, logits)
+    def counted(plan, spans, logits):
+        got = quick(plan, spans, logits)
         calls.append(sum(v is not None for v in got.values()))
         return got
     runner._quick_greedy = counted

@@ -233,8 +233,8 @@ def test_held_greedy_rows_in_one_call_equal_one_at_a_time(smollm_llm):
                                                 structured_outputs={"json": PERSON}))
     taken, held = [], runner._held_greedy
 
-    def counted(plan, logits):
-        got = held(plan, logits)
+    def counted(plan, spans, logits):
+        got = held(plan, spans, logits)
         taken.append(sum(v is not None for v in got.values()))
         return got
     runner._held_greedy = counted

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from ..params import SamplingParams
@@ -10,6 +11,7 @@ from ..structured import Grammar, GrammarCompiler
 from .output_processor import OutputProcessor, SeqDelta
 from .runner import ModelRunner, SamplerState, SeqResult
 from .scheduler import Scheduler
+from .speculative import Speculator
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence
 from .stats import StepSeries
 
@@ -35,8 +37,9 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, output: OutputProcessor, scheduler: Scheduler,
-                 max_model_len: int):
+                 max_model_len: int, speculator: Speculator | None = None):
         self.runner, self.output, self.scheduler = runner, output, scheduler
+        self.speculator = speculator        # draft tokens after each step (speculative.py)
         self.max_model_len = max_model_len
         self.seqs: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
@@ -84,9 +87,15 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the KV cache is too small for the waiting requests")
             return []
+        t0 = time.perf_counter()
         results = self.runner.execute(plan)
+        seconds = time.perf_counter() - t0
         deltas = [self._update_isolated(s, r) for s, r in zip(plan.scheduled, results)]
         self._record(plan)
+        if self.speculator is not None:
+            self.speculator.record_step(plan.num_tokens, sum(len(d.token_ids) for d in deltas),
+                                        seconds)
+            self.speculator.propose(self.scheduler.running)
         return deltas
 
     def _record(self, plan: SchedulerOutput) -> None:
@@ -115,7 +124,10 @@ class Engine:
 
     def _update(self, s: ScheduledSeq, r: SeqResult) -> SeqDelta:
         seq = s.seq
-        seq.num_computed_tokens += s.num_new_tokens
+        # the cache now holds the real tokens and the draft tokens that were kept
+        seq.num_computed_tokens += s.num_new_tokens - len(s.draft) + len(r.more)
+        if s.draft and self.speculator is not None:
+            self.speculator.record(seq, len(s.draft), len(r.more))
         if r.prompt_logprobs:
             self._add_prompt_logprobs(seq, s.start, r.prompt_logprobs)
         if r.pooled is not None:
@@ -125,14 +137,25 @@ class Engine:
         if seq.max_tokens == 0:          # scoring only: the prompt's logprobs were the point
             self.scheduler.finish(seq, "length")
             return SeqDelta(seq, "", [], True)
-        seq.cumulative_logprob += r.logprob
-        if seq.logprobs is not None:
-            seq.logprobs.append(r.top_logprobs)
-        text, reason, stop_reason = self.output.append(seq, r.token_id)
+        texts, ids = [], []
+        for one in [r, *r.more]:
+            seq.cumulative_logprob += one.logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(one.top_logprobs)
+            text, reason, stop_reason = self.output.append(seq, one.token_id)
+            texts.append(text)
+            ids.append(one.token_id)
+            if reason is not None:
+                self._finish(seq, reason, stop_reason)
+                break
+        text = "".join(texts)
         seq.text += text
-        if reason is not None:
-            self.scheduler.finish(seq, reason, stop_reason)
-        return SeqDelta(seq, text, [r.token_id], reason is not None)
+        return SeqDelta(seq, text, ids, seq.finished)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)
+        if self.speculator is not None:
+            self.speculator.finished(seq)
 
     @staticmethod
     def _add_prompt_logprobs(seq: Sequence, start: int, entries: list) -> None:

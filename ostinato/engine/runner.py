@@ -4,7 +4,7 @@ The only place the engine touches torch. Owns the KV cache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,7 @@ class SeqResult:
     prompt_logprobs: list | None = None   # entries for the prompt positions computed this step
     error: Exception | None = None        # this sequence's sampling or scoring failed
     pooled: torch.Tensor | None = None    # (D,) the pooled prompt, once complete (params.pooling)
+    more: list[SeqResult] = field(default_factory=list)   # tokens after token_id: a draft kept
 
 
 class ModelRunner:
@@ -67,69 +68,84 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
         input_ids, positions, meta = self._prepare(plan)
         hidden = self.forward(input_ids, positions, meta, self.kv_caches)
-        # one LM-head matmul for every sequence that samples this step (each row's logits are
-        # the same bits as alone: the kernels are batch-invariant)
-        last = [sl.q_start + sl.q_len - 1 for s, sl in zip(plan.scheduled, meta.seqs) if s.samples]
+        # one LM-head matmul for every row that samples this step: a sequence's last real
+        # token and each of its draft tokens (each row's logits are the same bits as alone:
+        # the kernels are batch-invariant)
+        spans, rows = [], []
+        for s, sl in zip(plan.scheduled, meta.seqs):
+            m = len(s.draft) + 1 if s.samples else 0
+            spans.append(range(len(rows), len(rows) + m))
+            rows.extend(range(sl.q_start + sl.q_len - m, sl.q_start + sl.q_len))
         try:
-            logits = self.model.compute_logits(hidden[last]) if last else None
+            logits = self.model.compute_logits(hidden[rows]) if rows else None
         except Exception:           # each sequence then computes (and fails) on its own
             logits = None
-        quick = self._quick_greedy(plan, logits)
+        quick = self._quick_greedy(plan, spans, logits)
         fill_masks([c for s in plan.scheduled if s.samples and (c := _constraint(s))])
-        quick.update(self._held_greedy(plan, logits))
-        rows = iter(range(len(last)))
+        quick.update(self._held_greedy(plan, spans, logits))
         out = []
-        for s, sl in zip(plan.scheduled, meta.seqs):
-            row = next(rows) if s.samples else None
-            if row is not None and quick.get(row) is not None:
-                token, logprob = quick[row]
-                out.append(SeqResult(token_id=token, logprob=logprob))
+        for i, (s, sl) in enumerate(zip(plan.scheduled, meta.seqs)):
+            if quick.get(i) is not None:
+                out.append(_chain([SeqResult(token_id=t, logprob=lp) for t, lp in quick[i]]))
                 continue
             out.append(self._isolated(s, hidden[sl.q_start: sl.q_start + sl.q_len],
-                                      None if row is None or logits is None else logits[row]))
+                                      None if logits is None or not spans[i]
+                                      else logits[spans[i].start: spans[i].stop]))
         return out
 
-    def _quick_greedy(self, plan: SchedulerOutput, logits) -> dict[int, tuple[int, float] | None]:
-        """Logits row -> (token, logprob) for the sequences whose token is the raw argmax
-        (greedy, no logits processing, no logprobs or prompt logprobs due): all such rows in
-        one call, the same values the per-sequence way gives (tests/test_engine_features.py)."""
+    def _quick_greedy(self, plan: SchedulerOutput, spans: list[range],
+                      logits) -> dict[int, list[tuple[int, float]] | None]:
+        """Sequence -> the (token, logprob) pairs it emits, for the sequences whose tokens are
+        the raw argmax (greedy, no logits processing, no logprobs or prompt logprobs due):
+        all their rows in one call, the same values the per-sequence way gives
+        (tests/test_engine_features.py). With a draft: the argmax of each row while the one
+        before agreed with the draft."""
         if logits is None or not self.quick_greedy:
             return {}
-        sampling = [s for s in plan.scheduled if s.samples]
-        rows = [j for j, s in enumerate(sampling)
-                if plain_greedy(s.seq.params, len(s.seq.output_ids)) and not _needs_rows(s)]
-        if not rows:
+        seqs = [i for i, s in enumerate(plan.scheduled)
+                if s.samples and not _needs_rows(s)
+                and plain_greedy(s.seq.params, len(s.seq.output_ids))]
+        if not seqs:
             return {}
-        picked = logits if len(rows) == len(sampling) else logits[rows]
-        return dict(zip(rows, greedy_choices(picked)))
+        rows = [r for i in seqs for r in spans[i]]
+        picked = logits if len(rows) == len(logits) else logits[rows]
+        choices = iter(greedy_choices(picked))
+        out = {}
+        for i in seqs:
+            mine = [next(choices) for _ in spans[i]]
+            out[i] = None if None in mine else _verified(mine, plan.scheduled[i].draft)
+        return out
 
-    def _held_greedy(self, plan: SchedulerOutput, logits) -> dict[int, tuple[int, float] | None]:
-        """Logits row -> (token, logprob) for greedy sequences held by a grammar and nothing
-        else (plain_greedy held): their masks applied and argmaxes taken for all rows at once,
-        the same tokens and values as one at a time (tests/test_structured.py); each
-        grammar then advances by its token. A row the batch cannot take (None) goes the
-        per-row way, which recomputes its mask."""
+    def _held_greedy(self, plan: SchedulerOutput, spans: list[range],
+                     logits) -> dict[int, list[tuple[int, float]] | None]:
+        """Sequence -> [(token, logprob)] for greedy sequences held by a grammar and nothing
+        else (plain_greedy held), without a draft: their masks applied and argmaxes taken
+        for all rows at once, the same tokens and values as one at a time
+        (tests/test_structured.py); each grammar then advances by its token. A sequence the
+        batch cannot take (None) goes the per-row way, which recomputes its mask."""
         if logits is None or not self.quick_greedy:
             return {}
-        sampling = [s for s in plan.scheduled if s.samples]
-        rows = [j for j, s in enumerate(sampling)
-                if _constraint(s) is not None and not _needs_rows(s)
+        seqs = [i for i, s in enumerate(plan.scheduled)
+                if s.samples and not s.draft and _constraint(s) is not None
+                and not _needs_rows(s)
                 and plain_greedy(s.seq.params, len(s.seq.output_ids), held=True)]
-        if not rows:
+        if not seqs:
             return {}
-        held = [_constraint(sampling[j]) for j in rows]
+        held = [_constraint(plan.scheduled[i]) for i in seqs]
         try:
             allowed = Constraint.allowed_rows(held)
         except RuntimeError:            # a failed grammar: each row fails on its own
             return {}
-        picked = logits if len(rows) == len(sampling) else logits[rows]
-        out = dict(zip(rows, held_greedy_choices(picked, allowed)))
-        for j, c in zip(rows, held):
-            if out[j] is not None:
+        rows = [spans[i].start for i in seqs]
+        picked = logits if len(rows) == len(logits) else logits[rows]
+        out = {}
+        for i, c, choice in zip(seqs, held, held_greedy_choices(picked, allowed)):
+            out[i] = None if choice is None else [choice]
+            if choice is not None:
                 try:
-                    c.advance(out[j][0])
+                    c.advance(choice[0])
                 except RuntimeError:    # the per-row way fails this sequence alone
-                    out[j] = None
+                    out[i] = None
         return out
 
     def _isolated(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:
@@ -145,7 +161,7 @@ class ModelRunner:
         bs = self.block_size
         for s in plan.scheduled:
             p = range(s.start, s.start + s.num_new_tokens)
-            ids.extend(s.seq.all_ids[s.start: s.start + s.num_new_tokens])
+            ids.extend(s.token_ids)
             pos.extend(p)
             for g, table in enumerate(s.block_tables):
                 slots[g].extend(table[i // bs] * bs + i % bs for i in p)
@@ -156,7 +172,8 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
 
     def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:
-        # hidden: (n_new, D) rows of this sequence; logits: (vocab,) at its last row, if it samples
+        """hidden: (n_new, D) rows of this sequence; logits: (len(draft) + 1, vocab) at its
+        sampling rows, if it samples (computed here when the batched LM head failed)."""
         seq, res = s.seq, SeqResult()
         if _scores_prompt(s):
             res.prompt_logprobs = self._prompt_logprobs(s, hidden)
@@ -165,12 +182,25 @@ class ModelRunner:
         if not s.samples:
             return res
         if logits is None:
-            logits = self.model.compute_logits(hidden[-1:])[0]
+            logits = self.model.compute_logits(hidden[len(hidden) - len(s.draft) - 1:])
         st = seq.sampler_state = seq.sampler_state or SamplerState()
         if st.generator is None:
             st.generator = make_generator(seq.params.seed)
+        # position by position, as plain decoding would, while the draft agrees
+        output_ids, chain = list(seq.output_ids), []
+        for j, row in enumerate(logits):
+            one = res if j == 0 else SeqResult()
+            self._sample_into(one, seq, st, row, output_ids)
+            chain.append(one)
+            output_ids.append(one.token_id)
+            if j == len(s.draft) or one.token_id != s.draft[j]:
+                break
+        res.more = chain[1:]
+        return res
+
+    def _sample_into(self, res: SeqResult, seq, st: SamplerState, logits, output_ids) -> None:
         masked = None if st.constraint is None else torch.from_numpy(st.constraint.forbidden())
-        processed = process_logits(logits, seq.params, seq.prompt_ids, seq.output_ids,
+        processed = process_logits(logits, seq.params, seq.prompt_ids, output_ids,
                                    eos_ids=self.eos_ids, forbidden=masked)
         token = sample(processed, seq.params, st.generator)
         if st.constraint is not None:
@@ -179,7 +209,6 @@ class ModelRunner:
         lp = top_logprobs(logits, k, token)
         res.token_id, res.logprob = token, lp[token].logprob
         res.top_logprobs = lp if seq.params.logprobs is not None else None
-        return res
 
     def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list:
         """Entry for prompt token t+1 comes from the logits at position t."""
@@ -190,6 +219,21 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows.start - s.start: rows.stop - s.start])
             out.extend(top_logprobs(logits[i], k, prompt[p + 1]) for i, p in enumerate(rows))
         return out
+
+
+def _verified(choices: list[tuple[int, float]], draft: list[int]) -> list[tuple[int, float]]:
+    """The tokens emitted from a sequence's rows: each row's while the row before agreed
+    with the draft."""
+    n = 1
+    while n < len(choices) and choices[n - 1][0] == draft[n - 1]:
+        n += 1
+    return choices[:n]
+
+
+def _chain(results: list[SeqResult]) -> SeqResult:
+    first = results[0]
+    first.more = results[1:]
+    return first
 
 
 def _scores_prompt(s: ScheduledSeq) -> bool:

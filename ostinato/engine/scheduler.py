@@ -1,7 +1,8 @@
 """Continuous-batching scheduler with a token budget per step. Pure Python, no torch.
 
 One rule for prefill and decode alike: a sequence gets
-min(num_tokens - num_computed_tokens, budget_left) tokens. Running sequences go first (in
+min(num_tokens + len(draft_ids) - num_computed_tokens, budget_left) tokens (draft_ids:
+speculative tokens, see speculative.py). Running sequences go first (in
 admission order, so decodes come before new prefills), then waiting ones, FCFS, each starting
 after its cached prefix. A prompt longer than the budget is prefilled in chunks over several
 steps; sequences join and leave the batch at every step.
@@ -59,15 +60,23 @@ class Scheduler:
 
     def _fit_running(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         """seq's next chunk, preempting the newest running sequences until its blocks fit.
-        Those are always later in `running` than seq, so none was scheduled this step."""
-        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        Those are always later in `running` than seq, so none was scheduled this step.
+        Draft tokens are more tokens to compute, but never worth a preemption: short of
+        blocks, the draft is dropped first."""
+        start = seq.num_computed_tokens
+        n = min(seq.num_tokens + len(seq.draft_ids) - start, budget)
         assert n > 0, f"{seq.seq_id} is running with nothing to compute"
-        while (tables := self.kv.allocate(seq, seq.num_computed_tokens + n)) is None:
+        while (tables := self.kv.allocate(seq, start + n)) is None:
+            if seq.draft_ids:
+                seq.draft_ids = []
+                n = min(seq.num_tokens - start, budget)
+                continue
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
                 return None
-        return ScheduledSeq(seq, n, seq.num_computed_tokens, tables)
+        draft = seq.draft_ids[: max(0, start + n - seq.num_tokens)]
+        return ScheduledSeq(seq, n, start, tables, draft)
 
     def _admit_waiting(self, out: list[ScheduledSeq], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -97,6 +106,7 @@ class Scheduler:
         self.running.pop()
         self.kv.free(seq)        # registers its computed blocks first: they may still hit
         seq.num_computed_tokens = 0
+        seq.draft_ids = []
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -40,6 +40,11 @@ class Sequence:
     num_cached_tokens: int = 0      # prompt tokens the prefix cache gave at first admission
     pooling_state: Any = None       # the runner's running pool of the prompt's hidden states
     embedding: Any = None           # the pooled, normalised prompt (params.pooling)
+    # speculative decoding: tokens guessed to follow all_ids, computed with the next step
+    draft_ids: list[int] = field(default_factory=list)
+    spec_state: Any = None          # its acceptance record and n-gram index (speculative.py)
+    num_draft_tokens: int = 0       # draft tokens verified for it
+    num_accepted_tokens: int = 0    # of those, tokens kept
 
     @property
     def num_tokens(self) -> int:
@@ -61,14 +66,22 @@ class Sequence:
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int             # tokens computed this step: all_ids[start:start+n]
+    num_new_tokens: int             # tokens computed this step: (all_ids + draft)[start:start+n]
     start: int                      # == seq.num_computed_tokens when scheduled
     block_tables: list[list[int]]   # one block list per KV-cache group
+    draft: list[int] = field(default_factory=list)   # the draft tokens among them (the last)
 
     @property
     def samples(self) -> bool:
-        """After this step the cache holds every token, so the next token is sampled."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        """After this step the cache holds every token, so the next token is sampled (and,
+        with a draft, the tokens after each draft token while they agree)."""
+        return self.start + self.num_new_tokens - len(self.draft) == self.seq.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens this step computes."""
+        seq, stop = self.seq, self.start + self.num_new_tokens
+        return seq.all_ids[self.start: stop - len(self.draft)] + self.draft
 
 
 @dataclass

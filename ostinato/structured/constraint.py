@@ -70,6 +70,11 @@ class Constraint:
         if not self._m.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self._m.get_error()}")
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order, the grammar would take from here (its state
+        unchanged)."""
+        return self._m.validate_tokens(tokens)
+
     @property
     def done(self) -> bool:
         """No token but end-of-generation may follow."""
