@@ -97,6 +97,41 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "values exactly as computed (kernels backend only)")
 
 
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    from .engine.speculative import METHODS, SpeculativeConfig
+    p.add_argument("--speculative", choices=METHODS, default=None,
+                   help="speculative decoding, same output bits as without: ngram (drafts "
+                        "from the prompt and output so far), suffix (also from other "
+                        "requests), draft (a smaller model, --draft-model) (default: off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="N",
+                   help=f"most draft tokens per sequence and step, 1..64 (default "
+                        f"{SpeculativeConfig.num_speculative_tokens}; fewer when drafts do "
+                        f"not pay)")
+    p.add_argument("--draft-model", default=None, metavar="NAME",
+                   help="with --speculative draft: the draft model, an embedded name or a "
+                        "path, with the same vocabulary as --model")
+    p.set_defaults(subparser=p)
+
+
+def speculative_kwargs(a) -> dict:
+    """LLM(...)'s speculation arguments from the flags; ValueError names the flag at fault."""
+    from .engine.speculative import SpeculativeConfig
+    method = getattr(a, "speculative", None)
+    k, draft = getattr(a, "num_speculative_tokens", None), getattr(a, "draft_model", None)
+    if draft is not None and method != "draft":
+        raise ValueError("--draft-model goes with --speculative draft, and only with it")
+    if method == "draft" and draft is None:
+        raise ValueError("--speculative draft needs --draft-model NAME")
+    if k is not None and method is None:
+        raise ValueError("--num-speculative-tokens goes with --speculative")
+    if method is None:
+        return {}
+    if k is not None and not 1 <= k <= 64:
+        raise ValueError(f"--num-speculative-tokens {k}: choose 1..64")
+    SpeculativeConfig.parse(method, num_speculative_tokens=k, draft_model=draft)   # checks
+    return {"speculative": method, "num_speculative_tokens": k, "draft_model": draft}
+
+
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens,
                    help=f"most tokens to generate (default: {max_tokens})")
@@ -131,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True, help="the text to complete")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _add_sampling(p, 128)
+    _add_speculative(p)
     p = _add_command(sub, "chat")
     _add_model(p)
+    _add_speculative(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, 512)
     p = _add_command(sub, "bench")
@@ -199,6 +236,7 @@ def _add_serve(sub) -> None:
                         "https://app.example.com; '*' for any (default: none)")
     p.add_argument("--pooling", choices=["last", "mean"], default="last",
                    help="how /v1/embeddings pools the final hidden states (default last)")
+    _add_speculative(p)
     _add_serve_limits(p)
 
 
@@ -243,9 +281,13 @@ def load_llm(a):
     # a bar on a terminal only (disable=None): logs and pipes keep their one-line messages
     with _byte_bar("loading weights") as bar, report_progress(bar.to):
         llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend,
-                  kv_cache_dtype=a.kv_cache_dtype, quantize=a.quantize)
+                  kv_cache_dtype=a.kv_cache_dtype, quantize=a.quantize,
+                  **speculative_kwargs(a))
     print(f"loaded {llm.model_name} ({llm.config.arch}, {llm.config.n_layers} layers) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    if llm.speculative is not None:
+        from .server.run import speculative_line
+        print(speculative_line(llm), file=sys.stderr, flush=True)
     return llm
 
 
@@ -408,7 +450,7 @@ def cmd_serve(a) -> None:
                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                kv_cache_gb=a.kv_cache_gb, backend=a.backend, kv_cache_dtype=a.kv_cache_dtype,
                allowed_origins=a.allowed_origins,
-               pooling=a.pooling, quantize=a.quantize)
+               pooling=a.pooling, quantize=a.quantize, **speculative_kwargs(a))
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "generate": cmd_generate,
@@ -417,6 +459,11 @@ COMMANDS = {"pull": cmd_pull, "models": cmd_models, "generate": cmd_generate,
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if hasattr(a, "subparser"):
+        try:
+            speculative_kwargs(a)       # a bad flag combination is a usage error (exit 2)
+        except ValueError as e:
+            a.subparser.error(str(e))
     from .hub import ModelNotFound
     from .loader.gguf import GGUFError
     try:

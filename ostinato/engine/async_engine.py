@@ -42,6 +42,8 @@ class Delta:
     num_cached_tokens: int = 0          # prompt tokens the prefix cache gave this choice
     cumulative_logprob: float = 0.0     # of all its tokens so far
     embedding: Any = None               # the pooled prompt, when finished (params.pooling)
+    num_draft_tokens: int = 0           # speculative draft tokens verified for it, so far
+    num_accepted_tokens: int = 0        # of those, tokens kept
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class EngineSnapshot:
     kv_usage: float = 0.0               # fraction of KV blocks held by sequences
     prefix_hit_rate: float | None = None
     preemptions: int = 0                # sequences preempted so far (monotonic)
+    # speculative decoding (SpecStats; all 0 when it is off), monotonic
+    spec_num_drafts: int = 0            # verified drafts (sequence-steps with a draft)
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()     # kept drafts by position in the draft
 
 
 class EngineDead(RuntimeError):
@@ -293,7 +300,8 @@ def _snapshot(seq: Sequence, text: str, token_ids: list[int], finished: bool,
     return Delta(seq.request_id, seq.index, text, tuple(token_ids), logprobs, prompt_lps,
                  finished, seq.finish_reason if finished else None,
                  seq.stop_reason if finished else None, seq.num_cached_tokens,
-                 seq.cumulative_logprob, seq.embedding if finished else None)
+                 seq.cumulative_logprob, seq.embedding if finished else None,
+                 seq.num_draft_tokens, seq.num_accepted_tokens)
 
 
 def _engine_snapshot(engine: Engine) -> EngineSnapshot:
@@ -301,12 +309,18 @@ def _engine_snapshot(engine: Engine) -> EngineSnapshot:
     and aborts free blocks between steps."""
     sched = engine.scheduler
     kv = getattr(sched, "kv", None)
+    spec = getattr(engine, "speculator", None)
+    st = spec.stats if spec is not None else None
     return EngineSnapshot(
         running=len({s.request_id for s in sched.running}),
         waiting=len({s.request_id for s in sched.waiting}),
         kv_usage=kv.usage() if kv is not None else 0.0,
         prefix_hit_rate=_prefix_hit_rate(engine),
-        preemptions=sched.num_preemptions)
+        preemptions=sched.num_preemptions,
+        spec_num_drafts=st.num_drafts if st else 0,
+        spec_num_draft_tokens=st.num_draft_tokens if st else 0,
+        spec_num_accepted_tokens=st.num_accepted_tokens if st else 0,
+        spec_accepted_per_pos=tuple(st.accepted_per_pos) if st else ())
 
 
 def _prefix_hit_rate(engine: Engine) -> float | None:

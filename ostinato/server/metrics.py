@@ -57,6 +57,23 @@ class ServerMetrics:
                                "(client gone or error)", lab, registry=r).labels(model_name)
         self.preemptions = Counter("ostinato:num_preemptions", "sequences preempted (KV cache "
                                    "full) and recomputed later", lab, registry=r).labels(model_name)
+        # speculative decoding, as vLLM's spec_decode counters (0 while it is off)
+        def counter(name, doc):
+            return Counter(name, doc, lab, registry=r).labels(model_name)
+
+        off = "; stays 0 when speculative decoding is off"
+        self.spec_drafts = counter("ostinato:spec_decode_num_drafts",
+                                   "drafts verified (a sequence's step with draft tokens)" + off)
+        self.spec_draft_tokens = counter("ostinato:spec_decode_num_draft_tokens",
+                                         "draft tokens verified" + off)
+        self.spec_accepted_tokens = counter("ostinato:spec_decode_num_accepted_tokens",
+                                            "draft tokens accepted (kept)" + off)
+        self._spec_per_pos = Counter(
+            "ostinato:spec_decode_num_accepted_tokens_per_pos", "draft tokens accepted, by "
+            "position in the draft (0: first); no samples when speculative decoding is off",
+            lab + ["position"], registry=r)
+        self._spec_seen = (0, 0, 0)
+        self._spec_pos_seen: list[int] = []
         # nothing lost: every accepted request settles exactly one outcome, so at rest
         # requests_accepted_total == sum(request_outcomes_total); a gap is a leak
         self.accepted = Counter("ostinato_requests_accepted", "generation requests accepted "
@@ -89,6 +106,24 @@ class ServerMetrics:
         if snap.preemptions > self._preempted:      # only the engine thread gets here
             self.preemptions.inc(snap.preemptions - self._preempted)
             self._preempted = snap.preemptions
+        self._spec(snap)
+
+    def _spec(self, snap: EngineSnapshot) -> None:
+        """Increments of the spec_decode counters since the last snapshot (engine thread)."""
+        now = (snap.spec_num_drafts, snap.spec_num_draft_tokens, snap.spec_num_accepted_tokens)
+        for c, new, old in zip((self.spec_drafts, self.spec_draft_tokens,
+                                self.spec_accepted_tokens), now, self._spec_seen):
+            if new > old:
+                c.inc(new - old)
+        self._spec_seen = tuple(max(n, o) for n, o in zip(now, self._spec_seen))
+        seen = self._spec_pos_seen
+        for pos, new in enumerate(snap.spec_accepted_per_pos):
+            if pos == len(seen):
+                seen.append(0)
+                self._spec_per_pos.labels(self.model_name, str(pos))    # present from 0
+            if new > seen[pos]:
+                self._spec_per_pos.labels(self.model_name, str(pos)).inc(new - seen[pos])
+                seen[pos] = new
 
     def track(self, num_prompt_tokens: int) -> RequestTimer:
         return RequestTimer(self, num_prompt_tokens)

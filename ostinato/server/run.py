@@ -18,13 +18,17 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
                allowed_origins: list[str] | None = None, pooling: str = "last",
                **llm_kwargs) -> None:
     """Serve `model` (an embedded name or a .gguf path) until interrupted. llm_kwargs go to
-    LLM(...): threads, max_model_len, max_num_seqs, kv_cache_gb."""
+    LLM(...): threads, max_model_len, max_num_seqs, kv_cache_gb, speculative,
+    num_speculative_tokens, draft_model."""
     import uvicorn
 
     from ..hub import EMBEDDED, model_name, resolve_model
     from ..loader.hf import is_hf_folder
     if model not in EMBEDDED and not is_hf_folder(model):
         resolve_model(model)            # a missing file fails now, not in the background
+    draft = llm_kwargs.get("draft_model")
+    if draft is not None and draft not in EMBEDDED and not is_hf_folder(draft):
+        resolve_model(draft)
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -34,6 +38,7 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
         llm = LLM(model, **llm_kwargs)
         print(f"loaded {llm.model_name} in {time.perf_counter() - t0:.1f} s; serving at "
               f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+        print(speculative_line(llm), file=sys.stderr, flush=True)
         return llm
 
     def on_load_error(e: BaseException) -> None:
@@ -47,6 +52,15 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
     server.run()
     if failure:
         raise failure[0]
+
+
+def speculative_line(llm) -> str:
+    """What speculation is on, for the startup log."""
+    spec = getattr(llm, "speculative", None)
+    if spec is None:
+        return "speculative decoding: off"
+    what = spec.method + (f" (draft model {spec.draft_model})" if spec.draft_model else "")
+    return f"speculative decoding: {what}, up to {spec.num_speculative_tokens} draft tokens"
 
 
 def _draining_server_class():

@@ -279,6 +279,9 @@ class Generation:
         self.fmt = TokenFormat(tokenizer)
         self.completion_tokens = 0
         self.cached_tokens: dict[int, int] = {}     # prompt -> tokens its choice 0 reused
+        # speculative decoding on: choice -> (draft tokens verified, kept), its latest counts
+        spec = getattr(getattr(engine, "engine", None), "speculator", None)
+        self.drafts: dict[int, tuple[int, int]] | None = {} if spec is not None else None
         self._offsets: dict[int, int] = {}      # legacy logprobs' text_offset, per choice
         self._started: set[int] = set()         # streamed choices that had their echo
         readers = {c: job.reader() for c in range(job.num_choices)} if job.stream else {}
@@ -300,6 +303,8 @@ class Generation:
                         self.cached_tokens[p] = d.num_cached_tokens
                     timer.tokens(choice, len(d.token_ids))
                     self.completion_tokens += len(d.token_ids)
+                    if self.drafts is not None:
+                        self.drafts[choice] = (d.num_draft_tokens, d.num_accepted_tokens)
                     if d.finished:
                         reasons.append(d.finish_reason)
                     yield choice, d
@@ -379,9 +384,15 @@ class Generation:
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.job.prompts)
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
+        usage = {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                 "total_tokens": prompt + self.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
+        if self.drafts is not None:     # OpenAI's predicted-output fields: drafts kept / not
+            drafted = sum(d for d, _ in self.drafts.values())
+            kept = sum(k for _, k in self.drafts.values())
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": kept,
+                                                  "rejected_prediction_tokens": drafted - kept}
+        return usage
 
     def _head(self, suffix: str) -> dict:
         obj = "chat.completion" if self.job.kind == "chat" else "text_completion"
