@@ -416,3 +416,324 @@ def test_drafts_are_cleared_on_preemption():
     assert sched.num_preemptions == 1 and list(sched.waiting) == [b]
     assert b.status is Status.WAITING and b.draft_ids == [] and b.num_computed_tokens == 0
     assert len(b.output_ids) == 1                       # its output is kept
+
+
+# =============================================================================================
+# The real models: speculation on == off, bit for bit
+# =============================================================================================
+model = pytest.mark.model
+MODELS = {"smollm": "smollm2-135m-instruct", "gemma": "gemma3-270m",
+          "qwen": "qwen2.5-coder-0.5b-instruct"}
+STRESS = SpeculativeConfig("ngram", 16, adaptive=False)       # the full 16 whenever it can
+ADAPTIVE = SpeculativeConfig("ngram", 8)
+
+CODE = ("def merge(left, right):\n    out = []\n    i = j = 0\n"
+        "    while i < len(left) and j < len(right):\n"
+        "        if left[i] <= right[j]:\n            out.append(left[i])\n            i += 1\n"
+        "        else:\n            out.append(right[j])\n            j += 1\n"
+        "    return out + left[i:] + right[j:]\n")
+POEM = ("The river runs beneath the stone bridge, past the mill and the old oak tree, "
+        "where the children of the village gather every summer evening to watch the swallows "
+        "return to their nests under the eaves of the church.")
+TEXTS = [CODE, POEM,
+         "Shopping list: seven apples, two loaves of rye bread, a jar of honey, four candles, "
+         "a bag of flour, green tea, and a bottle of olive oil.",
+         "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+         "    def push(self, x):\n        self.items.append(x)\n\n"
+         "    def pop(self):\n        return self.items.pop()\n"]
+FREE = ["Write a short story about a dragon who learns to bake bread.",
+        "Explain why the sky is blue to a ten year old.",
+        "List five uses of a paperclip.",
+        "What are the main differences between Python and Rust?"]
+
+_built: dict[tuple, object] = {}
+
+
+def make(name: str, spec=None, **knobs):
+    """LLM(model, **knobs), speculative or not, built once per module."""
+    from ostinato import LLM
+    knobs = {"max_model_len": 1024, "kv_cache_gb": 0.1, "threads": 1, **knobs}
+    key = (name, spec, tuple(sorted(knobs.items())))
+    if key not in _built:
+        _built[key] = LLM(model_file(MODELS[name]), speculative=spec, **knobs)
+    return _built[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    yield
+    _built.clear()
+
+
+def echo_prompt(llm, text: str) -> list[int]:
+    return llm.chat_prompt_ids([{"role": "user", "content":
+                                 "Copy the following text exactly, with nothing before or "
+                                 f"after it:\n\n{text}"}])
+
+
+def free_prompt(llm, text: str) -> list[int]:
+    return llm.chat_prompt_ids([{"role": "user", "content": text}])
+
+
+def raw_echo(llm, text: str) -> list[int]:
+    """The text twice and its start again: a base model goes on copying."""
+    return llm.tokenize(f"{text}\n\n{text}\n\n{text[:40]}")
+
+
+def mixed_prompts(llm, n: int) -> list[list[int]]:
+    kinds = [lambda t: echo_prompt(llm, t), lambda t: free_prompt(llm, t),
+             lambda t: raw_echo(llm, t)]
+    out = []
+    for i in range(n):
+        kind = i % 3
+        pool = FREE if kind == 1 else TEXTS
+        out.append(kinds[kind](pool[(i // 3) % len(pool)]))
+    return out
+
+
+def greedy(n: int, **kw):
+    from ostinato import SamplingParams
+    return SamplingParams(temperature=0.0, max_tokens=n, **kw)
+
+
+def sampled(n: int, seed: int, **kw):
+    from ostinato import SamplingParams
+    return SamplingParams(temperature=0.8, top_p=0.9, seed=seed, max_tokens=n, **kw)
+
+
+class Counted:
+    """The speculator's counters over a block of work."""
+
+    def __init__(self, llm):
+        self.st = llm.engine.speculator.stats
+        self.start = (self.st.num_drafts, self.st.num_draft_tokens, self.st.num_accepted_tokens)
+
+    @property
+    def delta(self) -> tuple[int, int, int]:
+        st = self.st
+        return tuple(b - a for a, b in zip(self.start, (st.num_drafts, st.num_draft_tokens,
+                                                        st.num_accepted_tokens)))
+
+    def assert_used(self, rejected: bool = False) -> None:
+        drafts, drafted, accepted = self.delta
+        assert drafts > 0 and drafted > 0 and accepted > 0, f"no draft was kept: {self.delta}"
+        if rejected:
+            assert drafted > accepted, f"no draft token was rejected: {self.delta}"
+
+
+def _first_diff(a: list, b: list):
+    for j, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return j
+    return min(len(a), len(b)) if len(a) != len(b) else None
+
+
+def assert_same(got, want, label: str = "") -> None:
+    """Every request's every choice: the same bits (speculative `got`, plain `want`)."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert len(g.outputs) == len(w.outputs), f"{label} request {i}: choices"
+        for c, d in zip(g.outputs, w.outputs):
+            where = f"{label} request {i} choice {c.index}"
+            j = _first_diff(c.token_ids, d.token_ids)
+            assert c.token_ids == d.token_ids, (
+                f"{where}: tokens differ first at position {j}: "
+                f"{c.token_ids[j:j + 4]} (spec) vs {d.token_ids[j:j + 4]} (plain); "
+                f"common text {d.text[:200]!r}")
+            if d.logprobs is not None or c.logprobs is not None:
+                j = _first_diff(c.logprobs or [], d.logprobs or [])
+                assert c.logprobs == d.logprobs, (
+                    f"{where}: logprobs differ first at position {j}: "
+                    f"{c.logprobs[j] if j < len(c.logprobs) else None} vs "
+                    f"{d.logprobs[j] if j < len(d.logprobs) else None}")
+            assert c.cumulative_logprob == d.cumulative_logprob, where
+            assert c.text == d.text, where
+            assert (c.finish_reason, c.stop_reason) == (d.finish_reason, d.stop_reason), where
+
+
+def on_off(name: str, prompts, params, spec=STRESS, label="", **knobs):
+    """Run prompts on the plain and the speculative LLM; assert the same bits; return the
+    speculative outputs and its counters."""
+    plain, fast = make(name, **knobs), make(name, spec, **knobs)
+    want = plain.generate(prompts, params)
+    counted = Counted(fast)
+    got = fast.generate(prompts, params)
+    assert_same(got, want, label)
+    return got, counted
+
+
+@model
+@pytest.mark.parametrize("spec", [STRESS, ADAPTIVE], ids=["stress", "adaptive"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_alone_with_logprobs(name, spec):
+    llm = make(name)
+    for label, prompt in [("echo", echo_prompt(llm, CODE)), ("raw echo", raw_echo(llm, POEM)),
+                          ("free", free_prompt(llm, FREE[0]))]:
+        ignore_eos = label == "raw echo"
+        _, counted = on_off(name, [prompt], greedy(48, logprobs=2, ignore_eos=ignore_eos),
+                            spec, f"{name} {label} ignore_eos={ignore_eos}")
+        if label != "free":
+            counted.assert_used()
+
+
+@model
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_batch_of_16(name):
+    llm = make(name)
+    prompts = mixed_prompts(llm, 16)
+    params = [greedy(24 + 4 * (i % 5), logprobs=2, ignore_eos=i % 2 == 0) for i in range(16)]
+    _, counted = on_off(name, prompts, params, STRESS, f"{name} batch")
+    counted.assert_used(rejected=True)
+    if name == "smollm":
+        _, counted = on_off(name, prompts, params, ADAPTIVE, f"{name} batch adaptive")
+        counted.assert_used()
+
+
+@model
+@pytest.mark.parametrize("name", ["smollm", "qwen"])
+def test_seeded_sampling(name):
+    llm = make(name)
+    prompts = mixed_prompts(llm, 6)
+    params = [sampled(40, seed=100 + i, logprobs=2) for i in range(6)]
+    _, counted = on_off(name, prompts, params, STRESS, f"{name} sampled batch")
+    counted.assert_used(rejected=True)
+    _, counted = on_off(name, prompts[:1], params[:1], STRESS, f"{name} sampled alone")
+    counted.assert_used()
+
+
+@model
+def test_sampled_distribution_is_the_plain_one():
+    """Seeds 0..N-1 at temperature 1 give every run's output the same bits with speculation
+    as without; the empirical distribution of the sampled tokens over those runs is thus
+    the plain one exactly (the speculative path draws from the same distributions with the
+    same generator draws, one per emitted token), which a frequency test could only
+    approximate. Drafts are verified and some rejected, so the rejection path is in it."""
+    from ostinato import SamplingParams
+    llm = make("smollm")
+    prompt = echo_prompt(llm, POEM)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=12) for s in range(100)]
+    got, counted = on_off("smollm", [prompt] * 100, params, STRESS, "distribution")
+    counted.assert_used(rejected=True)
+    seconds = {tuple(o.outputs[0].token_ids[:2]) for o in got}
+    assert len(seconds) > 1                      # really sampled, not one answer
+
+
+@model
+def test_prefix_caching_and_chunked_prefill():
+    llm = make("smollm")
+    prompts = mixed_prompts(llm, 6)
+    params = greedy(40, logprobs=2)
+    want = make("smollm", enable_prefix_caching=False).generate(prompts, params)
+    fast = make("smollm", STRESS)
+    hits = fast.engine.stats.prefix_cache_hits
+    counted = Counted(fast)
+    assert_same(fast.generate(prompts, params), want, "cache cold")
+    assert_same(fast.generate(prompts, params), want, "cache warm")
+    assert fast.engine.stats.prefix_cache_hits > hits
+    counted.assert_used()
+    chunked = make("smollm", STRESS, max_num_batched_tokens=32)
+    n0 = chunked.engine.stats.tokens_per_step.count
+    counted = Counted(chunked)
+    assert_same(chunked.generate(prompts, params), want, "chunked")
+    per_step = chunked.engine.stats.tokens_per_step.since(n0)
+    assert max(per_step) <= 32 and per_step.count(32) >= 3
+    counted.assert_used()
+
+
+@model
+def test_stop_string_inside_an_accepted_run():
+    """The stop string is picked where the speculative run emitted a run of 3+ tokens in one
+    step (a kept draft), ending at the run's 2nd token: the rest of that step is cut."""
+    from ostinato import SamplingParams
+    llm, fast = make("smollm"), make("smollm", STRESS)
+    prompt = echo_prompt(llm, CODE)
+    free = greedy(80, ignore_eos=True)
+    full = llm.generate([prompt], free)[0].outputs[0]
+    picked, pos = [], 0
+    for d in fast.stream_deltas(prompt, free):
+        if len(d.token_ids) >= 3 and pos > 4:
+            upto = llm.detokenize(full.token_ids[: pos + 2], skip_special_tokens=True)
+            stop = upto[-5:]
+            if stop.strip() and full.text.find(stop) == len(upto) - 5:
+                picked.append(stop)
+        pos += len(d.token_ids)
+    assert len(picked) >= 2, "no kept draft run to stop inside"
+    for stop, incl in [(picked[0], False), (picked[-1], True)]:
+        params = SamplingParams(temperature=0, max_tokens=80, stop=[stop], logprobs=2,
+                                include_stop_str_in_output=incl, ignore_eos=True)
+        got, counted = on_off("smollm", [prompt], params, STRESS, f"stop {stop!r}")
+        c = got[0].outputs[0]
+        assert (c.finish_reason, c.stop_reason) == ("stop", stop)
+        assert c.text.endswith(stop) == incl
+
+
+@model
+def test_max_tokens_min_tokens_penalties_and_n():
+    from ostinato import SamplingParams
+    llm = make("smollm")
+    echo = echo_prompt(llm, POEM)
+    for m in (1, 2, 3, 5, 9, 17):
+        got, counted = on_off("smollm", [echo], greedy(m, ignore_eos=True), STRESS, f"max {m}")
+        assert len(got[0].outputs[0].token_ids) == m
+        if m >= 3:
+            counted.assert_used()
+    short = echo_prompt(llm, "hello")
+    plain = llm.generate([short], greedy(40))[0].outputs[0]
+    assert len(plain.token_ids) < 30               # it would stop early on its own
+    got, _ = on_off("smollm", [short], greedy(40, min_tokens=30, logprobs=2), STRESS, "min")
+    assert len(got[0].outputs[0].token_ids) >= 30
+    _, counted = on_off("smollm", [echo], greedy(48, repetition_penalty=1.3, logprobs=2),
+                        STRESS, "repetition penalty")
+    _, counted = on_off("smollm", [echo, echo_prompt(llm, CODE)],
+                        SamplingParams(n=2, temperature=0.8, top_p=0.9, seed=7,
+                                       max_tokens=40, logprobs=1), STRESS, "n=2")
+    counted.assert_used()
+    _, counted = on_off("smollm", [echo], SamplingParams(n=2, temperature=0, max_tokens=40),
+                        STRESS, "n=2 greedy")
+    counted.assert_used()
+
+
+@model
+@pytest.mark.parametrize("name", ["smollm", "qwen"])
+def test_structured_output(name):
+    import json
+    from ostinato import SamplingParams
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string"}, "city": {"type": "string"}, "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["name", "city", "age", "tags"]}
+    obj = {"name": "Ada Lovelace", "city": "London", "age": 36,
+           "tags": ["mathematics", "engines", "poetry", "notes"]}
+    llm = make(name)
+    prompt = echo_prompt(llm, json.dumps(obj))
+    for logprobs in (None, 2):
+        params = SamplingParams(temperature=0, max_tokens=80, logprobs=logprobs,
+                                structured_outputs={"json": schema})
+        got, counted = on_off(name, [prompt, prompt], params, STRESS, f"{name} json")
+        counted.assert_used()
+        json.loads(got[0].outputs[0].text)
+
+
+@model
+def test_cancellation_leaves_the_other_request_and_no_blocks():
+    llm, fast = make("smollm"), make("smollm", STRESS)
+    a, b = echo_prompt(llm, CODE), echo_prompt(llm, POEM)
+    params = greedy(60, logprobs=2, ignore_eos=True)
+    want = llm.generate([b], params)
+    eng = fast.engine
+    counted = Counted(fast)
+    ra, rb = eng.add_request(a, params), eng.add_request(b, params)
+    for _ in range(8):
+        eng.step()
+        eng.scheduler.check_integrity()
+    assert any(s.draft_ids for s in eng.scheduler.running)   # mid-run, drafts pending
+    eng.abort(ra)
+    eng.scheduler.check_integrity()
+    while eng.has_unfinished():
+        eng.step()
+        eng.scheduler.check_integrity()
+    got = [fast._output(rb, None)]
+    assert_same(got, want, "after an abort")
+    counted.assert_used()
+    assert eng.scheduler.kv.usage() == 0 and not eng.scheduler.running
+    assert ra not in eng.seqs
