@@ -593,8 +593,8 @@ def test_greedy_batch_of_16(name):
 @pytest.mark.parametrize("name", ["smollm", "qwen"])
 def test_seeded_sampling(name):
     llm = make(name)
-    prompts = mixed_prompts(llm, 6)
-    params = [sampled(40, seed=100 + i, logprobs=2) for i in range(6)]
+    prompts = mixed_prompts(llm, 4)
+    params = [sampled(32, seed=100 + i, logprobs=2) for i in range(4)]
     _, counted = on_off(name, prompts, params, STRESS, f"{name} sampled batch")
     counted.assert_used(rejected=True)
     _, counted = on_off(name, prompts[:1], params[:1], STRESS, f"{name} sampled alone")
@@ -611,8 +611,8 @@ def test_sampled_distribution_is_the_plain_one():
     from ostinato import SamplingParams
     llm = make("smollm")
     prompt = echo_prompt(llm, POEM)
-    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=12) for s in range(100)]
-    got, counted = on_off("smollm", [prompt] * 100, params, STRESS, "distribution")
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=12) for s in range(64)]
+    got, counted = on_off("smollm", [prompt] * 64, params, STRESS, "distribution")
     counted.assert_used(rejected=True)
     seconds = {tuple(o.outputs[0].token_ids[:2]) for o in got}
     assert len(seconds) > 1                      # really sampled, not one answer
