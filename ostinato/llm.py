@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .engine.draft_model import DraftModel
 from .engine.engine import Engine
 from .engine.kv_cache import KVCacheManager
 from .engine.output_processor import OutputProcessor
@@ -93,6 +94,7 @@ class LLM:
         self.config = self.config.for_context(self.max_model_len)     # LongRoPE's factors
         model_, self.slow_paths = load_model(gf, self.config, backend, kv_cache_dtype)
         gf.close()
+        self._gf_meta = gf              # its metadata, for a draft model's vocabulary check
         eos = set(self.tokenizer.eos_token_ids)
         num_blocks = self._num_blocks(kv_cache_gb, block_size,
                                       model_.ops.kv_cache_bytes(block_size, self.config.n_kv_heads,
@@ -104,17 +106,46 @@ class LLM:
                         self.max_model_len),
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
             Scheduler(kv, max_num_seqs, max_num_batched_tokens),
-            self.max_model_len, self._speculator(spec, threads))
+            self.max_model_len,
+            self._speculator(spec, backend, kv_cache_dtype, num_blocks[0], block_size,
+                             max_num_batched_tokens))
         self.speculative = spec
+        del self._gf_meta
 
-    def _speculator(self, spec: SpeculativeConfig | None, threads: int | None):
+    def _speculator(self, spec: SpeculativeConfig | None, backend: str, kv_cache_dtype: str,
+                    num_blocks: int, block_size: int, max_tokens: int) -> Speculator | None:
         if spec is None:
             return None
-        proposer = None
+        draft = None
         if spec.method == "draft":
-            from .engine.draft_model import DraftModel
-            proposer = DraftModel.for_target(spec.draft_model, self, threads)
-        return Speculator(spec, proposer)
+            draft = self._draft_model(spec.draft_model, backend, kv_cache_dtype, num_blocks,
+                                      block_size, max_tokens)
+        return Speculator(spec, draft)
+
+    def _draft_model(self, name: str, backend: str, kv_cache_dtype: str, num_blocks: int,
+                     block_size: int, max_tokens: int) -> DraftModel:
+        """The draft model, its cache holding as many tokens as the target's; refused unless
+        its vocabulary is the target's, token for token."""
+        path, gf = open_model(name)
+        try:
+            mine, theirs = (g.metadata.get("tokenizer.ggml.tokens") for g in (self._gf_meta, gf))
+            if mine is None or theirs is None or list(mine) != list(theirs):
+                raise ValueError(f"draft model {name}: its vocabulary differs from "
+                                 f"{self.model_name}'s; a draft model must share the "
+                                 f"target's tokenizer")
+            cfg = ModelConfig.from_gguf(gf.metadata, str(path), set(gf.tensors))
+            cfg = cfg.for_context(self.max_model_len)
+            model, _ = load_model(gf, cfg, backend, kv_cache_dtype)
+        finally:
+            gf.close()
+        groups = len(cfg.kv_group_windows())
+        kv = KVCacheManager([num_blocks] * groups, block_size, cfg.kv_group_windows(),
+                            enable_prefix_caching=False)
+        runner = ModelRunner(model, [num_blocks] * groups, block_size,
+                             set(self.tokenizer.eos_token_ids), max_tokens, self.max_model_len)
+        log.info("speculative decoding: draft model %s (%s, %d layers)", model_name(name),
+                 cfg.arch, cfg.n_layers)
+        return DraftModel(runner, kv, max_tokens)
 
     def _num_blocks(self, kv_cache_gb: float, block_size: int, per_layer_block: int) -> list[int]:
         """Blocks per KV-cache group: the budget is split by the groups' layer counts (so

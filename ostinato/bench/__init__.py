@@ -37,6 +37,7 @@ class BenchArgs:
     out: str | None = None
     structured: bool = False           # JSON-schema decode vs free, compile time (in process)
     structured_streams: tuple[int, ...] = (1, 16)
+    speculative: bool = False          # speculation on vs off (the LLM built with it), in process
 
 
 def machine() -> str:
@@ -66,6 +67,7 @@ def run_bench(llm, a: BenchArgs) -> dict:
     out_dir = Path(a.out) if a.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+    spec, llm.engine.speculator = llm.engine.speculator, None   # its own section, below
     if a.latency:
         engines = [Ours(llm)] + ([LlamaCpp(llm.model_path, a.threads)] if "llama.cpp" in a.vs else [])
         for e in engines:                                        # warm-up
@@ -85,9 +87,17 @@ def run_bench(llm, a: BenchArgs) -> dict:
         from .structured import structured_bench
         fig["structured"] = structured_bench(llm, a.structured_streams, a.decode_tokens,
                                              a.repeats, log=_log)
+    if a.speculative:
+        from .speculative import speculative_bench
+        llm.engine.speculator = spec
+        fig["speculative"] = speculative_bench(llm, a.repeats, max(a.decode_tokens, 256),
+                                               a.batch or 16, "llama.cpp" in a.vs, a.threads,
+                                               log=_log)
+        llm.engine.speculator = None
     if a.serving:
         # server logs go with the results, or to a temporary folder (errors name the file)
         fig.update(_serving(llm, a, out_dir or Path(tempfile.mkdtemp(prefix="ostinato-bench-"))))
+    llm.engine.speculator = spec
     report = markdown(fig)
     print(report)
     if out_dir:

@@ -72,6 +72,9 @@ def markdown(fig: dict) -> str:
                     ""]
     if fig.get("bandwidth") and "latency" in fig:
         out += bandwidth_table(fig)
+    if fig.get("speculative"):
+        from .speculative import speculative_table
+        out += speculative_table(fig)
     if fig.get("structured"):
         from .structured import structured_table
         out += structured_table(fig)

@@ -180,7 +180,7 @@ class AsyncEngine:
     # -- engine thread -----------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.engine.runner.warm_up()        # this thread's kernel scratch, before any step
+            self.engine.warm_up()        # this thread's kernel scratch, before any step
             while self._next_commands():
                 batch = self._step() if self.engine.has_unfinished() else 0
                 self._publish(batch)

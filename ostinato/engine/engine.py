@@ -47,6 +47,12 @@ class Engine:
         # structured output: thread-safe, its vocabulary built on first use
         self.grammars = GrammarCompiler(output.tok, runner.eos_ids, runner.model.cfg.vocab_size)
 
+    def warm_up(self) -> None:
+        """Size the kernels' scratch on the calling thread, the one that will run the steps."""
+        self.runner.warm_up()
+        if self.speculator is not None:
+            self.speculator.warm_up()
+
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, grammar: Grammar | None = None) -> str:
         """grammar: params.structured_outputs compiled (AsyncEngine compiles it on another

@@ -22,7 +22,8 @@ it is kept exceeds its cost in the step, counted in the tokens the step emits. A
 chance that its j-th draft is kept is alpha**j (alpha: its measured per-token acceptance); the
 cost of one more token is the measured marginal time per token times the tokens emitted per
 second (StepCost). When guesses keep failing, alpha falls until no draft is worth it; a
-sequence without drafts lets alpha drift back to the prior, so it probes again later.
+sequence without drafts lets alpha drift back to the prior, and every PROBE_EVERY steps
+without one it tries PROBE_TOKENS anyway, so a text that turns repetitive is found again.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 METHODS = ("ngram", "suffix", "draft")
+PROBE_EVERY = 16        # decode steps without a draft before a short one is tried anyway
+PROBE_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class Acceptance:
     WEIGHT: float = 2.0                # the prior counts as this many tries
     DECAY: float = 0.85                # per verified draft
     IDLE_DECAY: float = 0.97           # per step without a draft
+    idle_steps: int = 0                # decode steps since its last draft
 
     @property
     def alpha(self) -> float:
@@ -140,6 +144,7 @@ class Acceptance:
         self.tries = self.tries * self.DECAY + kept + (kept < drafted)
 
     def idle(self) -> None:
+        self.idle_steps += 1
         self.kept *= self.IDLE_DECAY
         self.tries *= self.IDLE_DECAY
 
@@ -149,7 +154,7 @@ class StepCost:
     steps), and the tokens a step emits per second: together the price of one more
     computed token, in emitted tokens."""
     DECAY = 0.98
-    PRIOR_SHARE = 0.03                 # one more token's time, as a share of a step, untill measured
+    PRIOR_SHARE = 0.03                 # one more token's time, as a share of a step, until measured
 
     def __init__(self):
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
@@ -171,7 +176,9 @@ class StepCost:
         if var < 4.0:                  # token counts hardly varied yet: no slope to read
             return prior
         slope = (self.sxy - self.sx * self.sy / self.n) / var
-        return max(slope, 0.1 * prior)
+        # noise (a busy neighbour) can make the fit steeper than the mean time per token,
+        # which no step with a non-negative base time allows
+        return min(max(slope, 0.1 * prior), mean_y / (self.sx / self.n))
 
     def token_price(self, extra: float = 0.0) -> float:
         """One more computed token (plus `extra` seconds of drafting), in emitted tokens."""
@@ -212,7 +219,8 @@ class SpecStats:
 class Speculator:
     """Chooses each decoding sequence's draft length and fills Sequence.draft_ids after a
     step; keeps the counters. `model_proposer`: for method "draft", an object with
-    propose(seqs, lengths) -> list[list[int]] (engine/draft_model.py)."""
+    propose(seqs, lengths, live) -> list[list[int]] and seconds_per_step
+    (engine/draft_model.py)."""
 
     def __init__(self, config: SpeculativeConfig, model_proposer=None):
         if (config.method == "draft") != (model_proposer is not None):
@@ -226,6 +234,11 @@ class Speculator:
                        if c.method == "suffix" else None)
 
     # -- after a step ------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Size the draft model's kernel scratch on the calling (engine) thread."""
+        if self.model_proposer is not None:
+            self.model_proposer.warm_up()
+
     def record_step(self, tokens: int, emitted: int, seconds: float) -> None:
         self.cost.add(tokens, emitted, seconds)
 
@@ -260,14 +273,19 @@ class Speculator:
             acc = _state(seq).acceptance
             k = (draft_length(acc.alpha, price, c.num_speculative_tokens) if c.adaptive
                  else c.num_speculative_tokens)
+            if k <= 0 and acc.idle_steps >= PROBE_EVERY:
+                k = PROBE_TOKENS           # look again: the text may have turned repetitive
             k = min(k, room)
             if k <= 0:
                 acc.idle()
                 continue
+            acc.idle_steps = 0
             wanted.append(seq)
             lengths.append(k)
         if self.model_proposer is not None:
-            drafts = self.model_proposer.propose(wanted, lengths) if wanted else []
+            drafts = self.model_proposer.propose(wanted, lengths,
+                                                 live={s.seq_id for s in seqs})
+            self.draft_seconds = self.model_proposer.seconds_per_step / max(1, len(wanted))
         else:
             drafts = [self._lookup(seq, k) for seq, k in zip(wanted, lengths)]
         for seq, draft in zip(wanted, drafts):

@@ -1,0 +1,102 @@
+"""A smaller model of the same vocabulary as the draft source (SpeculativeConfig "draft").
+
+Each target sequence has a shadow here: the same tokens, its own KV in the draft model's cache.
+propose() brings every shadow up to its target's tokens (the whole prompt the first time, in
+chunks; afterwards the tokens the last verification kept), then runs the draft model greedily,
+one token per shadow per forward, all shadows in one batch. The draft KV of rejected guesses
+is simply overwritten later: a shadow's computed count falls back to the tokens it shares
+with its target. The draft model only guesses; the target's verification decides every token.
+"""
+from __future__ import annotations
+
+import time
+
+from ..params import SamplingParams
+from .kv_cache import KVCacheManager
+from .runner import ModelRunner
+from .sequence import ScheduledSeq, SchedulerOutput, Sequence
+
+_GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30, ignore_eos=True)
+
+
+class DraftModel:
+    def __init__(self, runner: ModelRunner, kv: KVCacheManager, max_tokens: int):
+        """runner: the draft model's own runner and cache; max_tokens: most tokens a draft
+        forward carries (prompt catch-up is chunked to it)."""
+        self.runner, self.kv, self.max_tokens = runner, kv, max_tokens
+        self.shadows: dict[str, Sequence] = {}
+        self.seconds_per_step = 0.0        # one batched guessing forward, recent mean
+
+    def warm_up(self) -> None:
+        self.runner.warm_up()
+
+    def propose(self, seqs: list[Sequence], lengths: list[int],
+                live: set[str] | None = None) -> list[list[int]]:
+        """Up to lengths[i] greedy draft tokens to follow each seqs[i].all_ids. live: the
+        target sequences still running (shadows of the others are dropped)."""
+        self._drop_dead(live if live is not None else {s.seq_id for s in seqs})
+        shadows = [self._sync(s) for s in seqs]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        active = [i for i, sh in enumerate(shadows) if sh is not None]
+        while active:
+            plan, taken = self._plan(shadows, active)
+            if not taken:                      # the draft cache is full: no more guesses
+                break
+            t0 = time.perf_counter()
+            results = self.runner.execute(plan)
+            if plan.num_tokens == len(taken):  # guessing steps only, not a prompt's catch-up
+                self._timed(time.perf_counter() - t0)
+            for i, s, r in zip(taken, plan.scheduled, results):
+                s.seq.num_computed_tokens += s.num_new_tokens
+                if r.token_id is not None:
+                    drafts[i].append(r.token_id)
+                    shadows[i].output_ids.append(r.token_id)
+            active = [i for i in active if len(drafts[i]) < lengths[i]]
+        return drafts
+
+    def _timed(self, seconds: float) -> None:
+        s = self.seconds_per_step
+        self.seconds_per_step = seconds if not s else 0.8 * s + 0.2 * seconds
+
+    def _sync(self, target: Sequence) -> Sequence | None:
+        """target's shadow with target's tokens, its computed count cut to the tokens the
+        two share."""
+        sh = self.shadows.get(target.seq_id)
+        if sh is None:
+            sh = Sequence(target.seq_id, target.request_id, target.index,
+                          list(target.prompt_ids), _GREEDY, 1 << 30)
+            self.shadows[target.seq_id] = sh
+        want = target.all_ids
+        have = sh.all_ids
+        same = min(sh.num_computed_tokens, len(want))
+        # only the tail can differ: both grew from the same prompt, drafts came after it
+        lo = len(sh.prompt_ids)
+        for j in range(lo, same):
+            if have[j] != want[j]:
+                same = j
+                break
+        sh.output_ids = want[len(sh.prompt_ids):]
+        sh.num_computed_tokens = same
+        return sh
+
+    def _plan(self, shadows: list[Sequence], active: list[int]
+              ) -> tuple[SchedulerOutput, list[int]]:
+        """One forward: for each active shadow in turn while the token budget lasts, its
+        missing tokens (a chunk, for a prompt) or, once caught up, its last draft."""
+        out, taken, budget = [], [], self.max_tokens
+        for i in active:
+            sh = shadows[i]
+            n = min(sh.num_tokens - sh.num_computed_tokens, budget)
+            if n <= 0:
+                break
+            tables = self.kv.allocate(sh, sh.num_computed_tokens + n)
+            if tables is None:
+                break
+            out.append(ScheduledSeq(sh, n, sh.num_computed_tokens, tables))
+            taken.append(i)
+            budget -= n
+        return SchedulerOutput(out, self.kv.block_size), taken
+
+    def _drop_dead(self, live: set[str]) -> None:
+        for seq_id in [k for k in self.shadows if k not in live]:
+            self.kv.free(self.shadows.pop(seq_id))
