@@ -17,7 +17,7 @@ from ostinato.engine.kv_cache import KVCacheManager
 from ostinato.engine.scheduler import Scheduler
 from ostinato.engine.sequence import ScheduledSeq, Sequence, Status
 from ostinato.engine.speculative import (Acceptance, NgramIndex, SpeculativeConfig, Speculator,
-                                         StepCost, SuffixTable, draft_length)
+                                         StepCost, SuffixTable, draft_length, lookup_sizes)
 from modelfiles import model_file
 
 
@@ -25,10 +25,10 @@ from modelfiles import model_file
 # NgramIndex
 # =============================================================================================
 def brute_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
-    """The rule, spelled out: the longest n-gram ending `tokens` that also ends at an earlier
-    position; the latest such position; the (up to k) tokens after it."""
+    """The rule, spelled out: the longest n-gram (of the sizes looked up) ending `tokens` that
+    also ends at an earlier position; the latest such position; the (up to k) tokens after it."""
     n_tok = len(tokens)
-    for n in range(n_max, n_min - 1, -1):
+    for n in lookup_sizes(n_min, n_max):
         if n > n_tok:
             continue
         tail = tokens[n_tok - n:]
@@ -37,6 +37,13 @@ def brute_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int
             e = max(ends)
             return tokens[e: min(e + k, n_tok)]
     return []
+
+
+def test_lookup_sizes_double_from_the_shortest():
+    assert lookup_sizes(2, 16) == [16, 8, 4, 2]
+    assert lookup_sizes(3, 10) == [10, 6, 3]
+    assert lookup_sizes(2, 2) == [2]
+    assert lookup_sizes(1, 5) == [5, 4, 2, 1]
 
 
 def test_ngram_latest_occurrence_wins():
@@ -169,34 +176,43 @@ def test_draft_length():
     assert draft_length(0.95, 0.01, 5) == 5                       # bounded by k_max
 
 
-def test_step_cost_recovers_the_slope():
+def test_step_cost_recovers_the_fit_and_prices_against_plain_decode():
     base, per = 0.004, 0.0002
     c = StepCost()
     rng = random.Random(1)
     for _ in range(300):
         tokens = rng.randint(1, 128)
-        c.add(tokens, emitted=8, seconds=base + per * tokens)
+        c.add(tokens, seconds=base + per * tokens)
     assert c.per_token() == pytest.approx(per, rel=1e-6)
-    assert 8 / (base + per * 128) <= c.rate <= 8 / (base + per)   # a mean of the steps' rates
-    steady = StepCost()
-    for _ in range(50):
-        steady.add(16, emitted=4, seconds=0.02)
-    assert steady.rate == pytest.approx(4 / 0.02)
-    assert c.token_price() == pytest.approx(c.per_token() * c.rate)
-    assert c.token_price(0.001) == pytest.approx((per + 0.001) * c.rate)
+    assert c.base() == pytest.approx(base, rel=1e-6)
+    # a token's price: its time over the time a plain step of the batch takes per token
+    assert c.token_price(1) == pytest.approx(per / (base + per))
+    assert c.token_price(16) == pytest.approx(16 * per / (base + 16 * per))
+    assert c.token_price(1, 0.001) == pytest.approx((per + 0.001) / (base + per))
+    assert c.token_price(1) < c.token_price(16) < c.token_price(64) < 1
+    # a step bound by its tokens (no base time): a token costs a whole emitted token
+    bound = StepCost()
+    for t in range(1, 100):
+        bound.add(t, seconds=0.001 * t)
+    assert bound.token_price(16) == pytest.approx(1.0)
 
 
 def test_step_cost_prior_until_the_token_count_varies():
     c = StepCost()
-    assert c.per_token() == 0.0 and c.token_price() == 0.0
+    assert c.per_token() == 0.0 and c.token_price(1) == 0.0
     for _ in range(20):
-        c.add(10, emitted=10, seconds=0.01)
+        c.add(10, seconds=0.01)
     assert c.per_token() == pytest.approx(StepCost.PRIOR_SHARE * 0.01)
     # a negative measured slope is floored to a tenth of the prior
     d = StepCost()
     for t in range(1, 60):
-        d.add(t, emitted=1, seconds=1.0 - 0.01 * t)
+        d.add(t, seconds=1.0 - 0.01 * t)
     assert d.per_token() > 0
+    # noise steeper than the mean time per token is bounded by it
+    e = StepCost()
+    for t in [1, 2] * 30:
+        e.add(t, seconds=0.001 if t == 1 else 0.5)
+    assert e.per_token() <= e.sy / e.sx + 1e-12
 
 
 # =============================================================================================
@@ -208,7 +224,7 @@ def test_step_cost_prior_until_the_token_count_varies():
     ({"num_speculative_tokens": 65}, "num_speculative_tokens"),
     ({"prompt_lookup_min": 0}, "n-gram"),
     ({"prompt_lookup_min": 4, "prompt_lookup_max": 3}, "n-gram"),
-    ({"prompt_lookup_max": 17}, "n-gram"),
+    ({"prompt_lookup_max": 65}, "n-gram"),
     ({"method": "draft"}, "draft model"),
     ({"method": "ngram", "draft_model": "x.gguf"}, "draft model"),
 ])
@@ -737,3 +753,36 @@ def test_cancellation_leaves_the_other_request_and_no_blocks():
     counted.assert_used()
     assert eng.scheduler.kv.usage() == 0 and not eng.scheduler.running
     assert ra not in eng.seqs
+
+
+# -- a draft model ----------------------------------------------------------------------------
+def draft_spec(name: str, **kw) -> SpeculativeConfig:
+    return SpeculativeConfig(method="draft", draft_model=str(model_file(MODELS[name])), **kw)
+
+
+@model
+def test_draft_model_greedy_and_sampled_equal_plain():
+    """SmolLM2 guessing for itself: its guesses are the target's own greedy tokens, so
+    most are kept (the verification is exercised on long runs); sampled requests reject
+    many. Both give the plain bits, alone and batched, and its shadows are dropped with the
+    requests that owned them."""
+    spec = draft_spec("smollm", num_speculative_tokens=6, adaptive=False)
+    fast = make("smollm", spec)
+    prompts = mixed_prompts(fast, 6)
+    _, counted = on_off("smollm", prompts, greedy(48, logprobs=1), spec, "draft greedy")
+    counted.assert_used()
+    drafts, drafted, accepted = counted.delta
+    assert accepted >= 0.9 * drafted, f"a model guessing for itself kept only {counted.delta}"
+    _, counted = on_off("smollm", prompts[:4], [sampled(32, seed=s) for s in range(4)], spec,
+                        "draft sampled")
+    counted.assert_used(rejected=True)
+    assert not fast.engine.speculator.model_proposer.shadows, "shadows outlived their requests"
+    assert fast.engine.speculator.model_proposer.kv.usage() == 0
+
+
+@model
+def test_draft_model_with_another_vocabulary_is_refused():
+    from ostinato import LLM
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        LLM(model_file(MODELS["smollm"]), max_model_len=512, kv_cache_gb=0.05,
+            speculative=draft_spec("gemma"))

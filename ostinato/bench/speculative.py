@@ -1,9 +1,10 @@
 """Speculative decoding's gain, in process: the same requests with speculation on and off,
 interleaved repeat by repeat (one engine, its speculator switched), so a noisy machine hits
 both alike. Workloads:
-- code edit: a 300-line Python file, asked back whole with one name changed (batch 1, and 16
+- code edit: a 300-line Python file, asked back whole with one class renamed (batch 1, and 16
   streams each with its own file);
-- free text: a story from a short prompt (batch 1), where guesses mostly fail.
+- free text: a story from a short prompt (batch 1), where guesses mostly fail;
+- code from a short prompt (batch 1): what a draft model is for.
 Optionally llama.cpp beside it, plain and with its prompt-lookup decoding, on the same tokens.
 Decode speed counts the tokens after the first over the time after the first (prefill is
 not speculation's business); the prompts are in the prefix cache after the first repeat, on
@@ -47,9 +48,10 @@ def source_file(salt: int, lines: int = 300) -> str:
 
 def edit_prompt(llm, salt: int) -> list[int]:
     src = source_file(salt)
-    msg = ("Here is a Python file:\n```python\n" + src + "```\nReturn the whole file, "
-           "unchanged except that the import of `math` becomes `import math as m` and every "
-           "`math.` becomes `m.`. Reply with the code only.")
+    first = src.split("class ", 1)[1].split(":", 1)[0]
+    msg = ("Here is a Python file:\n```python\n" + src + f"```\nReturn the whole file, "
+           f"unchanged except that the class `{first}` is renamed to `{first}Record`. Reply "
+           f"with the code only.")
     return llm.chat_prompt_ids([{"role": "user", "content": msg}])
 
 
@@ -57,6 +59,13 @@ def story_prompt(llm, salt: int) -> list[int]:
     topics = ["a lighthouse keeper", "a lost robot", "two rival bakers", "a river that talks"]
     msg = f"Write a short story about {topics[salt % len(topics)]}."
     return llm.chat_prompt_ids([{"role": "user", "content": msg}])
+
+
+def code_prompt(llm, salt: int) -> list[int]:
+    tasks = ["a Python class for an LRU cache with get, put and a capacity, with docstrings",
+             "a Python function that parses an INI file into nested dicts, with type hints",
+             "a JavaScript function that deep-merges two objects, with comments"]
+    return llm.chat_prompt_ids([{"role": "user", "content": f"Write {tasks[salt % 3]}."}])
 
 
 def _decode_rate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
@@ -81,11 +90,13 @@ def _decode_rate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float,
 def _llamacpp(llm, threads: int):
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-    kw = dict(model_path=str(llm.model_path), n_ctx=8192, n_threads=threads,
+    # its drafting reads every position's logits (logits_all), n_ctx x vocab floats
+    kw = dict(model_path=str(llm.model_path), n_ctx=4096, n_threads=threads,
               n_threads_batch=threads, n_batch=512, verbose=False)
     return {"llama.cpp": Llama(**kw),
-            "llama.cpp prompt lookup": Llama(**kw, draft_model=LlamaPromptLookupDecoding(
-                num_pred_tokens=10))}
+            "llama.cpp prompt lookup": Llama(**kw, logits_all=True,
+                                             draft_model=LlamaPromptLookupDecoding(
+                                                 num_pred_tokens=10))}
 
 
 def _llamacpp_rate(peer, prompt: list[int], max_tokens: int) -> float:
@@ -105,7 +116,10 @@ def speculative_bench(llm, repeats: int = 3, max_tokens: int = 256, streams: int
         raise ValueError("--speculative-bench needs the engine built with --speculative")
     work = {"code edit, batch 1": [edit_prompt(llm, 1)],
             "free text, batch 1": [story_prompt(llm, 1)],
-            f"code edit, {streams} streams": [edit_prompt(llm, 100 + i) for i in range(streams)]}
+            "code from a short prompt, batch 1": [code_prompt(llm, 1)]}
+    if streams > 1:
+        work[f"code edit, {streams} streams"] = [edit_prompt(llm, 100 + i)
+                                                 for i in range(streams)]
     peers = _llamacpp(llm, threads) if vs_llamacpp else {}
     rates: dict = {name: {"off": [], "on": [], **{p: [] for p in peers}} for name in work}
     stats0 = _counts(spec)

@@ -99,8 +99,7 @@ class Engine:
         deltas = [self._update_isolated(s, r) for s, r in zip(plan.scheduled, results)]
         self._record(plan)
         if self.speculator is not None:
-            self.speculator.record_step(plan.num_tokens, sum(len(d.token_ids) for d in deltas),
-                                        seconds)
+            self.speculator.record_step(plan.num_tokens, seconds)
             self.speculator.propose(self.scheduler.running)
         return deltas
 
