@@ -139,8 +139,7 @@ class LLM:
         finally:
             gf.close()
         groups = len(cfg.kv_group_windows())
-        kv = KVCacheManager([num_blocks] * groups, block_size, cfg.kv_group_windows(),
-                            enable_prefix_caching=False)
+        kv = KVCacheManager([num_blocks] * groups, block_size, cfg.kv_group_windows())
         runner = ModelRunner(model, [num_blocks] * groups, block_size,
                              set(self.tokenizer.eos_token_ids), max_tokens, self.max_model_len)
         log.info("speculative decoding: draft model %s (%s, %d layers)", model_name(name),

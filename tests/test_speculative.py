@@ -766,8 +766,9 @@ def draft_spec(name: str, **kw) -> SpeculativeConfig:
 def test_draft_model_greedy_and_sampled_equal_plain():
     """SmolLM2 guessing for itself: its guesses are the target's own greedy tokens, so
     most are kept (the verification is exercised on long runs); sampled requests reject
-    many. Both give the plain bits, alone and batched, and its shadows are dropped with the
-    requests that owned them."""
+    many (each rejection rolls the shadow back, and its blocks out of the draft cache's
+    prefix cache). Both give the plain bits, alone and batched, and its shadows are dropped
+    with the requests that owned them."""
     spec = draft_spec("smollm", num_speculative_tokens=6, adaptive=False)
     fast = make("smollm", spec)
     prompts = mixed_prompts(fast, 6)
@@ -778,8 +779,15 @@ def test_draft_model_greedy_and_sampled_equal_plain():
     _, counted = on_off("smollm", prompts[:4], [sampled(32, seed=s) for s in range(4)], spec,
                         "draft sampled")
     counted.assert_used(rejected=True)
-    assert not fast.engine.speculator.model_proposer.shadows, "shadows outlived their requests"
-    assert fast.engine.speculator.model_proposer.kv.usage() == 0
+    draft = fast.engine.speculator.model_proposer
+    assert not draft.shadows, "shadows outlived their requests"
+    draft.kv.check_integrity()
+    assert draft.kv.usage() == 0
+    # the draft cache keeps the prompts' blocks (never a guess's): a second run hits them
+    hits = draft.kv.prefix_hits
+    on_off("smollm", prompts[:2], greedy(24), spec, "draft cached")
+    assert draft.kv.prefix_hits > hits
+    draft.kv.check_integrity()
 
 
 @model

@@ -60,23 +60,23 @@ class DraftModel:
 
     def _sync(self, target: Sequence) -> Sequence | None:
         """target's shadow with target's tokens, its computed count cut to the tokens the
-        two share."""
+        two share (a new shadow starts from the draft cache's prefix hits)."""
         sh = self.shadows.get(target.seq_id)
+        want = target.all_ids
         if sh is None:
             sh = Sequence(target.seq_id, target.request_id, target.index,
                           list(target.prompt_ids), _GREEDY, 1 << 30)
+            sh.output_ids = want[len(sh.prompt_ids):]
+            sh.num_computed_tokens = self.kv.find_cached_prefix(sh)
             self.shadows[target.seq_id] = sh
-        want = target.all_ids
+            return sh
         have = sh.all_ids
-        same = min(sh.num_computed_tokens, len(want))
-        # only the tail can differ: both grew from the same prompt, drafts came after it
-        lo = len(sh.prompt_ids)
-        for j in range(lo, same):
-            if have[j] != want[j]:
-                same = j
-                break
+        # only the tail can differ: both grew from the same prompt, guesses came after it
+        common = _common(have, want, len(sh.prompt_ids))
+        if common < len(have):             # guesses the target did not keep
+            self.kv.roll_back(sh, common)
         sh.output_ids = want[len(sh.prompt_ids):]
-        sh.num_computed_tokens = same
+        sh.num_computed_tokens = min(sh.num_computed_tokens, common)
         return sh
 
     def _plan(self, shadows: list[Sequence], active: list[int]
@@ -100,3 +100,12 @@ class DraftModel:
     def _drop_dead(self, live: set[str]) -> None:
         for seq_id in [k for k in self.shadows if k not in live]:
             self.kv.free(self.shadows.pop(seq_id))
+
+
+def _common(a: list[int], b: list[int], start: int) -> int:
+    """The length of a's and b's common prefix, known to be at least `start`."""
+    n = min(len(a), len(b))
+    for j in range(start, n):
+        if a[j] != b[j]:
+            return j
+    return n

@@ -249,6 +249,22 @@ class KVCacheManager:
                 table[i] = NULL_BLOCK
                 i -= 1
 
+    def roll_back(self, seq: Sequence, num_tokens: int) -> None:
+        """seq's tokens from num_tokens on are replaced (a draft model's rejected guesses):
+        its blocks past them leave the prefix cache (their KV will be overwritten) and its
+        memoised hashes are cut. Set seq.num_computed_tokens <= num_tokens with it."""
+        keep = num_tokens // self.block_size
+        del seq.block_hashes[keep:]
+        state = self.seqs.get(seq.seq_id)
+        if state is None or state.num_cached <= keep:
+            return
+        for pool, table in zip(self.pools, state.tables):
+            for b in table[keep: state.num_cached]:
+                if b != NULL_BLOCK and b in pool.hash_of:
+                    assert pool.ref[b] == 1, "a shared block cannot hold a guess"
+                    del pool.cached[pool.hash_of.pop(b)]
+        state.num_cached = keep
+
     # -- release and stats -----------------------------------------------------------------
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks (its computed full blocks stay cached). Tail blocks first, so
