@@ -127,8 +127,6 @@ def speculative_kwargs(a) -> dict:
         raise ValueError("--num-speculative-tokens goes with --speculative")
     if method is None:
         return {}
-    if k is not None and not 1 <= k <= 64:
-        raise ValueError(f"--num-speculative-tokens {k}: choose 1..64")
     SpeculativeConfig.parse(method, num_speculative_tokens=k, draft_model=draft)   # checks
     return {"speculative": method, "num_speculative_tokens": k, "draft_model": draft}
 

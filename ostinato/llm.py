@@ -94,7 +94,6 @@ class LLM:
         self.config = self.config.for_context(self.max_model_len)     # LongRoPE's factors
         model_, self.slow_paths = load_model(gf, self.config, backend, kv_cache_dtype)
         gf.close()
-        self._gf_meta = gf              # its metadata, for a draft model's vocabulary check
         eos = set(self.tokenizer.eos_token_ids)
         num_blocks = self._num_blocks(kv_cache_gb, block_size,
                                       model_.ops.kv_cache_bytes(block_size, self.config.n_kv_heads,
@@ -107,29 +106,31 @@ class LLM:
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
             Scheduler(kv, max_num_seqs, max_num_batched_tokens),
             self.max_model_len,
-            self._speculator(spec, backend, kv_cache_dtype, num_blocks[0], block_size,
-                             max_num_batched_tokens))
+            self._speculator(spec, gf.metadata, backend, kv_cache_dtype, num_blocks[0],
+                             block_size, max_num_batched_tokens))
         self.speculative = spec
-        del self._gf_meta
 
-    def _speculator(self, spec: SpeculativeConfig | None, backend: str, kv_cache_dtype: str,
-                    num_blocks: int, block_size: int, max_tokens: int) -> Speculator | None:
+    def _speculator(self, spec: SpeculativeConfig | None, metadata: dict, backend: str,
+                    kv_cache_dtype: str, num_blocks: int, block_size: int,
+                    max_tokens: int) -> Speculator | None:
+        """metadata: the target file's, for a draft model's vocabulary check."""
         if spec is None:
             return None
         draft = None
         if spec.method == "draft":
-            draft = self._draft_model(spec.draft_model, backend, kv_cache_dtype, num_blocks,
-                                      block_size, max_tokens)
+            draft = self._draft_model(spec.draft_model, metadata.get("tokenizer.ggml.tokens"),
+                                      backend, kv_cache_dtype, num_blocks, block_size,
+                                      max_tokens)
         return Speculator(spec, draft)
 
-    def _draft_model(self, name: str, backend: str, kv_cache_dtype: str, num_blocks: int,
-                     block_size: int, max_tokens: int) -> DraftModel:
+    def _draft_model(self, name: str, vocab, backend: str, kv_cache_dtype: str,
+                     num_blocks: int, block_size: int, max_tokens: int) -> DraftModel:
         """The draft model, its cache holding as many tokens as the target's; refused unless
-        its vocabulary is the target's, token for token."""
+        its vocabulary is the target's (`vocab`), token for token."""
         path, gf = open_model(name)
         try:
-            mine, theirs = (g.metadata.get("tokenizer.ggml.tokens") for g in (self._gf_meta, gf))
-            if mine is None or theirs is None or list(mine) != list(theirs):
+            theirs = gf.metadata.get("tokenizer.ggml.tokens")
+            if vocab is None or theirs is None or list(vocab) != list(theirs):
                 raise ValueError(f"draft model {name}: its vocabulary differs from "
                                  f"{self.model_name}'s; a draft model must share the "
                                  f"target's tokenizer")
@@ -144,7 +145,7 @@ class LLM:
                              set(self.tokenizer.eos_token_ids), max_tokens, self.max_model_len)
         log.info("speculative decoding: draft model %s (%s, %d layers)", model_name(name),
                  cfg.arch, cfg.n_layers)
-        return DraftModel(runner, kv, max_tokens)
+        return DraftModel(runner, kv)
 
     def _num_blocks(self, kv_cache_gb: float, block_size: int, per_layer_block: int) -> list[int]:
         """Blocks per KV-cache group: the budget is split by the groups' layer counts (so

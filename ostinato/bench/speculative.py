@@ -104,7 +104,7 @@ def _llamacpp_rate(peer, prompt: list[int], max_tokens: int) -> float:
     times = []
     for tok in peer.generate(prompt, temp=0.0, reset=True):
         times.append(time.perf_counter())
-        if len(times) == max_tokens or tok in (peer.token_eos(),):
+        if len(times) == max_tokens or tok == peer.token_eos():
             break
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
 

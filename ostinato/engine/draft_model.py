@@ -20,24 +20,25 @@ _GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30, ignore_eos=True)
 
 
 class DraftModel:
-    def __init__(self, runner: ModelRunner, kv: KVCacheManager, max_tokens: int):
-        """runner: the draft model's own runner and cache; max_tokens: most tokens a draft
-        forward carries (prompt catch-up is chunked to it)."""
-        self.runner, self.kv, self.max_tokens = runner, kv, max_tokens
+    def __init__(self, runner: ModelRunner, kv: KVCacheManager):
+        """runner: the draft model's own runner (a prompt's catch-up is chunked to its
+        max_tokens) and kv its cache."""
+        self.runner, self.kv = runner, kv
         self.shadows: dict[str, Sequence] = {}
+        self.guessed: dict[str, int] = {}          # shadow -> guesses after its target's tokens
         self.seconds_per_step = 0.0        # one batched guessing forward, recent mean
 
     def warm_up(self) -> None:
         self.runner.warm_up()
 
     def propose(self, seqs: list[Sequence], lengths: list[int],
-                live: set[str] | None = None) -> list[list[int]]:
+                live: set[str]) -> list[list[int]]:
         """Up to lengths[i] greedy draft tokens to follow each seqs[i].all_ids. live: the
         target sequences still running (shadows of the others are dropped)."""
-        self._drop_dead(live if live is not None else {s.seq_id for s in seqs})
+        self._drop_dead(live)
         shadows = [self._sync(s) for s in seqs]
         drafts: list[list[int]] = [[] for _ in seqs]
-        active = [i for i, sh in enumerate(shadows) if sh is not None]
+        active = list(range(len(seqs)))
         while active:
             plan, taken = self._plan(shadows, active)
             if not taken:                      # the draft cache is full: no more guesses
@@ -50,17 +51,20 @@ class DraftModel:
                 s.seq.num_computed_tokens += s.num_new_tokens
                 if r.token_id is not None:
                     drafts[i].append(r.token_id)
-                    shadows[i].output_ids.append(r.token_id)
+                    s.seq.output_ids.append(r.token_id)
             active = [i for i in active if len(drafts[i]) < lengths[i]]
+        for s, d in zip(seqs, drafts):
+            self.guessed[s.seq_id] = len(d)
         return drafts
 
     def _timed(self, seconds: float) -> None:
         s = self.seconds_per_step
         self.seconds_per_step = seconds if not s else 0.8 * s + 0.2 * seconds
 
-    def _sync(self, target: Sequence) -> Sequence | None:
+    def _sync(self, target: Sequence) -> Sequence:
         """target's shadow with target's tokens, its computed count cut to the tokens the
-        two share (a new shadow starts from the draft cache's prefix hits)."""
+        two share (a new shadow starts from the draft cache's prefix hits). Only the last
+        guesses can differ: the shadow held the target's tokens when it guessed them."""
         sh = self.shadows.get(target.seq_id)
         want = target.all_ids
         if sh is None:
@@ -71,8 +75,9 @@ class DraftModel:
             self.shadows[target.seq_id] = sh
             return sh
         have = sh.all_ids
-        # only the tail can differ: both grew from the same prompt, guesses came after it
-        common = _common(have, want, len(sh.prompt_ids))
+        common = len(have) - self.guessed.get(target.seq_id, 0)
+        while common < min(len(have), len(want)) and have[common] == want[common]:
+            common += 1
         if common < len(have):             # guesses the target did not keep
             self.kv.roll_back(sh, common)
         sh.output_ids = want[len(sh.prompt_ids):]
@@ -83,7 +88,7 @@ class DraftModel:
               ) -> tuple[SchedulerOutput, list[int]]:
         """One forward: for each active shadow in turn while the token budget lasts, its
         missing tokens (a chunk, for a prompt) or, once caught up, its last draft."""
-        out, taken, budget = [], [], self.max_tokens
+        out, taken, budget = [], [], self.runner.max_tokens
         for i in active:
             sh = shadows[i]
             n = min(sh.num_tokens - sh.num_computed_tokens, budget)
@@ -100,12 +105,4 @@ class DraftModel:
     def _drop_dead(self, live: set[str]) -> None:
         for seq_id in [k for k in self.shadows if k not in live]:
             self.kv.free(self.shadows.pop(seq_id))
-
-
-def _common(a: list[int], b: list[int], start: int) -> int:
-    """The length of a's and b's common prefix, known to be at least `start`."""
-    n = min(len(a), len(b))
-    for j in range(start, n):
-        if a[j] != b[j]:
-            return j
-    return n
+            self.guessed.pop(seq_id, None)

@@ -186,13 +186,14 @@ class ModelRunner:
         st = seq.sampler_state = seq.sampler_state or SamplerState()
         if st.generator is None:
             st.generator = make_generator(seq.params.seed)
-        # position by position, as plain decoding would, while the draft agrees
-        output_ids, chain = list(seq.output_ids), []
+        # position by position, as plain decoding would, while the draft agrees (a row after
+        # the first sees the kept draft tokens as output, for penalties and min_tokens)
+        chain = []
         for j, row in enumerate(logits):
             one = res if j == 0 else SeqResult()
+            output_ids = seq.output_ids + s.draft[:j] if j else seq.output_ids
             self._sample_into(one, seq, st, row, output_ids)
             chain.append(one)
-            output_ids.append(one.token_id)
             if j == len(s.draft) or one.token_id != s.draft[j]:
                 break
         res.more = chain[1:]
