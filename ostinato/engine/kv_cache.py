@@ -47,6 +47,8 @@ class BlockPool:
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.hash_of: dict[int, bytes] = {}      # block -> hash, for cached blocks
         self.cached: dict[bytes, int] = {}       # hash -> block, the prefix cache
+        self.new_cached: list[tuple[int, bytes]] | None = None   # (block, hash) registered
+        # since the last take, when a disk tier wants them (KVCacheManager.take_new_cached)
 
     def num_available(self) -> int:
         return len(self.free) + len(self.evictable)
@@ -90,6 +92,13 @@ class BlockPool:
         computed the same prefix at once), the older copy stays the cached one."""
         if h not in self.cached and block not in self.hash_of:
             self.cached[h], self.hash_of[block] = block, h
+            if self.new_cached is not None:
+                self.new_cached.append((block, h))
+
+    def refresh(self, block: int) -> None:
+        """Move a cached, unused block to the most recently used end of the LRU list."""
+        if self.ref[block] == 0 and block in self.evictable:
+            self.evictable.move_to_end(block)
 
     def check_integrity(self) -> None:
         assert self.ref[NULL_BLOCK] == 0 and NULL_BLOCK not in self.hash_of, "null block used"
@@ -131,26 +140,91 @@ class KVCacheManager:
         """Tokens of seq.all_ids whose KV every group has cached: a multiple of block_size,
         never all of them (the last token is computed so that its logits exist). Sliding
         groups need only the blocks inside the window of the first uncached position."""
-        p = seq.params
-        if not self.enable_prefix_caching or p.prompt_logprobs is not None or p.pooling == "mean":
-            return 0     # prompt logprobs and mean pooling need every prompt position computed
+        if not self._may_hit(seq):
+            return 0
         hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
-        full = [p for p, w in zip(self.pools, self.windows) if w is None]
-        k = min((self._leading_hits(p, hashes) for p in full), default=len(hashes))
-        while k > 0 and not all(self._window_hit(g, hashes, k) for g in self._sliding()):
+        return self._hit_blocks(hashes, lambda g, h: h in self.pools[g].cached) * self.block_size
+
+    def _may_hit(self, seq: Sequence) -> bool:
+        """Prompt logprobs and mean pooling need every prompt position computed."""
+        p = seq.params
+        return (self.enable_prefix_caching and p.prompt_logprobs is None
+                and p.pooling != "mean")
+
+    def _hit_blocks(self, hashes: list[bytes], has) -> int:
+        """The most leading blocks k that `has(group, hash)` holds: every block before k in
+        each full-attention group, those in the window of position k*block_size in each
+        sliding one."""
+        k = min((self._leading(g, hashes, has) for g, w in enumerate(self.windows) if w is None),
+                default=len(hashes))
+        while k > 0 and not all(has(g, h) for g in self._sliding()
+                                for h in hashes[self._first_live_block(g, k * self.block_size):k]):
             k -= 1
-        return k * self.block_size
+        return k
 
     @staticmethod
-    def _leading_hits(pool: BlockPool, hashes: list[bytes]) -> int:
+    def _leading(g: int, hashes: list[bytes], has) -> int:
         n = 0
-        while n < len(hashes) and hashes[n] in pool.cached:
+        while n < len(hashes) and has(g, hashes[n]):
             n += 1
         return n
 
-    def _window_hit(self, g: int, hashes: list[bytes], k: int) -> bool:
-        lo = self._first_live_block(g, k * self.block_size)
-        return all(h in self.pools[g].cached for h in hashes[lo:k])
+    # -- a lower tier (disk) ---------------------------------------------------------------
+    def track_new_cached(self) -> None:
+        """From now on, record every block registered in the prefix cache (take_new_cached)."""
+        for pool in self.pools:
+            pool.new_cached = []
+
+    def take_new_cached(self) -> list[tuple[int, int, bytes]]:
+        """(group, block, hash) of the blocks registered since the last call. Their KV is
+        what a past step wrote, and stays until a later step runs (eviction only hands a
+        block out; a step overwrites it): copy them before the next execute."""
+        out = []
+        for g, pool in enumerate(self.pools):
+            out.extend((g, b, h) for b, h in pool.new_cached or ())
+            if pool.new_cached:
+                pool.new_cached = []
+        return out
+
+    def lower_tier_blocks(self, seq: Sequence, lower_has) -> list[tuple[int, bytes]]:
+        """(group, hash) of the blocks to bring into RAM from a lower tier holding
+        `lower_has(group, hash)`, so that seq's cached prefix is as long as both tiers allow;
+        in prefix order. The RAM blocks of that prefix move to the LRU list's recent end, so
+        that making room for the others does not evict them."""
+        if not self._may_hit(seq):
+            return []
+        hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        k = self._hit_blocks(hashes, lambda g, h: h in self.pools[g].cached or lower_has(g, h))
+        out = []
+        for i in range(k):
+            for g, pool in enumerate(self.pools):
+                if i < self._first_live_block(g, k * self.block_size):
+                    continue
+                b = pool.lookup(hashes[i])
+                if b is None:
+                    out.append((g, hashes[i]))
+                else:
+                    pool.refresh(b)
+        return out
+
+    def fill_block(self, g: int, h: bytes, load) -> bool:
+        """Bring one block in from a lower tier: a fresh block of group g, `load(block)`
+        writes its KV (False: it could not, the block goes back free), then it is cached
+        under h, unused (evictable), as if a finished sequence had left it."""
+        pool = self.pools[g]
+        if h in pool.cached:
+            return True
+        if not pool.num_available():
+            return False
+        block = pool.allocate()
+        if not load(block):
+            pool.release(block)
+            return False
+        pool.cache(block, h)
+        if pool.new_cached:
+            pool.new_cached.pop()          # it came from the lower tier: nothing to write
+        pool.release(block)
+        return True
 
     def _sliding(self) -> list[int]:
         return [g for g, w in enumerate(self.windows) if w is not None]

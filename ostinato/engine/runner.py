@@ -57,6 +57,38 @@ class ModelRunner:
         self.forward = (compile_plan(model, self.kv_caches, max_tokens, max_context)
                         or model.forward)
 
+    # -- KV blocks as bytes (the prefix cache's disk tier) ------------------------------------
+    def _group_tensors(self, g: int) -> list[torch.Tensor]:
+        """Group g's cache tensors, each (num_blocks, ...): K then V of each of its layers."""
+        cfg = self.model.cfg
+        return [t for i in range(cfg.n_layers) if cfg.layer_kv_group(i) == g
+                for t in self.kv_caches[i]]
+
+    def block_bytes(self, g: int) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self._group_tensors(g))
+
+    def block_layout(self) -> str:
+        """What a block's bytes mean: each group's tensors' shapes and dtypes."""
+        return ";".join(",".join(f"{tuple(t.shape[1:])}:{t.dtype}" for t in self._group_tensors(g))
+                        for g in range(self.num_groups))
+
+    def block_payload(self, g: int, block: int) -> bytes:
+        """A copy of one block's KV in group g, every layer's K and V in turn."""
+        return b"".join(t[block].contiguous().view(torch.uint8).numpy().tobytes()
+                        for t in self._group_tensors(g))
+
+    def load_block(self, g: int, block: int, payload: bytes) -> None:
+        """Write block_payload's bytes back into a block (same layout, checked by length)."""
+        if len(payload) != self.block_bytes(g):
+            raise ValueError(f"a group-{g} block has {self.block_bytes(g)} bytes, "
+                             f"not {len(payload)}")
+        src, at = torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0
+        for t in self._group_tensors(g):
+            dst = t[block].view(torch.uint8)
+            n = dst.numel()
+            dst.copy_(src[at:at + n].view(dst.shape))
+            at += n
+
     def warm_up(self) -> None:
         """Size the kernels' per-thread scratch on the calling thread (the one that will run
         the steps), so that no step allocates any."""
