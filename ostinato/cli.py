@@ -96,6 +96,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float16",
                    help="float16: llama.cpp's default, half the memory; float32: keys and "
                         "values exactly as computed (kernels backend only)")
+    p.add_argument("--target-itl-ms", type=_target_itl, default="auto", metavar="MS",
+                   help="step-time target: each step's prefill chunks are sized so that the "
+                        "streams decoding meanwhile get their next token within it; 'auto' "
+                        "(default: 1.25x the decode step, at least 50 ms), a number of ms, or "
+                        "'off' / 0 (the token budget alone)")
 
 
 def _add_speculative(p: argparse.ArgumentParser) -> None:
@@ -112,6 +117,15 @@ def _add_speculative(p: argparse.ArgumentParser) -> None:
                    help="with --speculative draft: the draft model, an embedded name or a "
                         "path, with the same vocabulary as --model")
     p.set_defaults(subparser=p)
+
+
+def _target_itl(value: str) -> str:
+    from .engine.step_time import LatencyTarget
+    try:
+        LatencyTarget.parse(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def speculative_kwargs(a) -> dict:
@@ -282,6 +296,7 @@ def load_llm(a):
     with _byte_bar("loading weights") as bar, report_progress(bar.to):
         llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend,
                   kv_cache_dtype=a.kv_cache_dtype, quantize=a.quantize,
+                  target_itl_ms=a.target_itl_ms,
                   **speculative_kwargs(a))
     print(f"loaded {llm.model_name} ({llm.config.arch}, {llm.config.n_layers} layers) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -451,7 +466,8 @@ def cmd_serve(a) -> None:
                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                kv_cache_gb=a.kv_cache_gb, backend=a.backend, kv_cache_dtype=a.kv_cache_dtype,
                allowed_origins=a.allowed_origins,
-               pooling=a.pooling, quantize=a.quantize, **speculative_kwargs(a))
+               pooling=a.pooling, quantize=a.quantize, target_itl_ms=a.target_itl_ms,
+               **speculative_kwargs(a))
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "generate": cmd_generate,

@@ -21,6 +21,7 @@ from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .engine.speculative import SpeculativeConfig, Speculator
+from .engine.step_time import LatencyTarget
 from .hub import model_name, resolve_model
 from .kernels.backend import make_ops
 from .loader.gguf import GGUFFile, read_gguf
@@ -73,6 +74,7 @@ class LLM:
                  block_size: int = 16, kv_cache_gb: float = 1.0, backend: str = "kernels",
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "float16",
                  quantize: str | None = None,
+                 target_itl_ms: float | str | None = "auto",   # engine/step_time.py
                  speculative: str | SpeculativeConfig | None = None,
                  num_speculative_tokens: int | None = None, draft_model: str | None = None):
         """speculative: "ngram" (prompt lookup), "suffix" (also other requests' text) or
@@ -80,6 +82,8 @@ class LLM:
         SpeculativeConfig; the output is the same bits as without (engine/speculative.py)."""
         spec = SpeculativeConfig.parse(speculative, num_speculative_tokens=num_speculative_tokens,
                                        draft_model=draft_model)
+        # each step's prefill sized to a step-time target; None: the token budget alone
+        self.latency_target = LatencyTarget.parse(target_itl_ms)
         if threads:
             torch.set_num_threads(threads)
         self.backend = backend
@@ -104,7 +108,7 @@ class LLM:
             ModelRunner(model_, num_blocks, block_size, eos, max_num_batched_tokens,
                         self.max_model_len),
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
-            Scheduler(kv, max_num_seqs, max_num_batched_tokens),
+            Scheduler(kv, max_num_seqs, max_num_batched_tokens, self.latency_target),
             self.max_model_len,
             self._speculator(spec, gf.metadata, backend, kv_cache_dtype, num_blocks[0],
                              block_size, max_num_batched_tokens))

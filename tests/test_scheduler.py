@@ -11,6 +11,15 @@ import pytest
 from ostinato.engine.kv_cache import NULL_BLOCK, KVCacheManager
 from ostinato.engine.scheduler import Scheduler
 from ostinato.engine.sequence import SchedulerOutput, Sequence, Status
+from ostinato.engine.step_time import (
+    AUTO_FLOOR_S,
+    AUTO_RATIO,
+    MIN_PREFILL_TOKENS,
+    LatencyTarget,
+    StepTimeModel,
+    attention_pairs,
+    step_features,
+)
 
 BS = 4
 
@@ -202,3 +211,151 @@ def test_bad_limits():
     kv = KVCacheManager([8], BS, [None])
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Scheduler(kv, 4, 0)
+
+
+# -- the latency target (step_time.py) ------------------------------------------------------
+class FixedCost(StepTimeModel):
+    """A step-time model that knows the truth: 5 ms + 1 ms a token + 1 ms a sampling row +
+    0.01 ms per thousand attention pairs."""
+    COEF = (0.005, 0.001, 0.00001, 0.001)
+
+    def __init__(self):
+        super().__init__()
+        self.w = 1.0                                  # ready
+
+    def coef(self):
+        return self.COEF
+
+
+def predicted(plan: SchedulerOutput) -> float:
+    return FixedCost().predict(*step_features(plan))
+
+
+def target_sched(target, budget=512, blocks=256, max_seqs=16) -> Scheduler:
+    kv = KVCacheManager([blocks], BS, [None])
+    return Scheduler(kv, max_seqs, budget, LatencyTarget.parse(target), FixedCost())
+
+
+def decoding(sched: Scheduler, n: int, prompt_len: int = 6) -> list[Sequence]:
+    seqs = [make_seq(f"d{i}", range(100 * i, 100 * i + prompt_len)) for i in range(n)]
+    for s in seqs:
+        sched.add(s)
+    step(sched)                                       # nobody decodes yet: all in one step
+    return seqs
+
+
+def test_a_long_prompt_is_split_to_keep_each_step_within_the_target():
+    sched = target_sched(30)                          # 30 ms
+    decoders = decoding(sched, 8)
+    long = make_seq("long", range(1000, 1300))
+    sched.add(long)
+    chunks = []
+    while long.in_prefill:
+        plan = sched.schedule()
+        assert predicted(plan) <= 0.030 + 1e-9
+        rows = {s.seq.seq_id: s.num_new_tokens for s in plan.scheduled}
+        assert all(rows[d.seq_id] == 1 for d in decoders)        # every decoder got its token
+        chunks.append(rows["long"])
+        apply(plan)
+    # 21 ms of decode rows leave 9 ms: chunks of 9 tokens, shrinking as attention grows
+    assert sum(chunks) == 300 and chunks[0] == 8 and max(chunks) <= 9 and len(chunks) > 30
+    assert long.output_ids == [1000]
+
+
+def apply(plan: SchedulerOutput) -> None:
+    for s in plan.scheduled:
+        s.seq.num_computed_tokens += s.num_new_tokens
+        if s.samples:
+            s.seq.output_ids.append(1000 + len(s.seq.output_ids))
+
+
+def test_a_target_tighter_than_the_decode_rows_still_moves_prefill():
+    sched = target_sched(10)                          # the 8 decode rows alone take 21 ms
+    decoding(sched, 8)
+    sched.add(make_seq("p", range(1000, 1040)))
+    sizes = [dict(step(sched))["p"] for _ in range(5)]
+    assert sizes == [MIN_PREFILL_TOKENS] * 5
+
+
+def test_auto_target_follows_the_decode_step_and_nobody_decoding_gets_the_budget():
+    sched = target_sched("auto", budget=64)
+    sched.add(make_seq("a", range(200)))
+    assert step(sched) == [("a", 64)]                 # no decode rows: the token budget alone
+    for n, target in ((8, AUTO_FLOOR_S), (48, AUTO_RATIO * (0.005 + 0.002 * 48))):
+        sched = target_sched("auto", budget=512, max_seqs=64)
+        decoding(sched, n)
+        sched.add(make_seq("long", range(1000, 1300)))
+        plan = sched.schedule()
+        # 8 decode rows take 21 ms: the 50 ms floor; 48 take 101 ms: 1.25 x that
+        assert sched._step.target_seconds == pytest.approx(target, rel=1e-3)
+        assert predicted(plan) <= target + 1e-9 < predicted(plan) + 0.002   # filled to it
+        assert plan.num_tokens < n + 100
+
+
+def test_target_off_is_the_token_budget_alone():
+    assert LatencyTarget.parse("off") is None and LatencyTarget.parse(0) is None
+    sched = target_sched("off")
+    assert sched.target is None
+    decoding(sched, 8)
+    sched.add(make_seq("long", range(1000, 1300)))
+    assert dict(step(sched))["long"] == 300         # the whole prompt in one step
+
+
+def test_decode_rows_keep_their_tokens_within_the_token_budget():
+    sched = target_sched(1000, budget=12)             # time is no limit here, tokens are
+    decoders = decoding(sched, 4, prompt_len=2)
+    sched.add(make_seq("p", range(1000, 1100)))
+    for _ in range(4):
+        got = dict(step(sched))
+        assert all(got[d.seq_id] == 1 for d in decoders) and got["p"] == 8
+
+
+def test_target_parse_refuses_bad_values():
+    assert LatencyTarget.parse(None) == LatencyTarget() == LatencyTarget.parse("auto")
+    assert LatencyTarget.parse("40").seconds == 0.040 and LatencyTarget.parse(12.5).seconds == 0.0125
+    for bad in ("fast", -1, float("nan"), True, [3]):
+        with pytest.raises(ValueError, match="target_itl_ms"):
+            LatencyTarget.parse(bad)
+
+
+def test_step_time_model_recovers_a_linear_cost():
+    m = StepTimeModel()
+    assert not m.ready and m.chunk_tokens(1.0, 0) == 0
+    m.add(16, attention_pairs(0, 16), 1, 0.005 + 0.016 + 0.001)
+    assert m.coef()[0] == pytest.approx(0, abs=1e-9)   # one step: all of it per token (prior)
+    assert m.coef()[1] == pytest.approx(0.022 / 16, rel=1e-3)
+    rng = random.Random(0)
+    for _ in range(300):
+        rows = rng.randint(1, 32)
+        chunk, start = rng.choice([0, rng.randint(1, 256)]), rng.randint(0, 2000)
+        pairs = sum(attention_pairs(start, 1) for _ in range(rows)) + attention_pairs(start, chunk)
+        m.add(rows + chunk, pairs, rows, 0.005 + 0.001 * (rows + chunk) + 0.001 * rows
+              + 1e-8 * pairs)
+    base, per_token, per_pair, per_row = m.coef()
+    assert base == pytest.approx(0.005, rel=0.05) and per_token == pytest.approx(0.001, rel=0.05)
+    assert per_row == pytest.approx(0.001, rel=0.05) and per_pair == pytest.approx(1e-5, rel=0.1)
+    n = m.chunk_tokens(0.05, 1000)
+    assert m.chunk_seconds(1000, n) <= 0.05 < m.chunk_seconds(1000, n + 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_workload_with_a_target_keeps_every_invariant(seed):
+    rng = random.Random(seed)
+    kv = KVCacheManager([10], BS, [None])
+    sched = Scheduler(kv, 6, rng.choice([8, 16]), LatencyTarget.parse(rng.choice([8, 15, "auto"])),
+                      FixedCost())
+    model, seqs, want = FakeModel(sched.kv), [], {}
+    for i in range(150):
+        if i < 12 and rng.random() < 0.7:
+            s = make_seq(f"s{i}", [rng.randrange(50) for _ in range(rng.randint(1, 20))])
+            seqs.append(s)
+            want[s.seq_id] = rng.randint(1, 12)
+            sched.add(s)
+        step(sched, model)
+        for s in list(sched.running):
+            if len(s.output_ids) >= want[s.seq_id]:
+                sched.finish(s, "length")
+    assert not sched.has_unfinished(), "150 steps should finish every request"
+    for s in seqs:
+        assert s.output_ids == [1000 + i for i in range(want[s.seq_id])]
+    sched.check_integrity()

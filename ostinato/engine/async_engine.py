@@ -59,6 +59,9 @@ class EngineSnapshot:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: tuple[int, ...] = ()     # kept drafts by position in the draft
+    steps: int = 0                      # engine steps so far (monotonic)
+    step_seconds: float = 0.0           # the last step's runner.execute time
+    step_tokens: int = 0                # the last step's tokens
 
 
 class EngineDead(RuntimeError):
@@ -317,10 +320,20 @@ def _engine_snapshot(engine: Engine) -> EngineSnapshot:
         kv_usage=kv.usage() if kv is not None else 0.0,
         prefix_hit_rate=_prefix_hit_rate(engine),
         preemptions=sched.num_preemptions,
+        **_last_step(engine.stats),
         spec_num_drafts=st.num_drafts if st else 0,
         spec_num_draft_tokens=st.num_draft_tokens if st else 0,
         spec_num_accepted_tokens=st.num_accepted_tokens if st else 0,
         spec_accepted_per_pos=tuple(st.accepted_per_pos) if st else ())
+
+
+def _last_step(stats) -> dict:
+    """EngineStats' step count and its last step's seconds and tokens, if reported."""
+    steps = getattr(stats, "steps", 0)
+    if not steps or not getattr(stats, "step_seconds", None):
+        return {}
+    return {"steps": steps, "step_seconds": stats.step_seconds.recent[-1],
+            "step_tokens": stats.tokens_per_step.recent[-1]}
 
 
 def _prefix_hit_rate(engine: Engine) -> float | None:

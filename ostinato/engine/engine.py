@@ -22,6 +22,7 @@ class EngineStats:
     steps: int = 0
     batch_sizes: StepSeries = field(default_factory=StepSeries)   # running sequences per step
     tokens_per_step: StepSeries = field(default_factory=StepSeries)
+    step_seconds: StepSeries = field(default_factory=StepSeries)  # runner.execute, per step
     preemptions: int = 0
     prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0       # of those, tokens whose KV was reused
@@ -97,14 +98,16 @@ class Engine:
         results = self.runner.execute(plan)
         seconds = time.perf_counter() - t0
         deltas = [self._update_isolated(s, r) for s, r in zip(plan.scheduled, results)]
-        self._record(plan)
+        self.scheduler.record_step(plan, seconds)      # the latency target's step-time model
+        self._record(plan, seconds)
         if self.speculator is not None:
             self.speculator.record_step(plan.num_tokens, seconds)
             self.speculator.propose(self.scheduler.running)
         return deltas
 
-    def _record(self, plan: SchedulerOutput) -> None:
+    def _record(self, plan: SchedulerOutput, seconds: float = 0.0) -> None:
         st, sched = self.stats, self.scheduler
+        st.step_seconds.append(seconds)
         st.steps += 1
         st.batch_sizes.append(len(plan.scheduled))
         st.tokens_per_step.append(plan.num_tokens)

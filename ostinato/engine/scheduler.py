@@ -11,6 +11,12 @@ When a running sequence cannot get blocks, the most recently admitted running se
 preempted: its blocks are freed and it goes back to the front of the waiting queue, keeping
 its output tokens. On readmission all of all_ids is recomputed (prefix hits permitting) and
 the next token is sampled only once the cache holds every token again.
+
+With a latency target (step_time.py), the tokens of the step's decode rows (a sequence whose
+cache holds all but its last token, plus its drafts) are reserved first; prefill chunks, of
+running and then waiting sequences, get what the target leaves of the step's predicted time,
+at least a minimum chunk, within max_num_batched_tokens. The engine passes each step's measured
+seconds in (record_step); the scheduler itself reads no clock.
 """
 from __future__ import annotations
 
@@ -18,10 +24,14 @@ from collections import deque
 
 from .kv_cache import KVCacheManager
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence, Status
+from .step_time import LatencyTarget, StepBudget, StepTimeModel, attention_pairs, step_features
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 target: LatencyTarget | None = None, step_time: StepTimeModel | None = None):
+        """target: None keeps the token budget alone; step_time: the fitted step-time model
+        (a fresh one by default)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens "
                              f"({max_num_batched_tokens}) must be >= 1")
@@ -30,6 +40,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []       # in admission order
         self.num_preemptions = 0
+        self.target = target
+        self.step_time = step_time or StepTimeModel()
+        self._step: StepBudget | None = None     # this step's prefill allowance (a target set)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -41,22 +54,54 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out: list[ScheduledSeq] = []
         preempted_before = self.num_preemptions
+        self._step = self._step_budget() if self.target is not None else None
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         # after a preemption the cache is tight: admitting now would only preempt again
         if self.num_preemptions == preempted_before or not out:
             self._admit_waiting(out, budget)
         return SchedulerOutput(out, self.kv.block_size)
 
+    def record_step(self, plan: SchedulerOutput, seconds: float) -> None:
+        """The measured time of an executed plan, for the step-time model."""
+        self.step_time.add(*step_features(plan), seconds)
+
+    @staticmethod
+    def _decode_tokens(seq: Sequence) -> int:
+        """Tokens seq computes as a decode row (its last token and its draft), or 0 if it
+        has a prompt (or, after a preemption, more) to prefill."""
+        left = seq.num_tokens - seq.num_computed_tokens
+        return left + len(seq.draft_ids) if left <= 1 else 0
+
+    def _step_budget(self) -> StepBudget:
+        tokens = pairs = rows = 0
+        for seq in self.running:
+            if n := self._decode_tokens(seq):
+                tokens, rows = tokens + n, rows + 1
+                pairs += attention_pairs(seq.num_computed_tokens, n)
+        return StepBudget(self.target, self.step_time, tokens, pairs, rows)
+
     def _schedule_running(self, out: list[ScheduledSeq], budget: int) -> int:
+        # with a target, decode rows later in admission order keep their tokens
+        reserved = sum(map(self._decode_tokens, self.running)) if self._step else 0
         i = 0
         while i < len(self.running) and budget > 0:
-            item = self._fit_running(self.running[i], budget)
-            if item is None:          # it preempted itself: it was the last running one
+            seq = self.running[i]
+            decode = self._decode_tokens(seq) if self._step else 0
+            reserved -= decode
+            item = self._fit_running(seq, budget - (0 if decode else reserved))
+            if item is None and seq not in self.running:    # it preempted itself, the last
                 break
-            out.append(item)
-            budget -= item.num_new_tokens
+            if item is not None:
+                out.append(item)
+                budget -= item.num_new_tokens
             i += 1
         return budget
+
+    def _prefill_tokens(self, seq: Sequence, start: int, n: int) -> int:
+        """n, or less: what the step's time leaves a prefill chunk of seq from `start`."""
+        if self._step is None or n <= 0 or seq.num_tokens - start <= 1:
+            return n
+        return self._step.take(start, n)
 
     def _fit_running(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         """seq's next chunk, preempting the newest running sequences until its blocks fit.
@@ -64,8 +109,12 @@ class Scheduler:
         Draft tokens are more tokens to compute, but never worth a preemption: short of
         blocks, the draft is dropped first."""
         start = seq.num_computed_tokens
-        n = min(seq.num_tokens + len(seq.draft_ids) - start, budget)
-        assert n > 0, f"{seq.seq_id} is running with nothing to compute"
+        assert seq.num_tokens + len(seq.draft_ids) > start, \
+            f"{seq.seq_id} is running with nothing to compute"
+        n = self._prefill_tokens(seq, start,
+                                 min(seq.num_tokens + len(seq.draft_ids) - start, budget))
+        if n <= 0:                    # a prefill row the step has no room for
+            return None
         while (tables := self.kv.allocate(seq, start + n)) is None:
             if seq.draft_ids:
                 seq.draft_ids = []
@@ -93,8 +142,9 @@ class Scheduler:
 
     def _fit_waiting(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         seq.num_computed_tokens = self.kv.find_cached_prefix(seq)
-        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-        tables = self.kv.allocate(seq, seq.num_computed_tokens + n)
+        start = seq.num_computed_tokens
+        n = self._prefill_tokens(seq, start, min(seq.num_tokens - start, budget))
+        tables = self.kv.allocate(seq, start + n) if n > 0 else None
         if tables is None:
             seq.num_computed_tokens = 0
             return None

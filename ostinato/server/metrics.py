@@ -19,6 +19,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_GAP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+_STEP_TOKENS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class ServerMetrics:
@@ -41,6 +43,11 @@ class ServerMetrics:
                                 "forces (each named in the log at load), e.g. q/k/v of "
                                 "different quantization layouts computed one by one")
         self.batch = hist("ostinato:batch_size", "sequences per engine step", _BATCH)
+        self.step_seconds = hist("ostinato:step_seconds", "time of one engine step's forward "
+                                 "pass (the --target-itl-ms scheduler keeps it in bounds)", _STEP)
+        self.step_tokens = hist("ostinato:step_tokens", "tokens computed in one engine step",
+                                _STEP_TOKENS)
+        self._steps_seen = 0
         self.ttft = hist("ostinato:time_to_first_token_seconds", "arrival to first token",
                          _LATENCY)
         self.itl = hist("ostinato:inter_token_latency_seconds", "gap between tokens of a choice",
@@ -103,6 +110,10 @@ class ServerMetrics:
             self.prefix_hit.set(snap.prefix_hit_rate)
         if batch_size:
             self.batch.observe(batch_size)
+        if snap.steps > self._steps_seen:           # a step ran since the last snapshot
+            self._steps_seen = snap.steps
+            self.step_seconds.observe(snap.step_seconds)
+            self.step_tokens.observe(snap.step_tokens)
         if snap.preemptions > self._preempted:      # only the engine thread gets here
             self.preemptions.inc(snap.preemptions - self._preempted)
             self._preempted = snap.preemptions

@@ -39,6 +39,9 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
         print(f"loaded {llm.model_name} in {time.perf_counter() - t0:.1f} s; serving at "
               f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
         print(speculative_line(llm), file=sys.stderr, flush=True)
+        from ..engine.step_time import target_line
+        print(target_line(llm.latency_target, llm.engine.scheduler.max_num_batched_tokens),
+              file=sys.stderr, flush=True)
         return llm
 
     def on_load_error(e: BaseException) -> None:

@@ -1,0 +1,39 @@
+"""The engine's step-time distribution in /metrics and the scheduler's startup line, on the
+session's real server (the default target: auto)."""
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def step_samples(base: str) -> dict[str, float]:
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=10).text):
+        if fam.name in ("ostinato:step_seconds", "ostinato:step_tokens"):
+            for s in fam.samples:
+                out[s.name + (f"[{s.labels['le']}]" if "le" in s.labels else "")] = s.value
+    return out
+
+
+def test_step_seconds_and_tokens_histograms(server, client):
+    before = step_samples(server.base)
+    out = client.completions.create(model=server.model, prompt="Count: one, two,", max_tokens=5,
+                                    extra_body={"ignore_eos": True})
+    after = step_samples(server.base)
+    steps = after["ostinato:step_seconds_count"] - before.get("ostinato:step_seconds_count", 0)
+    assert steps >= 5                       # a prefill step, then a step per further token
+    assert after["ostinato:step_tokens_count"] - before.get("ostinato:step_tokens_count", 0) \
+        == steps
+    tokens = after["ostinato:step_tokens_sum"] - before.get("ostinato:step_tokens_sum", 0)
+    assert tokens >= out.usage.prompt_tokens + 4
+    seconds = after["ostinato:step_seconds_sum"] - before.get("ostinato:step_seconds_sum", 0)
+    assert 0 < seconds < 60
+    assert {"ostinato:step_seconds_bucket[0.001]", "ostinato:step_seconds_bucket[5.0]",
+            "ostinato:step_tokens_bucket[1.0]"} <= after.keys()
+
+
+def test_startup_line_names_the_target(server):
+    with open(server.log_path, errors="replace") as f:
+        log = f.read()
+    assert "scheduler: step-time target auto (1.25x the decode step, at least 50 ms), at " \
+           "most 512 tokens a step" in log
