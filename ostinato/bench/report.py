@@ -42,6 +42,46 @@ def serving_table(name: str, rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+def _qc(v, fmt: str = "{:.1f}") -> str:
+    """'quiet / contended (ratio)' of a side_by_side entry."""
+    f = lambda x: "-" if x is None else fmt.format(x)   # noqa: E731
+    ratio = f" ({v['ratio']:.2f}x)" if v.get("ratio") is not None else ""
+    return f"{f(v['quiet'])} / {f(v['contended'])}{ratio}"
+
+
+def contention_tables(fig: dict) -> list[str]:
+    """Quiet vs beside N busy processes, per engine: each cell 'quiet / contended (ratio)'."""
+    con = fig["contention"]
+    out = [f"## Quiet vs contended ({con['processes']} busy processes)", ""]
+    if con.get("latency"):
+        names = list(con["latency"])
+        metrics = [k for k in next(iter(con["latency"].values()))
+                   if k not in ("concurrency", "itl_p99_over_p50",
+                                "contended_itl_p99_over_quiet_p50")]
+        out += ["| batch 1 | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+        for k in metrics:
+            fmt = "{:.3f}" if k.startswith("ttft_") else "{:.1f}"
+            out.append(f"| {k} | " + " | ".join(_qc(con["latency"][n][k], fmt) for n in names)
+                       + " |")
+        out.append("")
+    for name, rows in (con.get("serving") or {}).items():
+        out += [f"**{name}**, serving", "", "| streams | tok/s | TTFT p50 ms | ITL p50 ms | "
+                "ITL p99 ms | ITL p99/p50 | contended ITL p99 / quiet p50 |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            pp = r["itl_p99_over_p50"]
+            out.append(f"| {r['concurrency']} | {_qc(r['throughput_tok_s'])} | "
+                       f"{_qc(r['ttft_p50_ms'], '{:.0f}')} | {_qc(r['itl_p50_ms'])} | "
+                       f"{_qc(r['itl_p99_ms'])} | {_qc(pp | {'ratio': None}, '{:.2f}')} | "
+                       f"{_ratio_cell(r['contended_itl_p99_over_quiet_p50'])} |")
+        out.append("")
+    return out + ["Each cell: quiet / contended (contended over quiet).", ""]
+
+
+def _ratio_cell(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def bandwidth_table(fig: dict) -> list[str]:
     """Batch-1 decode against the memory-bandwidth ceiling (bandwidth / weight bytes read per
     token), per engine."""
@@ -80,8 +120,13 @@ def markdown(fig: dict) -> str:
         out += structured_table(fig)
     serving = fig.get("serving") or {}
     if serving:
+        how = ""
+        if fig.get("arrivals") == "poisson":
+            how += f", Poisson arrivals at {fig['request_rate']:g}/s"
+        if fig.get("prompt_mix"):
+            how += f", prompts of {fig['prompt_mix'][0]}-{fig['prompt_mix'][1]} tokens"
         out += [f"## Serving (streaming /v1/completions, {fig['serving_max_tokens']} tokens per "
-                f"request, ${fig['usd_per_hour']}/hour)", ""]
+                f"request{how}, ${fig['usd_per_hour']}/hour)", ""]
         for name, rows in serving.items():
             out += serving_table(name, rows)
         if len(serving) == 2:
@@ -90,6 +135,8 @@ def markdown(fig: dict) -> str:
             out += ["| streams | throughput ratio " + " / ".join(serving) + " |", "| --- | --- |"]
             out += [f"| {x['concurrency']} | {_ratio(x['throughput_tok_s'], y['throughput_tok_s'])} |"
                     for x, y in pairs] + [""]
+    if fig.get("contention"):
+        out += contention_tables(fig)
     servers = fig.get("servers") or {}
     if servers or fig.get("llamacpp_peak_rss_mb"):
         out += ["## Start-up and memory", "", "| | start to first answer (s) | peak RSS (MB) |",

@@ -3,18 +3,25 @@ OpenAI-compatible server (ours, vLLM's, or any --url), measured from the client 
 
 Each level runs `c` clients at once, each sending its requests back to back; throughput is
 output tokens over the level's wall time. TTFT is request start to the first text chunk, ITL
-the gaps between text chunks, E2E request start to the end of the stream."""
+the gaps between text chunks, E2E request start to the end of the stream.
+
+With Poisson arrivals (`--arrivals poisson --request-rate R`) requests arrive at random times
+(exponential gaps, R a second on average) and at most `c` are in flight; one that arrives
+while `c` are running waits, and its TTFT and E2E count from its arrival. Mixed prompt lengths
+(`--prompt-mix 64,2048`) draw each prompt's length in tokens log-uniformly from the range."""
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from .latency import percentile, synthetic_words
+from .latency import percentile, synthetic_prompt, synthetic_words
 from .server_proc import (  # noqa: F401  (free_port: for callers of this module)
     Launch,
     ServerProcess,
@@ -35,12 +42,14 @@ class Request:
     gaps: list[float]
 
 
-def start_ours(model: str, threads: int, max_model_len: int, log_dir: Path) -> ServerProcess:
+def start_ours(model: str, threads: int, max_model_len: int, log_dir: Path,
+               *args: str) -> ServerProcess:
+    """args: more `ostinato serve` flags."""
     how = Launch(log_path=log_dir / "ostinato-server.log", ready=answers, timeout=600,
                  own_session=True, grace_s=60)
     return start_ostinato(model, "--max-model-len", str(max_model_len),
-                          "--served-model-name", "bench", threads=threads, model_id="bench",
-                          how=how)
+                          "--served-model-name", "bench", *args, threads=threads,
+                          model_id="bench", how=how)
 
 
 def vllm_paths(model_name: str, python: str | None = None,
@@ -68,10 +77,11 @@ def start_vllm(model_name: str, max_model_len: int, log_dir: Path, python: str |
 
 
 async def _one(client: httpx.AsyncClient, base: str, model: str, prompt: str,
-               max_tokens: int) -> Request:
+               max_tokens: int, t0: float | None = None) -> Request:
+    """t0: when the request arrived (default: now)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    t0, times, usage = time.perf_counter(), [], None
+    t0, times, usage = t0 or time.perf_counter(), [], None
     async with client.stream("POST", base + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -90,7 +100,10 @@ async def _one(client: httpx.AsyncClient, base: str, model: str, prompt: str,
 
 
 async def _level(base: str, model: str, concurrency: int, prompts: list[str],
-                 max_tokens: int) -> tuple[list[Request], float, int]:
+                 max_tokens: int, arrivals: list[float] | None = None
+                 ) -> tuple[list[Request], float, int]:
+    if arrivals is not None:
+        return await _open_level(base, model, concurrency, prompts, max_tokens, arrivals)
     queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -109,6 +122,59 @@ async def _level(base: str, model: str, concurrency: int, prompts: list[str],
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return done, time.perf_counter() - t0, errors
+
+
+async def _open_level(base: str, model: str, concurrency: int, prompts: list[str],
+                      max_tokens: int, arrivals: list[float]) -> tuple[list[Request], float, int]:
+    """Request i arrives at arrivals[i] s; at most `concurrency` in flight."""
+    done: list[Request] = []
+    errors = 0
+    slots = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def request(prompt: str, at: float):
+            nonlocal errors
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            arrived = time.perf_counter()
+            async with slots:
+                try:
+                    done.append(await _one(client, base, model, prompt, max_tokens, arrived))
+                except (httpx.HTTPError, RuntimeError):
+                    errors += 1
+        await asyncio.gather(*(request(p, at) for p, at in zip(prompts, arrivals)))
+        return done, time.perf_counter() - t0, errors
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """n arrival times (s from the start) of a Poisson process of `rate` a second."""
+    if not rate > 0:
+        raise ValueError(f"--request-rate {rate}: requests a second must be > 0")
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def mixed_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
+    """n prompt lengths in tokens, log-uniform in [lo, hi]."""
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--prompt-mix {lo},{hi}: need 1 <= low <= high")
+    rng = random.Random(seed)
+    return [min(hi, int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))) for _ in range(n)]
+
+
+def level_prompts(n: int, salt: int, prompt_words: int, mix: tuple[int, int] | None = None,
+                  llm=None) -> list[str]:
+    """n fresh prompts (salt: different text, so no prefix hits between runs): word salad of
+    prompt_words words, or with `mix` a length in tokens each (mixed_lengths, the same for
+    every salt), written with llm's tokenizer."""
+    if mix is None:
+        return [synthetic_words(prompt_words, salt + i) for i in range(n)]
+    lengths = mixed_lengths(n, *mix, seed=n)
+    return [llm.detokenize(synthetic_prompt(llm, k, salt + i)) for i, k in enumerate(lengths)]
 
 
 def summarize(reqs: list[Request], wall: float, errors: int, concurrency: int,
@@ -148,11 +214,13 @@ def warm_up(base: str, model: str, prompt_words: int) -> None:
 
 
 def level(base: str, model: str, c: int, max_tokens: int, prompt_words: int,
-          usd_per_hour: float, requests_per_level: int | None = None, log=print) -> dict:
-    """One concurrency level: the same fresh prompts for every server (no prefix hits)."""
+          usd_per_hour: float, requests_per_level: int | None = None, log=print,
+          prompts: list[str] | None = None, arrivals: list[float] | None = None) -> dict:
+    """One concurrency level: by default the same fresh prompts for every server (no prefix
+    hits); `prompts` and `arrivals` (s from the start: Poisson arrivals) override."""
     n = requests_per_level or max(c, 4)
-    prompts = [synthetic_words(prompt_words, 1000 * c + i) for i in range(n)]
-    reqs, wall, errors = asyncio.run(_level(base, model, c, prompts, max_tokens))
+    prompts = prompts or [synthetic_words(prompt_words, 1000 * c + i) for i in range(n)]
+    reqs, wall, errors = asyncio.run(_level(base, model, c, prompts, max_tokens, arrivals))
     row = summarize(reqs, wall, errors, c, usd_per_hour)
     log(f"  concurrency {c:3d}: {row['throughput_tok_s']:7.1f} tok/s, TTFT p50 "
         f"{row['ttft_p50_ms']:.0f} ms, ITL p99 {row['itl_p99_ms']:.0f} ms, errors {errors}")

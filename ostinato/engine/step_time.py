@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 AUTO_RATIO = 1.25          # auto: a step with prefill takes at most this times a decode step
-AUTO_FLOOR_S = 0.050       # auto: never below 50 ms (a lone stream's 7 ms step would starve prefill)
+AUTO_FLOOR_S = 0.050       # auto: at least 50 ms (a lone stream's 7 ms step starves prefill)
 MIN_PREFILL_TOKENS = 8     # prefill progress per step, whatever the target
 PAIR_SCALE = 1e-3          # pairs are counted in thousands (features of similar size)
 
