@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .engine.disk_cache import DiskKVCache, namespace_key
 from .engine.draft_model import DraftModel
 from .engine.engine import Engine
 from .engine.kv_cache import KVCacheManager
@@ -76,10 +78,14 @@ class LLM:
                  quantize: str | None = None,
                  target_itl_ms: float | str | None = "auto",   # engine/step_time.py
                  speculative: str | SpeculativeConfig | None = None,
-                 num_speculative_tokens: int | None = None, draft_model: str | None = None):
+                 num_speculative_tokens: int | None = None, draft_model: str | None = None,
+                 kv_cache_dir: str | os.PathLike | None = None, kv_cache_disk_gb: float = 16.0):
         """speculative: "ngram" (prompt lookup), "suffix" (also other requests' text) or
         "draft" (with draft_model, a smaller model of the same vocabulary), or a
-        SpeculativeConfig; the output is the same bits as without (engine/speculative.py)."""
+        SpeculativeConfig; the output is the same bits as without (engine/speculative.py).
+        kv_cache_dir: the prefix cache's disk tier (engine/disk_cache.py), bounded by
+        kv_cache_disk_gb: computed prompt blocks are kept there and read back, after a
+        restart too, instead of computed again."""
         spec = SpeculativeConfig.parse(speculative, num_speculative_tokens=num_speculative_tokens,
                                        draft_model=draft_model)
         # each step's prefill sized to a step-time target; None: the token budget alone
@@ -104,15 +110,33 @@ class LLM:
                                                                 self.config.head_dim))
         kv = KVCacheManager(num_blocks, block_size, self.config.kv_group_windows(),
                             enable_prefix_caching)
+        runner = ModelRunner(model_, num_blocks, block_size, eos, max_num_batched_tokens,
+                             self.max_model_len)
+        if kv_cache_dir is not None and not enable_prefix_caching:
+            raise ValueError("kv_cache_dir is the prefix cache's disk tier: it needs "
+                             "enable_prefix_caching")
         self.engine = Engine(
-            ModelRunner(model_, num_blocks, block_size, eos, max_num_batched_tokens,
-                        self.max_model_len),
+            runner,
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
             Scheduler(kv, max_num_seqs, max_num_batched_tokens, self.latency_target),
             self.max_model_len,
             self._speculator(spec, gf.metadata, backend, kv_cache_dtype, num_blocks[0],
-                             block_size, max_num_batched_tokens))
+                             block_size, max_num_batched_tokens),
+            None if kv_cache_dir is None else self._disk_tier(kv_cache_dir, kv_cache_disk_gb,
+                                                              runner, kv_cache_dtype))
         self.speculative = spec
+
+    def _disk_tier(self, root, gb: float, runner: ModelRunner, kv_cache_dtype: str
+                   ) -> DiskKVCache:
+        """Its namespace: everything that decides a block's bytes besides its tokens."""
+        if not gb > 0:
+            raise ValueError(f"kv_cache_disk_gb must be > 0, got {gb}")
+        from . import __version__
+        key = namespace_key("ostinato-kv-1", __version__, self._model_sha256(),
+                            self._kernel_build(), self.backend, kv_cache_dtype,
+                            runner.block_size, runner.block_layout(), repr(self.config))
+        return DiskKVCache(root, key, [runner.block_bytes(g) for g in range(runner.num_groups)],
+                           int(gb * (1 << 30)))
 
     def _speculator(self, spec: SpeculativeConfig | None, metadata: dict, backend: str,
                     kv_cache_dtype: str, num_blocks: int, block_size: int,
@@ -174,9 +198,12 @@ class LLM:
         `system_fingerprint`: 'fp_' + 12 hex digits of a hash over the model file's bytes,
         the kernel build (the compiled extension's bytes) and this package's version. Equal
         fingerprints, equal results. Reads the whole model file (about 1 s per GB)."""
-        model = _file_sha256(self.model_path) if self.model_path.is_file() \
-            else _folder_sha256(self.model_path) + f"|quantize={self.quantize}"
-        return system_fingerprint(model, self._kernel_build())
+        return system_fingerprint(self._model_sha256(), self._kernel_build())
+
+    def _model_sha256(self) -> str:
+        if self.model_path.is_file():
+            return _file_sha256(self.model_path)
+        return _folder_sha256(self.model_path) + f"|quantize={self.quantize}"
 
     def _kernel_build(self) -> str:
         if self.backend != "kernels":
@@ -295,6 +322,14 @@ def _folder_sha256(path: Path) -> str:
 
 
 def _file_sha256(path: Path) -> str:
+    """Memoised per (path, size, mtime): the server's fingerprint and the disk tier's
+    namespace both need it."""
+    st = path.stat()
+    return _file_sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

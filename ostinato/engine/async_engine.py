@@ -13,6 +13,7 @@ under the caller's feet, so no reference to it leaves this thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sampling import SamplingParams
+from .disk_cache import DiskStats
 from .engine import Engine
 from .sequence import Sequence
 
@@ -62,6 +64,8 @@ class EngineSnapshot:
     steps: int = 0                      # engine steps so far (monotonic)
     step_seconds: float = 0.0           # the last step's runner.execute time
     step_tokens: int = 0                # the last step's tokens
+    disk: DiskStats | None = None       # the prefix cache's disk tier, a copy (None: off)
+    disk_bytes: int = 0                 # held in its directory now
 
 
 class EngineDead(RuntimeError):
@@ -324,7 +328,14 @@ def _engine_snapshot(engine: Engine) -> EngineSnapshot:
         spec_num_drafts=st.num_drafts if st else 0,
         spec_num_draft_tokens=st.num_draft_tokens if st else 0,
         spec_num_accepted_tokens=st.num_accepted_tokens if st else 0,
-        spec_accepted_per_pos=tuple(st.accepted_per_pos) if st else ())
+        spec_accepted_per_pos=tuple(st.accepted_per_pos) if st else (),
+        **_disk_snapshot(getattr(engine, "disk", None)))
+
+
+def _disk_snapshot(disk) -> dict:
+    if disk is None:
+        return {}
+    return {"disk": dataclasses.replace(disk.stats), "disk_bytes": disk.num_bytes}
 
 
 def _last_step(stats) -> dict:

@@ -31,6 +31,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ _HEADER = struct.Struct("<8s32s32sIQI")
 HEADER_BYTES = _HEADER.size
 _SUFFIX = ".kv"
 _TMP = ".tmp"
+READ_THREADS = 4
 
 
 def namespace_key(*parts: object) -> bytes:
@@ -61,6 +63,15 @@ class DiskStats:
     evicted: int = 0               # files removed to stay within max_bytes
 
 
+def _files_under(root: Path):
+    """Regular files below root (not following links); unreadable folders are skipped."""
+    for top, _, names in os.walk(root, onerror=lambda e: None):
+        for name in names:
+            path = Path(top, name)
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
 class DiskKVCache:
     def __init__(self, root: str | os.PathLike, namespace: bytes, block_bytes: list[int],
                  max_bytes: int, max_pending_bytes: int = 256 << 20):
@@ -78,7 +89,15 @@ class DiskKVCache:
         self._pending: set[tuple[int, bytes]] = set()
         self._pending_bytes, self.max_pending_bytes = 0, max_pending_bytes
         self._said_behind = False
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._readers: ThreadPoolExecutor | None = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f"probe.{os.getpid()}{_TMP}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"the KV cache directory {self.root} is not a writable "
+                             f"folder: {e}") from None
         self._scan()
         self._queue: queue.Queue = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="ostinato-kv-disk",
@@ -90,9 +109,7 @@ class DiskKVCache:
         """Index our files and size everyone's; remove dead writers' temporary files; trim
         to max_bytes, oldest first."""
         ours, theirs = [], []
-        for path in self.root.rglob("*"):
-            if not path.is_file():
-                continue
+        for path in _files_under(self.root):
             if path.name.endswith(_TMP):
                 self._remove_stale_tmp(path)
                 continue
@@ -174,6 +191,15 @@ class DiskKVCache:
             pass
         return payload
 
+    def read_many(self, keys: list[tuple[int, bytes]]) -> list[bytes | None]:
+        """read() of each (group, hash), several at a time (the device serves a queue of
+        reads faster than one after another; the checksums run outside the GIL)."""
+        if len(keys) < 2:
+            return [self.read(g, h) for g, h in keys]
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ostinato-kv-read")
+        return list(self._readers.map(lambda k: self.read(*k), keys))
+
     def _check(self, g: int, h: bytes, data: bytes) -> bytes | None:
         if len(data) != HEADER_BYTES + self.block_bytes[g]:
             return None
@@ -189,7 +215,10 @@ class DiskKVCache:
             if size is not None:
                 self._bytes -= size
             self.stats.blocks_rejected += rejected
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:          # a directory or a file we may not remove: left, never read
+            pass
 
     # -- writes ------------------------------------------------------------------------------
     def wants(self, g: int, h: bytes) -> bool:
@@ -223,6 +252,8 @@ class DiskKVCache:
         self.flush()
         self._queue.put(None)
         self._writer.join(timeout=10)
+        if self._readers is not None:
+            self._readers.shutdown()
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -231,7 +262,10 @@ class DiskKVCache:
                 self._write(g, h, payload)
             except OSError as e:
                 self.stats.write_errors += 1
-                log.warning("KV disk tier: writing a block failed: %s", e)
+                if self.stats.write_errors == 1 or self.stats.write_errors % 1000 == 0:
+                    log.warning("KV disk tier: %d block writes failed so far (blocks are "
+                                "then only computed), the latest: %s",
+                                self.stats.write_errors, e)
             finally:
                 with self._lock:
                     self._pending.discard((g, h))
@@ -249,10 +283,14 @@ class DiskKVCache:
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}{_TMP}")
         header = _HEADER.pack(MAGIC, self.namespace, h, g, len(payload), zlib.crc32(payload))
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(payload)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(payload)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         with self._lock:
             if (g, h) not in self._index:
                 self._index[(g, h)] = size

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..params import SamplingParams
 from ..structured import Grammar, GrammarCompiler
 from .output_processor import OutputProcessor, SeqDelta
+from .disk_cache import DiskKVCache
 from .runner import ModelRunner, SamplerState, SeqResult
 from .scheduler import Scheduler
 from .speculative import Speculator
@@ -38,9 +39,13 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, output: OutputProcessor, scheduler: Scheduler,
-                 max_model_len: int, speculator: Speculator | None = None):
+                 max_model_len: int, speculator: Speculator | None = None,
+                 disk: DiskKVCache | None = None):
         self.runner, self.output, self.scheduler = runner, output, scheduler
         self.speculator = speculator        # draft tokens after each step (speculative.py)
+        self.disk = disk                    # the prefix cache's disk tier (disk_cache.py)
+        if disk is not None:
+            scheduler.kv.track_new_cached()
         self.max_model_len = max_model_len
         self.seqs: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
@@ -89,7 +94,11 @@ class Engine:
         return seq
 
     def step(self) -> list[SeqDelta]:
+        if self.disk is not None:
+            self._from_disk()
         plan = self.scheduler.schedule()
+        if self.disk is not None:
+            self._to_disk()
         if not plan.scheduled:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the KV cache is too small for the waiting requests")
@@ -103,7 +112,34 @@ class Engine:
         if self.speculator is not None:
             self.speculator.record_step(plan.num_tokens, seconds)
             self.speculator.propose(self.scheduler.running)
+        if self.disk is not None:
+            self._to_disk()      # the blocks of those that finished: the engine may go idle
         return deltas
+
+    # -- the disk tier -------------------------------------------------------------------------
+    def _from_disk(self) -> None:
+        """Before scheduling: the blocks of the prefixes of those who may be admitted now
+        that only the disk holds are read into RAM's prefix cache (where the scheduler finds
+        them as hits). A block that fails its checks ends that prefix there."""
+        sched, kv = self.scheduler, self.scheduler.kv
+        seats = sched.max_num_seqs - len(sched.running)
+        for seq in itertools.islice(sched.waiting, max(0, seats)):
+            keys = kv.lower_tier_blocks(seq, self.disk.contains)
+            for (g, h), payload in zip(keys, self.disk.read_many(keys)):
+                if payload is None or not kv.fill_block(
+                        g, h, lambda b, g=g, p=payload: self._load_block(g, b, p)):
+                    break
+
+    def _load_block(self, g: int, block: int, payload: bytes) -> bool:
+        self.runner.load_block(g, block, payload)
+        return True
+
+    def _to_disk(self) -> None:
+        """After scheduling, before the step runs (which may overwrite an evicted block):
+        copy the blocks newly registered in the prefix cache to the disk writer."""
+        for g, block, h in self.scheduler.kv.take_new_cached():
+            if self.disk.wants(g, h):
+                self.disk.put(g, h, self.runner.block_payload(g, block))
 
     def _record(self, plan: SchedulerOutput, seconds: float = 0.0) -> None:
         st, sched = self.stats, self.scheduler
@@ -176,6 +212,8 @@ class Engine:
     def abort(self, request_id: str) -> None:
         for seq in self.seqs.pop(request_id, []):
             self.scheduler.abort(seq)
+        if self.disk is not None:
+            self._to_disk()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

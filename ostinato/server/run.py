@@ -42,6 +42,8 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
         from ..engine.step_time import target_line
         print(target_line(llm.latency_target, llm.engine.scheduler.max_num_batched_tokens),
               file=sys.stderr, flush=True)
+        if llm.engine.disk is not None:
+            print(disk_tier_line(llm.engine.disk), file=sys.stderr, flush=True)
         return llm
 
     def on_load_error(e: BaseException) -> None:
@@ -64,6 +66,11 @@ def speculative_line(llm) -> str:
         return "speculative decoding: off"
     what = spec.method + (f" (draft model {spec.draft_model})" if spec.draft_model else "")
     return f"speculative decoding: {what}, up to {spec.num_speculative_tokens} draft tokens"
+
+
+def disk_tier_line(disk) -> str:
+    return (f"prefix cache disk tier: {disk.dir}, {disk.num_blocks} blocks of this model, "
+            f"{disk.num_bytes / 1e9:.2f} of {disk.max_bytes / 1e9:.2f} GB used")
 
 
 def _draining_server_class():
