@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -264,6 +265,12 @@ def _add_serve(sub) -> None:
                         "https://app.example.com; '*' for any (default: none)")
     p.add_argument("--pooling", choices=["last", "mean"], default="last",
                    help="how /v1/embeddings pools the final hidden states (default last)")
+    p.add_argument("--replicas", type=_positive, default=1, metavar="N",
+                   help="engine replicas behind the same routes, on Ray Serve (the 'ray' "
+                        "extra); --threads is then per replica (default: cores / N)")
+    p.add_argument("--routing", choices=["prefix", "least-loaded", "random"], default=None,
+                   help="with --replicas: which replica gets a request (default prefix: the "
+                        "one holding its prompt's first blocks, else the least loaded)")
     _add_speculative(p)
     _add_serve_limits(p)
 
@@ -483,7 +490,7 @@ def cmd_serve(a) -> None:
         max_prompts=a.max_prompts, max_logprobs=a.max_logprobs,
         max_stop_strings=a.max_stop_strings, max_stop_string_chars=a.max_stop_string_chars,
         max_concurrent_streams=a.max_concurrent_streams)
-    run_server(a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
+    _server(a)(a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
                api_key=a.api_key, limits=limits, log_level=a.log_level,
                shutdown_timeout=a.shutdown_timeout, threads=a.threads,
                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
@@ -491,6 +498,26 @@ def cmd_serve(a) -> None:
                allowed_origins=a.allowed_origins,
                pooling=a.pooling, quantize=a.quantize, target_itl_ms=a.target_itl_ms,
                **speculative_kwargs(a))
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {value!r}")
+    return int(value)
+
+
+def _server(a):
+    """run_server, or with --replicas N > 1 Ray Serve's replicas (docs/replicas.md)."""
+    if a.replicas == 1:
+        if a.routing is not None:
+            raise ValueError("--routing goes with --replicas N (N > 1)")
+        from .server import run_server
+        return run_server
+    try:
+        from .server.replicas.ray_app import run_replicas
+    except ImportError as e:
+        raise RuntimeError(f"--replicas needs Ray Serve ({e}): pip install 'ostinato[ray]'")
+    return functools.partial(run_replicas, replicas=a.replicas, routing=a.routing or "prefix")
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "generate": cmd_generate,

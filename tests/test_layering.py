@@ -29,6 +29,12 @@ FORBIDDEN = {
     "tokenizer.py": {"ostinato.engine", "ostinato.server", "ostinato.model", "torch"},
     # the server-process helper of tests, bench and soak: it talks HTTP to a subprocess
     "bench/server_proc.py": {"ostinato", "torch"},
+    # the single-process server never imports Ray: only server/replicas/ray_app.py does
+    "server/app.py": {"ray", "ostinato.server.replicas.ray_app"},
+    "server/run.py": {"ray", "ostinato.server.replicas.ray_app"},
+    "server/replicas/routing.py": {"ray", "ostinato.engine", "ostinato.llm", "torch"},
+    "server/replicas/metrics.py": {"ray"},
+    "server/replicas/asgi.py": {"ray"},
 }
 
 
