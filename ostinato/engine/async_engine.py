@@ -55,6 +55,8 @@ class EngineSnapshot:
     waiting: int = 0                    # requests with a sequence waiting for its first step
     kv_usage: float = 0.0               # fraction of KV blocks held by sequences
     prefix_hit_rate: float | None = None
+    prefix_queries: int = 0             # prompt tokens looked up in the prefix cache (monotonic)
+    prefix_hits: int = 0                # of those, tokens found there (monotonic)
     preemptions: int = 0                # sequences preempted so far (monotonic)
     # speculative decoding (SpecStats; all 0 when it is off), monotonic
     spec_num_drafts: int = 0            # verified drafts (sequence-steps with a draft)
@@ -323,6 +325,8 @@ def _engine_snapshot(engine: Engine) -> EngineSnapshot:
         waiting=len({s.request_id for s in sched.waiting}),
         kv_usage=kv.usage() if kv is not None else 0.0,
         prefix_hit_rate=_prefix_hit_rate(engine),
+        prefix_queries=getattr(engine.stats, "prefix_cache_queries", 0),
+        prefix_hits=getattr(engine.stats, "prefix_cache_hits", 0),
         preemptions=sched.num_preemptions,
         **_last_step(engine.stats),
         spec_num_drafts=st.num_drafts if st else 0,

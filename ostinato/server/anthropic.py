@@ -97,6 +97,8 @@ class MessagesRequest(BaseModel):
         keep their thinking blocks (None: all of them)."""
         edits = (self.context_management or {}).get("edits") or []
         extra = set(self.context_management or {}) - {"edits"}
+        if not isinstance(edits, list):
+            raise bad_request("context_management.edits must be a list", "context_management")
         keep: int | None = None
         for edit in edits:
             if not isinstance(edit, dict) or edit.get("type") != "clear_thinking_20251015" \
@@ -140,7 +142,16 @@ def _text(block: dict, where: str) -> str:
     if block.get("type") != "text":
         raise bad_request(f"{where}: block type {block.get('type')!r} is not supported here "
                           "(text only: no images or documents)", "messages")
-    return str(block.get("text", ""))
+    return _string(block, "text", where)
+
+
+def _string(block: dict, key: str, where: str) -> str:
+    """block[key], a string ('' when absent); 400 for any other type."""
+    value = block.get(key, "")
+    if not isinstance(value, str):
+        raise bad_request(f"{where}.{key} must be a string, not {type(value).__name__}",
+                          "messages")
+    return value
 
 
 def _blocks(content, where: str) -> list[dict]:
@@ -148,13 +159,17 @@ def _blocks(content, where: str) -> list[dict]:
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or a list of blocks", "messages")
+    for j, b in enumerate(content):
+        if not isinstance(b, dict):
+            raise bad_request(f"{where}.content[{j}] must be a block (an object), not "
+                              f"{type(b).__name__}", "messages")
     return content
 
 
 def _tool_result(block: dict, where: str) -> dict:
     content = block.get("content", "")
     text = content if isinstance(content, str) else "".join(
-        _text(b, f"{where}.content[{j}]") for j, b in enumerate(content))
+        _text(b, f"{where}.content[{j}]") for j, b in enumerate(_blocks(content, where)))
     if block.get("is_error"):
         text = f"Error: {text}"
     return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text}
@@ -196,7 +211,7 @@ def _message(msg: dict, where: str, keep_thinking: bool = True) -> list[dict]:
                 raise bad_request(f"{at}: a {kind} block is only accepted in an assistant "
                                   "message and as this server writes it (thinking, not "
                                   "redacted_thinking)", "messages")
-            thoughts.append(str(b.get("thinking", "")))
+            thoughts.append(_string(b, "thinking", at))
         elif kind == "tool_use":
             calls.append({"id": b.get("id"), "type": "function", "function": {
                 "name": b.get("name"), "arguments": json.dumps(b.get("input", {}))}})
@@ -232,7 +247,7 @@ def _tool_choice(choice: dict | None) -> tuple[Any, bool | None]:
     parallel = False if choice.get("disable_parallel_tool_use") else None
     named = {"type": "function", "function": {"name": choice.get("name")}}
     table = {"auto": "auto", "any": "required", "none": "none", "tool": named}
-    if kind not in table:
+    if not isinstance(kind, str) or kind not in table:
         raise bad_request(f"tool_choice type {kind!r} must be auto, any, tool or none",
                           "tool_choice")
     return table[kind], parallel

@@ -88,6 +88,9 @@ class ServerState:
     def _ready(self, llm) -> None:
         self.fingerprint = llm.fingerprint()
         self.metrics.slow_paths.set(len(getattr(llm, "slow_paths", ())))   # logged at load
+        kv = getattr(llm.engine.scheduler, "kv", None)
+        if kv is not None:          # before the engine thread starts: nothing else reads it
+            self.metrics.cache_config(kv.block_size, sum(p.num_blocks - 1 for p in kv.pools))
         engine = AsyncEngine(llm.engine, on_step=self.metrics.on_step)
         if self.fault_marker:
             log.warning("%s is set: requests containing %r fail on purpose (test hook)",

@@ -28,17 +28,24 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         lab = ["model_name"]
 
-        def gauge(name, doc):
-            return Gauge(name, doc, lab, registry=r).labels(model_name)
+        def gauge(name, doc, *also):
+            """also: vLLM's names for the same value (what routers scrape; see VLLM_NAMES)."""
+            made = [Gauge(n, doc, lab, registry=r).labels(model_name) for n in (name, *also)]
+            return made[0] if not also else _Twins(made)
 
         def hist(name, doc, buckets):
             return Histogram(name, doc, lab, buckets=buckets, registry=r).labels(model_name)
 
-        self.running = gauge("ostinato:num_requests_running", "requests being generated")
-        self.waiting = gauge("ostinato:num_requests_waiting", "requests waiting to start")
-        self.kv_usage = gauge("ostinato:kv_cache_usage_perc", "fraction of KV blocks in use")
+        self.running = gauge("ostinato:num_requests_running", "requests being generated",
+                             *VLLM_NAMES["running"])
+        self.waiting = gauge("ostinato:num_requests_waiting", "requests waiting to start",
+                             *VLLM_NAMES["waiting"])
+        self.kv_usage = gauge("ostinato:kv_cache_usage_perc", "fraction of KV blocks in use",
+                              *VLLM_NAMES["kv_usage"])
         self.prefix_hit = gauge("ostinato:prefix_cache_hit_rate",
-                                "prompt tokens served from the prefix cache / prompt tokens")
+                                "prompt tokens served from the prefix cache / prompt tokens",
+                                *VLLM_NAMES["prefix_hit"])
+        self._add_cache_counts(r, lab, model_name)
         self.slow_paths = gauge("ostinato:slow_paths", "slower paths the loaded model file "
                                 "forces (each named in the log at load), e.g. q/k/v of "
                                 "different quantization layouts computed one by one")
@@ -94,6 +101,27 @@ class ServerMetrics:
         self._preempted = 0
         self.model_name = model_name
 
+    def _add_cache_counts(self, r: CollectorRegistry, lab: list[str], model_name: str) -> None:
+        """The prefix cache's token counters and the KV layout's info gauge (vLLM's names)."""
+        def counters(names, doc):
+            return [Counter(n, doc, lab, registry=r).labels(model_name) for n in names]
+
+        # vLLM's names only: ostinato:prefix_cache_queries/hits are the replica ingress's
+        # totals (replicas/metrics.py), and a family may be exported once
+        self._prefix_queries = counters(VLLM_NAMES["prefix_queries"],
+                                        "prompt tokens looked up in the prefix cache")
+        self._prefix_hits = counters(VLLM_NAMES["prefix_hits"],
+                                     "prompt tokens found in the prefix cache")
+        self._prefix_seen = (0, 0)
+        self._cache_info = Gauge("vllm:cache_config_info", "the KV cache's layout, in vLLM's "
+                                 "labels (value 1; the Inference Extension reads block_size "
+                                 "and num_gpu_blocks)", lab + ["block_size", "num_gpu_blocks"],
+                                 registry=r)
+
+    def cache_config(self, block_size: int, num_blocks: int) -> None:
+        """The KV cache's block size (tokens) and block count, once the model is loaded."""
+        self._cache_info.labels(self.model_name, str(block_size), str(num_blocks)).set(1)
+
     def accept(self) -> RequestOutcome:
         self.accepted.inc()
         return RequestOutcome(self)
@@ -108,6 +136,7 @@ class ServerMetrics:
         self.kv_usage.set(snap.kv_usage)
         if snap.prefix_hit_rate is not None:
             self.prefix_hit.set(snap.prefix_hit_rate)
+        self._prefix(snap)
         if batch_size:
             self.batch.observe(batch_size)
         if snap.steps > self._steps_seen:           # a step ran since the last snapshot
@@ -118,6 +147,16 @@ class ServerMetrics:
             self.preemptions.inc(snap.preemptions - self._preempted)
             self._preempted = snap.preemptions
         self._spec(snap)
+
+    def _prefix(self, snap: EngineSnapshot) -> None:
+        """The prefix cache's token counts since the last snapshot, under every name."""
+        now = (snap.prefix_queries, snap.prefix_hits)
+        for names, new, old in zip((self._prefix_queries, self._prefix_hits), now,
+                                   self._prefix_seen):
+            if new > old:
+                for c in names:
+                    c.inc(new - old)
+        self._prefix_seen = tuple(max(n, o) for n, o in zip(now, self._prefix_seen))
 
     def _spec(self, snap: EngineSnapshot) -> None:
         """Increments of the spec_decode counters since the last snapshot (engine thread)."""
@@ -147,6 +186,27 @@ class ServerMetrics:
 
 
 OUTCOMES = ("completed", "error", "aborted")
+# Our gauges under vLLM's names too, same value and model_name label, for the routers and
+# gateways that scrape a vLLM backend (docs/routers.md says which reads which)
+VLLM_NAMES = {
+    "running": ("vllm:num_requests_running",),
+    "waiting": ("vllm:num_requests_waiting",),
+    "kv_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "prefix_hit": ("vllm:gpu_prefix_cache_hit_rate",),
+    "prefix_queries": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
+    "prefix_hits": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
+}
+
+
+class _Twins:
+    """One value under several gauge names."""
+
+    def __init__(self, gauges: list):
+        self.gauges = gauges
+
+    def set(self, value: float) -> None:
+        for g in self.gauges:
+            g.set(value)
 
 
 class RequestOutcome:

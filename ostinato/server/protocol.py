@@ -9,6 +9,7 @@ OpenAI's error shape.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from ..sampling import MAX_LOGPROBS, SamplingParams
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 MAX_N = 128                         # OpenAI's limit for n
+MIN_DIVISOR = 1e-6                  # smallest temperature / repetition_penalty (logits / it)
 
 
 class APIError(Exception):
@@ -73,28 +75,76 @@ def from_sampling_error(e: ValueError) -> APIError:
 
 
 MAX_JSON_DEPTH = 64        # nesting of a request body: schemas and tool parameters fit well
+MAX_NUMBER_CHARS = 64      # a JSON number's text: int64 and any double fit well
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+_TOO_DEEP = object()        # what the parser's own recursion limit ran into
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _short_number(text: str) -> str:
+    """Python refuses ints of over 4300 digits with a bare ValueError: refuse long numbers
+    first, whatever their kind."""
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _BadNumber(f"the number {text[:20]}... has {len(text)} characters, over "
+                         f"{MAX_NUMBER_CHARS}")
+    return text
+
+
+def _bounded_int(text: str) -> int:
+    return int(_short_number(text))
+
+
+def _finite_float(text: str) -> float:
+    value = float(_short_number(text))
+    if not math.isfinite(value):
+        raise _BadNumber(f"the number {text} is out of a double's range")
+    return value
+
+
+def _no_constant(name: str):
+    raise _BadNumber(f"{name} is not a JSON value")
+
+
+def _load_json(raw: bytes):
+    """Strict, bounded JSON: no NaN/Infinity, no overflowing or over-long numbers."""
+    return json.loads(raw, parse_int=_bounded_int, parse_float=_finite_float,
+                      parse_constant=_no_constant)
 
 
 def _deeper_than(value, limit: int) -> bool:
-    """Whether arrays and objects nest more than `limit` levels (no recursion: any depth)."""
+    """Whether arrays and objects nest more than `limit` levels (no recursion: any depth);
+    400 for a lone UTF-16 surrogate in a string or key (it has no UTF-8 form)."""
     stack = [(value, 1)]
     while stack:
         v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                raise bad_request("the request body has a lone UTF-16 surrogate (\\ud800-"
+                                  "\\udfff) in a string; it is not valid Unicode")
+        elif isinstance(v, (dict, list)):
             if depth > limit:
                 return True
+            if isinstance(v, dict):
+                stack.extend((k, depth) for k in v)
             stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
     return False
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     try:
-        data = json.loads(raw)
+        data = _load_json(raw)
     except RecursionError:
-        data = None
+        data = _TOO_DEEP
+    except _BadNumber as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
-    if data is None or _deeper_than(data, MAX_JSON_DEPTH):
+    if data is _TOO_DEEP or _deeper_than(data, MAX_JSON_DEPTH):
         raise bad_request(f"the request body nests arrays and objects deeper than "
                           f"{MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
@@ -287,6 +337,17 @@ class _Sampling(_OpenAIRequest):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+
+    @field_validator("temperature", "repetition_penalty")
+    @classmethod
+    def _computable(cls, v, info):
+        """Logits are divided by these: a positive value too small to divide by overflows
+        every logit (5e-324 leaves no finite one), so it is refused, not run."""
+        if v is not None and 0 < v < MIN_DIVISOR:
+            hint = "; use 0 for greedy decoding" if info.field_name == "temperature" else ""
+            raise bad_request(f"{info.field_name}={v!r} is too small to divide logits by "
+                              f"(at least {MIN_DIVISOR:g}){hint}", info.field_name)
+        return v
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

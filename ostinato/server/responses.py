@@ -154,8 +154,15 @@ def _text_of(content, where: str) -> str:
         if kind not in ("input_text", "output_text", "text"):
             raise bad_request(f"{where}.content[{j}]: part type {kind!r} is not supported "
                               "(text parts only: no images, files or audio)", "input")
-        out.append(str(part.get("text", "")))
+        out.append(_part_text(part, f"{where}.content[{j}]"))
     return "".join(out)
+
+
+def _part_text(part: dict, where: str) -> str:
+    text = part.get("text", "")
+    if not isinstance(text, str):
+        raise bad_request(f"{where}.text must be a string, not {type(text).__name__}", "input")
+    return text
 
 
 def _input_message(item: dict, where: str) -> dict:
@@ -208,9 +215,13 @@ THOUGHT = "__thought"       # a reasoning input item waiting for its assistant t
 def _thought_of(item: dict) -> str:
     """A reasoning item's thought: its reasoning_text content, else its encrypted_content
     as this server writes it (see encrypted())."""
-    text = "".join(str(c.get("text", "")) for c in item.get("content") or []
+    content, sealed = item.get("content") or [], item.get("encrypted_content")
+    if not isinstance(content, list) or not isinstance(sealed, (str, type(None))):
+        raise bad_request("a reasoning item's content must be a list of parts and its "
+                          "encrypted_content a string", "input")
+    text = "".join(_part_text(c, "a reasoning item's part") for c in content
                    if isinstance(c, dict) and c.get("type") == "reasoning_text")
-    if text or not item.get("encrypted_content"):
+    if text or not sealed:
         return text
     try:
         return base64.b64decode(item["encrypted_content"], validate=True).decode()
@@ -252,6 +263,8 @@ def _tool_choice(choice):
 
 def _format(text: dict | None):
     fmt = (text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise bad_request("text.format must be an object, e.g. {'type': 'text'}", "text")
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":

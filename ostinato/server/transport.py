@@ -41,8 +41,9 @@ async def send_error(send, e: APIError, path: str = "") -> None:
 
 
 class Gate:
-    """ASGI middleware: 401 without the API key on protected routes; 413 for a body over
-    max_body bytes (read here in full, then replayed to the app)."""
+    """ASGI middleware: 401 without the API key on protected routes; 415 for a compressed
+    body (Content-Encoding); 413 for a body over max_body bytes (read here in full, then
+    replayed to the app)."""
 
     def __init__(self, app, api_key: str | None, max_body: int):
         self.app, self.max_body = app, max_body
@@ -56,6 +57,11 @@ class Gate:
                                                    "'Authorization: Bearer <key>' or "
                                                    "'x-api-key: <key>'",
                                                    code="invalid_api_key"), scope["path"])
+        encoding = dict(scope["headers"]).get(b"content-encoding", b"").strip().lower()
+        if encoding not in (b"", b"identity"):
+            return await send_error(send, APIError(
+                415, f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not supported: "
+                "send the request body uncompressed"), scope["path"])
         body = await self._read_body(scope, receive)
         if body is None:
             return await send_error(send, APIError(413, f"the request body is over the "

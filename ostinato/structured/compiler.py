@@ -99,7 +99,18 @@ def _build(tok: llguidance.LLTokenizer, text: str, kind: str) -> llguidance.LLMa
     matcher = llguidance.LLMatcher(tok, text, log_level=0)
     if matcher.is_error():
         raise GrammarError(f"{kind}: {_short(matcher.get_error())}")
+    _check_first_token(matcher, kind)
     return matcher
+
+
+def _check_first_token(matcher: llguidance.LLMatcher, kind: str) -> None:
+    """A grammar that matches nothing (a schema whose only rule refers to itself) compiles,
+    then fails at its first token: find that here, on a copy, so it is a GrammarError."""
+    probe = matcher.deep_copy()
+    mask = probe.compute_bitmask()
+    if probe.is_error() or not any(mask):
+        raise GrammarError(f"{kind}: no output can satisfy it (it allows no first token; "
+                           "a $ref loop with no way out?)")
 
 
 def grammar_text(spec: StructuredOutputsParams) -> str:

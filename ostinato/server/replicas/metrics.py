@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-HIT_RATE = "ostinato:prefix_cache_hit_rate"
-MEANS = ("ostinato:kv_cache_usage_perc",)
+HIT_RATES = ("ostinato:prefix_cache_hit_rate", "vllm:gpu_prefix_cache_hit_rate")
+MEANS = ("ostinato:kv_cache_usage_perc", "vllm:kv_cache_usage_perc",
+         "vllm:gpu_cache_usage_perc", "vllm:cache_config_info")
 
 
 @dataclass
@@ -52,7 +53,7 @@ def merge(replicas: list[ReplicaMetrics], expected: int) -> str:
 
 def _aggregate(name: str, samples: list, replicas: list[ReplicaMetrics]) -> list:
     """The samples summed over replicas (same name and labels), or their mean or rate."""
-    if name == HIT_RATE:
+    if name in HIT_RATES:
         q = sum(r.prefix_queries for r in replicas)
         rate = sum(r.prefix_hits for r in replicas) / q if q else 0.0
         labels = {k: v for k, v in samples[0][1].labels.items()} if samples else {}

@@ -1,0 +1,329 @@
+"""Hostile input against the real server (issue 17): every parse of an untrusted body is
+bounded, so a bad request is one 4xx with a message, never a 5xx, and the engine thread
+lives on (a normal request after them still succeeds). The cases that found bugs come
+first; a type-confusion sweep over every POST route follows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+ROUTES = {      # a minimal valid body per POST route
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    "/v1/completions": {"prompt": "hi", "max_tokens": 1},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 16, "store": False},
+    "/v1/messages": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    "/v1/messages/count_tokens": {"messages": [{"role": "user", "content": "hi"}]},
+    "/v1/embeddings": {"input": "hi"},
+    "/tokenize": {"prompt": "hi"},
+    "/detokenize": {"tokens": [1, 2]},
+}
+
+
+def post(http, route: str, body: bytes | dict, **headers):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return http.post(route, content=content,
+                     headers={"content-type": "application/json", **headers})
+
+
+def assert_refused(r, *words: str, status: int = 400) -> str:
+    """A 4xx (status) whose error message contains every word; the message."""
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    body = r.json()
+    message = body["error"]["message"]      # OpenAI's and Anthropic's shapes both nest it
+    for w in words:
+        assert w in message, (w, message)
+    return message
+
+
+def with_raw(route: str, key: str, raw_value: str) -> bytes:
+    """The route's valid body with one more field whose JSON text is raw_value."""
+    text = json.dumps(ROUTES[route])
+    return (text[:-1] + f', "{key}": {raw_value}}}').encode()
+
+
+# ------------------------------------------------------------------ bounded JSON parsing
+BAD_BODIES = {
+    "deep arrays": (b"[" * 100_000 + b"]" * 100_000, "nests"),
+    "deep objects": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nests"),
+    "invalid UTF-8": (b'{"prompt": "\xff\xfe"}', "not valid JSON"),
+    "empty": (b"", "not valid JSON"),
+    "null": (b"null", "JSON object"),
+    "array": (b"[1, 2]", "JSON object"),
+    "string": (b'"hi"', "JSON object"),
+    "truncated": (b'{"messages": [', "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_malformed_bodies_are_400(http, route, case):
+    raw, word = BAD_BODIES[case]
+    assert_refused(post(http, route, raw), word)
+
+
+NUMBERS = {             # JSON text -> a word of the refusal
+    "9" * 5000: "characters",           # Python's int() refuses > 4300 digits (was a 500)
+    "-" + "1" * 100: "characters",
+    "1e400": "double's range",
+    "-1e400": "double's range",
+    "NaN": "not a JSON value",
+    "Infinity": "not a JSON value",
+    "-Infinity": "not a JSON value",
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("number", list(NUMBERS), ids=lambda n: n[:12])
+def test_unbounded_numbers_are_400(http, route, number):
+    key = "max_tokens" if route != "/v1/responses" else "max_output_tokens"
+    assert_refused(post(http, route, with_raw(route, key, number)), NUMBERS[number])
+
+
+@pytest.mark.parametrize("where", ["value", "key"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages", "/tokenize"])
+def test_lone_surrogates_are_400(http, route, where):
+    raw = '"\\ud800x"' if where == "value" else '{"\\udfff": 1}'
+    assert_refused(post(http, route, with_raw(route, "user" if route != "/tokenize"
+                                              else "model", raw)), "surrogate")
+
+
+def test_a_surrogate_pair_is_fine(http):
+    r = post(http, "/tokenize", b'{"prompt": "\\ud83d\\ude00"}')
+    assert r.status_code == 200 and r.json()["count"] > 0
+
+
+def test_a_big_int_in_int64_still_parses(http):
+    r = post(http, "/v1/completions", {"prompt": "hi", "max_tokens": 1, "seed": 2**63 - 1})
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------ values that passed parsing
+@pytest.mark.parametrize("field,value", [("temperature", 5e-324), ("temperature", 1e-300),
+                                         ("repetition_penalty", 5e-324)])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_divisors_too_small_for_logits_are_400(http, route, field, value):
+    # they overflowed every logit in the engine (no finite token to sample)
+    msg = assert_refused(post(http, route, {**ROUTES[route], field: value}), "too small")
+    assert field in msg
+
+
+def test_anthropic_temperature_tiny_is_400(http):
+    body = {**ROUTES["/v1/messages"], "temperature": 5e-324}
+    assert_refused(post(http, "/v1/messages", body), "too small")
+
+
+def test_a_schema_that_matches_nothing_is_400(http):
+    # a $ref loop with no base case compiled, then failed at the first token (a 500)
+    schema = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    body = {**ROUTES["/v1/chat/completions"], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "loop", "schema": schema}}}
+    assert_refused(post(http, "/v1/chat/completions", body), "no output can satisfy")
+
+
+@pytest.mark.parametrize("content", [[1], [None], [[{"type": "text", "text": "x"}]], ["x"]])
+def test_anthropic_blocks_that_are_not_objects_are_400(http, content):
+    body = {**ROUTES["/v1/messages"], "messages": [{"role": "user", "content": content}]}
+    r = post(http, "/v1/messages", body)
+    assert_refused(r, "must be a block")
+    assert r.json()["type"] == "error"          # Anthropic's error shape
+
+
+@pytest.mark.parametrize("block", [
+    {"type": "tool_result", "tool_use_id": "t1", "content": 5},
+    {"type": "tool_result", "tool_use_id": "t1", "content": [7]},
+    {"type": "text", "text": {"a": 1}},
+    {"type": "text", "text": 5},
+])
+def test_anthropic_block_fields_of_the_wrong_type_are_400(http, block):
+    body = {**ROUTES["/v1/messages"], "messages": [{"role": "user", "content": [block]}]}
+    assert post(http, "/v1/messages", body).status_code == 400
+
+
+def test_anthropic_context_edits_not_a_list_is_400(http):
+    body = {**ROUTES["/v1/messages"], "context_management": {"edits": 5}}
+    assert_refused(post(http, "/v1/messages", body), "edits must be a list")
+
+
+@pytest.mark.parametrize("change", [
+    {"text": {"format": 5}},                                        # was a 500
+    {"text": {"format": "json"}},
+    {"input": [{"type": "reasoning", "content": 5}]},               # was a 500
+    {"input": [{"type": "reasoning", "encrypted_content": 5}]},     # was a 500
+    {"input": [{"role": "user", "content": [{"type": "input_text", "text": {"a": 1}}]}]},
+])
+def test_responses_items_of_the_wrong_type_are_400(http, change):
+    assert post(http, "/v1/responses", {**ROUTES["/v1/responses"], **change}).status_code == 400
+
+
+# ------------------------------------------------------------------ a representative sweep
+ODD = [None, -1, 1.5, True, "x\u0000", [], {}, [{}], 2**63, 5e-324]
+RICH = {        # a body per route with nested parts, each of whose paths is swept
+    "/v1/chat/completions": {
+        "messages": [{"role": "system", "content": "s"},
+                     {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_tokens": 1, "stop": ["x"], "logit_bias": {"5": 1.0}, "stop_token_ids": [3],
+        "logprobs": True, "top_logprobs": 1, "seed": 1, "stream_options": None},
+    "/v1/completions": {"prompt": [[1, 2, 3]], "max_tokens": 1, "logprobs": 1, "echo": True},
+    "/v1/responses": {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                                {"type": "function_call", "call_id": "c", "name": "f",
+                                 "arguments": "{}"},
+                                {"type": "function_call_output", "call_id": "c", "output": "o"}],
+                      "max_output_tokens": 16, "store": False,
+                      "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                      "tool_choice": {"type": "function", "name": "f"},
+                      "text": {"format": {"type": "text"}}, "reasoning": {"effort": "none"}},
+    "/v1/messages": {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
+                                          {"type": "tool_use", "id": "t1", "name": "f",
+                                           "input": {"a": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": [{"type": "text", "text": "r"}]}]}],
+        "max_tokens": 1, "system": [{"type": "text", "text": "s"}],
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "auto"}, "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+        "output_config": {"effort": "high"}},
+    "/v1/embeddings": {"input": [[1, 2], [3]]},
+    "/tokenize": {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True,
+                  "chat_template_kwargs": {}},
+    "/detokenize": {"tokens": [1, 2]},
+}
+
+
+def _paths(v, p=()):
+    """Every path into v but the output length's (a None there asks for the whole context:
+    slow, and test_unbounded_numbers_are_400 covers the field)."""
+    yield p
+    children = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for k, x in children:
+        if k not in ("max_tokens", "max_output_tokens"):
+            yield from _paths(x, p + (k,))
+
+
+def _with(body, path, value):
+    body = json.loads(json.dumps(body))
+    cur = body
+    for k in path[:-1]:
+        cur = cur[k]
+    cur[path[-1]] = value
+    return body
+
+
+@pytest.mark.parametrize("route", list(RICH))
+def test_type_confusion_sweep_is_never_5xx(http, route):
+    """Every path of a rich body replaced by every odd value: some are fine (200), the
+    rest a 4xx; none is a 5xx or a dropped connection."""
+    seen = []
+    for path in list(_paths(RICH[route]))[1:]:
+        for value in ODD:
+            r = post(http, route, _with(RICH[route], path, value))
+            if r.status_code >= 500:
+                seen.append((path, value, r.status_code, r.text[:200]))
+    assert not seen, seen[:5]
+
+
+# ------------------------------------------------------------------ headers and transport
+def test_gzip_content_encoding_is_refused(http):
+    import gzip
+    raw = gzip.compress(json.dumps(ROUTES["/tokenize"]).encode())
+    r = post(http, "/tokenize", raw, **{"content-encoding": "gzip"})
+    assert_refused(r, "Content-Encoding 'gzip' is not supported", status=415)
+
+
+def test_wrong_content_type_still_parses_json(http):
+    r = http.post("/tokenize", content=json.dumps(ROUTES["/tokenize"]).encode(),
+                  headers={"content-type": "text/plain"})
+    assert r.status_code == 200
+
+
+def test_huge_authorization_header_is_4xx(server):
+    import httpx
+    r = httpx.post(server.base + "/tokenize", json=ROUTES["/tokenize"], timeout=30,
+                   headers={"Authorization": "Bearer " + "k" * 60_000})
+    assert 400 <= r.status_code < 500
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "99999999999999999999999", "1e3"])
+def test_odd_content_length_never_5xx(server, length):
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(server.base)
+    body = json.dumps(ROUTES["/tokenize"]).encode()
+    head = (f"POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.api_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(head + body)
+        reply = s.recv(200)
+    status = int(reply.split(b" ")[1]) if reply else 400   # a closed socket is a refusal
+    assert status < 500, reply
+
+
+# ------------------------------------------------------------------ the engine lives on
+def test_after_all_of_that_a_normal_request_succeeds(http, client):
+    assert http.get("/health").json()["status"] == "ok"
+    out = client.chat.completions.create(
+        model=_model(http), messages=[{"role": "user", "content": "Say hi"}], max_tokens=4,
+        temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens >= 1
+
+
+def _model(http) -> str:
+    return http.get("/v1/models").json()["data"][0]["id"]
+
+
+# ------------------------------------------------------------------ issue 19: vLLM's names
+VLLM_TWINS = {"vllm:num_requests_running": "ostinato:num_requests_running",
+              "vllm:num_requests_waiting": "ostinato:num_requests_waiting",
+              "vllm:kv_cache_usage_perc": "ostinato:kv_cache_usage_perc",
+              "vllm:gpu_cache_usage_perc": "ostinato:kv_cache_usage_perc",
+              "vllm:gpu_prefix_cache_hit_rate": "ostinato:prefix_cache_hit_rate",
+              "vllm:gpu_prefix_cache_queries_total": "vllm:prefix_cache_queries_total",
+              "vllm:gpu_prefix_cache_hits_total": "vllm:prefix_cache_hits_total"}
+
+
+def _samples(http) -> dict[str, list]:
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(http.get("/metrics").text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def test_vllm_named_gauges(http, client):
+    """The gauges routers scrape from a vLLM backend, under vLLM's names: present while a
+    request runs (running 1), equal to ours at rest, with our model_name label."""
+    import time
+    model = _model(http)
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Count to fifty."}],
+        max_tokens=48, temperature=0, stream=True)
+    next(iter(stream))                          # it has started
+    deadline, seen = time.monotonic() + 20, 0.0
+    while time.monotonic() < deadline and seen < 1:
+        seen = _samples(http)["vllm:num_requests_running"][0].value
+    assert seen >= 1
+    for _ in stream:
+        pass
+    time.sleep(0.5)                             # the engine's last snapshot after the end
+    got = _samples(http)
+    for vllm, ours in VLLM_TWINS.items():
+        [v], [o] = got[vllm], got[ours]
+        assert v.labels == {"model_name": model} == o.labels, (vllm, v.labels)
+        assert v.value == o.value, (vllm, v.value, o.value)
+    assert got["vllm:num_requests_running"][0].value == 0
+    queries = got["vllm:prefix_cache_queries_total"][0].value
+    assert queries >= 10                                # this prompt's tokens, at least
+    assert 0 <= got["vllm:prefix_cache_hits_total"][0].value <= queries
+    assert got["vllm:gpu_prefix_cache_hit_rate"][0].value == pytest.approx(
+        got["vllm:prefix_cache_hits_total"][0].value / queries)
+    assert 0 <= got["vllm:kv_cache_usage_perc"][0].value <= 1
+    [info] = got["vllm:cache_config_info"]
+    assert info.value == 1 and info.labels["model_name"] == model
+    assert int(info.labels["block_size"]) > 0 and int(info.labels["num_gpu_blocks"]) > 0
