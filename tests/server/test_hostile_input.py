@@ -13,7 +13,7 @@ pytestmark = pytest.mark.model
 ROUTES = {      # a minimal valid body per POST route
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
     "/v1/completions": {"prompt": "hi", "max_tokens": 1},
-    "/v1/responses": {"input": "hi", "max_output_tokens": 16, "store": False},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 1, "store": False},
     "/v1/messages": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
     "/v1/messages/count_tokens": {"messages": [{"role": "user", "content": "hi"}]},
     "/v1/embeddings": {"input": "hi"},
@@ -159,30 +159,29 @@ def test_responses_items_of_the_wrong_type_are_400(http, change):
 
 
 # ------------------------------------------------------------------ a representative sweep
-ODD = [None, -1, 1.5, True, "x\u0000", [], {}, [{}], 2**63, 5e-324]
+ODD = [None, -1, 1.5, True, "x\u0000", [], {"a": [{}]}, 2**63]
 RICH = {        # a body per route with nested parts, each of whose paths is swept
     "/v1/chat/completions": {
         "messages": [{"role": "system", "content": "s"},
                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "max_tokens": 1, "stop": ["x"], "logit_bias": {"5": 1.0}, "stop_token_ids": [3],
-        "logprobs": True, "top_logprobs": 1, "seed": 1, "stream_options": None},
+        "max_tokens": 1, "stop": ["x"], "logit_bias": {"5": 1.0}, "stop_token_ids": [3]},
     "/v1/completions": {"prompt": [[1, 2, 3]], "max_tokens": 1, "logprobs": 1, "echo": True},
     "/v1/responses": {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
                                 {"type": "function_call", "call_id": "c", "name": "f",
                                  "arguments": "{}"},
                                 {"type": "function_call_output", "call_id": "c", "output": "o"}],
-                      "max_output_tokens": 16, "store": False,
+                      "max_output_tokens": 1, "store": False,
                       "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
                       "tool_choice": {"type": "function", "name": "f"},
                       "text": {"format": {"type": "text"}}, "reasoning": {"effort": "none"}},
-    "/v1/messages": {"messages": [
+    "/v1/messages/count_tokens": {"messages": [      # /v1/messages' translation, no generation
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
                                           {"type": "tool_use", "id": "t1", "name": "f",
                                            "input": {"a": 1}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
                                       "content": [{"type": "text", "text": "r"}]}]}],
-        "max_tokens": 1, "system": [{"type": "text", "text": "s"}],
+        "system": [{"type": "text", "text": "s"}],
         "tools": [{"name": "f", "input_schema": {"type": "object"}}],
         "tool_choice": {"type": "auto"}, "thinking": {"type": "adaptive"},
         "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
@@ -216,13 +215,15 @@ def _with(body, path, value):
 @pytest.mark.parametrize("route", list(RICH))
 def test_type_confusion_sweep_is_never_5xx(http, route):
     """Every path of a rich body replaced by every odd value: some are fine (200), the
-    rest a 4xx; none is a 5xx or a dropped connection."""
-    seen = []
-    for path in list(_paths(RICH[route]))[1:]:
-        for value in ODD:
-            r = post(http, route, _with(RICH[route], path, value))
-            if r.status_code >= 500:
-                seen.append((path, value, r.status_code, r.text[:200]))
+    rest a 4xx; none is a 5xx or a dropped connection (4 at a time: the engine batches)."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [(path, value) for path in list(_paths(RICH[route]))[1:] for value in ODD]
+
+    def status(case):
+        r = post(http, route, _with(RICH[route], *case))
+        return (case, r.status_code, r.text[:200])
+    with ThreadPoolExecutor(4) as pool:
+        seen = [out for out in pool.map(status, cases) if out[1] >= 500]
     assert not seen, seen[:5]
 
 
@@ -303,7 +304,7 @@ def test_vllm_named_gauges(http, client):
     model = _model(http)
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Count to fifty."}],
-        max_tokens=48, temperature=0, stream=True)
+        max_tokens=12, temperature=0, stream=True)
     next(iter(stream))                          # it has started
     deadline, seen = time.monotonic() + 20, 0.0
     while time.monotonic() < deadline and seen < 1:
