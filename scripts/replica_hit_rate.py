@@ -1,7 +1,7 @@
 """Prefix-cache hit rate of a multi-tenant workload: one engine (the single-process server)
 against two Ray Serve replicas with prefix-aware, least-loaded and random routing.
 
-    python scripts/replica_hit_rate.py [--tenants 8] [--words 800] [--users 8]
+    python scripts/replica_hit_rate.py [--tenants 8] [--words 1000] [--users 8]
 
 Each tenant has a long system prompt of its own (--words words, about 1,000+ tokens at the
 default); each of its users asks a short question under it. The hit rate is what the server
@@ -55,7 +55,7 @@ def workload(base: str, systems: list[str], users: int, concurrency: int) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tenants", type=int, default=8)
-    ap.add_argument("--words", type=int, default=800)
+    ap.add_argument("--words", type=int, default=1000)
     ap.add_argument("--users", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--model", default="smollm2-135m-instruct")

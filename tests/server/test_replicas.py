@@ -121,6 +121,27 @@ def test_cli_refuses_routing_without_replicas_and_loads_no_ray():
     assert out.stdout.strip() == "False"
 
 
+def test_cli_serves_replicas_and_stops_on_sigterm(smollm_path):
+    """`ostinato serve --replicas 2` end to end (its own Ray, started and stopped before the
+    module's: this test comes first)."""
+    from serverproc import Launch
+    srv = start_ostinato(smollm_path, "--replicas", "2", "--served-model-name", NAME,
+                         "--max-model-len", "1024", "--kv-cache-gb", "0.1", threads=1,
+                         model_id=NAME, how=Launch(timeout=240, grace_s=60))
+    try:
+        assert httpx.get(srv.base + "/health").json() == {"status": "ok", "replicas": 2}
+        assert chat(srv.base, "Say hi.", max_tokens=4)["model"] == NAME
+        m = samples(srv.base)
+        assert m[("ostinato:replicas_up", None, None)] == 2
+        assert {r for (n, r, _) in m if n == "ostinato_requests_accepted_total"} == {
+            None, "0", "1"}
+        r = httpx.post(srv.base + "/v1/completions", json={"prompt": "x", "top_p": 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0, srv.log()
+
+
 # -- two replicas on Ray Serve -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,10 @@ client's disconnect: the app sees http.disconnect and aborts the generation."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
+
+log = logging.getLogger("ostinato.replicas")
 
 _running: set[asyncio.Task] = set()     # apps still finishing after their caller left
 
@@ -16,6 +19,12 @@ def http_scope(method: str, path: str, query: bytes, headers: list[tuple[bytes, 
             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
             "raw_path": path.encode(), "query_string": query, "root_path": "",
             "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+
+
+def _finished(task: asyncio.Task) -> None:
+    _running.discard(task)
+    if not task.cancelled() and task.exception() is not None:      # the app's own handlers
+        log.error("the app failed: %r", task.exception())          # answer errors: rare
 
 
 async def call_app(app, method: str, path: str, query: bytes,
@@ -44,7 +53,7 @@ async def call_app(app, method: str, path: str, query: bytes,
 
     task = asyncio.create_task(run())
     _running.add(task)
-    task.add_done_callback(_running.discard)
+    task.add_done_callback(_finished)
     try:
         while (message := await out.get()) is not None:
             if message["type"] == "http.response.start":

@@ -31,12 +31,14 @@ from .routing import PrefixAffinity, replica_cores, route_keys
 log = logging.getLogger("ostinato.replicas")
 ROUTER = "ostinato.server.replicas.ray_app:PrefixAwareRouter"
 METRICS_TIMEOUT_S = 10.0
+HEALTH_TIMEOUT_S = 2.0
 
 
 class PrefixAwareRouter(RequestRouter):
     """Ranks the chosen replica first, the others after (Serve falls back to them if it
     refuses). The ingress passes route_keys (prefix hashes) as a keyword argument, or
-    replica_index to reach one replica by its place in the sorted replica ids (/metrics)."""
+    replica_index to reach one replica by its place in the sorted replica ids (/health,
+    /metrics)."""
 
     def initialize_state(self, policy: str = "prefix", imbalance: int = 8, **kwargs):
         if kwargs:
@@ -51,7 +53,9 @@ class PrefixAwareRouter(RequestRouter):
         kwargs = pending_request.kwargs
         index = kwargs.get("replica_index")
         if index is not None:
-            return [[ordered[index]]] if index < len(ordered) else []
+            # never an empty answer (Serve would retry it for ever): while replicas start,
+            # an index past the end reaches one already counted, and the caller sees its rank
+            return [[ordered[index % len(ordered)]]]
         by_id = {r.replica_id.unique_id: r for r in ordered}
         keys = kwargs.get("route_keys") or []
         chosen = self.policy.choose(list(by_id), keys)
@@ -94,6 +98,11 @@ class EngineReplica:
         """The response's start, then its body chunks (route_keys: for the router only)."""
         async for item in call_app(self.app, method, path, query, headers, body):
             yield item
+
+    async def health(self, replica_index: int | None = None) -> tuple[int, bool]:
+        state = self.app.state.server
+        return self.rank, (state.engine is not None and state.engine.error is None
+                           and not state.draining)
 
     async def metrics(self, replica_index: int | None = None) -> ReplicaMetrics:
         kv = self.llm.engine.scheduler.kv
@@ -139,21 +148,35 @@ class Ingress:
     def __init__(self, engine, replicas: int):
         self.engine, self.replicas = engine, replicas
 
-    @api.get("/metrics")
-    async def metrics(self):
+    async def each(self, method: str, timeout: float) -> list:
+        """`method` of every replica (None for one that does not answer in time), one after
+        another: calls made while serving one request share its request id, and Serve's
+        router keeps one pending request per id."""
         async def ask(i: int):
-            return await self.engine.metrics.remote(replica_index=i)
+            return await getattr(self.engine, method).remote(replica_index=i)
 
         async def one(i: int):
             try:
-                return await asyncio.wait_for(ask(i), METRICS_TIMEOUT_S)
+                return await asyncio.wait_for(ask(i), timeout)
             except Exception as e:          # noqa: BLE001 (a replica down: counted, not fatal)
-                log.warning("replica %d's metrics: %r", i, e)
+                log.warning("replica %d's %s: %r", i, method, e)
                 return None
-        # one after another: calls made while serving one request share its request id,
-        # and Serve's router keeps one pending request per id
-        got = [await one(i) for i in range(self.replicas)]
-        text = merge(sorted((m for m in got if m), key=lambda m: m.rank), self.replicas)
+        return [await one(i) for i in range(self.replicas)]
+
+    @api.get("/health")
+    async def health(self):
+        """200 once every replica's engine is ready; 503 with how many are, meanwhile."""
+        up = len({rank for rank, ok in filter(None, await self.each("health",
+                                                                     HEALTH_TIMEOUT_S)) if ok})
+        if up < self.replicas:
+            return JSONResponse({"status": "loading", "replicas": self.replicas,
+                                 "replicas_up": up}, 503)
+        return {"status": "ok", "replicas": self.replicas}
+
+    @api.get("/metrics")
+    async def metrics(self):
+        got = {m.rank: m for m in await self.each("metrics", METRICS_TIMEOUT_S) if m}
+        text = merge([got[rank] for rank in sorted(got)], self.replicas)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"])
@@ -166,12 +189,20 @@ class Ingress:
         try:
             head = await stream.__anext__()
         except StopAsyncIteration:
-            return JSONResponse({"error": {"message": "the replica gave no answer",
-                                           "type": "server_error", "code": 502}}, 502)
+            return _unavailable("the replica gave no answer")
+        except Exception as e:          # the replica died or could not be reached
+            log.warning("forwarding %s %s failed: %r", request.method, request.url.path, e)
+            stream.cancel()
+            return _unavailable(f"no replica could answer: {type(e).__name__}")
         except BaseException:
             stream.cancel()         # cancelled (the client left) or failed: the replica stops
             raise
         return _Relay(head, stream)
+
+
+def _unavailable(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "server_error",
+                                   "param": None, "code": 503}}, 503)
 
 
 def replica_app(model: str, *, replicas: int, routing: str = "prefix", imbalance: int = 8,
