@@ -126,20 +126,29 @@ def test_cli_serves_replicas_and_stops_on_sigterm(smollm_path):
     module's: this test comes first)."""
     from serverproc import Launch
     srv = start_ostinato(smollm_path, "--replicas", "2", "--served-model-name", NAME,
-                         "--max-model-len", "1024", "--kv-cache-gb", "0.1", threads=1,
-                         model_id=NAME, how=Launch(timeout=240, grace_s=60))
+                         "--max-model-len", "1024", "--kv-cache-gb", "0.1", "--api-key", "k1",
+                         threads=1, model_id=NAME, how=Launch(timeout=240, grace_s=60))
     try:
         assert httpx.get(srv.base + "/health").json() == {"status": "ok", "replicas": 2}
-        assert chat(srv.base, "Say hi.", max_tokens=4)["model"] == NAME
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Say hi."}],
+                "max_tokens": 4}
+        r = httpx.post(srv.base + "/v1/chat/completions", json=body)
+        assert r.status_code == 401                       # each replica's own key check
+        r = httpx.post(srv.base + "/v1/chat/completions", json=body, timeout=60,
+                       headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 200 and r.json()["model"] == NAME
         m = samples(srv.base)
         assert m[("ostinato:replicas_up", None, None)] == 2
         assert {r for (n, r, _) in m if n == "ostinato_requests_accepted_total"} == {
             None, "0", "1"}
-        r = httpx.post(srv.base + "/v1/completions", json={"prompt": "x", "top_p": 0})
+        r = httpx.post(srv.base + "/v1/completions", json={"prompt": "x", "top_p": 0},
+                       headers={"Authorization": "Bearer k1"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
     finally:
         srv.stop()
     assert srv.proc.returncode == 0, srv.log()
+    log = srv.log(200_000)                  # each replica pinned to a core of its own
+    assert "on cores [0], 1 thread(s)" in log and "on cores [1], 1 thread(s)" in log
 
 
 # -- two replicas on Ray Serve -----------------------------------------------------------------
