@@ -59,12 +59,30 @@ class PrefixAwareRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in ordered}
         keys = kwargs.get("route_keys") or []
         chosen = self.policy.choose(list(by_id), keys)
+        self._count(pending_request, chosen, keys)
+        return [[by_id[chosen]], [r for r in ordered if r is not by_id[chosen]]]
+
+    def _count(self, pending_request, chosen: str, keys: list[str]) -> None:
+        """Count the request as `chosen`'s load until on_request_completed; if Serve sends
+        it elsewhere (the chosen one refused it), there; if it is never sent, nowhere."""
         request_id = pending_request.metadata.internal_request_id
-        if request_id in self.routed_to:                    # a retry: it moves
+        if request_id in self.routed_to:                    # chosen again: it moves
             self.policy.finished(self.routed_to.pop(request_id))
         self.policy.routed(chosen, keys)
         self.routed_to[request_id] = chosen
-        return [[by_id[chosen]], [r for r in ordered if r is not by_id[chosen]]]
+
+        def assigned(future) -> None:
+            if self.routed_to.get(request_id) != chosen:    # chosen again since, or done
+                return
+            if future.cancelled() or future.exception() is not None:
+                self.policy.finished(self.routed_to.pop(request_id))
+                return
+            actual = future.result().replica_id.unique_id
+            if actual != chosen:
+                self.policy.finished(chosen)
+                self.policy.routed(actual, keys)
+                self.routed_to[request_id] = actual
+        pending_request.future.add_done_callback(assigned)
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         replica = self.routed_to.pop(internal_request_id, None)
