@@ -91,7 +91,8 @@ def main() -> None:
         ray.shutdown()
     print(f"\n{a.tenants} tenants x {a.users} users, system prompts of {a.words} words, "
           f"{Path(model).name}, 1 thread per engine", file=sys.stderr)
-    print("| setup | prefix-cache hit rate | prompt tokens | requests | seconds |\n|---|---|---|---|---|")
+    print("| setup | prefix-cache hit rate | prompt tokens | requests | seconds |\n"
+          "|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['hit_rate']:.3f} | {r['prompt_tokens']} | {r['requests']} | "
               f"{r['seconds']:.1f} |")
