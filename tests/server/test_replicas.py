@@ -121,6 +121,23 @@ def test_cli_refuses_routing_without_replicas_and_loads_no_ray():
     assert out.stdout.strip() == "False"
 
 
+def test_serve_run_app_builder_checks_its_arguments():
+    """`serve run ostinato.server.replicas.ray_app:app_builder k=v ...` (strings, as `serve
+    run` passes them); building the application starts nothing."""
+    from ray.serve import Application
+
+    from ostinato.server.replicas.ray_app import app_builder, replica_app
+    app = app_builder({"model": "smollm2-135m-instruct", "replicas": "3", "threads": "1",
+                       "routing": "least-loaded", "kv_cache_gb": "0.5"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="unknown arguments"):
+        app_builder({"replica": "2"})
+    with pytest.raises(ValueError, match="routing must be one of"):
+        app_builder({"routing": "sticky"})
+    with pytest.raises(ValueError, match="kv-cache-dir"):
+        replica_app("smollm2-135m-instruct", replicas=2, kv_cache_dir="/tmp/x")
+
+
 def test_cli_serves_replicas_and_stops_on_sigterm(smollm_path):
     """`ostinato serve --replicas 2` end to end (its own Ray, started and stopped before the
     module's: this test comes first)."""
