@@ -121,6 +121,28 @@ def _add_speculative(p: argparse.ArgumentParser) -> None:
     p.set_defaults(subparser=p)
 
 
+def _add_disk_tier(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dir", default=None, metavar="DIR",
+                   help="the prefix cache's disk tier: computed prompt blocks are kept in DIR "
+                        "and read back (after a restart too) instead of computed again; each "
+                        "file checksummed, a bad one is ignored and recomputed (default: off)")
+    p.add_argument("--kv-cache-disk-gb", type=float, default=None, metavar="GB",
+                   help="with --kv-cache-dir: most gigabytes kept there, least recently "
+                        "used removed first (default 16)")
+
+
+def disk_tier_kwargs(a) -> dict:
+    """LLM(...)'s disk-tier arguments from the flags; ValueError names the flag at fault."""
+    root, gb = getattr(a, "kv_cache_dir", None), getattr(a, "kv_cache_disk_gb", None)
+    if gb is not None and root is None:
+        raise ValueError("--kv-cache-disk-gb goes with --kv-cache-dir")
+    if gb is not None and not gb > 0:
+        raise ValueError(f"--kv-cache-disk-gb must be > 0, got {gb}")
+    if root is None:
+        return {}
+    return {"kv_cache_dir": root} | ({} if gb is None else {"kv_cache_disk_gb": gb})
+
+
 def _target_itl(value: str) -> str:
     from .engine.step_time import LatencyTarget
     try:
@@ -182,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _add_sampling(p, 128)
     _add_speculative(p)
+    _add_disk_tier(p)
     p = _add_command(sub, "chat")
     _add_model(p)
     _add_speculative(p)
+    _add_disk_tier(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, 512)
     p = _add_command(sub, "bench")
@@ -217,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--usd-per-hour", type=float, default=0.09,
                    help="machine price for cost per million tokens (default 0.09: a 2-vCPU "
                         "cloud VM on demand)")
+    p.add_argument("--disk-tier", action="store_true",
+                   help="only the prefix cache's disk tier: time to first token of a "
+                        "--disk-tier-tokens prompt cold vs after a restart, and its read rate "
+                        "against the disk's")
+    p.add_argument("--disk-tier-tokens", type=int, default=4000, metavar="N",
+                   help="with --disk-tier: the prompt's length (default 4000)")
     p.add_argument("--structured", action="store_true",
                    help="also measure structured output: decode with a JSON schema against "
                         "free decode, schema compile time and the TTFT it adds")
@@ -245,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve(sub) -> None:
     p = _add_command(sub, "serve")
     _add_model(p)
+    _add_disk_tier(p)
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the model name or file stem)")
     p.add_argument("--host", default="127.0.0.1",
@@ -318,7 +349,7 @@ def load_llm(a):
         llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend,
                   kv_cache_dtype=a.kv_cache_dtype, quantize=a.quantize,
                   target_itl_ms=a.target_itl_ms,
-                  **speculative_kwargs(a))
+                  **speculative_kwargs(a), **disk_tier_kwargs(a))
     print(f"loaded {llm.model_name} ({llm.config.arch}, {llm.config.n_layers} layers) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if llm.speculative is not None:
@@ -453,6 +484,15 @@ def cmd_bench(a) -> None:
 
     from .bench import BenchArgs, check_args, run_bench
     from .loader.hf import is_hf_folder
+    if a.disk_tier:
+        from .bench.disk_tier import report, run_disk_tier
+        fig = run_disk_tier(a.model, a.disk_tier_tokens, a.repeats, a.threads or 2,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(report(fig))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(fig, f, indent=2)
+        return
     if is_hf_folder(a.model) and a.vs:
         raise ValueError("--vs runs the peers on the model file: a Hugging Face folder is not "
                          "one (convert it to GGUF to compare with llama.cpp)")
@@ -497,7 +537,8 @@ def cmd_serve(a) -> None:
                kv_cache_gb=a.kv_cache_gb, backend=a.backend, kv_cache_dtype=a.kv_cache_dtype,
                allowed_origins=a.allowed_origins,
                pooling=a.pooling, quantize=a.quantize, target_itl_ms=a.target_itl_ms,
-               **speculative_kwargs(a))
+               **speculative_kwargs(a),
+               **disk_tier_kwargs(a))
 
 
 def _positive(value: str) -> int:
@@ -529,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(a, "subparser"):
         try:
             speculative_kwargs(a)       # a bad flag combination is a usage error (exit 2)
+            disk_tier_kwargs(a)
         except ValueError as e:
             a.subparser.error(str(e))
     from .hub import ModelNotFound

@@ -180,3 +180,16 @@ def test_bench_contention_plumbing(smollm_path, tmp_path):
     assert "Quiet vs contended (1 busy processes)" in md and "Poisson arrivals at 20/s" in md
     log = (out / "ostinato-server.log").read_text()
     assert "scheduler: step-time target 80 ms" in log
+
+
+def test_disk_tier_bench_smallest_real_run(smollm_path):
+    """Four fresh processes on a short prompt: the restarts read the prompt back and answer
+    the cold answer's first token; the report names every variant and the device's rate."""
+    from ostinato.bench.disk_tier import VARIANTS, report, run_disk_tier
+    fig = run_disk_tier(str(smollm_path), prompt_tokens=160, repeats=1, threads=1,
+                        log=lambda m: None)
+    assert fig["same_first_token"] and set(fig["ttft_s"]) == set(VARIANTS)
+    assert fig["restart, page cache: blocks_read"] == 9       # (160 - 1) // 16 blocks
+    assert fig["restart, from disk: blocks_read"] == 9 and fig["disk_read_rate_Bps"] > 0
+    text = report(fig)
+    assert all(v in text for v in VARIANTS) and "device's sequential read rate" in text

@@ -310,3 +310,14 @@ def test_a_restart_reads_the_prefix_and_gives_the_cold_bits(request, tmp_path, m
         _corrupt(f, "flip")
     damaged, disk, _ = _generate(path, prompts, params, kv_cache_dir=tmp_path)
     assert damaged == cold and disk.stats.blocks_rejected > 0
+
+
+def test_two_processes_share_a_folder(tmp_path):
+    """A block another process wrote after this one started is found; one it removed is a miss."""
+    ours, theirs = _disk(tmp_path), _disk(tmp_path)
+    theirs.put(0, _h(7), _payload(0, 7))
+    theirs.flush()
+    assert ours.contains(0, _h(7)) and ours.read(0, _h(7)) == _payload(0, 7)
+    ours._path(0, _h(7)).unlink()
+    assert theirs.read(0, _h(7)) is None and not theirs.contains(0, _h(7))
+    assert theirs.stats.blocks_rejected == 0

@@ -14,7 +14,9 @@ and is trusted only when all of it checks out: a torn, truncated, flipped, stale
 file is deleted and its block computed, never used. Files are written whole to a temporary
 name and renamed, so a kill -9 mid-write leaves at worst a temporary file, removed at the next
 start. The directory is bounded (max_bytes, every namespace together): least recently used
-files go first; a read refreshes a file's time, so the order survives restarts.
+files go first; a read refreshes a file's time, so the order survives restarts. Several
+processes may share a folder (replicas): a block another one wrote is found on lookup, a file
+another one removed is a miss; each bounds the folder by what it has seen of it.
 
 Writes happen on a thread of their own, from copies taken on the engine thread; a step never
 waits for the disk. When the writer falls behind by more than `max_pending_bytes`, new blocks
@@ -26,6 +28,7 @@ import hashlib
 import logging
 import os
 import queue
+import stat
 import struct
 import threading
 import time
@@ -162,10 +165,25 @@ class DiskKVCache:
 
     # -- lookups and reads -------------------------------------------------------------------
     def contains(self, g: int, h: bytes) -> bool:
-        return (g, h) in self._index
+        """Indexed, or written since by another process sharing the folder (then indexed)."""
+        if (g, h) in self._index:
+            return True
+        path = self._path(g, h)
+        try:
+            st = path.lstat()
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        with self._lock:
+            if (g, h) not in self._index:
+                self._index[(g, h)] = st.st_size
+                self._bytes += st.st_size
+        return True
 
-    def read(self, g: int, h: bytes) -> bytes | None:
-        """Group g's block of hash h, checked; None (and the file gone) if anything is off."""
+    def read(self, g: int, h: bytes, timed: bool = True) -> bytes | None:
+        """Group g's block of hash h, checked; None (and the file gone) if anything is off.
+        timed: add its time to stats.read_seconds (read_many times its reads together)."""
         path, t0 = self._path(g, h), time.perf_counter()
         try:
             with open(path, "rb") as f:
@@ -184,7 +202,8 @@ class DiskKVCache:
                 self._index.move_to_end((g, h))
             self.stats.blocks_read += 1
             self.stats.bytes_read += len(data)
-            self.stats.read_seconds += time.perf_counter() - t0
+            if timed:
+                self.stats.read_seconds += time.perf_counter() - t0
         try:
             os.utime(path)
         except OSError:
@@ -198,7 +217,12 @@ class DiskKVCache:
             return [self.read(g, h) for g, h in keys]
         if self._readers is None:
             self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ostinato-kv-read")
-        return list(self._readers.map(lambda k: self.read(*k), keys))
+        t0 = time.perf_counter()
+        out = list(self._readers.map(lambda k: self.read(*k, timed=False), keys))
+        with self._lock:
+            if timed:
+                self.stats.read_seconds += time.perf_counter() - t0     # wall time, not the sum
+        return out
 
     def _check(self, g: int, h: bytes, data: bytes) -> bytes | None:
         if len(data) != HEADER_BYTES + self.block_bytes[g]:

@@ -14,6 +14,7 @@ from prometheus_client import (
 )
 
 from ..engine.async_engine import EngineSnapshot
+from ..engine.disk_cache import DiskStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -87,6 +88,13 @@ class ServerMetrics:
             "position in the draft (0: first); no samples when speculative decoding is off",
             lab + ["position"], registry=r)
         self._spec_seen = (0, 0, 0)
+        # the prefix cache's disk tier (--kv-cache-dir); no samples while it is off
+        self._disk_counters = {
+            f: counter(f"ostinato:kv_disk_{f}", doc + "; stays 0 without --kv-cache-dir")
+            for f, doc in DISK_COUNTERS.items()}
+        self._disk_seen = DiskStats()
+        self.disk_bytes = gauge("ostinato:kv_disk_usage_bytes",
+                                "bytes the disk tier's directory holds (all models)")
         self._spec_pos_seen: list[int] = []
         # nothing lost: every accepted request settles exactly one outcome, so at rest
         # requests_accepted_total == sum(request_outcomes_total); a gap is a leak
@@ -147,6 +155,16 @@ class ServerMetrics:
             self.preemptions.inc(snap.preemptions - self._preempted)
             self._preempted = snap.preemptions
         self._spec(snap)
+        if snap.disk is not None:
+            self._disk(snap)
+
+    def _disk(self, snap: EngineSnapshot) -> None:
+        for f, c in self._disk_counters.items():
+            new, old = getattr(snap.disk, f), getattr(self._disk_seen, f)
+            if new > old:
+                c.inc(new - old)
+        self._disk_seen = snap.disk
+        self.disk_bytes.set(snap.disk_bytes)
 
     def _prefix(self, snap: EngineSnapshot) -> None:
         """The prefix cache's token counts since the last snapshot, under every name."""
@@ -207,6 +225,16 @@ class _Twins:
     def set(self, value: float) -> None:
         for g in self.gauges:
             g.set(value)
+DISK_COUNTERS = {   # DiskStats fields, as counters
+    "blocks_read": "KV blocks read back from the disk tier (prefix hits after a restart or "
+                   "an eviction from RAM)",
+    "blocks_written": "KV blocks written to the disk tier",
+    "blocks_rejected": "disk-tier files that failed a check (torn, corrupt, foreign): "
+                       "removed, their blocks computed",
+    "blocks_dropped": "KV blocks not written: the disk writer was behind",
+    "bytes_read": "bytes read from the disk tier",
+    "read_seconds": "seconds spent reading (and checking) disk-tier blocks",
+}
 
 
 class RequestOutcome:

@@ -126,16 +126,15 @@ def test_serve_run_app_builder_checks_its_arguments():
     run` passes them); building the application starts nothing."""
     from ray.serve import Application
 
-    from ostinato.server.replicas.ray_app import app_builder, replica_app
+    from ostinato.server.replicas.ray_app import app_builder
     app = app_builder({"model": "smollm2-135m-instruct", "replicas": "3", "threads": "1",
-                       "routing": "least-loaded", "kv_cache_gb": "0.5"})
+                       "routing": "least-loaded", "kv_cache_gb": "0.5",
+                       "kv_cache_dir": "/tmp/ostinato-kv-shared"})
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match="unknown arguments"):
         app_builder({"replica": "2"})
     with pytest.raises(ValueError, match="routing must be one of"):
         app_builder({"routing": "sticky"})
-    with pytest.raises(ValueError, match="kv-cache-dir"):
-        replica_app("smollm2-135m-instruct", replicas=2, kv_cache_dir="/tmp/x")
 
 
 def test_cli_serves_replicas_and_stops_on_sigterm(smollm_path):

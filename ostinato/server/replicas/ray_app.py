@@ -232,9 +232,6 @@ def replica_app(model: str, *, replicas: int, routing: str = "prefix", imbalance
     threads each (default: this machine's cores shared out)."""
     from ...hub import model_name
     PrefixAffinity(routing, imbalance)              # bad values fail here, not in Serve
-    if llm_kwargs.get("kv_cache_dir"):
-        raise ValueError("--kv-cache-dir is not supported with --replicas (replicas would "
-                         "share one directory); leave it out")
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, not {replicas}")
     threads = threads or max(1, len(os.sched_getaffinity(0)) // replicas)
@@ -252,15 +249,19 @@ def replica_app(model: str, *, replicas: int, routing: str = "prefix", imbalance
 
 def app_builder(args: dict):
     """`serve run ostinato.server.replicas.ray_app:app_builder model=... replicas=N
-    [threads=T routing=prefix|least-loaded|random served_model_name=... api_key=...]`."""
+    [threads=T routing=prefix|least-loaded|random served_model_name=... api_key=...
+    kv_cache_dir=DIR (shared by the replicas) kv_cache_disk_gb=GB]`."""
     known = {"model", "replicas", "threads", "routing", "served_model_name", "api_key",
-             "max_model_len", "kv_cache_gb", "max_num_seqs"}
+             "max_model_len", "kv_cache_gb", "max_num_seqs", "kv_cache_dir",
+             "kv_cache_disk_gb"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; known: {sorted(known)}")
     ints = {k: int(args[k]) for k in ("replicas", "threads", "max_model_len", "max_num_seqs")
             if k in args}
-    extra = {"kv_cache_gb": float(args["kv_cache_gb"])} if "kv_cache_gb" in args else {}
+    extra = {k: float(args[k]) for k in ("kv_cache_gb", "kv_cache_disk_gb") if k in args}
+    if "kv_cache_dir" in args:
+        extra["kv_cache_dir"] = args["kv_cache_dir"]
     return replica_app(args.get("model", "smollm2-135m-instruct"),
                        **{"replicas": 2, **ints, **extra},
                        routing=args.get("routing", "prefix"),
