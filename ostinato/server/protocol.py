@@ -135,18 +135,24 @@ def _deeper_than(value, limit: int) -> bool:
     return False
 
 
-def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+def load_bounded(raw: bytes | str, what: str = "the request body",
+                 param: str | None = None):
+    """raw read as strict, bounded JSON (numbers, nesting, strings); a 400 naming `what`
+    when it is not."""
     try:
         data = _load_json(raw)
     except RecursionError:
         data = _TOO_DEEP
-    except _BadNumber as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except (_BadNumber, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"{what} is not valid JSON: {e}", param) from None
     if data is _TOO_DEEP or _deeper_than(data, MAX_JSON_DEPTH):
-        raise bad_request(f"the request body nests arrays and objects deeper than "
-                          f"{MAX_JSON_DEPTH} levels")
+        raise bad_request(f"{what} nests arrays and objects deeper than {MAX_JSON_DEPTH} "
+                          "levels", param)
+    return data
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    data = load_bounded(raw)
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     if getattr(model, "OPENAI", False):
@@ -383,6 +389,8 @@ class _Sampling(_OpenAIRequest):
         if not found:
             return None
         field, (kind, value) = next(iter(found.items()))
+        if kind == "json" and isinstance(value, str):   # a schema as JSON text: read as a body
+            value = load_bounded(value, f"{field} (a schema as JSON text)", field.split(".")[0])
         try:
             return StructuredOutputsParams(**{kind: value})
         except ValueError as e:
@@ -412,9 +420,10 @@ class _Sampling(_OpenAIRequest):
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Token ids the runner would index with: refuse them here, not mid-step."""
-        for key in self.logit_bias or {}:
-            if not key.isdecimal() or int(key) >= vocab_size:
-                raise bad_request(f"logit_bias key {key!r} is not a token id in "
+        for key in self.logit_bias or {}:       # ASCII digits, few enough for int()
+            if not (key.isascii() and key.isdecimal() and len(key) <= 20) \
+                    or int(key) >= vocab_size:
+                raise bad_request(f"logit_bias key {key[:30]!r} is not a token id in "
                                   f"[0, {vocab_size})", "logit_bias")
         for t in self.stop_token_ids or []:
             if not 0 <= t < vocab_size:

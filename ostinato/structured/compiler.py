@@ -200,8 +200,8 @@ def _checked_schema(schema) -> dict | bool:
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise GrammarError(f"json: the schema is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:      # ValueError: JSONDecodeError, int()
+            raise GrammarError(f"json: the schema is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(schema, (dict, bool)):
         raise GrammarError(f"json: a schema is an object or a boolean, not "
                            f"{type(schema).__name__}")

@@ -30,6 +30,15 @@ def fill_masks(constraints: list[Constraint]) -> None:
         c._ready = True
 
 
+TOO_COMPLEX = ("ParserTooComplex", "LexerTooComplex")     # llguidance's resource limits
+PARSER_LIMIT = "Parser Error: Current row has"      # a row over max_items_in_row
+
+
+class GrammarTooComplex(RuntimeError, ValueError):
+    """A grammar hit a resource limit mid-generation: a RuntimeError as any grammar failure
+    (the runner fails that sequence alone), and a ValueError: the request's input."""
+
+
 class Constraint:
     """Wraps an llguidance matcher. A preempted sequence keeps its Constraint: its output
     tokens are kept, so the matcher's state stays right for the next token."""
@@ -63,12 +72,22 @@ class Constraint:
             self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._ready = False
         if self._m.is_error():
-            raise RuntimeError(f"the grammar failed: {self._m.get_error()}")
+            raise self._failure("the grammar failed")
 
     def advance(self, token: int) -> None:
         self._ready = False
         if not self._m.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self._m.get_error()}")
+            raise self._failure(f"the grammar refused token {token}")
+
+    def _failure(self, what: str) -> RuntimeError:
+        """The matcher's error; the request's own fault when its grammar outgrew the
+        engine's limits (a 400 on the server), else ours."""
+        error = (self._m.get_error() or "").strip()
+        if self._m.stop_reason() in TOO_COMPLEX or error.startswith(PARSER_LIMIT):
+            first = error.splitlines()[0][:160] if error else self._m.stop_reason()
+            return GrammarTooComplex(f"the output constraint is too complex for the grammar "
+                                     f"engine ({first}); simplify it")
+        return RuntimeError(f"{what}: {error}")
 
     def valid_prefix(self, tokens: list[int]) -> int:
         """How many of `tokens`, in order, the grammar would take from here (its state

@@ -123,6 +123,38 @@ def test_a_schema_that_matches_nothing_is_400(http):
     assert_refused(post(http, "/v1/chat/completions", body), "no output can satisfy")
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("text,word", [("[" * 100_000, "nests"),         # was a 500
+                                       ('{"minimum": ' + "9" * 5000 + "}", "characters")])
+def test_a_schema_as_json_text_is_read_as_bounded_as_a_body(http, route, text, word):
+    msg = assert_refused(post(http, route, {**ROUTES[route], "guided_json": text}), word)
+    assert "guided_json" in msg
+
+
+def test_a_logit_bias_key_too_long_for_int_is_400(http):
+    body = {**ROUTES["/v1/chat/completions"], "logit_bias": {"9" * 4400: 1}}
+    assert_refused(post(http, "/v1/chat/completions", body), "is not a token id")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_over_the_engines_limits_is_the_requests_error(http, stream):
+    # 3000 alternatives: llguidance's row limit (2000) is hit after the first token, mid-
+    # generation; it was a 500 (a server_error event when streaming)
+    schema = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "string"}},
+                         "required": [f"k{i}"]} for i in range(3000)]}
+    body = {**ROUTES["/v1/chat/completions"], "max_tokens": 4, "stream": stream,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "many", "schema": schema}}}
+    r = post(http, "/v1/chat/completions", body)
+    if not stream:
+        assert_refused(r, "too complex for the grammar engine")
+        return
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == 400, events[-1]
+    assert "too complex" in events[-1]["error"]["message"]
+
+
 @pytest.mark.parametrize("content", [[1], [None], [[{"type": "text", "text": "x"}]], ["x"]])
 def test_anthropic_blocks_that_are_not_objects_are_400(http, content):
     body = {**ROUTES["/v1/messages"], "messages": [{"role": "user", "content": content}]}
