@@ -259,6 +259,19 @@ def test_type_confusion_sweep_is_never_5xx(http, route):
     assert not seen, seen[:5]
 
 
+@pytest.mark.parametrize("path", ["/v1/models/%00", "/v1/models/%ed%a0%80",
+                                  "/v1/models/" + "a" * 20_000, "/v1/models/..%2f..%2fetc",
+                                  "/v1/responses/%ff%fe", "/v1/responses/x?stream=%ff",
+                                  "/metrics?x=%00", "/static/..%2fapp.py",
+                                  "/static/%2e%2e/%2e%2e/pyproject.toml", "/health?%ed%a0%80=1",
+                                  "/tokenizer_info?%ff"])
+def test_odd_get_paths_are_never_5xx(http, path):
+    r = http.get(path)
+    assert r.status_code < 500, (r.status_code, r.text[:200])
+    if "static" in path:
+        assert r.status_code == 404          # nothing outside static/ is served
+
+
 # ------------------------------------------------------------------ headers and transport
 def test_gzip_content_encoding_is_refused(http):
     import gzip
