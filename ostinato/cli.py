@@ -90,6 +90,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "llama.cpp's block arithmetic: q8_0, q4_0, q4_1, q5_0, q5_1 (default: "
                         "keep F32/F16/BF16 as stored); refused for a .gguf file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--fixed-threads", dest="adaptive_threads", action="store_false",
+                   help="always run on --threads threads (default: each step on the count "
+                        "measured fastest now, fewer while another process takes a core; "
+                        "the output bits are the same)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: min(context, 8192))")
     p.add_argument("--backend", choices=["kernels", "torch"], default="kernels",
@@ -346,7 +350,8 @@ def load_llm(a):
     print(f"loading {a.model} ...", file=sys.stderr, flush=True)
     # a bar on a terminal only (disable=None): logs and pipes keep their one-line messages
     with _byte_bar("loading weights") as bar, report_progress(bar.to):
-        llm = LLM(a.model, threads=a.threads, max_model_len=a.max_model_len, backend=a.backend,
+        llm = LLM(a.model, threads=a.threads, adaptive_threads=a.adaptive_threads,
+                  max_model_len=a.max_model_len, backend=a.backend,
                   kv_cache_dtype=a.kv_cache_dtype, quantize=a.quantize,
                   target_itl_ms=a.target_itl_ms,
                   **speculative_kwargs(a), **disk_tier_kwargs(a))
@@ -533,6 +538,7 @@ def cmd_serve(a) -> None:
     _server(a)(a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
                api_key=a.api_key, limits=limits, log_level=a.log_level,
                shutdown_timeout=a.shutdown_timeout, threads=a.threads,
+               adaptive_threads=a.adaptive_threads,
                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                kv_cache_gb=a.kv_cache_gb, backend=a.backend, kv_cache_dtype=a.kv_cache_dtype,
                allowed_origins=a.allowed_origins,

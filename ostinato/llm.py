@@ -23,6 +23,7 @@ from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .engine.speculative import SpeculativeConfig, Speculator
+from .engine.threads import ThreadGovernor
 from .engine.step_time import LatencyTarget
 from .hub import model_name, resolve_model
 from .kernels.backend import make_ops
@@ -79,13 +80,16 @@ class LLM:
                  target_itl_ms: float | str | None = "auto",   # engine/step_time.py
                  speculative: str | SpeculativeConfig | None = None,
                  num_speculative_tokens: int | None = None, draft_model: str | None = None,
-                 kv_cache_dir: str | os.PathLike | None = None, kv_cache_disk_gb: float = 16.0):
+                 kv_cache_dir: str | os.PathLike | None = None, kv_cache_disk_gb: float = 16.0,
+                 adaptive_threads: bool = True):
         """speculative: "ngram" (prompt lookup), "suffix" (also other requests' text) or
         "draft" (with draft_model, a smaller model of the same vocabulary), or a
         SpeculativeConfig; the output is the same bits as without (engine/speculative.py).
         kv_cache_dir: the prefix cache's disk tier (engine/disk_cache.py), bounded by
         kv_cache_disk_gb: computed prompt blocks are kept there and read back, after a
-        restart too, instead of computed again."""
+        restart too, instead of computed again. adaptive_threads: each step runs on the
+        thread count measured fastest now (fewer when another process takes a core: same
+        bits, engine/threads.py); False: always `threads`."""
         spec = SpeculativeConfig.parse(speculative, num_speculative_tokens=num_speculative_tokens,
                                        draft_model=draft_model)
         # each step's prefill sized to a step-time target; None: the token budget alone
@@ -123,7 +127,8 @@ class LLM:
             self._speculator(spec, gf.metadata, backend, kv_cache_dtype, num_blocks[0],
                              block_size, max_num_batched_tokens),
             None if kv_cache_dir is None else self._disk_tier(kv_cache_dir, kv_cache_disk_gb,
-                                                              runner, kv_cache_dtype))
+                                                              runner, kv_cache_dtype),
+            ThreadGovernor(torch.get_num_threads()) if adaptive_threads else None)
         self.speculative = spec
 
     def _disk_tier(self, root, gb: float, runner: ModelRunner, kv_cache_dtype: str

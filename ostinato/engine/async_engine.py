@@ -68,6 +68,8 @@ class EngineSnapshot:
     step_tokens: int = 0                # the last step's tokens
     disk: DiskStats | None = None       # the prefix cache's disk tier, a copy (None: off)
     disk_bytes: int = 0                 # held in its directory now
+    threads: int = 0                    # the thread count steps run on now (0: not governed)
+    thread_switches: int = 0            # times the governor changed it (monotonic)
 
 
 class EngineDead(RuntimeError):
@@ -333,7 +335,14 @@ def _engine_snapshot(engine: Engine) -> EngineSnapshot:
         spec_num_draft_tokens=st.num_draft_tokens if st else 0,
         spec_num_accepted_tokens=st.num_accepted_tokens if st else 0,
         spec_accepted_per_pos=tuple(st.accepted_per_pos) if st else (),
-        **_disk_snapshot(getattr(engine, "disk", None)))
+        **_disk_snapshot(getattr(engine, "disk", None)),
+        **_threads_snapshot(getattr(engine, "governor", None)))
+
+
+def _threads_snapshot(governor) -> dict:
+    if governor is None:
+        return {}
+    return {"threads": governor.current, "thread_switches": governor.switches}
 
 
 def _disk_snapshot(disk) -> dict:

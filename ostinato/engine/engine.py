@@ -13,6 +13,8 @@ from .disk_cache import DiskKVCache
 from .runner import ModelRunner, SamplerState, SeqResult
 from .scheduler import Scheduler
 from .speculative import Speculator
+from .step_time import step_features
+from .threads import ThreadGovernor
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence
 from .stats import StepSeries
 
@@ -40,10 +42,12 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: ModelRunner, output: OutputProcessor, scheduler: Scheduler,
                  max_model_len: int, speculator: Speculator | None = None,
-                 disk: DiskKVCache | None = None):
+                 disk: DiskKVCache | None = None, governor: ThreadGovernor | None = None):
         self.runner, self.output, self.scheduler = runner, output, scheduler
         self.speculator = speculator        # draft tokens after each step (speculative.py)
         self.disk = disk                    # the prefix cache's disk tier (disk_cache.py)
+        self.governor = governor            # each step's thread count (threads.py)
+        self._threads = governor.current if governor is not None else None
         if disk is not None:
             scheduler.kv.track_new_cached()
         self.max_model_len = max_model_len
@@ -103,11 +107,15 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the KV cache is too small for the waiting requests")
             return []
+        threads = self._pick_threads()
+        predicted = self.scheduler.step_time.predict(*step_features(plan))
         t0 = time.perf_counter()
         results = self.runner.execute(plan)
         seconds = time.perf_counter() - t0
         deltas = [self._update_isolated(s, r) for s, r in zip(plan.scheduled, results)]
         self.scheduler.record_step(plan, seconds)      # the latency target's step-time model
+        if self.governor is not None:
+            self.governor.record(threads, seconds, predicted)
         self._record(plan, seconds)
         if self.speculator is not None:
             self.speculator.record_step(plan.num_tokens, seconds)
@@ -115,6 +123,16 @@ class Engine:
         if self.disk is not None:
             self._to_disk()      # the blocks of those that finished: the engine may go idle
         return deltas
+
+    def _pick_threads(self) -> int | None:
+        """The governor's thread count for this step (the kernels' bits do not depend on it)."""
+        if self.governor is None:
+            return None
+        n = self.governor.pick()
+        if n != self._threads:
+            self.runner.set_threads(n)
+            self._threads = n
+        return n
 
     # -- the disk tier -------------------------------------------------------------------------
     def _from_disk(self) -> None:

@@ -89,6 +89,11 @@ class ModelRunner:
             dst.copy_(src[at:at + n].view(dst.shape))
             at += n
 
+    @staticmethod
+    def set_threads(n: int) -> None:
+        """The calling thread's kernels run on n threads from now on (same bits on any n)."""
+        torch.set_num_threads(n)
+
     def warm_up(self) -> None:
         """Size the kernels' per-thread scratch on the calling thread (the one that will run
         the steps), so that no step allocates any."""

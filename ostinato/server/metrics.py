@@ -95,6 +95,11 @@ class ServerMetrics:
         self._disk_seen = DiskStats()
         self.disk_bytes = gauge("ostinato:kv_disk_usage_bytes",
                                 "bytes the disk tier's directory holds (all models)")
+        self.threads = gauge("ostinato:engine_threads", "threads the engine's steps run on "
+                             "now (fewer while another process takes a core)")
+        self.thread_switches = counter("ostinato:engine_thread_switches",
+                                       "times the engine changed its thread count")
+        self._switches_seen = 0
         self._spec_pos_seen: list[int] = []
         # nothing lost: every accepted request settles exactly one outcome, so at rest
         # requests_accepted_total == sum(request_outcomes_total); a gap is a leak
@@ -157,6 +162,11 @@ class ServerMetrics:
         self._spec(snap)
         if snap.disk is not None:
             self._disk(snap)
+        if snap.threads:
+            self.threads.set(snap.threads)
+            if snap.thread_switches > self._switches_seen:
+                self.thread_switches.inc(snap.thread_switches - self._switches_seen)
+                self._switches_seen = snap.thread_switches
 
     def _disk(self, snap: EngineSnapshot) -> None:
         for f, c in self._disk_counters.items():

@@ -42,6 +42,7 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
         from ..engine.step_time import target_line
         print(target_line(llm.latency_target, llm.engine.scheduler.max_num_batched_tokens),
               file=sys.stderr, flush=True)
+        print(threads_line(llm.engine.governor), file=sys.stderr, flush=True)
         if llm.engine.disk is not None:
             print(disk_tier_line(llm.engine.disk), file=sys.stderr, flush=True)
         return llm
@@ -66,6 +67,16 @@ def speculative_line(llm) -> str:
         return "speculative decoding: off"
     what = spec.method + (f" (draft model {spec.draft_model})" if spec.draft_model else "")
     return f"speculative decoding: {what}, up to {spec.num_speculative_tokens} draft tokens"
+
+
+def threads_line(governor) -> str:
+    import torch
+    if governor is None:
+        return f"threads: {torch.get_num_threads()}, fixed"
+    if not governor.adaptive:
+        return f"threads: {governor.current}"
+    return (f"threads: {governor.current}, adaptive (each step on the count measured fastest "
+            f"now, of {governor.choices}; fewer while another process takes a core)")
 
 
 def disk_tier_line(disk) -> str:

@@ -1,0 +1,102 @@
+"""How many threads each step runs on. Pure Python, no torch and no clock.
+
+A step's kernels fork and join their threads dozens of times; when another process takes one
+of the cores, the thread that lost it holds every join up, and a 2-thread step runs 2-4x slower
+than a 1-thread step on the core that is left (`bench --contention`). The kernels give the same
+bits on any thread count (each output element is computed by one thread in a fixed order), so
+the count is free to change from step to step: the governor measures which is faster now.
+
+It runs on the most threads it was given, and now and then runs one step on another count (an
+exploration). That step's time, relative to the steps just before and after it on the current
+count (each divided by the step-time model's prediction, so a step of another shape compares
+fairly), is a ratio; a decayed mean of the log-ratios below 1 / MARGIN switches the count.
+An exploration that wins is tried again a few steps later (one fast step is not enough);
+explorations that lose grow rarer (EXPLORE_FIRST doubling to EXPLORE_MAX steps apart: a
+slower exploration step is one of the rare slow steps the tail latency sees); a step on the
+current count much slower than its recent ones (a neighbour arrived) brings the next one at once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+EXPLORE_FIRST = 64         # steps before the first exploration, and after a switch
+EXPLORE_MAX = 1024         # explorations that keep losing come at most this rarely
+MARGIN = 1.15              # another count must be this much faster to switch to it
+CONFIRM = 4                # an exploration that won is tried again this many steps later
+JUMP = 1.6                 # a current step this much slower than usual: explore next step
+WEIGHT = 0.5               # of the newest exploration in the decayed mean of log-ratios
+SHORT_STEP_S = 0.002       # steps shorter than this are too noisy to compare
+
+
+@dataclass
+class _Step:
+    threads: int
+    ratio: float           # seconds / predicted seconds
+
+
+class ThreadGovernor:
+    def __init__(self, max_threads: int):
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+        self.choices = sorted({max_threads, max(1, max_threads // 2), 1}, reverse=True)
+        self.current = max_threads
+        self.switches = 0
+        self._log_gain = {c: 0.0 for c in self.choices}     # decayed mean log(alt / current)
+        self._alt_index = 0
+        self._interval = EXPLORE_FIRST
+        self._countdown = EXPLORE_FIRST
+        self._usual: float | None = None          # decayed mean ratio of current steps
+        self._before: _Step | None = None         # the current step before an exploration
+        self._explored: _Step | None = None       # waiting for the current step after it
+
+    @property
+    def adaptive(self) -> bool:
+        return len(self.choices) > 1
+
+    def pick(self) -> int:
+        """The thread count for the next step."""
+        if not self.adaptive or self._explored is not None or self._countdown > 0:
+            return self.current
+        others = [c for c in self.choices if c != self.current]
+        self._alt_index = (self._alt_index + 1) % len(others)
+        return others[self._alt_index]
+
+    def record(self, threads: int, seconds: float, predicted: float) -> None:
+        """A step ran on `threads` in `seconds`; the step-time model expected `predicted`."""
+        if not self.adaptive:
+            return
+        usable = predicted > 0 and seconds >= SHORT_STEP_S
+        if threads != self.current:
+            if usable:
+                self._explored = _Step(threads, seconds / predicted)
+            else:
+                self._countdown = self._interval      # nothing to learn from it: later
+            return
+        if not usable:
+            return
+        step = _Step(threads, seconds / predicted)
+        self._countdown -= 1
+        if self._explored is not None:
+            self._judge(self._explored, step)
+        elif self._usual is not None and step.ratio > JUMP * self._usual:
+            self._countdown, self._interval = 0, EXPLORE_FIRST    # something changed: look now
+        self._usual = step.ratio if self._usual is None else 0.8 * self._usual + 0.2 * step.ratio
+        self._before = step
+
+    def _judge(self, alt: _Step, after: _Step) -> None:
+        self._explored = None
+        ref = after.ratio if self._before is None else (self._before.ratio + after.ratio) / 2
+        g, gain = alt.threads, math.log(alt.ratio / ref)
+        self._log_gain[g] = (1 - WEIGHT) * self._log_gain[g] + WEIGHT * gain
+        if self._log_gain[g] < -math.log(MARGIN):
+            self.current, self.switches = g, self.switches + 1
+            self._log_gain = {c: 0.0 for c in self.choices}
+            self._usual, self._before = None, None
+            self._interval = EXPLORE_FIRST
+        elif gain < -math.log(MARGIN):
+            self._countdown = CONFIRM             # it won this time: look again soon
+            return
+        else:
+            self._interval = min(EXPLORE_MAX, self._interval * 2)
+        self._countdown = self._interval
