@@ -128,7 +128,8 @@ class LLM:
                              block_size, max_num_batched_tokens),
             None if kv_cache_dir is None else self._disk_tier(kv_cache_dir, kv_cache_disk_gb,
                                                               runner, kv_cache_dtype),
-            ThreadGovernor(torch.get_num_threads()) if adaptive_threads else None)
+            ThreadGovernor(torch.get_num_threads(), cores=len(os.sched_getaffinity(0)))
+            if adaptive_threads else None)
         self.speculative = spec
 
     def _disk_tier(self, root, gb: float, runner: ModelRunner, kv_cache_dtype: str

@@ -12,21 +12,26 @@ count (each divided by the step-time model's prediction, so a step of another sh
 fairly), is a ratio; a decayed mean of the log-ratios below 1 / MARGIN switches the count.
 An exploration that wins is tried again a few steps later (one fast step is not enough);
 explorations that lose grow rarer (EXPLORE_FIRST doubling to EXPLORE_MAX steps apart: a
-slower exploration step is one of the rare slow steps the tail latency sees); a step on the
-current count much slower than its recent ones (a neighbour arrived) brings the next one at once.
+slower exploration step is one of the rare slow steps the tail latency sees, and more threads
+beside a busy neighbour can take 100x longer); two steps in a row on the current count much
+slower than usual (a neighbour arrived) bring an exploration of fewer threads at once. More
+threads are tried only while the machine shows about that many idle cores (its runnable
+threads, /proc/stat, read every few steps), so a busy neighbour costs no exploration.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-EXPLORE_FIRST = 64         # steps before the first exploration, and after a switch
+EXPLORE_FIRST = 8          # steps before the first exploration, and after a switch (a
+                           # server may start on a busy machine: find out soon)
 EXPLORE_MAX = 1024         # explorations that keep losing come at most this rarely
 MARGIN = 1.15              # another count must be this much faster to switch to it
 CONFIRM = 4                # an exploration that won is tried again this many steps later
-JUMP = 1.6                 # a current step this much slower than usual: explore next step
+JUMP = 1.6                 # two current steps this much slower than usual: try fewer threads
 WEIGHT = 0.5               # of the newest exploration in the decayed mean of log-ratios
 SHORT_STEP_S = 0.002       # steps shorter than this are too noisy to compare
+PROBE_EVERY = 4            # steps between reads of the machine's runnable threads
 
 
 @dataclass
@@ -35,10 +40,29 @@ class _Step:
     ratio: float           # seconds / predicted seconds
 
 
+def running_elsewhere() -> int | None:
+    """Runnable threads on the machine besides the caller (/proc/stat procs_running - 1), or
+    None where that cannot be read."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running "):
+                    return max(0, int(line.split()[1]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class ThreadGovernor:
-    def __init__(self, max_threads: int):
+    """probe: runnable threads besides ours now (None: unknown), read every PROBE_EVERY steps;
+    cores: the cores this process may use."""
+
+    def __init__(self, max_threads: int, probe=running_elsewhere, cores: int | None = None):
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+        self._probe, self._cores = probe, cores if cores is not None else max_threads
+        self._busy: float | None = None           # decayed mean of probe()
+        self._probe_countdown = 0
         self.choices = sorted({max_threads, max(1, max_threads // 2), 1}, reverse=True)
         self.current = max_threads
         self.switches = 0
@@ -49,6 +73,8 @@ class ThreadGovernor:
         self._usual: float | None = None          # decayed mean ratio of current steps
         self._before: _Step | None = None         # the current step before an exploration
         self._explored: _Step | None = None       # waiting for the current step after it
+        self._slow = 0                            # current steps in a row much slower than usual
+        self._jumped = False                      # so the next exploration tries fewer threads
 
     @property
     def adaptive(self) -> bool:
@@ -58,14 +84,38 @@ class ThreadGovernor:
         """The thread count for the next step."""
         if not self.adaptive or self._explored is not None or self._countdown > 0:
             return self.current
-        others = [c for c in self.choices if c != self.current]
+        if self._jumped:                          # slower than usual: try fewer threads
+            self._jumped = False
+            return next(c for c in self.choices if c < self.current)
+        others = [c for c in self.choices if c != self.current and self._room_for(c)]
+        if not others:                            # no core free for more: look again later
+            self._countdown = self._interval
+            return self.current
         self._alt_index = (self._alt_index + 1) % len(others)
         return others[self._alt_index]
+
+    def _room_for(self, n: int) -> bool:
+        """More threads are tried only while about that many cores look free: beside a busy
+        neighbour, a step on more threads than free cores can take 100x longer."""
+        if n <= self.current or self._busy is None:
+            return True
+        return self._cores - self._busy >= n - 0.5
+
+    def _sample_load(self) -> None:
+        self._probe_countdown -= 1
+        if self._probe_countdown > 0:
+            return
+        self._probe_countdown = PROBE_EVERY
+        busy = self._probe()
+        if busy is not None:
+            busy = max(0, busy - (self.current - 1))      # our own other threads, if running
+            self._busy = busy if self._busy is None else 0.7 * self._busy + 0.3 * busy
 
     def record(self, threads: int, seconds: float, predicted: float) -> None:
         """A step ran on `threads` in `seconds`; the step-time model expected `predicted`."""
         if not self.adaptive:
             return
+        self._sample_load()
         usable = predicted > 0 and seconds >= SHORT_STEP_S
         if threads != self.current:
             if usable:
@@ -80,7 +130,15 @@ class ThreadGovernor:
         if self._explored is not None:
             self._judge(self._explored, step)
         elif self._usual is not None and step.ratio > JUMP * self._usual:
-            self._countdown, self._interval = 0, EXPLORE_FIRST    # something changed: look now
+            self._slow += 1
+            if self._slow >= 2 and self.current > self.choices[-1]:
+                # steps on the current count got slower (a neighbour arrived): fewer threads
+                # may be faster now; more would only be slower still
+                self._countdown, self._interval, self._jumped = 0, EXPLORE_FIRST, True
+                self._usual, self._slow = None, 0     # learn the new usual time afresh
+                self._before = step               # compare with these steps, not older ones
+            return                                # not part of the usual time
+        self._slow = 0
         self._usual = step.ratio if self._usual is None else 0.8 * self._usual + 0.2 * step.ratio
         self._before = step
 
