@@ -52,6 +52,17 @@ def test_round_trip_and_restart(tmp_path):
     assert again.read(0, _h(4)) == _payload(0, 4)
 
 
+def test_read_many_reads_in_order_and_times_the_whole(tmp_path):
+    d = _disk(tmp_path)
+    for i in range(6):
+        d.put(0, _h(i), _payload(0, i))
+    d.flush()
+    keys = [(0, _h(i)) for i in (5, 0, 9, 3)]
+    assert d.read_many(keys) == [_payload(0, 5), _payload(0, 0), None, _payload(0, 3)]
+    assert d.stats.blocks_read == 3 and d.stats.read_seconds > 0
+    d.close()
+
+
 def test_put_refuses_a_payload_of_the_wrong_size(tmp_path):
     with pytest.raises(ValueError, match="48 bytes"):
         _disk(tmp_path).put(1, _h(0), b"x" * 47)
