@@ -77,7 +77,7 @@ class LLM:
                  block_size: int = 16, kv_cache_gb: float = 1.0, backend: str = "kernels",
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "float16",
                  quantize: str | None = None,
-                 target_itl_ms: float | str | None = "auto",   # engine/step_time.py
+                 target_itl_ms: float | str | None = "off",    # engine/step_time.py
                  speculative: str | SpeculativeConfig | None = None,
                  num_speculative_tokens: int | None = None, draft_model: str | None = None,
                  kv_cache_dir: str | os.PathLike | None = None, kv_cache_disk_gb: float = 16.0,
@@ -85,6 +85,9 @@ class LLM:
         """speculative: "ngram" (prompt lookup), "suffix" (also other requests' text) or
         "draft" (with draft_model, a smaller model of the same vocabulary), or a
         SpeculativeConfig; the output is the same bits as without (engine/speculative.py).
+        target_itl_ms: the scheduler's step-time target, "auto", a number of ms or "off"
+        (here the default: an offline batch wants throughput; `ostinato serve` defaults to
+        "auto", which keeps streaming clients' token times steady while prompts arrive).
         kv_cache_dir: the prefix cache's disk tier (engine/disk_cache.py), bounded by
         kv_cache_disk_gb: computed prompt blocks are kept there and read back, after a
         restart too, instead of computed again. adaptive_threads: each step runs on the

@@ -10,9 +10,9 @@ sampler call each), fitted by decayed least squares over recent steps. Until the
 varied enough to tell base from per-token time, the fit leans on a conservative prior: no base,
 all of a step's time per token (so chunks come out small, never large).
 
-The target (LatencyTarget): "auto" (the default) keeps a step that carries prefill within
-AUTO_RATIO times the time its decode rows alone would take (at least AUTO_FLOOR_S), so the
-inter-token latency of running streams stays within that ratio of a pure decode step while
+The target (LatencyTarget): "auto" (the server's default; the offline LLM's is "off") keeps a
+step that carries prefill within AUTO_RATIO times the time its decode rows alone would take
+(at least AUTO_FLOOR_S), so the inter-token latency of running streams stays within that ratio of a pure decode step while
 long prompts arrive; a number of milliseconds fixes it; "off" (or 0) leaves only the token
 budget (max_num_batched_tokens). A step without decode rows stretches nobody's next token: it
 gets the whole token budget. A waiting prompt always gets at least MIN_PREFILL_TOKENS a step,

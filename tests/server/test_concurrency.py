@@ -49,7 +49,9 @@ def test_24_concurrent_equal_each_alone(aclient, server):
     alone, before, together = asyncio.run(run())
     assert together == alone
     after = metrics(server)
-    assert steps_over(after, 8) - steps_over(before, 8) >= 3     # they ran batched
+    # they ran batched (the server's step-time target admits a burst's prompts a few a
+    # step while the first ones decode, so not necessarily 8 at once)
+    assert steps_over(after, 2) - steps_over(before, 2) >= 3
     assert after["ostinato:generation_tokens_total"] - \
         before["ostinato:generation_tokens_total"] == 24 * 6
 
