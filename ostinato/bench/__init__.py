@@ -144,7 +144,8 @@ def _latency_contended(engines, llm, a: BenchArgs, quiet: dict) -> dict:
     figure quiet, contended and their ratio."""
     _log(f"latency beside {a.contention} busy processes ...")
     with BusyProcesses(a.contention):
-        loud = latency(engines, llm, list(a.prompt_lengths), a.decode_tokens, a.repeats)
+        loud = latency(engines, llm, list(a.prompt_lengths), a.decode_tokens, a.repeats,
+                       salt=CONTENDED_SALT)     # prompts of its own: no prefix-cache hits
     flat = lambda d: {**{f"ttft_{n}_s": v for n, v in d["ttft_s"].items()},   # noqa: E731
                       **{k: v for k, v in d.items() if k != "ttft_s"}}
     keys = [f"ttft_{n}_s" for n in a.prompt_lengths] + ["decode_tok_s", "itl_p50_ms",

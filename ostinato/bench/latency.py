@@ -98,17 +98,19 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
-def latency(engines, llm, prompt_lengths: list[int], decode_tokens: int, repeats: int) -> dict:
-    """Per engine: median TTFT per prompt length, median decode tok/s, ITL p50/p99 (ms)."""
+def latency(engines, llm, prompt_lengths: list[int], decode_tokens: int, repeats: int,
+            salt: int = 0) -> dict:
+    """Per engine: median TTFT per prompt length, median decode tok/s, ITL p50/p99 (ms).
+    salt: another run's prompts (a second run must not hit the first one's prefix cache)."""
     ttft = {e.name: {n: [] for n in prompt_lengths} for e in engines}
     rate = {e.name: [] for e in engines}
     gaps = {e.name: [] for e in engines}
     for r in range(repeats):
         for n in prompt_lengths:
-            prompt = synthetic_prompt(llm, n, 10_000 * r + n)
+            prompt = synthetic_prompt(llm, n, salt + 10_000 * r + n)
             for e in engines:
                 ttft[e.name][n].append(e.run(prompt, 1).ttft)
-        short = synthetic_prompt(llm, 16, 100 + r)
+        short = synthetic_prompt(llm, 16, salt + 100 + r)
         for e in engines:
             run = e.run(short, decode_tokens + 1)
             rate[e.name].append(run.decode_tok_s)
