@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the prefix cache's disk tier: time to first token of a "
                         "--disk-tier-tokens prompt cold vs after a restart, and its read rate "
                         "against the disk's")
-    p.add_argument("--disk-tier-tokens", type=int, default=4000, metavar="N",
+    p.add_argument("--disk-tier-tokens", type=int, default=None, metavar="N",
                    help="with --disk-tier: the prompt's length (default 4000)")
     p.add_argument("--structured", action="store_true",
                    help="also measure structured output: decode with a JSON schema against "
@@ -484,14 +484,28 @@ def _chat_turn(llm, history, params) -> str:
     return "".join(parts)
 
 
+def _disk_tier_conflicts(a) -> str:
+    """The bench flags --disk-tier would not act on, as the user wrote them."""
+    given = {"--serving": a.serving, "--vs": a.vs, "--structured": a.structured,
+             "--speculative": a.speculative, "--contention": a.contention, "--url": a.url,
+             "--out": a.out, "--quantize": a.quantize, "--backend": a.backend != "kernels",
+             "--kv-cache-dtype": a.kv_cache_dtype != "float16"}
+    return ", ".join(flag for flag, on in given.items() if on)
+
+
 def cmd_bench(a) -> None:
     import json
 
     from .bench import BenchArgs, check_args, run_bench
     from .loader.hf import is_hf_folder
+    if a.disk_tier_tokens is not None and not a.disk_tier:
+        raise ValueError("--disk-tier-tokens goes with --disk-tier")
     if a.disk_tier:
         from .bench.disk_tier import report, run_disk_tier
-        fig = run_disk_tier(a.model, a.disk_tier_tokens, a.repeats, a.threads or 2,
+        other = _disk_tier_conflicts(a)
+        if other:
+            raise ValueError(f"--disk-tier runs only the disk-tier bench: drop {other}")
+        fig = run_disk_tier(a.model, a.disk_tier_tokens or 4000, a.repeats, a.threads or 2,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
         print(report(fig))
         if a.json:

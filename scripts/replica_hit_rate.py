@@ -10,46 +10,14 @@ Every routing policy gets fresh replicas and prompts of its own (no cache carrie
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import random
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 from ostinato.bench.server_proc import free_port, start_ostinato
+from ostinato.bench.tenants import tenants, workload
 from ostinato.hub import resolve_model
 
 NAME = "smollm"
-WORDS = ("invoice ledger account balance payment refund customer order shipment warehouse "
-         "policy contract renewal discount tax region quarter report audit summary").split()
-
-
-def tenants(seed: int, n: int, words: int) -> list[str]:
-    rng = random.Random(seed)
-    return [f"You are the assistant of tenant {seed}-{t}. Rules: " +
-            " ".join(rng.choice(WORDS) for _ in range(words)) for t in range(n)]
-
-
-def workload(base: str, systems: list[str], users: int, concurrency: int) -> dict:
-    jobs = [(s, u) for u in range(users) for s in systems]
-
-    def one(job):
-        s, u = job
-        body = {"model": NAME, "max_tokens": 2, "temperature": 0,
-                "messages": [{"role": "system", "content": s},
-                             {"role": "user", "content": f"User {u}: what is my balance?"}]}
-        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=600)
-        r.raise_for_status()
-        usage = r.json()["usage"]
-        return usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(concurrency) as pool:
-        got = list(pool.map(one, jobs))
-    cached, total = sum(c for c, _ in got), sum(p for _, p in got)
-    return {"hit_rate": cached / total, "prompt_tokens": total, "requests": len(got),
-            "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -70,7 +38,7 @@ def main() -> None:
     srv = start_ostinato(model, "--served-model-name", NAME, "--max-model-len", "4096",
                          threads=1, model_id=NAME)
     try:
-        rows["one engine"] = workload(srv.base, tenants(0, a.tenants, a.words), a.users,
+        rows["one engine"] = workload(srv.base, NAME, tenants(0, a.tenants, a.words), a.users,
                                       a.concurrency)
     finally:
         srv.stop()
@@ -83,7 +51,7 @@ def main() -> None:
                                   served_model_name=NAME, **llm_args), name=f"hits-{routing}",
                       route_prefix="/")
             rows[f"2 replicas, {routing}"] = workload(
-                f"http://127.0.0.1:{port}", tenants(seed, a.tenants, a.words), a.users,
+                f"http://127.0.0.1:{port}", NAME, tenants(seed, a.tenants, a.words), a.users,
                 a.concurrency)
             serve.delete(f"hits-{routing}")
     finally:

@@ -193,3 +193,16 @@ def test_disk_tier_bench_smallest_real_run(smollm_path):
     assert fig["restart, from disk: blocks_read"] == 9 and fig["disk_read_rate_Bps"] > 0
     text = report(fig)
     assert all(v in text for v in VARIANTS) and "device's sequential read rate" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--disk-tier", "--vs", "llama.cpp", "--out", "x"], "drop --vs, --out"),
+    (["--disk-tier", "--serving"], "drop --serving"),
+    (["--disk-tier-tokens", "100"], "--disk-tier-tokens goes with --disk-tier"),
+])
+def test_disk_tier_bench_refuses_flags_it_would_not_act_on(flags, message):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "ostinato", "bench", *flags],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and message in r.stderr, r.stderr

@@ -187,12 +187,20 @@ def test_random_workload_keeps_every_invariant(seed, windows):
     random: the budget holds, every read slot holds the right token, and all finish."""
     rng = random.Random(seed)
     sched = make_sched(blocks=10, budget=rng.choice([5, 8, 16]), max_seqs=6, windows=windows)
-    model, prefix = FakeModel(sched.kv), [rng.randrange(50) for _ in range(12)]
-    seqs, want = [], {}
-    for i in range(80):
+    prefix = [rng.randrange(50) for _ in range(12)]
+    run_random_workload(sched, rng, 80, lambda: prefix[:rng.randint(0, 12)] + [
+        rng.randrange(50) for _ in range(rng.randint(1, 9))])
+    assert sched.kv.usage() == 0
+
+
+def run_random_workload(sched: Scheduler, rng: random.Random, steps: int, prompt) -> None:
+    """Up to 12 requests join at random in the first 12 steps (prompt(): their ids), each
+    finishing after a random number of tokens; after `steps` steps every one has finished with
+    the right tokens and the scheduler is consistent."""
+    model, seqs, want = FakeModel(sched.kv), [], {}
+    for i in range(steps):
         if i < 12 and rng.random() < 0.7:
-            s = make_seq(f"s{i}", prefix[:rng.randint(0, 12)] + [rng.randrange(50)
-                                                                for _ in range(rng.randint(1, 9))])
+            s = make_seq(f"s{i}", prompt())
             seqs.append(s)
             want[s.seq_id] = rng.randint(1, 12)
             sched.add(s)
@@ -200,10 +208,9 @@ def test_random_workload_keeps_every_invariant(seed, windows):
         for s in list(sched.running):
             if len(s.output_ids) >= want[s.seq_id]:
                 sched.finish(s, "length")
-    assert not sched.has_unfinished(), "80 steps should finish every request"
+    assert not sched.has_unfinished(), f"{steps} steps should finish every request"
     for s in seqs:
         assert s.output_ids == [1000 + i for i in range(want[s.seq_id])]
-    assert sched.kv.usage() == 0
     sched.check_integrity()
 
 
@@ -345,18 +352,5 @@ def test_random_workload_with_a_target_keeps_every_invariant(seed):
     kv = KVCacheManager([10], BS, [None])
     sched = Scheduler(kv, 6, rng.choice([8, 16]), LatencyTarget.parse(rng.choice([8, 15, "auto"])),
                       FixedCost())
-    model, seqs, want = FakeModel(sched.kv), [], {}
-    for i in range(150):
-        if i < 12 and rng.random() < 0.7:
-            s = make_seq(f"s{i}", [rng.randrange(50) for _ in range(rng.randint(1, 20))])
-            seqs.append(s)
-            want[s.seq_id] = rng.randint(1, 12)
-            sched.add(s)
-        step(sched, model)
-        for s in list(sched.running):
-            if len(s.output_ids) >= want[s.seq_id]:
-                sched.finish(s, "length")
-    assert not sched.has_unfinished(), "150 steps should finish every request"
-    for s in seqs:
-        assert s.output_ids == [1000 + i for i in range(want[s.seq_id])]
-    sched.check_integrity()
+    run_random_workload(sched, rng, 150,
+                        lambda: [rng.randrange(50) for _ in range(rng.randint(1, 20))])

@@ -107,13 +107,15 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the KV cache is too small for the waiting requests")
             return []
-        threads = self._pick_threads()
-        predicted = self.scheduler.step_time.predict(*step_features(plan))
+        features = step_features(plan)
+        if self.governor is not None:
+            threads = self._pick_threads()
+            predicted = self.scheduler.step_time.predict(*features)
         t0 = time.perf_counter()
         results = self.runner.execute(plan)
         seconds = time.perf_counter() - t0
         deltas = [self._update_isolated(s, r) for s, r in zip(plan.scheduled, results)]
-        self.scheduler.record_step(plan, seconds)      # the latency target's step-time model
+        self.scheduler.step_time.add(*features, seconds)   # the latency target's model
         if self.governor is not None:
             self.governor.record(threads, seconds, predicted)
         self._record(plan, seconds)
@@ -124,10 +126,8 @@ class Engine:
             self._to_disk()      # the blocks of those that finished: the engine may go idle
         return deltas
 
-    def _pick_threads(self) -> int | None:
+    def _pick_threads(self) -> int:
         """The governor's thread count for this step (the kernels' bits do not depend on it)."""
-        if self.governor is None:
-            return None
         n = self.governor.pick()
         if n != self._threads:
             self.runner.set_threads(n)

@@ -79,15 +79,14 @@ class ModelRunner:
 
     def load_block(self, g: int, block: int, payload: bytes) -> None:
         """Write block_payload's bytes back into a block (same layout, checked by length)."""
-        if len(payload) != self.block_bytes(g):
-            raise ValueError(f"a group-{g} block has {self.block_bytes(g)} bytes, "
-                             f"not {len(payload)}")
+        dsts = [t[block].view(torch.uint8) for t in self._group_tensors(g)]
+        size = sum(d.numel() for d in dsts)
+        if len(payload) != size:
+            raise ValueError(f"a group-{g} block has {size} bytes, not {len(payload)}")
         src, at = torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0
-        for t in self._group_tensors(g):
-            dst = t[block].view(torch.uint8)
-            n = dst.numel()
-            dst.copy_(src[at:at + n].view(dst.shape))
-            at += n
+        for dst in dsts:
+            dst.copy_(src[at:at + dst.numel()].view(dst.shape))
+            at += dst.numel()
 
     @staticmethod
     def set_threads(n: int) -> None:

@@ -16,7 +16,7 @@ With a latency target (step_time.py), the tokens of the step's decode rows (a se
 cache holds all but its last token, plus its drafts) are reserved first; prefill chunks, of
 running and then waiting sequences, get what the target leaves of the step's predicted time,
 at least a minimum chunk, within max_num_batched_tokens. The engine passes each step's measured
-seconds in (record_step); the scheduler itself reads no clock.
+seconds to its model (step_time.add); the scheduler itself reads no clock.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from collections import deque
 
 from .kv_cache import KVCacheManager
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence, Status
-from .step_time import LatencyTarget, StepBudget, StepTimeModel, attention_pairs, step_features
+from .step_time import LatencyTarget, StepBudget, StepTimeModel, attention_pairs
 
 
 class Scheduler:
@@ -60,10 +60,6 @@ class Scheduler:
         if self.num_preemptions == preempted_before or not out:
             self._admit_waiting(out, budget)
         return SchedulerOutput(out, self.kv.block_size)
-
-    def record_step(self, plan: SchedulerOutput, seconds: float) -> None:
-        """The measured time of an executed plan, for the step-time model."""
-        self.step_time.add(*step_features(plan), seconds)
 
     @staticmethod
     def _decode_tokens(seq: Sequence) -> int:

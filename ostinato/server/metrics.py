@@ -14,7 +14,6 @@ from prometheus_client import (
 )
 
 from ..engine.async_engine import EngineSnapshot
-from ..engine.disk_cache import DiskStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -87,20 +86,20 @@ class ServerMetrics:
             "ostinato:spec_decode_num_accepted_tokens_per_pos", "draft tokens accepted, by "
             "position in the draft (0: first); no samples when speculative decoding is off",
             lab + ["position"], registry=r)
-        self._spec_seen = (0, 0, 0)
+        self._spec_totals = [Total(c) for c in (self.spec_drafts, self.spec_draft_tokens,
+                                                self.spec_accepted_tokens)]
+        self._spec_pos_totals: list[Total] = []
         # the prefix cache's disk tier (--kv-cache-dir); no samples while it is off
-        self._disk_counters = {
-            f: counter(f"ostinato:kv_disk_{f}", doc + "; stays 0 without --kv-cache-dir")
+        self._disk_totals = {
+            f: Total(counter(f"ostinato:kv_disk_{f}", doc + "; stays 0 without --kv-cache-dir"))
             for f, doc in DISK_COUNTERS.items()}
-        self._disk_seen = DiskStats()
         self.disk_bytes = gauge("ostinato:kv_disk_usage_bytes",
                                 "bytes the disk tier's directory holds (all models)")
         self.threads = gauge("ostinato:engine_threads", "threads the engine's steps run on "
                              "now (fewer while another process takes a core)")
         self.thread_switches = counter("ostinato:engine_thread_switches",
                                        "times the engine changed its thread count")
-        self._switches_seen = 0
-        self._spec_pos_seen: list[int] = []
+        self._switch_total = Total(self.thread_switches)
         # nothing lost: every accepted request settles exactly one outcome, so at rest
         # requests_accepted_total == sum(request_outcomes_total); a gap is a leak
         self.accepted = Counter("ostinato_requests_accepted", "generation requests accepted "
@@ -111,7 +110,7 @@ class ServerMetrics:
                                  lab + ["outcome"], registry=r)
         for o in OUTCOMES:                      # present at 0, so rates and sums work at once
             self._outcomes.labels(model_name, o)
-        self._preempted = 0
+        self._preempted = Total(self.preemptions)
         self.model_name = model_name
 
     def _add_cache_counts(self, r: CollectorRegistry, lab: list[str], model_name: str) -> None:
@@ -121,11 +120,10 @@ class ServerMetrics:
 
         # vLLM's names only: ostinato:prefix_cache_queries/hits are the replica ingress's
         # totals (replicas/metrics.py), and a family may be exported once
-        self._prefix_queries = counters(VLLM_NAMES["prefix_queries"],
-                                        "prompt tokens looked up in the prefix cache")
-        self._prefix_hits = counters(VLLM_NAMES["prefix_hits"],
-                                     "prompt tokens found in the prefix cache")
-        self._prefix_seen = (0, 0)
+        self._prefix_queries = Total(*counters(VLLM_NAMES["prefix_queries"],
+                                               "prompt tokens looked up in the prefix cache"))
+        self._prefix_hits = Total(*counters(VLLM_NAMES["prefix_hits"],
+                                            "prompt tokens found in the prefix cache"))
         self._cache_info = Gauge("vllm:cache_config_info", "the KV cache's layout, in vLLM's "
                                  "labels (value 1; the Inference Extension reads block_size "
                                  "and num_gpu_blocks)", lab + ["block_size", "num_gpu_blocks"],
@@ -149,59 +147,35 @@ class ServerMetrics:
         self.kv_usage.set(snap.kv_usage)
         if snap.prefix_hit_rate is not None:
             self.prefix_hit.set(snap.prefix_hit_rate)
-        self._prefix(snap)
+        self._prefix_queries.to(snap.prefix_queries)
+        self._prefix_hits.to(snap.prefix_hits)
         if batch_size:
             self.batch.observe(batch_size)
         if snap.steps > self._steps_seen:           # a step ran since the last snapshot
             self._steps_seen = snap.steps
             self.step_seconds.observe(snap.step_seconds)
             self.step_tokens.observe(snap.step_tokens)
-        if snap.preemptions > self._preempted:      # only the engine thread gets here
-            self.preemptions.inc(snap.preemptions - self._preempted)
-            self._preempted = snap.preemptions
+        self._preempted.to(snap.preemptions)
         self._spec(snap)
         if snap.disk is not None:
-            self._disk(snap)
+            for f, total in self._disk_totals.items():
+                total.to(getattr(snap.disk, f))
+            self.disk_bytes.set(snap.disk_bytes)
         if snap.threads:
             self.threads.set(snap.threads)
-            if snap.thread_switches > self._switches_seen:
-                self.thread_switches.inc(snap.thread_switches - self._switches_seen)
-                self._switches_seen = snap.thread_switches
-
-    def _disk(self, snap: EngineSnapshot) -> None:
-        for f, c in self._disk_counters.items():
-            new, old = getattr(snap.disk, f), getattr(self._disk_seen, f)
-            if new > old:
-                c.inc(new - old)
-        self._disk_seen = snap.disk
-        self.disk_bytes.set(snap.disk_bytes)
-
-    def _prefix(self, snap: EngineSnapshot) -> None:
-        """The prefix cache's token counts since the last snapshot, under every name."""
-        now = (snap.prefix_queries, snap.prefix_hits)
-        for names, new, old in zip((self._prefix_queries, self._prefix_hits), now,
-                                   self._prefix_seen):
-            if new > old:
-                for c in names:
-                    c.inc(new - old)
-        self._prefix_seen = tuple(max(n, o) for n, o in zip(now, self._prefix_seen))
+            self._switch_total.to(snap.thread_switches)
 
     def _spec(self, snap: EngineSnapshot) -> None:
-        """Increments of the spec_decode counters since the last snapshot (engine thread)."""
-        now = (snap.spec_num_drafts, snap.spec_num_draft_tokens, snap.spec_num_accepted_tokens)
-        for c, new, old in zip((self.spec_drafts, self.spec_draft_tokens,
-                                self.spec_accepted_tokens), now, self._spec_seen):
-            if new > old:
-                c.inc(new - old)
-        self._spec_seen = tuple(max(n, o) for n, o in zip(now, self._spec_seen))
-        seen = self._spec_pos_seen
+        """The spec_decode counters, from the snapshot's totals (engine thread)."""
+        for total, new in zip(self._spec_totals, (snap.spec_num_drafts,
+                                                  snap.spec_num_draft_tokens,
+                                                  snap.spec_num_accepted_tokens)):
+            total.to(new)
+        per_pos = self._spec_pos_totals
         for pos, new in enumerate(snap.spec_accepted_per_pos):
-            if pos == len(seen):
-                seen.append(0)
-                self._spec_per_pos.labels(self.model_name, str(pos))    # present from 0
-            if new > seen[pos]:
-                self._spec_per_pos.labels(self.model_name, str(pos)).inc(new - seen[pos])
-                seen[pos] = new
+            if pos == len(per_pos):                 # present from 0
+                per_pos.append(Total(self._spec_per_pos.labels(self.model_name, str(pos))))
+            per_pos[pos].to(new)
 
     def track(self, num_prompt_tokens: int) -> RequestTimer:
         return RequestTimer(self, num_prompt_tokens)
@@ -245,6 +219,20 @@ DISK_COUNTERS = {   # DiskStats fields, as counters
     "bytes_read": "bytes read from the disk tier",
     "read_seconds": "seconds spent reading (and checking) disk-tier blocks",
 }
+
+
+class Total:
+    """Counters that follow a monotonic total the engine keeps (a snapshot's count): each
+    new snapshot adds what the total grew by since the last. Engine thread only."""
+
+    def __init__(self, *counters):
+        self.counters, self.seen = counters, 0
+
+    def to(self, total: float) -> None:
+        if total > self.seen:
+            for c in self.counters:
+                c.inc(total - self.seen)
+            self.seen = total
 
 
 class RequestOutcome:

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serverproc import free_port, start_ostinato
 
+from ostinato.bench.tenants import tenants, workload
 from ostinato.server.replicas.metrics import ReplicaMetrics, merge
 from ostinato.server.replicas.routing import (
     DEPTHS,
@@ -334,32 +335,8 @@ def test_mixed_load_loses_no_request(replicas):
 
 # -- prefix-aware routing: a multi-tenant workload ---------------------------------------------
 
-WORDS = ("invoice ledger account balance payment refund customer order shipment warehouse "
-         "policy contract renewal discount tax region quarter report audit summary").split()
-
-
-def tenants(seed: int, n: int = 8, words: int = 250) -> list[str]:
-    rng = random.Random(seed)
-    return [f"You are the assistant of tenant {seed}-{t}. Rules: " +
-            " ".join(rng.choice(WORDS) for _ in range(words)) for t in range(n)]
-
-
 def hit_rate(base: str, systems: list[str], users: int) -> float:
-    """Prompt tokens served from the prefix cache / prompt tokens, over the workload."""
-    jobs = [(s, u) for u in range(users) for s in systems]
-
-    def one(job):
-        s, u = job
-        body = {"model": NAME, "max_tokens": 2, "temperature": 0,
-                "messages": [{"role": "system", "content": s},
-                             {"role": "user", "content": f"User {u}: what is my balance?"}]}
-        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=300)
-        assert r.status_code == 200, r.text
-        usage = r.json()["usage"]
-        return usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
-    with cf.ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(one, jobs))
-    return sum(c for c, _ in got) / sum(p for _, p in got)
+    return workload(base, NAME, systems, users)["hit_rate"]
 
 
 def test_prefix_routing_keeps_the_hit_rate_of_one_engine(single, replicas, smollm_path):
