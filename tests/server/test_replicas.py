@@ -50,6 +50,8 @@ def test_route_keys_follow_the_prompt_prefix():
     assert set(route_keys("/v1/chat/completions", json.dumps(other).encode())).isdisjoint(a)
     assert route_keys("/v1/chat/completions", b"not json") == []
     assert route_keys("/v1/chat/completions", b'{"messages": "x"}') == []
+    for hostile in (b"[" * 100_000, b'{"prompt": ' + b"9" * 5000 + b"}"):   # the replica's 400
+        assert route_keys("/v1/completions", hostile) == []
     assert prompt_text("/v1/completions", b'{"prompt": [[1, 2], [3]]}') == "1,2,"
     assert prompt_text("/v1/completions", b'{"prompt": ["ab", "c"]}') == "ab"
     assert prompt_text("/v1/messages", b'{"system": "S", "messages": []}') == "S"
