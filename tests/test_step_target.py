@@ -1,16 +1,25 @@
-"""The latency target on the real model: a long prompt arriving while 8 streams decode is
+"""The latency target. On the real model: a long prompt arriving while 8 streams decode is
 prefilled in chunks whose steps stay, on average, within the target, and every token comes
-out exactly as with the target off (the kernels are chunk- and batch-invariant)."""
+out exactly as with the target off (the kernels are chunk- and batch-invariant). In pure
+Python (milliseconds): auto's level (AutoDemand) follows demand, in the real scheduler and in
+the simulator (ostinato/bench/schedsim.py) under Poisson arrivals of mixed prompts."""
 from __future__ import annotations
 
 import statistics
 
 import pytest
+from test_scheduler import make_sched, make_seq, step, target_sched
 
 from ostinato import LLM, SamplingParams
-from ostinato.engine.step_time import LatencyTarget
-
-pytestmark = pytest.mark.model
+from ostinato.bench.schedsim import Workload, simulate
+from ostinato.engine.step_time import (
+    AUTO_DOWN,
+    AUTO_FLOOR_S,
+    AUTO_MAX_RATIO,
+    AUTO_UP,
+    AutoDemand,
+    LatencyTarget,
+)
 
 DECODE = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -42,6 +51,7 @@ def workload(llm: LLM) -> tuple[dict[str, list[int]], list[tuple[int, float, boo
     return out, steps
 
 
+@pytest.mark.model
 def test_target_is_honoured_on_average_and_outputs_do_not_change(smollm_path):
     llm = LLM(smollm_path, threads=1, target_itl_ms="off", enable_prefix_caching=False,
               max_num_batched_tokens=512)
@@ -56,3 +66,99 @@ def test_target_is_honoured_on_average_and_outputs_do_not_change(smollm_path):
     assert len(mixed) >= 4 and all(8 < t < 8 + 400 for t, _ in mixed), on_steps
     mean = statistics.mean(s for _, s in mixed)
     assert mean <= 1.5 * target, (mean, target, decode_s, mixed)
+
+
+# -- auto follows demand (pure Python) ------------------------------------------------------
+def test_auto_level_rises_while_behind_falls_when_dry_and_holds_otherwise():
+    d = AutoDemand()
+    low, high = 0.050, 0.150
+    assert d.update(True, False, low, high) == low            # no demand: the rule
+    for k in range(1, 11):                                     # behind: 0.4% a step
+        assert d.update(True, True, low, high) == pytest.approx(low * (1 + AUTO_UP) ** k)
+    held = d.level
+    assert d.update(True, False, low, high) == held            # keeping up: it holds
+    assert d.update(False, True, low, high) == pytest.approx(held * (1 - AUTO_DOWN))  # dry
+    for _ in range(1000):
+        d.update(True, True, low, high)
+    assert d.level == high                                     # never past the highest
+    for _ in range(1000):
+        d.update(False, False, low, high)
+    assert d.level == low                                      # nor below the rule
+    assert d.update(True, False, 0.080, high) == 0.080         # more decode rows: a higher rule
+
+
+def test_auto_without_demand_stays_at_the_rule():
+    """8 decoders and a short prompt now and then: the steps with prefill take the rule
+    (max(50 ms, 1.25 x the decode rows)), as before issue 17."""
+    sched = target_sched("auto", budget=512, blocks=512)
+    decoders = [make_seq(f"d{i}", range(100 * i, 100 * i + 6)) for i in range(8)]
+    for s in decoders:
+        sched.add(s)
+    step(sched)
+    for k in range(40):
+        if k % 10 == 0:
+            sched.add(make_seq(f"p{k}", range(5000 + 100 * k, 5000 + 100 * k + 60)))
+        step(sched)
+        assert sched._step.target_seconds == pytest.approx(AUTO_FLOOR_S)
+
+
+def test_auto_rises_uniformly_under_sustained_demand_then_falls_back():
+    """8 decoders, 100 prompts of 1,000 tokens queued (100 s of prefill, more than the rule
+    clears in a minute): the level climbs by at most 0.4% a step (consecutive steps alike) to
+    3x the rule; when the prefill runs dry, it falls back to the rule."""
+    sched = target_sched("auto", budget=512, blocks=20000)
+    for i in range(8):
+        sched.add(make_seq(f"d{i}", range(100 * i, 100 * i + 6)))
+    step(sched)
+    for i in range(100):
+        sched.add(make_seq(f"p{i}", range(10 ** 5 * (i + 1), 10 ** 5 * (i + 1) + 1000)))
+    targets = []
+    for _ in range(400):
+        step(sched)
+        targets.append(sched._step.target_seconds)
+        for s in list(sched.running):         # a prompt leaves with its first token: the
+            if s.seq_id[0] == "p" and s.output_ids:      # decode rows stay the same 8
+                sched.finish(s, "length")
+    assert targets[0] == pytest.approx(AUTO_FLOOR_S)
+    assert all(b <= a * (1 + AUTO_UP) + 1e-12 for a, b in zip(targets, targets[1:]))
+    assert targets[-1] == pytest.approx(AUTO_MAX_RATIO * AUTO_FLOOR_S)
+    for s in list(sched.waiting) + [s for s in sched.running if s.in_prefill]:
+        sched.finish(s, "abort")                 # the demand goes away: only decoders left
+    for _ in range(100):
+        step(sched)
+    assert sched.demand.level == pytest.approx(AUTO_FLOOR_S)
+
+
+def test_off_and_fixed_targets_ignore_demand():
+    sched = target_sched(30)
+    for i in range(8):
+        sched.add(make_seq(f"d{i}", range(100 * i, 100 * i + 6)))
+    step(sched)
+    for i in range(40):
+        sched.add(make_seq(f"p{i}", range(10 ** 5 * (i + 1), 10 ** 5 * (i + 1) + 1000)))
+    for _ in range(50):
+        step(sched)
+        assert sched._step.target_seconds == 0.030
+    assert sched.demand.level == 0
+    assert make_sched().target is None
+
+
+def test_simulated_overload_keeps_tokens_even_at_near_off_throughput():
+    """16 streams, Poisson arrivals at ~1.8x capacity of prompts of 64-2,048 tokens: auto's
+    steps are uniform (ITL p99/p50 <= 1.3) and its throughput near off's (whose ITL p99 is a
+    whole-budget step) and above the old rule's."""
+    work = Workload(rate=1.0, requests=200)
+    auto, off, old = (simulate(p, 16, work, steady_from=0.5) for p in ("auto", "off",
+                                                                      "old-auto"))
+    assert auto.itl_ratio <= 1.3 and auto.steady_ratio <= 1.3, auto
+    assert auto.tok_s >= 0.95 * off.tok_s and auto.tok_s >= 1.05 * old.tok_s, (auto, off, old)
+    assert off.itl_ratio > 10
+
+
+def test_simulated_light_load_is_the_old_rule():
+    """At ~70% of capacity, well within what the rule keeps up with, auto is the rule."""
+    work = Workload(rate=0.4, requests=80)
+    auto, old = simulate("auto", 16, work), simulate("old-auto", 16, work)
+    for a, b in ((auto.tok_s, old.tok_s), (auto.itl_p50, old.itl_p50),
+                 (auto.itl_p99, old.itl_p99), (auto.ttft_p99, old.ttft_p99)):
+        assert a == pytest.approx(b, rel=0.02), (auto, old)

@@ -16,15 +16,20 @@ With a latency target (step_time.py), the tokens of the step's decode rows (a se
 cache holds all but its last token, plus its drafts) are reserved first; prefill chunks, of
 running and then waiting sequences, get what the target leaves of the step's predicted time,
 at least a minimum chunk, within max_num_batched_tokens. The engine passes each step's measured
-seconds to its model (step_time.add); the scheduler itself reads no clock.
+seconds to its model (step_time.add); the scheduler itself reads no clock. With `auto`, after
+planning a step that has decode rows the scheduler tells the target's AutoDemand whether the
+step carried prefill and whether prefill has fallen behind (the pending prefill, of running
+and waiting prompts, would take more than AUTO_BEHIND_S of engine time at this step's prefill
+share), and AutoDemand moves the level that the next steps take.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from .kv_cache import KVCacheManager
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence, Status
-from .step_time import LatencyTarget, StepBudget, StepTimeModel, attention_pairs
+from .step_time import AutoDemand, LatencyTarget, StepBudget, StepTimeModel, attention_pairs
 
 
 class Scheduler:
@@ -43,6 +48,7 @@ class Scheduler:
         self.target = target
         self.step_time = step_time or StepTimeModel()
         self._step: StepBudget | None = None     # this step's prefill allowance (a target set)
+        self.demand = AutoDemand()               # auto's step-time level (see step_time.py)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -59,7 +65,30 @@ class Scheduler:
         # after a preemption the cache is tight: admitting now would only preempt again
         if self.num_preemptions == preempted_before or not out:
             self._admit_waiting(out, budget)
-        return SchedulerOutput(out, self.kv.block_size)
+        plan = SchedulerOutput(out, self.kv.block_size)
+        if self._step is not None and self.target.auto and self._step.limited:
+            self._follow_demand(plan)
+        return plan
+
+    def _follow_demand(self, plan: SchedulerOutput) -> None:
+        """auto: move the level by what this step (it has decode rows) did with prefill."""
+        step = self._step
+        # the share of a step prefill gets at this target, and the pending prefill it would
+        # take longer than behind_s of engine time to clear (counted up to that point)
+        share = max(0.0, 1 - step.decode_seconds / step.target_seconds)
+        enough, pending = self.demand.behind_s * share, 0.0
+        done = {id(s.seq): s.num_new_tokens for s in plan.scheduled}
+        for seq in itertools.chain(self.running, self.waiting):
+            start = seq.num_computed_tokens + done.get(id(seq), 0)
+            if start < len(seq.prompt_ids):
+                pending += self.step_time.chunk_seconds(start, seq.num_tokens - start)
+                if pending > enough:
+                    break
+        # the highest: max_ratio x the rule, or a step of the whole token budget
+        high = min(self.demand.max_ratio * step.rule_seconds, step.decode_seconds +
+                   self.step_time.chunk_seconds(
+                       0, max(0, self.max_num_batched_tokens - step.decode_tokens)))
+        self.demand.update(step.prefill_tokens > 0, pending > enough, step.rule_seconds, high)
 
     @staticmethod
     def _decode_tokens(seq: Sequence) -> int:
@@ -74,7 +103,7 @@ class Scheduler:
             if n := self._decode_tokens(seq):
                 tokens, rows = tokens + n, rows + 1
                 pairs += attention_pairs(seq.num_computed_tokens, n)
-        return StepBudget(self.target, self.step_time, tokens, pairs, rows)
+        return StepBudget(self.target, self.step_time, tokens, pairs, rows, self.demand.level)
 
     def _schedule_running(self, out: list[ScheduledSeq], budget: int) -> int:
         # with a target, decode rows later in admission order keep their tokens

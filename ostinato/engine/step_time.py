@@ -10,20 +10,40 @@ sampler call each), fitted by decayed least squares over recent steps. Until the
 varied enough to tell base from per-token time, the fit leans on a conservative prior: no base,
 all of a step's time per token (so chunks come out small, never large).
 
-The target (LatencyTarget): "auto" (the server's default; the offline LLM's is "off") keeps a
-step that carries prefill within AUTO_RATIO times the time its decode rows alone would take
-(at least AUTO_FLOOR_S), so the inter-token latency of running streams stays within that ratio of a pure decode step while
-long prompts arrive; a number of milliseconds fixes it; "off" (or 0) leaves only the token
-budget (max_num_batched_tokens). A step without decode rows stretches nobody's next token: it
-gets the whole token budget. A waiting prompt always gets at least MIN_PREFILL_TOKENS a step,
-so a target tighter than the decode rows alone never starves it."""
+The target (LatencyTarget): a number of milliseconds fixes it; "off" (or 0) leaves only the
+token budget (max_num_batched_tokens); "auto" (the server's default; the offline LLM's is
+"off") follows demand. Even inter-token latency needs *uniform* steps, not short ones: a step
+that carries prefill beside decode rows takes
+    max(AUTO_FLOOR_S, AUTO_RATIO x t_d, level)
+(t_d: the predicted time of its decode rows alone), and the level (AutoDemand) is a slow
+feedback loop on the prefill queue, in steps: it rises AUTO_UP a step while prefill is
+*behind* (the pending prefill, running and waiting prompts, would take more than AUTO_BEHIND_S
+of engine time at the step's prefill share), falls AUTO_DOWN a decoding step that carried no
+prefill (prefill ran dry, or no seat is free for the queue: a longer step would only stretch
+tokens), and holds otherwise; it stays within AUTO_MAX_RATIO x the no-demand rule and a step
+of the whole token budget. So under a load the rule keeps up with, auto is the rule (steps of
+50 ms or 1.25 x t_d: prefill in nearly every step, tokens even); in overload, or a load the
+rule falls behind on, the level climbs over a few hundred steps (consecutive steps hardly
+differ) to up to 3x the rule: fewer, larger steps, each paying the per-step base cost once,
+so throughput comes close to "off"'s while every step is still the same length. Why not
+larger: past about 3x a seat-limited engine (max_num_seqs) runs prefill dry between
+admissions and steps stop being uniform (ostinato/bench/schedsim.py measures all of this).
+The scheduler reads no clock: the level counts steps and predicted seconds.
+
+A step without decode rows stretches nobody's next token: it gets the whole token budget. A
+waiting prompt always gets at least MIN_PREFILL_TOKENS a step, so a target tighter than the
+decode rows alone never starves it."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-AUTO_RATIO = 1.25          # auto: a step with prefill takes at most this times a decode step
+AUTO_RATIO = 1.25          # auto: a step with prefill takes at least this times a decode step
 AUTO_FLOOR_S = 0.050       # auto: at least 50 ms (a lone stream's 7 ms step starves prefill)
+AUTO_BEHIND_S = 60.0       # auto: prefill is behind when what is pending would take longer
+AUTO_UP = 0.004            # auto: the level rises 0.4% a step while prefill is behind
+AUTO_DOWN = 0.02           # auto: it falls 2% a decoding step that carried no prefill
+AUTO_MAX_RATIO = 3.0       # auto: the level stays within 3x the no-demand rule
 MIN_PREFILL_TOKENS = 8     # prefill progress per step, whatever the target
 PAIR_SCALE = 1e-3          # pairs are counted in thousands (features of similar size)
 
@@ -41,7 +61,8 @@ def step_features(plan) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class LatencyTarget:
-    """seconds: a fixed step target; None with auto=True: AUTO_RATIO x the decode step."""
+    """seconds: a fixed step target; None with auto=True: the rule and the scheduler's
+    AutoDemand level (see the module docstring)."""
     seconds: float | None = None
     auto: bool = True
 
@@ -64,16 +85,42 @@ class LatencyTarget:
                              f"'auto' or 'off'")
         return None if value == 0 else cls(seconds=value / 1e3, auto=False)
 
-    def step_seconds(self, decode_seconds: float) -> float:
+    def step_seconds(self, decode_seconds: float, level: float = 0.0) -> float:
+        """The step's time: fixed, or (auto) at least the no-demand rule and AutoDemand's
+        level."""
         if self.auto:
-            return max(AUTO_FLOOR_S, AUTO_RATIO * decode_seconds)
+            return max(AUTO_FLOOR_S, AUTO_RATIO * decode_seconds, level)
         return self.seconds
 
     def describe(self) -> str:
         if self.auto:
-            return (f"auto ({AUTO_RATIO}x the decode step, at least "
-                    f"{AUTO_FLOOR_S * 1e3:.0f} ms)")
+            return (f"auto (at least {AUTO_RATIO}x the decode step and "
+                    f"{AUTO_FLOOR_S * 1e3:.0f} ms, rising while prefill falls behind: "
+                    f"uniform steps that keep up with demand)")
         return f"{self.seconds * 1e3:g} ms"
+
+
+class AutoDemand:
+    """auto's step-time level (seconds). After planning each step that has decode rows the
+    scheduler calls update(): a step without prefill lowers the level by `down` (prefill ran
+    dry or no seat is free: longer steps would only stretch tokens); a step with prefill while
+    prefill is behind (the scheduler's test, with behind_s) raises it by `up`; otherwise it
+    holds. It stays within [low, high]: low the no-demand rule of this step, high max_ratio x
+    that or the token budget's step."""
+
+    def __init__(self, up: float = AUTO_UP, down: float = AUTO_DOWN,
+                 behind_s: float = AUTO_BEHIND_S, max_ratio: float = AUTO_MAX_RATIO):
+        self.up, self.down, self.behind_s, self.max_ratio = up, down, behind_s, max_ratio
+        self.level = 0.0
+
+    def update(self, had_prefill: bool, behind: bool, low: float, high: float) -> float:
+        level = max(self.level, low)
+        if not had_prefill:
+            level *= 1 - self.down
+        elif behind:
+            level *= 1 + self.up
+        self.level = max(low, min(level, high))
+        return self.level
 
 
 class StepTimeModel:
@@ -175,11 +222,14 @@ class StepBudget:
     """One step's prefill allowance: the target minus what its decode rows will take."""
 
     def __init__(self, target: LatencyTarget, model: StepTimeModel, decode_tokens: int,
-                 decode_pairs: int, decode_rows: int):
+                 decode_pairs: int, decode_rows: int, level: float = 0.0):
+        """level: auto's step-time level (AutoDemand)."""
         self.model = model
+        self.decode_tokens = decode_tokens
+        self.decode_seconds = decode_s = model.predict(decode_tokens, decode_pairs, decode_rows)
+        self.rule_seconds = target.step_seconds(decode_s)       # auto: without the level
+        self.target_seconds = target.step_seconds(decode_s, level)
         self.limited = decode_tokens > 0 and model.ready    # nobody decoding: no time limit
-        decode_s = model.predict(decode_tokens, decode_pairs, decode_rows)
-        self.target_seconds = target.step_seconds(decode_s)
         self.seconds_left = self.target_seconds - decode_s
         self.prefill_tokens = 0
 
