@@ -163,10 +163,8 @@ class Executor {
       grow(t_wbuf, 16 * K);
 #endif
       grow(t_scores, 32 + 4 * max_context);
-#ifdef OSTINATO_VNNI
-      grow(t_vnni_rows, kPanelRows * K);
-      grow(t_vnni_panel, kPanelRows * K / 2);
-#endif
+      grow(t_panel_rows, kPanelRows * K);
+      grow(t_panel, kPanelRows * K / 2);
       const int64_t blocks = (max_context + BS - 1) / BS + 1;
       grow(t_stage, stage_floats(blocks, BS, D));
       grow(t_stage_tab, blocks + 1);

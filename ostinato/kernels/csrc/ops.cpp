@@ -28,7 +28,7 @@
 // One translation unit (one compile of torch's headers), one file per kernel family:
 #include "quant.h"        // weight layouts, AVX tiles, int16 activations
 #include "amx.h"          // AMX tiles for 5+ rows
-#include "vnni.h"         // AVX-512 VNNI weight panels for many rows, without AMX
+#include "panels.h"       // weight panels for many rows, without AMX (AVX-512 VNNI or AVX2)
 #include "qlinear.h"      // the quantized matmul's entry point
 #include "norm_rope.h"    // RMSNorm; q/k norm + rotary + KV-cache write
 #include "activation.h"   // SiLU / tanh-GELU gating
@@ -46,9 +46,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("held_greedy_rows", &held_greedy_rows);
   m.def("set_amx", [](bool on, int64_t min_rows) { g_amx_enabled = on; g_amx_min_rows = min_rows; });
   m.def("amx_settings", [] { return std::make_tuple(g_amx_enabled, g_amx_min_rows); });
-  m.def("vnni_available", [] { return kVnniBuilt; });
-  m.def("set_vnni", [](bool on, int64_t min_rows) { g_vnni_enabled = on; g_vnni_min_rows = min_rows; });
-  m.def("vnni_settings", [] { return std::make_tuple(g_vnni_enabled, g_vnni_min_rows); });
+  m.def("panel_isa", [] { return std::string(kPanelIsa); });
+  m.def("set_panels", [](bool on, int64_t min_rows) { g_panels_enabled = on; g_panel_min_rows = min_rows; });
+  m.def("panel_settings", [] { return std::make_tuple(g_panels_enabled, g_panel_min_rows); });
   m.def("rms_norm", &rms_norm);
   m.def("qkv_rope_cache", &qkv_rope_cache);
   m.def("gated_act", &gated_act);

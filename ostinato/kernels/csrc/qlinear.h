@@ -14,10 +14,10 @@ thread_local QAct t_qact;                     // the calling thread's quantized 
 int64_t g_amx_min_rows = 5;
 bool g_amx_enabled = true;
 bool use_amx(int64_t M) { return g_amx_enabled && M >= g_amx_min_rows && amx_permitted(); }
-// Without AMX, batches from g_vnni_min_rows rows run on AVX-512 VNNI weight panels (vnni.h).
-int64_t g_vnni_min_rows = 5;
-bool g_vnni_enabled = true;
-bool use_vnni(int64_t M) { return kVnniBuilt && g_vnni_enabled && M >= g_vnni_min_rows; }
+// Without AMX, batches from g_panel_min_rows rows run on weight panels (panels.h).
+int64_t g_panel_min_rows = 5;
+bool g_panels_enabled = true;
+bool use_panels(int64_t M) { return g_panels_enabled && M >= g_panel_min_rows; }
 
 }  // namespace
 
@@ -66,9 +66,9 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
       return;
     }
     QAct& a = t_qact;
-    if (use_vnni(M)) {
+    if (use_panels(M)) {
       quantize_rows(xp, M, K, a, false);
-      qlinear_vnni(w, a, M, op, parallel);
+      qlinear_panels(w, a, M, op, parallel);
       return;
     }
     quantize_rows(xp, M, K, a, fmt == kQ8 && bs == 32);
