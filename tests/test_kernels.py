@@ -304,8 +304,7 @@ def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D):
     tables = torch.stack([table, table])
     out2 = k.attention(qq.view(len(qq), -1), kc, vc, tables, meta2, 0.125, window).view(-1, H, D)
     assert torch.equal(out2[5:], out[L - 9:])
-    # a prefill chunk's queries read their KV head's blocks staged as float32 (4+ rows), a
-    # decode row reads the float16 cache directly: every query alone gives the same bits
+    # every query alone (a decode row) gives the bits it has in the whole chunk
     for t in range(L):
         one = k.attention(q[t].reshape(1, -1), kc, vc, table[None], torch.tensor([[0, 1, t + 1]]),
                           0.125, window).view(H, D)

@@ -1,5 +1,4 @@
-// Paged attention over the float16 KV cache, one thread per (token, KV head), or per (run of
-// a prefill chunk's tokens, KV head) with that head's blocks staged as float32 once.
+// Paged attention over the float16 KV cache, one thread per (token, KV head).
 // Part of ops.cpp's one translation unit (included there, after the common headers):
 // one file per kernel family so that a reader finds the room for what they change.
 #pragma once
@@ -191,34 +190,6 @@ void attend_heads(int64_t G, const float* qv, const E* kc, const E* vc,
 
 thread_local std::vector<int64_t> t_row_seq;  // the calling thread's row -> sequence map
 thread_local std::vector<float> t_scores;      // each thread's attention scores
-thread_local std::vector<int64_t> t_items;     // the calling thread's work items, 4 ints each
-thread_local std::vector<float> t_stage;       // each thread's staged float32 keys and values
-thread_local std::vector<int64_t> t_stage_tab; // ... and the table that maps blocks into it
-
-// A prefill chunk's queries go kStageRows at a time per KV head: their blocks of that head
-// are converted from float16 once into float32 scratch (the same layout, one KV head) and
-// every query reads those, instead of each query converting every key and value it reads
-// again. The conversion is exact, so the floats and every bit of the result are the same.
-constexpr int64_t kStageMin = 4, kStageRows = 32;
-
-// Staged scratch for one item: keys and values of up to `blocks` blocks of one KV head.
-inline int64_t stage_floats(int64_t blocks, int64_t BS, int64_t D) { return 2 * blocks * BS * D; }
-
-// Blocks [b0, b1] of kv head kvh from the cache into st (keys then values), and tab[b] = b - b0.
-inline void stage_blocks(const uint16_t* kc, const uint16_t* vc, const int64_t* table, int64_t KV,
-                         int64_t kvh, int64_t BS, int64_t D, int64_t b0, int64_t b1, float* st,
-                         int64_t* tab) {
-  const int64_t per = BS * D, nblk = b1 - b0 + 1;
-  float* vs = st + nblk * per;
-  auto convert = [](const uint16_t* src, float* dst, int64_t n) {       // n % 16 == 0
-    for (int64_t i = 0; i < n; i += 16) V16::load(src + i).store(dst + i);
-  };
-  for (int64_t b = b0; b <= b1; ++b) {
-    tab[b] = b - b0;
-    convert(kc + (table[b] * KV + kvh) * per, st + (b - b0) * per, per);
-    convert(vc + (table[b] * KV + kvh) * per, vs + (b - b0) * per, per);
-  }
-}
 
 // out: (T, H, D) f32, contiguous; every row is written (rows of no sequence get zeros).
 void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor tables,
@@ -244,54 +215,28 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
     for (int64_t i = 0; i < mp[3 * s + 1]; ++i) row_seq[mp[3 * s] + i] = s;
   for (int64_t t = 0; t < T; ++t)
     if (row_seq[t] < 0) std::fill_n(op + t * H * D, H * D, 0.f);
-  // work items (s, kvh, first row, rows): a staged run of a prefill chunk's rows, or one row
-  int64_t* items = grow(t_items, 4 * T * KV);
-  int64_t n_items = 0, work = 0;        // work: key rows read, summed over queries and heads
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t q_start = mp[3 * s], q_len = mp[3 * s + 1];
-    work += q_len * mp[3 * s + 2] * H;
-    const int64_t run = !f32 && q_len >= kStageMin ? kStageRows : 1;
-    for (int64_t t0 = q_start; t0 < q_start + q_len; t0 += run)
-      for (int64_t kvh = 0; kvh < KV; ++kvh) {
-        int64_t* it = items + 4 * n_items++;
-        it[0] = s; it[1] = kvh; it[2] = t0; it[3] = std::min(run, q_start + q_len - t0);
-      }
-  }
+  int64_t work = 0;                     // key rows read, summed over queries and heads
+  for (int64_t s = 0; s < S; ++s) work += mp[3 * s + 1] * mp[3 * s + 2] * H;
 #pragma omp parallel if (work >= 4096)   // a short decode step stays on one core
   {
     std::vector<float>& sc = t_scores;
-    std::vector<float>& stage = t_stage;
-    std::vector<int64_t>& stage_tab = t_stage_tab;
     const int64_t G = H / KV;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_items; ++i) {
-      const int64_t* it = items + 4 * i;
-      const int64_t s = it[0], kvh = it[1], t0 = it[2], rows = it[3];
+#pragma omp for schedule(dynamic, 2)
+    for (int64_t tk = 0; tk < T * KV; ++tk) {
+      const int64_t t = tk / KV, kvh = tk % KV, s = row_seq[t];
+      if (s < 0) continue;
       const int64_t q_start = mp[3 * s], q_len = mp[3 * s + 1], ctx = mp[3 * s + 2];
-      auto pos_of = [&](int64_t t) { return ctx - q_len + (t - q_start); };
-      auto lo_of = [&](int64_t pos) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; };
-      const int64_t* table = tp + s * maxb;
+      const int64_t pos = ctx - q_len + (t - q_start);
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
       const int64_t h0 = kvh * G;             // heads h0 .. h0 + G - 1 read KV head kvh
-      if (rows > 1) {                         // float16, staged
-        const int64_t b0 = lo_of(pos_of(t0)) / BS, b1 = pos_of(t0 + rows - 1) / BS;
-        float* st = grow(stage, stage_floats(b1 - b0 + 1, BS, D));
-        int64_t* tab = grow(stage_tab, b1 + 1);
-        stage_blocks(static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp), table,
-                     KV, kvh, BS, D, b0, b1, st, tab);
-        const float* vs = st + (b1 - b0 + 1) * BS * D;
-        for (int64_t t = t0; t < t0 + rows; ++t)
-          attend_heads(G, qp + (t * H + h0) * D, static_cast<const float*>(st), vs, tab, BS, 1,
-                       0, D, lo_of(pos_of(t)), pos_of(t), (float)scale, (float)softcap, sc,
-                       op + (t * H + h0) * D);
-      } else if (f32) {
-        attend_heads(G, qp + (t0 * H + h0) * D, static_cast<const float*>(kp),
-                     static_cast<const float*>(vp), table, BS, KV, kvh, D, lo_of(pos_of(t0)),
-                     pos_of(t0), (float)scale, (float)softcap, sc, op + (t0 * H + h0) * D);
-      } else {
-        attend_heads(G, qp + (t0 * H + h0) * D, static_cast<const uint16_t*>(kp),
-                     static_cast<const uint16_t*>(vp), table, BS, KV, kvh, D, lo_of(pos_of(t0)),
-                     pos_of(t0), (float)scale, (float)softcap, sc, op + (t0 * H + h0) * D);
-      }
+      if (f32)
+        attend_heads(G, qp + (t * H + h0) * D, static_cast<const float*>(kp),
+                     static_cast<const float*>(vp), tp + s * maxb, BS, KV, kvh, D, lo, pos,
+                     (float)scale, (float)softcap, sc, op + (t * H + h0) * D);
+      else
+        attend_heads(G, qp + (t * H + h0) * D, static_cast<const uint16_t*>(kp),
+                     static_cast<const uint16_t*>(vp), tp + s * maxb, BS, KV, kvh, D, lo, pos,
+                     (float)scale, (float)softcap, sc, op + (t * H + h0) * D);
     }
   }
 }

@@ -139,21 +139,15 @@ class Executor {
                 "Executor.reserve: no ops, no output or bad sizes");
     const std::lock_guard<std::mutex> not_during_a_step(step_);
     ensure(max_tokens);
-    int64_t K = 0, KV = 1, D = 0, BS = 16;
+    int64_t K = 0;
     for (const ExecOp& op : ops_) {
       for (const QW& w : op.w) K = std::max(K, w.K);
-      if (op.kind == OpKind::kAttention) {      // caches: (blocks, KV, D, BS)
-        KV = std::max(KV, op.t[0].size(1));
-        D = std::max(D, op.t[0].size(2));
-        BS = std::max(BS, op.t[0].size(3));
-      }
       if (op.kind == OpKind::kMoe)
         moe_reserve(max_tokens, op.w[0].N, op.i[1], op.w[0].K, op.w.back().K);
     }
     const int64_t nb = K / 32, M = max_tokens;
     grow(t_qact.q, M * K); grow(t_qact.dt, nb * (M + 4)); grow(t_qact.fsumt, nb * (M + 4));
     grow(t_row_seq, M);
-    grow(t_items, 4 * M * KV);
 #ifdef OSTINATO_AMX
     alloc_amx(M, K, true, t_amx);
 #endif
@@ -165,9 +159,6 @@ class Executor {
       grow(t_scores, 32 + 4 * max_context);
       grow(t_panel_rows, kPanelRows * K);
       grow(t_panel, kPanelRows * K / 2);
-      const int64_t blocks = (max_context + BS - 1) / BS + 1;
-      grow(t_stage, stage_floats(blocks, BS, D));
-      grow(t_stage_tab, blocks + 1);
     }
   }
 
