@@ -292,6 +292,8 @@ def test_the_ram_part_of_a_prefix_is_refreshed_not_evicted():
 # -- the engine: a restart on the directory gives cold bits ------------------------------------
 def _generate(path, prompts, params, **kw):
     from ostinato.llm import LLM
+    # one thread: 2 (next to the disk writer's thread) took 21 s instead of 30 s on a quiet
+    # 2-core machine, but 193 s instead of 45 s with one busy neighbour
     llm = LLM(path, threads=1, max_model_len=2048, kv_cache_gb=0.25, **kw)
     outs = [o.outputs[0] for o in llm.generate(prompts, params)]
     disk = llm.engine.disk
@@ -305,7 +307,8 @@ def _generate(path, prompts, params, **kw):
 def test_a_restart_reads_the_prefix_and_gives_the_cold_bits(request, tmp_path, model):
     """Gemma's sliding layers keep only their window's blocks; chunking differs between runs."""
     path = request.getfixturevalue(model)
-    text = " ".join(f"line {i}: the value of x{i} is {i * i % 97}." for i in range(90))
+    # 936 tokens: past Gemma's 512-token window, 58 blocks of 16 (90 lines, 1413, took 1.5x)
+    text = " ".join(f"line {i}: the value of x{i} is {i * i % 97}." for i in range(60))
     prompts = [text + " What is x7?", text + " Which value is largest?"]
     params = [SamplingParams(max_tokens=6, temperature=0, logprobs=3),
               SamplingParams(max_tokens=6, temperature=0.8, seed=5, logprobs=2)]
