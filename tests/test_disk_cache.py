@@ -292,8 +292,8 @@ def test_the_ram_part_of_a_prefix_is_refreshed_not_evicted():
 # -- the engine: a restart on the directory gives cold bits ------------------------------------
 def _generate(path, prompts, params, **kw):
     from ostinato.llm import LLM
-    # one thread: 2 (next to the disk writer's thread) took 21 s instead of 30 s on a quiet
-    # 2-core machine, but 193 s instead of 45 s with one busy neighbour
+    # one thread: on 2 (next to the disk writer's thread) the restart tests took 21 s instead
+    # of 30 s on a quiet 2-core machine, but 193 s instead of 45 s with one busy neighbour
     llm = LLM(path, threads=1, max_model_len=2048, kv_cache_gb=0.25, **kw)
     outs = [o.outputs[0] for o in llm.generate(prompts, params)]
     disk = llm.engine.disk
