@@ -123,3 +123,40 @@ def test_more_threads_are_not_tried_while_no_core_is_free():
     load["elsewhere"] = 0
     used = drive(g, 200, QUIET.get)
     assert g.current == 2 and used.count(2) > 150
+
+
+def test_one_stalled_step_beside_a_neighbour_moves_to_fewer_threads_at_once():
+    """A 2-thread step beside a busy neighbour can take 100x longer: the first such step moves
+    the governor to one thread (no second stalled step, no exploration to judge)."""
+    others = {"n": 0}
+    g = ThreadGovernor(2, probe=lambda: others["n"])
+    rng = random.Random(5)
+    drive(g, 300, QUIET.get, rng)
+    assert g.current == 2
+    others["n"] = 1                                   # a neighbour arrives
+    stalled = {2: 1.0, 1: 0.017}
+    used = drive(g, 10, stalled.get, rng)
+    assert used[0] == 2 and used[1:] == [1] * 9 and g.current == 1
+
+
+def test_one_slow_step_without_a_neighbour_is_not_a_stall():
+    """A pause of our own (nobody else runnable) does not move the count on one step."""
+    g = ThreadGovernor(2, probe=lambda: 0)
+    rng = random.Random(6)
+    drive(g, 300, QUIET.get, rng)
+    g.record(2, 0.5, 0.01)                            # one step 50x slower
+    assert g.current == 2 and g.switches == 0
+    drive(g, 2000, QUIET.get, rng)
+    assert g.current == 2 and g.switches == 0
+
+
+def test_a_wrong_move_on_a_stall_is_undone_once_the_neighbour_leaves():
+    others = {"n": 1}
+    g = ThreadGovernor(2, probe=lambda: others["n"])
+    rng = random.Random(7)
+    drive(g, 50, QUIET.get, rng)
+    g.record(2, 1.0, 0.01)                            # stalled beside the neighbour
+    assert g.current == 1
+    others["n"] = 0                                   # it was brief: the machine is idle
+    drive(g, 200, QUIET.get, rng)
+    assert g.current == 2

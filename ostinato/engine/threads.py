@@ -14,7 +14,11 @@ An exploration that wins is tried again a few steps later (one fast step is not 
 explorations that lose grow rarer (EXPLORE_FIRST doubling to EXPLORE_MAX steps apart: a
 slower exploration step is one of the rare slow steps the tail latency sees, and more threads
 beside a busy neighbour can take 100x longer); two steps in a row on the current count much
-slower than usual (a neighbour arrived) bring an exploration of fewer threads at once. More
+slower than usual (a neighbour arrived) bring an exploration of fewer threads at once, and one
+step STALL times slower than usual while another thread is runnable moves to fewer threads
+outright (beside a neighbour a 2-thread step can take a second: waiting for a second such step
+and an exploration to judge it cost 4 streams an inter-token p99 of 2.1 s in `bench
+--contention`; a wrong move is undone by the next exploration of more threads). More
 threads are tried only while the machine shows about that many idle cores (its runnable
 threads, /proc/stat, read every few steps), so a busy neighbour costs no exploration.
 """
@@ -29,6 +33,7 @@ EXPLORE_MAX = 1024         # explorations that keep losing come at most this rar
 MARGIN = 1.15              # another count must be this much faster to switch to it
 CONFIRM = 4                # an exploration that won is tried again this many steps later
 JUMP = 1.6                 # two current steps this much slower than usual: try fewer threads
+STALL = 4.0                # one current step this much slower, someone else runnable: move
 WEIGHT = 0.5               # of the newest exploration in the decayed mean of log-ratios
 SHORT_STEP_S = 0.002       # steps shorter than this are too noisy to compare
 PROBE_EVERY = 4            # steps between reads of the machine's runnable threads
@@ -130,6 +135,9 @@ class ThreadGovernor:
         if self._explored is not None:
             self._judge(self._explored, step)
         elif self._usual is not None and step.ratio > JUMP * self._usual:
+            if step.ratio > STALL * self._usual and self._stalled_by_neighbour():
+                self._move_to(next(c for c in self.choices if c < self.current))
+                return
             self._slow += 1
             if self._slow >= 2 and self.current > self.choices[-1]:
                 # steps on the current count got slower (a neighbour arrived): fewer threads
@@ -142,16 +150,27 @@ class ThreadGovernor:
         self._usual = step.ratio if self._usual is None else 0.8 * self._usual + 0.2 * step.ratio
         self._before = step
 
+    def _stalled_by_neighbour(self) -> bool:
+        """A step far slower than usual is a neighbour's doing (not a pause of our own) when
+        the machine shows another runnable thread now, or cannot tell."""
+        if self.current <= self.choices[-1]:
+            return False
+        busy = self._probe()
+        return busy is None or busy > 0
+
+    def _move_to(self, n: int) -> None:
+        self.current, self.switches = n, self.switches + 1
+        self._log_gain = {c: 0.0 for c in self.choices}
+        self._usual, self._before, self._slow, self._jumped = None, None, 0, False
+        self._interval = self._countdown = EXPLORE_FIRST
+
     def _judge(self, alt: _Step, after: _Step) -> None:
         self._explored = None
         ref = after.ratio if self._before is None else (self._before.ratio + after.ratio) / 2
         g, gain = alt.threads, math.log(alt.ratio / ref)
         self._log_gain[g] = (1 - WEIGHT) * self._log_gain[g] + WEIGHT * gain
         if self._log_gain[g] < -math.log(MARGIN):
-            self.current, self.switches = g, self.switches + 1
-            self._log_gain = {c: 0.0 for c in self.choices}
-            self._usual, self._before = None, None
-            self._interval = EXPLORE_FIRST
+            self._move_to(g)
         elif gain < -math.log(MARGIN):
             self._countdown = CONFIRM             # it won this time: look again soon
             return
