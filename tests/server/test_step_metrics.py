@@ -35,5 +35,6 @@ def test_step_seconds_and_tokens_histograms(server, client):
 def test_startup_line_names_the_target(server):
     with open(server.log_path, errors="replace") as f:
         log = f.read()
-    assert "scheduler: step-time target auto (1.25x the decode step, at least 50 ms), at " \
+    assert "scheduler: step-time target auto (at least 1.25x the decode step and 50 ms, " \
+           "rising while prefill falls behind: uniform steps that keep up with demand), at " \
            "most 512 tokens a step" in log
