@@ -24,6 +24,7 @@ from ..engine.kv_cache import KVCacheManager
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import SchedulerOutput, Sequence
 from ..engine.step_time import AutoDemand, LatencyTarget, StepTimeModel, step_features
+from .latency import percentile
 
 BLOCK = 16
 
@@ -105,13 +106,6 @@ HEADER = ("| policy | streams | req/s | out tok/s | TTFT p50 / p99 s | ITL p50 /
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return 0.0
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(),
              budget: int = 512, demand: AutoDemand | None = None,
              steady_from: float = 1 / 3) -> Result:
@@ -161,9 +155,9 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
     tokens = sum(map(len, times.values()))
     start = min(born.values())
     return Result(policy, streams, work.rate, tokens / (t - start),
-                  percentile(ttft, 0.5), percentile(ttft, 0.99),
-                  percentile(gaps, 0.5), percentile(gaps, 0.99), steps,
-                  percentile(steady, 0.5), percentile(steady, 0.99), gaps)
+                  percentile(ttft, 50), percentile(ttft, 99),
+                  percentile(gaps, 50), percentile(gaps, 99), steps,
+                  percentile(steady, 50), percentile(steady, 99), gaps)
 
 
 def capacity(streams: int, work: Workload, cost: SimCost = SimCost()) -> float:
@@ -200,6 +194,7 @@ def main(argv=None) -> None:
     caps = [f"{c} streams {capacity(c, Workload(1.0)):.3f} req/s"
             for c in map(int, a.streams.split(","))]
     print("\ncapacity (cost model): " + ", ".join(caps))
+
 
 if __name__ == "__main__":
     main()
