@@ -159,6 +159,7 @@ class Executor {
       grow(t_scores, 32 + 4 * max_context);
       grow(t_panel_rows, kPanelRows * K);
       grow(t_panel, kPanelRows * K / 2);
+      grow(t_panel_vals, panel_vals_floats(K));
     }
   }
 

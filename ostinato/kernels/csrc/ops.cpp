@@ -46,7 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("held_greedy_rows", &held_greedy_rows);
   m.def("set_amx", [](bool on, int64_t min_rows) { g_amx_enabled = on; g_amx_min_rows = min_rows; });
   m.def("amx_settings", [] { return std::make_tuple(g_amx_enabled, g_amx_min_rows); });
-  m.def("panel_isa", [] { return std::string(kPanelIsa); });
+  m.def("panel_isa", [] { return std::string(PanelIsa::kName); });
   m.def("set_panels", [](bool on, int64_t min_rows) { g_panels_enabled = on; g_panel_min_rows = min_rows; });
   m.def("panel_settings", [] { return std::make_tuple(g_panels_enabled, g_panel_min_rows); });
   m.def("rms_norm", &rms_norm);

@@ -19,8 +19,8 @@ namespace {
 // Two widths of the same code: 16 weight rows a panel in AVX-512 VNNI (dpwssd), and 8 in
 // AVX2 (dot_s16: AVX-VNNI's dpwssd where the CPU has it, else madd + add, the same integers).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define OSTINATO_VNNI 1
 struct PanelIsa {
+  static constexpr const char* kName = "avx512_vnni";
   static constexpr int kRows = 16;   // weight rows a panel: one output a lane
   static constexpr int kTile = 12;   // x rows a pass: 12 int32 dots + 12 float sums in registers
   using I = __m512i;
@@ -33,7 +33,8 @@ struct PanelIsa {
   static F fma_dot(I d, F s, F acc) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F loadf(const float* p) { return _mm512_load_ps(p); }
+  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F four4(const BlockVals& v, int64_t n0, int64_t b) {
     return _mm512_insertf32x4(_mm512_insertf32x4(_mm512_insertf32x4(
         _mm512_castps128_ps512(v.four(n0, b)), v.four(n0 + 4, b), 1), v.four(n0 + 8, b), 2),
@@ -52,6 +53,11 @@ struct PanelIsa {
 };
 #else
 struct PanelIsa {
+#ifdef __AVXVNNI__
+  static constexpr const char* kName = "avx_vnni";
+#else
+  static constexpr const char* kName = "avx2";
+#endif
   static constexpr int kRows = 8;
   static constexpr int kTile = 6;    // 16 registers: 6 + 6 accumulators, weights, scales
   using I = __m256i;
@@ -64,7 +70,8 @@ struct PanelIsa {
   static F fma_dot(I d, F s, F acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F loadf(const float* p) { return _mm256_load_ps(p); }
+  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F four4(const BlockVals& v, int64_t n0, int64_t b) {
     return _mm256_set_m128(v.four(n0 + 4, b), v.four(n0, b));
   }
@@ -103,13 +110,6 @@ struct PanelIsa {
 #endif
 
 constexpr int kPanelRows = PanelIsa::kRows;
-#ifdef OSTINATO_VNNI
-constexpr const char* kPanelIsa = "avx512_vnni";
-#elif defined(__AVXVNNI__)
-constexpr const char* kPanelIsa = "avx_vnni";
-#else
-constexpr const char* kPanelIsa = "avx2";
-#endif
 
 // Weight rows [n0, n0 + kPanelRows) as int16 codes (minus the zero point, as tile_qa's),
 // pairs interleaved: panel[p * kPanelRows + j] holds elements 2p, 2p + 1 of row n0 + j.
@@ -130,18 +130,27 @@ void unpack_panel(const Weights& w, int64_t n0, int16_t* rows16, int32_t* panel)
   for (int64_t p0 = 0; p0 < K / 2; p0 += 16) PanelIsa::transpose(rows16, K, p0, panel);
 }
 
-// The panel rows' values of block b (rows past N: zero; their outputs are never stored).
-inline PanelIsa::F panel_vals(const BlockVals& v, int64_t n0, int64_t valid, int64_t b) {
-  if (valid == kPanelRows) return PanelIsa::four4(v, n0, b);
-  alignas(64) float f[kPanelRows] = {};
-  for (int64_t j = 0; j < valid; ++j) f[j] = v.get(n0 + j, b);
-  return PanelIsa::loadf(f);
+// The panel rows' values of blocks [0, nb), kPanelRows floats a block, into out (rows past
+// N: zero; their outputs are never stored). Once a panel, not once for every pass of x rows.
+inline void panel_vals(const BlockVals& v, int64_t n0, int64_t valid, int64_t nb, float* out) {
+  for (int64_t b = 0; b < nb; ++b, out += kPanelRows) {
+    if (valid == kPanelRows) { PanelIsa::storef(out, PanelIsa::four4(v, n0, b)); continue; }
+    for (int64_t j = 0; j < kPanelRows; ++j) out[j] = j < valid ? v.get(n0 + j, b) : 0.f;
+  }
 }
+
+// A panel: its weights as pairs, and its rows' scales (per block) and mins (per 32 elements).
+struct Panel {
+  const int32_t* pairs;
+  const float* scales;
+  const float* mins;          // nullptr for formats without a min
+  int64_t valid;              // weight rows of the panel that exist (the rest are zero)
+};
 
 // x rows [m0, m0 + R) against one panel: out[m, n0 + j] for the valid rows j.
 template <int R, int BS>
-void panel_rows(const Weights& w, int64_t n0, int64_t valid, const int32_t* panel,
-               const QAct& a, int64_t m0, float* out, int64_t ldo) {
+void panel_rows(const Weights& w, int64_t n0, const Panel& pn, const QAct& a, int64_t m0,
+                float* out, int64_t ldo) {
   using P = PanelIsa;
   constexpr int H = 32 / BS;
   const int64_t K = w.K, nc = K / 32;
@@ -156,43 +165,51 @@ void panel_rows(const Weights& w, int64_t n0, int64_t valid, const int32_t* pane
       P::I d[R];
       for (int r = 0; r < R; ++r) d[r] = P::izero();
       for (int p = 0; p < BS / 2; ++p) {
-        const P::I wv = P::load(panel + (p0 + p) * kPanelRows);
+        const P::I wv = P::load(pn.pairs + (p0 + p) * kPanelRows);
         for (int r = 0; r < R; ++r) d[r] = P::dot(d[r], wv, xr[r][p0 + p]);
       }
-      const P::F ws = panel_vals(w.scale, n0, valid, c * H + h);
+      const P::F ws = P::loadf(pn.scales + (c * H + h) * kPanelRows);
       for (int r = 0; r < R; ++r) acc[r] = P::fma_dot(d[r], P::mul(ws, P::set1(dx[r])), acc[r]);
     }
-    if (w.min) {
-      const P::F wm = panel_vals(w.min, n0, valid, c);
+    if (pn.mins) {
+      const P::F wm = P::loadf(pn.mins + c * kPanelRows);
       const float* fs = a.fsumt.data() + c * a.ldt + m0;
       for (int r = 0; r < R; ++r) acc[r] = P::fma(wm, P::set1(fs[r]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) P::store(out + (m0 + r) * ldo + n0, acc[r], valid);
+  for (int r = 0; r < R; ++r) P::store(out + (m0 + r) * ldo + n0, acc[r], pn.valid);
 }
 
 template <int BS, int R = PanelIsa::kTile>
-void panel_tail(int rows, const Weights& w, int64_t n0, int64_t valid, const int32_t* panel,
-               const QAct& a, int64_t m0, float* out, int64_t ldo) {
+void panel_tail(int rows, const Weights& w, int64_t n0, const Panel& pn, const QAct& a,
+                int64_t m0, float* out, int64_t ldo) {
   if constexpr (R > 0) {
-    if (rows == R) panel_rows<R, BS>(w, n0, valid, panel, a, m0, out, ldo);
-    else panel_tail<BS, R - 1>(rows, w, n0, valid, panel, a, m0, out, ldo);
+    if (rows == R) panel_rows<R, BS>(w, n0, pn, a, m0, out, ldo);
+    else panel_tail<BS, R - 1>(rows, w, n0, pn, a, m0, out, ldo);
   }
 }
 
 thread_local std::vector<int16_t> t_panel_rows;   // each thread's unpacked weight rows
-thread_local std::vector<int32_t> t_panel;  // ... and the same as a panel of pairs
+thread_local std::vector<int32_t> t_panel;        // ... and the same as a panel of pairs
+thread_local std::vector<float> t_panel_vals;     // ... and its rows' scales and mins
+
+// Floats of a panel's scales and mins for width K (blocks of 16 at the most).
+inline int64_t panel_vals_floats(int64_t K) { return (K / 16 + K / 32) * kPanelRows; }
 
 template <int FMT, int BS>
 void panel_group(const Weights& w, int64_t n0, const QAct& a, int64_t M, float* out, int64_t ldo) {
   int16_t* rows16 = grow(t_panel_rows, kPanelRows * w.K);
-  int32_t* panel = grow(t_panel, kPanelRows * w.K / 2);
-  unpack_panel<FMT>(w, n0, rows16, panel);
-  const int64_t valid = std::min<int64_t>(kPanelRows, w.N - n0);
+  int32_t* pairs = grow(t_panel, kPanelRows * w.K / 2);
+  float* vals = grow(t_panel_vals, panel_vals_floats(w.K));
+  unpack_panel<FMT>(w, n0, rows16, pairs);
+  const int64_t valid = std::min<int64_t>(kPanelRows, w.N - n0), nb = w.K / BS;
+  panel_vals(w.scale, n0, valid, nb, vals);
+  if (w.min) panel_vals(w.min, n0, valid, w.K / 32, vals + nb * kPanelRows);
+  const Panel pn{pairs, vals, w.min ? vals + nb * kPanelRows : nullptr, valid};
   constexpr int T = PanelIsa::kTile;
   int64_t m = 0;
-  for (; m + T <= M; m += T) panel_rows<T, BS>(w, n0, valid, panel, a, m, out, ldo);
-  if (m < M) panel_tail<BS>((int)(M - m), w, n0, valid, panel, a, m, out, ldo);
+  for (; m + T <= M; m += T) panel_rows<T, BS>(w, n0, pn, a, m, out, ldo);
+  if (m < M) panel_tail<BS>((int)(M - m), w, n0, pn, a, m, out, ldo);
 }
 
 void qlinear_panels(const Weights& w, QAct& a, int64_t M, float* out, bool parallel) {
