@@ -160,3 +160,129 @@ def test_a_wrong_move_on_a_stall_is_undone_once_the_neighbour_leaves():
     others["n"] = 0                                   # it was brief: the machine is idle
     drive(g, 200, QUIET.get, rng)
     assert g.current == 2
+
+
+class Window:
+    """A stand-in for CpuElsewhere: the cores other processes used during the pause."""
+
+    def __init__(self, cores: float | None):
+        self.cores, self.marks = cores, 0
+
+    def mark(self):
+        self.marks += 1
+
+    def since_mark(self):
+        return self.cores
+
+
+def test_a_neighbour_that_arrived_during_a_pause_costs_no_stalled_step():
+    """The engine idles, a busy process starts, a request comes: the first step after the
+    pause already runs on one thread (beside the neighbour a 2-thread first prefill took
+    2.7 s), with no stalled step and no exploration to find it out."""
+    others, window = {"n": 0}, Window(0.0)
+    g = ThreadGovernor(2, probe=lambda: others["n"], cores=2, window=window)
+    drive(g, 300, QUIET.get, random.Random(8))
+    assert g.current == 2
+    g.idle()
+    assert window.marks == 1
+    others["n"], window.cores = 1, 0.97                # it ran through the pause
+    g.wake()
+    used = drive(g, 50, BUSY.get, random.Random(9))
+    assert used == [1] * 50 and g.current == 1
+
+
+def test_a_thread_running_at_the_wake_instant_is_no_neighbour():
+    """Some other thread (a client, a shell) runs at the instant of waking but used next to
+    nothing during the pause: the count stays, and the first step runs on both cores."""
+    g = ThreadGovernor(2, probe=lambda: 1, cores=2, window=Window(0.04))
+    drive(g, 300, QUIET.get, random.Random(10))
+    g.idle()
+    g.wake()
+    assert g.pick() == 2 and g.current == 2
+    g = ThreadGovernor(2, probe=lambda: 0, cores=2, window=Window(0.9))   # it left
+    g.idle()
+    g.wake()
+    assert g.pick() == 2
+
+
+def test_a_neighbour_that_left_during_a_pause_brings_more_threads_back_at_once():
+    others, window = {"n": 1}, Window(1.0)
+    g = ThreadGovernor(2, probe=lambda: others["n"], cores=2, window=window)
+    g.idle()
+    g.wake()
+    drive(g, 3000, BUSY.get, random.Random(11))
+    assert g.current == 1
+    g.idle()
+    others["n"], window.cores = 0, 0.02
+    g.wake()
+    used = drive(g, 40, QUIET.get, random.Random(12))
+    assert used[0] == 2 and g.current == 2
+
+
+def test_a_pause_too_short_to_measure_changes_nothing():
+    g = ThreadGovernor(2, probe=lambda: 1, cores=2, window=Window(None))
+    drive(g, 300, QUIET.get, random.Random(13))
+    state = (g.current, g._countdown, g.switches)
+    g.idle()
+    g.wake()
+    assert (g.current, g._countdown, g.switches) == state
+
+
+def test_cpu_elsewhere_counts_other_processes_and_not_ours():
+    """The real /proc reader: a spinning child shows as most of a core; this process
+    spinning shows as (almost) nothing."""
+    import subprocess
+    import sys
+    import time
+    from ostinato.engine.threads import CpuElsewhere
+    w = CpuElsewhere()
+    w.mark()
+    t = time.monotonic()
+    while time.monotonic() - t < 0.3:
+        pass
+    ours = w.since_mark()
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)                               # its start-up is not a busy loop yet
+        w.mark()
+        time.sleep(0.4)
+        theirs = w.since_mark()
+    finally:
+        child.kill()
+        child.wait()
+    assert ours is not None and theirs is not None
+    assert ours < 0.5 and theirs > 0.6, (ours, theirs)
+    w.mark()
+    assert w.since_mark() is None                     # too short a window to tell
+
+
+def test_the_engine_marks_each_pause_and_wakes_the_governor_after_it(smollm_path):
+    """idle() when a step leaves no work, wake() before the first step after it."""
+    from ostinato.llm import LLM
+
+    class Recording(ThreadGovernor):
+        def __init__(self):
+            super().__init__(2, probe=lambda: 0, cores=2, window=Window(0.0))
+            self.calls = []
+
+        def idle(self):
+            self.calls.append("idle")
+            super().idle()
+
+        def wake(self):
+            self.calls.append("wake")
+            super().wake()
+
+        def pick(self):
+            if self.calls[-1:] != ["step"]:
+                self.calls.append("step")
+            return super().pick()
+
+    llm = LLM(smollm_path, threads=2, max_model_len=512, kv_cache_gb=0.1)
+    g = llm.engine.governor = Recording()
+    try:
+        for _ in range(2):
+            llm.generate(["Once upon a time"], SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        llm.engine.runner.set_threads(1)
+    assert g.calls == ["wake", "step", "idle"] * 2

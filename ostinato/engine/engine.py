@@ -48,6 +48,7 @@ class Engine:
         self.disk = disk                    # the prefix cache's disk tier (disk_cache.py)
         self.governor = governor            # each step's thread count (threads.py)
         self._threads = governor.current if governor is not None else None
+        self._idle = True                   # no work left after the last step: a pause follows
         if disk is not None:
             scheduler.kv.track_new_cached()
         self.max_model_len = max_model_len
@@ -109,12 +110,17 @@ class Engine:
             return []
         features = step_features(plan)
         if self.governor is not None:
+            if self._idle:                      # the first step after a pause
+                self.governor.wake()
             threads = self._pick_threads()
             predicted = self.scheduler.step_time.predict(*features)
         t0 = time.perf_counter()
         results = self.runner.execute(plan)
         seconds = time.perf_counter() - t0
         deltas = [self._update_isolated(s, r) for s, r in zip(plan.scheduled, results)]
+        self._idle = not self.scheduler.has_unfinished()
+        if self._idle and self.governor is not None:
+            self.governor.idle()                # it may wake to another machine (threads.py)
         self.scheduler.step_time.add(*features, seconds)   # the latency target's model
         if self.governor is not None:
             self.governor.record(threads, seconds, predicted)

@@ -1,4 +1,5 @@
-"""How many threads each step runs on. Pure Python, no torch and no clock.
+"""How many threads each step runs on. Pure Python, no torch; the governor has no clock (its
+readers of the machine, running_in_other_processes and CpuElsewhere, are passed in).
 
 A step's kernels fork and join their threads dozens of times; when another process takes one
 of the cores, the thread that lost it holds every join up, and a 2-thread step runs 2-4x slower
@@ -19,12 +20,17 @@ step STALL times slower than usual while another thread is runnable moves to few
 outright (beside a neighbour a 2-thread step can take a second: waiting for a second such step
 and an exploration to judge it cost 4 streams an inter-token p99 of 2.1 s in `bench
 --contention`; a wrong move is undone by the next exploration of more threads). More
-threads are tried only while the machine shows about that many idle cores (its runnable
-threads, /proc/stat, read every few steps), so a busy neighbour costs no exploration.
+threads are tried only while the machine shows about that many idle cores (other processes'
+runnable threads, /proc/stat, read every few steps), so a busy neighbour costs no exploration.
+When the engine wakes from a pause, the governor looks before the first step: the cores other
+processes used during the pause (CpuElsewhere) and their runnable threads now settle the count
+for that step, so a neighbour that arrived meanwhile costs no stalled step.
 """
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
 
 EXPLORE_FIRST = 8          # steps before the first exploration, and after a switch (a
@@ -58,14 +64,77 @@ def running_elsewhere() -> int | None:
     return None
 
 
-class ThreadGovernor:
-    """probe: runnable threads besides ours now (None: unknown), read every PROBE_EVERY steps;
-    cores: the cores this process may use."""
+def running_in_other_processes() -> int | None:
+    """Runnable threads of other processes now: /proc/stat's procs_running less this
+    process's threads in state R (/proc/self/task); None where that cannot be read. Dearer
+    than running_elsewhere (a file a thread), so read when the engine wakes, not every step."""
+    total = running_elsewhere()
+    if total is None:
+        return None
+    own = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                    own += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+            except (OSError, IndexError):
+                pass
+    except OSError:
+        return None
+    return max(0, total + 1 - own)
 
-    def __init__(self, max_threads: int, probe=running_elsewhere, cores: int | None = None):
+
+class CpuElsewhere:
+    """The cores other processes kept busy (time the hypervisor stole included) since mark():
+    /proc/stat's busy time of all CPUs less this process's own (/proc/self/stat)."""
+
+    MIN_WINDOW_S = 0.1        # shorter: the counters' 10 ms ticks make it noise
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self.mark()
+
+    @staticmethod
+    def _ticks() -> tuple[int, int] | None:
+        """(busy ticks of all CPUs, this process's ticks), or None where unreadable."""
+        try:
+            with open("/proc/stat", "rb") as f:
+                cpu = [int(v) for v in f.readline().split()[1:9]]
+            with open("/proc/self/stat", "rb") as f:
+                own = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        if len(cpu) < 8 or len(own) < 13:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = cpu
+        return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
+
+    def mark(self) -> None:
+        self._mark = (self._clock(), self._ticks())
+
+    def since_mark(self) -> float | None:
+        """Cores used elsewhere since mark(); None: no mark, too short, or unreadable."""
+        if self._mark is None or self._mark[1] is None:
+            return None
+        t0, (busy0, own0) = self._mark
+        now, ticks = self._clock(), self._ticks()
+        if ticks is None or now - t0 < self.MIN_WINDOW_S:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        return max(0.0, ((ticks[0] - busy0) - (ticks[1] - own0)) / hz / (now - t0))
+
+
+class ThreadGovernor:
+    """probe: runnable threads of other processes now (None: unknown), read every PROBE_EVERY
+    steps; cores: the cores this process may use; window: the cores other processes used
+    since its mark() (CpuElsewhere), read when the engine wakes from a pause."""
+
+    def __init__(self, max_threads: int, probe=None, cores: int | None = None, window=None):
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
-        self._probe, self._cores = probe, cores if cores is not None else max_threads
+        self._probe = probe if probe is not None else running_in_other_processes
+        self._cores = cores if cores is not None else max_threads
+        self._window = window if window is not None else CpuElsewhere()
         self._busy: float | None = None           # decayed mean of probe()
         self._probe_countdown = 0
         self.choices = sorted({max_threads, max(1, max_threads // 2), 1}, reverse=True)
@@ -113,8 +182,34 @@ class ThreadGovernor:
         self._probe_countdown = PROBE_EVERY
         busy = self._probe()
         if busy is not None:
-            busy = max(0, busy - (self.current - 1))      # our own other threads, if running
             self._busy = busy if self._busy is None else 0.7 * self._busy + 0.3 * busy
+
+    def idle(self) -> None:
+        """The engine has no work left: the machine's use by others is measured from now."""
+        if self.adaptive:
+            self._window.mark()
+
+    def wake(self) -> None:
+        """The first step after the engine was idle (since idle()). A neighbour may have come
+        or gone meanwhile, and the first step after a pause (a prefill, often the longest) is
+        the one a stall costs most: beside a busy neighbour, a burst's first 2-thread prefill
+        took 2.7 s in `bench --contention`. Too few free cores for the current count moves to
+        the most that fit; more free cores bring an exploration at once. Free means both now
+        (runnable threads elsewhere, the probe) and over the pause (the cores others used,
+        the window): a thread that merely happens to run at this instant is no neighbour."""
+        if not self.adaptive:
+            return
+        now, over_pause = self._probe(), self._window.since_mark()
+        if now is None or over_pause is None:
+            return
+        busy = min(float(now), over_pause)
+        self._busy, self._probe_countdown = busy, PROBE_EVERY
+        fit = next((c for c in self.choices if self._cores - busy >= c - 0.5), self.choices[-1])
+        if fit < self.current:
+            self._move_to(fit)
+        elif fit > self.current:
+            self._countdown, self._explored = 0, None
+        self._usual, self._before, self._slow = None, None, 0   # the old times are stale
 
     def record(self, threads: int, seconds: float, predicted: float) -> None:
         """A step ran on `threads` in `seconds`; the step-time model expected `predicted`."""
