@@ -299,6 +299,33 @@ def test_auto_target_follows_the_decode_step_and_nobody_decoding_gets_the_budget
         assert plan.num_tokens < n + 100
 
 
+def test_auto_takes_a_burst_in_steps_as_long_as_the_decode_steps_it_will_make():
+    """40 prompts arrive beside 8 decoders: a step with prefill may take as long as the decode
+    step of all 48 (not only 1.25x the 8 rows' or 50 ms), so the batch fills in a few steps;
+    with the seats full the waiting add nothing."""
+    sched = target_sched("auto", budget=512, blocks=2048, max_seqs=48)
+    decoding(sched, 8)
+    burst = [make_seq(f"b{i}", range(2000 + 30 * i, 2000 + 30 * i + 20)) for i in range(40)]
+    for s in burst:
+        sched.add(s)
+    seated = FixedCost().predict(48, sum(attention_pairs(6 + 1, 1) for _ in range(8)) +
+                                 40 * 20, 48)
+    plan = sched.schedule()
+    assert sched._step.target_seconds == pytest.approx(seated, rel=1e-3) and seated > AUTO_FLOOR_S
+    assert predicted(plan) <= seated + 1e-9 < predicted(plan) + 0.002
+    steps = 1
+    while any(s.in_prefill for s in burst) and steps < 100:
+        apply(plan)
+        plan = sched.schedule()
+        steps += 1
+    assert steps <= 30 and sched.num_preemptions == 0   # the old rule alone: 52 steps
+    sched = target_sched("auto", budget=512, max_seqs=8)
+    decoding(sched, 8)
+    sched.add(make_seq("late", range(5000, 5300)))
+    sched.schedule()
+    assert sched._step.target_seconds == pytest.approx(AUTO_FLOOR_S)   # no seat: no say
+
+
 def test_target_off_is_the_token_budget_alone():
     assert LatencyTarget.parse("off") is None and LatencyTarget.parse(0) is None
     sched = target_sched("off")

@@ -103,7 +103,10 @@ class Scheduler:
             if n := self._decode_tokens(seq):
                 tokens, rows = tokens + n, rows + 1
                 pairs += attention_pairs(seq.num_computed_tokens, n)
-        return StepBudget(self.target, self.step_time, tokens, pairs, rows, self.demand.level)
+        seated = self.max_num_seqs - len(self.running)
+        queued = list(itertools.islice(self.waiting, max(0, seated)))
+        return StepBudget(self.target, self.step_time, tokens, pairs, rows, self.demand.level,
+                          (len(queued), sum(seq.num_tokens for seq in queued), len(queued)))
 
     def _schedule_running(self, out: list[ScheduledSeq], budget: int) -> int:
         # with a target, decode rows later in admission order keep their tokens

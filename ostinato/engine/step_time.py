@@ -14,8 +14,12 @@ The target (LatencyTarget): a number of milliseconds fixes it; "off" (or 0) leav
 token budget (max_num_batched_tokens); "auto" (the server's default; the offline LLM's is
 "off") follows demand. Even inter-token latency needs *uniform* steps, not short ones: a step
 that carries prefill beside decode rows takes
-    max(AUTO_FLOOR_S, AUTO_RATIO x t_d, level)
-(t_d: the predicted time of its decode rows alone), and the level (AutoDemand) is a slow
+    max(AUTO_FLOOR_S, AUTO_RATIO x t_d, t_s, level)
+(t_d: the predicted time of its decode rows alone; t_s: of the decode step the running and
+the waiting sequences that have a seat will make once admitted: a burst's prompts are taken in
+steps no longer than the steps that follow them, so the running batch fills at once and the
+tokens stay even; in a closed loop at 64 streams the 1.25x rule alone admitted a few prompts a
+step and ran 22 sequences of the 64), and the level (AutoDemand) is a slow
 feedback loop on the prefill queue, in steps: it rises AUTO_UP a step while prefill is
 *behind* (the pending prefill, running and waiting prompts, would take more than AUTO_BEHIND_S
 of engine time at the step's prefill share), falls AUTO_DOWN a decoding step that carried no
@@ -85,17 +89,19 @@ class LatencyTarget:
                              f"'auto' or 'off'")
         return None if value == 0 else cls(seconds=value / 1e3, auto=False)
 
-    def step_seconds(self, decode_seconds: float, level: float = 0.0) -> float:
-        """The step's time: fixed, or (auto) at least the no-demand rule and AutoDemand's
-        level."""
+    def step_seconds(self, decode_seconds: float, level: float = 0.0,
+                     seated_seconds: float = 0.0) -> float:
+        """The step's time: fixed, or (auto) at least the no-demand rule, the decode step of
+        the batch the queue will make (seated_seconds) and AutoDemand's level."""
         if self.auto:
-            return max(AUTO_FLOOR_S, AUTO_RATIO * decode_seconds, level)
+            return max(AUTO_FLOOR_S, AUTO_RATIO * decode_seconds, seated_seconds, level)
         return self.seconds
 
     def describe(self) -> str:
         if self.auto:
-            return (f"auto (at least {AUTO_RATIO}x the decode step and "
-                    f"{AUTO_FLOOR_S * 1e3:.0f} ms, rising while prefill falls behind: "
+            return (f"auto (at least {AUTO_RATIO}x the decode step, "
+                    f"{AUTO_FLOOR_S * 1e3:.0f} ms and the decode step of the batch the queue "
+                    f"will make, rising while prefill falls behind: "
                     f"uniform steps that keep up with demand)")
         return f"{self.seconds * 1e3:g} ms"
 
@@ -183,6 +189,10 @@ class StepTimeModel:
         _, a, b, _ = self.coef()
         return a * n + b * attention_pairs(start, n) * PAIR_SCALE
 
+    def row_seconds(self) -> float:
+        """What a sampling row (an LM-head row and a sampler call) adds to a step."""
+        return max(0.0, self.coef()[3])
+
     def chunk_tokens(self, seconds: float, start: int) -> int:
         """The most tokens a prefill chunk from position `start` adds within `seconds`."""
         _, a, b, _ = self.coef()
@@ -222,13 +232,17 @@ class StepBudget:
     """One step's prefill allowance: the target minus what its decode rows will take."""
 
     def __init__(self, target: LatencyTarget, model: StepTimeModel, decode_tokens: int,
-                 decode_pairs: int, decode_rows: int, level: float = 0.0):
-        """level: auto's step-time level (AutoDemand)."""
+                 decode_pairs: int, decode_rows: int, level: float = 0.0,
+                 seated: tuple[int, int, int] = (0, 0, 0)):
+        """level: auto's step-time level (AutoDemand); seated: (tokens, pairs, rows) the
+        waiting sequences that have a seat will add to the decode rows once admitted."""
         self.model = model
         self.decode_tokens = decode_tokens
         self.decode_seconds = decode_s = model.predict(decode_tokens, decode_pairs, decode_rows)
-        self.rule_seconds = target.step_seconds(decode_s)       # auto: without the level
-        self.target_seconds = target.step_seconds(decode_s, level)
+        seated_s = model.predict(decode_tokens + seated[0], decode_pairs + seated[1],
+                                 decode_rows + seated[2]) if seated[2] else 0.0
+        self.rule_seconds = target.step_seconds(decode_s, 0.0, seated_s)  # without the level
+        self.target_seconds = target.step_seconds(decode_s, level, seated_s)
         self.limited = decode_tokens > 0 and model.ready    # nobody decoding: no time limit
         self.seconds_left = self.target_seconds - decode_s
         self.prefill_tokens = 0
@@ -237,12 +251,15 @@ class StepBudget:
         """Tokens of a prefill chunk from `start` (wanted: what is left of it) this step."""
         if not self.limited:
             return wanted
+        row = self.model.row_seconds()               # a chunk that ends its prompt samples
         n = self.model.chunk_tokens(self.seconds_left, start)
+        if n >= wanted:
+            n = self.model.chunk_tokens(self.seconds_left - row, start)
         if self.prefill_tokens == 0:
             n = max(n, MIN_PREFILL_TOKENS)           # progress, whatever the target
         n = min(n, wanted)
         if n > 0:
-            self.seconds_left -= self.model.chunk_seconds(start, n)
+            self.seconds_left -= self.model.chunk_seconds(start, n) + (row if n == wanted else 0)
             self.prefill_tokens += n
         return n
 
