@@ -209,7 +209,8 @@ def test_weight_panels_give_the_avx_kernels_bits(k, type_name):
     else:
         assert ops.panel_isa() in ("avx2", "avx_vnni", "avx512_vnni")
     settings, amx = ops.panel_settings(), ops.amx_settings()
-    for N, M in ((96, 37), (37, 13), (16, 5), (50, 64)):   # ragged weight groups and x tails
+    # ragged weight groups and x tails (520: a prefill chunk's many rows)
+    for N, M in ((96, 37), (37, 13), (16, 5), (50, 64), (40, 520)):
         _, p = packed(type_name, N=N, seed=N)
         w = QWeight.from_packed(p)
         x = torch.randn(M, 512)
