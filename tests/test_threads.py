@@ -3,6 +3,7 @@ back when that changes, does not flap on noise, explores rarely while exploring 
 kernels give the same bits whichever count a step runs on."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -171,6 +172,9 @@ class Window:
     def mark(self):
         self.marks += 1
 
+    def roll(self):
+        pass
+
     def since_mark(self):
         return self.cores
 
@@ -254,6 +258,32 @@ def test_cpu_elsewhere_counts_other_processes_and_not_ours():
     assert ours < 0.5 and theirs > 0.6, (ours, theirs)
     w.mark()
     assert w.since_mark() is None                     # too short a window to tell
+
+
+def test_a_long_pause_is_judged_by_its_last_fraction_of_a_second():
+    """Busy early in a pause (another server's run), quiet at its end: the window that the
+    wake reads has rolled on past the busy part."""
+    from ostinato.engine.threads import CpuElsewhere
+    clock = {"t": 0.0}
+    ticks = {"busy": 0, "own": 0}
+    w = CpuElsewhere(clock=lambda: clock["t"])
+    w._ticks = lambda: (ticks["busy"], ticks["own"])
+    hz = os.sysconf("SC_CLK_TCK")
+    w.mark()
+    for _ in range(20):                               # 5 s of two busy cores elsewhere
+        clock["t"] += 0.25
+        ticks["busy"] += int(2 * 0.25 * hz)
+        w.roll()
+    assert w.since_mark() == pytest.approx(2.0)
+    for _ in range(2):                                # then half a second at rest
+        clock["t"] += 0.25
+        w.roll()
+    assert w.since_mark() == 0.0
+    clock["t"] += 0.05                                # a fresh mark: the one before counts
+    assert w.since_mark() == 0.0
+    w.mark()
+    clock["t"] += 0.05
+    assert w.since_mark() is None
 
 
 def test_the_engine_marks_each_pause_and_wakes_the_governor_after_it(smollm_path):

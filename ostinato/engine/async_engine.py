@@ -27,6 +27,7 @@ from .sequence import Sequence
 
 log = logging.getLogger("ostinato.engine")
 _END = object()          # queue sentinel: every choice of the request has finished
+IDLE_TICK_S = 0.25       # while idle, the engine thread wakes this often (Engine.idle_tick)
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,8 @@ class AsyncEngine:
         """Apply the inbox; sleep while there is nothing to do. False: shut down."""
         with self._cv:
             while not (self._inbox or self._stopping or self.engine.has_unfinished()):
-                self._cv.wait()
+                self._cv.wait(IDLE_TICK_S)
+                self.engine.idle_tick()          # the thread governor's view of the machine
             if self._stopping:
                 return False
             cmds, self._inbox = self._inbox, []

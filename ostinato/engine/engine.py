@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from .step_time import step_features
 from .threads import ThreadGovernor
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence
 from .stats import StepSeries
+
+log = logging.getLogger("ostinato.engine")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Engine:
         self.governor = governor            # each step's thread count (threads.py)
         self._threads = governor.current if governor is not None else None
         self._idle = True                   # no work left after the last step: a pause follows
+        self._switches_logged = 0
         if disk is not None:
             scheduler.kv.track_new_cached()
         self.max_model_len = max_model_len
@@ -112,6 +116,7 @@ class Engine:
         if self.governor is not None:
             if self._idle:                      # the first step after a pause
                 self.governor.wake()
+                self._log_switch()
             threads = self._pick_threads()
             predicted = self.scheduler.step_time.predict(*features)
         t0 = time.perf_counter()
@@ -124,6 +129,7 @@ class Engine:
         self.scheduler.step_time.add(*features, seconds)   # the latency target's model
         if self.governor is not None:
             self.governor.record(threads, seconds, predicted)
+            self._log_switch()
         self._record(plan, seconds)
         if self.speculator is not None:
             self.speculator.record_step(plan.num_tokens, seconds)
@@ -131,6 +137,20 @@ class Engine:
         if self.disk is not None:
             self._to_disk()      # the blocks of those that finished: the engine may go idle
         return deltas
+
+    def _log_switch(self) -> None:
+        """Fewer threads is a slower path: the log says when and why the count changes."""
+        g = self.governor
+        if g.switches != self._switches_logged:
+            self._switches_logged = g.switches
+            fewer = g.current < g.choices[0]
+            (log.warning if fewer else log.info)("threads: now %d of %d (%s)", g.current,
+                                                 g.choices[0], g.reason)
+
+    def idle_tick(self) -> None:
+        """Call now and then (every IDLE_TICK_S or so) while there is no work."""
+        if self.governor is not None:
+            self.governor.idle_tick()
 
     def _pick_threads(self) -> int:
         """The governor's thread count for this step (the kernels' bits do not depend on it)."""

@@ -85,10 +85,13 @@ def running_in_other_processes() -> int | None:
 
 
 class CpuElsewhere:
-    """The cores other processes kept busy (time the hypervisor stole included) since mark():
-    /proc/stat's busy time of all CPUs less this process's own (/proc/self/stat)."""
+    """The cores other processes kept busy lately (time the hypervisor stole included):
+    /proc/stat's busy time of all CPUs less this process's own (/proc/self/stat), since
+    mark(). While the engine idles, roll() (every IDLE_TICK_S) moves the mark on, so that a
+    long pause is judged by its last fraction of a second, not by whatever ran early in it."""
 
     MIN_WINDOW_S = 0.1        # shorter: the counters' 10 ms ticks make it noise
+    ROLL_S = 0.25             # roll(): a window this old starts anew (the last one is kept)
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
@@ -110,15 +113,21 @@ class CpuElsewhere:
         return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
 
     def mark(self) -> None:
-        self._mark = (self._clock(), self._ticks())
+        self._mark, self._before = (self._clock(), self._ticks()), None
+
+    def roll(self) -> None:
+        if self._clock() - self._mark[0] >= self.ROLL_S:
+            self._before, self._mark = self._mark, (self._clock(), self._ticks())
 
     def since_mark(self) -> float | None:
-        """Cores used elsewhere since mark(); None: no mark, too short, or unreadable."""
-        if self._mark is None or self._mark[1] is None:
-            return None
-        t0, (busy0, own0) = self._mark
+        """Cores used elsewhere since the mark (or the one before it, while the mark is too
+        recent to tell); None: too short a window, or unreadable."""
         now, ticks = self._clock(), self._ticks()
-        if ticks is None or now - t0 < self.MIN_WINDOW_S:
+        start = self._mark if now - self._mark[0] >= self.MIN_WINDOW_S else self._before
+        if start is None or start[1] is None or ticks is None:
+            return None
+        t0, (busy0, own0) = start
+        if now - t0 < self.MIN_WINDOW_S:
             return None
         hz = os.sysconf("SC_CLK_TCK")
         return max(0.0, ((ticks[0] - busy0) - (ticks[1] - own0)) / hz / (now - t0))
@@ -127,7 +136,7 @@ class CpuElsewhere:
 class ThreadGovernor:
     """probe: runnable threads of other processes now (None: unknown), read every PROBE_EVERY
     steps; cores: the cores this process may use; window: the cores other processes used
-    since its mark() (CpuElsewhere), read when the engine wakes from a pause."""
+    lately (CpuElsewhere: mark, roll, since_mark), read when the engine wakes from a pause."""
 
     def __init__(self, max_threads: int, probe=None, cores: int | None = None, window=None):
         if max_threads < 1:
@@ -140,6 +149,7 @@ class ThreadGovernor:
         self.choices = sorted({max_threads, max(1, max_threads // 2), 1}, reverse=True)
         self.current = max_threads
         self.switches = 0
+        self.reason = ""                          # why the last switch happened (for the log)
         self._log_gain = {c: 0.0 for c in self.choices}     # decayed mean log(alt / current)
         self._alt_index = 0
         self._interval = EXPLORE_FIRST
@@ -189,14 +199,20 @@ class ThreadGovernor:
         if self.adaptive:
             self._window.mark()
 
+    def idle_tick(self) -> None:
+        """Now and then while the engine idles: the pause's window rolls on (CpuElsewhere)."""
+        if self.adaptive:
+            self._window.roll()
+
     def wake(self) -> None:
         """The first step after the engine was idle (since idle()). A neighbour may have come
         or gone meanwhile, and the first step after a pause (a prefill, often the longest) is
         the one a stall costs most: beside a busy neighbour, a burst's first 2-thread prefill
         took 2.7 s in `bench --contention`. Too few free cores for the current count moves to
         the most that fit; more free cores bring an exploration at once. Free means both now
-        (runnable threads elsewhere, the probe) and over the pause (the cores others used,
-        the window): a thread that merely happens to run at this instant is no neighbour."""
+        (runnable threads elsewhere, the probe) and lately (the cores others used in the last
+        quarter second or so of the pause, the window): a thread that merely happens to run
+        at this instant is no neighbour, nor is a process that was busy a while ago."""
         if not self.adaptive:
             return
         now, over_pause = self._probe(), self._window.since_mark()
@@ -206,7 +222,7 @@ class ThreadGovernor:
         self._busy, self._probe_countdown = busy, PROBE_EVERY
         fit = next((c for c in self.choices if self._cores - busy >= c - 0.5), self.choices[-1])
         if fit < self.current:
-            self._move_to(fit)
+            self._move_to(fit, f"woke beside {busy:.1f} busy cores elsewhere")
         elif fit > self.current:
             self._countdown, self._explored = 0, None
         self._usual, self._before, self._slow = None, None, 0   # the old times are stale
@@ -231,7 +247,9 @@ class ThreadGovernor:
             self._judge(self._explored, step)
         elif self._usual is not None and step.ratio > JUMP * self._usual:
             if step.ratio > STALL * self._usual and self._stalled_by_neighbour():
-                self._move_to(next(c for c in self.choices if c < self.current))
+                self._move_to(next(c for c in self.choices if c < self.current),
+                              f"a step {step.ratio / self._usual:.0f}x slower than usual "
+                              f"while another process ran")
                 return
             self._slow += 1
             if self._slow >= 2 and self.current > self.choices[-1]:
@@ -253,8 +271,8 @@ class ThreadGovernor:
         busy = self._probe()
         return busy is None or busy > 0
 
-    def _move_to(self, n: int) -> None:
-        self.current, self.switches = n, self.switches + 1
+    def _move_to(self, n: int, why: str) -> None:
+        self.current, self.switches, self.reason = n, self.switches + 1, why
         self._log_gain = {c: 0.0 for c in self.choices}
         self._usual, self._before, self._slow, self._jumped = None, None, 0, False
         self._interval = self._countdown = EXPLORE_FIRST
@@ -265,7 +283,8 @@ class ThreadGovernor:
         g, gain = alt.threads, math.log(alt.ratio / ref)
         self._log_gain[g] = (1 - WEIGHT) * self._log_gain[g] + WEIGHT * gain
         if self._log_gain[g] < -math.log(MARGIN):
-            self._move_to(g)
+            self._move_to(g, f"{g} thread(s) measured {math.exp(-self._log_gain[g]):.2f}x "
+                             f"faster")
         elif gain < -math.log(MARGIN):
             self._countdown = CONFIRM             # it won this time: look again soon
             return
