@@ -31,6 +31,7 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
         resolve_model(draft)
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
+    _log_to_stderr(log_level)
 
     def load():
         from ..llm import LLM
@@ -58,6 +59,18 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
     server.run()
     if failure:
         raise failure[0]
+
+
+def _log_to_stderr(level: str) -> None:
+    """The engine's own log lines (thread switches, the disk tier, the draft model) go to
+    stderr beside uvicorn's, at the server's --log-level."""
+    import logging
+    logger = logging.getLogger("ostinato")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper() if level.lower() != "trace" else "DEBUG")
 
 
 def speculative_line(llm) -> str:
