@@ -16,10 +16,11 @@ token budget (max_num_batched_tokens); "auto" (the server's default; the offline
 that carries prefill beside decode rows takes
     max(AUTO_FLOOR_S, AUTO_RATIO x t_d, t_s, level)
 (t_d: the predicted time of its decode rows alone; t_s: of the decode step the running and
-the waiting sequences that have a seat will make once admitted: a burst's prompts are taken in
-steps no longer than the steps that follow them, so the running batch fills at once and the
-tokens stay even; in a closed loop at 64 streams the 1.25x rule alone admitted a few prompts a
-step and ran 22 sequences of the 64), and the level (AutoDemand) is a slow
+the waiting sequences that have a seat will make once admitted, within AUTO_MAX_RATIO x the
+rest of the rule: a burst's prompts are taken in steps about as long as the steps that follow
+them, so the running batch fills at once and the tokens stay even; in a closed loop at 64
+streams the 1.25x rule alone admitted a few prompts a step and ran 22 sequences of the 64),
+and the level (AutoDemand) is a slow
 feedback loop on the prefill queue, in steps: it rises AUTO_UP a step while prefill is
 *behind* (the pending prefill, running and waiting prompts, would take more than AUTO_BEHIND_S
 of engine time at the step's prefill share), falls AUTO_DOWN a decoding step that carried no
@@ -241,6 +242,9 @@ class StepBudget:
         self.decode_seconds = decode_s = model.predict(decode_tokens, decode_pairs, decode_rows)
         seated_s = model.predict(decode_tokens + seated[0], decode_pairs + seated[1],
                                  decode_rows + seated[2]) if seated[2] else 0.0
+        # within AUTO_MAX_RATIO x the rule, as the level: the model, fitted mostly on prefill
+        # while a burst is admitted, over-predicts a large decode step (2.5-3.5x at 64 rows)
+        seated_s = min(seated_s, AUTO_MAX_RATIO * target.step_seconds(decode_s))
         self.rule_seconds = target.step_seconds(decode_s, 0.0, seated_s)  # without the level
         self.target_seconds = target.step_seconds(decode_s, level, seated_s)
         self.limited = decode_tokens > 0 and model.ready    # nobody decoding: no time limit
