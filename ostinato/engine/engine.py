@@ -127,7 +127,6 @@ class Engine:
         if self._idle and self.governor is not None:
             self.governor.idle()                # it may wake to another machine (threads.py)
         self.scheduler.step_time.add(*features, seconds)   # the latency target's model
-
         if self.governor is not None:
             self.governor.record(threads, seconds, predicted)
             self._log_switch()
