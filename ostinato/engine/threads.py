@@ -66,8 +66,9 @@ def running_elsewhere() -> int | None:
 
 def running_in_other_processes() -> int | None:
     """Runnable threads of other processes now: /proc/stat's procs_running less this
-    process's threads in state R (/proc/self/task); None where that cannot be read. Dearer
-    than running_elsewhere (a file a thread), so read when the engine wakes, not every step."""
+    process's threads in state R (/proc/self/task); None where that cannot be read. A file a
+    thread (about 25 us for a server's threads here), so read every PROBE_EVERY steps and on
+    waking, not every step."""
     total = running_elsewhere()
     if total is None:
         return None
@@ -224,8 +225,9 @@ class ThreadGovernor:
         if fit < self.current:
             self._move_to(fit, f"woke beside {busy:.1f} busy cores elsewhere")
         elif fit > self.current:
-            self._countdown, self._explored = 0, None
-        self._usual, self._before, self._slow = None, None, 0   # the old times are stale
+            self._countdown = 0
+        # the times before the pause are stale, a pending exploration's included
+        self._usual, self._before, self._explored, self._slow = None, None, None, 0
 
     def record(self, threads: int, seconds: float, predicted: float) -> None:
         """A step ran on `threads` in `seconds`; the step-time model expected `predicted`."""
