@@ -25,8 +25,8 @@ feedback loop on the prefill queue, in steps: it rises AUTO_UP a step while pref
 *behind* (the pending prefill, running and waiting prompts, would take more than AUTO_BEHIND_S
 of engine time at the step's prefill share), falls AUTO_DOWN a decoding step that carried no
 prefill (prefill ran dry, or no seat is free for the queue: a longer step would only stretch
-tokens), and holds otherwise; it stays within AUTO_MAX_RATIO x the no-demand rule and a step
-of the whole token budget. So under a load the rule keeps up with, auto is the rule (steps of
+tokens), and holds otherwise; it stays within AUTO_MAX_RATIO x the no-demand rule (t_s
+included) and a step of the whole token budget. So under a load the rule keeps up with, auto is the rule (steps of
 50 ms or 1.25 x t_d: prefill in nearly every step, tokens even); in overload, or a load the
 rule falls behind on, the level climbs over a few hundred steps (consecutive steps hardly
 differ) to up to 3x the rule: fewer, larger steps, each paying the per-step base cost once,
@@ -48,7 +48,7 @@ AUTO_FLOOR_S = 0.050       # auto: at least 50 ms (a lone stream's 7 ms step sta
 AUTO_BEHIND_S = 60.0       # auto: prefill is behind when what is pending would take longer
 AUTO_UP = 0.004            # auto: the level rises 0.4% a step while prefill is behind
 AUTO_DOWN = 0.02           # auto: it falls 2% a decoding step that carried no prefill
-AUTO_MAX_RATIO = 3.0       # auto: the level stays within 3x the no-demand rule
+AUTO_MAX_RATIO = 3.0       # auto: the level stays within 3x the no-demand rule (t_s included)
 MIN_PREFILL_TOKENS = 8     # prefill progress per step, whatever the target
 PAIR_SCALE = 1e-3          # pairs are counted in thousands (features of similar size)
 
