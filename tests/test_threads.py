@@ -275,11 +275,14 @@ def test_a_long_pause_is_judged_by_its_last_fraction_of_a_second():
         ticks["busy"] += int(2 * 0.25 * hz)
         w.roll()
     assert w.since_mark() == pytest.approx(2.0)
-    for _ in range(2):                                # then half a second at rest
-        clock["t"] += 0.25
-        w.roll()
-    assert w.since_mark() == 0.0
-    clock["t"] += 0.05                                # a fresh mark: the one before counts
+    clock["t"] += 0.25                                # then a quarter second of one core
+    ticks["busy"] += int(0.25 * hz)
+    w.roll()
+    # the mark is too fresh to tell: the quarter second before it counts, not the 5 s
+    assert w.since_mark() == pytest.approx(1.0)
+    clock["t"] += 0.25                                # then a quarter second at rest
+    w.roll()
+    clock["t"] += 0.15                                # the mark's own window is long enough
     assert w.since_mark() == 0.0
     w.mark()
     clock["t"] += 0.05

@@ -70,7 +70,7 @@ def _log_to_stderr(level: str) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(level.upper() if level.lower() != "trace" else "DEBUG")
+    logger.setLevel(level.upper())
 
 
 def speculative_line(llm) -> str:
