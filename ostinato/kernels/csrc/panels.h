@@ -23,6 +23,7 @@ struct PanelIsa {
   static constexpr const char* kName = "avx512_vnni";
   static constexpr int kRows = 16;   // weight rows a panel: one output a lane
   static constexpr int kTile = 12;   // x rows a pass: 12 int32 dots + 12 float sums in registers
+  static constexpr int kMinRows = 2; // panels from this many x rows (qlinear.h)
   using I = __m512i;
   using F = __m512;
   static I izero() { return _mm512_setzero_si512(); }
@@ -43,6 +44,79 @@ struct PanelIsa {
   static void store(float* p, F v, int64_t valid) {
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << valid) - 1), v);
   }
+  // The 16 rows' 16-byte runs at base + j * stride (j = 0..15) as 8 words a row, turned
+  // into word columns: out[k] holds word 2k of rows 0..15 in its low half and word 2k + 1
+  // in its high half (two rounds of word permutes: rows 0-7 and 8-15, then both).
+  static void word_columns(const uint8_t* base, int64_t stride, __m512i out[4]) {
+    __m512i z[4];
+    for (int g = 0; g < 4; ++g) {
+      const uint8_t* r = base + 4 * g * stride;
+      auto at = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + i * stride)); };
+      z[g] = _mm512_mask_broadcast_i32x4(_mm512_mask_broadcast_i32x4(_mm512_mask_broadcast_i32x4(
+          _mm512_castsi128_si512(at(0)), 0x00F0, at(1)), 0x0F00, at(2)), 0xF000, at(3));
+    }
+    // z[g] word r * 8 + q: row 4g + r, word q. Round 1: a[h] word (q % 4) * 8 + row, for
+    // rows 0-7 (b: 8-15) and words q = 4h .. 4h + 3.
+    alignas(64) static const int16_t one[2][32] = {
+        {0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57,
+         2, 10, 18, 26, 34, 42, 50, 58, 3, 11, 19, 27, 35, 43, 51, 59},
+        {4, 12, 20, 28, 36, 44, 52, 60, 5, 13, 21, 29, 37, 45, 53, 61,
+         6, 14, 22, 30, 38, 46, 54, 62, 7, 15, 23, 31, 39, 47, 55, 63}};
+    // Round 2: out word t * 16 + row = word (2k + t) % 4 of a (rows 0-7) or b (rows 8-15).
+    alignas(64) static const int16_t two[2][32] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 32, 33, 34, 35, 36, 37, 38, 39,
+         8, 9, 10, 11, 12, 13, 14, 15, 40, 41, 42, 43, 44, 45, 46, 47},
+        {16, 17, 18, 19, 20, 21, 22, 23, 48, 49, 50, 51, 52, 53, 54, 55,
+         24, 25, 26, 27, 28, 29, 30, 31, 56, 57, 58, 59, 60, 61, 62, 63}};
+    const __m512i i10 = _mm512_load_si512(one[0]), i11 = _mm512_load_si512(one[1]);
+    const __m512i i20 = _mm512_load_si512(two[0]), i21 = _mm512_load_si512(two[1]);
+    const __m512i a0 = _mm512_permutex2var_epi16(z[0], i10, z[1]);
+    const __m512i a1 = _mm512_permutex2var_epi16(z[0], i11, z[1]);
+    const __m512i b0 = _mm512_permutex2var_epi16(z[2], i10, z[3]);
+    const __m512i b1 = _mm512_permutex2var_epi16(z[2], i11, z[3]);
+    out[0] = _mm512_permutex2var_epi16(a0, i20, b0);
+    out[1] = _mm512_permutex2var_epi16(a0, i21, b0);
+    out[2] = _mm512_permutex2var_epi16(a1, i20, b1);
+    out[3] = _mm512_permutex2var_epi16(a1, i21, b1);
+  }
+  // A whole panel (16 weight rows) of Q4 or int8 codes straight into pairs, without the
+  // int16 rows and the 32-bit transpose of unpack_panel: a word of a row's chunk is the
+  // pair's two bytes (Q8: elements 2q, 2q + 1; Q4: the low nibbles are elements 2q, 2q + 1
+  // and the high ones 2q + 16, 2q + 17), so a word transpose and a widening give the pairs
+  // of 16 rows at once. The same integers as unpack_panel's (tests/test_kernels.py).
+  template <int FMT>
+  static bool unpack16(const Weights& w, int64_t n0, int32_t* panel) {
+    if constexpr (FMT != kQ4 && FMT != kQ8) {
+      return false;
+    } else {
+      if (w.N - n0 < 16) return false;
+      const int64_t nc = w.K / 32;
+      const __m512i zp = _mm512_set1_epi16((int16_t)w.zp), low = _mm512_set1_epi16(0x0f);
+      auto put = [&](int64_t pair, __m512i v) { _mm512_storeu_si512(panel + pair * 16, v); };
+      for (int64_t c = 0; c < nc; ++c) {
+        for (int half = 0; half < (FMT == kQ4 ? 1 : 2); ++half) {
+          __m512i cols[4];
+          if constexpr (FMT == kQ4)
+            word_columns(static_cast<const uint8_t*>(w.q) + (n0 * w.K + c * 32) / 2, w.K / 2, cols);
+          else
+            word_columns(static_cast<const uint8_t*>(w.q) + n0 * w.K + c * 32 + 16 * half, w.K, cols);
+          for (int q = 0; q < 8; ++q) {
+            const __m256i words = q % 2 ? _mm512_extracti64x4_epi64(cols[q / 2], 1)
+                                        : _mm512_castsi512_si256(cols[q / 2]);
+            const int64_t pair = c * 16 + q;
+            if constexpr (FMT == kQ4) {
+              const __m512i b = _mm512_cvtepu8_epi16(words);
+              put(pair, _mm512_sub_epi16(_mm512_and_si512(b, low), zp));
+              put(pair + 8, _mm512_sub_epi16(_mm512_srli_epi16(b, 4), zp));
+            } else {
+              put(pair + 8 * half, _mm512_cvtepi8_epi16(words));   // int8: no zero point
+            }
+          }
+        }
+      }
+      return true;
+    }
+  }
   // pairs [p0, p0 + 16) of 16 int16 rows (row stride K) -> panel + p0 * 16, 16 ints a pair
   static void transpose(const int16_t* rows, int64_t K, int64_t p0, int32_t* panel) {
     __m512 t[16];
@@ -60,6 +134,7 @@ struct PanelIsa {
 #endif
   static constexpr int kRows = 8;
   static constexpr int kTile = 6;    // 16 registers: 6 + 6 accumulators, weights, scales
+  static constexpr int kMinRows = 5; // no word unpack here: tiles are as fast up to 5 rows
   using I = __m256i;
   using F = __m256;
   static I izero() { return _mm256_setzero_si256(); }
@@ -81,6 +156,8 @@ struct PanelIsa {
     _mm256_store_ps(t, v);
     for (int64_t j = 0; j < valid; ++j) p[j] = t[j];
   }
+  template <int FMT>
+  static bool unpack16(const Weights&, int64_t, int32_t*) { return false; }
   static void transpose(const int16_t* rows, int64_t K, int64_t p0, int32_t* panel) {
     for (int64_t h = 0; h < 2; ++h) {           // pairs p0 .. p0 + 7, then p0 + 8 .. p0 + 15
       __m256 r[8], t[8];
@@ -147,10 +224,25 @@ struct Panel {
   int64_t valid;              // weight rows of the panel that exist (the rest are zero)
 };
 
+// Prefetch of `bytes` from p spread over a pass's nc blocks (a step reads each weight once,
+// from memory: without it the panels ran 1.5x slower in a model than on hot weights).
+struct Fetch {
+  const char* p = nullptr;
+  int64_t bytes = 0;
+  void some(int64_t c, int64_t nc) const {
+    if (!p) return;
+    const int64_t lines = (bytes + 63) / 64;
+    for (int64_t l = lines * c / nc; l < lines * (c + 1) / nc; ++l)
+      _mm_prefetch(p + l * 64, _MM_HINT_T0);
+  }
+};
+
 // x rows [m0, m0 + R) against one panel: out[m, n0 + j] for the valid rows j.
+// fetch: the next panel's weight bytes (nullptr: none, or not on this pass), which stream
+// into the cache while this pass computes, a few lines a block.
 template <int R, int BS>
 void panel_rows(const Weights& w, int64_t n0, const Panel& pn, const QAct& a, int64_t m0,
-                float* out, int64_t ldo) {
+                float* out, int64_t ldo, const Fetch& fetch) {
   using P = PanelIsa;
   constexpr int H = 32 / BS;
   const int64_t K = w.K, nc = K / 32;
@@ -159,6 +251,7 @@ void panel_rows(const Weights& w, int64_t n0, const Panel& pn, const QAct& a, in
   P::F acc[R];
   for (int r = 0; r < R; ++r) acc[r] = P::fzero();
   for (int64_t c = 0; c < nc; ++c) {
+    fetch.some(c, nc);
     const float* dx = a.dt.data() + c * a.ldt + m0;
     for (int h = 0; h < H; ++h) {
       const int64_t p0 = c * 16 + h * (BS / 2);
@@ -182,11 +275,18 @@ void panel_rows(const Weights& w, int64_t n0, const Panel& pn, const QAct& a, in
 
 template <int BS, int R = PanelIsa::kTile>
 void panel_tail(int rows, const Weights& w, int64_t n0, const Panel& pn, const QAct& a,
-                int64_t m0, float* out, int64_t ldo) {
+                int64_t m0, float* out, int64_t ldo, const Fetch& fetch) {
   if constexpr (R > 0) {
-    if (rows == R) panel_rows<R, BS>(w, n0, pn, a, m0, out, ldo);
-    else panel_tail<BS, R - 1>(rows, w, n0, pn, a, m0, out, ldo);
+    if (rows == R) panel_rows<R, BS>(w, n0, pn, a, m0, out, ldo, fetch);
+    else panel_tail<BS, R - 1>(rows, w, n0, pn, a, m0, out, ldo, fetch);
   }
+}
+
+// The bytes of weight rows [n0, n1) (all formats store a row's blocks contiguously).
+inline Fetch rows_fetch(const Weights& w, int64_t n0, int64_t n1) {
+  const int64_t row = w.fmt == kQ4 ? w.K / 2 : w.fmt == kQ5 ? w.K / 32 * kQ5Block : w.K;
+  if (n0 >= n1) return {};
+  return {static_cast<const char*>(w.q) + n0 * row, (n1 - n0) * row};
 }
 
 thread_local std::vector<int16_t> t_panel_rows;   // each thread's unpacked weight rows
@@ -201,15 +301,16 @@ void panel_group(const Weights& w, int64_t n0, const QAct& a, int64_t M, float* 
   int16_t* rows16 = grow(t_panel_rows, kPanelRows * w.K);
   int32_t* pairs = grow(t_panel, kPanelRows * w.K / 2);
   float* vals = grow(t_panel_vals, panel_vals_floats(w.K));
-  unpack_panel<FMT>(w, n0, rows16, pairs);
+  if (!PanelIsa::unpack16<FMT>(w, n0, pairs)) unpack_panel<FMT>(w, n0, rows16, pairs);
   const int64_t valid = std::min<int64_t>(kPanelRows, w.N - n0), nb = w.K / BS;
   panel_vals(w.scale, n0, valid, nb, vals);
   if (w.min) panel_vals(w.min, n0, valid, w.K / 32, vals + nb * kPanelRows);
   const Panel pn{pairs, vals, w.min ? vals + nb * kPanelRows : nullptr, valid};
   constexpr int T = PanelIsa::kTile;
+  const Fetch next = rows_fetch(w, n0 + kPanelRows, std::min(w.N, n0 + 2 * kPanelRows));
   int64_t m = 0;
-  for (; m + T <= M; m += T) panel_rows<T, BS>(w, n0, pn, a, m, out, ldo);
-  if (m < M) panel_tail<BS>((int)(M - m), w, n0, pn, a, m, out, ldo);
+  for (; m + T <= M; m += T) panel_rows<T, BS>(w, n0, pn, a, m, out, ldo, m ? Fetch{} : next);
+  if (m < M) panel_tail<BS>((int)(M - m), w, n0, pn, a, m, out, ldo, m ? Fetch{} : next);
 }
 
 void qlinear_panels(const Weights& w, QAct& a, int64_t M, float* out, bool parallel) {
