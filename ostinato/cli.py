@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serving-max-tokens", type=int, default=128,
                    help="tokens per serving request (default 128)")
     p.add_argument("--requests-per-level", type=int, default=None,
-                   help="requests per serving level (default: max(streams, 4))")
+                   help="requests per serving level (default: max(streams, 16))")
     p.add_argument("--url", default=None,
                    help="sweep this running OpenAI-compatible server instead of starting ours")
     p.add_argument("--served-model", default="bench", help="model id to send with --url")

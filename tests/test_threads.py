@@ -319,3 +319,20 @@ def test_the_engine_marks_each_pause_and_wakes_the_governor_after_it(smollm_path
     finally:
         llm.engine.runner.set_threads(1)
     assert g.calls == ["wake", "step", "idle"] * 2
+
+
+def test_a_quiet_machine_costs_no_exploration_of_fewer_threads():
+    """Nobody else runnable: every step runs on all the threads (an exploration of fewer is a
+    step 1.8x slower for every stream); a neighbour that takes a core brings explorations
+    back, and two slow steps in a row try fewer threads even where the probe sees nobody (a
+    hypervisor's steal)."""
+    others = {"n": 0}
+    g = ThreadGovernor(2, probe=lambda: others["n"], cores=2)
+    rng = random.Random(8)
+    assert drive(g, 3000, QUIET.get, rng).count(1) == 0
+    others["n"] = 1                                   # a neighbour the probe sees
+    used = drive(g, 200, lambda n: {2: 0.012, 1: 0.016}[n], rng)   # 2 threads still faster
+    assert used.count(1) >= 1 and g.current == 2
+    others["n"] = 0                                   # one it cannot see, slowing us down
+    used = drive(g, 60, BUSY.get, rng)
+    assert g.current == 1 and used[-10:] == [1] * 10

@@ -217,8 +217,8 @@ CONTENDED_SALT = 500_000       # contended runs send prompts of their own (no pr
 
 def _level(llm, a: BenchArgs, started, label: str, base: str, model: str, c: int,
            salt: int = 0) -> dict:
-    from .serving import level, level_prompts, poisson_arrivals, wait_quiet
-    n = a.requests_per_level or max(c, 4)
+    from .serving import level, level_prompts, poisson_arrivals, requests_for, wait_quiet
+    n = a.requests_per_level or requests_for(c)
     prompts = level_prompts(n, 1000 * c + salt, a.prompt_words, a.prompt_mix, llm)
     arrivals = poisson_arrivals(n, a.request_rate, c) if a.arrivals == "poisson" else None
     wait_quiet(started)

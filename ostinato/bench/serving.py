@@ -213,12 +213,21 @@ def warm_up(base: str, model: str, prompt_words: int) -> None:
     asyncio.run(_level(base, model, 4, warm, 16))
 
 
+MIN_REQUESTS = 16    # a level's requests at the least: at 1 and 4 streams, 4 requests (the old
+                     # floor) let the peers' contended ratios swing 0.17x-0.86x run to run
+
+
+def requests_for(c: int) -> int:
+    """A level's requests by default: one per stream, and at least MIN_REQUESTS."""
+    return max(c, MIN_REQUESTS)
+
+
 def level(base: str, model: str, c: int, max_tokens: int, prompt_words: int,
           usd_per_hour: float, requests_per_level: int | None = None, log=print,
           prompts: list[str] | None = None, arrivals: list[float] | None = None) -> dict:
     """One concurrency level: by default the same fresh prompts for every server (no prefix
     hits); `prompts` and `arrivals` (s from the start: Poisson arrivals) override."""
-    n = requests_per_level or max(c, 4)
+    n = requests_per_level or requests_for(c)
     prompts = prompts or [synthetic_words(prompt_words, 1000 * c + i) for i in range(n)]
     reqs, wall, errors = asyncio.run(_level(base, model, c, prompts, max_tokens, arrivals))
     row = summarize(reqs, wall, errors, c, usd_per_hour)

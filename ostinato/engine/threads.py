@@ -21,7 +21,9 @@ outright (beside a neighbour a 2-thread step can take a second: waiting for a se
 and an exploration to judge it cost 4 streams an inter-token p99 of 2.1 s in `bench
 --contention`; a wrong move is undone by the next exploration of more threads). More
 threads are tried only while the machine shows about that many idle cores (other processes'
-runnable threads, /proc/stat, read every few steps), so a busy neighbour costs no exploration.
+runnable threads, /proc/stat, read every few steps), so a busy neighbour costs no exploration;
+fewer are tried only while the current count does not fit (or the load cannot be read), so a
+quiet machine costs none either (two slow steps in a row still try fewer, whatever it shows).
 When the engine wakes from a pause, the governor looks before the first step: the cores other
 processes used during the pause (CpuElsewhere) and their runnable threads now settle the count
 for that step, so a neighbour that arrived meanwhile costs no stalled step.
@@ -172,8 +174,9 @@ class ThreadGovernor:
         if self._jumped:                          # slower than usual: try fewer threads
             self._jumped = False
             return next(c for c in self.choices if c < self.current)
-        others = [c for c in self.choices if c != self.current and self._room_for(c)]
-        if not others:                            # no core free for more: look again later
+        others = [c for c in self.choices
+                  if c != self.current and self._room_for(c) and self._crowded_for(c)]
+        if not others:                            # nothing worth a slower step: look again later
             self._countdown = self._interval
             return self.current
         self._alt_index = (self._alt_index + 1) % len(others)
@@ -184,6 +187,21 @@ class ThreadGovernor:
         neighbour, a step on more threads than free cores can take 100x longer."""
         if n <= self.current or self._busy is None:
             return True
+        return self._fits(n)
+
+    def _crowded_for(self, n: int) -> bool:
+        """Fewer threads are tried only while the current count does not fit the free cores
+        (or the load cannot be read): on a quiet machine all the threads are faster, and an
+        exploration is one step 1.8x slower for every running stream (Poisson 3/s at 64
+        streams here: 7 such steps in 1,000, which is where the inter-token p99 sits). A
+        neighbour the probe cannot see (a hypervisor's steal) still slows the steps down,
+        and two slow steps in a row try fewer threads whatever the probe says (record)."""
+        if n >= self.current or self._busy is None:
+            return True
+        return not self._fits(self.current)
+
+    def _fits(self, n: int) -> bool:
+        """n threads fit the cores the others (the probe's decayed mean) leave free."""
         return self._cores - self._busy >= n - 0.5
 
     def _sample_load(self) -> None:
