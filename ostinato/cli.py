@@ -105,7 +105,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-itl-ms", type=_target_itl, default="auto", metavar="MS",
                    help="step-time target: each step's prefill chunks are sized so that the "
                         "streams decoding meanwhile get their next token within it; 'auto' "
-                        "(default: 1.25x the decode step, at least 50 ms), a number of ms, or "
+                        "(default: 1.25x the decode step, at least 35 ms), a number of ms, or "
                         "'off' / 0 (the token budget alone)")
 
 

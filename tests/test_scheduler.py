@@ -293,7 +293,7 @@ def test_auto_target_follows_the_decode_step_and_nobody_decoding_gets_the_budget
         decoding(sched, n)
         sched.add(make_seq("long", range(1000, 1300)))
         plan = sched.schedule()
-        # 8 decode rows take 21 ms: the 50 ms floor; 48 take 101 ms: 1.25 x that
+        # 8 decode rows take 21 ms: the 35 ms floor; 48 take 101 ms: 1.25 x that
         assert sched._step.target_seconds == pytest.approx(target, rel=1e-3)
         assert predicted(plan) <= target + 1e-9 < predicted(plan) + 0.002   # filled to it
         assert plan.num_tokens < n + 100
@@ -301,7 +301,7 @@ def test_auto_target_follows_the_decode_step_and_nobody_decoding_gets_the_budget
 
 def test_auto_takes_a_burst_in_steps_as_long_as_the_decode_steps_it_will_make():
     """40 prompts arrive beside 8 decoders: a step with prefill may take as long as the decode
-    step of all 48 (not only 1.25x the 8 rows' or 50 ms), so the batch fills in a few steps;
+    step of all 48 (not only 1.25x the 8 rows' or 35 ms), so the batch fills in a few steps;
     with the seats full the waiting add nothing."""
     sched = target_sched("auto", budget=512, blocks=2048, max_seqs=48)
     decoding(sched, 8)

@@ -16,6 +16,7 @@ from ostinato.engine.step_time import (
     AUTO_DOWN,
     AUTO_FLOOR_S,
     AUTO_MAX_RATIO,
+    AUTO_RATIO,
     AUTO_UP,
     AutoDemand,
     LatencyTarget,
@@ -89,7 +90,7 @@ def test_auto_level_rises_while_behind_falls_when_dry_and_holds_otherwise():
 
 def test_auto_without_demand_stays_at_the_rule():
     """8 decoders and a short prompt now and then: the steps with prefill take the rule
-    (max(50 ms, 1.25 x the decode rows)), as before issue 17."""
+    (max(the floor, 1.25 x the decode rows)), as before issue 17."""
     sched = target_sched("auto", budget=512, blocks=512)
     decoders = [make_seq(f"d{i}", range(100 * i, 100 * i + 6)) for i in range(8)]
     for s in decoders:
@@ -99,7 +100,8 @@ def test_auto_without_demand_stays_at_the_rule():
         if k % 10 == 0:
             sched.add(make_seq(f"p{k}", range(5000 + 100 * k, 5000 + 100 * k + 60)))
         step(sched)
-        assert sched._step.target_seconds == pytest.approx(AUTO_FLOOR_S)
+        rule = max(AUTO_FLOOR_S, AUTO_RATIO * sched._step.decode_seconds)
+        assert sched._step.target_seconds == pytest.approx(rule)     # no level on top
 
 
 def test_auto_rises_uniformly_under_sustained_demand_then_falls_back():
@@ -112,16 +114,18 @@ def test_auto_rises_uniformly_under_sustained_demand_then_falls_back():
     step(sched)
     for i in range(100):
         sched.add(make_seq(f"p{i}", range(10 ** 5 * (i + 1), 10 ** 5 * (i + 1) + 1000)))
-    targets = []
+    targets, rules = [], []
     for _ in range(400):
         step(sched)
         targets.append(sched._step.target_seconds)
+        rules.append(sched._step.rule_seconds)     # the floor, or the seated prompts' step
         for s in list(sched.running):         # a prompt leaves with its first token: the
             if s.seq_id[0] == "p" and s.output_ids:      # decode rows stay the same 8
                 sched.finish(s, "length")
-    assert targets[0] == pytest.approx(AUTO_FLOOR_S)
+    assert all(AUTO_FLOOR_S <= r < 1.2 * AUTO_FLOOR_S for r in rules)
+    assert targets[0] == pytest.approx(rules[0])
     assert all(b <= a * (1 + AUTO_UP) + 1e-12 for a, b in zip(targets, targets[1:]))
-    assert targets[-1] == pytest.approx(AUTO_MAX_RATIO * AUTO_FLOOR_S)
+    assert targets[-1] == pytest.approx(AUTO_MAX_RATIO * rules[-1], rel=1e-4)
     for s in list(sched.waiting) + [s for s in sched.running if s.in_prefill]:
         sched.finish(s, "abort")                 # the demand goes away: only decoders left
     for _ in range(100):

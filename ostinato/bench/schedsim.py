@@ -30,7 +30,7 @@ BLOCK = 16
 
 
 class NoDemand(AutoDemand):
-    """auto before issue 17: no level, only max(50 ms, 1.25 x the decode rows)."""
+    """auto before issue 17: no level, only max(the floor, 1.25 x the decode rows)."""
 
     def update(self, *args) -> float:
         return self.level           # stays 0
@@ -110,7 +110,7 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
              budget: int = 512, demand: AutoDemand | None = None,
              steady_from: float = 1 / 3) -> Result:
     """policy: a --target-itl-ms value ("auto", "off", ms), or "old-auto" (auto without
-    demand: max(50 ms, 1.25 x the decode step), the rule before issue 17)."""
+    demand: max(the floor, 1.25 x the decode step), the rule before issue 17)."""
     arrivals = work.arrivals()
     need = streams * ((work.max_prompt + work.output) // BLOCK + 2) + 2
     kv = KVCacheManager([need], BLOCK, [None], enable_prefix_caching=False)

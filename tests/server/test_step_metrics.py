@@ -35,7 +35,7 @@ def test_step_seconds_and_tokens_histograms(server, client):
 def test_startup_line_names_the_target(server):
     with open(server.log_path, errors="replace") as f:
         log = f.read()
-    assert "scheduler: step-time target auto (at least 1.25x the decode step, 50 ms and " \
+    assert "scheduler: step-time target auto (at least 1.25x the decode step, 35 ms and " \
            "the decode step of the batch the queue will make, rising while prefill falls " \
            "behind: uniform steps that keep up with demand), at " \
            "most 512 tokens a step" in log
