@@ -226,5 +226,5 @@ def test_a_repeated_level_sends_prompts_of_its_own(monkeypatch, tmp_path):
     quiet, loud = salts[0::2], salts[1::2]
     assert [c for c, _ in quiet] == [2, 2, 4, 2]
     assert quiet[0][1] == 0 and quiet[2][1] == 0                  # first of their streams
-    assert len({s for _, s in quiet if _ == 2}) == 3              # each repeat: new prompts
+    assert len({s for c, s in quiet if c == 2}) == 3              # each repeat: new prompts
     assert all(ls != qs and lc == qc for (qc, qs), (lc, ls) in zip(quiet, loud))

@@ -174,31 +174,25 @@ class ThreadGovernor:
         if self._jumped:                          # slower than usual: try fewer threads
             self._jumped = False
             return next(c for c in self.choices if c < self.current)
-        others = [c for c in self.choices
-                  if c != self.current and self._room_for(c) and self._crowded_for(c)]
+        others = [c for c in self.choices if c != self.current and self._worth_trying(c)]
         if not others:                            # nothing worth a slower step: look again later
             self._countdown = self._interval
             return self.current
         self._alt_index = (self._alt_index + 1) % len(others)
         return others[self._alt_index]
 
-    def _room_for(self, n: int) -> bool:
+    def _worth_trying(self, n: int) -> bool:
         """More threads are tried only while about that many cores look free: beside a busy
-        neighbour, a step on more threads than free cores can take 100x longer."""
-        if n <= self.current or self._busy is None:
-            return True
-        return self._fits(n)
-
-    def _crowded_for(self, n: int) -> bool:
-        """Fewer threads are tried only while the current count does not fit the free cores
-        (or the load cannot be read): on a quiet machine all the threads are faster, and an
-        exploration is one step 1.8x slower for every running stream (Poisson 3/s at 64
-        streams here: 7 such steps in 1,000, which is where the inter-token p99 sits). A
+        neighbour, a step on more threads than free cores can take 100x longer. Fewer only
+        while the current count does not fit: on a quiet machine all the threads are faster,
+        and an exploration is one step 1.8x slower for every running stream (Poisson 3/s at
+        64 streams here: 7 such steps in 1,000, which is where the inter-token p99 sits). A
         neighbour the probe cannot see (a hypervisor's steal) still slows the steps down,
-        and two slow steps in a row try fewer threads whatever the probe says (record)."""
-        if n >= self.current or self._busy is None:
+        and two slow steps in a row try fewer threads whatever the probe says (record).
+        Where the load cannot be read, any count is worth a try."""
+        if self._busy is None:
             return True
-        return not self._fits(self.current)
+        return self._fits(n) if n > self.current else not self._fits(self.current)
 
     def _fits(self, n: int) -> bool:
         """n threads fit the cores the others (the probe's decayed mean) leave free."""

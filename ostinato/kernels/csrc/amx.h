@@ -164,7 +164,7 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
   };
   // the next group's weight bytes stream into the cache while this group computes (they
   // come from memory: a step reads each weight once), a few lines per pair of cells
-  const int64_t row_bytes = FMT == kQ4 ? (w.fmt == kQ5 ? K / 32 * kQ5Block : K / 2) : K;
+  const int64_t row_bytes = w.row_bytes();
   const int64_t lines = (row_bytes + 63) / 64;
   const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(16, w.N - n0 - 16));
   const char* next = static_cast<const char*>(w.q) + (next_rows ? n0 + 16 : 0) * row_bytes;

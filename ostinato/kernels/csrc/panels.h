@@ -282,11 +282,10 @@ void panel_tail(int rows, const Weights& w, int64_t n0, const Panel& pn, const Q
   }
 }
 
-// The bytes of weight rows [n0, n1) (all formats store a row's blocks contiguously).
+// The bytes of weight rows [n0, n1).
 inline Fetch rows_fetch(const Weights& w, int64_t n0, int64_t n1) {
-  const int64_t row = w.fmt == kQ4 ? w.K / 2 : w.fmt == kQ5 ? w.K / 32 * kQ5Block : w.K;
   if (n0 >= n1) return {};
-  return {static_cast<const char*>(w.q) + n0 * row, (n1 - n0) * row};
+  return {static_cast<const char*>(w.q) + n0 * w.row_bytes(), (n1 - n0) * w.row_bytes()};
 }
 
 thread_local std::vector<int16_t> t_panel_rows;   // each thread's unpacked weight rows

@@ -120,6 +120,10 @@ struct Weights {
   const void* q;                   // (N, K) f32 | (N, K) int8 | (N, K/2) uint8
   BlockVals scale;                 // unused for f32
   BlockVals min;                   // p == nullptr when the format has none
+  // bytes of one row's codes (every format stores a row's blocks contiguously)
+  int64_t row_bytes() const {
+    return fmt == kQ4 ? K / 2 : fmt == kQ5 ? K / 32 * kQ5Block : fmt == kF32 ? K * 4 : K;
+  }
 };
 
 // Unpack block b of row n into BS/8 float vectors (format and block size fixed at compile
