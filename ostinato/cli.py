@@ -102,10 +102,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float16",
                    help="float16: llama.cpp's default, half the memory; float32: keys and "
                         "values exactly as computed (kernels backend only)")
+    from .engine.step_time import AUTO_FLOOR_S, AUTO_RATIO      # pure Python, no torch
     p.add_argument("--target-itl-ms", type=_target_itl, default="auto", metavar="MS",
                    help="step-time target: each step's prefill chunks are sized so that the "
                         "streams decoding meanwhile get their next token within it; 'auto' "
-                        "(default: 1.25x the decode step, at least 35 ms), a number of ms, or "
+                        f"(default: {AUTO_RATIO}x the decode step, at least "
+                        f"{AUTO_FLOOR_S * 1e3:.0f} ms), a number of ms, or "
                         "'off' / 0 (the token budget alone)")
 
 

@@ -122,7 +122,7 @@ def test_auto_rises_uniformly_under_sustained_demand_then_falls_back():
         for s in list(sched.running):         # a prompt leaves with its first token: the
             if s.seq_id[0] == "p" and s.output_ids:      # decode rows stay the same 8
                 sched.finish(s, "length")
-    assert all(AUTO_FLOOR_S <= r < 1.2 * AUTO_FLOOR_S for r in rules)
+    assert min(rules) >= AUTO_FLOOR_S and max(rules) < 1.2 * min(rules)   # a steady rule
     assert targets[0] == pytest.approx(rules[0])
     assert all(b <= a * (1 + AUTO_UP) + 1e-12 for a, b in zip(targets, targets[1:]))
     assert targets[-1] == pytest.approx(AUTO_MAX_RATIO * rules[-1], rel=1e-4)

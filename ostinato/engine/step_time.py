@@ -27,7 +27,7 @@ of engine time at the step's prefill share), falls AUTO_DOWN a decoding step tha
 prefill (prefill ran dry, or no seat is free for the queue: a longer step would only stretch
 tokens), and holds otherwise; it stays within AUTO_MAX_RATIO x the no-demand rule (t_s
 included) and a step of the whole token budget. So under a load the rule keeps up with, auto is the rule (steps of
-35 ms or 1.25 x t_d: prefill in nearly every step, tokens even); in overload, or a load the
+30 ms or 1.25 x t_d: prefill in nearly every step, tokens even); in overload, or a load the
 rule falls behind on, the level climbs over a few hundred steps (consecutive steps hardly
 differ) to up to 3x the rule: fewer, larger steps, each paying the per-step base cost once,
 so throughput comes close to "off"'s while every step is still the same length. Why not
@@ -44,9 +44,11 @@ import math
 from dataclasses import dataclass
 
 AUTO_RATIO = 1.25          # auto: a step with prefill takes at least this times a decode step
-AUTO_FLOOR_S = 0.035       # auto: at least 35 ms (a lone stream's 7 ms step starves prefill;
-                           # 50 ms, the floor until 2026-11-30, gave 4 streams beside a busy
-                           # process an ITL p99 of 4.1x the quiet p50, 35 ms 3.1x)
+AUTO_FLOOR_S = 0.030       # auto: at least 30 ms (a lone stream's 7 ms step starves prefill;
+                           # 50 ms until 2026-11-30, then 35: a step that carries a prompt
+                           # beside 4 streams' 12 ms decode steps sets their ITL p99, and
+                           # beside a busy process 50 ms gave 4.1x the quiet p50, 35 ms
+                           # 3.0-3.4x, 30 ms 2.6-2.9x)
 AUTO_BEHIND_S = 60.0       # auto: prefill is behind when what is pending would take longer
 AUTO_UP = 0.004            # auto: the level rises 0.4% a step while prefill is behind
 AUTO_DOWN = 0.02           # auto: it falls 2% a decoding step that carried no prefill

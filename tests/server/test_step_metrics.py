@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from ostinato.engine.step_time import AUTO_FLOOR_S, AUTO_RATIO
+
 
 def step_samples(base: str) -> dict[str, float]:
     out = {}
@@ -35,7 +37,7 @@ def test_step_seconds_and_tokens_histograms(server, client):
 def test_startup_line_names_the_target(server):
     with open(server.log_path, errors="replace") as f:
         log = f.read()
-    assert "scheduler: step-time target auto (at least 1.25x the decode step, 35 ms and " \
-           "the decode step of the batch the queue will make, rising while prefill falls " \
+    assert f"scheduler: step-time target auto (at least {AUTO_RATIO}x the decode step, " \
+           f"{AUTO_FLOOR_S * 1e3:.0f} ms and the decode step of the batch the queue will make, rising while prefill falls " \
            "behind: uniform steps that keep up with demand), at " \
            "most 512 tokens a step" in log
