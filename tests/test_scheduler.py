@@ -311,7 +311,8 @@ def test_auto_takes_a_burst_in_steps_as_long_as_the_decode_steps_it_will_make():
         sched.add(s)
     seated = FixedCost().predict(48, sum(attention_pairs(6 + 1, 1) for _ in range(8)) +
                                  40 * 20, 48)
-    rule = max(AUTO_FLOOR_S, AUTO_RATIO * FixedCost().predict(8, 8 * 7, 8))
+    rule = max(AUTO_FLOOR_S, AUTO_RATIO * FixedCost().predict(
+        8, sum(attention_pairs(6 + 1, 1) for _ in range(8)), 8))
     seated = min(seated, AUTO_MAX_RATIO * rule)        # within 3x the rest of the rule
     plan = sched.schedule()
     assert sched._step.target_seconds == pytest.approx(seated, rel=1e-3) and seated > 2 * rule

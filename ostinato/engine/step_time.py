@@ -26,14 +26,15 @@ feedback loop on the prefill queue, in steps: it rises AUTO_UP a step while pref
 of engine time at the step's prefill share), falls AUTO_DOWN a decoding step that carried no
 prefill (prefill ran dry, or no seat is free for the queue: a longer step would only stretch
 tokens), and holds otherwise; it stays within AUTO_MAX_RATIO x the no-demand rule (t_s
-included) and a step of the whole token budget. So under a load the rule keeps up with, auto is the rule (steps of
-30 ms or 1.25 x t_d: prefill in nearly every step, tokens even); in overload, or a load the
-rule falls behind on, the level climbs over a few hundred steps (consecutive steps hardly
-differ) to up to 3x the rule: fewer, larger steps, each paying the per-step base cost once,
-so throughput comes close to "off"'s while every step is still the same length. Why not
-larger: past about 3x a seat-limited engine (max_num_seqs) runs prefill dry between
-admissions and steps stop being uniform (ostinato/bench/schedsim.py measures all of this).
-The scheduler reads no clock: the level counts steps and predicted seconds.
+included) and a step of the whole token budget. So under a load the rule keeps up with,
+auto is the rule (steps of 30 ms or 1.25 x t_d: prefill in nearly every step, tokens even);
+in overload, or a load the rule falls behind on, the level climbs over a few hundred steps
+(consecutive steps hardly differ) to up to 3x the rule: fewer, larger steps, each paying
+the per-step base cost once, so throughput comes close to "off"'s while every step is still
+the same length. Why not larger: past about 3x a seat-limited engine (max_num_seqs) runs
+prefill dry between admissions and steps stop being uniform (ostinato/bench/schedsim.py
+measures all of this). The scheduler reads no clock: the level counts steps and predicted
+seconds.
 
 A step without decode rows stretches nobody's next token: it gets the whole token budget. A
 waiting prompt always gets at least MIN_PREFILL_TOKENS a step, so a target tighter than the

@@ -38,6 +38,6 @@ def test_startup_line_names_the_target(server):
     with open(server.log_path, errors="replace") as f:
         log = f.read()
     assert f"scheduler: step-time target auto (at least {AUTO_RATIO}x the decode step, " \
-           f"{AUTO_FLOOR_S * 1e3:.0f} ms and the decode step of the batch the queue will make, rising while prefill falls " \
-           "behind: uniform steps that keep up with demand), at " \
-           "most 512 tokens a step" in log
+           f"{AUTO_FLOOR_S * 1e3:.0f} ms and the decode step of the batch the queue will " \
+           "make, rising while prefill falls behind: uniform steps that keep up with " \
+           "demand), at most 512 tokens a step" in log
