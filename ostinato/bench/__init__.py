@@ -228,8 +228,8 @@ def _level(llm, a: BenchArgs, started, label: str, base: str, model: str, c: int
     wait_quiet(started)
     _log(f"serving: {label}, {c} streams" + (f", beside {a.contention} busy processes"
                                             if salt else "") + " ...")
-    return level(base, model, c, a.serving_max_tokens, a.prompt_words, a.usd_per_hour, n,
-                 log=_log, prompts=prompts, arrivals=arrivals)
+    return level(base, model, c, prompts, a.serving_max_tokens, a.usd_per_hour, log=_log,
+                 arrivals=arrivals)
 
 
 _FOOTPRINT = """

@@ -222,13 +222,10 @@ def requests_for(c: int) -> int:
     return max(c, MIN_REQUESTS)
 
 
-def level(base: str, model: str, c: int, max_tokens: int, prompt_words: int,
-          usd_per_hour: float, requests_per_level: int | None = None, log=print,
-          prompts: list[str] | None = None, arrivals: list[float] | None = None) -> dict:
-    """One concurrency level: by default the same fresh prompts for every server (no prefix
-    hits); `prompts` and `arrivals` (s from the start: Poisson arrivals) override."""
-    n = requests_per_level or requests_for(c)
-    prompts = prompts or [synthetic_words(prompt_words, 1000 * c + i) for i in range(n)]
+def level(base: str, model: str, c: int, prompts: list[str], max_tokens: int,
+          usd_per_hour: float, log=print, arrivals: list[float] | None = None) -> dict:
+    """One concurrency level: `prompts` (one request each, c at a time), sent back to back or
+    at `arrivals` (s from the start: Poisson arrivals)."""
     reqs, wall, errors = asyncio.run(_level(base, model, c, prompts, max_tokens, arrivals))
     row = summarize(reqs, wall, errors, c, usd_per_hour)
     log(f"  concurrency {c:3d}: {row['throughput_tok_s']:7.1f} tok/s, TTFT p50 "
