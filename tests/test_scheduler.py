@@ -13,8 +13,8 @@ from ostinato.engine.scheduler import Scheduler
 from ostinato.engine.sequence import SchedulerOutput, Sequence, Status
 from ostinato.engine.step_time import (
     AUTO_FLOOR_S,
-    AUTO_MAX_RATIO,
     AUTO_RATIO,
+    AUTO_SEATED_MAX_S,
     MIN_PREFILL_TOKENS,
     LatencyTarget,
     StepTimeModel,
@@ -302,8 +302,8 @@ def test_auto_target_follows_the_decode_step_and_nobody_decoding_gets_the_budget
 
 def test_auto_takes_a_burst_in_steps_as_long_as_the_decode_steps_it_will_make():
     """40 prompts arrive beside 8 decoders: a step with prefill may take as long as the decode
-    step of all 48 (not only 1.25x the 8 rows' or the floor; within 3x that), so the batch fills
-    in a few steps; with the seats full the waiting add nothing."""
+    step of all 48 (not only 1.25x the 8 rows' or the floor; within AUTO_SEATED_MAX_S), so the
+    batch fills in a few steps; with the seats full the waiting add nothing."""
     sched = target_sched("auto", budget=512, blocks=2048, max_seqs=48)
     decoding(sched, 8)
     burst = [make_seq(f"b{i}", range(2000 + 30 * i, 2000 + 30 * i + 20)) for i in range(40)]
@@ -313,7 +313,7 @@ def test_auto_takes_a_burst_in_steps_as_long_as_the_decode_steps_it_will_make():
                                  40 * 20, 48)
     rule = max(AUTO_FLOOR_S, AUTO_RATIO * FixedCost().predict(
         8, sum(attention_pairs(6 + 1, 1) for _ in range(8)), 8))
-    seated = min(seated, AUTO_MAX_RATIO * rule)        # within 3x the rest of the rule
+    seated = min(seated, AUTO_SEATED_MAX_S)            # within 90 ms (3x the floor)
     plan = sched.schedule()
     assert sched._step.target_seconds == pytest.approx(seated, rel=1e-3) and seated > 2 * rule
     assert predicted(plan) <= seated + 1e-9 < predicted(plan) + 0.002
@@ -328,6 +328,27 @@ def test_auto_takes_a_burst_in_steps_as_long_as_the_decode_steps_it_will_make():
     sched.add(make_seq("late", range(5000, 5300)))
     sched.schedule()
     assert sched._step.target_seconds == pytest.approx(AUTO_FLOOR_S)   # no seat: no say
+
+
+@pytest.mark.parametrize("decoders", [8, 20, 30])
+def test_the_seated_step_is_bounded_by_a_constant_not_by_the_decode_rows(decoders):
+    """Long prompts fill the free seats of 64 beside n decoders. The step the queue will make
+    counts up to AUTO_SEATED_MAX_S, whatever n: a bound proportional to the decode step (3x
+    the rest of the rule until 2026-11-30: 169 ms at 20 rows, 244 ms at 30) grows as admitted
+    prompts join the decode rows, which lengthens the next step, which admits more (at 64
+    streams the steps climbed from 60 to 200-370 ms in one run)."""
+    sched = target_sched("auto", budget=512, blocks=8192, max_seqs=64)
+    decoding(sched, decoders)
+    for i in range(64 - decoders):
+        sched.add(make_seq(f"p{i}", range(10 ** 5 * (i + 1), 10 ** 5 * (i + 1) + 1500)))
+    plan = sched.schedule()
+    decode_s = FixedCost().predict(decoders, decoders * (6 + 1), decoders)
+    seated_s = FixedCost().predict(64, decoders * (6 + 1) + (64 - decoders) * 1500, 64)
+    assert seated_s > AUTO_SEATED_MAX_S                 # the full batch's step: 133-134 ms
+    rule = max(AUTO_FLOOR_S, AUTO_RATIO * decode_s, AUTO_SEATED_MAX_S)
+    assert sched._step.rule_seconds == pytest.approx(rule, rel=1e-6)
+    assert sched._step.target_seconds == pytest.approx(rule, rel=1e-6)
+    assert predicted(plan) <= rule + 1e-9
 
 
 def test_target_off_is_the_token_budget_alone():

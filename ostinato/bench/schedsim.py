@@ -108,9 +108,13 @@ HEADER = ("| policy | streams | req/s | out tok/s | TTFT p50 / p99 s | ITL p50 /
 
 def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(),
              budget: int = 512, demand: AutoDemand | None = None,
-             steady_from: float = 1 / 3) -> Result:
+             steady_from: float = 1 / 3, clients: int | None = None) -> Result:
     """policy: a --target-itl-ms value ("auto", "off", ms), or "old-auto" (auto without
-    demand: max(the floor, 1.25 x the decode step), the rule before issue 17)."""
+    demand: max(the floor, 1.25 x the decode step), the rule before issue 17). clients: at
+    most that many requests in flight, the rest wait their turn client-side (their TTFT counts
+    from arrival), as `ostinato bench --arrivals poisson` sends them; None: every arrival goes
+    straight to the scheduler's queue."""
+    clients = clients or math.inf
     arrivals = work.arrivals()
     need = streams * ((work.max_prompt + work.output) // BLOCK + 2) + 2
     kv = KVCacheManager([need], BLOCK, [None], enable_prefix_caching=False)
@@ -121,12 +125,12 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
     elif demand is not None:
         sched.demand = demand
     params = SimpleNamespace(prompt_logprobs=None, pooling=None)
-    t, i, steps = 0.0, 0, 0
+    t, i, steps, done = 0.0, 0, 0, 0
     born, times = {}, {}
     while i < len(arrivals) or sched.has_unfinished():
         if not sched.has_unfinished() and arrivals[i][0] > t:
             t = arrivals[i][0]
-        while i < len(arrivals) and arrivals[i][0] <= t:
+        while i < len(arrivals) and arrivals[i][0] <= t and len(born) - done < clients:
             at, n = arrivals[i]
             # distinct ids per request: no prefix-cache hits
             seq = Sequence(f"r{i}", f"r{i}", 0, [i * 4096 + k for k in range(n)], params,
@@ -147,6 +151,7 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
                 times[seq.seq_id].append(t)
                 if len(seq.output_ids) >= seq.max_tokens:
                     sched.finish(seq, "length")
+                    done += 1
     ttft = [times[r][0] - born[r] for r in times]
     gaps = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
     # steady state: tokens after steady_from of the arrivals' span, before the last arrival
@@ -181,6 +186,9 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--policies", default="old-auto,off,auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--client-cap", action="store_true",
+                    help="at most --streams requests in flight, as the bench's clients send "
+                         "them (default: every arrival joins the server's queue)")
     a = ap.parse_args(argv)
     print(HEADER)
     for c in map(int, a.streams.split(",")):
@@ -190,7 +198,8 @@ def main(argv=None) -> None:
         for rate in rates:
             for p in a.policies.split(","):
                 w = Workload(rate, a.requests, seed=a.seed)
-                print(simulate(p, c, w).row(), flush=True)
+                print(simulate(p, c, w, clients=c if a.client_cap else None).row(),
+                      flush=True)
     caps = [f"{c} streams {capacity(c, Workload(1.0)):.3f} req/s"
             for c in map(int, a.streams.split(","))]
     print("\ncapacity (cost model): " + ", ".join(caps))

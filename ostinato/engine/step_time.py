@@ -16,10 +16,14 @@ token budget (max_num_batched_tokens); "auto" (the server's default; the offline
 that carries prefill beside decode rows takes
     max(AUTO_FLOOR_S, AUTO_RATIO x t_d, t_s, level)
 (t_d: the predicted time of its decode rows alone; t_s: of the decode step the running and
-the waiting sequences that have a seat will make once admitted, within AUTO_MAX_RATIO x the
-rest of the rule: a burst's prompts are taken in steps about as long as the steps that follow
-them, so the running batch fills at once and the tokens stay even; in a closed loop at 64
-streams the 1.25x rule alone admitted a few prompts a step and ran 22 sequences of the 64),
+the waiting sequences that have a seat will make once admitted, within AUTO_SEATED_MAX_S: a
+burst's prompts are taken in steps about as long as the steps that follow them, so the running
+batch fills at once and the tokens stay even; in a closed loop at 64 streams the 1.25x rule
+alone admitted a few prompts a step and ran 22 sequences of the 64. The bound is a constant,
+not a multiple of t_d: with long prompts queued, a step k x t_d long admits more prompts, whose
+decode rows lengthen t_d and so the next step; at k = 3.75 (the bound until 2026-11-30) that
+loop climbed, step after step, from 60 to 200-370 ms at 64 streams, and the ITL p99/p50 of a
+Poisson run swung from 1.1 to 3.4 with where the climb stopped),
 and the level (AutoDemand) is a slow
 feedback loop on the prefill queue, in steps: it rises AUTO_UP a step while prefill is
 *behind* (the pending prefill, running and waiting prompts, would take more than AUTO_BEHIND_S
@@ -54,6 +58,7 @@ AUTO_BEHIND_S = 60.0       # auto: prefill is behind when what is pending would 
 AUTO_UP = 0.004            # auto: the level rises 0.4% a step while prefill is behind
 AUTO_DOWN = 0.02           # auto: it falls 2% a decoding step that carried no prefill
 AUTO_MAX_RATIO = 3.0       # auto: the level stays within 3x the no-demand rule (t_s included)
+AUTO_SEATED_MAX_S = AUTO_MAX_RATIO * AUTO_FLOOR_S    # auto: t_s counts up to 90 ms
 MIN_PREFILL_TOKENS = 8     # prefill progress per step, whatever the target
 PAIR_SCALE = 1e-3          # pairs are counted in thousands (features of similar size)
 
@@ -247,9 +252,9 @@ class StepBudget:
         self.decode_seconds = decode_s = model.predict(decode_tokens, decode_pairs, decode_rows)
         seated_s = model.predict(decode_tokens + seated[0], decode_pairs + seated[1],
                                  decode_rows + seated[2]) if seated[2] else 0.0
-        # within AUTO_MAX_RATIO x the rule, as the level: the model, fitted mostly on prefill
-        # while a burst is admitted, over-predicts a large decode step (2.5-3.5x at 64 rows)
-        seated_s = min(seated_s, AUTO_MAX_RATIO * target.step_seconds(decode_s))
+        # bounded: the model, fitted mostly on prefill while a burst is admitted, over-predicts
+        # a large decode step (2.5-3.5x at 64 rows); by a constant, not by t_d (module doc)
+        seated_s = min(seated_s, AUTO_SEATED_MAX_S)
         # the rule (AutoDemand's bounds) counts the seated batch: under overload the queue
         # keeps every seat filled and the level holds steps at that length; bounded by the
         # rest of the rule alone, steps alternated (Poisson 3/s at 64 streams, ours alone:
