@@ -46,6 +46,7 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
         print(threads_line(llm.engine.governor), file=sys.stderr, flush=True)
         if llm.engine.disk is not None:
             print(disk_tier_line(llm.engine.disk), file=sys.stderr, flush=True)
+        print(freeze_startup_heap(), file=sys.stderr, flush=True)
         return llm
 
     def on_load_error(e: BaseException) -> None:
@@ -71,6 +72,24 @@ def _log_to_stderr(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level.upper())
+
+
+def freeze_startup_heap() -> str:
+    """Collect once, then move every object alive now (the model's metadata, the tokenizer,
+    the web framework: ~180k objects) to the garbage collector's permanent generation, so
+    that a full collection while serving walks only what serving made. Unfrozen, a full
+    collection took 40-120 ms here, a stall for every stream at once whenever Python's
+    thresholds happen to call one. Returns the startup log line."""
+    import gc
+    t0 = time.perf_counter()
+    gc.collect()
+    before = time.perf_counter() - t0
+    gc.freeze()
+    t0 = time.perf_counter()
+    gc.collect()
+    after = time.perf_counter() - t0
+    return (f"gc: {gc.get_freeze_count()} startup objects frozen; a full collection took "
+            f"{before * 1e3:.1f} ms with them, {after * 1e3:.1f} ms now")
 
 
 def speculative_line(llm) -> str:

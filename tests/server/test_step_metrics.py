@@ -1,6 +1,8 @@
-"""The engine's step-time distribution in /metrics and the scheduler's startup line, on the
-session's real server (the default target: auto)."""
+"""The engine's step-time distribution in /metrics and the startup lines (the scheduler's, the
+frozen heap), on the session's real server (the default target: auto)."""
 from __future__ import annotations
+
+import re
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,6 +34,15 @@ def test_step_seconds_and_tokens_histograms(server, client):
     assert 0 < seconds < 60
     assert {"ostinato:step_seconds_bucket[0.001]", "ostinato:step_seconds_bucket[5.0]",
             "ostinato:step_tokens_bucket[1.0]"} <= after.keys()
+
+
+def test_the_startup_heap_is_frozen(server):
+    """The objects alive once the model is loaded sit in the collector's permanent generation
+    (a full collection no longer walks them while serving): the log says how many."""
+    with open(server.log_path, errors="replace") as f:
+        m = re.search(r"gc: (\d+) startup objects frozen; a full collection took [\d.]+ ms "
+                      r"with them, [\d.]+ ms now", f.read())
+    assert m and int(m.group(1)) > 50_000
 
 
 def test_startup_line_names_the_target(server):

@@ -23,6 +23,7 @@ from ray.serve.request_router import RequestRouter
 
 from ..app import build_app
 from ..protocol import Limits
+from ..run import freeze_startup_heap
 from ..transport import until_disconnect
 from .asgi import call_app
 from .metrics import ReplicaMetrics, merge
@@ -110,6 +111,7 @@ class EngineReplica:
                              pooling=pooling)
         self.app.state.server.start()
         log.warning("replica %d: %s on cores %s, %d thread(s)", self.rank, name, cores, threads)
+        log.warning("replica %d: %s", self.rank, freeze_startup_heap())
 
     async def http(self, method: str, path: str, query: bytes, headers: list, body: bytes,
                    route_keys: list[str] | None = None):
