@@ -23,7 +23,7 @@ alone admitted a few prompts a step and ran 22 sequences of the 64. The bound is
 not a multiple of t_d: with long prompts queued, a step k x t_d long admits more prompts, whose
 decode rows lengthen t_d and so the next step; at k = 3.75 (the bound until 2026-11-30) that
 loop climbed, step after step, from 60 to 200-370 ms at 64 streams, and the ITL p99/p50 of a
-Poisson run swung from 1.1 to 3.4 with where the climb stopped),
+Poisson run swung from 1.1 to 1.7 with where the climb stopped),
 and the level (AutoDemand) is a slow
 feedback loop on the prefill queue, in steps: it rises AUTO_UP a step while prefill is
 *behind* (the pending prefill, running and waiting prompts, would take more than AUTO_BEHIND_S
