@@ -309,10 +309,9 @@ def test_auto_takes_a_burst_in_steps_as_long_as_the_decode_steps_it_will_make():
     burst = [make_seq(f"b{i}", range(2000 + 30 * i, 2000 + 30 * i + 20)) for i in range(40)]
     for s in burst:
         sched.add(s)
-    seated = FixedCost().predict(48, sum(attention_pairs(6 + 1, 1) for _ in range(8)) +
-                                 40 * 20, 48)
-    rule = max(AUTO_FLOOR_S, AUTO_RATIO * FixedCost().predict(
-        8, sum(attention_pairs(6 + 1, 1) for _ in range(8)), 8))
+    pairs = 8 * attention_pairs(6 + 1, 1)               # the 8 decode rows'
+    seated = FixedCost().predict(48, pairs + 40 * 20, 48)
+    rule = max(AUTO_FLOOR_S, AUTO_RATIO * FixedCost().predict(8, pairs, 8))
     seated = min(seated, AUTO_SEATED_MAX_S)            # within 90 ms (3x the floor)
     plan = sched.schedule()
     assert sched._step.target_seconds == pytest.approx(seated, rel=1e-3) and seated > 2 * rule

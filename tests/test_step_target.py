@@ -166,3 +166,23 @@ def test_simulated_light_load_is_the_old_rule():
     for a, b in ((auto.tok_s, old.tok_s), (auto.itl_p50, old.itl_p50),
                  (auto.itl_p99, old.itl_p99), (auto.ttft_p99, old.ttft_p99)):
         assert a == pytest.approx(b, rel=0.02), (auto, old)
+
+
+def test_simulated_clients_keep_at_most_their_number_in_flight(monkeypatch):
+    """simulate(clients=c): at most c requests in the server (waiting or running) at once,
+    the rest wait client-side; without it, every arrival joins the server's queue."""
+    from ostinato.bench import schedsim
+    peaks = []
+
+    class Counting(schedsim.Scheduler):
+        def add(self, seq):
+            super().add(seq)
+            peaks[-1] = max(peaks[-1], len(self.waiting) + len(self.running))
+
+    monkeypatch.setattr(schedsim, "Scheduler", Counting)
+    work = Workload(rate=5.0, requests=60)              # far over capacity: a queue builds
+    for clients in (4, None):
+        peaks.append(0)
+        done = simulate("auto", 16, work, clients=clients)
+        assert len(done.gaps) == 60 * (work.output - 1)  # every request served in full
+    assert peaks[0] == 4 and peaks[1] > 16
