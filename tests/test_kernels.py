@@ -199,16 +199,18 @@ def test_amx_tiles_give_the_avx_kernels_bits(k, type_name):
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_weight_panels_give_the_avx_kernels_bits(k, type_name):
-    """Without AMX, batches from 2 rows (5 in AVX2) run on weight panels (panels.h: AVX-512
-    VNNI, whose Q4 and int8 panels are unpacked by word columns, or AVX2 in an
+    """Without AMX, batches from 2 rows (5 in AVX2) run on weight panels (panels.h: AVX-512,
+    with VNNI or without, whose Q4 and int8 panels are unpacked by word columns, or AVX2 in an
     OSTINATO_MARCH=haswell build, which test_portability runs); every row must still equal,
     bit for bit, what the AVX tiles give, at every ragged shape (whole and partial panels)."""
     ops = k.ops
     native = os.environ.get("OSTINATO_MARCH", "native") == "native"
     if native and {"avx512_vnni", "avx512bw"} <= _cpu_flags():
         assert ops.panel_isa() == "avx512_vnni"
+    elif native and "avx512bw" in _cpu_flags():          # Skylake-SP: madd + add
+        assert ops.panel_isa() == "avx512bw"
     else:
-        assert ops.panel_isa() in ("avx2", "avx_vnni", "avx512_vnni")
+        assert ops.panel_isa() in ("avx2", "avx_vnni", "avx512bw", "avx512_vnni")
     settings, amx = ops.panel_settings(), ops.amx_settings()
     # ragged weight groups and x tails (520: a prefill chunk's many rows)
     for N, M in ((96, 37), (37, 13), (16, 5), (50, 64), (40, 520)):

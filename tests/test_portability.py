@@ -1,6 +1,8 @@
 """The kernels build for AVX2 CPUs too (AMD EPYC, older Intel): on an AVX-512/AMX machine
 the AVX-512 paths are what run, so here the kernel and plan tests run again against a build
-for Haswell (AVX2, FMA, F16C), in a fresh process with its own cached build."""
+for Haswell (AVX2, FMA, F16C), in a fresh process with its own cached build; and the
+quantized matmul's tests against a build for Skylake-SP (AVX-512 without VNNI), whose weight
+panels multiply with madd + add instead of VNNI's dpwssd."""
 from __future__ import annotations
 
 import os
@@ -19,12 +21,34 @@ def _cpu_flags() -> set[str]:
         return set(next(ln for ln in f if ln.startswith("flags")).split(":")[1].split())
 
 
+def _pytest(march: str, *args: str) -> None:
+    env = {**os.environ, "OSTINATO_MARCH": march}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        *args], env=env, capture_output=True, text=True, timeout=1200,
+                       check=False)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
+
+
 def test_the_avx2_build_passes_the_kernel_and_plan_tests():
     if not {"avx2", "fma", "f16c"} <= _cpu_flags():
         pytest.skip("this CPU cannot run an AVX2 build")
-    env = {**os.environ, "OSTINATO_MARCH": "haswell"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        str(TESTS / "test_kernels.py"), str(TESTS / "test_plan.py")],
-                       env=env, capture_output=True, text=True, timeout=1200, check=False)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout
+    _pytest("haswell", str(TESTS / "test_kernels.py"), str(TESTS / "test_plan.py"))
+
+
+def test_the_avx512_build_without_vnni_passes_the_matmul_tests():
+    if not {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run a Skylake-SP (AVX-512) build")
+    _pytest("skylake-avx512", "-k", "qlinear or panels or quantized_activations",
+            str(TESTS / "test_kernels.py"), str(TESTS / "test_portability.py::"
+                                                  "test_panel_isa_follows_the_build"))
+
+
+def test_panel_isa_follows_the_build():
+    """The weight panels' instruction set is the one the build's -march gives: here this
+    build's (run again under each OSTINATO_MARCH above)."""
+    from ostinato.kernels import ops
+    march = os.environ.get("OSTINATO_MARCH", "native")
+    want = {"haswell": {"avx2"}, "skylake-avx512": {"avx512bw"}}.get(
+        march, {"avx2", "avx_vnni", "avx512bw", "avx512_vnni"})
+    assert ops().panel_isa() in want
