@@ -258,7 +258,7 @@ def _normalise_token_ids(name: str, ids: object) -> list[int]:
         return []
     if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
         raise _bad(name, ids, "must be a list of non-negative ints or None")
-    return list(ids)
+    return list(dict.fromkeys(ids))     # each once: a list of 2M repeats is scanned per token
 
 
 @dataclass(frozen=True)

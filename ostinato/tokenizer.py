@@ -204,6 +204,7 @@ class Tokenizer:
         else:
             self._byte_ids = [self._byte_token(b) for b in range(256)]
         self._pieces = [self._piece_bytes(i) for i in range(len(self._tokens))]
+        self._longest: int | None = None     # characters of the longest vocabulary text
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -495,6 +496,15 @@ class Tokenizer:
                 out.extend(b for b in (self._byte_ids[x] for x in piece.encode("utf-8"))
                            if b is not None)
             i = nxt[i]
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), without encoding it: each token stands for at
+        most as many characters as its vocabulary text has ('Ġ' and '▁' one each, '<0x0A>'
+        one byte), so a server can refuse a text too long for its context at once (a 4 MB
+        word takes this tokenizer tens of seconds)."""
+        if self._longest is None:
+            self._longest = max(1, max(map(len, self._tokens)))
+        return -(-len(text) // self._longest)
 
     # ------------------------------------------------------------------ decode
     def id_to_piece(self, token_id: int) -> str:

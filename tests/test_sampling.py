@@ -383,6 +383,8 @@ def test_defaults_match_vllm():
 
 def test_normalisation():
     assert SamplingParams(stop="###").stop == ["###"]
+    # each id once, in order: 2M repeats were scanned for every token generated
+    assert SamplingParams(stop_token_ids=[7, 3, 7] * 1000).stop_token_ids == [7, 3]
     assert SamplingParams(stop=["a", "b"]).stop == ["a", "b"]
     assert SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(logit_bias={"12": 3}).logit_bias == {12: 3.0}

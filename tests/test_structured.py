@@ -104,6 +104,33 @@ def test_compiles_are_cached_and_time_limited(tok, compiler):
     assert compiler.compile(SO(json=big)).compile_s < 5     # the default limit is 5 s
 
 
+@pytest.mark.model
+def test_a_gbnf_grammars_conversion_counts_in_the_time_limit(tok, monkeypatch):
+    # GBNF is converted to Lark in pure Python: one literal of 200,000 characters took
+    # 20-50 s there, on the request's thread before the time limit started; it runs on the
+    # compiler's pool now, inside the limit
+    import threading
+    from ostinato.structured import GrammarCompiler, compiler as module
+    threads, convert = [], module.any_to_lark
+    monkeypatch.setattr(module, "any_to_lark", lambda text: threads.append(
+        threading.current_thread().name) or convert(text))
+    fresh = GrammarCompiler(tok, tok.eos_token_ids, tok.vocab_size)
+    fresh.compile(SO(grammar='root ::= "a" [0-9]+'))
+    assert len(threads) == 1 and threads[0].startswith("ostinato-grammar"), threads
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("grammar", ['start: "a" b\n\n \n\t\n\r\n' + "\n" * 5000 + 'b: "x"\n',
+                                     'root ::= "a" b\n\n  \n' + "\n" * 5000 + 'b ::= "x"\n'])
+def test_blank_lines_in_a_grammar_mean_nothing(tok, compiler, grammar):
+    # any_to_lark's Lark test is quadratic in a run of blank lines (40,000: 19 s with the
+    # GIL held); they are dropped first, and the grammar is the same: "ax" and nothing else
+    c = compiler.compile(SO(grammar=grammar)).new_constraint()
+    feed(c, tok, "ax")
+    assert c.done
+    assert compiler.compile(SO(grammar=grammar.replace("\n\n", "\n"))) is not None
+
+
 def feed(constraint, tok, text: str) -> None:
     for t in tok.encode(text, add_special_tokens=False):
         assert not constraint.forbidden()[t], (text, tok.decode([t]))

@@ -81,6 +81,19 @@ def test_encode_matches_llama_cpp(model):
     assert not wrong, f"{len(wrong)} of {len(fx['cases'])} cases differ from llama.cpp: {wrong}"
 
 
+def test_fewest_tokens_never_exceeds_the_tokens_a_text_takes(model):
+    """The server refuses a text longer than its context before tokenizing it on this bound
+    (serving.check_text_length): it must never say more tokens than encode() gives, for
+    the fixtures' texts and for runs of what the longest tokens are made of."""
+    tok, fx = model
+    runs = [c * n for c in (" ", "\n", "\t", "#", "-", "=", "a", "é", "中", "😀")
+            for n in (1, 7, 31, 32, 33, 80, 81, 82, 128, 129, 600)]
+    for text in _texts(fx) + runs + ["".join(_texts(fx))]:
+        assert tok.fewest_tokens(text) <= len(tok.encode(text, add_special_tokens=False)), \
+            text[:40]
+    assert tok.fewest_tokens("x" * 100_000) > 100_000 // 200     # and it says something
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_variant_settings_match_llama_cpp(name, request):
     """Other pre-tokenizers (gpt-2, default, llama-bpe) on SmolLM's vocab; those of the other

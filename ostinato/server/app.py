@@ -12,6 +12,7 @@ POST /detokenize, GET /tokenizer_info, GET /health (503 while loading), GET /met
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -45,7 +46,8 @@ from .protocol import (
 from .anthropic import add_anthropic_routes
 from .embeddings import embed, embedding_inputs, embedding_response
 from .responses import add_responses_routes
-from .serving import Generation, chat_job, completion_job, error_body, render_chat
+from .serving import (Generation, chat_job, check_text_length, completion_job, error_body,
+                      render_chat)
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
 log = logging.getLogger("ostinato.server")
@@ -238,22 +240,15 @@ def _add_token_routes(app: FastAPI, state: ServerState) -> None:
         req = parse_body(await request.body(), TokenizeRequest)
         llm, _ = state.require()
         state.check_model(req.model)
-        ids = await asyncio.to_thread(_tokenize, llm, req)
-        out = {"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids}
-        if req.return_token_strs:
-            out["token_strs"] = [llm.tokenizer.id_to_piece(t) for t in ids]
-        return out
+        return Response(await asyncio.to_thread(_tokenize_answer, llm, req),
+                        media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         req = parse_body(await request.body(), DetokenizeRequest)
         llm, _ = state.require()
         state.check_model(req.model)
-        vocab = llm.config.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is not in [0, {vocab})", "tokens")
-        return {"prompt": llm.detokenize(req.tokens)}
+        return {"prompt": await asyncio.to_thread(_detokenize, llm, req.tokens)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -273,6 +268,16 @@ def _tokenizer_info(llm) -> dict:
             "vocab_size": llm.config.vocab_size}
 
 
+def _tokenize_answer(llm, req: TokenizeRequest) -> bytes:
+    """The whole answer, encoded off the event loop (millions of ids and their texts take
+    seconds to list and encode)."""
+    ids = _tokenize(llm, req)
+    out = {"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids}
+    if req.return_token_strs:
+        out["token_strs"] = [llm.tokenizer.id_to_piece(t) for t in ids]
+    return json.dumps(out, ensure_ascii=False).encode()
+
+
 def _tokenize(llm, req: TokenizeRequest) -> list[int]:
     """vLLM's rules: a prompt gets special tokens (BOS) by default; messages are rendered
     with the chat template, which writes its own, so they get none by default."""
@@ -280,9 +285,20 @@ def _tokenize(llm, req: TokenizeRequest) -> list[int]:
         raise bad_request("give exactly one of prompt and messages", "prompt")
     if req.prompt is not None:
         special = True if req.add_special_tokens is None else req.add_special_tokens
+        check_text_length(llm, req.prompt, "prompt", None)     # what no context holds
         return llm.tokenize(req.prompt, add_special_tokens=special)
     text = render_chat(llm, req, req.tool_plan(llm.tokenizer.chat_template))
+    check_text_length(llm, text, "messages", None)
     return llm.tokenize(text, add_special_tokens=bool(req.add_special_tokens))
+
+
+def _detokenize(llm, ids: list[int]) -> str:
+    """Off the event loop: millions of ids (a body's worth) take seconds."""
+    vocab = llm.config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is not in [0, {vocab})", "tokens")
+    return llm.detokenize(ids)
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:

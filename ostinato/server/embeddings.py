@@ -21,7 +21,7 @@ def embedding_inputs(llm, req: EmbeddingRequest, limits: Limits) -> list[list[in
     if req.dimensions is not None and req.dimensions != llm.config.d_model:
         raise bad_request(f"dimensions: this model's embeddings have {llm.config.d_model} "
                           "dimensions and it was not trained for shorter ones", "dimensions")
-    ids = [prompt_ids(llm, x, "input") for x in inputs]
+    ids = [prompt_ids(llm, x, "input", limits) for x in inputs]
     cap = min(llm.max_model_len, limits.max_prompt_tokens or llm.max_model_len)
     for k, i in enumerate(ids):
         if len(i) > cap:

@@ -84,6 +84,7 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
     template = llm.tokenizer.chat_template
     plan = req.tool_plan(template)
     text = render_chat(llm, req, plan)
+    check_text_length(llm, text, "messages", limits)
     ids = llm.chat_text_ids(text)
     req.check_token_ids(llm.config.vocab_size)
     max_tokens = _fit(llm.max_model_len, [ids], req.max_completion_tokens or req.max_tokens,
@@ -157,7 +158,7 @@ def _with_tools(llm, plan: ToolPlan | None, params: SamplingParams) -> SamplingP
 
 def completion_job(llm, req: CompletionRequest, model: str, limits: Limits | None = None) -> Job:
     prompts = req.prompt_list()
-    ids = [prompt_ids(llm, p) for p in prompts]
+    ids = [prompt_ids(llm, p, limits=limits) for p in prompts]
     req.check_token_ids(llm.config.vocab_size)
     max_tokens = _fit(llm.max_model_len, ids, req.max_tokens, "prompt", limits or Limits())
     k = req.logprobs
@@ -197,14 +198,30 @@ def compile_constraint(llm, req, params: SamplingParams, plan: ToolPlan | None =
 def _hidden_lead(tokenizer, text: str, ids: list[int]) -> int:
     """Leading special tokens the tokenizer added that `text` does not spell (Gemma's
     <bos>): they take no room in the echoed text, so text_offset stays put for them."""
-    n = 0
-    while n < len(ids) and tokenizer.is_special(ids[n]) \
-            and not text.startswith(tokenizer.decode(ids[: n + 1])):
+    n, lead = 0, ""
+    while n < len(ids) and tokenizer.is_special(ids[n]):
+        lead += tokenizer.decode([ids[n]])    # a special token decodes whole: no quadratic
+        if text.startswith(lead):             # decode of the growing prefix
+            break
         n += 1
     return n
 
 
-def prompt_ids(llm, prompt: str | list[int], param: str = "prompt") -> list[int]:
+def check_text_length(llm, text: str, param: str, limits: Limits | None) -> None:
+    """400 before tokenizing a text that cannot fit: more tokens than the context (or
+    --max-prompt-tokens) however it is tokenized (Tokenizer.fewest_tokens)."""
+    cap = min(llm.max_model_len, (limits and limits.max_prompt_tokens) or llm.max_model_len)
+    fewest = llm.tokenizer.fewest_tokens(text)
+    if fewest > cap:
+        raise APIError(400, f"{param} has {len(text)} characters, so at least {fewest} tokens: "
+                       f"over the limit of {cap} (the model's context, or "
+                       f"--max-prompt-tokens)", param, CONTEXT_EXCEEDED)
+
+
+def prompt_ids(llm, prompt: str | list[int], param: str = "prompt",
+               limits: Limits | None = None) -> list[int]:
+    if isinstance(prompt, str):
+        check_text_length(llm, prompt, param, limits)
     try:
         ids = llm._prompt_ids(prompt)
     except (ValueError, TypeError) as e:

@@ -78,10 +78,10 @@ class GrammarCompiler:
         grammar = self.cached(spec)
         if grammar is not None:
             return grammar
-        text = grammar_text(spec)
         tok = self.llg_tokenizer()          # once per model, not counted in the time limit
         t0 = time.perf_counter()
-        future = self._pool.submit(_build, tok, text, spec.kind)
+        future = self._pool.submit(_build, tok, spec)   # the text too: GBNF's conversion
+        # is pure Python and can take minutes (one huge literal)
         try:
             matcher = future.result(timeout=self.timeout_s)
         except FutureTimeout:   # the worker runs on, bounded by llguidance's fuel limits
@@ -95,8 +95,9 @@ class GrammarCompiler:
         return grammar
 
 
-def _build(tok: llguidance.LLTokenizer, text: str, kind: str) -> llguidance.LLMatcher:
-    matcher = llguidance.LLMatcher(tok, text, log_level=0)
+def _build(tok: llguidance.LLTokenizer, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
+    kind = spec.kind
+    matcher = llguidance.LLMatcher(tok, grammar_text(spec), log_level=0)
     if matcher.is_error():
         raise GrammarError(f"{kind}: {_short(matcher.get_error())}")
     _check_first_token(matcher, kind)
@@ -124,10 +125,17 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
         return llguidance.LLMatcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
     try:        # Lark as it is; GBNF (a `::=` rule) converted to Lark
-        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(value))
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(_no_blank_lines(value)))
     except Exception as e:
         raise GrammarError(f"grammar: not a valid Lark or GBNF grammar: {_short(str(e))}") \
             from None
+
+
+def _no_blank_lines(grammar: str) -> str:
+    """The grammar without its blank lines (they mean nothing in Lark or GBNF; a literal
+    holds no raw newline): any_to_lark's test for Lark, a multi-line `^\\s*...` regex,
+    takes time quadratic in a run of them (40,000 newlines: 19 s, the GIL held)."""
+    return "\n".join(line for line in grammar.split("\n") if not line.isspace() and line)
 
 
 # The thought of a model that thinks (<think>...</think>) is free text: a constraint holds

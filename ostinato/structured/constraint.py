@@ -32,11 +32,17 @@ def fill_masks(constraints: list[Constraint]) -> None:
 
 TOO_COMPLEX = ("ParserTooComplex", "LexerTooComplex")     # llguidance's resource limits
 PARSER_LIMIT = "Parser Error: Current row has"      # a row over max_items_in_row
+DEAD_END = ("NoExtension", "NoExtensionBias")       # no token of the vocabulary goes on
+DEAD_END_TEXT = ("the output constraint admits no token after the output so far: nothing "
+                 "the model's vocabulary can write completes it (a rule or $ref that only "
+                 "refers to itself, an empty character class, ...); fix the grammar or "
+                 "schema")
 
 
-class GrammarTooComplex(RuntimeError, ValueError):
-    """A grammar hit a resource limit mid-generation: a RuntimeError as any grammar failure
-    (the runner fails that sequence alone), and a ValueError: the request's input."""
+class GrammarInputError(RuntimeError, ValueError):
+    """A grammar failed mid-generation by the request's own fault (it hit a resource limit,
+    or it admits no continuation): a RuntimeError as any grammar failure (the runner fails
+    that sequence alone), and a ValueError: the request's input (a 400 on the server)."""
 
 
 class Constraint:
@@ -53,7 +59,7 @@ class Constraint:
         token once the grammar is complete)."""
         self._read_bits()
         if not self._bits.any():
-            raise RuntimeError("the grammar allows no token here")
+            raise GrammarInputError(DEAD_END_TEXT)
         bits = np.unpackbits(np.invert(self._bits).view(np.uint8), bitorder="little")
         return bits[: self.vocab_size].view(np.bool_)
 
@@ -80,13 +86,15 @@ class Constraint:
             raise self._failure(f"the grammar refused token {token}")
 
     def _failure(self, what: str) -> RuntimeError:
-        """The matcher's error; the request's own fault when its grammar outgrew the
-        engine's limits (a 400 on the server), else ours."""
-        error = (self._m.get_error() or "").strip()
-        if self._m.stop_reason() in TOO_COMPLEX or error.startswith(PARSER_LIMIT):
-            first = error.splitlines()[0][:160] if error else self._m.stop_reason()
-            return GrammarTooComplex(f"the output constraint is too complex for the grammar "
+        """The matcher's error; the request's own fault (a 400 on the server) when its
+        grammar outgrew the engine's limits or admits no continuation, else ours."""
+        error, reason = (self._m.get_error() or "").strip(), self._m.stop_reason()
+        if reason in TOO_COMPLEX or error.startswith(PARSER_LIMIT):
+            first = error.splitlines()[0][:160] if error else reason
+            return GrammarInputError(f"the output constraint is too complex for the grammar "
                                      f"engine ({first}); simplify it")
+        if reason in DEAD_END or error.split("\n", 1)[0].strip() in DEAD_END:   # the latter
+            return GrammarInputError(DEAD_END_TEXT)      # with reason "InternalError", 1.9.1
         return RuntimeError(f"{what}: {error}")
 
     def valid_prefix(self, tokens: list[int]) -> int:

@@ -99,9 +99,11 @@ def check_tool_choice(tools: dict[str, dict] | None, choice) -> str | None:
         if choice != "none" and not tools:
             raise ValueError(f"tool_choice {choice!r} needs tools")
         return choice
-    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" \
-            or not isinstance(name, str) or set(choice) - {"type", "function"}:
+            or not isinstance(name, str) or set(choice) - {"type", "function"} \
+            or set(fn) - {"name"}:
         raise ValueError(f"tool_choice: {json.dumps(choice)[:60]} is not 'none', 'auto', "
                          "'required' or {'type': 'function', 'function': {'name': ...}}")
     if not tools or name not in tools:

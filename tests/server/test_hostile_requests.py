@@ -155,6 +155,68 @@ def test_a_grammar_over_the_engines_limits_is_the_requests_error(http, stream):
     assert "too complex" in events[-1]["error"]["message"]
 
 
+LOOP_IN_A_PROPERTY = {"type": "object", "properties": {"a": {"$ref": "#/$defs/loop"}},
+                      "required": ["a"], "additionalProperties": False,
+                      "$defs": {"loop": {"$ref": "#/$defs/loop"}}}
+
+
+def _stream_error(r) -> dict:
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    return events[-1]["error"]
+
+
+@pytest.mark.parametrize("route,field,spec", [
+    # each compiles and takes its first tokens ('{"a":'), then no token can go on; the
+    # engine's grammar failure was a 500 (a server_error event when streaming)
+    ("/v1/chat/completions", "response_format",
+     {"type": "json_schema", "json_schema": {"name": "loop", "schema": LOOP_IN_A_PROPERTY}}),
+    ("/v1/completions", "guided_json", LOOP_IN_A_PROPERTY),
+    ("/v1/completions", "guided_grammar", 'start: "{" b\nb: b "x"\n'),        # Lark
+    ("/v1/completions", "guided_grammar", 'root ::= "a" b\nb ::= b "c"\n'),   # GBNF
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_that_dead_ends_after_its_first_tokens_is_the_requests_error(
+        http, route, field, spec, stream):
+    body = {**ROUTES[route], "max_tokens": 24, "temperature": 0, field: spec,
+            "stream": stream}
+    r = post(http, route, body)
+    if not stream:
+        assert_refused(r, "admits no token after the output so far")
+        return
+    error = _stream_error(r)
+    assert error["code"] == 400 and "admits no token" in error["message"], error
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": "f"},
+                                    {"type": "function", "function": [1]},
+                                    {"type": "function", "function": True},
+                                    {"function": 5},
+                                    {"type": "function", "function": {"name": "f", "x": 1}}])
+def test_a_tool_choice_whose_function_is_not_a_name_object_is_400(http, choice):
+    # a function that is not an object was a 500 (AttributeError); an unknown key in it
+    # was ignored
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {**ROUTES["/v1/chat/completions"], "tools": tools, "tool_choice": choice}
+    assert_refused(post(http, "/v1/chat/completions", body), "tool_choice")
+
+
+@pytest.mark.parametrize("route,field", [("/v1/completions", "prompt"),
+                                         ("/v1/chat/completions", "messages"),
+                                         ("/v1/embeddings", "input"),
+                                         ("/tokenize", "prompt")])
+def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(http, route,
+                                                                           field):
+    # one 900 KB word (under this server's 1 MB body limit; a 12 MB one took over a minute
+    # and 2 GB to tokenize before the token count was checked): no token of SmolLM2's is
+    # over 81 characters, so no tokenization of it fits 8,192 tokens; the server says so
+    word = "ab" * 450_000
+    body = dict(ROUTES[route])
+    body[field] = ([{"role": "user", "content": word}] if field == "messages" else word)
+    msg = assert_refused(post(http, route, body), "characters, so at least", "tokens")
+    assert field in msg
+
+
 @pytest.mark.parametrize("content", [[1], [None], [[{"type": "text", "text": "x"}]], ["x"]])
 def test_anthropic_blocks_that_are_not_objects_are_400(http, content):
     body = {**ROUTES["/v1/messages"], "messages": [{"role": "user", "content": content}]}
