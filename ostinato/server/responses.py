@@ -140,6 +140,15 @@ class ResponsesRequest(BaseModel):
         for name, asked, what in refuse:
             if asked:
                 raise bad_request(f"{name}: this server does not implement {what}", name)
+        self._check_metadata()
+
+    def _check_metadata(self) -> None:
+        """OpenAI's bounds (it is kept with a stored response: 16 MB of it a request, a
+        thousand responses, was 16 GB held for an hour)."""
+        meta = self.metadata or {}
+        if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
+            raise bad_request("metadata: at most 16 pairs, keys of at most 64 characters and "
+                              "values of at most 512", "metadata")
 
 
 def _text_of(content, where: str) -> str:

@@ -241,6 +241,16 @@ def test_anthropic_context_edits_not_a_list_is_400(http):
     assert_refused(post(http, "/v1/messages", body), "edits must be a list")
 
 
+@pytest.mark.parametrize("metadata", [{f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"},
+                                      {"k": "v" * 513}])
+def test_responses_metadata_over_openais_bounds_is_400(http, metadata):
+    # it is stored with the response: 16 MB of it was kept for an hour, a thousand times
+    body = {**ROUTES["/v1/responses"], "metadata": metadata}
+    assert_refused(post(http, "/v1/responses", body), "metadata: at most 16 pairs")
+    ok = {**ROUTES["/v1/responses"], "metadata": {f"k{i}" * 16: "v" * 512 for i in range(16)}}
+    assert post(http, "/v1/responses", ok).status_code == 200
+
+
 @pytest.mark.parametrize("change", [
     {"text": {"format": 5}},                                        # was a 500
     {"text": {"format": "json"}},
