@@ -501,10 +501,32 @@ class Tokenizer:
         """A lower bound on len(encode(text)), without encoding it: each token stands for at
         most as many characters as its vocabulary text has ('Ġ' and '▁' one each, '<0x0A>'
         one byte), so a server can refuse a text too long for its context at once (a 4 MB
-        word takes this tokenizer tens of seconds)."""
+        word takes this tokenizer tens of seconds). Characters that encoding may drop (a
+        byte with no token) are not counted; 0 where that cannot be told."""
         if self._longest is None:
-            self._longest = max(1, max(map(len, self._tokens)))
-        return -(-len(text) // self._longest)
+            self._dropped = self._droppable_chars()
+            self._longest = max(1, max(map(len, self._tokens))) if self._dropped is not None \
+                else 0
+        if not self._longest:
+            return 0
+        kept = len(text) - sum(text.count(c) for c in self._dropped)
+        return -(-kept // self._longest)
+
+    def _droppable_chars(self) -> str | None:
+        """The characters encoding may drop (ASCII bytes with no token: SmolLM2 has none for
+        0x04, 0x06, 0x13, 0x14, 0x16 and 0x1D), or None when it cannot tell (a continuation
+        byte with no token, or a BPE merge that makes no token): every other character
+        ends up, whole or in part, in some token."""
+        t2i = self._token_to_id
+        if self.model == "gpt2":
+            missing = [b for b, c in enumerate(_BYTE_TO_CHAR) if c not in t2i]
+            if any(a + b not in t2i for a, b in self._ranks):
+                return None
+        else:
+            missing = [b for b, i in enumerate(self._byte_ids) if i is None]
+        if any(0x80 <= b < 0xC0 for b in missing):
+            return None
+        return "".join(chr(b) for b in missing if b < 0x80)
 
     # ------------------------------------------------------------------ decode
     def id_to_piece(self, token_id: int) -> str:

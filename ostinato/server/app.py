@@ -46,8 +46,7 @@ from .protocol import (
 from .anthropic import add_anthropic_routes
 from .embeddings import embed, embedding_inputs, embedding_response
 from .responses import add_responses_routes
-from .serving import (Generation, chat_job, check_text_length, completion_job, error_body,
-                      render_chat)
+from .serving import Generation, chat_job, completion_job, error_body, render_chat
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
 log = logging.getLogger("ostinato.server")
@@ -280,15 +279,14 @@ def _tokenize_answer(llm, req: TokenizeRequest) -> bytes:
 
 def _tokenize(llm, req: TokenizeRequest) -> list[int]:
     """vLLM's rules: a prompt gets special tokens (BOS) by default; messages are rendered
-    with the chat template, which writes its own, so they get none by default."""
+    with the chat template, which writes its own, so they get none by default. A text longer
+    than the context is counted, not refused (as vLLM): the body limit bounds it."""
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of prompt and messages", "prompt")
     if req.prompt is not None:
         special = True if req.add_special_tokens is None else req.add_special_tokens
-        check_text_length(llm, req.prompt, "prompt", None)     # what no context holds
         return llm.tokenize(req.prompt, add_special_tokens=special)
     text = render_chat(llm, req, req.tool_plan(llm.tokenizer.chat_template))
-    check_text_length(llm, text, "messages", None)
     return llm.tokenize(text, add_special_tokens=bool(req.add_special_tokens))
 
 

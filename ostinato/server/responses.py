@@ -143,12 +143,16 @@ class ResponsesRequest(BaseModel):
         self._check_metadata()
 
     def _check_metadata(self) -> None:
-        """OpenAI's bounds (it is kept with a stored response: 16 MB of it a request, a
-        thousand responses, was 16 GB held for an hour)."""
+        """OpenAI's bounds for metadata, 512 characters for the identifiers (all are kept
+        with a stored response: 16 MB of them a request, a thousand responses, was 16 GB
+        held for an hour)."""
         meta = self.metadata or {}
         if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
             raise bad_request("metadata: at most 16 pairs, keys of at most 64 characters and "
                               "values of at most 512", "metadata")
+        for name in ("user", "safety_identifier", "prompt_cache_key"):    # stored likewise
+            if len(getattr(self, name) or "") > 512:
+                raise bad_request(f"{name}: at most 512 characters", name)
 
 
 def _text_of(content, where: str) -> str:

@@ -215,7 +215,8 @@ def check_text_length(llm, text: str, param: str, limits: Limits | None) -> None
     if fewest > cap:
         raise APIError(400, f"{param} has {len(text)} characters, so at least {fewest} tokens: "
                        f"over the limit of {cap} (the model's context, or "
-                       f"--max-prompt-tokens)", param, CONTEXT_EXCEEDED)
+                       f"--max-prompt-tokens)", param,
+                       CONTEXT_EXCEEDED if cap == llm.max_model_len else None)
 
 
 def prompt_ids(llm, prompt: str | list[int], param: str = "prompt",

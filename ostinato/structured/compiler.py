@@ -10,7 +10,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 
 import llguidance
-from llguidance.gbnf_to_lark import any_to_lark
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from ..params import StructuredOutputsParams
 from ..tokenizer import Tokenizer
@@ -78,10 +78,10 @@ class GrammarCompiler:
         grammar = self.cached(spec)
         if grammar is not None:
             return grammar
+        text = grammar_text(spec)           # bounded by MAX_GRAMMAR_CHARS
         tok = self.llg_tokenizer()          # once per model, not counted in the time limit
         t0 = time.perf_counter()
-        future = self._pool.submit(_build, tok, spec)   # the text too: GBNF's conversion
-        # is pure Python and can take minutes (one huge literal)
+        future = self._pool.submit(_build, tok, text, spec.kind)
         try:
             matcher = future.result(timeout=self.timeout_s)
         except FutureTimeout:   # the worker runs on, bounded by llguidance's fuel limits
@@ -95,9 +95,8 @@ class GrammarCompiler:
         return grammar
 
 
-def _build(tok: llguidance.LLTokenizer, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
-    kind = spec.kind
-    matcher = llguidance.LLMatcher(tok, grammar_text(spec), log_level=0)
+def _build(tok: llguidance.LLTokenizer, text: str, kind: str) -> llguidance.LLMatcher:
+    matcher = llguidance.LLMatcher(tok, text, log_level=0)
     if matcher.is_error():
         raise GrammarError(f"{kind}: {_short(matcher.get_error())}")
     _check_first_token(matcher, kind)
@@ -124,18 +123,34 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
     if kind == "choice":
         return llguidance.LLMatcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
+    if len(value) > MAX_GRAMMAR_CHARS:
+        raise GrammarError(f"grammar: {len(value)} characters, over this server's limit of "
+                           f"{MAX_GRAMMAR_CHARS}")
     try:        # Lark as it is; GBNF (a `::=` rule) converted to Lark
-        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(_no_blank_lines(value)))
+        lark = value if _is_lark(value) else gbnf_to_lark(value)
+        return llguidance.LLMatcher.grammar_from_lark(lark)
     except Exception as e:
         raise GrammarError(f"grammar: not a valid Lark or GBNF grammar: {_short(str(e))}") \
             from None
 
 
-def _no_blank_lines(grammar: str) -> str:
-    """The grammar without its blank lines (they mean nothing in Lark or GBNF; a literal
-    holds no raw newline): any_to_lark's test for Lark, a multi-line `^\\s*...` regex,
-    takes time quadratic in a run of them (40,000 newlines: 19 s, the GIL held)."""
-    return "\n".join(line for line in grammar.split("\n") if not line.isspace() and line)
+# GBNF's conversion to Lark is pure Python, run before the compile's time limit: about 2 us
+# a character for a literal, and quadratic in a chain of rules; real grammars are a few KB
+MAX_GRAMMAR_CHARS = 65_536
+_LARK_START = re.compile(r"%llguidance\b|start\s*:")
+
+
+def _is_lark(grammar: str) -> bool:
+    """llguidance's any_to_lark test (a line that starts, after whitespace, with
+    `%llguidance` or `start:`), in linear time: its multi-line `^\\s*` regex is quadratic
+    in a run of blank lines (40,000: 19 s, the GIL held)."""
+    at = 0
+    for line in grammar.split("\n"):
+        lead = len(line) - len(line.lstrip())
+        if lead < len(line) and _LARK_START.match(grammar, at + lead):
+            return True
+        at += len(line) + 1
+    return False
 
 
 # The thought of a model that thinks (<think>...</think>) is free text: a constraint holds

@@ -203,8 +203,7 @@ def test_a_tool_choice_whose_function_is_not_a_name_object_is_400(http, choice):
 
 @pytest.mark.parametrize("route,field", [("/v1/completions", "prompt"),
                                          ("/v1/chat/completions", "messages"),
-                                         ("/v1/embeddings", "input"),
-                                         ("/tokenize", "prompt")])
+                                         ("/v1/embeddings", "input")])
 def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(http, route,
                                                                            field):
     # one 900 KB word (under this server's 1 MB body limit; a 12 MB one took over a minute
@@ -249,6 +248,13 @@ def test_responses_metadata_over_openais_bounds_is_400(http, metadata):
     assert_refused(post(http, "/v1/responses", body), "metadata: at most 16 pairs")
     ok = {**ROUTES["/v1/responses"], "metadata": {f"k{i}" * 16: "v" * 512 for i in range(16)}}
     assert post(http, "/v1/responses", ok).status_code == 200
+
+
+@pytest.mark.parametrize("field", ["user", "safety_identifier", "prompt_cache_key"])
+def test_responses_identifiers_over_512_characters_are_400(http, field):
+    body = {**ROUTES["/v1/responses"], field: "u" * 513}
+    assert_refused(post(http, "/v1/responses", body), f"{field}: at most 512 characters")
+    assert post(http, "/v1/responses", {**body, field: "u" * 512}).status_code == 200
 
 
 @pytest.mark.parametrize("change", [

@@ -28,7 +28,7 @@
 // One translation unit (one compile of torch's headers), one file per kernel family:
 #include "quant.h"        // weight layouts, AVX tiles, int16 activations
 #include "amx.h"          // AMX tiles for 5+ rows
-#include "panels.h"       // weight panels for many rows, without AMX (AVX-512 VNNI or AVX2)
+#include "panels.h"       // weight panels for many rows, without AMX (AVX-512 or AVX2)
 #include "qlinear.h"      // the quantized matmul's entry point
 #include "norm_rope.h"    // RMSNorm; q/k norm + rotary + KV-cache write
 #include "activation.h"   // SiLU / tanh-GELU gating

@@ -1,5 +1,5 @@
 // The weight-panel path of the quantized matmul (many rows, CPUs without AMX), in AVX-512
-// VNNI or AVX2, bit-identical to the AVX tiles.
+// (with VNNI or without) or AVX2, bit-identical to the AVX tiles.
 // Part of ops.cpp's one translation unit (included there, after the common headers):
 // one file per kernel family so that a reader finds the room for what they change.
 //
