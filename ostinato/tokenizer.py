@@ -27,6 +27,7 @@ import heapq
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Iterable
 
 import numpy as np
@@ -204,7 +205,6 @@ class Tokenizer:
         else:
             self._byte_ids = [self._byte_token(b) for b in range(256)]
         self._pieces = [self._piece_bytes(i) for i in range(len(self._tokens))]
-        self._longest: int | None = None     # characters of the longest vocabulary text
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -503,16 +503,18 @@ class Tokenizer:
         one byte), so a server can refuse a text too long for its context at once (a 4 MB
         word takes this tokenizer tens of seconds). Characters that encoding may drop (a
         byte with no token) are not counted; 0 where that cannot be told."""
-        if self._longest is None:
-            self._dropped = self._droppable_chars()
-            self._longest = max(1, max(map(len, self._tokens))) if self._dropped is not None \
-                else 0
-        if not self._longest:
+        if self._droppable is None:
             return 0
-        kept = len(text) - sum(text.count(c) for c in self._dropped)
-        return -(-kept // self._longest)
+        kept = len(text) - sum(text.count(c) for c in self._droppable)
+        return -(-kept // self._longest_text)
 
-    def _droppable_chars(self) -> str | None:
+    @cached_property
+    def _longest_text(self) -> int:
+        """Characters of the longest vocabulary text."""
+        return max(1, max(map(len, self._tokens)))
+
+    @cached_property
+    def _droppable(self) -> str | None:
         """The characters encoding may drop (ASCII bytes with no token: SmolLM2 has none for
         0x04, 0x06, 0x13, 0x14, 0x16 and 0x1D), or None when it cannot tell (a continuation
         byte with no token, or a BPE merge that makes no token): every other character

@@ -33,32 +33,12 @@ def _pytest(march: str, *args: str) -> None:
 def test_the_avx2_build_passes_the_kernel_and_plan_tests():
     if not {"avx2", "fma", "f16c"} <= _cpu_flags():
         pytest.skip("this CPU cannot run an AVX2 build")
-    _pytest("haswell", str(TESTS / "test_kernels.py"), str(TESTS / "test_plan.py"),
-            str(TESTS / "test_portability.py::test_panel_isa_follows_the_build"))
+    _pytest("haswell", str(TESTS / "test_kernels.py"), str(TESTS / "test_plan.py"))
 
 
 def test_the_avx512_build_without_vnni_passes_the_matmul_tests():
     if not {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= _cpu_flags():
         pytest.skip("this CPU cannot run a Skylake-SP (AVX-512) build")
-    _pytest("skylake-avx512", "-k", "qlinear or panels or quantized_activations or panel_isa",
-            str(TESTS / "test_kernels.py"), str(TESTS / "test_portability.py::"
-                                                  "test_panel_isa_follows_the_build"))
-
-
-def _native_panel_isa(flags: set[str]) -> str:
-    if {"avx512bw", "avx512_vnni"} <= flags:
-        return "avx512_vnni"
-    if "avx512bw" in flags:
-        return "avx512bw"
-    return "avx_vnni" if "avx_vnni" in flags else "avx2"
-
-
-def test_panel_isa_follows_the_build():
-    """The weight panels' instruction set is the one the build's -march gives: this CPU's
-    natively, and run again (above) under OSTINATO_MARCH=haswell and skylake-avx512."""
-    from ostinato.kernels import ops
-    march = os.environ.get("OSTINATO_MARCH", "native")
-    want = {"haswell": "avx2", "skylake-avx512": "avx512bw"}.get(march)
-    if want is None and march != "native":
-        pytest.skip(f"OSTINATO_MARCH={march}: no expectation for that build")
-    assert ops().panel_isa() == (want or _native_panel_isa(_cpu_flags()))
+    # test_weight_panels_give_the_avx_kernels_bits checks the build's panels are avx512bw
+    _pytest("skylake-avx512", "-k", "qlinear or panels or quantized_activations",
+            str(TESTS / "test_kernels.py"))

@@ -112,7 +112,7 @@ def test_a_grammar_over_the_size_limit_is_refused(compiler):
     from ostinato.structured.compiler import MAX_GRAMMAR_CHARS
     with pytest.raises(GrammarError, match="over this server's limit of 65536"):
         compiler.compile(SO(grammar='root ::= "' + "a" * MAX_GRAMMAR_CHARS + '"'))
-    assert compiler.compile(SO(grammar='root ::= "' + "a" * 60_000 + '"')) is not None
+    compiler.compile(SO(grammar='root ::= "' + "a" * 60_000 + '"'))     # under it: compiles
 
 
 @pytest.mark.parametrize("text", [
@@ -120,9 +120,10 @@ def test_a_grammar_over_the_size_limit_is_refused(compiler):
     "%llguidancex\nroot ::= x", 'root ::= "a"', "root ::= start", "\n" * 3000 + "start: x",
     "\n \n" * 2000 + 'root ::= "a"', "x start: y", "", "   ", "\r\nstart: a\r\n",
     "\u2028start: a", "starting: a", "# start: a\nroot ::= x"])
-def test_the_lark_test_is_llguidances_in_linear_time(text):
+def test_the_lark_test_answers_as_llguidances_does(text):
     # llguidance's is_lark_syntax is a multi-line ^\s* regex, quadratic in a run of blank
-    # lines (40,000 held the GIL for 19 s): ours must answer as it does, in one pass
+    # lines (40,000 held the GIL for 19 s): ours, one pass over the lines, must answer as it
+    # does
     from llguidance.gbnf_to_lark import is_lark_syntax
     from ostinato.structured.compiler import _is_lark
     assert _is_lark(text) == is_lark_syntax(text), repr(text[:40])

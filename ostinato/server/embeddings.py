@@ -9,7 +9,7 @@ from contextlib import aclosing
 from ..engine.async_engine import AsyncEngine
 from ..params import SamplingParams
 from .protocol import EmbeddingRequest, Limits, bad_request
-from .serving import merge, prompt_ids
+from .serving import merge, prompt_cap, prompt_ids
 
 
 def embedding_inputs(llm, req: EmbeddingRequest, limits: Limits) -> list[list[int]]:
@@ -22,7 +22,7 @@ def embedding_inputs(llm, req: EmbeddingRequest, limits: Limits) -> list[list[in
         raise bad_request(f"dimensions: this model's embeddings have {llm.config.d_model} "
                           "dimensions and it was not trained for shorter ones", "dimensions")
     ids = [prompt_ids(llm, x, "input", limits) for x in inputs]
-    cap = min(llm.max_model_len, limits.max_prompt_tokens or llm.max_model_len)
+    cap = prompt_cap(llm, limits)
     for k, i in enumerate(ids):
         if len(i) > cap:
             raise bad_request(f"input {k} has {len(i)} tokens, over the limit of {cap} (the "

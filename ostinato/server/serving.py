@@ -207,10 +207,15 @@ def _hidden_lead(tokenizer, text: str, ids: list[int]) -> int:
     return n
 
 
+def prompt_cap(llm, limits: Limits | None) -> int:
+    """The most tokens a prompt may have: the context, or --max-prompt-tokens."""
+    return min(llm.max_model_len, (limits and limits.max_prompt_tokens) or llm.max_model_len)
+
+
 def check_text_length(llm, text: str, param: str, limits: Limits | None) -> None:
-    """400 before tokenizing a text that cannot fit: more tokens than the context (or
-    --max-prompt-tokens) however it is tokenized (Tokenizer.fewest_tokens)."""
-    cap = min(llm.max_model_len, (limits and limits.max_prompt_tokens) or llm.max_model_len)
+    """400 before tokenizing a text that cannot fit: more tokens than prompt_cap however it
+    is tokenized (Tokenizer.fewest_tokens)."""
+    cap = prompt_cap(llm, limits)
     fewest = llm.tokenizer.fewest_tokens(text)
     if fewest > cap:
         raise APIError(400, f"{param} has {len(text)} characters, so at least {fewest} tokens: "
