@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -497,21 +498,49 @@ class Tokenizer:
                            if b is not None)
             i = nxt[i]
 
-    def fewest_tokens(self, text: str) -> int:
-        """A lower bound on len(encode(text)), without encoding it: each token stands for at
-        most as many characters as its vocabulary text has ('Ġ' and '▁' one each, '<0x0A>'
-        one byte), so a server can refuse a text too long for its context at once (a 4 MB
-        word takes this tokenizer tens of seconds). Characters that encoding may drop (a
-        byte with no token) are not counted; 0 where that cannot be told."""
+    def fewest_tokens(self, text: str, cap: int | None = None) -> int:
+        """A lower bound on len(encode(text)), without encoding it, so that a server can
+        refuse a text too long for its context at once (a 200 KB word takes this tokenizer
+        seconds). The larger of two bounds: each token stands for at most as many characters
+        as its vocabulary text has ('Ġ' and '▁' one each, '<0x0A>' one byte); and the
+        longest run of one class of ASCII characters (letters, digits, punctuation, white
+        space) needs at least _run_tokens of them.
+        Characters that encoding may drop (a byte with no token) are not counted; 0 where
+        that cannot be told. Past `cap` it stops looking."""
         if self._droppable is None:
             return 0
         kept = len(text) - sum(text.count(c) for c in self._droppable)
-        return -(-kept // self._longest_text)
+        fewest = -(-kept // self._longest_text)
+        for run, pieces in self._run_pieces:
+            longest = max(run.findall(text), key=len, default="")
+            if cap is not None and (fewest > cap or len(longest) <= cap):
+                continue        # settled already, or this run cannot say more than cap
+            fewest = max(fewest, _run_tokens(longest.encode(), pieces, cap))
+        return fewest
 
     @cached_property
     def _longest_text(self) -> int:
         """Characters of the longest vocabulary text."""
         return max(1, max(map(len, self._tokens)))
+
+    @cached_property
+    def _run_pieces(self) -> list[tuple[re.Pattern, dict[int, np.ndarray]]]:
+        """Per class of ASCII characters (_RUN_CLASSES), a run's pattern and, by length,
+        the sorted _window_hashes of every maximal run of the class within what one token
+        stands for: the parts of a run of the class in a text that one token can cover. A
+        class whose characters encoding may drop is left out."""
+        every = b"\0".join(self._pieces)
+        out = []
+        for cls in _RUN_CLASSES:
+            if re.search(f"[{cls}]", self._droppable):
+                continue
+            by_len: dict[int, list[bytes]] = {}
+            for part in set(re.findall(f"[{cls}]+".encode(), every)):
+                by_len.setdefault(len(part), []).append(part)
+            out.append((re.compile(f"[{cls}]+"),
+                        {n: np.sort(_window_hashes(b"".join(parts), n)[::n])
+                         for n, parts in by_len.items()}))
+        return out
 
     @cached_property
     def _droppable(self) -> str | None:
@@ -928,3 +957,52 @@ def _check_sequence_size(op: str, left, right) -> None:
     elif isinstance(left, seq) and isinstance(right, seq):
         if len(left) + len(right) > MAX_TEMPLATE_OUTPUT:
             raise _security_error("chat template `+` result too large")
+
+
+_RUN_CLASSES = ("A-Za-z", "0-9", "!-/:-@\\[-`{-~", " \\t\\n\\r")   # as regex classes
+_HASH_POWERS = np.array([pow(0x9E3779B97F4A7C15, k, 1 << 64) for k in range(256)],
+                        dtype=np.uint64)
+
+
+def _window_hashes(data: bytes, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of each n-byte window of data (wrapping arithmetic)."""
+    codes = np.frombuffer(data, dtype=np.uint8).astype(np.uint64)
+    out = np.zeros(len(codes) - n + 1, dtype=np.uint64)
+    for k in range(n):
+        out += codes[k:len(codes) - n + 1 + k] * _HASH_POWERS[k % len(_HASH_POWERS)]
+    return out
+
+
+def _run_tokens(run: bytes, pieces: dict[int, np.ndarray], cap: int | None) -> int:
+    """A lower bound on the tokens that cover `run`, a run of one class of characters,
+    when each token covers a part of it that is one of `pieces` (hashes by length). A
+    random 200 KB word gets ~40,000, its length over the longest piece ~8,000, and takes
+    ~120,000 tokens. Read in chunks, stopping past cap: a token across a cut is counted in
+    both chunks, so each cut takes one off."""
+    total = 0
+    for k, at in enumerate(range(0, len(run), _RUN_CHUNK)):
+        total += _fewest_jumps(run[at:at + _RUN_CHUNK], pieces) - (k > 0)
+        if cap is not None and total > cap:
+            break
+    return total
+
+
+_RUN_CHUNK = 1 << 15
+
+
+def _fewest_jumps(run: bytes, pieces: dict[int, np.ndarray]) -> int:
+    """The fewest jumps across run when a jump may start anywhere already covered and
+    reaches as far as the longest piece that starts there: so overlaps, shorter prefixes
+    and hash collisions only lower it below the fewest pieces that tile it."""
+    size = len(run)
+    longest = np.ones(size, dtype=np.int64)          # a lone character: a piece, or no help
+    for n, hashes in sorted(pieces.items()):
+        if n <= size:
+            h = _window_hashes(run, n)
+            at = np.minimum(np.searchsorted(hashes, h), len(hashes) - 1)
+            longest[:size - n + 1][hashes[at] == h] = n
+    reach = np.maximum.accumulate(np.arange(size) + longest).tolist()
+    jumps, end = 0, 0
+    while end < size:
+        end, jumps = reach[end], jumps + 1
+    return jumps

@@ -3,6 +3,8 @@ scripts/make_tokenizer_fixtures.py from llama-cpp-python), decode, streaming, ch
 from __future__ import annotations
 
 import json
+import random
+import string
 import time
 from pathlib import Path
 
@@ -90,10 +92,18 @@ def test_fewest_tokens_never_exceeds_the_tokens_a_text_takes(model):
         tuple(map(chr, range(32)))          # control bytes: SmolLM2 has no token for six
     runs = [c * n for c in chars for n in (1, 7, 31, 32, 33, 80, 81, 82, 128, 129, 600)]
     runs += ["a\x04" * 300, "\x04" * 500 + "b"]
-    for text in _texts(fx) + runs + ["".join(_texts(fx))]:
+    rng = random.Random(17)
+    words = ["".join(rng.choice(alphabet) for _ in range(n)) for n in (1, 5, 300, 5000)
+             for alphabet in (string.ascii_lowercase, string.ascii_letters, string.digits,
+                              "ab", "tehion")]
+    words += ["Supercalifragilistic" * 300, " ".join(words), "x" * 40_000 + "1" * 40_000]
+    for text in _texts(fx) + runs + words + ["".join(_texts(fx))]:
         assert tok.fewest_tokens(text) <= len(tok.encode(text, add_special_tokens=False)), \
             text[:40]
     assert tok.fewest_tokens("x" * 100_000) > 100_000 // 200     # and it says something
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(40_000))
+    assert tok.fewest_tokens(word) > 0.7 * len(tok.encode(word))     # a random word: close
+    assert 100 < tok.fewest_tokens(word, cap=100) <= tok.fewest_tokens(word)   # stops past cap
 
 
 @pytest.mark.parametrize("name", list(MODELS))

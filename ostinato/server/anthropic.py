@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .protocol import APIError, bad_request, parse_body
+from .protocol import APIError, bad_request, parse_request
 from .responses import admit_as, chat_chunks, chat_request, sse_event
 from .serving import chat_job
 from ..structured.toolparse import thinks
@@ -450,7 +450,7 @@ def add_anthropic_routes(app: FastAPI, state, admit, run_generation) -> None:
 
     async def create(request: Request):
         raw = await request.body()
-        req = parse_body(raw, MessagesRequest)
+        req = await parse_request(raw, MessagesRequest)
         req.check(_thinks(state))
         gen = await admit_as(admit, state, raw, to_chat(req), RENAME)
         if req.stream:
@@ -460,7 +460,7 @@ def add_anthropic_routes(app: FastAPI, state, admit, run_generation) -> None:
                                     on_result=lambda r: message_of(r, req, state.name))
 
     async def count_tokens(request: Request):
-        req = parse_body(await request.body(), CountTokensRequest)
+        req = await parse_request(await request.body(), CountTokensRequest)
         req.check(_thinks(state))
         llm, _ = state.require()
         state.check_model(req.model)

@@ -41,12 +41,13 @@ from .protocol import (
     TokenizeRequest,
     bad_request,
     check_limits,
-    parse_body,
+    parse_request,
 )
 from .anthropic import add_anthropic_routes
 from .embeddings import embed, embedding_inputs, embedding_response
 from .responses import add_responses_routes
-from .serving import Generation, chat_job, completion_job, error_body, render_chat
+from .serving import (Generation, chat_job, check_message_count, completion_job, error_body,
+                      render_chat)
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
 log = logging.getLogger("ostinato.server")
@@ -236,7 +237,7 @@ def _model_card(state: ServerState, llm) -> dict:
 def _add_token_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        req = parse_body(await request.body(), TokenizeRequest)
+        req = await parse_request(await request.body(), TokenizeRequest)
         llm, _ = state.require()
         state.check_model(req.model)
         return Response(await asyncio.to_thread(_tokenize_answer, llm, req),
@@ -244,7 +245,7 @@ def _add_token_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        req = parse_body(await request.body(), DetokenizeRequest)
+        req = await parse_request(await request.body(), DetokenizeRequest)
         llm, _ = state.require()
         state.check_model(req.model)
         return {"prompt": await asyncio.to_thread(_detokenize, llm, req.tokens)}
@@ -277,17 +278,33 @@ def _tokenize_answer(llm, req: TokenizeRequest) -> bytes:
     return json.dumps(out, ensure_ascii=False).encode()
 
 
+TOKENIZE_CONTEXTS = 16      # /tokenize counts a text of up to this many contexts' tokens
+
+
 def _tokenize(llm, req: TokenizeRequest) -> list[int]:
     """vLLM's rules: a prompt gets special tokens (BOS) by default; messages are rendered
     with the chat template, which writes its own, so they get none by default. A text longer
-    than the context is counted, not refused (as vLLM): the body limit bounds it."""
+    than the context is counted, not refused (as vLLM), up to _check_countable's bound."""
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of prompt and messages", "prompt")
     if req.prompt is not None:
         special = True if req.add_special_tokens is None else req.add_special_tokens
+        _check_countable(llm, req.prompt, "prompt")
         return llm.tokenize(req.prompt, add_special_tokens=special)
+    check_message_count(req.messages, TOKENIZE_CONTEXTS * llm.max_model_len)
     text = render_chat(llm, req, req.tool_plan(llm.tokenizer.chat_template))
+    _check_countable(llm, text, "messages")
     return llm.tokenize(text, add_special_tokens=bool(req.add_special_tokens))
+
+
+def _check_countable(llm, text: str, param: str) -> None:
+    """400 for a text of surely more than TOKENIZE_CONTEXTS contexts' tokens
+    (Tokenizer.fewest_tokens): counting a 4 MB word would take this tokenizer ~45 s."""
+    cap = TOKENIZE_CONTEXTS * llm.max_model_len
+    fewest = llm.tokenizer.fewest_tokens(text, cap)
+    if fewest > cap:
+        raise bad_request(f"{param} has at least {fewest} tokens; /tokenize counts up to {cap}"
+                          f" ({TOKENIZE_CONTEXTS} times the model's context)", param)
 
 
 def _detokenize(llm, ids: list[int]) -> str:
@@ -314,7 +331,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
 
 
 async def _embeddings(request: Request, state: ServerState):
-    req = parse_body(await request.body(), EmbeddingRequest)
+    req = await parse_request(await request.body(), EmbeddingRequest)
     llm, engine = state.require()
     state.check_model(req.model)
     ids = await asyncio.to_thread(embedding_inputs, llm, req, state.limits)
@@ -331,7 +348,7 @@ async def _embeddings(request: Request, state: ServerState):
 
 async def _generate(request: Request, state: ServerState, model, make_job):
     raw = await request.body()
-    gen = await admit(state, raw, parse_body(raw, model), make_job)
+    gen = await admit(state, raw, await parse_request(raw, model), make_job)
     return await run_generation(request, state, gen)
 
 

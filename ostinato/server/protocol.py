@@ -8,6 +8,7 @@ OpenAI's error shape.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..params import StructuredOutputsParams
@@ -76,10 +78,15 @@ def from_sampling_error(e: ValueError) -> APIError:
 
 MAX_JSON_DEPTH = 64        # nesting of a request body: schemas and tool parameters fit well
 MAX_NUMBER_CHARS = 64      # a JSON number's text: int64 and any double fit well
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-_TOO_DEEP = object()        # what the parser's own recursion limit ran into
+MAX_JSON_CONTAINERS = 1 << 18    # arrays and objects in a body: a long agent history
+                                 # holds thousands; millions take seconds to validate
+# bytes.translate tables: a number's characters to "1", every other byte to " "; digits
+# to "d", "eE" to "e", "+-" to "s", every other byte to " "; every byte but '"[]{}' deleted
+_NUMBER_MASK = bytes(ord("1") if chr(c) in "0123456789.eE+-" else ord(" ") for c in range(256))
+_EXPONENT_MASK = bytes(ord("d") if chr(c) in "0123456789" else ord("e") if chr(c) in "eE" else
+                       ord("s") if chr(c) in "+-" else ord(" ") for c in range(256))
+_NOT_SKELETON = bytes(c for c in range(256) if c not in b'"[]{}')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class _BadNumber(ValueError):
@@ -110,45 +117,90 @@ def _no_constant(name: str):
     raise _BadNumber(f"{name} is not a JSON value")
 
 
-def _load_json(raw: bytes):
-    """Strict, bounded JSON: no NaN/Infinity, no overflowing or over-long numbers."""
+def _load_json(raw: bytes, utf8: bool):
+    """Strict, bounded JSON: no NaN/Infinity, no overflowing or over-long numbers.
+
+    A Python call per number costs seconds on a body of millions of them, so the per-number
+    checks run only where a number could fail them: where a run of over MAX_NUMBER_CHARS
+    number characters or a three-digit exponent is in the body (in a string or not), or
+    the body is not UTF-8. Elsewhere json's C parser reads the numbers: none is long, and
+    none overflows a double."""
+    exponents = raw.translate(_EXPONENT_MASK)      # 1e999 overflows a double; 1e99 cannot
+    if utf8 and b"eddd" not in exponents and b"esddd" not in exponents and \
+            b"1" * (MAX_NUMBER_CHARS + 1) not in raw.translate(_NUMBER_MASK):
+        return json.loads(raw, parse_constant=_no_constant)
     return json.loads(raw, parse_int=_bounded_int, parse_float=_finite_float,
                       parse_constant=_no_constant)
 
 
-def _deeper_than(value, limit: int) -> bool:
-    """Whether arrays and objects nest more than `limit` levels (no recursion: any depth);
-    400 for a lone UTF-16 surrogate in a string or key (it has no UTF-8 form)."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, str):
-            if _SURROGATE.search(v):
-                raise bad_request("the request body has a lone UTF-16 surrogate (\\ud800-"
-                                  "\\udfff) in a string; it is not valid Unicode")
-        elif isinstance(v, (dict, list)):
-            if depth > limit:
-                return True
-            if isinstance(v, dict):
-                stack.extend((k, depth) for k in v)
-            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+def _nesting(text: bytes) -> tuple[int, int]:
+    """(depth, count) of the arrays and objects of JSON text, at C speed and before it is
+    parsed: its escapes cut out, its quotes and brackets kept, a bracket counted where an
+    even number of quotes lies before it (outside strings); the depth is the peak of the
+    running sum of +1 per opening, -1 per closing. On text that is not JSON: a figure."""
+    text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    chars = np.frombuffer(text.translate(None, _NOT_SKELETON), dtype=np.uint8)
+    if not chars.size:
+        return 0, 0
+    outside = (np.cumsum(chars == ord('"'), dtype=np.int32) & 1) == 0
+    opens = ((chars == ord("[")) | (chars == ord("{"))) & outside
+    closes = ((chars == ord("]")) | (chars == ord("}"))) & outside
+    depth = np.cumsum(opens.astype(np.int32) - closes.astype(np.int32), dtype=np.int32)
+    return int(depth.max()), int(opens.sum())
+
+
+def _has_lone_surrogate(data) -> bool:
+    """A lone UTF-16 surrogate in a string or key has no UTF-8 form (json pairs the
+    escapes of a surrogate pair into one character)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
     return False
 
 
 def load_bounded(raw: bytes | str, what: str = "the request body",
                  param: str | None = None):
-    """raw read as strict, bounded JSON (numbers, nesting, strings); a 400 naming `what`
-    when it is not."""
+    """raw read as strict, bounded JSON (numbers, nesting, size, strings); a 400 naming
+    `what` when it is not. No Python work per value: a body of millions of them costs about
+    what json's C parser does."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")     # a lone surrogate: not valid JSON
+    encoding = json.detect_encoding(raw)
+    utf8 = encoding in ("utf-8", "utf-8-sig")
     try:
-        data = _load_json(raw)
-    except RecursionError:
-        data = _TOO_DEEP
-    except (_BadNumber, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw if utf8 else raw.decode(encoding).encode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as e:
         raise bad_request(f"{what} is not valid JSON: {e}", param) from None
-    if data is _TOO_DEEP or _deeper_than(data, MAX_JSON_DEPTH):
+    depth, count = _nesting(text)
+    if depth > MAX_JSON_DEPTH:
         raise bad_request(f"{what} nests arrays and objects deeper than {MAX_JSON_DEPTH} "
                           "levels", param)
+    if count > MAX_JSON_CONTAINERS:
+        raise bad_request(f"{what} holds {count} arrays and objects, over "
+                          f"{MAX_JSON_CONTAINERS}", param)
+    try:
+        data = _load_json(raw, utf8)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # JSONDecodeError, _BadNumber
+        raise bad_request(f"{what} is not valid JSON: {e}", param) from None
+    # a UTF-8 body holds a lone surrogate only as an escape (the decoder refuses the bytes)
+    escape = b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None
+    if (not utf8 or escape) and _has_lone_surrogate(data):
+        raise bad_request(f"{what} has a lone UTF-16 surrogate (\\ud800-\\udfff) in a "
+                          "string; it is not valid Unicode", param)
     return data
+
+
+OFF_LOOP_BYTES = 256 << 10     # a body this size or larger is parsed on a worker thread
+
+
+async def parse_request(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """parse_body; a large body on a worker thread, so that its parse (up to a second for
+    --max-body-mb of small values) does not hold the event loop, and every other stream's
+    tokens, while it runs."""
+    if len(raw) < OFF_LOOP_BYTES:
+        return parse_body(raw, model)
+    return await asyncio.to_thread(parse_body, raw, model)
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:

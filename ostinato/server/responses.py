@@ -32,7 +32,7 @@ from .protocol import (
     bad_request,
     check_refused,
     from_validation_error,
-    parse_body,
+    parse_request,
 )
 
 ENCRYPTED = "reasoning.encrypted_content"
@@ -598,7 +598,7 @@ def add_responses_routes(app: FastAPI, state, admit, run_generation) -> None:
     @app.post("/v1/responses")
     async def create(request: Request):
         raw = await request.body()
-        req = parse_body(raw, ResponsesRequest)
+        req = await parse_request(raw, ResponsesRequest)
         req.check()
         history = store.get(req.previous_response_id).convo if req.previous_response_id \
             else []

@@ -81,6 +81,7 @@ class Job:
 def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None = None) -> Job:
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
+    check_message_count(req.messages, llm.max_model_len)
     template = llm.tokenizer.chat_template
     plan = req.tool_plan(template)
     text = render_chat(llm, req, plan)
@@ -97,6 +98,14 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
              if plan is not None and plan.reads_unheld else None)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, req.stream,
                req.include_usage, tools=plan, think=think, check_call=check)
+
+
+def check_message_count(messages: list, cap: int) -> None:
+    """400 before rendering more messages than `cap` tokens can hold: each takes one at
+    least (a --max-body-mb body holds 100,000s, which take the template seconds)."""
+    if len(messages) > cap:
+        raise bad_request(f"messages has {len(messages)} entries: more than {cap} tokens "
+                          "can hold", "messages")
 
 
 def render_chat(llm, req, plan: ToolPlan | None) -> str:
@@ -216,7 +225,7 @@ def check_text_length(llm, text: str, param: str, limits: Limits | None) -> None
     """400 before tokenizing a text that cannot fit: more tokens than prompt_cap however it
     is tokenized (Tokenizer.fewest_tokens)."""
     cap = prompt_cap(llm, limits)
-    fewest = llm.tokenizer.fewest_tokens(text)
+    fewest = llm.tokenizer.fewest_tokens(text, cap)
     if fewest > cap:
         raise APIError(400, f"{param} has {len(text)} characters, so at least {fewest} tokens: "
                        f"over the limit of {cap} (the model's context, or "

@@ -5,8 +5,12 @@ first; a type-confusion sweep over every POST route follows."""
 from __future__ import annotations
 
 import json
+import random
+import string
 
 import pytest
+
+from ostinato.server.protocol import MAX_JSON_CONTAINERS
 
 pytestmark = pytest.mark.model
 
@@ -214,6 +218,50 @@ def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(http,
     body[field] = ([{"role": "user", "content": word}] if field == "messages" else word)
     msg = assert_refused(post(http, route, body), "characters, so at least", "tokens")
     assert field in msg
+
+
+def random_word(size: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choices(string.ascii_lowercase, k=size))
+
+
+@pytest.mark.parametrize("route,field", [("/v1/completions", "prompt"),
+                                         ("/v1/chat/completions", "messages"),
+                                         ("/v1/embeddings", "input")])
+def test_a_random_word_too_long_for_the_context_is_refused_before_it_is_tokenized(
+        http, route, field):
+    # 250,000 random letters: 250,000 / 81 (SmolLM2's longest token) is 3,087 tokens, so
+    # the first bound let it through to seconds of tokenizing; it takes ~150,000 tokens,
+    # and the pieces a run of letters can be cut into say over 40,000
+    word = random_word(250_000, 1)
+    body = dict(ROUTES[route])
+    body[field] = ([{"role": "user", "content": word}] if field == "messages" else word)
+    msg = assert_refused(post(http, route, body), "characters, so at least", "tokens")
+    assert field in msg
+
+
+def test_tokenize_counts_past_the_context_but_not_without_bound(http):
+    word = random_word(20_000, 2)              # over 8,192 tokens: counted, as vLLM does
+    r = post(http, "/tokenize", {"prompt": word})
+    assert r.status_code == 200 and r.json()["count"] > r.json()["max_model_len"]
+    # 900,000 random letters take over 16 contexts of tokens (a 4 MB word took ~45 s)
+    msg = assert_refused(post(http, "/tokenize", {"prompt": random_word(900_000, 3)}),
+                         "/tokenize counts up to")
+    assert "prompt has at least" in msg
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/tokenize"])
+def test_a_body_of_too_many_arrays_and_objects_is_400(http, route):
+    # millions of them took seconds to parse and validate on the event loop
+    raw = with_raw(route, "junk", "[" + "[]," * MAX_JSON_CONTAINERS + "[]]")
+    assert_refused(post(http, route, raw), "arrays and objects", str(MAX_JSON_CONTAINERS))
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages"])
+def test_more_messages_than_the_context_has_tokens_are_400(http, route):
+    n = 8193                                   # SmolLM2's context is 8,192 tokens
+    body = {**ROUTES[route], "messages": [{"role": "user", "content": "x"}] * n}
+    assert_refused(post(http, route, body), f"messages has {n} entries")
 
 
 @pytest.mark.parametrize("content", [[1], [None], [[{"type": "text", "text": "x"}]], ["x"]])
