@@ -14,6 +14,7 @@ from .sequence import Sequence
 class OutputState:
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
+    stop_ids: frozenset[int]        # params.stop_token_ids, looked up once per token
 
 
 @dataclass
@@ -33,14 +34,15 @@ class OutputProcessor:
         p = seq.params
         seq.output_state = OutputState(
             IncrementalDetokenizer(self.tok, seq.prompt_ids, p.skip_special_tokens),
-            StopStringMatcher(p.stop or [], p.include_stop_str_in_output))
+            StopStringMatcher(p.stop or [], p.include_stop_str_in_output),
+            frozenset(p.stop_token_ids or ()))
 
     def append(self, seq: Sequence, token: int) -> tuple[str, str | None, int | str | None]:
         """Add one sampled token; returns (text to emit, finish reason, stop reason)."""
         seq.output_ids.append(token)
         p, st = seq.params, seq.output_state
         may_stop = len(seq.output_ids) > p.min_tokens
-        if may_stop and token in (p.stop_token_ids or ()):
+        if may_stop and token in st.stop_ids:
             return self._drain(st), "stop", token
         if may_stop and token in self.eos_ids and not p.ignore_eos:
             return self._drain(st), "stop", None
