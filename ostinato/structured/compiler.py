@@ -6,8 +6,8 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from collections import OrderedDict, deque
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 
 import llguidance
 from llguidance.gbnf_to_lark import gbnf_to_lark
@@ -26,6 +26,11 @@ JSON_WHITESPACE = r"(?:\r?\n)?[ \t]{0,20}"
 # lenient off: a schema keyword llguidance does not implement is an error, never ignored
 JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE, "lenient": False}
 COMPILE_TIMEOUT_S = 5.0     # longer is a 400: the schema is too complex
+# llguidance's compiler recurses once per link of a $ref or rule chain, some kilobytes a
+# link: a 2,000-link chain overflowed a thread's default 8 MB stack, and the segfault took
+# the whole server. Its own size limit ends a chain below 20,000 links; 256 MB of stack
+# (address space, touched only as deep as a compile goes) held 100,000-link ones.
+COMPILE_STACK_BYTES = 256 << 20
 _MAX_ERROR_CHARS = 600
 
 
@@ -54,7 +59,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._llg_tok: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ostinato-grammar")
+        self._pool = DeepStackPool(2, COMPILE_STACK_BYTES, "ostinato-grammar")
 
     def llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -93,6 +98,51 @@ class GrammarCompiler:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return grammar
+
+
+class DeepStackPool:
+    """At most `workers` threads with a deep stack, started as jobs come and ending when
+    none is left, so that the stack a deep compile touched (a 100,000-link chain: ~400 MB
+    between the two) goes back to the system; submit() returns a concurrent.futures.Future,
+    as an executor's does."""
+
+    _stack_lock = threading.Lock()      # threading.stack_size is process-wide
+
+    def __init__(self, workers: int, stack_bytes: int, name: str):
+        self.workers, self.stack_bytes, self.name = workers, stack_bytes, name
+        self._lock = threading.Lock()
+        self._jobs: deque = deque()
+        self._running = 0
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._jobs.append((future, fn, args))
+            if self._running < self.workers:
+                self._running += 1
+                self._start()
+        return future
+
+    def _start(self) -> None:
+        with self._stack_lock:
+            previous = threading.stack_size(self.stack_bytes)
+            try:
+                threading.Thread(target=self._work, name=self.name, daemon=True).start()
+            finally:
+                threading.stack_size(previous)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._running -= 1
+                    return
+                future, fn, args = self._jobs.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:      # the caller's future.result() raises it
+                    future.set_exception(e)
 
 
 def _build(tok: llguidance.LLTokenizer, text: str, kind: str) -> llguidance.LLMatcher:

@@ -192,6 +192,27 @@ def test_a_grammar_that_dead_ends_after_its_first_tokens_is_the_requests_error(
     assert error["code"] == 400 and "admits no token" in error["message"], error
 
 
+def _ref_chain(n: int, array: bool) -> dict:
+    defs = {f"d{i}": ({"type": "array", "items": {"$ref": f"#/$defs/d{i + 1}"}} if array
+                      else {"$ref": f"#/$defs/d{i + 1}"}) for i in range(n)}
+    return {"$ref": "#/$defs/d0", "$defs": {**defs, f"d{n}": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize("field,spec", [
+    # llguidance's compiler recurses once per link: 2,000 links overflowed the compile
+    # thread's 8 MB stack and the segfault took the server down
+    ("guided_json", _ref_chain(5000, array=True)),
+    ("guided_json", _ref_chain(24_000, array=False)),       # a body of 0.9 MB
+    ("guided_grammar", "start: a0\n" + "".join(f"a{i}: a{i + 1}\n" for i in range(5000))
+     + 'a5000: "x"\n'),                       # 62,804 characters: under the 65,536 cap
+], ids=["json-5000", "json-24000", "lark-5000"])
+def test_a_long_chain_of_references_compiles_and_the_server_lives(http, field, spec):
+    body = {**ROUTES["/v1/completions"], "max_tokens": 8, "temperature": 0, field: spec}
+    r = post(http, "/v1/completions", body)
+    assert r.status_code == 200, r.text[:300]
+    assert http.get("/health").status_code == 200
+
+
 @pytest.mark.parametrize("choice", [{"type": "function", "function": "f"},
                                     {"type": "function", "function": [1]},
                                     {"type": "function", "function": True},
