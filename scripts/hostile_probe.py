@@ -15,8 +15,8 @@ FLAGS: 5XX (status >= 500), SSE_5XX (an error event >= 500 inside a stream), CON
 the case ran: the event loop or the GIL was held), RSS+ (server RSS grew > 300 MB; needs
 SERVER_PID, same machine), SERVER_DOWN (/health failed after the case), plus case-specific
 flags (MUTATION, BACKLOG, SLOWDOWN, NO_HEADER_LIMIT, ECHOED_UNKNOWN_KEY). A clean run flags
-nothing but NO_HEADER_LIMIT (uvicorn's httptools parser has no header size limit) and
-ECHOED_UNKNOWN_KEY (a Responses tool's unknown keys are kept, as agents send them).
+nothing but ECHOED_UNKNOWN_KEY (a Responses tool's unknown keys are kept, as agents send
+them).
 
 Environment: SCALE (float, default 1) multiplies the big sizes; SKIP_CRASH=1 skips the last
 group (native-recursion probes that killed the server before its grammar threads had a deep

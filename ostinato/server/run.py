@@ -56,7 +56,8 @@ def run_server(model: str, *, served_model_name: str | None = None, host: str = 
     app = build_app(load, served_model_name or model_name(model), api_key, limits,
                     on_load_error, allowed_origins, pooling)
     server = _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                            timeout_graceful_shutdown=shutdown_timeout))
+                                            timeout_graceful_shutdown=shutdown_timeout,
+                                            http=_bounded_head_protocol() or "auto"))
     server.run()
     if failure:
         raise failure[0]
@@ -116,6 +117,48 @@ def threads_line(governor) -> str:
 def disk_tier_line(disk) -> str:
     return (f"prefix cache disk tier: {disk.dir}, {disk.num_blocks} blocks of this model, "
             f"{disk.num_bytes / 1e9:.2f} of {disk.max_bytes / 1e9:.2f} GB used")
+
+
+MAX_HEAD_BYTES = 64 << 10   # a request's line and headers (clients send a few KB)
+
+
+def _bounded_head_protocol():
+    """uvicorn's httptools protocol with a bound on each request's head: it has none (a
+    20 MB header was read whole, and a few of 1 GB would end the process). 431 and the
+    connection closed past MAX_HEAD_BYTES. None where httptools is not installed: uvicorn's
+    h11 protocol bounds the head at 16 KB itself."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class BoundedHead(HttpToolsProtocol):
+        _head: int | None = 0       # bytes of the request head so far; None once it ended
+
+        def data_received(self, data: bytes) -> None:
+            in_head = self._head is not None
+            super().data_received(data)
+            if in_head and self._head is not None and not self.transport.is_closing():
+                self._head += len(data)
+                if self._head > MAX_HEAD_BYTES:
+                    self._refuse_head()
+
+        def on_headers_complete(self) -> None:
+            self._head = None
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head = 0
+
+        def _refuse_head(self) -> None:
+            msg = f"the request line and headers are over {MAX_HEAD_BYTES} bytes".encode()
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                 b"content-type: text/plain; charset=utf-8\r\n"
+                                 b"content-length: " + str(len(msg)).encode() + b"\r\n"
+                                 b"connection: close\r\n\r\n" + msg)
+            self.transport.close()
+    return BoundedHead
 
 
 def _draining_server_class():
