@@ -128,8 +128,14 @@ class DeepStackPool:
             previous = threading.stack_size(self.stack_bytes)
             try:
                 threading.Thread(target=self._work, name=self.name, daemon=True).start()
+                return
+            except RuntimeError as e:   # no address space for it (ulimit -v): say so, go on
+                log.warning("%s: no thread with a %d MB stack (%s); a default one instead: "
+                            "a long $ref chain may overflow it", self.name,
+                            self.stack_bytes >> 20, e)
             finally:
                 threading.stack_size(previous)
+            threading.Thread(target=self._work, name=self.name, daemon=True).start()
 
     def _work(self) -> None:
         while True:
