@@ -616,3 +616,40 @@ def test_qwen_answer_already_valid_is_unchanged(qwen_llm):
     held = qwen_llm.chat(ALICE, SamplingParams(temperature=0, max_tokens=40,
                                                structured_outputs={"json": PERSON}))[0].outputs[0]
     assert held.token_ids == free.token_ids and held.finish_reason == free.finish_reason == "stop"
+
+
+def test_the_deep_stack_pool_runs_jobs_on_at_most_its_workers_and_then_lets_them_go():
+    from ostinato.structured.compiler import DeepStackPool
+
+    pool = DeepStackPool(2, 64 << 20, "test-deep-stack")
+    gate, seen, lock = threading.Event(), set(), threading.Lock()
+    running = [0, 0]                    # now, most at once
+
+    def job(k):
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+            seen.add(threading.current_thread().name)
+        gate.wait(5)
+        with lock:
+            running[0] -= 1
+        if k == 3:
+            raise ValueError("job 3")
+        return k * k
+
+    futures = [pool.submit(job, k) for k in range(6)]
+    for _ in range(250):                # two jobs start and wait; a third would be a bug
+        if running[1] >= 2:
+            break
+        threading.Event().wait(0.02)
+    threading.Event().wait(0.1)
+    gate.set()
+    assert [f.result(5) for f in futures if f is not futures[3]] == [0, 1, 4, 16, 25]
+    with pytest.raises(ValueError, match="job 3"):
+        futures[3].result(5)
+    assert running[1] == 2 and seen == {"test-deep-stack"}
+    for _ in range(100):                # the workers end once the queue is empty
+        if not any(t.name == "test-deep-stack" for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.02)
+    assert not any(t.name == "test-deep-stack" for t in threading.enumerate())
