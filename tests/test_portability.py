@@ -21,24 +21,44 @@ def _cpu_flags() -> set[str]:
         return set(next(ln for ln in f if ln.startswith("flags")).split(":")[1].split())
 
 
-def _pytest(march: str, *args: str) -> None:
-    env = {**os.environ, "OSTINATO_MARCH": march}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        *args], env=env, capture_output=True, text=True, timeout=1200,
-                       check=False)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout
-
-
-def test_the_avx2_build_passes_the_kernel_and_plan_tests():
-    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
-        pytest.skip("this CPU cannot run an AVX2 build")
-    _pytest("haswell", str(TESTS / "test_kernels.py"), str(TESTS / "test_plan.py"))
-
-
-def test_the_avx512_build_without_vnni_passes_the_matmul_tests():
-    if not {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= _cpu_flags():
-        pytest.skip("this CPU cannot run a Skylake-SP (AVX-512) build")
+AVX2 = {"avx2", "fma", "f16c"}
+AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+RUNS = {    # march -> (the flags it needs, the pytest arguments it runs)
+    "haswell": (AVX2, (str(TESTS / "test_kernels.py"), str(TESTS / "test_plan.py"))),
     # test_weight_panels_give_the_avx_kernels_bits checks the build's panels are avx512bw
-    _pytest("skylake-avx512", "-k", "qlinear or panels or quantized_activations",
-            str(TESTS / "test_kernels.py"))
+    "skylake-avx512": (AVX512, ("-k", "qlinear or panels or quantized_activations",
+                                str(TESTS / "test_kernels.py"))),
+}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Each build's test run in a fresh process, all started at once: a build compiles one
+    file on one core for a minute or more, so on two cores they overlap."""
+    flags = _cpu_flags()
+    procs = {march: subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args],
+        env={**os.environ, "OSTINATO_MARCH": march}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for march, (need, args) in RUNS.items()
+        if need <= flags}
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def _passed(runs: dict, march: str) -> None:
+    if march not in runs:
+        pytest.skip(f"this CPU cannot run a {march} build")
+    out, err = runs[march].communicate(timeout=1200)
+    assert runs[march].returncode == 0, out[-4000:] + err[-2000:]
+    assert " passed" in out and " failed" not in out
+
+
+def test_the_avx2_build_passes_the_kernel_and_plan_tests(runs):
+    _passed(runs, "haswell")
+
+
+def test_the_avx512_build_without_vnni_passes_the_matmul_tests(runs):
+    _passed(runs, "skylake-avx512")
