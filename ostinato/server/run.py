@@ -133,23 +133,26 @@ def _bounded_head_protocol():
         return None
 
     class BoundedHead(HttpToolsProtocol):
-        _head: int | None = 0       # bytes of the request head so far; None once it ended
+        """A chunk of data is counted as head when a request's head was being read before
+        it and nothing ended inside it: no head, no message (a body's last chunk, or a
+        small request whole, is not head)."""
+        _in_head, _head_bytes, _ends = True, 0, 0
 
         def data_received(self, data: bytes) -> None:
-            in_head = self._head is not None
+            ends = self._ends
             super().data_received(data)
-            if in_head and self._head is not None and not self.transport.is_closing():
-                self._head += len(data)
-                if self._head > MAX_HEAD_BYTES:
+            if self._ends == ends and self._in_head and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
                     self._refuse_head()
 
         def on_headers_complete(self) -> None:
-            self._head = None
+            self._in_head, self._head_bytes, self._ends = False, 0, self._ends + 1
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
-            self._head = 0
+            self._in_head, self._head_bytes, self._ends = True, 0, self._ends + 1
 
         def _refuse_head(self) -> None:
             msg = f"the request line and headers are over {MAX_HEAD_BYTES} bytes".encode()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import string
+import urllib.parse
 
 import pytest
 
@@ -198,6 +200,33 @@ def test_a_request_head_over_64_kb_is_431_and_one_under_is_served(http):
     r = http.get("/health", headers={"x-junk": "a" * 2_000_000})
     assert r.status_code == 431 and "65536 bytes" in r.text
     assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("size", [60_000, 70_000, 200_000, 900_000])
+def test_bodies_of_any_size_under_the_limit_are_not_counted_as_head(http, size):
+    # head and body in one write, as http.client sends them, so that a whole request can
+    # arrive in one chunk: a 70-200 KB one was once taken for a head over 64 KB (431)
+    body = json.dumps({"prompt": "a " * (size // 2)}).encode()
+    url = urllib.parse.urlparse(str(http.base_url))
+    head = (f"POST /tokenize HTTP/1.1\r\nHost: {url.hostname}\r\n"
+            f"Authorization: {http.headers['authorization']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        replies = sock.makefile("rb")
+        for _ in range(2):                      # twice on one kept-alive connection
+            sock.sendall(head.encode() + body)
+            status = replies.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            _skip_reply(replies)
+
+
+def _skip_reply(replies) -> None:
+    """Read the rest of one reply (headers, then a body of its Content-Length)."""
+    length = 0
+    while (line := replies.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    replies.read(length)
 
 
 def _ref_chain(n: int, array: bool) -> dict:
