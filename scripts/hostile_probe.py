@@ -356,12 +356,14 @@ case("http/content_length_5000_digits", cl_digits)
 
 
 def big_header():
-    res = request("GET", "/health", headers={"x-junk": "a" * int(20_000_000 * min(SCALE, 1))})
+    # 1 MB: small enough to be sent whole before the server's 431 and close (a 20 MB one
+    # is cut off mid-send: a connection reset, not an answer)
+    res = request("GET", "/health", headers={"x-junk": "a" * int(1_000_000 * min(SCALE, 1))})
     flags = ["NO_HEADER_LIMIT"] if res[0] == 200 else []
-    return res, flags, "20 MB header"
+    return res, flags, "1 MB header"
 
 
-case("http/header_20MB", big_header)
+case("http/header_1MB", big_header)
 case("http/utf16_body_lone_surrogate", lambda: post(
     "/tokenize", '{"prompt": "\ud800"}'.encode("utf-16-le", "surrogatepass")))
 case("http/cesu_surrogate_utf8", lambda: post("/tokenize", b'{"prompt": "\xed\xa0\x80"}'))
@@ -394,7 +396,8 @@ case("mem/responses_tool_unknown_key_echo", responses_tool_junk)
 
 def responses_mutation():
     r1 = post("/v1/responses", {
-        "model": MODEL, "input": "Call the tool f.", "max_output_tokens": 64, "temperature": 0,
+        "model": MODEL, "input": "Call the tool f.", "max_output_tokens": 128, "temperature": 0,
+        "parallel_tool_calls": False,       # else SmolLM2 calls f until the tokens run out
         "tools": [{"type": "function", "name": "f", "parameters": {
             "type": "object", "properties": {}, "additionalProperties": False}}],
         "tool_choice": "required"})

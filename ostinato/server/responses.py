@@ -196,7 +196,7 @@ def _input_item(item, where: str, messages: list[dict]) -> None:
         messages.append({"role": "assistant", "content": None, THOUGHT: _thought_of(item)})
         return
     last = messages[-1] if messages else None
-    thought = last.pop(THOUGHT) if last is not None and THOUGHT in last else None
+    thought = last.get(THOUGHT) if last is not None else None
     if thought is not None:
         messages.pop()
     if kind == "message":
@@ -208,7 +208,9 @@ def _input_item(item, where: str, messages: list[dict]) -> None:
                 "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
         last = messages[-1] if messages else None
         if last and last["role"] == "assistant" and last.get("tool_calls") is not None:
-            last["tool_calls"].append(call)         # parallel calls: one assistant turn
+            # parallel calls: one assistant turn; a new one, as `last` may be a stored
+            # response's (appending to it changed what previous_response_id gives later)
+            messages[-1] = {**last, "tool_calls": [*last["tool_calls"], call]}
         else:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         if thought is not None:

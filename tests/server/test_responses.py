@@ -164,6 +164,27 @@ def test_function_tools_follow_the_chat_path(client, server):
     assert call.name == "get_weather" and "city" in json.loads(call.arguments)
 
 
+def test_follow_ups_do_not_change_the_stored_conversation(client, server):
+    # a follow-up's function_call items joined the stored response's own assistant turn by
+    # appending to its list: every later follow-up of it saw their calls (107 -> 602 tokens)
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    first = client.responses.create(model=server.model, input="Call f.", tools=[tool],
+                                    tool_choice="required", parallel_tool_calls=False,
+                                    temperature=0, max_output_tokens=40)
+    call = next(o for o in first.output if o.type == "function_call")
+    answer = {"type": "function_call_output", "call_id": call.call_id, "output": "ok"}
+
+    def follow_up(extra: list) -> int:
+        r = client.responses.create(model=server.model, previous_response_id=first.id,
+                                    input=[*extra, answer], store=False, max_output_tokens=1)
+        return r.usage.input_tokens
+
+    before = follow_up([])
+    other = {"type": "function_call", "call_id": "x1", "name": "f", "arguments": "{}"}
+    assert follow_up([other, {**answer, "call_id": "x1"}]) > before
+    assert follow_up([]) == before
+
+
 @pytest.mark.parametrize("body, param", [
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "hi", "background": True}, "background"),
