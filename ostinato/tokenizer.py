@@ -502,20 +502,24 @@ class Tokenizer:
         """A lower bound on len(encode(text)), without encoding it, so that a server can
         refuse a text too long for its context at once (a 200 KB word takes this tokenizer
         seconds). The larger of two bounds: each token stands for at most as many characters
-        as its vocabulary text has ('Ġ' and '▁' one each, '<0x0A>' one byte); and the
-        longest run of one class of ASCII characters (letters, digits, punctuation, white
-        space) needs at least _run_tokens of them.
+        as its vocabulary text has ('Ġ' and '▁' one each, '<0x0A>' one byte); and a run of
+        one class of ASCII characters (letters, digits, punctuation, white space) needs at
+        least _run_tokens of them (with a cap, every run longer than it; else the longest).
         Characters that encoding may drop (a byte with no token) are not counted; 0 where
         that cannot be told. Past `cap` it stops looking."""
         if self._droppable is None:
             return 0
         kept = len(text) - sum(text.count(c) for c in self._droppable)
         fewest = -(-kept // self._longest_text)
-        for run, pieces in self._run_pieces:
-            longest = max(run.findall(text), key=len, default="")
-            if cap is not None and (fewest > cap or len(longest) <= cap):
-                continue        # settled already, or this run cannot say more than cap
-            fewest = max(fewest, _run_tokens(longest.encode(), pieces, cap))
+        data = None
+        for mask, pieces in self._run_pieces:
+            if cap is not None and fewest > cap:
+                break
+            data = data if data is not None else text.encode("utf-8", "surrogatepass")
+            for run in _long_runs(data, data.translate(mask), cap):
+                fewest = max(fewest, _run_tokens(run, pieces, cap))
+                if cap is not None and fewest > cap:
+                    break
         return fewest
 
     @cached_property
@@ -524,8 +528,9 @@ class Tokenizer:
         return max(1, max(map(len, self._tokens)))
 
     @cached_property
-    def _run_pieces(self) -> list[tuple[re.Pattern, dict[int, np.ndarray]]]:
-        """Per class of ASCII characters (_RUN_CLASSES), a run's pattern and, by length,
+    def _run_pieces(self) -> list[tuple[bytes, dict[int, np.ndarray]]]:
+        """Per class of ASCII characters (_RUN_CLASSES), a bytes.translate table that maps
+        the class's bytes to "1" and every other to "0", and, by length,
         the sorted _window_hashes of every maximal run of the class within what one token
         stands for: the parts of a run of the class in a text that one token can cover. A
         class whose characters encoding may drop is left out."""
@@ -537,8 +542,9 @@ class Tokenizer:
             by_len: dict[int, list[bytes]] = {}
             for part in set(re.findall(f"[{cls}]+".encode(), every)):
                 by_len.setdefault(len(part), []).append(part)
-            out.append((re.compile(f"[{cls}]+"),
-                        {n: np.sort(_window_hashes(b"".join(parts), n)[::n])
+            mask = bytes(ord("1") if re.match(f"[{cls}]", chr(c)) else ord("0")
+                         for c in range(256))
+            out.append((mask, {n: np.sort(_window_hashes(b"".join(parts), n)[::n])
                          for n, parts in by_len.items()}))
         return out
 
@@ -971,6 +977,25 @@ def _window_hashes(data: bytes, n: int) -> np.ndarray:
     for k in range(n):
         out += codes[k:len(codes) - n + 1 + k] * _HASH_POWERS[k % len(_HASH_POWERS)]
     return out
+
+
+def _long_runs(data: bytes, mask: bytes, cap: int | None):
+    """The runs of one class in data (mask: its bytes as "1", others "0"): each one over
+    cap bytes, found by bytes.find (a run of at most cap cannot prove more than cap
+    tokens; a regex over 14 MB held the GIL for seconds), or the longest when cap is None."""
+    if cap is None:
+        spans = [m.span() for m in re.finditer(rb"1+", mask)]
+        if spans:
+            start, end = max(spans, key=lambda span: span[1] - span[0])
+            yield data[start:end]
+        return
+    needle = b"1" * (cap + 1)
+    at = mask.find(needle)
+    while at >= 0:
+        end = mask.find(b"0", at)
+        end = len(mask) if end < 0 else end
+        yield data[at:end]
+        at = mask.find(needle, end)
 
 
 def _run_tokens(run: bytes, pieces: dict[int, np.ndarray], cap: int | None) -> int:
