@@ -66,6 +66,8 @@ def refusal(raw) -> str:
     (b'{"n": NaN}', "not a JSON value"),
     (b'{"s": "\\ud800"}', "surrogate"),
     (b'{"\\udfff": 1}', "surrogate"),
+    (b'{"s": "\xed\xa0\x80"}', "surrogate"),                  # CESU-8: json lets it pass
+    (b'{"s": "\xed\xa0\xbd\xed\xb8\x80"}', "surrogate"),   # a pair, CESU-8: not UTF-8
     ('{"s": "x"}'.encode("utf-16-le") + "\ud800".encode("utf-16-le", "surrogatepass"),
      "not valid JSON"),
     (b'"\\"[[[[' + b"\\" * 3, "not valid JSON"),              # escapes that never close
