@@ -122,39 +122,68 @@ def disk_tier_line(disk) -> str:
 MAX_HEAD_BYTES = 64 << 10   # a request's line and headers (clients send a few KB)
 
 
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback to stop reading a head over MAX_HEAD_BYTES."""
+
+
 def _bounded_head_protocol():
     """uvicorn's httptools protocol with a bound on each request's head: it has none (a
     20 MB header was read whole, and a few of 1 GB would end the process). 431 and the
-    connection closed past MAX_HEAD_BYTES. None where httptools is not installed: uvicorn's
-    h11 protocol bounds the head at 16 KB itself."""
+    connection closed past MAX_HEAD_BYTES, counted two ways: exactly, from the parser's URL
+    and header callbacks (trailers of a chunked body too); and, while a header is still
+    being read (the parser holds it whole before its callback), by the chunks that carry
+    neither a body byte nor an end of head or message. None where httptools is not
+    installed: uvicorn's h11 protocol bounds the head at 16 KB itself."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return None
 
     class BoundedHead(HttpToolsProtocol):
-        """A chunk of data is counted as head when a request's head was being read before
-        it and nothing ended inside it: no head, no message (a body's last chunk, or a
-        small request whole, is not head)."""
-        _in_head, _head_bytes, _ends = True, 0, 0
+        _head, _unread, _body, _ends, _refused = 0, 0, 0, 0, False
 
         def data_received(self, data: bytes) -> None:
-            ends = self._ends
+            ends, self._body = self._ends, 0
             super().data_received(data)
-            if self._ends == ends and self._in_head and not self.transport.is_closing():
-                self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD_BYTES:
-                    self._refuse_head()
+            if self._ends == ends and not self._body and not self._refused:
+                self._unread += len(data)
+                if self._unread > MAX_HEAD_BYTES:
+                    self._refuse()
+
+        def on_url(self, url: bytes) -> None:
+            self._grow(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._grow(len(name) + len(value) + 4)
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
-            self._in_head, self._head_bytes, self._ends = False, 0, self._ends + 1
+            self._ends, self._unread = self._ends + 1, 0
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            self._body, self._unread = self._body + len(body), 0
+            super().on_body(body)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
-            self._in_head, self._head_bytes, self._ends = True, 0, self._ends + 1
+            self._ends, self._head, self._unread = self._ends + 1, 0, 0
 
-        def _refuse_head(self) -> None:
+        def send_400_response(self, msg: str) -> None:
+            if not self._refused:               # a 431 went out already
+                super().send_400_response(msg)
+
+        def _grow(self, n: int) -> None:
+            self._head += n
+            if self._head > MAX_HEAD_BYTES:
+                self._refuse()
+                raise _HeadTooLarge     # the parser stops: the request is never dispatched
+
+        def _refuse(self) -> None:
+            if self._refused:
+                return
+            self._refused = True
             msg = f"the request line and headers are over {MAX_HEAD_BYTES} bytes".encode()
             self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                                  b"content-type: text/plain; charset=utf-8\r\n"

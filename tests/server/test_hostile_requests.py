@@ -202,6 +202,32 @@ def test_a_request_head_over_64_kb_is_431_and_one_under_is_served(http):
     assert http.get("/health").status_code == 200
 
 
+def _raw_exchange(http, request: bytes) -> bytes:
+    """One request sent in one write on a fresh connection; the reply's status line."""
+    url = urllib.parse.urlparse(str(http.base_url))
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        try:
+            sock.sendall(request)
+        except OSError:         # the server closed while the rest was being sent
+            pass
+        return sock.makefile("rb").readline()
+
+
+@pytest.mark.parametrize("what", ["a 200 KB head in one write", "a chunked body's trailer"])
+def test_a_head_over_64_kb_is_431_however_it_comes(http, what):
+    # the chunk in which a head ended, and trailers (read after the head), were not counted
+    auth = http.headers["authorization"]
+    if what.startswith("a 200"):
+        request = (f"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: {'a' * 200_000}\r\n\r\n")
+    else:
+        body = json.dumps({"prompt": "hi"})
+        request = (f"POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+                   f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   f"{len(body):x}\r\n{body}\r\n0\r\nX-T: {'a' * 200_000}\r\n\r\n")
+    assert _raw_exchange(http, request.encode()).startswith(b"HTTP/1.1 431"), what
+    assert http.get("/health").status_code == 200
+
+
 @pytest.mark.parametrize("size", [60_000, 70_000, 200_000, 900_000])
 def test_bodies_of_any_size_under_the_limit_are_not_counted_as_head(http, size):
     # head and body in one write, as http.client sends them, so that a whole request can

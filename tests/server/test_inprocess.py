@@ -148,8 +148,14 @@ def test_tokenize_defaults_follow_vllm():
     from ostinato.server.protocol import TokenizeRequest
 
     class Stub:
+        max_model_len = 8192
+
         class tokenizer:
             chat_template = None
+
+            @staticmethod
+            def fewest_tokens(text, cap=None):
+                return 1
 
             @staticmethod
             def apply_chat_template(messages, add_generation_prompt, continue_final_message,
