@@ -119,8 +119,13 @@ class DeepStackPool:
         with self._lock:
             self._jobs.append((future, fn, args))
             if self._running < self.workers:
-                self._running += 1
-                self._start()
+                try:
+                    self._start()
+                    self._running += 1
+                except RuntimeError as e:       # no thread at all: this job fails, not
+                    if not self._running:       # every later one (a worker never started)
+                        self._jobs.remove((future, fn, args))
+                        future.set_exception(e)
         return future
 
     def _start(self) -> None:
