@@ -531,10 +531,10 @@ class Tokenizer:
     def _run_pieces(self) -> list[tuple[bytes, dict[int, np.ndarray]]]:
         """Per class of ASCII characters (_RUN_CLASSES), a bytes.translate table that maps
         the class's bytes to "1" and every other to "0", and, by length,
-        the sorted _window_hashes of every maximal run of the class within what one token
+        the sorted window hashes (_window_hasher) of every maximal run of the class within what one token
         stands for: the parts of a run of the class in a text that one token can cover. A
         class whose characters encoding may drop is left out."""
-        every = b"\0".join(self._pieces)
+        every = b"\0".join(self._bound_texts())
         out = []
         for cls in _RUN_CLASSES:
             if re.search(f"[{cls}]", self._droppable):
@@ -544,8 +544,21 @@ class Tokenizer:
                 by_len.setdefault(len(part), []).append(part)
             mask = bytes(ord("1") if re.match(f"[{cls}]", chr(c)) else ord("0")
                          for c in range(256))
-            out.append((mask, {n: np.sort(_window_hashes(b"".join(parts), n)[::n])
+            out.append((mask, {n: np.sort(_window_hasher(b"".join(parts))(n)[::n])
                          for n, parts in by_len.items()}))
+        return out
+
+    def _bound_texts(self) -> list[bytes]:
+        """What each token may stand for in a text, every reading of it: the bytes it
+        decodes to, and its vocabulary text as it is, with '▁' as a space, and through
+        GPT-2's byte table (encoding looks a text up whatever the token's type: an unused
+        or user-defined token decodes to nothing, or keeps its '▁', yet may be emitted)."""
+        out = list(self._pieces)            # a normal token's is its one reading
+        for text in (t for t, kind in zip(self._tokens, self._types) if kind != NORMAL):
+            out += [text.encode("utf-8", "surrogatepass"),
+                    text.replace(SPACE_MARK, " ").encode("utf-8", "surrogatepass")]
+            if all(c in _CHAR_TO_BYTE for c in text):
+                out.append(bytes(_CHAR_TO_BYTE[c] for c in text))
         return out
 
     @cached_property
@@ -966,17 +979,29 @@ def _check_sequence_size(op: str, left, right) -> None:
 
 
 _RUN_CLASSES = ("A-Za-z", "0-9", "!-/:-@\\[-`{-~", " \\t\\n\\r")   # as regex classes
-_HASH_POWERS = np.array([pow(0x9E3779B97F4A7C15, k, 1 << 64) for k in range(256)],
-                        dtype=np.uint64)
+_HASH_BASE = 0x9E3779B97F4A7C15                    # odd: it has an inverse mod 2**64
+_HASH_INVERSE = pow(_HASH_BASE, -1, 1 << 64)
 
 
-def _window_hashes(data: bytes, n: int) -> np.ndarray:
-    """A 64-bit polynomial hash of each n-byte window of data (wrapping arithmetic)."""
+def _powers(base: int, count: int) -> np.ndarray:
+    """base**k mod 2**64 for k < count (numpy's uint64 products wrap)."""
+    out = np.full(count, base, dtype=np.uint64)
+    out[:1] = 1
+    return np.cumprod(out, dtype=np.uint64)
+
+
+def _window_hasher(data: bytes):
+    """A function of n: the hash of each n-byte window of data, sum of byte[k] * B**k (mod
+    2**64), from prefix sums: one pass over data a length, whatever the length."""
+    size = len(data)
     codes = np.frombuffer(data, dtype=np.uint8).astype(np.uint64)
-    out = np.zeros(len(codes) - n + 1, dtype=np.uint64)
-    for k in range(n):
-        out += codes[k:len(codes) - n + 1 + k] * _HASH_POWERS[k % len(_HASH_POWERS)]
-    return out
+    prefix = np.zeros(size + 1, dtype=np.uint64)
+    np.cumsum(codes * _powers(_HASH_BASE, size), out=prefix[1:])
+    inverse = _powers(_HASH_INVERSE, size)
+
+    def windows(n: int) -> np.ndarray:
+        return (prefix[n:] - prefix[:size - n + 1]) * inverse[:size - n + 1]
+    return windows
 
 
 def _long_runs(data: bytes, mask: bytes, cap: int | None):
@@ -1000,34 +1025,32 @@ def _long_runs(data: bytes, mask: bytes, cap: int | None):
 
 def _run_tokens(run: bytes, pieces: dict[int, np.ndarray], cap: int | None) -> int:
     """A lower bound on the tokens that cover `run`, a run of one class of characters,
-    when each token covers a part of it that is one of `pieces` (hashes by length). A
-    random 200 KB word gets ~40,000, its length over the longest piece ~8,000, and takes
-    ~120,000 tokens. Read in chunks, stopping past cap: a token across a cut is counted in
-    both chunks, so each cut takes one off."""
-    total = 0
-    for k, at in enumerate(range(0, len(run), _RUN_CHUNK)):
-        total += _fewest_jumps(run[at:at + _RUN_CHUNK], pieces) - (k > 0)
-        if cap is not None and total > cap:
-            break
-    return total
+    when each token covers a part of it that is one of `pieces` (hashes by length): the
+    fewest jumps across it when a jump may start anywhere already covered and reaches as
+    far as the longest piece that starts there (so overlaps, shorter prefixes and hash
+    collisions only lower it below the fewest pieces that tile it). A random 200 KB word
+    gets ~40,000, its length over the longest piece ~8,000, and takes ~120,000 tokens.
+    Read in chunks, each with the bytes a piece from its end could reach; stops past cap."""
+    size, span = len(run), max(pieces, default=1)
+    jumps = end = carried = 0
+    for at in range(0, size, _RUN_CHUNK):
+        stop = min(size, at + _RUN_CHUNK)
+        windows = _window_hasher(run[at:stop + span - 1])
+        longest = np.ones(stop - at, dtype=np.int64)    # a lone character: a piece, or no help
+        for n in sorted(pieces):
+            if at + n <= size:
+                h = windows(n)[:stop - at]
+                hashes = pieces[n]
+                found = np.minimum(np.searchsorted(hashes, h), len(hashes) - 1)
+                longest[:len(h)][hashes[found] == h] = n
+        reach = np.maximum.accumulate(np.maximum(np.arange(at, stop) + longest, carried))
+        carried = int(reach[-1])
+        reach = reach.tolist()
+        while end < stop:
+            end, jumps = reach[end - at], jumps + 1
+            if cap is not None and jumps > cap:
+                return jumps
+    return jumps
 
 
 _RUN_CHUNK = 1 << 15
-
-
-def _fewest_jumps(run: bytes, pieces: dict[int, np.ndarray]) -> int:
-    """The fewest jumps across run when a jump may start anywhere already covered and
-    reaches as far as the longest piece that starts there: so overlaps, shorter prefixes
-    and hash collisions only lower it below the fewest pieces that tile it."""
-    size = len(run)
-    longest = np.ones(size, dtype=np.int64)          # a lone character: a piece, or no help
-    for n, hashes in sorted(pieces.items()):
-        if n <= size:
-            h = _window_hashes(run, n)
-            at = np.minimum(np.searchsorted(hashes, h), len(hashes) - 1)
-            longest[:size - n + 1][hashes[at] == h] = n
-    reach = np.maximum.accumulate(np.arange(size) + longest).tolist()
-    jumps, end = 0, 0
-    while end < size:
-        end, jumps = reach[end], jumps + 1
-    return jumps

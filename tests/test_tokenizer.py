@@ -96,7 +96,8 @@ def test_fewest_tokens_never_exceeds_the_tokens_a_text_takes(model):
     words = ["".join(rng.choice(alphabet) for _ in range(n)) for n in (1, 5, 300, 5000)
              for alphabet in (string.ascii_lowercase, string.ascii_letters, string.digits,
                               "ab", "tehion")]
-    words += ["Supercalifragilistic" * 300, " ".join(words), "x" * 40_000 + "1" * 40_000]
+    words += ["Supercalifragilistic" * 300, " ".join(words), "x" * 40_000 + "1" * 40_000,
+              "zzzzz" + "abcdefgh" * 8192, " " * 70_000]     # tokens across 32 KB cuts
     for text in _texts(fx) + runs + words + ["".join(_texts(fx))]:
         assert tok.fewest_tokens(text) <= len(tok.encode(text, add_special_tokens=False)), \
             text[:40]
@@ -388,3 +389,18 @@ def test_a_tool_call_history_renders(smollm_path):
             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     text = tok.apply_chat_template(msgs)
     assert "<|im_start|>assistant\n<|im_end|>" in text and "sunny" in text
+
+
+def test_the_run_bound_holds_across_its_chunk_cuts():
+    """A run whose only long piece straddles every 32 KB cut: the fewest pieces that tile
+    it are 5 + 8,192; reading the chunks apart (one taken off per cut) said 8,209."""
+    import numpy as np
+    from ostinato.tokenizer import _run_tokens, _window_hasher
+
+    def hashes(parts: list[bytes]) -> np.ndarray:
+        n = len(parts[0])
+        return np.sort(_window_hasher(b"".join(parts))(n)[::n])
+    pieces = {1: hashes([bytes([c]) for c in b"abcdefghz"]), 8: hashes([b"abcdefgh"])}
+    run = b"zzzzz" + b"abcdefgh" * 8192
+    assert _run_tokens(run, pieces, None) == 5 + 8192
+    assert _run_tokens(run, pieces, 100) == 101                   # stops past the cap
