@@ -46,8 +46,7 @@ from .protocol import (
 from .anthropic import add_anthropic_routes
 from .embeddings import embed, embedding_inputs, embedding_response
 from .responses import add_responses_routes
-from .serving import (Generation, chat_job, check_message_count, completion_job, error_body,
-                      render_chat)
+from .serving import Generation, chat_job, completion_job, error_body, render_chat
 from .transport import DISCONNECTED, Gate, SSEResponse, until_disconnect
 
 log = logging.getLogger("ostinato.server")
@@ -291,8 +290,8 @@ def _tokenize(llm, req: TokenizeRequest) -> list[int]:
         special = True if req.add_special_tokens is None else req.add_special_tokens
         _check_countable(llm, req.prompt, "prompt")
         return llm.tokenize(req.prompt, add_special_tokens=special)
-    check_message_count(req.messages, TOKENIZE_CONTEXTS * llm.max_model_len)
-    text = render_chat(llm, req, req.tool_plan(llm.tokenizer.chat_template))
+    text = render_chat(llm, req, req.tool_plan(llm.tokenizer.chat_template),
+                       TOKENIZE_CONTEXTS * llm.max_model_len)
     _check_countable(llm, text, "messages")
     return llm.tokenize(text, add_special_tokens=bool(req.add_special_tokens))
 

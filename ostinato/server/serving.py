@@ -81,10 +81,9 @@ class Job:
 def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None = None) -> Job:
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
-    check_message_count(req.messages, llm.max_model_len)
     template = llm.tokenizer.chat_template
     plan = req.tool_plan(template)
-    text = render_chat(llm, req, plan)
+    text = render_chat(llm, req, plan, llm.max_model_len)
     check_text_length(llm, text, "messages", limits)
     ids = llm.chat_text_ids(text)
     req.check_token_ids(llm.config.vocab_size)
@@ -100,23 +99,20 @@ def chat_job(llm, req: ChatCompletionRequest, model: str, limits: Limits | None 
                req.include_usage, tools=plan, think=think, check_call=check)
 
 
-def check_message_count(messages: list, cap: int) -> None:
-    """400 before rendering more messages than `cap` tokens can hold: each takes one at
-    least (a --max-body-mb body holds 100,000s, which take the template seconds)."""
-    if len(messages) > cap:
-        raise bad_request(f"messages has {len(messages)} entries: more than {cap} tokens "
-                          "can hold", "messages")
-
-
-def render_chat(llm, req, plan: ToolPlan | None) -> str:
+def render_chat(llm, req, plan: ToolPlan | None, cap: int) -> str:
     """The chat prompt's text: the messages (their calls and tool results as the template
     takes them) and, when tools are active, the tools (the template writes them, or the
-    system message does in the generic family)."""
+    system message does in the generic family). A 400 before rendering more messages than
+    `cap` tokens can hold: the template writes each with its role, a token at least (a
+    --max-body-mb body holds 100,000s of them, which take the template seconds)."""
     family = family_of(llm.tokenizer.chat_template)
     writes_tools = plan is not None and plan.active and family != "generic"
     opts = req.template_options()
     try:
         messages = template_messages(req.messages, plan, family)
+        if len(messages) > cap:
+            raise bad_request(f"messages has {len(messages)} entries as the template takes "
+                              f"them: more than {cap} tokens can hold", "messages")
         return llm.tokenizer.apply_chat_template(
             messages, opts["add_generation_prompt"], opts["continue_final_message"],
             opts["extra"], plan.definitions if writes_tools else None)
