@@ -118,7 +118,7 @@ def _no_constant(name: str):
     raise _BadNumber(f"{name} is not a JSON value")
 
 
-def _load_json(raw: bytes, utf8: bool):
+def _load_json(raw: bytes, encoding: str):
     """Strict, bounded JSON: no NaN/Infinity, no overflowing or over-long numbers.
 
     A Python call per number costs seconds on a body of millions of them, so the per-number
@@ -127,14 +127,15 @@ def _load_json(raw: bytes, utf8: bool):
     the body is not UTF-8. Elsewhere json's C parser reads the numbers: none is long, and
     none overflows a double."""
     exponents = raw.translate(_EXPONENT_MASK)      # 1e999 overflows a double; 1e99 cannot
-    if utf8 and b"eddd" not in exponents and b"esddd" not in exponents and \
+    if encoding in _UTF8 and b"eddd" not in exponents and b"esddd" not in exponents and \
             b"1" * (MAX_NUMBER_CHARS + 1) not in raw.translate(_NUMBER_MASK):
-        return _PLAIN.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        return _PLAIN.decode(raw.decode(encoding, "surrogatepass"))
     return json.loads(raw, parse_int=_bounded_int, parse_float=_finite_float,
                       parse_constant=_no_constant)
 
 
 _PLAIN = json.JSONDecoder(parse_constant=_no_constant)   # made once: ~20 us a request
+_UTF8 = ("utf-8", "utf-8-sig")
 
 
 def _nesting(text: bytes) -> tuple[int, int]:
@@ -171,7 +172,7 @@ def load_bounded(raw: bytes | str, what: str = "the request body",
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")     # a lone surrogate: not valid JSON
     encoding = json.detect_encoding(raw)
-    utf8 = encoding in ("utf-8", "utf-8-sig")
+    utf8 = encoding in _UTF8
     try:
         text = raw if utf8 else raw.decode(encoding).encode("utf-8", "surrogatepass")
     except UnicodeDecodeError as e:
@@ -186,7 +187,7 @@ def load_bounded(raw: bytes | str, what: str = "the request body",
         raise bad_request(f"{what} holds {count} arrays and objects, over "
                           f"{MAX_JSON_CONTAINERS}", param)
     try:
-        data = _load_json(raw, utf8)
+        data = _load_json(raw, encoding)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:   # JSONDecodeError, _BadNumber
         raise bad_request(f"{what} is not valid JSON: {e}", param) from None
     # a UTF-8 body holds a lone surrogate as an escape, or as CESU-8 bytes (ED A0-BF: json
