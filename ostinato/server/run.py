@@ -6,6 +6,7 @@ closes (connection refused); requests in flight get up to `shutdown_timeout` sec
 finish, then are cut (counted as aborted); then the engine stops and the process exits."""
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
@@ -120,6 +121,7 @@ def disk_tier_line(disk) -> str:
 
 
 MAX_HEAD_BYTES = 64 << 10   # a request's line and headers (clients send a few KB)
+LINGER_S = 1.0              # a refused head's connection: input dropped this long, then closed
 
 
 class _HeadTooLarge(Exception):
@@ -143,6 +145,8 @@ def _bounded_head_protocol():
         _head, _unread, _body, _ends, _refused = 0, 0, 0, 0, False
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return          # the rest of a refused head: read and dropped till the close
             ends, self._body = self._ends, 0
             super().data_received(data)
             if self._ends == ends and not self._body and not self._refused:
@@ -189,7 +193,14 @@ def _bounded_head_protocol():
                                  b"content-type: text/plain; charset=utf-8\r\n"
                                  b"content-length: " + str(len(msg)).encode() + b"\r\n"
                                  b"connection: close\r\n\r\n" + msg)
-            self.transport.close()
+            if not self.transport.can_write_eof():
+                self.transport.close()
+                return
+            # a lingering close: the 431 and a half-close now, the close a second later; a
+            # close with the client's bytes unread sends a reset, which can reach the client
+            # before it reads the 431
+            self.transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
     return BoundedHead
 
 

@@ -213,12 +213,16 @@ def _raw_exchange(http, request: bytes) -> bytes:
         return sock.makefile("rb").readline()
 
 
-@pytest.mark.parametrize("what", ["a 200 KB head in one write", "a chunked body's trailer"])
+@pytest.mark.parametrize("what", ["a 200 KB head in one write", "a 5 MB head in one write",
+                                  "a chunked body's trailer"])
 def test_a_head_over_64_kb_is_431_however_it_comes(http, what):
-    # the chunk in which a head ended, and trailers (read after the head), were not counted
+    # the chunk in which a head ended, and trailers (read after the head), were not counted;
+    # a client still sending when the server closes may get a reset, not the 431 (the
+    # probe's 20 MB header did, before the close lingered; this 5 MB one did not, here)
     auth = http.headers["authorization"]
-    if what.startswith("a 200"):
-        request = (f"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: {'a' * 200_000}\r\n\r\n")
+    if "head in one write" in what:
+        size = 200_000 if what.startswith("a 200") else 5_000_000
+        request = (f"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: {'a' * size}\r\n\r\n")
     else:
         body = json.dumps({"prompt": "hi"})
         request = (f"POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
