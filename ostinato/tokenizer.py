@@ -504,7 +504,7 @@ class Tokenizer:
         seconds). The larger of two bounds: each token stands for at most as many characters
         as its vocabulary text has ('Ġ' and '▁' one each, '<0x0A>' one byte); and a run of
         one class of ASCII characters (letters, digits, punctuation, white space) needs at
-        least _run_tokens of them (with a cap, every run longer than it; else the longest).
+        least _run_tokens of them (with a cap, each run longer than it; else every run).
         Characters that encoding may drop (a byte with no token) are not counted; 0 where
         that cannot be told. Past `cap` it stops looking."""
         if self._droppable is None:
@@ -1005,16 +1005,10 @@ def _window_hasher(data: bytes):
 
 
 def _long_runs(data: bytes, mask: bytes, cap: int | None):
-    """The runs of one class in data (mask: its bytes as "1", others "0"): each one over
-    cap bytes, found by bytes.find (a run of at most cap cannot prove more than cap
-    tokens; a regex over 14 MB held the GIL for seconds), or the longest when cap is None."""
-    if cap is None:
-        spans = [m.span() for m in re.finditer(rb"1+", mask)]
-        if spans:
-            start, end = max(spans, key=lambda span: span[1] - span[0])
-            yield data[start:end]
-        return
-    needle = b"1" * (cap + 1)
+    """The runs of one class in data (mask: its bytes as "1", others "0") longer than cap
+    bytes (a run of at most cap cannot prove more than cap tokens), every run where cap is
+    None; found by bytes.find (a regex over 14 MB held the GIL for seconds)."""
+    needle = b"1" * ((cap or 0) + 1)
     at = mask.find(needle)
     while at >= 0:
         end = mask.find(b"0", at)
