@@ -46,7 +46,11 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
       TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.numel() > 0 &&
                   d.numel() % rows == 0 && nb % (d.numel() / rows) == 0,
                   "qlinear: int8 block scales need (ceil(N/4), super-blocks, 4) halves");
-      return BlockVals{d.data_ptr(), true, nb, t.data_ptr<int8_t>(), nb / (d.numel() / rows)};
+      const int64_t per = nb / (d.numel() / rows);             // blocks a super-block
+      TORCH_CHECK((per & (per - 1)) == 0, "qlinear: blocks a super-block must be a power of 2");
+      int64_t shift = 0;
+      while ((int64_t{1} << shift) < per) ++shift;
+      return BlockVals{d.data_ptr(), true, nb, t.data_ptr<int8_t>(), shift};
     }
     TORCH_CHECK(!t.numel() || t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kHalf,
                 "qlinear: scales and mins are float32, float16 or int8 (K-quants)");
@@ -74,7 +78,7 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
       qlinear_panels(w, a, M, op, parallel);
       return;
     }
-    quantize_rows(xp, M, K, a, fmt == kQ8 && bs == 32);
+    quantize_rows(xp, M, K, a, evens_first(fmt, bs));
     const SpanQaFn span = pick_span_qa(fmt, bs);
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t c = 0; c < chunks; ++c) {
