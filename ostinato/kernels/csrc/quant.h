@@ -322,36 +322,32 @@ inline void load_w32(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
   }
 }
 
-// The 32 int8 weights of chunk c of row n as [w0, w2, .., w30] and [w1, w3, .., w31] in
-// int16, sign-extended with shifts (no shuffles: the shuffle port is what batch-1 tiles run
-// short of); x comes quantized in the same order (quantize_rows' evens_first).
-inline void load_w32_bytes(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
-  const __m256i v = _mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * w.K + c * 32));
+// The AVX tiles' weight loads, from a block's bytes p (32 elements): two vectors of 16 int16,
+// codes minus zp. Q8 (32-blocks), Q4 and Q5 come evens first, [w0, w2, .., w30] and
+// [w1, w3, .., w31], unpacked with shifts, blends and masks: no shuffles, the port batch-1
+// tiles run short of (Skylake-SP, one row: Q4_1 1.15-1.5x the zero-extending loads). x comes
+// quantized in the same order (quantize_rows' evens_first).
+inline void tile_load_bytes(const uint8_t* p, __m256i out[2]) {      // int8, sign-extended
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   out[0] = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
   out[1] = _mm256_srai_epi16(v, 8);
 }
-
-// The 32 Q4 codes of chunk c of row n, minus zp, in the same order as load_w32_bytes
-// ([w0, w2, .., w30] and [w1, w3, .., w31]), with shifts, a blend and masks on the 16 bytes
-// in both halves, where load_w32<kQ4> zero-extends with two shuffles. Word i of the bytes
-// holds w[2i] (bits 0-3), w[16 + 2i] (4-7), w[2i + 1] (8-11) and w[17 + 2i] (12-15).
-inline void load_w32_nibbles(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
-  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-      static_cast<const uint8_t*>(w.q) + (n * w.K + c * 32) / 2)));
-  const __m256i t = _mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0);
-  const __m256i mask = _mm256_set1_epi16(0x0f), zp = _mm256_set1_epi16((int16_t)w.zp);
+// Q4: the 16 bytes in both halves; word i holds w[2i] (bits 0-3), w[16 + 2i] (4-7),
+// w[2i + 1] (8-11) and w[17 + 2i] (12-15).
+inline __m256i nibbles_evens(const uint8_t* p) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0);
+}
+inline void tile_load_q4(const uint8_t* p, __m256i zp, __m256i out[2]) {
+  const __m256i t = nibbles_evens(p), mask = _mm256_set1_epi16(0x0f);
   out[0] = _mm256_sub_epi16(_mm256_and_si256(t, mask), zp);
   out[1] = _mm256_sub_epi16(_mm256_and_si256(_mm256_srli_epi16(t, 8), mask), zp);
 }
-
-// The same for Q5: the nibbles as Q4's, bit 4 from the block's uint32 plane. out[0]'s word
-// w is element 2w, whose bit 4 is the plane's bit 2w: dword d (words 2d, 2d + 1) shifts the
-// plane right by 4d, so that bits 0 and 2 (out[1]: 1 and 3) become bit 4 of each word.
-inline void load_w32_q5_evens(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
-  const uint8_t* p = static_cast<const uint8_t*>(w.q) + (n * (w.K / 32) + c) * kQ5Block;
-  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i t = _mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0);
+// Q5: the nibbles as Q4's, bit 4 from the block's uint32 plane. out[0]'s word w is element
+// 2w, whose bit 4 is the plane's bit 2w: dword d (words 2d, 2d + 1) shifts the plane right
+// by 4d, so that bits 0 and 2 (out[1]: 1 and 3) become bit 4 of each word.
+inline void tile_load_q5(const uint8_t* p, __m256i zp, __m256i out[2]) {
+  const __m256i t = nibbles_evens(p), mask = _mm256_set1_epi16(0x0f);
   const __m256i plane = _mm256_srlv_epi32(
       _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p + 16))),
       _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
@@ -360,10 +356,21 @@ inline void load_w32_q5_evens(const Weights& w, int64_t n, int64_t c, __m256i ou
   const __m256i o = _mm256_and_si256(plane, _mm256_set1_epi32(0xA));   // bits 1, 3
   const __m256i he = _mm256_and_si256(_mm256_or_si256(_mm256_slli_epi32(e, 4), _mm256_slli_epi32(e, 18)), bit4);
   const __m256i ho = _mm256_and_si256(_mm256_or_si256(_mm256_slli_epi32(o, 3), _mm256_slli_epi32(o, 17)), bit4);
-  const __m256i mask = _mm256_set1_epi16(0x0f), zp = _mm256_set1_epi16((int16_t)w.zp);
   out[0] = _mm256_sub_epi16(_mm256_or_si256(_mm256_and_si256(t, mask), he), zp);
   out[1] = _mm256_sub_epi16(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(t, 8), mask), ho), zp);
 }
+template <int FMT, int BS>
+inline void tile_load(const uint8_t* p, __m256i zp, __m256i out[2]) {
+  if constexpr (FMT == kQ4) tile_load_q4(p, zp, out);
+  else if constexpr (FMT == kQ5) tile_load_q5(p, zp, out);
+  else if constexpr (BS == 32) tile_load_bytes(p, out);
+  else {                                  // Q8 in 16-blocks (Q6_K): in order, sign-extended
+    out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    out[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+  }
+}
+// Bytes of a 32-element block in the quantized formats.
+constexpr int64_t block_bytes(int fmt) { return fmt == kQ4 ? 16 : fmt == kQ5 ? kQ5Block : 32; }
 
 // Whether the AVX tiles take x quantized evens first (quantize_rows): the formats whose
 // codes they unpack without shuffles.
@@ -420,6 +427,12 @@ void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out
   constexpr int NV = R * NR;                 // lane l = r * NR + j
   static_assert(NV <= 8 && R <= 4, "8 outputs per tile at most");
   const int64_t nc = w.K / 32;
+  constexpr int64_t kBytes = block_bytes(FMT);
+  const uint8_t* wr[NR];                     // the tile's weight rows (row pointers hoisted:
+  for (int j = 0; j < NR; ++j)               // per-row index arithmetic spilled registers)
+    wr[j] = static_cast<const uint8_t*>(w.q) + (n0 + j) * w.row_bytes();
+  const int16_t* xr = a.q.data() + m0 * w.K;
+  const __m256i zp = _mm256_set1_epi16((int16_t)w.zp);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t c = 0; c < nc; ++c) {
     __m256i wv[NR][2];
@@ -431,20 +444,13 @@ void tile_qa(const Weights& w, int64_t n0, const QAct& a, int64_t m0, float* out
       // rows in cache). SmolLM2 decode here, median tok/s: 8 blocks 85-111, 32: 110-112,
       // 128: 138-150, 256: 152-157, 512: 151-154. A prefetch past the weights' end is
       // harmless (it never faults).
-      constexpr int64_t kBytes = FMT == kQ4 ? 16 : FMT == kQ5 ? kQ5Block : 32;
       for (int j = 0; j < NR; ++j)
-        _mm_prefetch(static_cast<const char*>(w.q) + ((n0 + j) * (w.K / 32) + c + 512) * kBytes,
-                     _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[j] + (c + 512) * kBytes), _MM_HINT_T0);
     }
-    for (int j = 0; j < NR; ++j) {
-      if constexpr (FMT == kQ8 && BS == 32) load_w32_bytes(w, n0 + j, c, wv[j]);
-      else if constexpr (FMT == kQ4) load_w32_nibbles(w, n0 + j, c, wv[j]);
-      else if constexpr (FMT == kQ5) load_w32_q5_evens(w, n0 + j, c, wv[j]);
-      else load_w32<FMT>(w, n0 + j, c, wv[j]);
-    }
+    for (int j = 0; j < NR; ++j) tile_load<FMT, BS>(wr[j] + c * kBytes, zp, wv[j]);
     __m256i dots[2][NV];
     for (int r = 0; r < R; ++r) {
-      const int16_t* xq = a.q.data() + (m0 + r) * w.K + c * 32;
+      const int16_t* xq = xr + r * w.K + c * 32;
       const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
       const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
       for (int j = 0; j < NR; ++j) {
