@@ -186,3 +186,16 @@ def test_simulated_clients_keep_at_most_their_number_in_flight(monkeypatch):
         done = simulate("auto", 16, work, clients=clients)
         assert len(done.gaps) == 60 * (work.output - 1)  # every request served in full
     assert peaks[0] == 4 and peaks[1] > 16
+
+
+def test_simulator_takes_a_step_cost_from_the_command_line(capsys):
+    from ostinato.bench import schedsim
+    schedsim.main(["--cost", "5,0.7,1.5,0.7", "--rates", "0.5", "--policies", "auto",
+                   "--streams", "4", "--requests", "12"])
+    out = capsys.readouterr().out
+    assert "| auto | 4 | 0.5 |" in out
+    cap = schedsim.capacity(4, Workload(1.0), schedsim.SimCost(0.005, 0.0007, 0.0015, 0.0007))
+    assert f"4 streams {cap:.3f} req/s" in out            # the given cost, not the default
+    for bad in ("5,0.7,1.5", "5,x,1,1", "5,-1,1,1", "5,nan,1,1"):
+        with pytest.raises(SystemExit):
+            schedsim.main(["--cost", bad])

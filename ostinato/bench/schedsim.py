@@ -11,6 +11,8 @@ step's seconds to StepTimeModel.add, apply the tokens.
 
     python -m ostinato.bench.schedsim                   # the table of the report
     python -m ostinato.bench.schedsim --streams 16 --rates 0.2,0.4 --requests 100
+    python -m ostinato.bench.schedsim --cost 5,0,1.5,0 --rates 0.3,0.5 --policies auto
+        # free prefill: what the decode batch's own variation leaves of ITL p99/p50
 """
 from __future__ import annotations
 
@@ -177,6 +179,18 @@ def capacity(streams: int, work: Workload, cost: SimCost = SimCost()) -> float:
     return 1 / (prefill + decode)
 
 
+def _cost(value: str) -> SimCost:
+    """--cost BASE,TOKEN,ROW,KPAIR in milliseconds, each >= 0."""
+    try:
+        ms = [float(v) for v in value.split(",")]
+    except ValueError:
+        ms = []
+    if len(ms) != 4 or not all(math.isfinite(v) and v >= 0 for v in ms):
+        raise argparse.ArgumentTypeError(f"{value!r}: four numbers of ms >= 0, "
+                                         "base,token,row,kpair")
+    return SimCost(*(v / 1e3 for v in ms))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", default="16,64")
@@ -189,18 +203,21 @@ def main(argv=None) -> None:
     ap.add_argument("--client-cap", action="store_true",
                     help="at most --streams requests in flight, as the bench's clients send "
                          "them (default: every arrival joins the server's queue)")
+    ap.add_argument("--cost", type=_cost, default=SimCost(), metavar="BASE,TOKEN,ROW,KPAIR",
+                    help="the step cost in ms: a step's base, a prefill token, a decode row, a "
+                         "thousand attention pairs (default: SimCost's)")
     a = ap.parse_args(argv)
     print(HEADER)
     for c in map(int, a.streams.split(",")):
-        cap = capacity(c, Workload(1.0))
+        cap = capacity(c, Workload(1.0), a.cost)
         rates = [float(r) for r in a.rates.split(",")] if a.rates else \
             [round(cap * float(x), 3) for x in a.loads.split(",")]
         for rate in rates:
             for p in a.policies.split(","):
                 w = Workload(rate, a.requests, seed=a.seed)
-                print(simulate(p, c, w, clients=c if a.client_cap else None).row(),
+                print(simulate(p, c, w, a.cost, clients=c if a.client_cap else None).row(),
                       flush=True)
-    caps = [f"{c} streams {capacity(c, Workload(1.0)):.3f} req/s"
+    caps = [f"{c} streams {capacity(c, Workload(1.0), a.cost):.3f} req/s"
             for c in map(int, a.streams.split(","))]
     print("\ncapacity (cost model): " + ", ".join(caps))
 
