@@ -30,7 +30,15 @@ struct PanelIsa {
 #endif
   static constexpr int kRows = 16;   // weight rows a panel: one output a lane
   static constexpr int kTile = 12;   // x rows a pass: 12 int32 dots + 12 float sums in registers
+#ifdef __AVX512VNNI__
   static constexpr int kMinRows = 2; // panels from this many x rows (qlinear.h)
+#else
+  // Without VNNI the tiles win below 5 rows (Skylake-SP VM, decode tok/s at 2 / 3 / 4 rows,
+  // panels from 2 against from 5, 3 rounds interleaved: Gemma 3 26-32 / 35-41 / 41-44
+  // against 34-46 / 45-54 / 47-54, Qwen2.5-0.5B at 2 and 4 rows 12-16 / 19-26 against
+  // 18-23 / 26-36, SmolLM2 even; at 5 rows even, at 8 the panels ahead)
+  static constexpr int kMinRows = 5;
+#endif
   using I = __m512i;
   using F = __m512;
   static I izero() { return _mm512_setzero_si512(); }
