@@ -48,9 +48,7 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
                   "qlinear: int8 block scales need (ceil(N/4), super-blocks, 4) halves");
       const int64_t per = nb / (d.numel() / rows);             // blocks a super-block
       TORCH_CHECK((per & (per - 1)) == 0, "qlinear: blocks a super-block must be a power of 2");
-      int64_t shift = 0;
-      while ((int64_t{1} << shift) < per) ++shift;
-      return BlockVals{d.data_ptr(), true, nb, t.data_ptr<int8_t>(), shift};
+      return BlockVals{d.data_ptr(), true, nb, t.data_ptr<int8_t>(), __builtin_ctzll(per)};
     }
     TORCH_CHECK(!t.numel() || t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kHalf,
                 "qlinear: scales and mins are float32, float16 or int8 (K-quants)");

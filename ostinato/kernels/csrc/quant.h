@@ -117,6 +117,9 @@ struct BlockVals {
   }
 };
 
+// Bytes of a 32-element block in the quantized formats (Q8: int8 codes, 16- or 32-blocks).
+constexpr int64_t block_bytes(int64_t fmt) { return fmt == kQ4 ? 16 : fmt == kQ5 ? kQ5Block : 32; }
+
 struct Weights {
   int64_t fmt, bs, zp, N, K, nb;   // nb = blocks per row = K / bs
   const void* q;                   // (N, K) f32 | (N, K) int8 | (N, K/2) uint8
@@ -124,7 +127,7 @@ struct Weights {
   BlockVals min;                   // p == nullptr when the format has none
   // bytes of one row's codes (every format stores a row's blocks contiguously)
   int64_t row_bytes() const {
-    return fmt == kQ4 ? K / 2 : fmt == kQ5 ? K / 32 * kQ5Block : fmt == kF32 ? K * 4 : K;
+    return fmt == kF32 ? K * 4 : K / 32 * block_bytes(fmt);
   }
 };
 
@@ -303,6 +306,12 @@ inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
+// 32 int8 codes from p, in order, sign-extended to two vectors of 16 int16.
+inline void load_bytes_in_order(const uint8_t* p, __m256i out[2]) {
+  out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  out[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+}
+
 // The 32 weights of chunk c (32 elements) of row n as two vectors of 16 int16.
 template <int FMT>
 inline void load_w32(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
@@ -316,9 +325,7 @@ inline void load_w32(const Weights& w, int64_t n, int64_t c, __m256i out[2]) {
   } else if constexpr (FMT == kQ5) {
     load32_q5_s16(static_cast<const uint8_t*>(w.q) + (n * (w.K / 32) + c) * kQ5Block, (int)w.zp, out);
   } else {
-    const int8_t* p = static_cast<const int8_t*>(w.q) + n * w.K + c * 32;
-    out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    out[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+    load_bytes_in_order(static_cast<const uint8_t*>(w.q) + n * w.K + c * 32, out);
   }
 }
 
@@ -364,14 +371,8 @@ inline void tile_load(const uint8_t* p, __m256i zp, __m256i out[2]) {
   if constexpr (FMT == kQ4) tile_load_q4(p, zp, out);
   else if constexpr (FMT == kQ5) tile_load_q5(p, zp, out);
   else if constexpr (BS == 32) tile_load_bytes(p, out);
-  else {                                  // Q8 in 16-blocks (Q6_K): in order, sign-extended
-    out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    out[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
-  }
+  else load_bytes_in_order(p, out);       // Q8 in 16-blocks (Q6_K): in order
 }
-// Bytes of a 32-element block in the quantized formats.
-constexpr int64_t block_bytes(int fmt) { return fmt == kQ4 ? 16 : fmt == kQ5 ? kQ5Block : 32; }
-
 // Whether the AVX tiles take x quantized evens first (quantize_rows): the formats whose
 // codes they unpack without shuffles.
 inline bool evens_first(int64_t fmt, int64_t bs) {
