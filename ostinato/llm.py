@@ -24,7 +24,7 @@ from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .engine.speculative import SpeculativeConfig, Speculator
 from .engine.threads import ThreadGovernor
-from .engine.step_time import LatencyTarget
+from .engine.step_time import AttentionSpan, LatencyTarget, StepTimeModel
 from .hub import model_name, resolve_model
 from .kernels.backend import make_ops
 from .loader.gguf import GGUFFile, read_gguf
@@ -125,7 +125,8 @@ class LLM:
         self.engine = Engine(
             runner,
             OutputProcessor(self.tokenizer, eos, self.max_model_len),
-            Scheduler(kv, max_num_seqs, max_num_batched_tokens, self.latency_target),
+            Scheduler(kv, max_num_seqs, max_num_batched_tokens, self.latency_target,
+                      StepTimeModel(AttentionSpan.of_layers(self.config.layer_windows()))),
             self.max_model_len,
             self._speculator(spec, gf.metadata, backend, kv_cache_dtype, num_blocks[0],
                              block_size, max_num_batched_tokens),

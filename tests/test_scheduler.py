@@ -16,10 +16,13 @@ from ostinato.engine.step_time import (
     AUTO_RATIO,
     AUTO_SEATED_MAX_S,
     MIN_PREFILL_TOKENS,
+    WHOLE_CONTEXT,
+    AttentionSpan,
     LatencyTarget,
     StepTimeModel,
     attention_pairs,
     step_features,
+    window_pairs,
 )
 
 BS = 4
@@ -395,6 +398,72 @@ def test_step_time_model_recovers_a_linear_cost():
     assert per_row == pytest.approx(0.001, rel=0.05) and per_pair == pytest.approx(1e-5, rel=0.1)
     n = m.chunk_tokens(0.05, 1000)
     assert m.chunk_seconds(1000, n) <= 0.05 < m.chunk_seconds(1000, n + 1)
+
+
+def test_window_pairs_count_the_keys_a_sliding_window_reads():
+    for start in range(0, 40, 3):
+        for n in range(1, 30, 4):
+            for w in (1, 5, 16, 64):
+                assert window_pairs(start, n, w) == sum(min(p + 1, w)
+                                                        for p in range(start, start + n))
+    assert window_pairs(0, 10, 100) == attention_pairs(0, 10)
+    span = AttentionSpan.of_layers([8, None, 8, 8, None, 8])
+    assert span.layers == ((None, 2), (8, 4))
+    assert span.pairs(100, 4) == pytest.approx(
+        (2 * attention_pairs(100, 4) + 4 * window_pairs(100, 4, 8)) / 6)
+    assert span.pairs(0, 5) == attention_pairs(0, 5)           # inside the window: the same
+    whole = WHOLE_CONTEXT.pairs(7, 3)
+    assert whole == attention_pairs(7, 3) and isinstance(whole, int)
+    for bad in ([], [0], [None, -4]):
+        with pytest.raises(ValueError, match="windows"):
+            AttentionSpan.of_layers(bad)
+
+
+@pytest.mark.parametrize("windows, worse", [
+    ([None] * 3 + [512] * 15, 5),        # Gemma 3: 3 layers whole, 15 with 512-key windows
+    ([1024] * 8, 20),                    # Mistral-like: every layer slides
+])
+def test_a_window_aware_model_predicts_a_sliding_window_cost(windows, worse):
+    """A step cost that follows what the kernels read (their windows) is fitted exactly when
+    pairs are counted per window; counted as if every layer saw the whole context (the model
+    before), the fit errs `worse` times as much or more."""
+    span = AttentionSpan.of_layers(windows)
+    rng = random.Random(0)
+
+    def steps(k):
+        out = []
+        for _ in range(k):
+            rows = [rng.randint(0, 8000) for _ in range(rng.randint(0, 16))]
+            start, chunk = rng.randint(0, 8000), rng.choice([0, rng.randint(1, 256)])
+            seqs = [(p, 1) for p in rows] + ([(start, chunk)] if chunk else [])
+            if seqs:
+                out.append((seqs, len(rows)))
+        return out
+
+    def features(model, seqs, rows):
+        return sum(n for _, n in seqs), sum(model.pairs(s, n) for s, n in seqs), rows
+
+    def truth(seqs, rows):
+        pairs = sum(span.pairs(s, n) for s, n in seqs)
+        return 0.03 + 0.003 * sum(n for _, n in seqs) + 0.002 * rows + 2e-6 * pairs
+
+    p90 = {}
+    for name, model in (("windows", StepTimeModel(span)), ("whole", StepTimeModel())):
+        for seqs, rows in steps(300):
+            model.add(*features(model, seqs, rows), truth(seqs, rows))
+        errors = sorted(abs(model.predict(*features(model, seqs, rows)) / truth(seqs, rows) - 1)
+                        for seqs, rows in steps(200))
+        p90[name] = errors[len(errors) * 9 // 10]
+        if name == "windows":
+            assert errors[-1] < 0.02
+    assert p90["whole"] > worse * p90["windows"], p90
+    m = StepTimeModel(span)
+    for seqs, rows in steps(300):
+        m.add(*features(m, seqs, rows), truth(seqs, rows))
+    for start in (0, 300, 500, 511, 512, 700, 1023, 1024, 3000):     # across the windows' edge
+        for seconds in (0.01, 0.1, 1.0):
+            n = m.chunk_tokens(seconds, start)
+            assert m.chunk_seconds(start, n) <= seconds < m.chunk_seconds(start, n + 1)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -200,3 +200,21 @@ def test_simulator_takes_a_step_cost_from_the_command_line(capsys):
     for bad in ("5,0.7,1.5", "5,x,1,1", "5,-1,1,1", "5,nan,1,1"):
         with pytest.raises(SystemExit):
             schedsim.main(["--cost", bad])
+
+
+def test_simulated_step_jitter_sets_a_floor_no_target_removes(capsys):
+    """--noise: each step's time times a log-normal factor (a shared machine). A fixed
+    target's steps, even to 1.02 without it, spread with it; the same seed gives the same
+    run, and the command line passes the sigma through."""
+    from ostinato.bench import schedsim
+    work = Workload(rate=1.0, requests=120)
+    quiet, noisy = (simulate("60", 16, work, noise=s) for s in (0.0, 0.2))
+    assert quiet.itl_ratio < 1.1 < 1.3 < noisy.itl_ratio, (quiet, noisy)
+    assert simulate("60", 16, work, noise=0.2).gaps == noisy.gaps
+    assert simulate("60", 16, Workload(1.0, 120, seed=1), noise=0.2).gaps != noisy.gaps
+    schedsim.main(["--noise", "0.2", "--rates", "1", "--policies", "60", "--streams", "16",
+                   "--requests", "120"])
+    assert noisy.row() in capsys.readouterr().out
+    for bad in ("-0.1", "x", "nan", "3"):
+        with pytest.raises(SystemExit):
+            schedsim.main(["--noise", bad])

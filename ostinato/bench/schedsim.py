@@ -13,6 +13,8 @@ step's seconds to StepTimeModel.add, apply the tokens.
     python -m ostinato.bench.schedsim --streams 16 --rates 0.2,0.4 --requests 100
     python -m ostinato.bench.schedsim --cost 5,0,1.5,0 --rates 0.3,0.5 --policies auto
         # free prefill: what the decode batch's own variation leaves of ITL p99/p50
+    python -m ostinato.bench.schedsim --noise 0.2 --policies auto,300
+        # a shared machine's step jitter: what no step target removes
 """
 from __future__ import annotations
 
@@ -110,13 +112,16 @@ HEADER = ("| policy | streams | req/s | out tok/s | TTFT p50 / p99 s | ITL p50 /
 
 def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(),
              budget: int = 512, demand: AutoDemand | None = None,
-             steady_from: float = 1 / 3, clients: int | None = None) -> Result:
+             steady_from: float = 1 / 3, clients: int | None = None,
+             noise: float = 0.0) -> Result:
     """policy: a --target-itl-ms value ("auto", "off", ms), or "old-auto" (auto without
     demand: max(the floor, 1.25 x the decode step), the rule before issue 17). clients: at
     most that many requests in flight, the rest wait their turn client-side (their TTFT counts
     from arrival), as `ostinato bench --arrivals poisson` sends them; None: every arrival goes
-    straight to the scheduler's queue."""
+    straight to the scheduler's queue. noise: each step's seconds times a log-normal factor
+    of this sigma (a shared machine's jitter; 0: none), drawn from the workload's seed."""
     clients = clients or math.inf
+    jitter = random.Random(work.seed + 1)
     arrivals = work.arrivals()
     need = streams * ((work.max_prompt + work.output) // BLOCK + 2) + 2
     kv = KVCacheManager([need], BLOCK, [None], enable_prefix_caching=False)
@@ -141,10 +146,10 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
             sched.add(seq)
             i += 1
         plan = sched.schedule()
-        seconds = cost.seconds(plan)
+        seconds = cost.seconds(plan) * (jitter.lognormvariate(0, noise) if noise else 1.0)
         t += seconds
         steps += 1
-        sched.step_time.add(*step_features(plan), seconds)
+        sched.step_time.add(*sched.step_time.features(plan), seconds)
         for s in plan.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
@@ -191,6 +196,16 @@ def _cost(value: str) -> SimCost:
     return SimCost(*(v / 1e3 for v in ms))
 
 
+def _sigma(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: a sigma from 0 to 2")
+    return v
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", default="16,64")
@@ -206,6 +221,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cost", type=_cost, default=SimCost(), metavar="BASE,TOKEN,ROW,KPAIR",
                     help="the step cost in ms: a step's base, a prefill token, a decode row, a "
                          "thousand attention pairs (default: SimCost's)")
+    ap.add_argument("--noise", type=_sigma, default=0.0, metavar="SIGMA",
+                    help="each step's time times a log-normal factor of this sigma: a shared "
+                         "machine's jitter (default 0: none)")
     a = ap.parse_args(argv)
     print(HEADER)
     for c in map(int, a.streams.split(",")):
@@ -215,8 +233,8 @@ def main(argv=None) -> None:
         for rate in rates:
             for p in a.policies.split(","):
                 w = Workload(rate, a.requests, seed=a.seed)
-                print(simulate(p, c, w, a.cost, clients=c if a.client_cap else None).row(),
-                      flush=True)
+                print(simulate(p, c, w, a.cost, clients=c if a.client_cap else None,
+                               noise=a.noise).row(), flush=True)
     caps = [f"{c} streams {capacity(c, Workload(1.0), a.cost):.3f} req/s"
             for c in map(int, a.streams.split(","))]
     print("\ncapacity (cost model): " + ", ".join(caps))

@@ -14,7 +14,6 @@ from .disk_cache import DiskKVCache
 from .runner import ModelRunner, SamplerState, SeqResult
 from .scheduler import Scheduler
 from .speculative import Speculator
-from .step_time import step_features
 from .threads import ThreadGovernor
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence
 from .stats import StepSeries
@@ -112,7 +111,7 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the KV cache is too small for the waiting requests")
             return []
-        features = step_features(plan)
+        features = self.scheduler.step_time.features(plan)
         if self.governor is not None:
             if self._idle:                      # the first step after a pause
                 self.governor.wake()

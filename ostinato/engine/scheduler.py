@@ -29,7 +29,7 @@ from collections import deque
 
 from .kv_cache import KVCacheManager
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence, Status
-from .step_time import AutoDemand, LatencyTarget, StepBudget, StepTimeModel, attention_pairs
+from .step_time import AutoDemand, LatencyTarget, StepBudget, StepTimeModel
 
 
 class Scheduler:
@@ -102,11 +102,12 @@ class Scheduler:
         for seq in self.running:
             if n := self._decode_tokens(seq):
                 tokens, rows = tokens + n, rows + 1
-                pairs += attention_pairs(seq.num_computed_tokens, n)
+                pairs += self.step_time.pairs(seq.num_computed_tokens, n)
         seated = self.max_num_seqs - len(self.running)
         queued = list(itertools.islice(self.waiting, max(0, seated)))
         return StepBudget(self.target, self.step_time, tokens, pairs, rows, self.demand.level,
-                          (len(queued), sum(seq.num_tokens for seq in queued), len(queued)))
+                          (len(queued), sum(self.step_time.pairs(seq.num_tokens - 1, 1)
+                                            for seq in queued), len(queued)))
 
     def _schedule_running(self, out: list[ScheduledSeq], budget: int) -> int:
         # with a target, decode rows later in admission order keep their tokens

@@ -4,8 +4,10 @@ scheduler asks how long its decode rows will take and how large a prefill chunk 
 time left (StepBudget).
 
 The model: seconds = base + per_token * tokens + per_pair * pairs + per_row * rows, where
-`pairs` counts the (query, key) pairs the step's attention reads (a chunk of n tokens from
-position s reads n*s + n*(n+1)/2) and `rows` the sequences that sample (an LM-head row and a
+`pairs` counts the (query, key) pairs the step's attention reads, averaged over the layers (a
+chunk of n tokens from position s reads n*s + n*(n+1)/2 in a layer that sees the whole
+context, at most n*W in one with a sliding window of W: AttentionSpan) and `rows` the
+sequences that sample (an LM-head row and a
 sampler call each), fitted by decayed least squares over recent steps. Until the steps have
 varied enough to tell base from per-token time, the fit leans on a conservative prior: no base,
 all of a step's time per token (so chunks come out small, never large).
@@ -46,6 +48,8 @@ decode rows alone never starves it."""
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 AUTO_RATIO = 1.25          # auto: a step with prefill takes at least this times a decode step
@@ -68,9 +72,48 @@ def attention_pairs(start: int, n: int) -> int:
     return n * start + n * (n + 1) // 2
 
 
-def step_features(plan) -> tuple[int, int, int]:
+def window_pairs(start: int, n: int, window: int) -> int:
+    """The pairs of attention_pairs in a layer whose queries see at most `window` keys (the
+    last `window` positions, their own included)."""
+    a, b = start + 1, start + n                    # keys of the first and the last query
+    if b <= window:
+        return attention_pairs(start, n)
+    if a > window:
+        return n * window
+    return (a + window) * (window - a + 1) // 2 + (b - window) * window
+
+
+@dataclass(frozen=True)
+class AttentionSpan:
+    """What a model's attention reads: (window, layers) pairs, window None for the layers that
+    see the whole context. pairs() is the mean over the layers, so that a sliding-window
+    layer's cost stops growing at its window (Gemma 3: 5 of every 6 layers see 512 keys; a
+    chunk at position 1,800 reads 2.6x fewer pairs than the whole-context count says). The
+    default, every layer whole, counts attention_pairs exactly."""
+    layers: tuple[tuple[int | None, int], ...] = ((None, 1),)
+
+    @classmethod
+    def of_layers(cls, windows: Iterable[int | None]) -> AttentionSpan:
+        """One window (or None) per layer."""
+        counts = Counter(windows)
+        if not counts or any(w is not None and w < 1 for w in counts):
+            raise ValueError(f"AttentionSpan: windows must be >= 1 or None, got {dict(counts)}")
+        return cls(tuple(sorted(counts.items(), key=lambda wc: (wc[0] is not None, wc[0] or 0))))
+
+    def pairs(self, start: int, n: int) -> float:
+        if len(self.layers) == 1 and self.layers[0][0] is None:
+            return attention_pairs(start, n)
+        total = sum(c * (attention_pairs(start, n) if w is None else window_pairs(start, n, w))
+                    for w, c in self.layers)
+        return total / sum(c for _, c in self.layers)
+
+
+WHOLE_CONTEXT = AttentionSpan()
+
+
+def step_features(plan, span: AttentionSpan = WHOLE_CONTEXT) -> tuple[int, float, int]:
     """(tokens, pairs, rows) of a SchedulerOutput, as StepTimeModel.add takes them."""
-    pairs = sum(attention_pairs(s.start, s.num_new_tokens) for s in plan.scheduled)
+    pairs = sum(span.pairs(s.start, s.num_new_tokens) for s in plan.scheduled)
     return plan.num_tokens, pairs, sum(1 for s in plan.scheduled if s.samples)
 
 
@@ -148,7 +191,8 @@ class StepTimeModel:
     PULL = 1e-4                # the prior's weight, as a share of each feature's own weight
     K = 4                      # features: 1, tokens, pairs (thousands), rows
 
-    def __init__(self):
+    def __init__(self, span: AttentionSpan = WHOLE_CONTEXT):
+        self.span = span                                    # how pairs are counted
         self.w = 0.0                                        # decayed number of steps
         self.xx = [[0.0] * self.K for _ in range(self.K)]   # decayed sums of x x^T
         self.xy = [0.0] * self.K
@@ -158,7 +202,14 @@ class StepTimeModel:
     def ready(self) -> bool:
         return self.w > 0
 
-    def add(self, tokens: int, pairs: int, rows: int, seconds: float) -> None:
+    def features(self, plan) -> tuple[int, float, int]:
+        """(tokens, pairs, rows) of a SchedulerOutput, pairs counted by this model's span."""
+        return step_features(plan, self.span)
+
+    def pairs(self, start: int, n: int) -> float:
+        return self.span.pairs(start, n)
+
+    def add(self, tokens: int, pairs: float, rows: int, seconds: float) -> None:
         if tokens <= 0 or not math.isfinite(seconds) or seconds < 0:
             return
         x, d = (1.0, float(tokens), pairs * PAIR_SCALE, float(rows)), self.DECAY
@@ -189,7 +240,7 @@ class StepTimeModel:
             return tuple(prior)
         return tuple(max(0.0, v) for v in x)
 
-    def predict(self, tokens: int, pairs: int, rows: int) -> float:
+    def predict(self, tokens: int, pairs: float, rows: int) -> float:
         base, per_token, per_pair, per_row = self.coef()
         if not tokens:
             return 0.0
@@ -198,26 +249,26 @@ class StepTimeModel:
     def chunk_seconds(self, start: int, n: int) -> float:
         """What a prefill chunk of n tokens from `start` adds to a step."""
         _, a, b, _ = self.coef()
-        return a * n + b * attention_pairs(start, n) * PAIR_SCALE
+        return a * n + b * self.span.pairs(start, n) * PAIR_SCALE
 
     def row_seconds(self) -> float:
         """What a sampling row (an LM-head row and a sampler call) adds to a step."""
         return max(0.0, self.coef()[3])
 
     def chunk_tokens(self, seconds: float, start: int) -> int:
-        """The most tokens a prefill chunk from position `start` adds within `seconds`."""
-        _, a, b, _ = self.coef()
+        """The most tokens a prefill chunk from position `start` adds within `seconds`
+        (chunk_seconds grows with n: a bisection, as windows make it piecewise)."""
+        _, a, _, _ = self.coef()
         if seconds <= 0 or a <= 0:
             return 0
-        b *= PAIR_SCALE
-        if b <= 0:
-            return int(seconds / a)
-        # b/2 n^2 + (a + b (start + 1/2)) n <= seconds
-        lin = a + b * (start + 0.5)
-        n = int((-lin + math.sqrt(lin * lin + 2 * b * seconds)) / b)
-        while n > 0 and self.chunk_seconds(start, n) > seconds:      # rounding
-            n -= 1
-        return n
+        lo, hi = 0, min(int(seconds / a) + 1, 1 << 40)   # pairs cost >= 0: n <= seconds / a
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.chunk_seconds(start, mid) <= seconds:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
@@ -243,8 +294,8 @@ class StepBudget:
     """One step's prefill allowance: the target minus what its decode rows will take."""
 
     def __init__(self, target: LatencyTarget, model: StepTimeModel, decode_tokens: int,
-                 decode_pairs: int, decode_rows: int, level: float = 0.0,
-                 seated: tuple[int, int, int] = (0, 0, 0)):
+                 decode_pairs: float, decode_rows: int, level: float = 0.0,
+                 seated: tuple[int, float, int] = (0, 0, 0)):
         """level: auto's step-time level (AutoDemand); seated: (tokens, pairs, rows) the
         waiting sequences that have a seat will add to the decode rows once admitted."""
         self.model = model
