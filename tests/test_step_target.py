@@ -218,3 +218,16 @@ def test_simulated_step_jitter_sets_a_floor_no_target_removes(capsys):
     for bad in ("-0.1", "x", "nan", "3"):
         with pytest.raises(SystemExit):
             schedsim.main(["--noise", bad])
+
+
+def test_the_engine_counts_pairs_by_the_models_windows(gemma_path, smollm_llm):
+    """Gemma 3's 18 layers: every sixth sees the whole context, the rest 512 keys; the
+    engine's step-time model counts pairs so. SmolLM2 has no window: the count is the
+    whole-context one."""
+    from ostinato.engine.step_time import WHOLE_CONTEXT, AttentionSpan
+    gemma = LLM(gemma_path, max_model_len=1024)
+    span = gemma.engine.scheduler.step_time.span
+    assert span == AttentionSpan(((None, 3), (512, 15)))
+    assert gemma.config.layer_windows()[5::6] == [None] * 3
+    assert span.pairs(2000, 100) < 0.4 * WHOLE_CONTEXT.pairs(2000, 100)
+    assert smollm_llm.engine.scheduler.step_time.span == WHOLE_CONTEXT

@@ -7,10 +7,10 @@ The model: seconds = base + per_token * tokens + per_pair * pairs + per_row * ro
 `pairs` counts the (query, key) pairs the step's attention reads, averaged over the layers (a
 chunk of n tokens from position s reads n*s + n*(n+1)/2 in a layer that sees the whole
 context, at most n*W in one with a sliding window of W: AttentionSpan) and `rows` the
-sequences that sample (an LM-head row and a
-sampler call each), fitted by decayed least squares over recent steps. Until the steps have
-varied enough to tell base from per-token time, the fit leans on a conservative prior: no base,
-all of a step's time per token (so chunks come out small, never large).
+sequences that sample (an LM-head row and a sampler call each), fitted by decayed least
+squares over recent steps. Until the steps have varied enough to tell base from per-token
+time, the fit leans on a conservative prior: no base, all of a step's time per token (so
+chunks come out small, never large).
 
 The target (LatencyTarget): a number of milliseconds fixes it; "off" (or 0) leaves only the
 token budget (max_num_batched_tokens); "auto" (the server's default; the offline LLM's is
@@ -94,10 +94,12 @@ class AttentionSpan:
 
     @classmethod
     def of_layers(cls, windows: Iterable[int | None]) -> AttentionSpan:
-        """One window (or None) per layer."""
+        """One window (or None) per layer; no window at all is the whole-context count."""
         counts = Counter(windows)
         if not counts or any(w is not None and w < 1 for w in counts):
             raise ValueError(f"AttentionSpan: windows must be >= 1 or None, got {dict(counts)}")
+        if set(counts) == {None}:
+            return cls()
         return cls(tuple(sorted(counts.items(), key=lambda wc: (wc[0] is not None, wc[0] or 0))))
 
     def pairs(self, start: int, n: int) -> float:
