@@ -100,6 +100,16 @@ class ModelRunner:
         if plan is not None:
             plan.reserve(self.max_tokens, self.max_context)
 
+    def commit_kv_cache(self) -> None:
+        """Touch every page of the KV cache (zeros: attention reads only the slots a step has
+        written, so the values change nothing). The backends allocate it untouched, so that an
+        offline run pays resident memory only for the blocks it uses; a server calls this
+        before its first step, so that its RSS stays flat under load and no step takes the
+        page faults of a block's first use."""
+        for layer in self.kv_caches:
+            for t in layer:
+                t.zero_()
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> list[SeqResult]:
         input_ids, positions, meta = self._prepare(plan)
