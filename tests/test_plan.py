@@ -58,3 +58,21 @@ def test_after_start_up_a_step_allocates_nothing(llm):
     assert len(allocations) > 20
     assert ops().scratch_growths() == before, "a step grew the kernels' scratch"
     assert allocations == [[]] * len(allocations), allocations
+
+
+def test_a_servers_warm_up_makes_the_kv_cache_resident(smollm_path):
+    """The backends allocate the KV pool untouched; the warm-up a server runs before its first
+    step (Engine.warm_up, on the engine thread) writes every page of it, so all of it is
+    resident from the start. Before, a fresh server touched a new block a request until the
+    pool was used up, and its RSS climbed to the pool's size under load (the 30 s soak failed
+    its RSS check when run alone). Checked by writing, not by RSS: freed heap pages the
+    process already holds may back a new tensor, so RSS need not move."""
+    llm = LLM(smollm_path, max_model_len=1024, kv_cache_gb=0.05)
+    caches = [t for layer in llm.engine.runner.kv_caches for t in layer]
+    for t in caches:
+        t.fill_(1.0)                      # stands for pages never touched
+    llm.engine.warm_up()
+    assert all(not t.any() for t in caches)
+    out = llm.generate([llm.tokenize("The quick brown fox")],
+                       SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -192,11 +192,7 @@ class AsyncEngine:
     # -- engine thread -----------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.engine.warm_up()        # this thread's kernel scratch, before any step
-            # the whole KV pool resident now: a fresh server touched a new block for each
-            # request until every block was used (prefix caching keeps freed blocks), and a
-            # soak read the climb of RSS to the pool's size (+262 MB in 120 s) as a leak
-            self.engine.runner.commit_kv_cache()
+            self.engine.warm_up()        # kernel scratch, KV pages resident: before any step
             while self._next_commands():
                 batch = self._step() if self.engine.has_unfinished() else 0
                 self._publish(batch)

@@ -62,7 +62,8 @@ class Engine:
         self.grammars = GrammarCompiler(output.tok, runner.eos_ids, runner.model.cfg.vocab_size)
 
     def warm_up(self) -> None:
-        """Size the kernels' scratch on the calling thread, the one that will run the steps."""
+        """Size the kernels' scratch on the calling thread, the one that will run the steps,
+        and make the KV caches resident (ModelRunner.warm_up)."""
         self.runner.warm_up()
         if self.speculator is not None:
             self.speculator.warm_up()

@@ -258,7 +258,7 @@ class Speculator:
 
     # -- after a step ------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Size the draft model's kernel scratch on the calling (engine) thread."""
+        """The draft model's ModelRunner.warm_up, on the calling (engine) thread."""
         if self.model_proposer is not None:
             self.model_proposer.warm_up()
 

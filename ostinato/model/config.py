@@ -78,9 +78,12 @@ class ModelConfig:
         group 1 the sliding-window layers, whose old blocks can be freed."""
         return [None, self.sliding_window] if any(self.layer_sliding) else [None]
 
+    def window(self, layer: int) -> int | None:
+        """The layer's attention window (None: the whole context)."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
     def layer_windows(self) -> list[int | None]:
-        """Each layer's attention window (None: the whole context)."""
-        return [self.sliding_window if s else None for s in self.layer_sliding]
+        return [self.window(i) for i in range(len(self.layer_sliding))]
 
     def layer_kv_group(self, layer: int) -> int:
         return 1 if self.is_sliding(layer) else 0

@@ -177,6 +177,5 @@ class Transformer:
                                cfg.family.rope_neox, cfg.n_heads, k_cache, v_cache,
                                meta.slot_mappings[group])
         o = ops.attention(q, k_cache, v_cache, meta.tables[group], meta.seq_meta,
-                          cfg.attn_scale, cfg.sliding_window if cfg.is_sliding(i) else None,
-                          cfg.attn_softcap)
+                          cfg.attn_scale, cfg.window(i), cfg.attn_softcap)
         return ops.linear(o, w[p + "attn_output.weight"])
