@@ -71,16 +71,20 @@ PATIENCE = 0.05
 
 
 def test_200_impatient_clients_are_all_aborted(rserver):
-    """Clients that give up after 0.05 s (12 tokens take longer even alone: a batch-1
-    decode step is about 7 ms here): every accepted request ends as aborted, the KV cache
-    empties, and the next request is answered within 5 s."""
+    """Clients that give up 0.05 s after they start, whatever has arrived by then (12 tokens
+    take longer even alone: 80 ms on a Zen 5 VM, our fastest; the server caps max_tokens at
+    12): every accepted request ends as aborted, the KV cache empties, and the next request
+    is answered within 5 s. The deadline is on the whole request, not httpx's timeout alone,
+    which is per read: a stream whose tokens come less than 0.05 s apart never trips it (on
+    Zen 5 one of these clients got all 12 tokens that way)."""
     before = wait_idle(rserver)
 
     async def impatient(c: httpx.AsyncClient, i: int) -> None:
         b = body(f"Story {i}: once upon a time", i % 2 == 0, max_tokens=12)
         try:
-            r = await run_one(c, b)
-        except httpx.TimeoutException:
+            async with asyncio.timeout(PATIENCE):
+                r = await run_one(c, b)
+        except (TimeoutError, httpx.TimeoutException):
             return
         raise AssertionError(f"request {i} finished within {PATIENCE} s: {r}")
 
