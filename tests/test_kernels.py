@@ -292,33 +292,47 @@ def _paged(k, kv_len: int, n_kv: int, d: int, block: int, seed: int):
     return kd, vd, kc, vc, table
 
 
-@pytest.mark.parametrize("window, L, H, KV, D", [(None, 40, 4, 2, 64), (7, 40, 4, 2, 64),
-                                                 (None, 100, 9, 3, 64), (33, 70, 4, 1, 256)])
-def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D):
+# heads per KV head 1 (6 tokens a call), 2, 3 (SmolLM2: 2 tokens a call), 4 and 5 (4 + 1);
+# Gemma 2's soft-cap in one case
+@pytest.mark.parametrize("window, L, H, KV, D, cap", [
+    (None, 40, 4, 2, 64, 0.0), (7, 40, 4, 2, 64, 0.0), (None, 100, 9, 3, 64, 0.0),
+    (33, 70, 4, 1, 256, 0.0), (None, 53, 2, 2, 32, 0.0), (9, 45, 5, 1, 32, 0.0),
+    (None, 37, 6, 2, 64, 5.0)])
+def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D, cap):
+    """Against SDPA; a later chunk batched after another sequence and every query alone (a
+    decode row) give the bits the query has in the whole chunk, where the kernel takes several
+    of a chunk's tokens in one call."""
     BS = 16
     kd, vd, kc, vc, table = _paged(k, L, KV, D, BS, seed=1)
     q = torch.randn(L, H, D)
     meta = torch.tensor([[0, L, L]])
-    out = k.attention(q.view(L, -1), kc, vc, table[None], meta, 0.125, window).view(L, H, D)
+    out = k.attention(q.view(L, -1), kc, vc, table[None], meta, 0.125, window, cap).view(L, H, D)
     pos = torch.arange(L)
     mask = pos[None, :] <= pos[:, None]
     if window:
         mask &= pos[None, :] > pos[:, None] - window
-    ref = F.scaled_dot_product_attention(q.transpose(0, 1), kd.transpose(0, 1),
-                                         vd.transpose(0, 1), attn_mask=mask, scale=0.125,
-                                         enable_gqa=True).transpose(0, 1)
+    if cap:
+        kr, vr = kd.repeat_interleave(H // KV, 1), vd.repeat_interleave(H // KV, 1)
+        s = torch.einsum("qhd,khd->hqk", q, kr) * 0.125
+        s = (cap * torch.tanh(s / cap)).masked_fill(~mask, float("-inf"))
+        ref = torch.einsum("hqk,khd->qhd", s.softmax(-1), vr)
+    else:
+        ref = F.scaled_dot_product_attention(q.transpose(0, 1), kd.transpose(0, 1),
+                                             vd.transpose(0, 1), attn_mask=mask, scale=0.125,
+                                             enable_gqa=True).transpose(0, 1)
     assert torch.allclose(out, ref, atol=1e-5)
     # the last 9 queries as a later chunk, batched after another sequence: identical bits
     other = torch.randn(5, H, D)
     qq = torch.cat([other, q[L - 9:]])
     meta2 = torch.tensor([[0, 5, 20], [5, 9, L]])
     tables = torch.stack([table, table])
-    out2 = k.attention(qq.view(len(qq), -1), kc, vc, tables, meta2, 0.125, window).view(-1, H, D)
+    out2 = k.attention(qq.view(len(qq), -1), kc, vc, tables, meta2, 0.125, window,
+                       cap).view(-1, H, D)
     assert torch.equal(out2[5:], out[L - 9:])
     # every query alone (a decode row) gives the bits it has in the whole chunk
     for t in range(L):
         one = k.attention(q[t].reshape(1, -1), kc, vc, table[None], torch.tensor([[0, 1, t + 1]]),
-                          0.125, window).view(H, D)
+                          0.125, window, cap).view(H, D)
         assert torch.equal(one, out[t]), t
 
 

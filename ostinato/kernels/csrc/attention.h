@@ -3,11 +3,21 @@
 // one file per kernel family so that a reader finds the room for what they change.
 #pragma once
 
-// sc[i] = exp(sc[i] - mx) for i < n; returns their sum (8 lanes, then the tail: a fixed order).
+// sc[i] = exp(sc[i] - mx) for i < n; returns their sum (8 lanes, then the tail: a fixed order;
+// AVX-512 computes 16 exps at a time and adds them to the 8 lanes in the same order).
 inline float softmax_numerators(float* sc, int64_t n, float mx) {
   const __m256 m = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 m16 = _mm512_set1_ps(mx);     // 16 exps at once, summed as two 8-lane steps
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(sc + i), m16));
+    _mm512_storeu_ps(sc + i, e);
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+    acc = _mm256_add_ps(acc, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+  }
+#endif
   for (; i + 8 <= n; i += 8) {
     const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + i), m));
     _mm256_storeu_ps(sc + i, e);
@@ -78,22 +88,33 @@ struct V16 {
 };
 #endif
 
-// G query rows of one token whose heads share one KV head, against keys [lo, pos] of their
-// sequence, read through its block table 16 slots at a time: each key and value is loaded
-// once for all G heads. Per head the arithmetic is fixed: a key's score is its dot with q
-// summed over the dimensions in 4 interleaved chains, added (c0 + c1) + (c2 + c3), then
-// scaled; softmax with the head's max; values summed in key order into o (the G output
-// rows, overwritten). A key's slot is where it sits in its block, the same whatever the batch
-// or however the prompt is cut, so nothing depends on either. E: the cache's element type,
-// float16 (uint16_t bits, the default) or float32 (--kv-cache-dtype float32).
-template <typename E, int G>
-void attend_group(const float* qv, const E* kc, const E* vc, const int64_t* table,
-                  int64_t BS, int64_t KV, int64_t kvh, int64_t D, int64_t lo, int64_t pos,
-                  float scale, float cap, std::vector<float>& sc, float* o) {
-  const int64_t n = pos - lo + 1;
-  float* base = grow(sc, 16 + G * n + 16) + 16;   // scores of head g: base[g * n + j - lo]
-  V16 mxv[G];
-  for (int g = 0; g < G; ++g) mxv[g] = V16::set1(-INFINITY);
+// R query rows that share one KV head: the heads of that KV head, for one token or for a run
+// of consecutive tokens of one sequence (a prefill chunk), each against its own keys
+// [lo[r], pos[r]], read through the sequence's block table 16 slots at a time: each key and
+// value is loaded once for all R rows. Per row the arithmetic is fixed: a key's score is its
+// dot with q summed over the dimensions in 4 interleaved chains, added (c0 + c1) + (c2 + c3),
+// then scaled; softmax with the row's max over its own keys; values summed in key order from
+// its lo into o (overwritten). Which rows share a call changes none of it (a row's keys
+// outside its range are masked before they are stored and skipped in the value sum), and a
+// key's slot is where it sits in its block, the same whatever the batch or however the prompt
+// is cut, so nothing depends on either. E: the cache's element type, float16 (uint16_t bits,
+// the default) or float32 (--kv-cache-dtype float32).
+struct AttnRows {
+  const float* q[8];
+  float* o[8];
+  int64_t lo[8], pos[8];
+};
+
+template <typename E, int R>
+void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* table,
+                 int64_t BS, int64_t KV, int64_t kvh, int64_t D, float scale, float cap,
+                 std::vector<float>& sc) {
+  int64_t lo = rw.lo[0], pos = rw.pos[0];
+  for (int r = 1; r < R; ++r) lo = std::min(lo, rw.lo[r]), pos = std::max(pos, rw.pos[r]);
+  const int64_t n = pos - lo + 1;             // the keys some row reads
+  float* base = grow(sc, 16 + R * n + 16) + 16;   // scores of row r: base[r * n + j - lo]
+  V16 mxv[R];
+  for (int r = 0; r < R; ++r) mxv[r] = V16::set1(-INFINITY);
   // The blocks sit wherever the table says, so no hardware prefetcher sees the next one
   // coming: each block's keys (and, later, values) are asked for one block ahead.
   auto keys_at = [&](int64_t j0) {
@@ -105,48 +126,59 @@ void attend_group(const float* qv, const E* kc, const E* vc, const int64_t* tabl
     return vc + ((table[b] * KV + kvh) * BS + (j - b * BS)) * D;
   };
   auto prefetch_rows = [](const E* p, int64_t rows, int64_t stride, int64_t bytes) {
+    if (stride * (int64_t)sizeof(E) == bytes) {           // rows back to back: one run
+      for (int64_t at = 0; at < rows * bytes; at += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p) + at, _MM_HINT_T0);
+      return;
+    }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t at = 0; at < bytes; at += 64)
         _mm_prefetch(reinterpret_cast<const char*>(p + r * stride) + at, _MM_HINT_T0);
   };
+  auto slots = [](int64_t j0, int64_t a, int64_t b) -> uint32_t {   // slots of j0.. in [a, b]
+    if (b < j0 || a > j0 + 15) return 0;
+    uint32_t keep = 0xffff;
+    if (j0 < a) keep &= ~((1u << (a - j0)) - 1);
+    if (j0 + 15 > b) keep &= (1u << (b - j0 + 1)) - 1;
+    return keep;
+  };
   for (int64_t j0 = lo / 16 * 16; j0 <= pos; j0 += 16) {        // 16 slots of one block
     const E* kt = keys_at(j0);
     if (j0 + 16 <= pos) prefetch_rows(keys_at(j0 + 16), D, BS, 16 * sizeof(E));
-    V16 c[G][4];
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < 4; ++i) c[g][i] = V16::zero();
+    V16 c[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) c[r][i] = V16::zero();
     for (int64_t d = 0; d < D; d += 4)
       for (int i = 0; i < 4; ++i) {
         const V16 k = V16::load(kt + (d + i) * BS);
-        for (int g = 0; g < G; ++g) c[g][i] = V16::set1(qv[g * D + d + i]).fma(k, c[g][i]);
+        for (int r = 0; r < R; ++r) c[r][i] = V16::set1(rw.q[r][d + i]).fma(k, c[r][i]);
       }
-    uint32_t keep = 0xffff;                   // the slots in [lo, pos]
-    if (j0 < lo) keep &= ~((1u << (lo - j0)) - 1);
-    if (j0 + 15 > pos) keep &= (1u << (pos - j0 + 1)) - 1;
-    for (int g = 0; g < G; ++g) {
-      const V16 x = ((c[g][0] + c[g][1]) + (c[g][2] + c[g][3])) * V16::set1(scale);
-      mxv[g] = mxv[g].max_where(keep, x);
-      x.store_where(keep, base + g * n + j0 - lo);              // j0 - lo >= -15
+    for (int r = 0; r < R; ++r) {
+      const uint32_t keep = slots(j0, rw.lo[r], rw.pos[r]);
+      const V16 x = ((c[r][0] + c[r][1]) + (c[r][2] + c[r][3])) * V16::set1(scale);
+      mxv[r] = mxv[r].max_where(keep, x);
+      x.store_where(keep, base + r * n + j0 - lo);              // j0 - lo >= -15
     }
   }
   prefetch_rows(values_at(lo), std::min<int64_t>(n, BS - lo % BS), D,
                 sizeof(E) * std::min<int64_t>(64, D));
-  float inv[G];
-  for (int g = 0; g < G; ++g) {
-    float mx = mxv[g].max();
+  float inv[R];
+  for (int r = 0; r < R; ++r) {
+    float* sr = base + r * n + (rw.lo[r] - lo);
+    const int64_t nr = rw.pos[r] - rw.lo[r] + 1;
+    float mx = mxv[r].max();
     if (cap > 0.f) {            // soft-cap (Gemma 2): monotonic, so the max maps to the max
-      float* sg = base + g * n;
-      for (int64_t j = 0; j < n; ++j) sg[j] = cap * std::tanh(sg[j] / cap);
+      for (int64_t j = 0; j < nr; ++j) sr[j] = cap * std::tanh(sr[j] / cap);
       mx = cap * std::tanh(mx / cap);
     }
-    inv[g] = 1.f / softmax_numerators(base + g * n, n, mx);
+    inv[r] = 1.f / softmax_numerators(sr, nr, mx);
   }
   constexpr int kDims = 64;                  // output dims kept in registers per pass
   for (int64_t d0 = 0; d0 < D; d0 += kDims) {
     const int nd = (int)std::min<int64_t>(kDims, D - d0) / 16;
-    V16 acc[G][kDims / 16];
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < kDims / 16; ++i) acc[g][i] = V16::zero();
+    V16 acc[R][kDims / 16];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < kDims / 16; ++i) acc[r][i] = V16::zero();
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
       const E* vb = vc + ((table[b] * KV + kvh) * BS) * D + d0;
@@ -157,34 +189,56 @@ void attend_group(const float* qv, const E* kc, const E* vc, const int64_t* tabl
         const E* vv = vb + (j - b * BS) * D;
         V16 v[kDims / 16];
         for (int i = 0; i < kDims / 16; ++i) if (i < nd) v[i] = V16::load(vv + 16 * i);
-        for (int g = 0; g < G; ++g) {
-          const V16 p = V16::set1(base[g * n + j - lo]);
+        for (int r = 0; r < R; ++r) {
+          if (R > 1 && (j < rw.lo[r] || j > rw.pos[r])) continue;   // not one of its keys
+          const V16 p = V16::set1(base[r * n + j - lo]);
           for (int i = 0; i < kDims / 16; ++i)
-            if (i < nd) acc[g][i] = p.fma(v[i], acc[g][i]);
+            if (i < nd) acc[r][i] = p.fma(v[i], acc[r][i]);
         }
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < nd; ++i) (acc[g][i] * V16::set1(inv[g])).store(o + g * D + d0 + 16 * i);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < nd; ++i) (acc[r][i] * V16::set1(inv[r])).store(rw.o[r] + d0 + 16 * i);
   }
 }
 
 template <typename E>
-using AttendFn = void (*)(const float*, const E*, const E*, const int64_t*, int64_t, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, float, float, std::vector<float>&,
-                          float*);
+using AttendFn = void (*)(const AttnRows&, const E*, const E*, const int64_t*, int64_t, int64_t,
+                          int64_t, int64_t, float, float, std::vector<float>&);
 
-// Heads per KV head: 1..4 together; larger groups go in runs of 4, then the rest.
+// Rows a call takes: 6 keep the scores' and the values' accumulators (4 registers a row) in
+// AVX-512's 32 registers; AVX2's 16 hold fewer, so there a call takes one token's heads
+// (at most 4), as before. A prefill token's heads go with the next tokens' while they fit.
+#if defined(__AVX512F__)
+constexpr int64_t kAttnRows = 6;
+#else
+constexpr int64_t kAttnRows = 4;
+#endif
+
+// Tokens t0 .. t0 + nt - 1 (one sequence, positions pos0 ..) and the G heads of KV head kvh:
+// heads by fours, and as many tokens at a time as the rows allow.
 template <typename E>
-void attend_heads(int64_t G, const float* qv, const E* kc, const E* vc,
-                  const int64_t* table, int64_t BS, int64_t KV, int64_t kvh, int64_t D,
-                  int64_t lo, int64_t pos, float scale, float cap, std::vector<float>& sc,
-                  float* o) {
-  static const AttendFn<E> fns[4] = {attend_group<E, 1>, attend_group<E, 2>, attend_group<E, 3>,
-                                     attend_group<E, 4>};
+void attend_tokens(int64_t nt, int64_t G, const float* qv, int64_t qstride, float* ov,
+                   const E* kc, const E* vc, const int64_t* table, int64_t BS, int64_t KV,
+                   int64_t kvh, int64_t D, int64_t pos0, int64_t window, float scale, float cap,
+                   std::vector<float>& sc) {
+  static const AttendFn<E> fns[6] = {attend_rows<E, 1>, attend_rows<E, 2>, attend_rows<E, 3>,
+                                     attend_rows<E, 4>, attend_rows<E, 5>, attend_rows<E, 6>};
   for (int64_t g = 0; g < G; g += 4) {
-    const int64_t k = std::min<int64_t>(4, G - g);
-    fns[k - 1](qv + g * D, kc, vc, table, BS, KV, kvh, D, lo, pos, scale, cap, sc, o + g * D);
+    const int64_t hg = std::min<int64_t>(4, G - g);
+    const int64_t per = std::max<int64_t>(1, kAttnRows / hg);    // tokens a call
+    for (int64_t t = 0; t < nt; t += per) {
+      AttnRows rw;
+      int R = 0;
+      for (int64_t u = t; u < std::min(nt, t + per); ++u)
+        for (int64_t h = g; h < g + hg; ++h, ++R) {
+          rw.q[R] = qv + u * qstride + h * D;
+          rw.o[R] = ov + u * qstride + h * D;
+          rw.pos[R] = pos0 + u;
+          rw.lo[R] = window > 0 ? std::max<int64_t>(0, pos0 + u - window + 1) : 0;
+        }
+      fns[R - 1](rw, kc, vc, table, BS, KV, kvh, D, scale, cap, sc);
+    }
   }
 }
 
@@ -221,22 +275,24 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
   {
     std::vector<float>& sc = t_scores;
     const int64_t G = H / KV;
+    const int64_t tile = std::max<int64_t>(1, kAttnRows / std::min<int64_t>(4, G));
 #pragma omp for schedule(dynamic, 2)
-    for (int64_t tk = 0; tk < T * KV; ++tk) {
+    for (int64_t tk = 0; tk < T * KV; ++tk) {  // a run of `tile` tokens from each tile's first
       const int64_t t = tk / KV, kvh = tk % KV, s = row_seq[t];
       if (s < 0) continue;
       const int64_t q_start = mp[3 * s], q_len = mp[3 * s + 1], ctx = mp[3 * s + 2];
+      if ((t - q_start) % tile) continue;
+      const int64_t nt = std::min(tile, q_start + q_len - t);
       const int64_t pos = ctx - q_len + (t - q_start);
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      const int64_t h0 = kvh * G;             // heads h0 .. h0 + G - 1 read KV head kvh
+      const int64_t at = (t * H + kvh * G) * D;  // heads kvh * G .. read KV head kvh
       if (f32)
-        attend_heads(G, qp + (t * H + h0) * D, static_cast<const float*>(kp),
-                     static_cast<const float*>(vp), tp + s * maxb, BS, KV, kvh, D, lo, pos,
-                     (float)scale, (float)softcap, sc, op + (t * H + h0) * D);
+        attend_tokens(nt, G, qp + at, H * D, op + at, static_cast<const float*>(kp),
+                      static_cast<const float*>(vp), tp + s * maxb, BS, KV, kvh, D, pos, window,
+                      (float)scale, (float)softcap, sc);
       else
-        attend_heads(G, qp + (t * H + h0) * D, static_cast<const uint16_t*>(kp),
-                     static_cast<const uint16_t*>(vp), tp + s * maxb, BS, KV, kvh, D, lo, pos,
-                     (float)scale, (float)softcap, sc, op + (t * H + h0) * D);
+        attend_tokens(nt, G, qp + at, H * D, op + at, static_cast<const uint16_t*>(kp),
+                      static_cast<const uint16_t*>(vp), tp + s * maxb, BS, KV, kvh, D, pos,
+                      window, (float)scale, (float)softcap, sc);
     }
   }
 }
