@@ -119,6 +119,36 @@ def test_busy_processes_burn_cpu_and_are_killed():
         BusyProcesses(-1)
 
 
+def test_busy_processes_end_with_a_killed_bench():
+    """A bench killed by a signal runs no __exit__; its neighbours notice and stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    code = ("import sys, time\nfrom ostinato.bench.contention import BusyProcesses\n"
+            "b = BusyProcesses(1).__enter__()\nprint(b.procs[0].pid, flush=True)\n"
+            "time.sleep(60)\n")
+    bench = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    spinner = int(bench.stdout.readline())
+    time.sleep(0.3)
+    assert _cpu_seconds(spinner) > 0.05                     # spinning
+    bench.send_signal(signal.SIGKILL)
+    bench.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{spinner}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":                                    # exited, not yet reaped
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(spinner, signal.SIGKILL)
+        raise AssertionError("the busy process outlived its bench")
+
+
 @pytest.mark.parametrize("args, message", [
     ({"contention": -1}, "contention"),
     ({"contention": 1, "latency": False}, "contention"),

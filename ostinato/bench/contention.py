@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 
-# runs until killed; the accumulator keeps the loop from being optimised to nothing
-_SPIN = "x = 1\nwhile True:\n    x = (x * 1103515245 + 12345) % 2147483648\n"
+# runs until killed, or until the bench that started it is gone (a bench killed by a signal
+# runs no __exit__: its neighbours would spin on and load every later measurement); the
+# accumulator keeps the loop from being optimised to nothing
+_SPIN = ("import os\nparent = os.getppid()\nx = 1\nwhile os.getppid() == parent:\n"
+         "    for _ in range(100000):\n        x = (x * 1103515245 + 12345) % 2147483648\n")
 
 
 class BusyProcesses:
