@@ -1,4 +1,4 @@
-// Paged attention over the float16 KV cache, one thread per (token, KV head).
+// Paged attention over the float16 KV cache: a thread per KV head and token (or prompt run).
 // Part of ops.cpp's one translation unit (included there, after the common headers):
 // one file per kernel family so that a reader finds the room for what they change.
 #pragma once
