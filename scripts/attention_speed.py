@@ -7,30 +7,30 @@ compared bit for bit:
 
 Shapes: SmolLM2 (9 heads on 3 KV heads, head dim 64), Gemma 3's sliding layers (4 heads on
 1 KV head, head dim 256, window 512) and Qwen2.5-0.5B (14 heads on 2 KV heads). The cache
-holds random keys and values in consecutive blocks of 16 slots."""
+holds random keys and values in shuffled blocks of 16 slots (the tests' `_paged`)."""
 from __future__ import annotations
 
 import argparse
 import hashlib
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
-from ostinato.kernels.backend import CpuKernels
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_kernels import _paged as paged             # noqa: E402 (a cache in shuffled blocks)
+
+from ostinato.kernels.backend import CpuKernels      # noqa: E402
 
 SHAPES = [("smollm2", 9, 3, 64, None), ("gemma3-sliding", 4, 1, 256, 512),
           ("qwen2.5-0.5b", 14, 2, 64, None)]
 
 
 def run(k: CpuKernels, L: int, H: int, KV: int, D: int, window, calls: int) -> tuple[float, str]:
-    g = torch.Generator().manual_seed(1)
-    BS = 16
-    nb = -(-L // BS)
-    kc, vc = k.new_kv_cache(nb + 1, BS, KV, D)
-    table = torch.arange(1, nb + 1)
-    slots = table[torch.arange(L) // BS] * BS + torch.arange(L) % BS
-    k.write_kv(kc, vc, torch.randn(L, KV, D, generator=g), torch.randn(L, KV, D, generator=g),
-               slots)
+    _, _, kc, vc, table = paged(k, L, KV, D, 16, seed=1)
+    g = torch.Generator().manual_seed(2)
     q = torch.randn(L, H * D, generator=g)
     meta = torch.tensor([[0, L, L]])
     best = float("inf")

@@ -126,7 +126,7 @@ def test_busy_processes_end_with_a_killed_bench():
     import subprocess
     import sys
     import time
-    code = ("import sys, time\nfrom ostinato.bench.contention import BusyProcesses\n"
+    code = ("import time\nfrom ostinato.bench.contention import BusyProcesses\n"
             "b = BusyProcesses(1).__enter__()\nprint(b.procs[0].pid, flush=True)\n"
             "time.sleep(60)\n")
     bench = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

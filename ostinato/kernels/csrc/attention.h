@@ -99,10 +99,11 @@ struct V16 {
 // key's slot is where it sits in its block, the same whatever the batch or however the prompt
 // is cut, so nothing depends on either. E: the cache's element type, float16 (uint16_t bits,
 // the default) or float32 (--kv-cache-dtype float32).
+constexpr int kAttnMaxRows = 6;              // attend_rows<E, 1> .. <E, 6>
 struct AttnRows {
-  const float* q[8];
-  float* o[8];
-  int64_t lo[8], pos[8];
+  const float* q[kAttnMaxRows];
+  float* o[kAttnMaxRows];
+  int64_t lo[kAttnMaxRows], pos[kAttnMaxRows];
 };
 
 template <typename E, int R>
@@ -210,19 +211,20 @@ using AttendFn = void (*)(const AttnRows&, const E*, const E*, const int64_t*, i
 // AVX-512's 32 registers; AVX2's 16 hold fewer, so there a call takes one token's heads
 // (at most 4), as before. A prefill token's heads go with the next tokens' while they fit.
 #if defined(__AVX512F__)
-constexpr int64_t kAttnRows = 6;
+constexpr int64_t kAttnRows = kAttnMaxRows;
 #else
 constexpr int64_t kAttnRows = 4;
 #endif
 
-// Tokens t0 .. t0 + nt - 1 (one sequence, positions pos0 ..) and the G heads of KV head kvh:
-// heads by fours, and as many tokens at a time as the rows allow.
+// nt consecutive tokens of one sequence (positions pos0 .., queries qv and outputs ov a row
+// qstride apart) and the G heads of KV head kvh: heads by fours, and as many tokens at a time
+// as the rows allow.
 template <typename E>
 void attend_tokens(int64_t nt, int64_t G, const float* qv, int64_t qstride, float* ov,
                    const E* kc, const E* vc, const int64_t* table, int64_t BS, int64_t KV,
                    int64_t kvh, int64_t D, int64_t pos0, int64_t window, float scale, float cap,
                    std::vector<float>& sc) {
-  static const AttendFn<E> fns[6] = {attend_rows<E, 1>, attend_rows<E, 2>, attend_rows<E, 3>,
+  static const AttendFn<E> fns[kAttnMaxRows] = {attend_rows<E, 1>, attend_rows<E, 2>, attend_rows<E, 3>,
                                      attend_rows<E, 4>, attend_rows<E, 5>, attend_rows<E, 6>};
   for (int64_t g = 0; g < G; g += 4) {
     const int64_t hg = std::min<int64_t>(4, G - g);
