@@ -278,9 +278,11 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
     std::vector<float>& sc = t_scores;
     const int64_t G = H / KV;
     const int64_t tile = std::max<int64_t>(1, kAttnRows / std::min<int64_t>(4, G));
+    // KV head by KV head, so that a thread's next run reads the keys its last one read (a
+    // long context's K and V of all heads do not fit a core's L2; one head's often do)
 #pragma omp for schedule(dynamic, 2)
     for (int64_t tk = 0; tk < T * KV; ++tk) {  // a run of `tile` tokens from each tile's first
-      const int64_t t = tk / KV, kvh = tk % KV, s = row_seq[t];
+      const int64_t t = tk % T, kvh = tk / T, s = row_seq[t];
       if (s < 0) continue;
       const int64_t q_start = mp[3 * s], q_len = mp[3 * s + 1], ctx = mp[3 * s + 2];
       if ((t - q_start) % tile) continue;

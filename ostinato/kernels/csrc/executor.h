@@ -148,6 +148,7 @@ class Executor {
     const int64_t nb = K / 32, M = max_tokens;
     grow(t_qact.q, M * K); grow(t_qact.dt, nb * (M + 4)); grow(t_qact.fsumt, nb * (M + 4));
     grow(t_row_seq, M);
+    grow(t_xtiles, x_tile_ints(M, K));
 #ifdef OSTINATO_AMX
     alloc_amx(M, K, true, t_amx);
 #endif

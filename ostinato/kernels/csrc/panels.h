@@ -44,11 +44,14 @@ struct PanelIsa {
   static I izero() { return _mm512_setzero_si512(); }
   static F fzero() { return _mm512_setzero_ps(); }
   static I load(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static I dot(I acc, I w, int32_t x) {
+  // acc + w . the pair at x, broadcast. With VNNI the broadcast is the instruction's own
+  // ({1to16}: gcc 12 loads it into a register first, an instruction a multiply).
+  static I dot(I acc, I w, const int32_t* x) {
 #ifdef __AVX512VNNI__
-    return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(x));
+    asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+    return acc;
 #else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_set1_epi32(x)));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_set1_epi32(*x)));
 #endif
   }
   static F set1(float x) { return _mm512_set1_ps(x); }
@@ -161,7 +164,7 @@ struct PanelIsa {
   static I izero() { return _mm256_setzero_si256(); }
   static F fzero() { return _mm256_setzero_ps(); }
   static I load(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static I dot(I acc, I w, int32_t x) { return dot_s16(acc, w, _mm256_set1_epi32(x)); }
+  static I dot(I acc, I w, const int32_t* x) { return dot_s16(acc, w, _mm256_set1_epi32(*x)); }
   static F set1(float x) { return _mm256_set1_ps(x); }
   static F fma_dot(I d, F s, F acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -258,48 +261,90 @@ struct Fetch {
   }
 };
 
-// x rows [m0, m0 + R) against one panel: out[m, n0 + j] for the valid rows j.
+// x's int16 pairs by tiles of kTile rows, [tile][pair][row]: a pass reads one pair of all its
+// rows from one line, so every broadcast is one base register plus a constant offset (with
+// 12 row pointers the compiler spilled them and broadcast each code with its own load).
+// Rows past M are zero (their outputs are never stored).
+// A block's pairs unrolled with AVX-512 VNNI only: where a product is madd + add, gcc 12
+// reassociates an unrolled run of them into a tree and spills it (2x slower than the loop
+// on AVX-512 without VNNI, 1.3x in AVX2); VNNI's dpwssd (asm) stays one chain a row.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define OSTINATO_PANEL_UNROLL _Pragma("GCC unroll 16")
+#else
+#define OSTINATO_PANEL_UNROLL
+#endif
+thread_local std::vector<int32_t> t_xtiles;
+
+inline int64_t x_tile_ints(int64_t M, int64_t K) {
+  return (M + PanelIsa::kTile - 1) / PanelIsa::kTile * PanelIsa::kTile * (K / 2);
+}
+
+inline const int32_t* tile_x(const QAct& a, int64_t M, int64_t K) {
+  constexpr int T = PanelIsa::kTile;
+  const int64_t tiles = (M + T - 1) / T, pairs = K / 2;
+  int32_t* xt = grow(t_xtiles, x_tile_ints(M, K));
+  const int32_t* q = reinterpret_cast<const int32_t*>(a.q.data());
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+  for (int64_t t = 0; t < tiles; ++t) {
+    int32_t* dst = xt + t * pairs * T;
+    const int64_t rows = std::min<int64_t>(T, M - t * T);
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int r = 0; r < T; ++r) dst[p * T + r] = r < rows ? q[(t * T + r) * pairs + p] : 0;
+  }
+  return xt;
+}
+
+// x rows [m0, m0 + R) against one panel: out[m, n0 + j] for the valid rows j. xt: the
+// rows' tile (tile_x), kTile codes a pair.
 // fetch: the next panel's weight bytes (nullptr: none, or not on this pass), which stream
 // into the cache while this pass computes, a few lines a block.
 template <int R, int BS>
-void panel_rows(const Weights& w, int64_t n0, const Panel& pn, const QAct& a, int64_t m0,
-                float* out, int64_t ldo, const Fetch& fetch) {
+void panel_rows(const Weights& w, int64_t n0, const Panel& pn, const QAct& a, const int32_t* xt,
+                int64_t m0, float* out, int64_t ldo, const Fetch& fetch) {
   using P = PanelIsa;
-  constexpr int H = 32 / BS;
-  const int64_t K = w.K, nc = K / 32;
-  const int32_t* xr[R];
-  for (int r = 0; r < R; ++r) xr[r] = reinterpret_cast<const int32_t*>(a.q.data() + (m0 + r) * K);
+  constexpr int H = 32 / BS, T = P::kTile;
+  const int64_t nc = w.K / 32;
   P::F acc[R];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = P::fzero();
   for (int64_t c = 0; c < nc; ++c) {
     fetch.some(c, nc);
     const float* dx = a.dt.data() + c * a.ldt + m0;
+#pragma GCC unroll 2
     for (int h = 0; h < H; ++h) {
       const int64_t p0 = c * 16 + h * (BS / 2);
+      const int32_t* x = xt + p0 * T;
+      const int32_t* wp = pn.pairs + p0 * kPanelRows;
       P::I d[R];
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) d[r] = P::izero();
+      OSTINATO_PANEL_UNROLL
       for (int p = 0; p < BS / 2; ++p) {
-        const P::I wv = P::load(pn.pairs + (p0 + p) * kPanelRows);
-        for (int r = 0; r < R; ++r) d[r] = P::dot(d[r], wv, xr[r][p0 + p]);
+        const P::I wv = P::load(wp + p * kPanelRows);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) d[r] = P::dot(d[r], wv, x + p * T + r);
       }
       const P::F ws = P::loadf(pn.scales + (c * H + h) * kPanelRows);
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) acc[r] = P::fma_dot(d[r], P::mul(ws, P::set1(dx[r])), acc[r]);
     }
     if (pn.mins) {
       const P::F wm = P::loadf(pn.mins + c * kPanelRows);
       const float* fs = a.fsumt.data() + c * a.ldt + m0;
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) acc[r] = P::fma(wm, P::set1(fs[r]), acc[r]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) P::store(out + (m0 + r) * ldo + n0, acc[r], pn.valid);
 }
 
 template <int BS, int R = PanelIsa::kTile>
 void panel_tail(int rows, const Weights& w, int64_t n0, const Panel& pn, const QAct& a,
-                int64_t m0, float* out, int64_t ldo, const Fetch& fetch) {
+                const int32_t* xt, int64_t m0, float* out, int64_t ldo, const Fetch& fetch) {
   if constexpr (R > 0) {
-    if (rows == R) panel_rows<R, BS>(w, n0, pn, a, m0, out, ldo, fetch);
-    else panel_tail<BS, R - 1>(rows, w, n0, pn, a, m0, out, ldo, fetch);
+    if (rows == R) panel_rows<R, BS>(w, n0, pn, a, xt, m0, out, ldo, fetch);
+    else panel_tail<BS, R - 1>(rows, w, n0, pn, a, xt, m0, out, ldo, fetch);
   }
 }
 
@@ -317,7 +362,8 @@ thread_local std::vector<float> t_panel_vals;     // ... and its rows' scales an
 inline int64_t panel_vals_floats(int64_t K) { return (K / 16 + K / 32) * kPanelRows; }
 
 template <int FMT, int BS>
-void panel_group(const Weights& w, int64_t n0, const QAct& a, int64_t M, float* out, int64_t ldo) {
+void panel_group(const Weights& w, int64_t n0, const QAct& a, const int32_t* xt, int64_t M,
+                 float* out, int64_t ldo) {
   int16_t* rows16 = grow(t_panel_rows, kPanelRows * w.K);
   int32_t* pairs = grow(t_panel, kPanelRows * w.K / 2);
   float* vals = grow(t_panel_vals, panel_vals_floats(w.K));
@@ -329,16 +375,20 @@ void panel_group(const Weights& w, int64_t n0, const QAct& a, int64_t M, float* 
   constexpr int T = PanelIsa::kTile;
   const Fetch next = rows_fetch(w, n0 + kPanelRows, std::min(w.N, n0 + 2 * kPanelRows));
   int64_t m = 0;
-  for (; m + T <= M; m += T) panel_rows<T, BS>(w, n0, pn, a, m, out, ldo, m ? Fetch{} : next);
-  if (m < M) panel_tail<BS>((int)(M - m), w, n0, pn, a, m, out, ldo, m ? Fetch{} : next);
+  const int64_t tile = w.K / 2 * T;   // int32s of one tile of x
+  for (; m + T <= M; m += T)
+    panel_rows<T, BS>(w, n0, pn, a, xt + m / T * tile, m, out, ldo, m ? Fetch{} : next);
+  if (m < M)
+    panel_tail<BS>((int)(M - m), w, n0, pn, a, xt + m / T * tile, m, out, ldo, m ? Fetch{} : next);
 }
 
 void qlinear_panels(const Weights& w, QAct& a, int64_t M, float* out, bool parallel) {
   auto group = w.fmt == kQ4 ? panel_group<kQ4, 32> : w.fmt == kQ5 ? panel_group<kQ5, 32>
              : w.bs == 16 ? panel_group<kQ8, 16> : panel_group<kQ8, 32>;
   const int64_t groups = (w.N + kPanelRows - 1) / kPanelRows;
+  const int32_t* xt = tile_x(a, M, w.K);
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t g = 0; g < groups; ++g) group(w, g * kPanelRows, a, M, out, w.N);
+  for (int64_t g = 0; g < groups; ++g) group(w, g * kPanelRows, a, xt, M, out, w.N);
 }
 
 }  // namespace
