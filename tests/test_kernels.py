@@ -297,7 +297,9 @@ def _paged(k, kv_len: int, n_kv: int, d: int, block: int, seed: int):
 @pytest.mark.parametrize("window, L, H, KV, D, cap", [
     (None, 40, 4, 2, 64, 0.0), (7, 40, 4, 2, 64, 0.0), (None, 100, 9, 3, 64, 0.0),
     (33, 70, 4, 1, 256, 0.0), (None, 53, 2, 2, 32, 0.0), (9, 45, 5, 1, 32, 0.0),
-    (None, 37, 6, 2, 64, 5.0)])
+    (None, 37, 6, 2, 64, 5.0),
+    # head dims whose value sums end in a pass of 16 or 48 dims (80: 64 + 16; 48)
+    (None, 30, 4, 2, 80, 0.0), (5, 33, 3, 1, 48, 0.0)])
 def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D, cap):
     """Against SDPA; a later chunk batched after another sequence and every query alone (a
     decode row) give the bits the query has in the whole chunk, where the kernel takes several

@@ -174,32 +174,43 @@ void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* ta
     }
     inv[r] = 1.f / softmax_numerators(sr, nr, mx);
   }
-  constexpr int kDims = 64;                  // output dims kept in registers per pass
-  for (int64_t d0 = 0; d0 < D; d0 += kDims) {
-    const int nd = (int)std::min<int64_t>(kDims, D - d0) / 16;
-    V16 acc[R][kDims / 16];
+  // The value sums, 16 * ND output dims a pass (64 at most, in registers). ND is a template
+  // argument and the rows' key ranges are checked only where some row's range ends, so
+  // the loop over a key's rows and dims has no branch in it (one a product, before).
+  int64_t all_lo = rw.lo[0], all_pos = rw.pos[0];     // the keys every row reads
+  for (int r = 1; r < R; ++r) all_lo = std::max(all_lo, rw.lo[r]), all_pos = std::min(all_pos, rw.pos[r]);
+  auto value_pass = [&]<int ND>(int64_t d0) {
+    V16 acc[R][ND];
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < kDims / 16; ++i) acc[r][i] = V16::zero();
+      for (int i = 0; i < ND; ++i) acc[r][i] = V16::zero();
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
       const E* vb = vc + ((table[b] * KV + kvh) * BS) * D + d0;
       if (end <= pos)                        // the next block's rows of this pass
         prefetch_rows(values_at(end) + d0, std::min<int64_t>(BS, pos + 1 - end), D,
-                      sizeof(E) * nd * 16);
+                      sizeof(E) * ND * 16);
       for (; j < end; ++j) {
         const E* vv = vb + (j - b * BS) * D;
-        V16 v[kDims / 16];
-        for (int i = 0; i < kDims / 16; ++i) if (i < nd) v[i] = V16::load(vv + 16 * i);
+        V16 v[ND];
+        for (int i = 0; i < ND; ++i) v[i] = V16::load(vv + 16 * i);
+        const bool every = R == 1 || (j >= all_lo && j <= all_pos);
         for (int r = 0; r < R; ++r) {
-          if (R > 1 && (j < rw.lo[r] || j > rw.pos[r])) continue;   // not one of its keys
+          if (!every && (j < rw.lo[r] || j > rw.pos[r])) continue;   // not one of its keys
           const V16 p = V16::set1(base[r * n + j - lo]);
-          for (int i = 0; i < kDims / 16; ++i)
-            if (i < nd) acc[r][i] = p.fma(v[i], acc[r][i]);
+          for (int i = 0; i < ND; ++i) acc[r][i] = p.fma(v[i], acc[r][i]);
         }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < nd; ++i) (acc[r][i] * V16::set1(inv[r])).store(rw.o[r] + d0 + 16 * i);
+      for (int i = 0; i < ND; ++i) (acc[r][i] * V16::set1(inv[r])).store(rw.o[r] + d0 + 16 * i);
+  };
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    switch (std::min<int64_t>(64, D - d0) / 16) {
+      case 4: value_pass.template operator()<4>(d0); break;
+      case 3: value_pass.template operator()<3>(d0); break;
+      case 2: value_pass.template operator()<2>(d0); break;
+      default: value_pass.template operator()<1>(d0); break;
+    }
   }
 }
 

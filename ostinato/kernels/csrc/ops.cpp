@@ -49,6 +49,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_isa", [] { return std::string(PanelIsa::kName); });
   m.def("set_panels", [](bool on, int64_t min_rows) { g_panels_enabled = on; g_panel_min_rows = min_rows; });
   m.def("panel_settings", [] { return std::make_tuple(g_panels_enabled, g_panel_min_rows); });
+  m.def("set_panel_fused", [](int64_t rows) {
+    TORCH_CHECK(rows >= 0 && rows <= PanelIsa::kFusedRows, "set_panel_fused: 0 ..", PanelIsa::kFusedRows);
+    g_fused_rows = rows;
+  });
   m.def("rms_norm", &rms_norm);
   m.def("qkv_rope_cache", &qkv_rope_cache);
   m.def("gated_act", &gated_act);

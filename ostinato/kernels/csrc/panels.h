@@ -32,12 +32,14 @@ struct PanelIsa {
   static constexpr int kTile = 12;   // x rows a pass: 12 int32 dots + 12 float sums in registers
 #ifdef __AVX512VNNI__
   static constexpr int kMinRows = 2; // panels from this many x rows (qlinear.h)
+  static constexpr int kFusedRows = 8;   // panel_fused up to this many x rows
 #else
   // Without VNNI the tiles win below 5 rows (Skylake-SP VM, decode tok/s at 2 / 3 / 4 rows,
   // panels from 2 against from 5, 3 rounds interleaved: Gemma 3 26-32 / 35-41 / 41-44
   // against 34-46 / 45-54 / 47-54, Qwen2.5-0.5B at 2 and 4 rows 12-16 / 19-26 against
   // 18-23 / 26-36, SmolLM2 even; at 5 rows even, at 8 the panels ahead)
   static constexpr int kMinRows = 5;
+  static constexpr int kFusedRows = 0;   // madd + add: gcc reassociates and spills
 #endif
   using I = __m512i;
   using F = __m512;
@@ -103,41 +105,45 @@ struct PanelIsa {
     out[2] = _mm512_permutex2var_epi16(a1, i20, b1);
     out[3] = _mm512_permutex2var_epi16(a1, i21, b1);
   }
-  // A whole panel (16 weight rows) of Q4 or int8 codes straight into pairs, without the
-  // int16 rows and the 32-bit transpose of unpack_panel: a word of a row's chunk is the
-  // pair's two bytes (Q8: elements 2q, 2q + 1; Q4: the low nibbles are elements 2q, 2q + 1
-  // and the high ones 2q + 16, 2q + 17), so a word transpose and a widening give the pairs
-  // of 16 rows at once. The same integers as unpack_panel's (tests/test_kernels.py).
+  // The pairs of 16 weight rows' 32-element chunk c of Q4 or int8 codes, without the int16
+  // rows and the 32-bit transpose of unpack_panel: a word of a row's chunk is the pair's two
+  // bytes (Q8: elements 2q, 2q + 1; Q4: the low nibbles are elements 2q, 2q + 1 and the high
+  // ones 2q + 16, 2q + 17), so a word transpose and a widening give the pairs of 16 rows at
+  // once. use(i, v): pair i of the chunk (Q4: all 16; int8: half `half`'s 8, i = 0..7).
+  // The same integers as unpack_panel's (tests/test_kernels.py).
+  template <int FMT, typename Use>
+  static void chunk_pairs(const Weights& w, int64_t n0, int64_t c, int half, Use&& use) {
+    const __m512i zp = _mm512_set1_epi16((int16_t)w.zp), low = _mm512_set1_epi16(0x0f);
+    __m512i cols[4];
+    if constexpr (FMT == kQ4)
+      word_columns(static_cast<const uint8_t*>(w.q) + (n0 * w.K + c * 32) / 2, w.K / 2, cols);
+    else
+      word_columns(static_cast<const uint8_t*>(w.q) + n0 * w.K + c * 32 + 16 * half, w.K, cols);
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) {
+      const __m256i words = q % 2 ? _mm512_extracti64x4_epi64(cols[q / 2], 1)
+                                  : _mm512_castsi512_si256(cols[q / 2]);
+      if constexpr (FMT == kQ4) {
+        const __m512i b = _mm512_cvtepu8_epi16(words);
+        use(q, _mm512_sub_epi16(_mm512_and_si512(b, low), zp));
+        use(q + 8, _mm512_sub_epi16(_mm512_srli_epi16(b, 4), zp));
+      } else {
+        use(q, _mm512_cvtepi8_epi16(words));   // int8: no zero point
+      }
+    }
+  }
+  // A whole panel (16 weight rows) of Q4 or int8 codes into pairs, chunk by chunk.
   template <int FMT>
   static bool unpack16(const Weights& w, int64_t n0, int32_t* panel) {
     if constexpr (FMT != kQ4 && FMT != kQ8) {
       return false;
     } else {
       if (w.N - n0 < 16) return false;
-      const int64_t nc = w.K / 32;
-      const __m512i zp = _mm512_set1_epi16((int16_t)w.zp), low = _mm512_set1_epi16(0x0f);
-      auto put = [&](int64_t pair, __m512i v) { _mm512_storeu_si512(panel + pair * 16, v); };
-      for (int64_t c = 0; c < nc; ++c) {
-        for (int half = 0; half < (FMT == kQ4 ? 1 : 2); ++half) {
-          __m512i cols[4];
-          if constexpr (FMT == kQ4)
-            word_columns(static_cast<const uint8_t*>(w.q) + (n0 * w.K + c * 32) / 2, w.K / 2, cols);
-          else
-            word_columns(static_cast<const uint8_t*>(w.q) + n0 * w.K + c * 32 + 16 * half, w.K, cols);
-          for (int q = 0; q < 8; ++q) {
-            const __m256i words = q % 2 ? _mm512_extracti64x4_epi64(cols[q / 2], 1)
-                                        : _mm512_castsi512_si256(cols[q / 2]);
-            const int64_t pair = c * 16 + q;
-            if constexpr (FMT == kQ4) {
-              const __m512i b = _mm512_cvtepu8_epi16(words);
-              put(pair, _mm512_sub_epi16(_mm512_and_si512(b, low), zp));
-              put(pair + 8, _mm512_sub_epi16(_mm512_srli_epi16(b, 4), zp));
-            } else {
-              put(pair + 8 * half, _mm512_cvtepi8_epi16(words));   // int8: no zero point
-            }
-          }
-        }
-      }
+      for (int64_t c = 0; c < w.K / 32; ++c)
+        for (int half = 0; half < (FMT == kQ4 ? 1 : 2); ++half)
+          chunk_pairs<FMT>(w, n0, c, half, [&](int i, __m512i v) {
+            _mm512_storeu_si512(panel + (c * 16 + 8 * half + i) * 16, v);
+          });
       return true;
     }
   }
@@ -159,6 +165,7 @@ struct PanelIsa {
   static constexpr int kRows = 8;
   static constexpr int kTile = 6;    // 16 registers: 6 + 6 accumulators, weights, scales
   static constexpr int kMinRows = 5; // no word unpack here: tiles are as fast up to 5 rows
+  static constexpr int kFusedRows = 0;   // no word unpack
   using I = __m256i;
   using F = __m256;
   static I izero() { return _mm256_setzero_si256(); }
@@ -182,6 +189,8 @@ struct PanelIsa {
   }
   template <int FMT>
   static bool unpack16(const Weights&, int64_t, int32_t*) { return false; }
+  template <int FMT, typename Use>
+  static void chunk_pairs(const Weights&, int64_t, int64_t, int, Use&&) {}
   static void transpose(const int16_t* rows, int64_t K, int64_t p0, int32_t* panel) {
     for (int64_t h = 0; h < 2; ++h) {           // pairs p0 .. p0 + 7, then p0 + 8 .. p0 + 15
       __m256 r[8], t[8];
@@ -253,10 +262,12 @@ struct Panel {
 struct Fetch {
   const char* p = nullptr;
   int64_t bytes = 0;
+  // ceil(lines / nc) lines at block c (no division in the loop: two 64-bit divisions a block
+  // cost about as much as a block's unpacking)
   void some(int64_t c, int64_t nc) const {
     if (!p) return;
-    const int64_t lines = (bytes + 63) / 64;
-    for (int64_t l = lines * c / nc; l < lines * (c + 1) / nc; ++l)
+    const int64_t lines = (bytes + 63) >> 6, per = (lines + nc - 1) / nc;   // per: hoisted
+    for (int64_t l = c * per, end = std::min(lines, l + per); l < end; ++l)
       _mm_prefetch(p + l * 64, _MM_HINT_T0);
   }
 };
@@ -339,6 +350,56 @@ void panel_rows(const Weights& w, int64_t n0, const Panel& pn, const QAct& a, co
   for (int r = 0; r < R; ++r) P::store(out + (m0 + r) * ldo + n0, acc[r], pn.valid);
 }
 
+// Few x rows (decode): a panel's pairs go from the word transpose straight into the rows'
+// products, never through memory (unpack16 stores 1 KB a chunk, 16 rows x 32 pairs, and with
+// two rows to multiply those stores were most of the matmul). The same integers summed in
+// another order (an exact int32 sum), the same per-block arithmetic: the same bits.
+// x rows up to which panel_fused runs (0: never; ops.set_panel_fused, for an A/B)
+int64_t g_fused_rows = PanelIsa::kFusedRows;
+
+template <int R, int FMT, int BS>
+void panel_fused(const Weights& w, int64_t n0, const Panel& pn, const QAct& a,
+                 const int32_t* xt, float* out, int64_t ldo, const Fetch& fetch) {
+  using P = PanelIsa;
+  constexpr int H = 32 / BS, T = P::kTile;
+  const int64_t nc = w.K / 32;
+  P::F acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = P::fzero();
+  for (int64_t c = 0; c < nc; ++c) {
+    fetch.some(c, nc);
+    const float* dx = a.dt.data() + c * a.ldt;
+    for (int h = 0; h < H; ++h) {
+      P::I d[R];
+      for (int r = 0; r < R; ++r) d[r] = P::izero();
+      for (int half = 0; half < (FMT == kQ4 ? 1 : 2); ++half) {
+        if (H == 2 && half != h) continue;        // 16-blocks: block h is half h
+        P::chunk_pairs<FMT>(w, n0, c, half, [&](int i, P::I v) {
+          const int32_t* x = xt + (c * 16 + 8 * half + i) * T;
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) d[r] = P::dot(d[r], v, x + r);
+        });
+      }
+      const P::F ws = P::loadf(pn.scales + (c * H + h) * kPanelRows);
+      for (int r = 0; r < R; ++r) acc[r] = P::fma_dot(d[r], P::mul(ws, P::set1(dx[r])), acc[r]);
+    }
+    if (pn.mins) {
+      const P::F wm = P::loadf(pn.mins + c * kPanelRows);
+      const float* fs = a.fsumt.data() + c * a.ldt;
+      for (int r = 0; r < R; ++r) acc[r] = P::fma(wm, P::set1(fs[r]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) P::store(out + r * ldo + n0, acc[r], pn.valid);
+}
+
+template <int FMT, int BS, int R = PanelIsa::kFusedRows>
+void fused_tail(int rows, const Weights& w, int64_t n0, const Panel& pn, const QAct& a,
+                const int32_t* xt, float* out, int64_t ldo, const Fetch& fetch) {
+  if constexpr (R > 0) {
+    if (rows == R) panel_fused<R, FMT, BS>(w, n0, pn, a, xt, out, ldo, fetch);
+    else fused_tail<FMT, BS, R - 1>(rows, w, n0, pn, a, xt, out, ldo, fetch);
+  }
+}
+
 template <int BS, int R = PanelIsa::kTile>
 void panel_tail(int rows, const Weights& w, int64_t n0, const Panel& pn, const QAct& a,
                 const int32_t* xt, int64_t m0, float* out, int64_t ldo, const Fetch& fetch) {
@@ -367,13 +428,22 @@ void panel_group(const Weights& w, int64_t n0, const QAct& a, const int32_t* xt,
   int16_t* rows16 = grow(t_panel_rows, kPanelRows * w.K);
   int32_t* pairs = grow(t_panel, kPanelRows * w.K / 2);
   float* vals = grow(t_panel_vals, panel_vals_floats(w.K));
-  if (!PanelIsa::unpack16<FMT>(w, n0, pairs)) unpack_panel<FMT>(w, n0, rows16, pairs);
   const int64_t valid = std::min<int64_t>(kPanelRows, w.N - n0), nb = w.K / BS;
   panel_vals(w.scale, n0, valid, nb, vals);
   if (w.min) panel_vals(w.min, n0, valid, w.K / 32, vals + nb * kPanelRows);
+  const Fetch next = rows_fetch(w, n0 + kPanelRows, std::min(w.N, n0 + 2 * kPanelRows));
+  if constexpr (FMT == kQ4 || FMT == kQ8) {
+    // int8 panels gain up to 4 rows only (bench: Q6_K at 6-8 rows 0.87-0.90x, Q8_0 even)
+    if (M <= (FMT == kQ4 ? g_fused_rows : std::min<int64_t>(g_fused_rows, 4)) &&
+        valid == kPanelRows) {
+      const Panel pn{nullptr, vals, w.min ? vals + nb * kPanelRows : nullptr, valid};
+      fused_tail<FMT, BS>((int)M, w, n0, pn, a, xt, out, ldo, next);
+      return;
+    }
+  }
+  if (!PanelIsa::unpack16<FMT>(w, n0, pairs)) unpack_panel<FMT>(w, n0, rows16, pairs);
   const Panel pn{pairs, vals, w.min ? vals + nb * kPanelRows : nullptr, valid};
   constexpr int T = PanelIsa::kTile;
-  const Fetch next = rows_fetch(w, n0 + kPanelRows, std::min(w.N, n0 + 2 * kPanelRows));
   int64_t m = 0;
   const int64_t tile = w.K / 2 * T;   // int32s of one tile of x
   for (; m + T <= M; m += T)
