@@ -32,7 +32,10 @@ struct PanelIsa {
   static constexpr int kTile = 12;   // x rows a pass: 12 int32 dots + 12 float sums in registers
 #ifdef __AVX512VNNI__
   static constexpr int kMinRows = 2; // panels from this many x rows (qlinear.h)
-  static constexpr int kFusedRows = 8;   // panel_fused up to this many x rows
+  // panel_fused up to this many x rows (SmolLM2 decode, ms a step, fused against stored
+  // panels, 5 rounds interleaved: 2 rows 19.7 / 20.9, 4: 23.6 / 24.2, 6: 26.3 / 26.4, 8:
+  // 30.2 / 29.1)
+  static constexpr int kFusedRows = 6;
 #else
   // Without VNNI the tiles win below 5 rows (Skylake-SP VM, decode tok/s at 2 / 3 / 4 rows,
   // panels from 2 against from 5, 3 rounds interleaved: Gemma 3 26-32 / 35-41 / 41-44
@@ -433,7 +436,7 @@ void panel_group(const Weights& w, int64_t n0, const QAct& a, const int32_t* xt,
   if (w.min) panel_vals(w.min, n0, valid, w.K / 32, vals + nb * kPanelRows);
   const Fetch next = rows_fetch(w, n0 + kPanelRows, std::min(w.N, n0 + 2 * kPanelRows));
   if constexpr (FMT == kQ4 || FMT == kQ8) {
-    // int8 panels gain up to 4 rows only (bench: Q6_K at 6-8 rows 0.87-0.90x, Q8_0 even)
+    // int8 panels gain up to 4 rows only (one call, 1 thread: Q6_K at 6 rows 0.87x, Q8_0 even)
     if (M <= (FMT == kQ4 ? g_fused_rows : std::min<int64_t>(g_fused_rows, 4)) &&
         valid == kPanelRows) {
       const Panel pn{nullptr, vals, w.min ? vals + nb * kPanelRows : nullptr, valid};
