@@ -265,20 +265,17 @@ struct Panel {
 struct Fetch {
   const char* p = nullptr;
   int64_t bytes = 0;
-  // ceil(lines / nc) lines at block c (no division in the loop: two 64-bit divisions a block
-  // cost about as much as a block's unpacking)
+  // ceil(lines / nc) lines at block c. per does not depend on c, so gcc computes it once
+  // a pass (the disassembly has no division in the passes); before, two 64-bit divisions a
+  // block, which depend on c, cost about as much as a block's unpacking.
   void some(int64_t c, int64_t nc) const {
     if (!p) return;
-    const int64_t lines = (bytes + 63) >> 6, per = (lines + nc - 1) / nc;   // per: hoisted
+    const int64_t lines = (bytes + 63) >> 6, per = (lines + nc - 1) / nc;
     for (int64_t l = c * per, end = std::min(lines, l + per); l < end; ++l)
       _mm_prefetch(p + l * 64, _MM_HINT_T0);
   }
 };
 
-// x's int16 pairs by tiles of kTile rows, [tile][pair][row]: a pass reads one pair of all its
-// rows from one line, so every broadcast is one base register plus a constant offset (with
-// 12 row pointers the compiler spilled them and broadcast each code with its own load).
-// Rows past M are zero (their outputs are never stored).
 // A block's pairs unrolled with AVX-512 VNNI only: where a product is madd + add, gcc 12
 // reassociates an unrolled run of them into a tree and spills it (2x slower than the loop
 // on AVX-512 without VNNI, 1.3x in AVX2); VNNI's dpwssd (asm) stays one chain a row.
@@ -287,6 +284,11 @@ struct Fetch {
 #else
 #define OSTINATO_PANEL_UNROLL
 #endif
+
+// x's int16 pairs by tiles of kTile rows, [tile][pair][row]: a pass reads one pair of all its
+// rows from one line, so every broadcast is one base register plus a constant offset (with
+// 12 row pointers the compiler spilled them and broadcast each code with its own load).
+// Rows past M are zero (their outputs are never stored).
 thread_local std::vector<int32_t> t_xtiles;
 
 inline int64_t x_tile_ints(int64_t M, int64_t K) {
@@ -306,6 +308,28 @@ inline const int32_t* tile_x(const QAct& a, int64_t M, int64_t K) {
       for (int r = 0; r < T; ++r) dst[p * T + r] = r < rows ? q[(t * T + r) * pairs + p] : 0;
   }
   return xt;
+}
+
+// The per-block arithmetic every path shares (tile_qa's): R rows' exact integer dots d of
+// block blk, scaled by the panel's block scales times the rows' x scales dx, into acc.
+template <int R>
+inline void scale_block(PanelIsa::F* acc, const PanelIsa::I* d, const Panel& pn, int64_t blk,
+                        const float* dx) {
+  using P = PanelIsa;
+  const P::F ws = P::loadf(pn.scales + blk * kPanelRows);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = P::fma_dot(d[r], P::mul(ws, P::set1(dx[r])), acc[r]);
+}
+
+// ... and, for formats with a min, the 32-element chunk c's min term (fs: the rows' exact
+// float sums of x's chunk).
+template <int R>
+inline void add_mins(PanelIsa::F* acc, const Panel& pn, int64_t c, const float* fs) {
+  using P = PanelIsa;
+  if (!pn.mins) return;
+  const P::F wm = P::loadf(pn.mins + c * kPanelRows);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = P::fma(wm, P::set1(fs[r]), acc[r]);
 }
 
 // x rows [m0, m0 + R) against one panel: out[m, n0 + j] for the valid rows j. xt: the
@@ -338,28 +362,21 @@ void panel_rows(const Weights& w, int64_t n0, const Panel& pn, const QAct& a, co
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) d[r] = P::dot(d[r], wv, x + p * T + r);
       }
-      const P::F ws = P::loadf(pn.scales + (c * H + h) * kPanelRows);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[r] = P::fma_dot(d[r], P::mul(ws, P::set1(dx[r])), acc[r]);
+      scale_block<R>(acc, d, pn, c * H + h, dx);
     }
-    if (pn.mins) {
-      const P::F wm = P::loadf(pn.mins + c * kPanelRows);
-      const float* fs = a.fsumt.data() + c * a.ldt + m0;
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[r] = P::fma(wm, P::set1(fs[r]), acc[r]);
-    }
+    add_mins<R>(acc, pn, c, a.fsumt.data() + c * a.ldt + m0);
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) P::store(out + (m0 + r) * ldo + n0, acc[r], pn.valid);
 }
 
+// x rows up to which panel_fused runs (0: never; ops.set_panel_fused, for an A/B)
+int64_t g_fused_rows = PanelIsa::kFusedRows;
+
 // Few x rows (decode): a panel's pairs go from the word transpose straight into the rows'
 // products, never through memory (unpack16 stores 1 KB a chunk, 16 rows x 32 pairs, and with
 // two rows to multiply those stores were most of the matmul). The same integers summed in
 // another order (an exact int32 sum), the same per-block arithmetic: the same bits.
-// x rows up to which panel_fused runs (0: never; ops.set_panel_fused, for an A/B)
-int64_t g_fused_rows = PanelIsa::kFusedRows;
-
 template <int R, int FMT, int BS>
 void panel_fused(const Weights& w, int64_t n0, const Panel& pn, const QAct& a,
                  const int32_t* xt, float* out, int64_t ldo, const Fetch& fetch) {
@@ -382,14 +399,9 @@ void panel_fused(const Weights& w, int64_t n0, const Panel& pn, const QAct& a,
           for (int r = 0; r < R; ++r) d[r] = P::dot(d[r], v, x + r);
         });
       }
-      const P::F ws = P::loadf(pn.scales + (c * H + h) * kPanelRows);
-      for (int r = 0; r < R; ++r) acc[r] = P::fma_dot(d[r], P::mul(ws, P::set1(dx[r])), acc[r]);
+      scale_block<R>(acc, d, pn, c * H + h, dx);
     }
-    if (pn.mins) {
-      const P::F wm = P::loadf(pn.mins + c * kPanelRows);
-      const float* fs = a.fsumt.data() + c * a.ldt;
-      for (int r = 0; r < R; ++r) acc[r] = P::fma(wm, P::set1(fs[r]), acc[r]);
-    }
+    add_mins<R>(acc, pn, c, a.fsumt.data() + c * a.ldt);
   }
   for (int r = 0; r < R; ++r) P::store(out + r * ldo + n0, acc[r], pn.valid);
 }
@@ -428,8 +440,6 @@ inline int64_t panel_vals_floats(int64_t K) { return (K / 16 + K / 32) * kPanelR
 template <int FMT, int BS>
 void panel_group(const Weights& w, int64_t n0, const QAct& a, const int32_t* xt, int64_t M,
                  float* out, int64_t ldo) {
-  int16_t* rows16 = grow(t_panel_rows, kPanelRows * w.K);
-  int32_t* pairs = grow(t_panel, kPanelRows * w.K / 2);
   float* vals = grow(t_panel_vals, panel_vals_floats(w.K));
   const int64_t valid = std::min<int64_t>(kPanelRows, w.N - n0), nb = w.K / BS;
   panel_vals(w.scale, n0, valid, nb, vals);
@@ -444,7 +454,9 @@ void panel_group(const Weights& w, int64_t n0, const QAct& a, const int32_t* xt,
       return;
     }
   }
-  if (!PanelIsa::unpack16<FMT>(w, n0, pairs)) unpack_panel<FMT>(w, n0, rows16, pairs);
+  int32_t* pairs = grow(t_panel, kPanelRows * w.K / 2);
+  if (!PanelIsa::unpack16<FMT>(w, n0, pairs))
+    unpack_panel<FMT>(w, n0, grow(t_panel_rows, kPanelRows * w.K), pairs);
   const Panel pn{pairs, vals, w.min ? vals + nb * kPanelRows : nullptr, valid};
   constexpr int T = PanelIsa::kTile;
   int64_t m = 0;
