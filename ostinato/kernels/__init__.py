@@ -48,12 +48,39 @@ def ops():
     bin_dir = str(Path(sys.executable).parent)     # ninja from the venv
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    with _compile_progress(not any(build.glob("*.so"))), warnings.catch_warnings():
+    with _build_lock(build), _compile_progress(not any(build.glob("*.so"))), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cpp_extension.load(
             name="ostinato_ops", sources=[str(_SRC)], build_directory=str(build),
             extra_cflags=["-O3", f"-march={_march()}", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"], verbose=False)
+
+
+@contextmanager
+def _build_lock(build: Path):
+    """One process at a time builds or loads `build`, under a lock the OS drops when its
+    holder dies. torch's own lock is a file that the builder deletes when done: a build
+    killed mid-way (Ctrl-C at a first start, a server stopped while it compiled) left it
+    behind, and every later start waited on it for ever, a server answering 503 'still
+    loading' without end (seen here). Under this lock no other Ostinato build runs, so
+    such a file is stale: it is removed, with a line in the log."""
+    try:
+        import fcntl
+    except ImportError:                  # not POSIX: torch's lock alone
+        yield
+        return
+    with open(build / "ostinato.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            print(f"removing a stale build lock left by an interrupted compile: {stale}",
+                  file=sys.stderr)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
