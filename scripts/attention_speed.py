@@ -6,7 +6,8 @@ compared bit for bit:
     PYTHONPATH=/path/to/other/checkout python scripts/attention_speed.py   # the A in an A/B
     python scripts/attention_speed.py --decode 64 --tokens 140   # a decode step of 64 streams
 
---decode S: one decode step of S streams (one query each, --tokens of context each) through
+--decode S: one decode step of S streams (one query each, --tokens of context each; the last
+--query-tokens of it, a prefill chunk, with more) through
 all the layers of a 30-layer model, each layer's cache a pool of 1 GB / 30 as the engine
 sizes it by default, the streams' blocks scattered over it: what a step reads from memory.
 
@@ -47,7 +48,8 @@ def run(k: CpuKernels, L: int, H: int, KV: int, D: int, window, calls: int) -> t
 
 
 def decode_step(k: CpuKernels, S: int, C: int, H: int, KV: int, D: int, window, calls: int,
-                layers: int = 30, pool_bytes: int = (1 << 30) // 30) -> tuple[float, str]:
+                Q: int = 1, layers: int = 30,
+                pool_bytes: int = (1 << 30) // 30) -> tuple[float, str]:
     nb, BS = -(-C // 16), 16
     blocks = max(S * nb + 1, pool_bytes // k.kv_cache_bytes(BS, KV, D))
     g = torch.Generator().manual_seed(1)
@@ -59,8 +61,8 @@ def decode_step(k: CpuKernels, S: int, C: int, H: int, KV: int, D: int, window, 
         kc[table.flatten()] = torch.randn(S * nb, *kc.shape[1:], generator=g).to(kc.dtype)
         vc[table.flatten()] = torch.randn(S * nb, *vc.shape[1:], generator=g).to(vc.dtype)
         caches.append((kc, vc, table))
-    q = torch.randn(S, H * D, generator=g)
-    meta = torch.tensor([[i, 1, C] for i in range(S)])
+    q = torch.randn(S * Q, H * D, generator=g)
+    meta = torch.tensor([[i * Q, Q, C] for i in range(S)])
     best = float("inf")
     for _ in range(calls):
         t = time.perf_counter()
@@ -77,13 +79,17 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--decode", type=int, default=0, metavar="S",
                     help="a decode step of S streams over 30 layers instead of one prompt")
+    ap.add_argument("--query-tokens", type=int, default=1, metavar="Q",
+                    help="with --decode: each stream's last Q tokens are queries (a prefill "
+                         "chunk at the end of its context when Q > 1)")
     a = ap.parse_args()
     k = CpuKernels(kv_cache_dtype=a.dtype)
     for name, H, KV, D, window in SHAPES:
         if a.decode:
-            best, digest = decode_step(k, a.decode, a.tokens, H, KV, D, window, a.calls)
-            print(f"{name:15s} {a.dtype} decode step, {a.decode} streams of {a.tokens} tokens, "
-                  f"30 layers: {best * 1e3:7.2f} ms  output {digest}")
+            best, digest = decode_step(k, a.decode, a.tokens, H, KV, D, window, a.calls,
+                                       a.query_tokens)
+            print(f"{name:15s} {a.dtype} decode step, {a.decode} streams of {a.tokens} tokens "
+                  f"({a.query_tokens} queries), 30 layers: {best * 1e3:7.2f} ms  output {digest}")
             continue
         best, digest = run(k, a.tokens, H, KV, D, window, a.calls)
         print(f"{name:15s} {a.dtype} {a.tokens} tokens: {best * 1e3:7.2f} ms  output {digest}")

@@ -109,12 +109,13 @@ struct AttnRows {
 
 // A decode row's keys and values come from memory, a few KB a block in blocks the table
 // scatters: no hardware prefetcher sees them coming, and fetching one block ahead used half
-// the machine's read bandwidth. A cold run (a sequence of at most kColdTokens query rows)
-// asks for its K and V blocks into L2 kColdAheadBytes ahead of the block it reads (all of
-// a short run at its start); L1 still takes them a block ahead. One decode step, 30 layers
-// (scripts/attention_speed.py --decode S --tokens C), SmolLM2 shape: 16 x 140 tokens 6.0 ->
-// 3.0 ms, 64 x 140 27.4 -> 14.7, 8 x 4,000 98.9 -> 64.4. Prefill runs re-read the keys the
-// run before read (in cache): they skip it.
+// the machine's read bandwidth. A cold run (a sequence of at most kColdTokens query rows, or
+// a prefill chunk's first run of a KV head) asks for its K and V blocks into L2
+// kColdAheadBytes ahead of the block it reads (all of a short run at its start); L1 still
+// takes them a block ahead. One step, 30 layers (scripts/attention_speed.py --decode S
+// --tokens C [--query-tokens Q]), SmolLM2 shape: 16 x 140 tokens 6.0 -> 3.0 ms, 64 x 140
+// 27.4 -> 14.7, 8 x 4,000 98.9 -> 64.4; 2 chunks of 32 tokens at 1,000: 29.2-29.8 -> 25.2-25.9.
+// A chunk's later runs re-read the keys its first run read (in cache): they skip it.
 constexpr int64_t kColdAheadBytes = 512 << 10;
 constexpr int64_t kColdTokens = 8;            // a sequence with this few query rows is cold
 inline void prefetch_l2(const void* p, int64_t bytes) {
@@ -328,7 +329,8 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
       const int64_t nt = std::min(tile, q_start + q_len - t);
       const int64_t pos = ctx - q_len + (t - q_start);
       const int64_t at = (t * H + kvh * G) * D;  // heads kvh * G .. read KV head kvh
-      const bool cold = q_len <= kColdTokens;    // a decode row (and its drafts)
+      // a decode row (and its drafts), or a chunk's first run: its context is in memory
+      const bool cold = q_len <= kColdTokens || t - q_start < tile;
       if (f32)
         attend_tokens(nt, G, qp + at, H * D, op + at, static_cast<const float*>(kp),
                       static_cast<const float*>(vp), tp + s * maxb, BS, KV, kvh, D, pos, window,
