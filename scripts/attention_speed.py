@@ -6,10 +6,10 @@ compared bit for bit:
     PYTHONPATH=/path/to/other/checkout python scripts/attention_speed.py   # the A in an A/B
     python scripts/attention_speed.py --decode 64 --tokens 140   # a decode step of 64 streams
 
---decode S: one decode step of S streams (one query each, --tokens of context each; the last
---query-tokens of it, a prefill chunk, with more) through
-all the layers of a 30-layer model, each layer's cache a pool of 1 GB / 30 as the engine
-sizes it by default, the streams' blocks scattered over it: what a step reads from memory.
+--decode S: one step of S streams through all the layers of a 30-layer model, each stream
+with --tokens of context of which the last --query-tokens (default 1: a decode row; more: a
+prefill chunk) are queries; each layer's cache is a pool of 1 GB / 30, as the engine sizes it
+by default, with the streams' blocks scattered over it: what a step reads from memory.
 
 Shapes: SmolLM2 (9 heads on 3 KV heads, head dim 64), Gemma 3's sliding layers (4 heads on
 1 KV head, head dim 256, window 512) and Qwen2.5-0.5B (14 heads on 2 KV heads). The cache

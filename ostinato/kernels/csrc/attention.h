@@ -104,7 +104,7 @@ struct AttnRows {
   const float* q[kAttnMaxRows];
   float* o[kAttnMaxRows];
   int64_t lo[kAttnMaxRows], pos[kAttnMaxRows];
-  bool cold = false;       // decode rows: their keys and values come from memory, not cache
+  bool cold = false;       // its keys and values come from memory (see kColdAheadBytes)
 };
 
 // A decode row's keys and values come from memory, a few KB a block in blocks the table
@@ -118,9 +118,12 @@ struct AttnRows {
 // A chunk's later runs re-read the keys its first run read (in cache): they skip it.
 constexpr int64_t kColdAheadBytes = 512 << 10;
 constexpr int64_t kColdTokens = 8;            // a sequence with this few query rows is cold
-inline void prefetch_l2(const void* p, int64_t bytes) {
-  for (int64_t at = 0; at < bytes; at += 64)
-    _mm_prefetch(static_cast<const char*>(p) + at, _MM_HINT_T1);
+// A KV head's share of one block, keys and values (`bytes` each), into L2.
+inline void prefetch_block_l2(const void* k, const void* v, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) {
+    _mm_prefetch(static_cast<const char*>(k) + at, _MM_HINT_T1);
+    _mm_prefetch(static_cast<const char*>(v) + at, _MM_HINT_T1);
+  }
 }
 
 template <typename E, int R>
@@ -161,17 +164,13 @@ void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* ta
     return keep;
   };
   // a cold run: the blocks `ahead` keys past the one it reads (all up to there, first)
-  const int64_t block_bytes = 2 * BS * D * (int64_t)sizeof(E);          // K and V
-  const int64_t ahead = rw.cold ? std::max<int64_t>(1, kColdAheadBytes / block_bytes) * BS : 0;
-  for (int64_t j = lo / BS * BS; j <= pos && j < lo / BS * BS + ahead; j += BS) {
-    prefetch_l2(keys_at(j), D * BS * sizeof(E));
-    prefetch_l2(values_at(j), BS * D * sizeof(E));
-  }
+  const int64_t half_block = BS * D * (int64_t)sizeof(E);               // K or V
+  const int64_t ahead = rw.cold ? std::max<int64_t>(1, kColdAheadBytes / (2 * half_block)) * BS : 0;
+  for (int64_t j = lo / BS * BS; j <= pos && j < lo / BS * BS + ahead; j += BS)
+    prefetch_block_l2(keys_at(j), values_at(j), half_block);
   for (int64_t j0 = lo / 16 * 16; j0 <= pos; j0 += 16) {        // 16 slots of one block
-    if (ahead && j0 % BS == 0 && j0 + ahead <= pos) {
-      prefetch_l2(keys_at(j0 + ahead), D * BS * sizeof(E));
-      prefetch_l2(values_at(j0 + ahead), BS * D * sizeof(E));
-    }
+    if (ahead && j0 % BS == 0 && j0 + ahead <= pos)
+      prefetch_block_l2(keys_at(j0 + ahead), values_at(j0 + ahead), half_block);
     const E* kt = keys_at(j0);
     if (j0 + 16 <= pos) prefetch_rows(keys_at(j0 + 16), D, BS, 16 * sizeof(E));
     V16 c[R][4];
