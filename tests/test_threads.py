@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from ostinato.engine.threads import EXPLORE_MAX, ThreadGovernor
+from ostinato.engine.threads import DEFER_MAX, EXPLORE_MAX, ThreadGovernor
 from ostinato.params import SamplingParams
 
 
@@ -76,7 +76,7 @@ def test_steps_too_short_to_time_are_not_explored_again_at_once():
 class Alternating(ThreadGovernor):
     """A governor that switches every step (the worst case for the bits)."""
 
-    def pick(self) -> int:
+    def pick(self, prefill: bool = False) -> int:
         self.current = 1 if self.current == 2 else 2
         return self.current
 
@@ -306,10 +306,10 @@ def test_the_engine_marks_each_pause_and_wakes_the_governor_after_it(smollm_path
             self.calls.append("wake")
             super().wake()
 
-        def pick(self):
+        def pick(self, prefill=False):
             if self.calls[-1:] != ["step"]:
                 self.calls.append("step")
-            return super().pick()
+            return super().pick(prefill)
 
     llm = LLM(smollm_path, threads=2, max_model_len=512, kv_cache_gb=0.1)
     g = llm.engine.governor = Recording()
@@ -336,3 +336,93 @@ def test_a_quiet_machine_costs_no_exploration_of_fewer_threads():
     others["n"] = 0                                   # one it cannot see, slowing us down
     used = drive(g, 60, BUSY.get, rng)
     assert g.current == 1 and used[-10:] == [1] * 10
+
+
+PREFILL = {2: 0.200, 1: 0.400}        # a 512-token prompt step: one thread is 2x slower
+
+
+def drive_mixed(g: ThreadGovernor, steps: int, is_prefill, rng) -> list[tuple[int, bool]]:
+    """Like drive(), with step i a prefill step when is_prefill(i) (its own times, the same
+    ratio to its prediction)."""
+    used = []
+    for i in range(steps):
+        prefill = is_prefill(i)
+        n = g.pick(prefill)
+        times, predicted = (PREFILL, 0.2) if prefill else (QUIET, 0.01)
+        g.record(n, times[n] * (1 + rng.uniform(-0.05, 0.05)), predicted)
+        used.append((n, prefill))
+    return used
+
+
+def test_an_exploration_of_fewer_threads_waits_for_a_step_without_prefill():
+    """A neighbour the probe sees (the load generator of a burst) brings explorations of one
+    thread; they land on decode steps, never on the prompt steps between them, which one
+    thread makes 2x slower; an exploration after slow steps does not wait."""
+    g = ThreadGovernor(2, probe=lambda: 1, cores=2)
+    used = drive_mixed(g, 3000, lambda i: i % 3 != 0, random.Random(9))
+    explored = [p for n, p in used if n == 1]
+    assert explored and not any(explored) and g.current == 2
+
+
+def test_prompt_steps_alone_still_explore_fewer_threads():
+    """Only prompt steps (scoring, a long prompt at batch 1): an exploration waits at most
+    DEFER_MAX steps, so a neighbour is still found."""
+    g = ThreadGovernor(2, probe=lambda: 1, cores=2)
+    used = drive_mixed(g, 8 + DEFER_MAX + 4, lambda i: True, random.Random(10))
+    assert (1, True) in used
+
+
+def test_slow_steps_try_fewer_threads_on_the_next_step_even_with_prefill():
+    """Two steps much slower than usual (a neighbour arrived) try one thread at once, prompt
+    step or not: there one thread is likely the faster count."""
+    g = ThreadGovernor(2, probe=UNKNOWN)
+    rng = random.Random(11)
+    drive(g, 300, QUIET.get, rng)
+    for _ in range(2):
+        assert g.pick(True) == 2
+        g.record(2, BUSY[2], 0.01)
+    assert g.pick(True) == 1
+
+
+def test_a_client_busy_only_at_the_wake_costs_one_step_on_fewer_threads():
+    """A load generator sending a burst's requests looks like a neighbour when the engine
+    wakes (busy through the pause, runnable now): the first step runs on one thread, the next
+    looks again, finds the cores free, explores two and moves back."""
+    others, window = {"n": 1}, Window(0.9)
+    g = ThreadGovernor(2, probe=lambda: others["n"], cores=2, window=window)
+    drive(g, 300, QUIET.get, random.Random(14))
+    g.idle()
+    g.wake()
+    assert g.pick() == 1
+    g.record(1, PREFILL[1], 0.2)
+    others["n"] = 0                                   # it waits for the answers now
+    used = drive(g, 20, QUIET.get, random.Random(15))
+    assert used[:3] == [2, 1, 2] and used[2:] == [2] * 18 and g.current == 2
+
+
+def test_free_cores_at_the_wake_move_up_at_once():
+    """On one thread since a neighbour (or a client's start-up) left, a wake onto a quiet
+    machine runs every step on two threads, with no step on one to judge an exploration."""
+    g = ThreadGovernor(2, probe=lambda: 1, cores=2, window=Window(1.0))
+    g.idle()
+    g.wake()
+    drive(g, 40, BUSY.get, random.Random(16))
+    assert g.current == 1
+    g._probe, g._window = (lambda: 0), Window(0.02)
+    g.idle()
+    g.wake()
+    assert drive(g, 6, QUIET.get, random.Random(17)) == [2] * 6 and g.current == 2
+
+
+def test_one_step_after_a_wake_is_no_usual_time_to_be_slow_against():
+    """The step-time model's error differs between a burst's first prompt step and the decode
+    steps after it (here 2x): measured against that one step, the next two looked slow and
+    brought an exploration of one thread on a quiet machine. The usual time rests on a few
+    steps first."""
+    g = ThreadGovernor(2, probe=lambda: 0, cores=2, window=Window(0.0))
+    drive(g, 300, QUIET.get, random.Random(18))
+    g.idle()
+    g.wake()
+    assert g.pick(True) == 2
+    g.record(2, 0.100, 0.2)                           # ratio 0.5
+    assert drive(g, 30, QUIET.get, random.Random(19)) == [2] * 30

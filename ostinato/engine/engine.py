@@ -117,7 +117,8 @@ class Engine:
             if self._idle:                      # the first step after a pause
                 self.governor.wake()
                 self._log_switch()
-            threads = self._pick_threads()
+            threads = self._pick_threads(any(s.num_new_tokens - len(s.draft) > 1
+                                             for s in plan.scheduled))
             predicted = self.scheduler.step_time.predict(*features)
         t0 = time.perf_counter()
         results = self.runner.execute(plan)
@@ -152,9 +153,11 @@ class Engine:
         if self.governor is not None:
             self.governor.idle_tick()
 
-    def _pick_threads(self) -> int:
-        """The governor's thread count for this step (the kernels' bits do not depend on it)."""
-        n = self.governor.pick()
+    def _pick_threads(self, prefill: bool) -> int:
+        """The governor's thread count for this step (the kernels' bits do not depend on it);
+        `prefill`: the step carries a prompt chunk (more than one token of a sequence that is
+        not a draft)."""
+        n = self.governor.pick(prefill)
         if n != self._threads:
             self.runner.set_threads(n)
             self._threads = n

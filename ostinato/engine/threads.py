@@ -45,6 +45,8 @@ STALL = 4.0                # one current step this much slower, someone else run
 WEIGHT = 0.5               # of the newest exploration in the decayed mean of log-ratios
 SHORT_STEP_S = 0.002       # steps shorter than this are too noisy to compare
 PROBE_EVERY = 4            # steps between reads of the machine's runnable threads
+USUAL_MIN = 3              # current steps the usual time must rest on before one looks slow
+DEFER_MAX = 32             # prefill steps in a row an exploration of fewer threads may wait
 
 
 @dataclass
@@ -158,18 +160,33 @@ class ThreadGovernor:
         self._interval = EXPLORE_FIRST
         self._countdown = EXPLORE_FIRST
         self._usual: float | None = None          # decayed mean ratio of current steps
+        self._usual_n = 0                         # the steps it rests on (since it was reset)
         self._before: _Step | None = None         # the current step before an exploration
         self._explored: _Step | None = None       # waiting for the current step after it
         self._slow = 0                            # current steps in a row much slower than usual
         self._jumped = False                      # so the next exploration tries fewer threads
+        self._deferred = 0                        # prefill steps an exploration waited for
+        self._recheck = 0                         # a wake moved to fewer: steps until a look
 
     @property
     def adaptive(self) -> bool:
         return len(self.choices) > 1
 
-    def pick(self) -> int:
-        """The thread count for the next step."""
-        if not self.adaptive or self._explored is not None or self._countdown > 0:
+    def pick(self, prefill: bool = False) -> int:
+        """The thread count for the next step; `prefill`: it carries a prompt chunk.
+
+        A routine exploration of fewer threads waits for a step without one (at most DEFER_MAX
+        steps): a prefill step is compute-bound, so one thread of two makes it ~2x slower
+        where a decode step is 1.3-1.6x, and it is the longest step besides (the load
+        generator of a 64-stream burst looked like a neighbour and two such explorations of
+        512-token steps cost 0.56 s of a 13 s run). An exploration after slow steps (a
+        neighbour arrived: fewer threads are likely faster) does not wait."""
+        if not self.adaptive:
+            return self.current
+        if self._recheck:                         # the wake's step, then the step after it
+            self._recheck -= 1
+            return self.current if self._recheck else self._look_again()
+        if self._explored is not None or self._countdown > 0:
             return self.current
         if self._jumped:                          # slower than usual: try fewer threads
             self._jumped = False
@@ -178,8 +195,22 @@ class ThreadGovernor:
         if not others:                            # nothing worth a slower step: look again later
             self._countdown = self._interval
             return self.current
-        self._alt_index = (self._alt_index + 1) % len(others)
-        return others[self._alt_index]
+        n = others[(self._alt_index + 1) % len(others)]
+        if n < self.current and prefill and self._deferred < DEFER_MAX:
+            self._deferred += 1                   # the countdown stays at 0: the next step asks
+            return self.current
+        self._alt_index, self._deferred = (self._alt_index + 1) % len(others), 0
+        return n
+
+    def _look_again(self) -> int:
+        """The step after a wake moved to fewer threads: if the probe now shows the cores
+        free, that step explores the next count up (judged as any exploration is)."""
+        now = self._probe()
+        up = [c for c in self.choices if c > self.current]
+        if now is None or not up or self._cores - now < up[-1] - 0.5:
+            return self.current
+        self._busy = float(now)
+        return up[-1]
 
     def _worth_trying(self, n: int) -> bool:
         """More threads are tried only while about that many cores look free: beside a busy
@@ -222,12 +253,18 @@ class ThreadGovernor:
         or gone meanwhile, and the first step after a pause (a prefill, often the longest) is
         the one a stall costs most: beside a busy neighbour, a burst's first 2-thread prefill
         took 2.7 s in `bench --contention`. Too few free cores for the current count moves to
-        the most that fit; more free cores bring an exploration at once. Free means both now
-        (runnable threads elsewhere, the probe) and lately (the cores others used in the last
-        quarter second or so of the pause, the window): a thread that merely happens to run
-        at this instant is no neighbour, nor is a process that was busy a while ago."""
+        the most that fit, and the next step looks again (recheck): a load generator sending
+        a burst's requests looks like a neighbour at this instant, and once it waits for the
+        answers the cores show free. More free cores move up to the most that fit (a quiet
+        machine, where all the threads are faster: an exploration would have to be judged
+        against a step on the old count, and a burst after a warm-up beside its client ran
+        its second step on one thread). Free means both now (runnable threads elsewhere, the
+        probe) and lately (the cores others used in the last quarter second or so of the
+        pause, the window): a thread that merely happens to run at this instant is no
+        neighbour, nor is a process that was busy a while ago."""
         if not self.adaptive:
             return
+        self._recheck = 0
         now, over_pause = self._probe(), self._window.since_mark()
         if now is None or over_pause is None:
             return
@@ -236,10 +273,12 @@ class ThreadGovernor:
         fit = next((c for c in self.choices if self._cores - busy >= c - 0.5), self.choices[-1])
         if fit < self.current:
             self._move_to(fit, f"woke beside {busy:.1f} busy cores elsewhere")
+            self._recheck = 2
         elif fit > self.current:
-            self._countdown = 0
+            self._move_to(fit, f"woke with {self._cores - busy:.1f} cores free")
         # the times before the pause are stale, a pending exploration's included
         self._usual, self._before, self._explored, self._slow = None, None, None, 0
+        self._usual_n = 0
 
     def record(self, threads: int, seconds: float, predicted: float) -> None:
         """A step ran on `threads` in `seconds`; the step-time model expected `predicted`."""
@@ -259,7 +298,7 @@ class ThreadGovernor:
         self._countdown -= 1
         if self._explored is not None:
             self._judge(self._explored, step)
-        elif self._usual is not None and step.ratio > JUMP * self._usual:
+        elif self._usual_n >= USUAL_MIN and step.ratio > JUMP * self._usual:
             if step.ratio > STALL * self._usual and self._stalled_by_neighbour():
                 self._move_to(next(c for c in self.choices if c < self.current),
                               f"a step {step.ratio / self._usual:.0f}x slower than usual "
@@ -270,11 +309,12 @@ class ThreadGovernor:
                 # steps on the current count got slower (a neighbour arrived): fewer threads
                 # may be faster now; more would only be slower still
                 self._countdown, self._interval, self._jumped = 0, EXPLORE_FIRST, True
-                self._usual, self._slow = None, 0     # learn the new usual time afresh
+                self._usual, self._usual_n, self._slow = None, 0, 0   # learn it afresh
                 self._before = step               # compare with these steps, not older ones
             return                                # not part of the usual time
         self._slow = 0
         self._usual = step.ratio if self._usual is None else 0.8 * self._usual + 0.2 * step.ratio
+        self._usual_n += 1
         self._before = step
 
     def _stalled_by_neighbour(self) -> bool:
@@ -289,6 +329,7 @@ class ThreadGovernor:
         self.current, self.switches, self.reason = n, self.switches + 1, why
         self._log_gain = {c: 0.0 for c in self.choices}
         self._usual, self._before, self._slow, self._jumped = None, None, 0, False
+        self._usual_n = 0
         self._interval = self._countdown = EXPLORE_FIRST
 
     def _judge(self, alt: _Step, after: _Step) -> None:
