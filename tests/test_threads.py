@@ -357,7 +357,7 @@ def drive_mixed(g: ThreadGovernor, steps: int, is_prefill, rng) -> list[tuple[in
 def test_an_exploration_of_fewer_threads_waits_for_a_step_without_prefill():
     """A neighbour the probe sees (the load generator of a burst) brings explorations of one
     thread; they land on decode steps, never on the prompt steps between them, which one
-    thread makes 2x slower; an exploration after slow steps does not wait."""
+    thread makes 2x slower."""
     g = ThreadGovernor(2, probe=lambda: 1, cores=2)
     used = drive_mixed(g, 3000, lambda i: i % 3 != 0, random.Random(9))
     explored = [p for n, p in used if n == 1]

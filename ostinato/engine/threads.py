@@ -277,8 +277,8 @@ class ThreadGovernor:
         elif fit > self.current:
             self._move_to(fit, f"woke with {self._cores - busy:.1f} cores free")
         # the times before the pause are stale, a pending exploration's included
-        self._usual, self._before, self._explored, self._slow = None, None, None, 0
-        self._usual_n = 0
+        self._usual, self._usual_n, self._before, self._explored, self._slow = \
+            None, 0, None, None, 0
 
     def record(self, threads: int, seconds: float, predicted: float) -> None:
         """A step ran on `threads` in `seconds`; the step-time model expected `predicted`."""
@@ -328,8 +328,8 @@ class ThreadGovernor:
     def _move_to(self, n: int, why: str) -> None:
         self.current, self.switches, self.reason = n, self.switches + 1, why
         self._log_gain = {c: 0.0 for c in self.choices}
-        self._usual, self._before, self._slow, self._jumped = None, None, 0, False
-        self._usual_n = 0
+        self._usual, self._usual_n, self._before, self._slow, self._jumped = \
+            None, 0, None, 0, False
         self._interval = self._countdown = EXPLORE_FIRST
 
     def _judge(self, alt: _Step, after: _Step) -> None:
