@@ -44,6 +44,7 @@ class BenchArgs:
     request_rate: float | None = None  # poisson: requests a second
     prompt_mix: tuple[int, int] | None = None   # serving prompts: tokens, log-uniform in range
     target_itl_ms: str = "auto"        # of the server the bench starts (--target-itl-ms)
+    prompt_bf16: bool = False          # of the server the bench starts (--prompt-bf16)
 
 
 def machine() -> str:
@@ -184,7 +185,8 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
         else:
             _log("starting ostinato serve ...")
             started.append(start_ours(str(llm.model_path), a.threads, a.max_model_len, log_dir,
-                                      "--target-itl-ms", a.target_itl_ms))
+                                      "--target-itl-ms", a.target_itl_ms,
+                                      *(["--prompt-bf16"] if a.prompt_bf16 else [])))
         if "vllm" in a.vs:
             _log("starting vLLM-CPU (about a minute and a half) ...")
             started.append(start_vllm(llm.model_name, a.max_model_len, log_dir))

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 NULL_BLOCK = 0
 
 
-def hash_block(parent: bytes | None, token_ids: Seq[int]) -> bytes:
-    """Chain hash of one full block: stable across processes (no Python hash randomisation)."""
-    data = (parent or b"") + struct.pack(f"<{len(token_ids)}q", *token_ids)
+def hash_block(parent: bytes | None, token_ids: Seq[int], tag: bytes = b"") -> bytes:
+    """Chain hash of one full block: stable across processes (no Python hash randomisation).
+    tag: what besides the tokens decides its KV (b"generated" under split paths)."""
+    data = (parent or b"") + struct.pack(f"<{len(token_ids)}q", *token_ids) + tag
     return hashlib.sha256(data).digest()
 
 
@@ -124,13 +125,18 @@ class KVCacheManager:
     """Block tables of every running sequence, one per KV-cache group."""
 
     def __init__(self, num_blocks_per_group: list[int], block_size: int,
-                 windows: list[int | None], enable_prefix_caching: bool = True):
+                 windows: list[int | None], enable_prefix_caching: bool = True,
+                 split_paths: bool = False):
+        """split_paths: prompt and generated positions are computed on different matmul paths
+        (--prompt-bf16), so a block holding a generated position is cached under another
+        hash than the same tokens as a prompt: a later prompt never reuses it."""
         if len(num_blocks_per_group) != len(windows) or not windows:
             raise ValueError(f"{len(num_blocks_per_group)} block counts for "
                              f"{len(windows)} KV-cache groups")
         self.pools = [BlockPool(n, block_size) for n in num_blocks_per_group]
         self.windows, self.block_size = list(windows), block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.split_paths = split_paths
         self.seqs: dict[str, _SeqBlocks] = {}
         self.prefix_queries = 0    # prompt tokens looked up at admission
         self.prefix_hits = 0       # of those, tokens found in the cache
@@ -241,9 +247,11 @@ class KVCacheManager:
         hashes, bs = seq.block_hashes, self.block_size
         assert n * bs <= seq.num_tokens, "only full blocks have a hash"
         if len(hashes) < n:
-            ids = seq.all_ids
+            ids, n_prompt = seq.all_ids, len(seq.prompt_ids)
             for i in range(len(hashes), n):
-                hashes.append(hash_block(hashes[i - 1] if i else None, ids[i * bs:(i + 1) * bs]))
+                tag = b"generated" if self.split_paths and (i + 1) * bs > n_prompt else b""
+                hashes.append(hash_block(hashes[i - 1] if i else None, ids[i * bs:(i + 1) * bs],
+                                         tag))
         return hashes[:n]
 
     # -- allocation ------------------------------------------------------------------------

@@ -39,9 +39,13 @@ class SeqResult:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: list[int], block_size: int,
-                 eos_ids: set[int], max_tokens: int, max_context: int):
+                 eos_ids: set[int], max_tokens: int, max_context: int,
+                 prompt_bf16: bool = False):
         """num_blocks: per KV-cache group (see ModelConfig.kv_group_windows); max_tokens: the
-        most tokens a step carries; max_context: the longest sequence."""
+        most tokens a step carries; max_context: the longest sequence. prompt_bf16: the
+        decoder's dense matmuls take prompt positions on AMX bfloat16 tiles and generated
+        positions on the int16 path (chosen by position, so a token's bits do not depend on
+        the batch, the chunking or the cache; kernels backend with AMX-BF16 only)."""
         cfg = model.cfg
         self.model, self.block_size, self.eos_ids = model, block_size, eos_ids
         self.num_groups = len(num_blocks)
@@ -54,8 +58,11 @@ class ModelRunner:
         # buffers and the kernels' scratch sized now for the largest step
         self.max_tokens, self.max_context = max_tokens, max_context
         self.quick_greedy = True        # plain greedy rows in one call (off: each on its own)
-        self.forward = (compile_plan(model, self.kv_caches, max_tokens, max_context)
-                        or model.forward)
+        self.prompt_bf16 = prompt_bf16
+        plan = compile_plan(model, self.kv_caches, max_tokens, max_context, prompt_bf16)
+        if prompt_bf16 and plan is None:
+            raise ValueError("prompt_bf16 needs the kernels backend (its static plan)")
+        self.forward = plan or model.forward
 
     # -- KV blocks as bytes (the prefix cache's disk tier) ------------------------------------
     def _group_tensors(self, g: int) -> list[torch.Tensor]:
@@ -201,19 +208,24 @@ class ModelRunner:
             return SeqResult(error=e)
 
     def _prepare(self, plan: SchedulerOutput):
-        ids, pos, seqs, q_start = [], [], [], 0
+        ids, pos, seqs, q_start, bf16 = [], [], [], 0, []
         slots: list[list[int]] = [[] for _ in range(self.num_groups)]
         bs = self.block_size
         for s in plan.scheduled:
             p = range(s.start, s.start + s.num_new_tokens)
             ids.extend(s.token_ids)
             pos.extend(p)
+            if self.prompt_bf16:        # prompt positions (a recomputation keeps its paths)
+                n_prompt = len(s.seq.prompt_ids)
+                bf16.extend(i < n_prompt for i in p)
             for g, table in enumerate(s.block_tables):
                 slots[g].extend(table[i // bs] * bs + i % bs for i in p)
             seqs.append(SeqSlice(q_start, s.num_new_tokens, p.stop,
                                  s.block_tables))
             q_start += s.num_new_tokens
         meta = AttentionMetadata.build([torch.tensor(g, dtype=torch.long) for g in slots], seqs)
+        if self.prompt_bf16:
+            meta.bf16_rows = torch.tensor(bf16, dtype=torch.uint8)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
 
     def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:

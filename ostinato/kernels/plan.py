@@ -204,12 +204,15 @@ def build_executor(rec: Recorder, out: Value):
 
 
 
-def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int) -> Callable | None:
+def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int,
+                 bf16_rows: bool = False) -> Callable | None:
     """A drop-in for model.forward, derived from model.decode; None on a backend without an
     executor (the torch reference runs eagerly by design). Its workspace and the kernels'
     scratch are sized for steps of up to max_tokens tokens whose queries see up to
     max_context keys; `forward.plan.reserve(...)` sizes a new thread's scratch too. The
-    hidden states it returns are a view of the workspace: valid until the next call."""
+    hidden states it returns are a view of the workspace: valid until the next call.
+    bf16_rows: the rows that meta.bf16_rows marks run every dense matmul on AMX bfloat16
+    tiles (csrc/amx_bf16.h; --prompt-bf16)."""
     if not isinstance(model.ops, CpuKernels):
         log.info("backend %s runs the decoder eagerly (no static plan)", type(model.ops).__name__)
         return None
@@ -223,7 +226,10 @@ def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int) -> C
                 meta.slot_mappings, meta.tables, meta.seq_meta)
 
     def forward(input_ids, positions, meta, caches=None) -> torch.Tensor:
+        if meta.bf16_rows is not None:
+            plan.set_bf16_rows(meta.bf16_rows)
         return plan.forward(*inputs(input_ids, positions, meta))
+    plan.use_bf16_rows(bf16_rows)
     plan.reserve(max_tokens, max_context)
     # plan.set_profile(True) / plan.profile(): seconds per stage, for bench
     forward.plan, forward.inputs = plan, inputs

@@ -28,6 +28,7 @@ class AttentionMetadata:
     seqs: list[SeqSlice]
     tables: list[torch.Tensor]         # per group: (S, max_blocks) int64, padded with 0
     seq_meta: torch.Tensor             # (S, 3) int64 rows of (q_start, q_len, context_len)
+    bf16_rows: torch.Tensor | None = None   # (T,) uint8: rows on the bfloat16 tiles (--prompt-bf16)
 
     @classmethod
     def build(cls, slot_mappings: list[torch.Tensor], seqs: list[SeqSlice]) -> "AttentionMetadata":

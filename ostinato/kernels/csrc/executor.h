@@ -152,10 +152,21 @@ class Executor {
 #ifdef OSTINATO_AMX
     alloc_amx(M, K, true, t_amx);
 #endif
+    if (bf16_rows_on_) {
+      int64_t N = 0;
+      for (const ExecOp& op : ops_) for (const QW& w : op.w) N = std::max(N, w.N);
+      grow(t_split_rows, M); grow(t_split_x, M * K); grow(t_split_out, M * N);
+#ifdef OSTINATO_AMX_BF16
+      grow(t_bf_x, bf16_x_elems(M, K));
+#endif
+    }
 #pragma omp parallel
     {
 #ifdef OSTINATO_AMX
       grow(t_wbuf, 16 * K);
+#endif
+#ifdef OSTINATO_AMX_BF16
+      if (bf16_rows_on_) { grow(t_bf_rows, 16 * K); grow(t_bf_w, 32 * K); }
 #endif
       grow(t_scores, 32 + 4 * max_context);
       grow(t_panel_rows, kPanelRows * K);
@@ -180,12 +191,31 @@ class Executor {
       views_.push_back(heads ? v.view({T, heads, widths_[buf] / heads}) : v);
     }
     bufs_[0].narrow(0, 0, T).copy_(x_in);
+    const torch::Tensor rows = std::move(bf16_rows_);     // this step's only
+    bf16_rows_ = torch::Tensor();
+    TORCH_CHECK(!rows.defined() || rows.numel() == T, "Executor.forward: bf16 rows for ",
+                rows.defined() ? rows.numel() : 0, " tokens, the step has ", T);
+    bf16_ = rows.defined() ? rows.data_ptr<uint8_t>() : nullptr;
     Stopwatch sw(profile_ ? &seconds_ : nullptr);
     for (const ExecOp& op : ops_) {
       run(op, T, cos, sin, slots, tables, meta);
       sw.lap(op.stage);
     }
     return views_[out_];
+  }
+
+  // `--prompt-bf16`: the next forward's rows with a 1 in `rows` ((T,) uint8) take the
+  // bfloat16 tiles in every dense matmul (routed experts stay on the int16 path).
+  // use_bf16_rows(true) before reserve() sizes the scratch for it.
+  void use_bf16_rows(bool on) {
+    TORCH_CHECK(!on || amx_bf16_permitted(), "bfloat16 prompt rows need AMX-BF16 (this CPU has none)");
+    bf16_rows_on_ = on;
+  }
+  void set_bf16_rows(torch::Tensor rows) {
+    TORCH_CHECK(bf16_rows_on_, "Executor.set_bf16_rows: use_bf16_rows(true) first");
+    TORCH_CHECK(rows.dtype() == torch::kUInt8 && rows.dim() == 1 && rows.is_contiguous(),
+                "Executor.set_bf16_rows: a (T,) uint8 tensor");
+    bf16_rows_ = rows;
   }
 
   // Seconds spent in each stage since profiling was switched on (for `bench`).
@@ -205,7 +235,7 @@ class Executor {
     const torch::Tensor& out = views_[op.views.back()];
     const torch::Tensor& a = views_[op.views[0]];
     switch (op.kind) {
-      case OpKind::kLinear: op.w[0].into(a, out, op.i[0]); break;
+      case OpKind::kLinear: op.w[0].into(a, out, op.i[0], bf16_); break;
       case OpKind::kConcat:
         concat_into(views_, op.views, op.views.size() - 1, out);   // the last view is out
         break;
@@ -256,6 +286,9 @@ class Executor {
   }
 
   std::vector<int64_t> widths_;
+  bool bf16_rows_on_ = false;
+  torch::Tensor bf16_rows_;            // set for the next forward only
+  const uint8_t* bf16_ = nullptr;      // this forward's
   std::vector<std::pair<int64_t, int64_t>> specs_;   // (buffer, heads) per view id
   std::vector<ExecOp> ops_;
   std::vector<std::string> stages_;

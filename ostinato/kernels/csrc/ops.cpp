@@ -28,6 +28,7 @@
 // One translation unit (one compile of torch's headers), one file per kernel family:
 #include "quant.h"        // weight layouts, AVX tiles, int16 activations
 #include "amx.h"          // AMX tiles for 5+ rows
+#include "amx_bf16.h"     // AMX bfloat16 tiles for prompt rows (--prompt-bf16)
 #include "panels.h"       // weight panels for many rows, without AMX (AVX-512 or AVX2)
 #include "qlinear.h"      // the quantized matmul's entry point
 #include "norm_rope.h"    // RMSNorm; q/k norm + rotary + KV-cache write
@@ -40,6 +41,15 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear);
   m.def("amx_available", [] { return amx_permitted(); });
+  m.def("amx_bf16_available", [] { return amx_bf16_permitted(); });
+  m.def("qlinear_rows", [](torch::Tensor x, const QW& w, torch::Tensor bf16_rows) {
+    TORCH_CHECK(bf16_rows.dtype() == torch::kUInt8 && bf16_rows.dim() == 1 &&
+                bf16_rows.is_contiguous() && bf16_rows.numel() == x.size(0),
+                "qlinear_rows: a (M,) uint8 row mask");
+    auto out = torch::empty({x.size(0), w.N}, x.options());
+    w.into(x, out, 1, bf16_rows.data_ptr<uint8_t>());
+    return out;
+  });
   m.def("scratch_growths", [] { return g_scratch_growths.load(); });
   m.def("logprob_stats", &logprob_stats);
   m.def("greedy_rows", &greedy_rows);
@@ -67,6 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_output", &Executor::set_output)
       .def("forward", &Executor::forward, py::call_guard<py::gil_scoped_release>())
       .def("reserve", &Executor::reserve, py::call_guard<py::gil_scoped_release>())
+      .def("use_bf16_rows", &Executor::use_bf16_rows)
+      .def("set_bf16_rows", &Executor::set_bf16_rows)
       .def("set_profile", &Executor::set_profile)
       .def("profile", &Executor::profile)
       .def("num_ops", &Executor::num_ops)

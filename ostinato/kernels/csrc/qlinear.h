@@ -24,12 +24,40 @@ bool use_panels(int64_t M) { return g_panels_enabled && M >= g_panel_min_rows; }
 
 }  // namespace
 
+void qlinear_w(const Weights& w, const float* xp, int64_t M, float* op, int64_t quant_act);
+
+thread_local std::vector<int64_t> t_split_rows;   // bfloat16 rows, then int16 rows
+thread_local std::vector<float> t_split_x, t_split_out;
+
+// Rows with bf16_rows[m] set on the bfloat16 tiles (amx_bf16.h), the rest on the int16 path,
+// gathered into a contiguous block and scattered back.
+void qlinear_split(const Weights& w, const float* xp, int64_t M, float* op,
+                   const uint8_t* bf16_rows) {
+  TORCH_CHECK(amx_bf16_permitted(), "qlinear: bfloat16 rows need AMX-BF16 (this CPU has none)");
+  int64_t* idx = grow(t_split_rows, M);
+  int64_t nb = 0, ni = M;
+  for (int64_t m = 0; m < M; ++m)
+    if (bf16_rows[m]) idx[nb++] = m; else idx[--ni] = m;   // int rows fill from the end, reversed
+  std::reverse(idx + nb, idx + M);
+  const bool parallel = M * w.N * w.K >= (1 << 18);
+  if (nb) qlinear_bf16_rows(w, xp, idx, nb, op, w.N, parallel);
+  const int64_t rest = M - nb;
+  if (!rest) return;
+  if (rest == M) { qlinear_w(w, xp, M, op, 1); return; }
+  float* xs = grow(t_split_x, rest * w.K);
+  float* os = grow(t_split_out, rest * w.N);
+  for (int64_t i = 0; i < rest; ++i) std::memcpy(xs + i * w.K, xp + idx[nb + i] * w.K, w.K * 4);
+  qlinear_w(w, xs, rest, os, 1);
+  for (int64_t i = 0; i < rest; ++i) std::memcpy(op + idx[nb + i] * w.N, os + i * w.N, w.N * 4);
+}
+
 // x: (M, K) f32 contiguous -> out: (M, N) f32 contiguous
 // scale, min: per-block values by fours of rows (float32 or float16); or, for K-quants, int8
 // multipliers with scale_d / min_d holding the super-blocks' halves (empty otherwise)
 void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
                   torch::Tensor scale_d, torch::Tensor min_d, int64_t fmt, int64_t bs, int64_t zp,
-                  int64_t N, int64_t K, int64_t quant_act, torch::Tensor out) {
+                  int64_t N, int64_t K, int64_t quant_act, torch::Tensor out,
+                  const uint8_t* bf16_rows = nullptr) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: (M,K) f32");
   TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
               out.size(0) == x.size(0) && out.size(1) == N, "qlinear: out must be (M, N) f32");
@@ -58,6 +86,16 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
             fmt == kF32 ? BlockVals{} : vals(scale, scale_d), vals(min, min_d)};
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  if (bf16_rows && quant_act && fmt != kF32) {
+    qlinear_split(w, xp, M, op, bf16_rows);
+    return;
+  }
+  qlinear_w(w, xp, M, op, quant_act);
+}
+
+// The int16 (or float) path for M rows of x.
+void qlinear_w(const Weights& w, const float* xp, int64_t M, float* op, int64_t quant_act) {
+  const int64_t N = w.N, K = w.K, fmt = w.fmt, bs = w.bs;
   constexpr int64_t kColChunk = 16;   // weight rows kept hot in cache across row tiles
   const int64_t chunks = (N + kColChunk - 1) / kColChunk;
   // Tiny products are not worth a fork/join (measured: 2^18 gives 47 tok/s batch-1 decode on
@@ -117,7 +155,8 @@ struct QW {
      torch::Tensor min_d, int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K)
       : q(q), scale(scale), min(min), scale_d(scale_d), min_d(min_d), fmt(fmt), bs(bs), zp(zp),
         N(N), K(K) {}
-  void into(const torch::Tensor& x, const torch::Tensor& out, int64_t quant) const {
-    qlinear_into(x, q, scale, min, scale_d, min_d, fmt, bs, zp, N, K, quant, out);
+  void into(const torch::Tensor& x, const torch::Tensor& out, int64_t quant,
+            const uint8_t* bf16_rows = nullptr) const {
+    qlinear_into(x, q, scale, min, scale_d, min_d, fmt, bs, zp, N, K, quant, out, bf16_rows);
   }
 };

@@ -1,0 +1,134 @@
+// Prompt rows on AMX bfloat16 tiles (opt-in, `--prompt-bf16`): the activations rounded to
+// bfloat16, each 16-row group of weights dequantized to bfloat16 once per call and shared
+// by every x tile, float32 sums kept in the tiles across the whole of K (no per-block
+// store and rescale, which bounds the int16 path: amx.h). An output element is the same
+// sequence of tile products, k = 0, 32, 64, ..., whatever the other rows are: a row's
+// result does not depend on the batch. Not the int16 path's bits: the engine picks the
+// path by token position (prompt positions here), never by batch size.
+// Part of ops.cpp's one translation unit (included there, after amx.h).
+#pragma once
+
+namespace {
+
+#if defined(OSTINATO_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define OSTINATO_AMX_BF16 1
+
+bool amx_bf16_permitted() { return amx_permitted(); }
+
+// Rows [n0, n0 + 16) of w as bfloat16 in the tiles' pair order, dst[k / 2][n][k % 2] (rows
+// past N are zero); `rows` is scratch for 16 x K bfloat16.
+template <int FMT, int BS>
+void bf16_group(const Weights& w, int64_t n0, uint16_t* rows, uint16_t* dst) {
+  const int64_t K = w.K, nrows = std::min<int64_t>(16, w.N - n0);
+  for (int64_t r = 0; r < 16; ++r) {
+    uint16_t* out = rows + r * K;
+    if (r >= nrows) { std::memset(out, 0, K * 2); continue; }
+    const int64_t n = n0 + r;
+    for (int64_t b = 0; b < w.nb; ++b) {
+      __m256 v[4];
+      unpack<FMT, BS>(w, n, b, v);
+      const __m256 s = _mm256_set1_ps(w.scale.get(n, b));
+      const __m256 m = _mm256_set1_ps(w.min ? w.min.get(n, b) : 0.f);
+      for (int i = 0; i < BS / 8; ++i)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * BS + 8 * i),
+                         (__m128i)_mm256_cvtneps_pbh(_mm256_fmadd_ps(s, v[i], m)));
+    }
+  }
+  for (int64_t k = 0; k < K; k += 32) {     // 16 rows x 16 pairs -> 16 pairs x 16 rows
+    __m512 t[16];
+    for (int r = 0; r < 16; ++r) t[r] = _mm512_loadu_ps(rows + r * K + k);
+    transpose16(t);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (k / 2 + j) * 32, t[j]);
+  }
+}
+
+using Bf16GroupFn = void (*)(const Weights&, int64_t, uint16_t*, uint16_t*);
+Bf16GroupFn pick_bf16_group(const Weights& w) {
+  if (w.fmt == kQ4) return bf16_group<kQ4, 32>;
+  if (w.fmt == kQ5) return bf16_group<kQ5, 32>;
+  return w.bs == 16 ? bf16_group<kQ8, 16> : bf16_group<kQ8, 32>;
+}
+
+void load_bf16_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+}
+
+thread_local std::vector<uint16_t> t_bf_x;          // the calling thread's bfloat16 rows
+thread_local std::vector<uint16_t> t_bf_rows, t_bf_w; // each thread's weight groups
+
+size_t bf16_x_elems(int64_t M, int64_t K) { return (M + 31) / 32 * 32 * K; }
+
+// C tiles 0-3 hold (x tile t + i / 2, group g + i % 2); tile store by number (literal).
+void store_c(int c, float* tmp) {
+  switch (c) {
+    case 0: _tile_stored(0, tmp, 64); break;
+    case 1: _tile_stored(1, tmp, 64); break;
+    case 2: _tile_stored(2, tmp, 64); break;
+    default: _tile_stored(3, tmp, 64); break;
+  }
+}
+
+// out[row[m]] = x[row[m]] . w^T for m < M (rows of x and out given by index).
+void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int64_t M,
+                       float* out, int64_t ldo, bool parallel) {
+  const int64_t K = w.K, N = w.N, groups = (N + 15) / 16;
+  const int64_t pairs = (M + 31) / 32;          // x tiles go by twos (the second may be zeros)
+  uint16_t* xb = grow(t_bf_x, bf16_x_elems(M, K));
+  const Bf16GroupFn conv = pick_bf16_group(w);
+#pragma omp parallel if (parallel)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < pairs * 32; ++m) {
+      uint16_t* d = xb + m * K;
+      if (m >= M) { std::memset(d, 0, K * 2); continue; }
+      const float* xr = x + row[m] * K;
+      for (int64_t k = 0; k < K; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + k)));
+    }
+    load_bf16_config();
+    uint16_t* rows = grow(t_bf_rows, 16 * K);
+    uint16_t* wb = grow(t_bf_w, 32 * K);
+    alignas(64) float tmp[16 * 16];
+#pragma omp for schedule(static)
+    for (int64_t gp = 0; gp < (groups + 1) / 2; ++gp) {
+      const int64_t g0 = 2 * gp;
+      conv(w, g0 * 16, rows, wb);
+      if (g0 + 1 < groups) conv(w, g0 * 16 + 16, rows, wb + 16 * K);
+      else std::memset(wb + 16 * K, 0, 16 * K * 2);
+      for (int64_t p = 0; p < pairs; ++p) {
+        const uint16_t* x0 = xb + p * 32 * K;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t k = 0; k < K; k += 32) {
+          _tile_loadd(4, x0 + k, K * 2);
+          _tile_loadd(5, x0 + 16 * K + k, K * 2);
+          _tile_loadd(6, wb + k * 16, 64);
+          _tile_loadd(7, wb + 16 * K + k * 16, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        for (int c = 0; c < 4; ++c) {
+          const int64_t m0 = p * 32 + (c / 2) * 16, n0 = (g0 + c % 2) * 16;
+          const int64_t mr = std::min<int64_t>(16, M - m0), nr = std::min<int64_t>(16, N - n0);
+          if (mr <= 0 || nr <= 0) continue;
+          store_c(c, tmp);
+          for (int64_t m = 0; m < mr; ++m)
+            std::memcpy(out + row[m0 + m] * ldo + n0, tmp + m * 16, nr * sizeof(float));
+        }
+      }
+    }
+    _tile_release();
+  }
+}
+#else
+bool amx_bf16_permitted() { return false; }
+size_t bf16_x_elems(int64_t, int64_t) { return 0; }
+void qlinear_bf16_rows(const Weights&, const float*, const int64_t*, int64_t, float*, int64_t,
+                       bool) {}
+#endif
+
+}  // namespace

@@ -1,0 +1,128 @@
+"""--prompt-bf16: prompt positions' dense matmuls on AMX bfloat16 tiles, generated positions on
+the int16 path. The path is chosen by position, so every invariant still holds: a row's bits
+do not depend on the batch, the chunking of its prompt or the prefix cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ostinato.engine.kv_cache import KVCacheManager
+from ostinato.kernels.backend import CpuKernels, QWeight, qw_of
+
+from test_kernels import _cpu_flags, packed
+from test_kv_cache import admit, make_seq
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.fixture(scope="module")
+def k():
+    return CpuKernels()
+
+
+def _bf16_here(k) -> bool:
+    has = k.ops.amx_bf16_available()
+    if not {"amx_bf16", "avx512_bf16"} <= _cpu_flags():
+        assert not has                  # nothing claims tiles the CPU (or build) lacks
+    return has
+
+
+def _bf16_reference(x: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """The product of x and the weights each rounded to bfloat16, in float64, and the sum of
+    the terms' magnitudes (the scale of a float32 accumulation's error)."""
+    xb = x.bfloat16().double()
+    wb = torch.from_numpy(p.dequantize()).bfloat16().double()
+    return xb @ wb.T, xb.abs() @ wb.abs().T
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_bf16_rows_are_the_bfloat16_product_and_batch_invariant(k, type_name):
+    if not _bf16_here(k):
+        pytest.skip("this CPU has no AMX-BF16")
+    for N in (96, 37):                                   # 37: a ragged last weight group
+        _, p = packed(type_name, N=N, seed=N)
+        w = QWeight.from_packed(p)
+        qw = qw_of(w)
+        x = torch.randn(70, 512)
+        x[3, 32:64] = 0.0
+        ones = torch.ones(70, dtype=torch.uint8)
+        full = k.ops.qlinear_rows(x, qw, ones)
+        ref, scale = _bf16_reference(x, p)
+        assert ((full.double() - ref).abs() <= 1e-4 * scale + 1e-30).all()
+        int16 = k.linear(x, w)
+        assert not torch.equal(full, int16)              # the bfloat16 path did run
+        for m in (1, 5, 16, 17, 33):                     # x tiles of every fill
+            for start in (0, 70 - m):
+                rows = torch.ones(m, dtype=torch.uint8)
+                assert torch.equal(k.ops.qlinear_rows(x[start:start + m].contiguous(), qw, rows),
+                                   full[start:start + m])
+        mixed = torch.tensor([i % 3 == 0 for i in range(70)], dtype=torch.uint8)
+        got = k.ops.qlinear_rows(x, qw, mixed)
+        assert torch.equal(got[mixed.bool()], full[mixed.bool()])
+        assert torch.equal(got[~mixed.bool()], int16[~mixed.bool()])
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(k.ops.qlinear_rows(x, qw, ones), full)
+        finally:
+            torch.set_num_threads(2)
+
+
+def test_a_row_mask_of_the_wrong_length_is_refused(k):
+    _, p = packed("Q4_1")
+    qw = qw_of(QWeight.from_packed(p))
+    with pytest.raises(RuntimeError, match="row mask"):
+        k.ops.qlinear_rows(torch.randn(4, 512), qw, torch.ones(3, dtype=torch.uint8))
+
+
+def test_generated_blocks_are_cached_apart_from_prompt_blocks():
+    """Under split paths a block holding a generated position was computed on the int16
+    path: a later prompt with the same tokens (a chat's next turn) must not reuse it."""
+    for split, hit in ((False, 12), (True, 8)):
+        kv = KVCacheManager([16], 4, [None], split_paths=split)
+        a = make_seq("a", range(10))
+        admit(kv, a, 10)
+        a.num_computed_tokens = 10
+        for t in (100, 101, 102):                        # three generated tokens
+            a.output_ids.append(t)
+            kv.allocate(a, a.num_tokens)
+            a.num_computed_tokens = a.num_tokens - 1
+        kv.allocate(a, a.num_tokens)                     # registers the full blocks
+        b = make_seq("b", list(range(10)) + [100, 101, 102, 7, 8])
+        assert kv.find_cached_prefix(b) == hit           # blocks 0-1 are all prompt
+        kv.check_integrity()
+
+
+def test_prompt_bf16_is_refused_where_it_cannot_run(smollm_path):
+    from ostinato import LLM
+    with pytest.raises(ValueError, match="kernels backend"):
+        LLM(str(smollm_path), backend="torch", prompt_bf16=True)
+    if not CpuKernels().ops.amx_bf16_available():
+        with pytest.raises(ValueError, match="AMX-BF16"):
+            LLM(str(smollm_path), prompt_bf16=True)
+
+
+def test_prompt_bf16_keeps_every_invariant(smollm_path):
+    """Batch == alone == prompt chunked by 32 tokens == served from the prefix cache, tokens
+    and log-probabilities to the bit; the prompt's path differs from the int16 one (the
+    first token's log-probability), the greedy text mostly does not."""
+    if not CpuKernels().ops.amx_bf16_available():
+        pytest.skip("this CPU has no AMX-BF16")
+    from ostinato import LLM
+    from ostinato.bench.latency import synthetic_words
+    from ostinato.params import SamplingParams
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    prompts = [synthetic_words(20 + 25 * i, 300 + i) for i in range(5)]
+
+    def run(llm, ps):
+        return [(o.outputs[0].token_ids, [float(lp[t].logprob) for t, lp in
+                                          zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+                for o in llm.generate(ps, sp)]
+    batched = LLM(str(smollm_path), prompt_bf16=True)
+    chunked = LLM(str(smollm_path), prompt_bf16=True, max_num_batched_tokens=32,
+                  enable_prefix_caching=False)
+    first = run(batched, prompts)
+    assert [run(chunked, [p])[0] for p in prompts] == first
+    assert run(batched, prompts) == first                # now from the prefix cache
+    plain = run(LLM(str(smollm_path)), prompts)
+    assert all(a[1][0] != b[1][0] for a, b in zip(first, plain))
+    assert sum(a[0] == b[0] for a, b in zip(first, plain)) >= 4
