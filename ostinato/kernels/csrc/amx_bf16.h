@@ -101,33 +101,38 @@ thread_local std::vector<uint16_t> t_bf_rows, t_bf_w; // each thread's weight gr
 
 size_t bf16_x_elems(int64_t M, int64_t K) { return (M + 31) / 32 * 32 * K; }
 
-// C tiles 0-3 hold (x tile t + i / 2, group g + i % 2); tile store by number (literal).
-void store_c(int c, float* tmp) {
+// C tiles 0-3 hold (x tile 2p + c / 2, group g + c % 2); tile store by number (literal).
+void store_c(int c, float* dst, int64_t stride_bytes) {
   switch (c) {
-    case 0: _tile_stored(0, tmp, 64); break;
-    case 1: _tile_stored(1, tmp, 64); break;
-    case 2: _tile_stored(2, tmp, 64); break;
-    default: _tile_stored(3, tmp, 64); break;
+    case 0: _tile_stored(0, dst, stride_bytes); break;
+    case 1: _tile_stored(1, dst, stride_bytes); break;
+    case 2: _tile_stored(2, dst, stride_bytes); break;
+    default: _tile_stored(3, dst, stride_bytes); break;
   }
 }
 
-// out[row[m]] = x[row[m]] . w^T for m < M (rows of x and out given by index).
+// out[row[m]] = x[row[m]] . w^T for m < M (rows of x and out given by index, ascending).
+// x is rounded to bfloat16 in tile order: tile t (16 rows), k-step s (32 columns) is one
+// contiguous 1 KB block, [t][s][row % 16][32] (a tile load from rows K apart ran ~1.4x slower).
 void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int64_t M,
                        float* out, int64_t ldo, bool parallel) {
-  const int64_t K = w.K, N = w.N, groups = (N + 15) / 16;
+  const int64_t K = w.K, N = w.N, groups = (N + 15) / 16, ks = K / 32;
   const int64_t pairs = (M + 31) / 32;          // x tiles go by twos (the second may be zeros)
   uint16_t* xb = grow(t_bf_x, bf16_x_elems(M, K));
   const Bf16GroupFn conv = pick_bf16_group(w);
+  auto x_tile = [&](int64_t t, int64_t s) { return xb + (t * ks + s) * 512; };
 #pragma omp parallel if (parallel)
   {
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < pairs * 32; ++m) {
-      uint16_t* d = xb + m * K;
-      if (m >= M) { std::memset(d, 0, K * 2); continue; }
-      const float* xr = x + row[m] * K;
-      for (int64_t k = 0; k < K; k += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + k)));
+      const int64_t t = m / 16, r = m % 16;
+      for (int64_t s = 0; s < ks; ++s) {
+        uint16_t* d = x_tile(t, s) + r * 32;
+        if (m >= M) { std::memset(d, 0, 64); continue; }
+        const float* xr = x + row[m] * K + s * 32;
+        _mm512_storeu_si512(d, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + 16),
+                                                            _mm512_loadu_ps(xr)));
+      }
     }
     load_bf16_config();
     uint16_t* rows = grow(t_bf_rows, 16 * K);
@@ -140,13 +145,12 @@ void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int
       if (g0 + 1 < groups) conv(w, g0 * 16 + 16, rows, wb + 16 * K);
       else std::memset(wb + 16 * K, 0, 16 * K * 2);
       for (int64_t p = 0; p < pairs; ++p) {
-        const uint16_t* x0 = xb + p * 32 * K;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int64_t k = 0; k < K; k += 32) {
-          _tile_loadd(4, x0 + k, K * 2);
-          _tile_loadd(5, x0 + 16 * K + k, K * 2);
-          _tile_loadd(6, wb + k * 16, 64);
-          _tile_loadd(7, wb + 16 * K + k * 16, 64);
+        for (int64_t s = 0; s < ks; ++s) {
+          _tile_loadd(4, x_tile(2 * p, s), 64);
+          _tile_loadd(5, x_tile(2 * p + 1, s), 64);
+          _tile_loadd(6, wb + s * 512, 64);
+          _tile_loadd(7, wb + 16 * K + s * 512, 64);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(2, 5, 6);
@@ -156,7 +160,11 @@ void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int
           const int64_t m0 = p * 32 + (c / 2) * 16, n0 = (g0 + c % 2) * 16;
           const int64_t mr = std::min<int64_t>(16, M - m0), nr = std::min<int64_t>(16, N - n0);
           if (mr <= 0 || nr <= 0) continue;
-          store_c(c, tmp);
+          if (mr == 16 && nr == 16 && row[m0 + 15] - row[m0] == 15) {   // 16 rows in a row
+            store_c(c, out + row[m0] * ldo + n0, ldo * sizeof(float));
+            continue;
+          }
+          store_c(c, tmp, 64);
           for (int64_t m = 0; m < mr; ++m)
             std::memcpy(out + row[m0 + m] * ldo + n0, tmp + m * 16, nr * sizeof(float));
         }
