@@ -159,6 +159,34 @@ def test_perplexity_matches_llamacpp(name, ref, teacher_forced):
 
 
 def test_greedy_completions_start_like_llamacpp(name, ref, llm):
+    matches, cases = _greedy_prefix_matches(name, ref, llm)
+    assert matches >= MIN_PREFIX_MATCHES, (
+        f"only {matches}/{len(cases)} greedy completions start like llama.cpp's")
+
+
+def test_prompt_bf16_keeps_the_accuracy_bars(request, name, ref):
+    """--prompt-bf16 (prompt positions on AMX bfloat16 tiles): the teacher-forced scores are
+    all prompt positions, so they run wholly on that path; the default path's bars hold."""
+    from ostinato import LLM, SamplingParams
+    from ostinato.kernels import ops
+    if not ops().amx_bf16_available():
+        pytest.skip("no AMX-BF16 on this CPU: --prompt-bf16 is refused here")
+    engine = LLM(str(gguf_path(request, name, ref["gguf_file"])), prompt_bf16=True)
+    tokens = ref["tokens"]
+    out = engine.generate([tokens], SamplingParams(max_tokens=1, prompt_logprobs=1,
+                                                   temperature=0))[0]
+    top1, nll = top1_and_nll_from_prompt_logprobs(out.prompt_logprobs, tokens)
+    ours, hf = agreement(top1, ref["top1"]), ref["hf_top1_agreement_vs_llamacpp"]
+    ratio = perplexity(nll) / ref["llamacpp_perplexity"]
+    print(f"\n[{name}] --prompt-bf16: top-1 agreement {ours:.4f} (HF fp32 {hf:.4f}), "
+          f"perplexity / llama.cpp's {ratio:.4f}")
+    assert ours >= MODELS[name][1] and ours >= hf - HF_AGREEMENT_SLACK, ours
+    assert abs(ratio - 1) <= PERPLEXITY_RTOL, ratio
+    matches, cases = _greedy_prefix_matches(name, ref, engine)
+    assert matches >= MIN_PREFIX_MATCHES, f"{matches}/{len(cases)} greedy prefixes match"
+
+
+def _greedy_prefix_matches(name: str, ref: dict, llm) -> tuple[int, list]:
     from ostinato import SamplingParams
     cases = ref["completions"]
     params = SamplingParams(max_tokens=32, temperature=0)
@@ -173,8 +201,7 @@ def test_greedy_completions_start_like_llamacpp(name, ref, llm):
         print(f"\n[{name}] {'ok  ' if ok else 'DIFF'} {case['prompt'][-30:]!r}\n"
               f"    ours:      {ours[:60]!r}\n    llama.cpp: {theirs[:60]!r}")
     print(f"[{name}] greedy prefix matches: {matches}/{len(cases)}")
-    assert matches >= MIN_PREFIX_MATCHES, (
-        f"only {matches}/{len(cases)} greedy completions start like llama.cpp's")
+    return matches, cases
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -16,76 +16,58 @@ namespace {
 bool amx_bf16_permitted() { return amx_permitted(); }
 
 // Rows [n0, n0 + 16) of w as bfloat16 in the tiles' pair order, dst[k / 2][n][k % 2] (rows
-// past N are zero); `rows` is scratch for 16 x K bfloat16.
-template <int FMT, int BS>
-void bf16_group(const Weights& w, int64_t n0, uint16_t* rows, uint16_t* dst) {
-  const int64_t K = w.K, nrows = std::min<int64_t>(16, w.N - n0);
-  for (int64_t r = 0; r < 16; ++r) {
-    uint16_t* out = rows + r * K;
-    if (r >= nrows) { std::memset(out, 0, K * 2); continue; }
-    const int64_t n = n0 + r;
-    for (int64_t b = 0; b < w.nb; ++b) {
-      __m256 v[4];
-      unpack<FMT, BS>(w, n, b, v);
-      const __m256 s = _mm256_set1_ps(w.scale.get(n, b));
-      const __m256 m = _mm256_set1_ps(w.min ? w.min.get(n, b) : 0.f);
-      for (int i = 0; i < BS / 8; ++i)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * BS + 8 * i),
-                         (__m128i)_mm256_cvtneps_pbh(_mm256_fmadd_ps(s, v[i], m)));
-    }
-  }
-  for (int64_t k = 0; k < K; k += 32) {     // 16 rows x 16 pairs -> 16 pairs x 16 rows
-    __m512 t[16];
-    for (int r = 0; r < 16; ++r) t[r] = _mm512_loadu_ps(rows + r * K + k);
-    transpose16(t);
-    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (k / 2 + j) * 32, t[j]);
-  }
-}
-
-// The same values for Q4 and Q8 with 32-blocks, in registers: a block's 32 codes of a row
-// as two float vectors, scaled, rounded to one vector of bfloat16 pairs; the 16 rows'
-// vectors transposed as dwords give the block's 16 pair rows. About 4x the speed of the
-// general version above, whose rows go through memory.
+// past N are zero): a row's 32 codes of one 32-column span as two float vectors, each value
+// scale * code + min in float32 (a scale per block: per 32, or per 16 for 16-blocks),
+// rounded to one vector of bfloat16 pairs; the 16 rows' vectors transposed as dwords give
+// the span's 16 pair rows (~4x faster than going through memory row by row).
 template <int FMT>
 inline void codes32(const Weights& w, int64_t n, int64_t b, __m512& lo, __m512& hi) {
-  if constexpr (FMT == kQ4) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
-        static_cast<const uint8_t*>(w.q) + (n * w.K + b * 32) / 2));
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    const __m512i z = _mm512_set1_epi32((int32_t)w.zp);
-    lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)), z));
-    hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(
-        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)), z));
-  } else {
+  const __m512i z = _mm512_set1_epi32((int32_t)w.zp);
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  if constexpr (FMT == kQ8) {
     const int8_t* q = static_cast<const int8_t*>(w.q) + n * w.K + b * 32;
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+    return;
   }
+  const uint8_t* p = static_cast<const uint8_t*>(w.q) +
+                     (FMT == kQ5 ? (n * w.nb + b) * kQ5Block : (n * w.K + b * 32) / 2);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i l = _mm_and_si128(bytes, mask), h = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  if constexpr (FMT == kQ5) {                 // bit 4 of element j is bit j of the trailing word
+    uint32_t qh;
+    std::memcpy(&qh, p + 16, 4);
+    l = _mm_or_si128(l, _mm_maskz_set1_epi8((__mmask16)(qh & 0xffff), 16));
+    h = _mm_or_si128(h, _mm_maskz_set1_epi8((__mmask16)(qh >> 16), 16));
+  }
+  lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(l), z));
+  hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(h), z));
 }
 
-template <int FMT>
-void bf16_group_fast(const Weights& w, int64_t n0, uint16_t*, uint16_t* dst) {
-  const int64_t nrows = std::min<int64_t>(16, w.N - n0);
-  for (int64_t b = 0; b < w.nb; ++b) {
+template <int FMT, int BS>
+void bf16_group(const Weights& w, int64_t n0, uint16_t* dst) {
+  const int64_t nrows = std::min<int64_t>(16, w.N - n0), spans = w.K / 32;
+  for (int64_t b = 0; b < spans; ++b) {
     __m512 r[16];
     for (int64_t i = 0; i < 16; ++i) {
       if (i >= nrows) { r[i] = _mm512_setzero_ps(); continue; }
       const int64_t n = n0 + i;
       __m512 lo, hi;
       codes32<FMT>(w, n, b, lo, hi);
-      const __m512 s = _mm512_set1_ps(w.scale.get(n, b));
-      const __m512 m = _mm512_set1_ps(w.min ? w.min.get(n, b) : 0.f);
-      r[i] = (__m512)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(s, hi, m), _mm512_fmadd_ps(s, lo, m));
+      const int64_t blo = BS == 16 ? 2 * b : b, bhi = BS == 16 ? 2 * b + 1 : b;
+      const __m512 m = _mm512_set1_ps(w.min ? w.min.get(n, b) : 0.f);   // mins: 32-blocks
+      r[i] = (__m512)_mm512_cvtne2ps_pbh(
+          _mm512_fmadd_ps(_mm512_set1_ps(w.scale.get(n, bhi)), hi, m),
+          _mm512_fmadd_ps(_mm512_set1_ps(w.scale.get(n, blo)), lo, m));
     }
     transpose16(r);
     for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (b * 16 + j) * 32, r[j]);
   }
 }
 
-using Bf16GroupFn = void (*)(const Weights&, int64_t, uint16_t*, uint16_t*);
+using Bf16GroupFn = void (*)(const Weights&, int64_t, uint16_t*);
 Bf16GroupFn pick_bf16_group(const Weights& w) {
-  if (w.fmt == kQ4) return bf16_group_fast<kQ4>;
-  if (w.fmt == kQ8 && w.bs == 32) return bf16_group_fast<kQ8>;
+  if (w.fmt == kQ4) return bf16_group<kQ4, 32>;
   if (w.fmt == kQ5) return bf16_group<kQ5, 32>;
   return w.bs == 16 ? bf16_group<kQ8, 16> : bf16_group<kQ8, 32>;
 }
@@ -97,7 +79,7 @@ void load_bf16_config() {
 }
 
 thread_local std::vector<uint16_t> t_bf_x;          // the calling thread's bfloat16 rows
-thread_local std::vector<uint16_t> t_bf_rows, t_bf_w; // each thread's weight groups
+thread_local std::vector<uint16_t> t_bf_w;          // each thread's two weight groups
 
 size_t bf16_x_elems(int64_t M, int64_t K) { return (M + 31) / 32 * 32 * K; }
 
@@ -135,14 +117,13 @@ void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int
       }
     }
     load_bf16_config();
-    uint16_t* rows = grow(t_bf_rows, 16 * K);
     uint16_t* wb = grow(t_bf_w, 32 * K);
     alignas(64) float tmp[16 * 16];
 #pragma omp for schedule(static)
     for (int64_t gp = 0; gp < (groups + 1) / 2; ++gp) {
       const int64_t g0 = 2 * gp;
-      conv(w, g0 * 16, rows, wb);
-      if (g0 + 1 < groups) conv(w, g0 * 16 + 16, rows, wb + 16 * K);
+      conv(w, g0 * 16, wb);
+      if (g0 + 1 < groups) conv(w, g0 * 16 + 16, wb + 16 * K);
       else std::memset(wb + 16 * K, 0, 16 * K * 2);
       for (int64_t p = 0; p < pairs; ++p) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);

@@ -166,7 +166,7 @@ class Executor {
       grow(t_wbuf, 16 * K);
 #endif
 #ifdef OSTINATO_AMX_BF16
-      if (bf16_rows_on_) { grow(t_bf_rows, 16 * K); grow(t_bf_w, 32 * K); }
+      if (bf16_rows_on_) grow(t_bf_w, 32 * K);
 #endif
       grow(t_scores, 32 + 4 * max_context);
       grow(t_panel_rows, kPanelRows * K);
