@@ -126,3 +126,29 @@ def test_prompt_bf16_keeps_every_invariant(smollm_path):
     plain = run(LLM(str(smollm_path)), prompts)
     assert all(a[1][0] != b[1][0] for a, b in zip(first, plain))
     assert sum(a[0] == b[0] for a, b in zip(first, plain)) >= 4
+
+
+def test_prompt_bf16_recomputes_a_preempted_sequence_to_the_bit(smollm_path):
+    """A preempted sequence is recomputed from its prompt and output: each position takes
+    its own path again (prompt on bfloat16, generated on int16), so its tokens and their
+    log-probabilities are what an engine with room to spare gives."""
+    if not CpuKernels().ops.amx_bf16_available():
+        pytest.skip("this CPU has no AMX-BF16")
+    from ostinato import LLM
+    from ostinato.params import SamplingParams
+    big = LLM(str(smollm_path), prompt_bf16=True, max_model_len=128, kv_cache_gb=0.05)
+    c = big.config
+    per_layer = big.engine.runner.model.ops.kv_cache_bytes(16, c.n_kv_heads, c.head_dim)
+    tiny = LLM(str(smollm_path), prompt_bf16=True, max_model_len=128,
+               kv_cache_gb=16.5 * c.n_layers * per_layer / (1 << 30))   # 15 usable blocks
+    prompts = [f"Write a short poem about the {w} and the sea." for w in
+               ("moon", "river", "forest", "city", "desert", "storm", "garden", "harbor")]
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+
+    def run(llm):
+        return [(o.outputs[0].token_ids, [float(lp[t].logprob) for t, lp in
+                                          zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+                for o in llm.generate(prompts, sp)]
+    got = run(tiny)
+    assert tiny.engine.stats.preemptions > 0
+    assert got == run(big)
