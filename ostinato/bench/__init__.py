@@ -176,7 +176,9 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
     from .serving import start_ours, start_vllm, warm_up
     res: dict = {"serving": {}, "servers": {}, "serving_max_tokens": a.serving_max_tokens,
                  "arrivals": a.arrivals, "request_rate": a.request_rate,
-                 "prompt_mix": list(a.prompt_mix) if a.prompt_mix else None}
+                 "prompt_mix": list(a.prompt_mix) if a.prompt_mix else None,
+                 "our_server_flags": None if a.url else
+                 ["--target-itl-ms", a.target_itl_ms] + (["--prompt-bf16"] if a.prompt_bf16 else [])}
     loud: dict = {}
     started, targets = [], []                    # targets: (label, base, model)
     try:

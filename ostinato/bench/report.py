@@ -125,6 +125,8 @@ def markdown(fig: dict) -> str:
             how += f", Poisson arrivals at {fig['request_rate']:g}/s"
         if fig.get("prompt_mix"):
             how += f", prompts of {fig['prompt_mix'][0]}-{fig['prompt_mix'][1]} tokens"
+        if fig.get("our_server_flags"):
+            how += f"; ours with {' '.join(fig['our_server_flags'])}"
         out += [f"## Serving (streaming /v1/completions, {fig['serving_max_tokens']} tokens per "
                 f"request{how}, ${fig['usd_per_hour']}/hour)", ""]
         for name, rows in serving.items():
