@@ -161,7 +161,7 @@ class LLM:
         key = namespace_key("ostinato-kv-1", __version__, self._model_sha256(),
                             self._kernel_build(), self.backend, kv_cache_dtype,
                             runner.block_size, runner.block_layout(), repr(self.config),
-                            "prompt-bf16" if runner.prompt_bf16 else "prompt-int16")
+                            *(["prompt-bf16"] if runner.prompt_bf16 else []))
         return DiskKVCache(root, key, [runner.block_bytes(g) for g in range(runner.num_groups)],
                            int(gb * (1 << 30)))
 

@@ -216,8 +216,8 @@ class ModelRunner:
             ids.extend(s.token_ids)
             pos.extend(p)
             if self.prompt_bf16:        # prompt positions (a recomputation keeps its paths)
-                n_prompt = len(s.seq.prompt_ids)
-                bf16.extend(i < n_prompt for i in p)
+                k = min(max(len(s.seq.prompt_ids) - p.start, 0), len(p))
+                bf16 += [1] * k + [0] * (len(p) - k)
             for g, table in enumerate(s.block_tables):
                 slots[g].extend(table[i // bs] * bs + i % bs for i in p)
             seqs.append(SeqSlice(q_start, s.num_new_tokens, p.stop,

@@ -35,10 +35,9 @@ void qlinear_split(const Weights& w, const float* xp, int64_t M, float* op,
                    const uint8_t* bf16_rows) {
   TORCH_CHECK(amx_bf16_permitted(), "qlinear: bfloat16 rows need AMX-BF16 (this CPU has none)");
   int64_t* idx = grow(t_split_rows, M);
-  int64_t nb = 0, ni = M;
-  for (int64_t m = 0; m < M; ++m)
-    if (bf16_rows[m]) idx[nb++] = m; else idx[--ni] = m;   // int rows fill from the end, reversed
-  std::reverse(idx + nb, idx + M);
+  int64_t nb = 0;
+  for (int64_t m = 0; m < M; ++m) if (bf16_rows[m]) idx[nb++] = m;
+  for (int64_t m = 0, i = nb; m < M; ++m) if (!bf16_rows[m]) idx[i++] = m;
   const bool parallel = M * w.N * w.K >= (1 << 18);
   if (nb) qlinear_bf16_rows(w, xp, idx, nb, op, w.N, parallel);
   const int64_t rest = M - nb;
