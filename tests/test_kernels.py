@@ -197,6 +197,21 @@ def test_amx_tiles_give_the_avx_kernels_bits(k, type_name):
         assert torch.equal(k.linear(x[:1], w), amx[:1])      # batch 1 (AVX) == batch 37 (AMX)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0", "Q4_K"])
+def test_an_output_past_the_cache_streams_the_same_bits(k, type_name):
+    """From 8 MiB of output (an LM head's logits for a few dozen rows) the tile kernel writes
+    around the cache (non-temporal stores): every row equals the same row in a batch small
+    enough to be stored the plain way, and the AVX kernels' row at batch 1."""
+    _, p = packed(type_name, N=16384, K=256, seed=7)
+    w = QWeight.from_packed(p)
+    x = torch.randn(140, 256)                 # 140 x 16,384 floats: 9.2 MB of output
+    full = k.linear(x, w)
+    for start in (0, 40, 100):                # 40 rows: 2.6 MB, stored the plain way
+        assert torch.equal(k.linear(x[start:start + 40], w), full[start:start + 40])
+    assert torch.equal(k.linear(x[7:8], w), full[7:8])
+    assert torch.isfinite(full).all() and full.abs().sum() > 0
+
+
 def expected_panel_isa(march: str, flags: set[str]) -> tuple[str] | None:
     """The weight panels' instruction set a build must pick (test_portability runs this file
     under OSTINATO_MARCH=haswell and skylake-avx512), or None for a march not listed."""

@@ -16,14 +16,20 @@ _CSRC = Path(__file__).parent / "csrc"
 _SRC = _CSRC / "ops.cpp"          # one translation unit; it includes the csrc/*.h parts
 
 
-def _cpu_key() -> str:
+def _sources() -> dict[str, bytes]:
+    """The kernel sources as they are now, read once: the build key and the build both use
+    this copy."""
+    return {p.name: p.read_bytes() for p in sorted(_CSRC.glob("*.[ch]*"))}
+
+
+def _cpu_key(sources: dict[str, bytes] | None = None) -> str:
     try:
         flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
     import torch
-    sources = b"".join(p.read_bytes() for p in sorted(_CSRC.glob("*.[ch]*")))
-    h = hashlib.sha256(sources + flags.encode() + torch.__version__.encode()
+    code = b"".join((sources or _sources()).values())
+    h = hashlib.sha256(code + flags.encode() + torch.__version__.encode()
                        + _march().encode())
     return h.hexdigest()[:16]
 
@@ -43,7 +49,8 @@ def ops():
     from torch.utils import cpp_extension
 
     from ..hub import home
-    build = home() / "kernels" / _cpu_key()
+    sources = _sources()
+    build = home() / "kernels" / _cpu_key(sources)
     build.mkdir(parents=True, exist_ok=True)
     bin_dir = str(Path(sys.executable).parent)     # ninja from the venv
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
@@ -51,10 +58,24 @@ def ops():
     with _build_lock(build), _compile_progress(not any(build.glob("*.so"))), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        src = _snapshot(build / "src", sources)
         return cpp_extension.load(
-            name="ostinato_ops", sources=[str(_SRC)], build_directory=str(build),
+            name="ostinato_ops", sources=[str(src / _SRC.name)], build_directory=str(build),
             extra_cflags=["-O3", f"-march={_march()}", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _snapshot(dst: Path, sources: dict[str, bytes]) -> Path:
+    """The sources the build key was computed from, written beside the build (files already
+    there with the same bytes are left alone, so that the build tool sees nothing new): the
+    compiler reads this copy, never the package's files, which may change while it runs (an
+    upgrade, an edit) and would leave a build under a key that is not its own."""
+    dst.mkdir(exist_ok=True)
+    for name, code in sources.items():
+        f = dst / name
+        if not f.exists() or f.read_bytes() != code:
+            f.write_bytes(code)
+    return dst
 
 
 @contextmanager
