@@ -149,11 +149,11 @@ const int8_t* weight_rows(const Weights& w, int64_t n0, int8_t* buf) {
   return buf;
 }
 
-// One group of 16 weight rows against every x-row tile. stream: write the outputs with
-// non-temporal stores (whole aligned 16-float rows only).
+// One group of 16 weight rows (n0 ..) against every x-row tile; out: where its column 0
+// goes (rows ldo apart).
 template <int FMT, int BS>
 void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* out,
-               int64_t ldo, int8_t* wbuf, bool stream) {
+               int64_t ldo, int8_t* wbuf) {
   const int64_t K = w.K, nc = a.nc, rows = std::min<int64_t>(16, w.N - n0);
   const int8_t* A = weight_rows(w, n0, wbuf);
   int64_t row[16];                         // padding rows reuse a real row's scales
@@ -247,11 +247,8 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
     transpose16(acc);                            // acc[m] = row m's 16 outputs
     const int64_t mrows = std::min<int64_t>(16, M - t * 16);
     const __mmask16 keep = (__mmask16)((1u << rows) - 1);
-    if (stream && rows == 16)
-      for (int64_t m = 0; m < mrows; ++m) _mm512_stream_ps(out + (t * 16 + m) * ldo + n0, acc[m]);
-    else
-      for (int64_t m = 0; m < mrows; ++m)
-        _mm512_mask_storeu_ps(out + (t * 16 + m) * ldo + n0, keep, acc[m]);
+    for (int64_t m = 0; m < mrows; ++m)
+      _mm512_mask_storeu_ps(out + (t * 16 + m) * ldo, keep, acc[m]);
   }
 }
 
@@ -260,6 +257,20 @@ void amx_group(const Weights& w, int64_t n0, const AmxAct& a, int64_t M, float* 
 // bound to references first)
 thread_local std::vector<int8_t> t_wbuf;      // each thread's unpacked weight rows
 thread_local AmxAct t_amx;                    // the calling thread's packed activations
+thread_local std::vector<float> t_amx_stage;  // each thread's staged output columns
+
+// Output rows N floats apart fall into the same few cache sets: past 32 rows, an output past
+// the L2 had each 64-byte store wait on a line that an earlier row's store had evicted. Such
+// an output is staged: a thread computes kStageGroups groups of columns into a buffer of its
+// own, then copies each row's 512 bytes at once (same bits). LM heads (Q8_0), 2 threads, ms
+// at 64 / 128 rows, interleaved runs: SmolLM2 (49,152 x 576) 9.0-10.8 / 20.1-20.8 ->
+// 6.7-7.2 / 14.5-16.0; Gemma 3 (262,144 x 640) 59.9-62.6 / 119-122 -> 59.1-59.4 / 107-112;
+// Qwen2.5 (151,936 x 896) 45.5-45.6 / 86-103 -> 43.7-44.7 / 84-88. At 32 rows Gemma's was
+// 8% slower staged, hence "past 32". (Non-temporal stores gave SmolLM2 5.9 ms at 64 rows
+// but Gemma 65.8: its weights come from memory at the same time.)
+constexpr int64_t kStageGroups = 8;
+bool stage_output(int64_t M, int64_t N) { return M > 32 && M * N * 4 >= (8 << 20); }
+size_t stage_floats(int64_t M) { return (M + 15) / 16 * 16 * 16 * kStageGroups; }
 
 void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool parallel) {
   AmxAct& a = t_amx;
@@ -268,13 +279,8 @@ void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool p
   // Q5 runs as Q4 does: its rows unpacked to unsigned codes (weight_rows), zp off the sums
   auto group = w.fmt == kQ4 || w.fmt == kQ5 ? amx_group<kQ4, 32>
              : w.bs == 16 ? amx_group<kQ8, 16> : amx_group<kQ8, 32>;
-  const int64_t groups = (w.N + 15) / 16, cells = a.tiles * a.nc;
-  // An output past the L2 is written once and read later from further out: its 64-byte row
-  // pieces go around the cache. Rows N floats apart fall into the same few cache sets, and
-  // from 64 rows each store waited on a line evicted before its neighbour was written (the
-  // LM head, 49,152 x 576 Q8_0, 64 rows, 2 threads: 9.5 -> 6.2 ms; 128 rows 19.5 -> 12.7).
-  const bool stream = M * w.N * 4 >= (8 << 20) && w.N % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  const int64_t groups = (w.N + 15) / 16, cells = a.tiles * a.nc, G = kStageGroups;
+  const bool stage = stage_output(M, w.N);
 #pragma omp parallel if (parallel)
   {
     // a thread packs whole tile cells (16 rows of one block): rows of one cell share cache
@@ -286,10 +292,20 @@ void qlinear_amx(const Weights& w, const float* x, int64_t M, float* out, bool p
     }
     load_tile_config(w.bs);
     int8_t* wbuf = grow(t_wbuf, 16 * w.K);
+    if (!stage) {
 #pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) group(w, g * 16, a, M, out, w.N, wbuf, stream);
+      for (int64_t g = 0; g < groups; ++g) group(w, g * 16, a, M, out + g * 16, w.N, wbuf);
+    } else {
+      float* st = grow(t_amx_stage, stage_floats(M));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < (groups + G - 1) / G; ++b) {
+        const int64_t g0 = b * G, g1 = std::min(groups, g0 + G), c0 = g0 * 16;
+        for (int64_t g = g0; g < g1; ++g) group(w, g * 16, a, M, st + (g - g0) * 16, 16 * G, wbuf);
+        const int64_t cols = std::min(w.N, g1 * 16) - c0;
+        for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * w.N + c0, st + m * 16 * G, cols * 4);
+      }
+    }
     _tile_release();
-    if (stream) _mm_sfence();           // the streamed rows are visible before the join
   }
 }
 #else

@@ -164,6 +164,7 @@ class Executor {
     {
 #ifdef OSTINATO_AMX
       grow(t_wbuf, 16 * K);
+      grow(t_amx_stage, stage_floats(M));     // an LM head's output (outside the plan)
 #endif
 #ifdef OSTINATO_AMX_BF16
       if (bf16_rows_on_) grow(t_bf_w, 32 * K);
