@@ -263,11 +263,11 @@ thread_local std::vector<float> t_amx_stage;  // each thread's staged output col
 // the L2 had each 64-byte store wait on a line that an earlier row's store had evicted. Such
 // an output is staged: a thread computes kStageGroups groups of columns into a buffer of its
 // own, then copies each row's 512 bytes at once (same bits). LM heads (Q8_0), 2 threads, ms
-// at 64 / 128 rows, interleaved (scripts/lm_head_speed.py): SmolLM2 (49,152 x 576) 9.0-10.8 / 20.1-20.8 ->
-// 6.7-7.2 / 14.5-16.0; Gemma 3 (262,144 x 640) 59.9-62.6 / 119-122 -> 59.1-59.4 / 107-112;
-// Qwen2.5 (151,936 x 896) 45.5-45.6 / 86-103 -> 43.7-44.7 / 84-88. At 32 rows Gemma's was
-// 8% slower staged, hence "past 32". (Non-temporal stores gave SmolLM2 5.9 ms at 64 rows
-// but Gemma 65.8: its weights come from memory at the same time.)
+// at 64 / 128 rows, interleaved (scripts/lm_head_speed.py): SmolLM2 (49,152 x 576)
+// 9.0-10.8 / 20.1-20.8 -> 6.7-7.2 / 14.5-16.0; Gemma 3 (262,144 x 640) 59.9-62.6 / 119-122
+// -> 59.1-59.4 / 107-112; Qwen2.5 (151,936 x 896) 45.5-45.6 / 86-103 -> 43.7-44.7 / 84-88.
+// At 32 rows Gemma's was 8% slower staged, hence "past 32". (Non-temporal stores gave SmolLM2
+// 5.9 ms at 64 rows but Gemma 65.8: its weights come from memory at the same time.)
 constexpr int64_t kStageGroups = 8;
 bool stage_output(int64_t M, int64_t N) { return M > 32 && M * N * 4 >= (8 << 20); }
 size_t stage_floats(int64_t M) { return (M + 15) / 16 * 16 * 16 * kStageGroups; }
