@@ -314,6 +314,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--routing", choices=["prefix", "least-loaded", "random"], default=None,
                    help="with --replicas: which replica gets a request (default prefix: the "
                         "one holding its prompt's first blocks, else the least loaded)")
+    p.add_argument("--step-log", default=None, metavar="FILE",
+                   help="append a JSON line per engine step to FILE: its time, prompt tokens, "
+                        "decode rows, step-time target and thread count (summary: python -m "
+                        "ostinato.engine.step_log FILE) (default: none)")
     _add_speculative(p)
     _add_serve_limits(p)
 
@@ -552,6 +556,9 @@ def _prompt_mix(v: tuple[int, ...] | None) -> tuple[int, int] | None:
 
 def cmd_serve(a) -> None:
     from .server import Limits, run_server
+    if a.step_log is not None:          # an unwritable path fails before the model loads
+        from .engine.step_log import StepLog
+        StepLog(a.step_log).close()
     limits = Limits(
         max_queued_requests=a.max_queued_requests, max_body_bytes=int(a.max_body_mb * (1 << 20)),
         max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens_limit, max_n=a.max_n,
@@ -567,7 +574,7 @@ def cmd_serve(a) -> None:
                allowed_origins=a.allowed_origins,
                pooling=a.pooling, quantize=a.quantize, target_itl_ms=a.target_itl_ms,
                prompt_bf16=a.prompt_bf16, **speculative_kwargs(a),
-               **disk_tier_kwargs(a))
+               **disk_tier_kwargs(a), **({"step_log": a.step_log} if a.step_log else {}))
 
 
 def _positive(value: str) -> int:
@@ -583,6 +590,8 @@ def _server(a):
             raise ValueError("--routing goes with --replicas N (N > 1)")
         from .server import run_server
         return run_server
+    if a.step_log is not None:
+        raise ValueError("--step-log is one engine's log: not with --replicas N (N > 1)")
     try:
         from .server.replicas.ray_app import run_replicas
     except ImportError as e:

@@ -24,6 +24,7 @@ from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .engine.speculative import SpeculativeConfig, Speculator
 from .engine.threads import ThreadGovernor
+from .engine.step_log import StepLog
 from .engine.step_time import AttentionSpan, LatencyTarget, StepTimeModel
 from .hub import model_name, resolve_model
 from .kernels.backend import make_ops
@@ -93,7 +94,8 @@ class LLM:
                  speculative: str | SpeculativeConfig | None = None,
                  num_speculative_tokens: int | None = None, draft_model: str | None = None,
                  kv_cache_dir: str | os.PathLike | None = None, kv_cache_disk_gb: float = 16.0,
-                 adaptive_threads: bool = True, prompt_bf16: bool = False):
+                 adaptive_threads: bool = True, prompt_bf16: bool = False,
+                 step_log: str | os.PathLike | None = None):
         """speculative: "ngram" (prompt lookup), "suffix" (also other requests' text) or
         "draft" (with draft_model, a smaller model of the same vocabulary), or a
         SpeculativeConfig; the output is the same bits as without (engine/speculative.py).
@@ -106,13 +108,15 @@ class LLM:
         thread count measured fastest now (fewer when another process takes a core: same
         bits, engine/threads.py); False: always `threads`. prompt_bf16: prompt positions'
         matmuls on AMX bfloat16 tiles (prefill about twice as fast, activations rounded to
-        bfloat16 there; generated positions unchanged); needs a CPU with AMX-BF16."""
+        bfloat16 there; generated positions unchanged); needs a CPU with AMX-BF16.
+        step_log: a file to append a JSON line per engine step to (engine/step_log.py)."""
         spec = SpeculativeConfig.parse(speculative, num_speculative_tokens=num_speculative_tokens,
                                        draft_model=draft_model)
         # each step's prefill sized to a step-time target; None: the token budget alone
         self.latency_target = LatencyTarget.parse(target_itl_ms)
         if prompt_bf16:
             check_prompt_bf16(backend)
+        steps = StepLog(step_log) if step_log is not None else None   # a bad path fails now
         if threads:
             torch.set_num_threads(threads)
         self.backend = backend
@@ -149,7 +153,7 @@ class LLM:
             None if kv_cache_dir is None else self._disk_tier(kv_cache_dir, kv_cache_disk_gb,
                                                               runner, kv_cache_dtype),
             ThreadGovernor(torch.get_num_threads(), cores=len(os.sched_getaffinity(0)))
-            if adaptive_threads else None)
+            if adaptive_threads else None, steps)
         self.speculative = spec
 
     def _disk_tier(self, root, gb: float, runner: ModelRunner, kv_cache_dtype: str

@@ -17,6 +17,7 @@ from .speculative import Speculator
 from .threads import ThreadGovernor
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence
 from .stats import StepSeries
+from .step_log import StepLog, StepRecord
 
 log = logging.getLogger("ostinato.engine")
 
@@ -44,8 +45,10 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: ModelRunner, output: OutputProcessor, scheduler: Scheduler,
                  max_model_len: int, speculator: Speculator | None = None,
-                 disk: DiskKVCache | None = None, governor: ThreadGovernor | None = None):
+                 disk: DiskKVCache | None = None, governor: ThreadGovernor | None = None,
+                 step_log: StepLog | None = None):
         self.runner, self.output, self.scheduler = runner, output, scheduler
+        self.step_log = step_log            # a JSON line per step (step_log.py)
         self.speculator = speculator        # draft tokens after each step (speculative.py)
         self.disk = disk                    # the prefix cache's disk tier (disk_cache.py)
         self.governor = governor            # each step's thread count (threads.py)
@@ -119,7 +122,8 @@ class Engine:
                 self._log_switch()
             threads = self._pick_threads(any(s.num_new_tokens - len(s.draft) > 1
                                              for s in plan.scheduled))
-            predicted = self.scheduler.step_time.predict(*features)
+        predicted = self.scheduler.step_time.predict(*features)
+        record = self._step_record(plan, features, predicted) if self.step_log else None
         t0 = time.perf_counter()
         results = self.runner.execute(plan)
         seconds = time.perf_counter() - t0
@@ -132,12 +136,34 @@ class Engine:
             self.governor.record(threads, seconds, predicted)
             self._log_switch()
         self._record(plan, seconds)
+        if record is not None:
+            self._write_step(record, seconds)
         if self.speculator is not None:
             self.speculator.record_step(plan.num_tokens, seconds)
             self.speculator.propose(self.scheduler.running)
         if self.disk is not None:
             self._to_disk()      # the blocks of those that finished: the engine may go idle
         return deltas
+
+    def _step_record(self, plan: SchedulerOutput, features: tuple[int, float, int],
+                     predicted: float) -> StepRecord:
+        """The step log's record of a plan before it runs (its sequences' token counts
+        change when it does); seconds and the queues are filled in after."""
+        decode = [s.start == s.seq.num_tokens - 1 for s in plan.scheduled]
+        budget = self.scheduler.budget            # None: no target
+        auto = self.scheduler.target is not None and self.scheduler.target.auto
+        return StepRecord(
+            t=time.time(), seconds=0.0, tokens=features[0],
+            prompt_tokens=sum(s.num_new_tokens for s, d in zip(plan.scheduled, decode) if not d),
+            decode_rows=sum(decode), sampled_rows=features[2], running=0, waiting=0,
+            predicted=predicted,
+            target=budget.target_seconds if budget is not None and budget.limited else None,
+            level=self.scheduler.demand.level if auto else None, threads=self._threads)
+
+    def _write_step(self, record: StepRecord, seconds: float) -> None:
+        record.seconds = seconds
+        record.running, record.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        self.step_log.write(record)
 
     def _log_switch(self) -> None:
         """Fewer threads is a slower path: the log says when and why the count changes."""

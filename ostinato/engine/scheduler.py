@@ -50,6 +50,11 @@ class Scheduler:
         self._step: StepBudget | None = None     # this step's prefill allowance (a target set)
         self.demand = AutoDemand()               # auto's step-time level (see step_time.py)
 
+    @property
+    def budget(self) -> StepBudget | None:
+        """The last planned step's prefill allowance (None without a target)."""
+        return self._step
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
