@@ -42,6 +42,10 @@ _PARTITIONED = (CONTROL, USER_DEFINED, UNKNOWN)
 _HIDDEN_UNLESS_SPECIAL = (CONTROL, UNKNOWN)
 
 SPACE_MARK = "\u2581"  # '▁', SentencePiece's visible space
+# SentencePiece words: a run of space marks and what follows up to the next space mark that
+# follows another character (Tokenizer._init_spm_words)
+_SPM_WORD = re.compile(f"{SPACE_MARK}*[^{SPACE_MARK}]*")
+_MAX_BRIDGES = 64      # more tokens with an inner space mark: merge whole texts
 
 # Token texts llama.cpp treats as end-of-generation (and forces to CONTROL) whatever the model.
 _EOG_TEXTS = frozenset({
@@ -205,6 +209,7 @@ class Tokenizer:
             self._init_bpe(merges, pre)
         else:
             self._byte_ids = [self._byte_token(b) for b in range(256)]
+            self._init_spm_words()
         self._pieces = [self._piece_bytes(i) for i in range(len(self._tokens))]
 
     # ------------------------------------------------------------------ construction
@@ -454,7 +459,36 @@ class Tokenizer:
         return tuple(ids)
 
     # SentencePiece ---------------------------------------------------------------------
+    def _init_spm_words(self) -> None:
+        """A merge only ever joins two symbols into a token, so a text splits without
+        changing its tokens wherever no token could span the cut: before a space mark that
+        follows another character, unless the vocabulary has tokens with a space mark after
+        another character (`bridges`; Gemma 3 has one in 262,144) and one occurs in the text.
+        The words then merge alone, and a word seen before is looked up (Gemma 3, a
+        1,600-token prompt: of English words 32-36 -> 7-8 ms, of random tokens 36-39 -> 24
+        ms; a server tokenizes on a thread beside the engine's, whose steps it slows)."""
+        bridges = [t for t in self._token_to_id if SPACE_MARK in t.lstrip(SPACE_MARK)]
+        self._spm_bridges = bridges if len(bridges) <= _MAX_BRIDGES else None
+        self._spm_cache: dict[str, tuple[int, ...]] = {}
+
     def _encode_spm(self, text: str, out: list[int]) -> None:
+        """SentencePiece merges, word by word where that gives the same tokens
+        (_init_spm_words), else over the whole text."""
+        if self._spm_bridges is None or any(b in text for b in self._spm_bridges):
+            self._merge_spm(text, out)
+            return
+        cache = self._spm_cache
+        for word in _SPM_WORD.findall(text):
+            ids = cache.get(word)
+            if ids is None:
+                merged: list[int] = []
+                self._merge_spm(word, merged)
+                ids = tuple(merged)
+                if len(cache) < 200_000:
+                    cache[word] = ids
+            out.extend(ids)
+
+    def _merge_spm(self, text: str, out: list[int]) -> None:
         """Merge adjacent symbols whose concatenation is a token, highest score first
         (leftmost on ties); leftovers that are not tokens become byte tokens."""
         n = len(text)

@@ -13,7 +13,14 @@ import pytest
 from jinja2.exceptions import SecurityError
 
 from ostinato.loader.gguf import read_gguf
-from ostinato.tokenizer import IncrementalDetokenizer, Tokenizer, render_chat_template
+from ostinato.tokenizer import (
+    NORMAL,
+    SPACE_MARK,
+    UNKNOWN,
+    IncrementalDetokenizer,
+    Tokenizer,
+    render_chat_template,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -198,13 +205,44 @@ def test_encode_is_fast(model):
     """A ~1,000+ token text, fresh word cache, well under a second even on a busy CPU."""
     tok, fx = model
     text = "\n".join(t for t in _texts(fx) if len(t) < 100) * 2
-    if tok.model == "gpt2":
-        tok._word_cache.clear()   # time the cold path
+    (tok._word_cache if tok.model == "gpt2" else tok._spm_cache).clear()   # the cold path
     t0 = time.perf_counter()
     ids = tok.encode(text)
     elapsed = time.perf_counter() - t0
     assert len(ids) > 1000
     assert elapsed < 0.5, f"{len(ids)} tokens took {elapsed:.3f}s"
+
+
+def test_sentencepiece_merges_word_by_word_as_over_the_whole_text(gemma):
+    """A merge joins two symbols into a token, so a text cut before a space mark that follows
+    another character merges to the same ids word by word (and a word seen before is looked
+    up), unless a token with an inner space mark could span the cut: Gemma 3 has one,
+    '>▁</'. Random texts of space marks, runs of them, other scripts and that token."""
+    assert gemma._spm_bridges == [">▁</"]
+    rng = random.Random(3)
+    alphabet = list("ab cdé  \n\t.,<>/}{") + ["▁", "日本", "🙂", ">▁</", "\u00a0", "ing"]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        text = text.replace(" ", SPACE_MARK)
+        whole: list[int] = []
+        gemma._merge_spm(text, whole)
+        words: list[int] = []
+        gemma._encode_spm(text, words)
+        assert words == whole, text
+    assert gemma._spm_cache                                 # the word path was taken
+
+
+def test_a_token_across_words_makes_the_whole_text_merge():
+    """A vocabulary whose 'a▁b' spans the cut before '▁': merged word by word 'a▁b' would be
+    three tokens; the text holds a bridging token, so it merges whole, as llama.cpp does."""
+    tokens = ["<unk>", "a", "b", SPACE_MARK, f"a{SPACE_MARK}", f"a{SPACE_MARK}b"]
+    tok = Tokenizer(model="llama", tokens=tokens, token_types=[UNKNOWN] + [NORMAL] * 5,
+                    scores=[0.0, 0.0, 0.0, 0.0, -1.0, -2.0], merges=None, pre="default",
+                    bos_token_id=None, eos_token_id=None, unknown_token_id=0, add_bos=False,
+                    add_eos=False, add_space_prefix=False)
+    assert tok._spm_bridges == [f"a{SPACE_MARK}", f"a{SPACE_MARK}b"]
+    assert tok.encode("a b") == [5]
+    assert tok.encode("b b") == [2, 3, 2]
 
 
 # ------------------------------------------------------------------ decode
