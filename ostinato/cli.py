@@ -556,7 +556,9 @@ def _prompt_mix(v: tuple[int, ...] | None) -> tuple[int, int] | None:
 
 def cmd_serve(a) -> None:
     from .server import Limits, run_server
-    if a.step_log is not None:          # an unwritable path fails before the model loads
+    if a.step_log is not None:          # refused or unwritable: before the model loads
+        if a.replicas > 1:
+            raise ValueError("--step-log is one engine's log: not with --replicas N (N > 1)")
         from .engine.step_log import StepLog
         StepLog(a.step_log).close()
     limits = Limits(
@@ -574,7 +576,8 @@ def cmd_serve(a) -> None:
                allowed_origins=a.allowed_origins,
                pooling=a.pooling, quantize=a.quantize, target_itl_ms=a.target_itl_ms,
                prompt_bf16=a.prompt_bf16, **speculative_kwargs(a),
-               **disk_tier_kwargs(a), **({"step_log": a.step_log} if a.step_log else {}))
+               **disk_tier_kwargs(a),
+               **({"step_log": a.step_log} if a.step_log is not None else {}))
 
 
 def _positive(value: str) -> int:
@@ -590,8 +593,6 @@ def _server(a):
             raise ValueError("--routing goes with --replicas N (N > 1)")
         from .server import run_server
         return run_server
-    if a.step_log is not None:
-        raise ValueError("--step-log is one engine's log: not with --replicas N (N > 1)")
     try:
         from .server.replicas.ray_app import run_replicas
     except ImportError as e:

@@ -116,7 +116,6 @@ class LLM:
         self.latency_target = LatencyTarget.parse(target_itl_ms)
         if prompt_bf16:
             check_prompt_bf16(backend)
-        steps = StepLog(step_log) if step_log is not None else None   # a bad path fails now
         if threads:
             torch.set_num_threads(threads)
         self.backend = backend
@@ -142,6 +141,7 @@ class LLM:
         if kv_cache_dir is not None and not enable_prefix_caching:
             raise ValueError("kv_cache_dir is the prefix cache's disk tier: it needs "
                              "enable_prefix_caching")
+        steps = StepLog(step_log) if step_log is not None else None
         self.engine = Engine(
             runner,
             OutputProcessor(self.tokenizer, eos, self.max_model_len),

@@ -154,6 +154,20 @@ _CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_TO_CHAR)}
 _LATIN1_TO_BYTE_CHAR = {b: c for b, c in enumerate(_BYTE_TO_CHAR)}  # for str.translate
 
 
+_CACHE_WORDS = 200_000     # words a tokenizer's cache keeps (the first seen; then no more)
+_CACHE_WORD_CHARS = 64     # longer words are merged every time: the cache stays a few MB
+
+
+def _cached(cache: dict[str, tuple[int, ...]], word: str, merge) -> tuple[int, ...]:
+    """merge(word), looked up in / added to `cache` within its bounds."""
+    ids = cache.get(word)
+    if ids is None:
+        ids = merge(word)
+        if len(word) <= _CACHE_WORD_CHARS and len(cache) < _CACHE_WORDS:
+            cache[word] = ids
+    return ids
+
+
 def _split_by_regexes(text: str, patterns: list[regex.Pattern]) -> list[str]:
     """Apply each pattern to every piece from the previous pattern; matches and the gaps
     between them both become pieces (llama.cpp's unicode_regex_split). Lookarounds see only
@@ -408,15 +422,12 @@ class Tokenizer:
 
     # byte-level BPE --------------------------------------------------------------------
     def _encode_bpe(self, text: str, out: list[int]) -> None:
-        cache = self._word_cache
         for word in _split_by_regexes(text, self._pre_patterns):
-            ids = cache.get(word)
-            if ids is None:
-                ids = self._bpe_word(word.encode("utf-8").decode("latin-1")
-                                     .translate(_LATIN1_TO_BYTE_CHAR))
-                if len(cache) < 200_000:
-                    cache[word] = ids
-            out.extend(ids)
+            out.extend(_cached(self._word_cache, word, self._bpe_byte_word))
+
+    def _bpe_byte_word(self, word: str) -> tuple[int, ...]:
+        return self._bpe_word(word.encode("utf-8").decode("latin-1")
+                              .translate(_LATIN1_TO_BYTE_CHAR))
 
     def _bpe_word(self, word: str) -> tuple[int, ...]:
         """Merge one byte-encoded word: lowest merge rank first, leftmost on ties."""
@@ -477,16 +488,13 @@ class Tokenizer:
         if self._spm_bridges is None or any(b in text for b in self._spm_bridges):
             self._merge_spm(text, out)
             return
-        cache = self._spm_cache
         for word in _SPM_WORD.findall(text):
-            ids = cache.get(word)
-            if ids is None:
-                merged: list[int] = []
-                self._merge_spm(word, merged)
-                ids = tuple(merged)
-                if len(cache) < 200_000:
-                    cache[word] = ids
-            out.extend(ids)
+            out.extend(_cached(self._spm_cache, word, self._spm_word))
+
+    def _spm_word(self, word: str) -> tuple[int, ...]:
+        merged: list[int] = []
+        self._merge_spm(word, merged)
+        return tuple(merged)
 
     def _merge_spm(self, text: str, out: list[int]) -> None:
         """Merge adjacent symbols whose concatenation is a token, highest score first

@@ -4,8 +4,10 @@ a sequence's first from a decode row), the targets the scheduler set, and a summ
 the two kinds of step apart. Bad paths are one-line errors before the model loads."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 from ostinato import LLM, SamplingParams
 from ostinato.engine import step_log
@@ -49,6 +51,22 @@ def test_without_a_target_no_step_has_one(smollm_path, tmp_path):
     assert sum(r.prompt_tokens for r in recs) == sum(map(len, prompts))
 
 
+def test_a_log_that_cannot_be_written_is_turned_off_and_requests_go_on(smollm_path, tmp_path,
+                                                                        caplog):
+    llm = LLM(smollm_path, max_model_len=256, kv_cache_gb=0.02, step_log=tmp_path / "s.jsonl")
+    written = []
+
+    def full_disk(record):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(record)
+    llm.engine.step_log.write = full_disk
+    out = llm.generate([[1, 2, 3]], PARAMS)
+    assert len(out[0].outputs[0].token_ids) == PARAMS.max_tokens
+    assert len(written) == 1 and llm.engine.step_log is None
+    assert "writing failed" in caplog.text and "No space left" in caplog.text
+
+
 def rec(seconds, prompt, decode, target):
     return StepRecord(t=0.0, seconds=seconds, tokens=prompt + decode, prompt_tokens=prompt,
                       decode_rows=decode, sampled_rows=decode, running=decode, waiting=0,
@@ -72,7 +90,9 @@ def test_the_summary_tells_the_kinds_of_step_apart(tmp_path):
     log.close()
     with open(path, "a") as f:
         f.write('{"t": 1.0, "seconds"')
-    assert step_log.read(path) == recs
+    with open(path, "a") as f:
+        f.write("\n" + json.dumps({**asdict(recs[0]), "new_field": 1}) + "\n")
+    assert step_log.read(path) == recs + recs[:1]     # a later version's field is ignored
     assert step_log.summarize([]) == "no steps"
 
 
@@ -88,3 +108,4 @@ def test_a_bad_step_log_is_a_one_line_error_before_loading(tmp_path):
         assert res.returncode == 1, res.stderr
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "step" in lines[0] and "log" in lines[0], res.stderr
+    assert not (tmp_path / "s.jsonl").exists()       # refused before anything was opened

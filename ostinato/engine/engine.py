@@ -151,19 +151,27 @@ class Engine:
         change when it does); seconds and the queues are filled in after."""
         decode = [s.start == s.seq.num_tokens - 1 for s in plan.scheduled]
         budget = self.scheduler.budget            # None: no target
-        auto = self.scheduler.target is not None and self.scheduler.target.auto
         return StepRecord(
             t=time.time(), seconds=0.0, tokens=features[0],
             prompt_tokens=sum(s.num_new_tokens for s, d in zip(plan.scheduled, decode) if not d),
             decode_rows=sum(decode), sampled_rows=features[2], running=0, waiting=0,
             predicted=predicted,
             target=budget.target_seconds if budget is not None and budget.limited else None,
-            level=self.scheduler.demand.level if auto else None, threads=self._threads)
+            level=budget.level if budget is not None and budget.auto else None,
+            threads=self._threads)
 
     def _write_step(self, record: StepRecord, seconds: float) -> None:
+        """A log that cannot be written (a full disk) is turned off with a warning: the
+        requests in flight go on."""
         record.seconds = seconds
         record.running, record.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
-        self.step_log.write(record)
+        try:
+            self.step_log.write(record)
+        except (OSError, ValueError) as e:
+            log.warning("step log %s: writing failed (%s); the log is off from here",
+                        self.step_log.path, e)
+            self.step_log.close()
+            self.step_log = None
 
     def _log_switch(self) -> None:
         """Fewer threads is a slower path: the log says when and why the count changes."""

@@ -10,20 +10,21 @@ step's line):
     seconds         how long the step took
     tokens          tokens computed (prompt chunks + decode rows + drafts)
     prompt_tokens   of those, in prompt chunks (a recomputation after a preemption counts)
-    decode_rows     sequences computing only their last token (and its draft)
+    decode_rows     sequences computing only their last token (and its draft; a prompt whose
+                    cached prefix covers all but its last token counts here too)
     sampled_rows    sequences that sample a token this step
     running, waiting  the scheduler's queues after the step
     predicted       the step-time model's prediction for this step, before it ran
     target          the step's time target (None: no time limit this step: no target, or
                     nobody decoding, or the step-time model not fitted yet)
-    level           auto's demand level (None unless the target is auto)
+    level           auto's demand level the target was set with (None unless auto)
     threads         the thread count the step ran on (None: fixed threads)
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -59,18 +60,23 @@ class StepLog:
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
 
 def read(path: str | Path) -> list[StepRecord]:
-    """The records of a step log (lines that do not parse, such as a torn last line, are
-    skipped)."""
+    """The records of a step log: lines that do not parse or lack a field (a torn last line)
+    are skipped, fields this version does not know are ignored."""
+    names = [f.name for f in fields(StepRecord)]
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
-                out.append(StepRecord(**json.loads(line)))
-            except (ValueError, TypeError):
+                d = json.loads(line)
+                out.append(StepRecord(**{k: d[k] for k in names}))
+            except (ValueError, TypeError, KeyError):
                 continue
     return out
 

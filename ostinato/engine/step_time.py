@@ -301,6 +301,7 @@ class StepBudget:
         """level: auto's step-time level (AutoDemand); seated: (tokens, pairs, rows) the
         waiting sequences that have a seat will add to the decode rows once admitted."""
         self.model = model
+        self.level, self.auto = level, target.auto       # (the step log reads them)
         self.decode_tokens = decode_tokens
         self.decode_seconds = decode_s = model.predict(decode_tokens, decode_pairs, decode_rows)
         seated_s = model.predict(decode_tokens + seated[0], decode_pairs + seated[1],
