@@ -51,6 +51,18 @@ def test_without_a_target_no_step_has_one(smollm_path, tmp_path):
     assert sum(r.prompt_tokens for r in recs) == sum(map(len, prompts))
 
 
+def test_a_prompts_one_token_last_chunk_is_a_prompt_chunk(smollm_path, tmp_path):
+    """65 prompt tokens in 64-token steps: the second step computes the prompt's last token
+    alone, a prompt chunk (it samples the first token), not a decode row."""
+    log = tmp_path / "steps.jsonl"
+    llm = LLM(smollm_path, max_model_len=256, kv_cache_gb=0.02, max_num_batched_tokens=64,
+              step_log=log)
+    llm.generate([list(range(300, 365))], SamplingParams(temperature=0, max_tokens=3,
+                                                         ignore_eos=True))
+    shape = [(r.prompt_tokens, r.decode_rows, r.sampled_rows) for r in step_log.read(log)]
+    assert shape == [(64, 0, 0), (1, 0, 1), (0, 1, 1), (0, 1, 1)]
+
+
 def test_a_log_that_cannot_be_written_is_turned_off_and_requests_go_on(smollm_path, tmp_path,
                                                                         caplog):
     llm = LLM(smollm_path, max_model_len=256, kv_cache_gb=0.02, step_log=tmp_path / "s.jsonl")

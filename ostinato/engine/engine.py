@@ -149,7 +149,10 @@ class Engine:
                      predicted: float) -> StepRecord:
         """The step log's record of a plan before it runs (its sequences' token counts
         change when it does); seconds and the queues are filled in after."""
-        decode = [s.start == s.seq.num_tokens - 1 for s in plan.scheduled]
+        # a decode row computes only its last token, a generated one (a prompt's 1-token
+        # last chunk is a prompt chunk)
+        decode = [s.start == s.seq.num_tokens - 1 and s.start >= len(s.seq.prompt_ids)
+                  for s in plan.scheduled]
         budget = self.scheduler.budget            # None: no target
         return StepRecord(
             t=time.time(), seconds=0.0, tokens=features[0],

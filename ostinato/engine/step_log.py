@@ -10,8 +10,8 @@ step's line):
     seconds         how long the step took
     tokens          tokens computed (prompt chunks + decode rows + drafts)
     prompt_tokens   of those, in prompt chunks (a recomputation after a preemption counts)
-    decode_rows     sequences computing only their last token (and its draft; a prompt whose
-                    cached prefix covers all but its last token counts here too)
+    decode_rows     sequences computing only their last token, a generated one (and its
+                    draft)
     sampled_rows    sequences that sample a token this step
     running, waiting  the scheduler's queues after the step
     predicted       the step-time model's prediction for this step, before it ran
