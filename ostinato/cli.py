@@ -576,8 +576,7 @@ def cmd_serve(a) -> None:
                allowed_origins=a.allowed_origins,
                pooling=a.pooling, quantize=a.quantize, target_itl_ms=a.target_itl_ms,
                prompt_bf16=a.prompt_bf16, **speculative_kwargs(a),
-               **disk_tier_kwargs(a),
-               **({"step_log": a.step_log} if a.step_log is not None else {}))
+               **disk_tier_kwargs(a), step_log=a.step_log)
 
 
 def _positive(value: str) -> int:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ostinato.bench.latency import percentile
+from ostinato.engine.stats import percentile
 from ostinato.bench.serving import Request, summarize
 
 

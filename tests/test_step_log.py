@@ -86,7 +86,7 @@ def rec(seconds, prompt, decode, target):
 
 
 def test_the_summary_tells_the_kinds_of_step_apart(tmp_path):
-    recs = [rec(0.050, 40, 8, 0.050)] * 9 + [rec(0.100, 40, 8, 0.050)] + \
+    recs = [rec(0.050, 40, 8, 0.050)] * 8 + [rec(0.100, 40, 8, 0.050)] * 2 + \
            [rec(0.020, 0, 8, 0.050)] * 5 + [rec(0.300, 512, 0, None)]
     text = step_log.summarize(recs)
     assert "decode rows + prompt chunks: 10 steps, ms p10 50.0 / p50 50.0 / p90 100.0" in text

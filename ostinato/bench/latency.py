@@ -4,11 +4,11 @@ Engines are interleaved run by run, so a noisy machine hits both alike; the rati
 figure to quote."""
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
 
+from ..engine.stats import percentile
 from ..params import SamplingParams
 
 _WORDS = ["river", "stone", "lantern", "orbit", "velvet", "signal", "harbor", "meadow", "copper",
@@ -88,14 +88,6 @@ class LlamaCpp:
             if len(times) == max_tokens:
                 break
         return Run(start, times)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
 def latency(engines, llm, prompt_lengths: list[int], decode_tokens: int, repeats: int,

@@ -28,7 +28,7 @@ from ..engine.kv_cache import KVCacheManager
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import SchedulerOutput, Sequence
 from ..engine.step_time import AutoDemand, LatencyTarget, StepTimeModel, step_features
-from .latency import percentile
+from ..engine.stats import percentile
 
 BLOCK = 16
 

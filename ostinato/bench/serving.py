@@ -21,7 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from .latency import percentile, synthetic_prompt, synthetic_words
+from ..engine.stats import percentile
+from .latency import synthetic_prompt, synthetic_words
 from .server_proc import (  # noqa: F401  (free_port: for callers of this module)
     Launch,
     ServerProcess,

@@ -8,7 +8,8 @@ import statistics
 import time
 
 from ..params import SamplingParams
-from .latency import percentile, synthetic_prompt
+from ..engine.stats import percentile
+from .latency import synthetic_prompt
 
 # A typical schema: a few typed properties, a nested object, a bounded array, an enum.
 TYPICAL = {"type": "object", "properties": {

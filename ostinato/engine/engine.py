@@ -122,7 +122,8 @@ class Engine:
                 self._log_switch()
             threads = self._pick_threads(any(s.num_new_tokens - len(s.draft) > 1
                                              for s in plan.scheduled))
-        predicted = self.scheduler.step_time.predict(*features)
+        predicted = self.scheduler.step_time.predict(*features) \
+            if self.governor is not None or self.step_log else 0.0
         record = self._step_record(plan, features, predicted) if self.step_log else None
         t0 = time.perf_counter()
         results = self.runner.execute(plan)

@@ -2,10 +2,19 @@
 so a series keeps its last values and running aggregates, never one entry per step."""
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator
 
 RECENT_STEPS = 4096               # values a series keeps (a few seconds to minutes of steps)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
 class StepSeries:

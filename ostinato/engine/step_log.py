@@ -23,9 +23,10 @@ step's line):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from .stats import percentile
 
 
 @dataclass
@@ -81,11 +82,8 @@ def read(path: str | Path) -> list[StepRecord]:
     return out
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q / 100 * len(v)))]
+def _spread(values: list[float], qs: tuple[int, ...], sep: str = ", ", digits: int = 1) -> str:
+    return sep.join(f"p{q} {percentile(values, q):.{digits}f}" for q in qs)
 
 
 def summarize(records: list[StepRecord]) -> str:
@@ -101,19 +99,16 @@ def summarize(records: list[StepRecord]) -> str:
         if not sel:
             continue
         ms = [1e3 * r.seconds for r in sel]
-        line = (f"{name}: {len(sel)} steps, ms p10 {_pct(ms, 10):.1f} / p50 {_pct(ms, 50):.1f} "
-                f"/ p90 {_pct(ms, 90):.1f} / p99 {_pct(ms, 99):.1f}")
+        line = f"{name}: {len(sel)} steps, ms {_spread(ms, (10, 50, 90, 99), ' / ')}"
         over = [r.seconds / r.target for r in sel if r.target]
         if over:
             targets = [1e3 * r.target for r in sel if r.target]
-            line += (f"; target ms p50 {_pct(targets, 50):.1f} (p10 {_pct(targets, 10):.1f}, "
-                     f"p90 {_pct(targets, 90):.1f}); time / target p50 {_pct(over, 50):.2f}, "
-                     f"p99 {_pct(over, 99):.2f}")
+            line += (f"; target ms {_spread(targets, (10, 50, 90))}; time / target "
+                     f"{_spread(over, (50, 99), digits=2)}")
         lines.append(line)
     levels = [1e3 * r.level for r in records if r.level]
     if levels:
-        lines.append(f"auto's level ms: p10 {_pct(levels, 10):.1f}, p50 {_pct(levels, 50):.1f}, "
-                     f"p90 {_pct(levels, 90):.1f}, max {max(levels):.1f}")
+        lines.append(f"auto's level ms: {_spread(levels, (10, 50, 90))}, max {max(levels):.1f}")
     threads = sorted({r.threads for r in records if r.threads is not None})
     if threads:
         counts = ", ".join(f"{n}: {sum(r.threads == n for r in records)}" for n in threads)
