@@ -164,21 +164,25 @@ def test_greedy_completions_start_like_llamacpp(name, ref, llm):
         f"only {matches}/{len(cases)} greedy completions start like llama.cpp's")
 
 
-def test_prompt_bf16_keeps_the_accuracy_bars(request, name, ref):
-    """--prompt-bf16 (prompt positions on AMX bfloat16 tiles): the teacher-forced scores are
-    all prompt positions, so they run wholly on that path; the default path's bars hold."""
+@pytest.mark.parametrize("flag", ["--prompt-bf16", "--dtype bfloat16"])
+def test_bf16_tiles_keep_the_accuracy_bars(request, name, ref, flag):
+    """--prompt-bf16 (prompt positions on AMX bfloat16 tiles), --dtype bfloat16 (every
+    position, weights converted at load): the teacher-forced scores are all prompt
+    positions, so they run wholly on the tiles, and so do --dtype bfloat16's greedy
+    completions; the default path's bars hold."""
     from ostinato import LLM, SamplingParams
     from ostinato.kernels import ops
     if not ops().amx_bf16_available():
-        pytest.skip("no AMX-BF16 on this CPU: --prompt-bf16 is refused here")
-    engine = LLM(str(gguf_path(request, name, ref["gguf_file"])), prompt_bf16=True)
+        pytest.skip(f"no AMX-BF16 on this CPU: {flag} is refused here")
+    kw = {"prompt_bf16": True} if flag == "--prompt-bf16" else {"dtype": "bfloat16"}
+    engine = LLM(str(gguf_path(request, name, ref["gguf_file"])), **kw)
     tokens = ref["tokens"]
     out = engine.generate([tokens], SamplingParams(max_tokens=1, prompt_logprobs=1,
                                                    temperature=0))[0]
     top1, nll = top1_and_nll_from_prompt_logprobs(out.prompt_logprobs, tokens)
     ours, hf = agreement(top1, ref["top1"]), ref["hf_top1_agreement_vs_llamacpp"]
     ratio = perplexity(nll) / ref["llamacpp_perplexity"]
-    print(f"\n[{name}] --prompt-bf16: top-1 agreement {ours:.4f} (HF fp32 {hf:.4f}), "
+    print(f"\n[{name}] {flag}: top-1 agreement {ours:.4f} (HF fp32 {hf:.4f}), "
           f"perplexity / llama.cpp's {ratio:.4f}")
     assert ours >= MODELS[name][1] and ours >= hf - HF_AGREEMENT_SLACK, ours
     assert abs(ratio - 1) <= PERPLEXITY_RTOL, ratio

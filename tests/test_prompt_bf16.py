@@ -1,6 +1,7 @@
 """--prompt-bf16: prompt positions' dense matmuls on AMX bfloat16 tiles, generated positions on
-the int16 path. The path is chosen by position, so every invariant still holds: a row's bits
-do not depend on the batch, the chunking of its prompt or the prefix cache."""
+the int16 path; --dtype bfloat16: every position on the tiles, the weights converted once at
+load. The path is chosen by position, so every invariant still holds: a row's bits do not
+depend on the batch, the chunking of its prompt or the prefix cache."""
 from __future__ import annotations
 
 import pytest
@@ -67,6 +68,28 @@ def test_bf16_rows_are_the_bfloat16_product_and_batch_invariant(k, type_name):
             torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("type_name", TYPES)
+def test_weights_converted_once_give_the_same_bits(k, type_name):
+    """--dtype bfloat16 converts the weights at load (QW.pack_bf16) instead of in each call:
+    the tiles then read them from memory, ahead by a prefetch, and the bits are the same."""
+    if not _bf16_here(k):
+        pytest.skip("this CPU has no AMX-BF16")
+    for N in (96, 37, 48):               # 37: a ragged group; 48: an odd number of groups
+        _, p = packed(type_name, N=N, seed=N + 1)
+        w = QWeight.from_packed(p)
+        fly, once = qw_of(w), qw_of(w)
+        once.pack_bf16()
+        assert fly.packed_bytes == 0 and once.packed_bytes == 2 * ((N + 31) // 32 * 32) * 512
+        x = torch.randn(70, 512)
+        for m in (1, 16, 17, 70):
+            rows = torch.ones(m, dtype=torch.uint8)
+            xm = x[:m].contiguous()
+            assert torch.equal(k.ops.qlinear_rows(xm, once, rows),
+                               k.ops.qlinear_rows(xm, fly, rows))
+        mixed = torch.tensor([i % 3 == 0 for i in range(70)], dtype=torch.uint8)
+        assert torch.equal(k.ops.qlinear_rows(x, once, mixed), k.ops.qlinear_rows(x, fly, mixed))
+
+
 def test_a_row_mask_of_the_wrong_length_is_refused(k):
     _, p = packed("Q4_1")
     qw = qw_of(QWeight.from_packed(p))
@@ -94,11 +117,15 @@ def test_generated_blocks_are_cached_apart_from_prompt_blocks():
 
 def test_prompt_bf16_is_refused_where_it_cannot_run(smollm_path):
     from ostinato import LLM
-    with pytest.raises(ValueError, match="kernels backend"):
-        LLM(str(smollm_path), backend="torch", prompt_bf16=True)
-    if not CpuKernels().ops.amx_bf16_available():
-        with pytest.raises(ValueError, match="AMX-BF16"):
-            LLM(str(smollm_path), prompt_bf16=True)
+    for kw in ({"prompt_bf16": True}, {"dtype": "bfloat16"}):
+        with pytest.raises(ValueError, match="kernels backend"):
+            LLM(str(smollm_path), backend="torch", **kw)
+        if not CpuKernels().ops.amx_bf16_available():
+            with pytest.raises(ValueError, match="AMX-BF16"):
+                LLM(str(smollm_path), **kw)
+    for dtype in ("float16", "float32", "half", "bf16"):     # not ignored: refused
+        with pytest.raises(ValueError, match="dtype"):
+            LLM(str(smollm_path), dtype=dtype)
 
 
 def test_prompt_bf16_keeps_every_invariant(smollm_path):
@@ -152,3 +179,36 @@ def test_prompt_bf16_recomputes_a_preempted_sequence_to_the_bit(smollm_path):
     got = run(tiny)
     assert tiny.engine.stats.preemptions > 0
     assert got == run(big)
+
+
+def test_dtype_bfloat16_keeps_every_invariant(smollm_path):
+    """Every position on the tiles, the LM head too: a batch == each prompt alone, chunked
+    by 32 tokens == from the prefix cache, to the bit (tokens, their log-probabilities and
+    the prompt's); neither the int16 path's nor --prompt-bf16's bits."""
+    if not CpuKernels().ops.amx_bf16_available():
+        pytest.skip("this CPU has no AMX-BF16")
+    from ostinato import LLM
+    from ostinato.bench.latency import synthetic_words
+    from ostinato.params import SamplingParams
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0,
+                        prompt_logprobs=0)
+    prompts = [synthetic_words(20 + 25 * i, 400 + i) for i in range(5)]
+
+    def run(llm, ps):
+        return [(o.outputs[0].token_ids,
+                 [float(lp[t].logprob) for t, lp in zip(o.outputs[0].token_ids,
+                                                        o.outputs[0].logprobs)],
+                 [float(next(iter(d.values())).logprob) for d in o.prompt_logprobs[1:]])
+                for o in llm.generate(ps, sp)]
+    batched = LLM(str(smollm_path), dtype="bfloat16")
+    model = batched.engine.runner.model
+    assert id(model.lm_head) in model.ops._bf16           # the LM head takes the tiles
+    chunked = LLM(str(smollm_path), dtype="bfloat16", max_num_batched_tokens=32,
+                  enable_prefix_caching=False)
+    first = run(batched, prompts)
+    assert [run(chunked, [p])[0] for p in prompts] == first
+    assert run(batched, prompts) == first                # now from the prefix cache
+    for other in (LLM(str(smollm_path), prompt_bf16=True), LLM(str(smollm_path))):
+        theirs = run(other, prompts)
+        assert all(a[1] != b[1] and a[2] != b[2] for a, b in zip(first, theirs))
+        assert sum(a[0] == b[0] for a, b in zip(first, theirs)) >= 4

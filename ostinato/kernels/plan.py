@@ -19,6 +19,7 @@ import torch
 
 from . import ops
 from .backend import EMPTY, CpuKernels, QWeight, StackedPart, expert_mats, qw_of, stacked_of
+from .repack import F32
 
 log = logging.getLogger("ostinato.model")
 
@@ -205,18 +206,26 @@ def build_executor(rec: Recorder, out: Value):
 
 
 def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int,
-                 bf16_rows: bool = False) -> Callable | None:
+                 bf16_rows: bool = False, packed_bf16: bool = False) -> Callable | None:
     """A drop-in for model.forward, derived from model.decode; None on a backend without an
     executor (the torch reference runs eagerly by design). Its workspace and the kernels'
     scratch are sized for steps of up to max_tokens tokens whose queries see up to
     max_context keys; `forward.plan.reserve(...)` sizes a new thread's scratch too. The
     hidden states it returns are a view of the workspace: valid until the next call.
     bf16_rows: the rows that meta.bf16_rows marks run every dense matmul on AMX bfloat16
-    tiles (csrc/amx_bf16.h; --prompt-bf16)."""
+    tiles (csrc/amx_bf16.h; --prompt-bf16); packed_bf16: their weights converted for the tiles
+    once, here, rather than in each call (--dtype bfloat16: same bits, twice 8-bit codes'
+    memory)."""
     if not isinstance(model.ops, CpuKernels):
         log.info("backend %s runs the decoder eagerly (no static plan)", type(model.ops).__name__)
         return None
-    plan = build_executor(*record(model, kv_caches))
+    rec, out = record(model, kv_caches)
+    plan = build_executor(rec, out)
+    if packed_bf16:
+        kept = sum(op.kind == "linear" and op.weights[0].fmt == F32 for op in rec.ops)
+        if kept:
+            log.info("%d of the decoder's matmuls have float32 weights: they stay on the "
+                     "float32 path under --dtype bfloat16", kept)
 
     def inputs(input_ids, positions, meta) -> tuple:
         """plan.forward's arguments: the embedded tokens and the rotary tables (computed in
@@ -229,7 +238,7 @@ def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int,
         if meta.bf16_rows is not None:
             plan.set_bf16_rows(meta.bf16_rows)
         return plan.forward(*inputs(input_ids, positions, meta))
-    plan.use_bf16_rows(bf16_rows)
+    plan.use_bf16_rows(bf16_rows, packed_bf16)
     plan.reserve(max_tokens, max_context)
     # plan.set_profile(True) / plan.profile(): seconds per stage, for bench
     forward.plan, forward.inputs = plan, inputs

@@ -93,6 +93,35 @@ void store_c(int c, float* dst, int64_t stride_bytes) {
   }
 }
 
+// `--dtype bfloat16`: the weights converted once, at load, as bf16_group writes them, instead
+// of once per call (which costs a step as much as the tile products from 64 rows on). Groups
+// go by pairs, the last pair's second group zeros when N / 16 is odd: group g at g * 16 * K.
+// Twice the bytes of 8-bit codes (four times 4-bit ones): the trade is memory and a slower
+// step at a few rows, for steps of many rows with no conversion in them.
+int64_t packed_bf16_elems(int64_t N, int64_t K) { return (N + 31) / 32 * 32 * K; }
+void pack_bf16_into(const Weights& w, uint16_t* dst) {
+  const int64_t groups = (w.N + 15) / 16, slots = (w.N + 31) / 32 * 2;
+  const Bf16GroupFn conv = pick_bf16_group(w);
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < slots; ++g) {
+    if (g < groups) conv(w, g * 16, dst + g * 16 * w.K);
+    else std::memset(dst + g * 16 * w.K, 0, 16 * w.K * sizeof(uint16_t));
+  }
+}
+
+// Span s of a pair of packed groups, into L1 two k-steps before the tiles load it: from
+// memory a tile load waits for DRAM (SmolLM2's matmuls at 64 rows: 25.8 ms a step without,
+// 19.0 with; 4 or 8 steps ahead were slower, and at one row no distance helped: 212 MB a
+// step at ~17 GB/s is the bound there).
+inline void prefetch_pair_span(const uint16_t* pair, int64_t K, int64_t s) {
+  const char* a = reinterpret_cast<const char*>(pair + s * 512);
+  const char* b = reinterpret_cast<const char*>(pair + 16 * K + s * 512);
+  for (int l = 0; l < 16; ++l) {
+    _mm_prefetch(a + 64 * l, _MM_HINT_T0);
+    _mm_prefetch(b + 64 * l, _MM_HINT_T0);
+  }
+}
+
 // out[row[m]] = x[row[m]] . w^T for m < M (rows of x and out given by index, ascending).
 // x is rounded to bfloat16 in tile order: tile t (16 rows), k-step s (32 columns) is one
 // contiguous 1 KB block, [t][s][row % 16][32] (a tile load from rows K apart ran ~1.4x slower).
@@ -122,20 +151,37 @@ void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int
 #pragma omp for schedule(static)
     for (int64_t gp = 0; gp < (groups + 1) / 2; ++gp) {
       const int64_t g0 = 2 * gp;
-      conv(w, g0 * 16, wb);
-      if (g0 + 1 < groups) conv(w, g0 * 16 + 16, wb + 16 * K);
-      else std::memset(wb + 16 * K, 0, 16 * K * 2);
+      const uint16_t* wg = wb;
+      if (w.bf16) {
+        wg = w.bf16 + g0 * 16 * K;
+      } else {
+        conv(w, g0 * 16, wb);
+        if (g0 + 1 < groups) conv(w, g0 * 16 + 16, wb + 16 * K);
+        else std::memset(wb + 16 * K, 0, 16 * K * 2);
+      }
       for (int64_t p = 0; p < pairs; ++p) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int64_t s = 0; s < ks; ++s) {
-          _tile_loadd(4, x_tile(2 * p, s), 64);
-          _tile_loadd(5, x_tile(2 * p + 1, s), 64);
-          _tile_loadd(6, wb + s * 512, 64);
-          _tile_loadd(7, wb + 16 * K + s * 512, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+        if (M - p * 32 <= 16) {   // one x tile of live rows: its products alone (same sums)
+          for (int64_t s = 0; s < ks; ++s) {
+            if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2);
+            _tile_loadd(4, x_tile(2 * p, s), 64);
+            _tile_loadd(6, wg + s * 512, 64);
+            _tile_loadd(7, wg + 16 * K + s * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+          }
+        } else {
+          for (int64_t s = 0; s < ks; ++s) {
+            if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2);
+            _tile_loadd(4, x_tile(2 * p, s), 64);
+            _tile_loadd(5, x_tile(2 * p + 1, s), 64);
+            _tile_loadd(6, wg + s * 512, 64);
+            _tile_loadd(7, wg + 16 * K + s * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
         }
         for (int c = 0; c < 4; ++c) {
           const int64_t m0 = p * 32 + (c / 2) * 16, n0 = (g0 + c % 2) * 16;
@@ -157,6 +203,8 @@ void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int
 #else
 bool amx_bf16_permitted() { return false; }
 size_t bf16_x_elems(int64_t, int64_t) { return 0; }
+int64_t packed_bf16_elems(int64_t, int64_t) { return 0; }
+void pack_bf16_into(const Weights&, uint16_t*) {}
 void qlinear_bf16_rows(const Weights&, const float*, const int64_t*, int64_t, float*, int64_t,
                        bool) {}
 #endif

@@ -205,12 +205,17 @@ class Executor {
     return views_[out_];
   }
 
-  // `--prompt-bf16`: the next forward's rows with a 1 in `rows` ((T,) uint8) take the
-  // bfloat16 tiles in every dense matmul (routed experts stay on the int16 path).
-  // use_bf16_rows(true) before reserve() sizes the scratch for it.
-  void use_bf16_rows(bool on) {
-    TORCH_CHECK(!on || amx_bf16_permitted(), "bfloat16 prompt rows need AMX-BF16 (this CPU has none)");
+  // `--prompt-bf16`, `--dtype bfloat16`: the next forward's rows with a 1 in `rows` ((T,)
+  // uint8) take the bfloat16 tiles in every dense matmul (routed experts stay on the int16
+  // path). use_bf16_rows(true) before reserve() sizes the scratch for it; packed: every dense
+  // weight converted for the tiles now, once, rather than in each call (same bits).
+  void use_bf16_rows(bool on, bool packed) {
+    TORCH_CHECK(!on || amx_bf16_permitted(), "bfloat16 rows need AMX-BF16 (this CPU has none)");
+    TORCH_CHECK(on || !packed, "Executor.use_bf16_rows: packed weights are for bfloat16 rows");
     bf16_rows_on_ = on;
+    if (packed)
+      for (ExecOp& op : ops_)
+        if (op.kind == OpKind::kLinear) op.w[0].pack_bf16();
   }
   void set_bf16_rows(torch::Tensor rows) {
     TORCH_CHECK(bf16_rows_on_, "Executor.set_bf16_rows: use_bf16_rows(true) first");

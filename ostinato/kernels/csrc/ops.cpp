@@ -28,7 +28,7 @@
 // One translation unit (one compile of torch's headers), one file per kernel family:
 #include "quant.h"        // weight layouts, AVX tiles, int16 activations
 #include "amx.h"          // AMX tiles for 5+ rows
-#include "amx_bf16.h"     // AMX bfloat16 tiles for prompt rows (--prompt-bf16)
+#include "amx_bf16.h"     // AMX bfloat16 tiles (--prompt-bf16, --dtype bfloat16)
 #include "panels.h"       // weight panels for many rows, without AMX (AVX-512 or AVX2)
 #include "qlinear.h"      // the quantized matmul's entry point
 #include "norm_rope.h"    // RMSNorm; q/k norm + rotary + KV-cache write
@@ -69,7 +69,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention);
   m.def("moe", &moe);
   py::class_<QW>(m, "QW").def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                                       torch::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t>());
+                                       torch::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t>())
+      .def("pack_bf16", &QW::pack_bf16)
+      .def_property_readonly("packed_bytes", [](const QW& w) {
+        return w.bf16.defined() ? w.bf16.numel() * 2 : int64_t{0}; });
   py::class_<Executor>(m, "Executor")
       .def(py::init<std::vector<int64_t>>())
       .def("view", &Executor::view)

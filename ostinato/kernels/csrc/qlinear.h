@@ -50,23 +50,15 @@ void qlinear_split(const Weights& w, const float* xp, int64_t M, float* op,
   for (int64_t i = 0; i < rest; ++i) std::memcpy(op + idx[nb + i] * w.N, os + i * w.N, w.N * 4);
 }
 
-// x: (M, K) f32 contiguous -> out: (M, N) f32 contiguous
-// scale, min: per-block values by fours of rows (float32 or float16); or, for K-quants, int8
-// multipliers with scale_d / min_d holding the super-blocks' halves (empty otherwise)
-void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
-                  torch::Tensor scale_d, torch::Tensor min_d, int64_t fmt, int64_t bs, int64_t zp,
-                  int64_t N, int64_t K, int64_t quant_act, torch::Tensor out,
-                  const uint8_t* bf16_rows = nullptr) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: (M,K) f32");
-  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
-              out.size(0) == x.size(0) && out.size(1) == N, "qlinear: out must be (M, N) f32");
-  TORCH_CHECK(x.size(1) == K && K % bs == 0, "qlinear: x has the wrong width");
+// The Weights view of a repacked weight's tensors (checked against N and K).
+Weights weights_of(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& min,
+                   const torch::Tensor& scale_d, const torch::Tensor& min_d, int64_t fmt,
+                   int64_t bs, int64_t zp, int64_t N, int64_t K) {
   TORCH_CHECK((fmt == kQ8 && (bs == 16 || bs == 32)) || ((fmt == kQ4 || fmt == kQ5 || fmt == kF32) && bs == 32),
               "qlinear: unsupported format/block size");
   TORCH_CHECK(fmt == kF32 || (scale.is_contiguous() && scale.numel() == (N + 3) / 4 * (K / bs) * 4 &&
                               (!min.numel() || min.numel() == scale.numel())),
               "qlinear: scales (and mins) must be (ceil(N/4), K/bs, 4)");
-  const int64_t M = x.size(0);
   auto vals = [&](const torch::Tensor& t, const torch::Tensor& d) {
     if (t.numel() && t.scalar_type() == torch::kChar) {        // K-quant: halves x int8
       const int64_t rows = (N + 3) / 4 * 4, nb = K / bs;
@@ -81,8 +73,25 @@ void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::
                 "qlinear: scales and mins are float32, float16 or int8 (K-quants)");
     return BlockVals{t.numel() ? t.data_ptr() : nullptr, t.scalar_type() == torch::kHalf, K / bs};
   };
-  Weights w{fmt, bs, zp, N, K, K / bs, q.data_ptr(),
-            fmt == kF32 ? BlockVals{} : vals(scale, scale_d), vals(min, min_d)};
+  return Weights{fmt, bs, zp, N, K, K / bs, q.data_ptr(),
+                 fmt == kF32 ? BlockVals{} : vals(scale, scale_d), vals(min, min_d)};
+}
+
+// x: (M, K) f32 contiguous -> out: (M, N) f32 contiguous
+// scale, min: per-block values by fours of rows (float32 or float16); or, for K-quants, int8
+// multipliers with scale_d / min_d holding the super-blocks' halves (empty otherwise).
+// bf16_rows: rows on the bfloat16 tiles; packed: the weights already converted for them.
+void qlinear_into(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min,
+                  torch::Tensor scale_d, torch::Tensor min_d, int64_t fmt, int64_t bs, int64_t zp,
+                  int64_t N, int64_t K, int64_t quant_act, torch::Tensor out,
+                  const uint8_t* bf16_rows = nullptr, const uint16_t* packed = nullptr) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: (M,K) f32");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
+              out.size(0) == x.size(0) && out.size(1) == N, "qlinear: out must be (M, N) f32");
+  TORCH_CHECK(x.size(1) == K && K % bs == 0, "qlinear: x has the wrong width");
+  const int64_t M = x.size(0);
+  Weights w = weights_of(q, scale, min, scale_d, min_d, fmt, bs, zp, N, K);
+  w.bf16 = packed;
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   if (bf16_rows && quant_act && fmt != kF32) {
@@ -154,8 +163,19 @@ struct QW {
      torch::Tensor min_d, int64_t fmt, int64_t bs, int64_t zp, int64_t N, int64_t K)
       : q(q), scale(scale), min(min), scale_d(scale_d), min_d(min_d), fmt(fmt), bs(bs), zp(zp),
         N(N), K(K) {}
+  torch::Tensor bf16;                  // the codes as bfloat16 tiles, once pack_bf16() ran
   void into(const torch::Tensor& x, const torch::Tensor& out, int64_t quant,
             const uint8_t* bf16_rows = nullptr) const {
-    qlinear_into(x, q, scale, min, scale_d, min_d, fmt, bs, zp, N, K, quant, out, bf16_rows);
+    qlinear_into(x, q, scale, min, scale_d, min_d, fmt, bs, zp, N, K, quant, out, bf16_rows,
+                 bf16.defined() ? reinterpret_cast<const uint16_t*>(bf16.data_ptr<int16_t>())
+                                : nullptr);
+  }
+  // Converts the codes for the bfloat16 tiles once (amx_bf16.h); a no-op for float32 weights.
+  void pack_bf16() {
+    TORCH_CHECK(amx_bf16_permitted(), "QW.pack_bf16: this CPU has no AMX-BF16");
+    if (fmt == kF32 || bf16.defined()) return;
+    Weights w = weights_of(q, scale, min, scale_d, min_d, fmt, bs, zp, N, K);
+    bf16 = torch::empty({packed_bf16_elems(N, K)}, torch::kInt16);
+    pack_bf16_into(w, reinterpret_cast<uint16_t*>(bf16.data_ptr<int16_t>()));
   }
 };

@@ -125,6 +125,7 @@ struct Weights {
   const void* q;                   // (N, K) f32 | (N, K) int8 | (N, K/2) uint8
   BlockVals scale;                 // unused for f32
   BlockVals min;                   // p == nullptr when the format has none
+  const uint16_t* bf16 = nullptr;  // the codes as bfloat16 tiles (amx_bf16.h), when packed
   // bytes of one row's codes (every format stores a row's blocks contiguously)
   int64_t row_bytes() const {
     return fmt == kF32 ? K * 4 : K / 32 * block_bytes(fmt);
