@@ -184,3 +184,38 @@ def test_greedy_rows_in_one_call_give_what_each_alone_gives(request, model):
         assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
         assert a.prompt_logprobs == b.prompt_logprobs
+
+
+def test_logits_kept_in_one_buffer_across_steps_give_what_fresh_ones_give(make_llm):
+    """The batched LM head writes into a buffer the runner keeps (no 67 MB mapped anew each
+    step on Gemma 3); rows that go on to logits processing, sampling, logprobs or their own
+    prompt-logprob LM head in the same step must see what a fresh tensor gives, to the bit."""
+    llm = make_llm(max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    prompts = [f"Tell me about the {w}." for w in WORDS[:8]]
+    params = [greedy(12), greedy(12, logprobs=3), greedy(12, repetition_penalty=1.3),
+              greedy(12, prompt_logprobs=2), greedy(12, logit_bias={11: 5.0}),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True,
+                             logprobs=1),
+              SamplingParams(temperature=1.0, top_p=0.9, seed=5, max_tokens=12,
+                             ignore_eos=True), greedy(12, min_tokens=6)]
+    ptrs = set()
+    kept = runner._logits_out
+
+    def watched(n):
+        out = kept(n)
+        ptrs.add(out.untyped_storage().data_ptr())
+        return out
+    runner._logits_out = watched
+    try:
+        with_buffer = llm.generate(prompts, params)
+        runner._logits_out = lambda n: None                   # a fresh tensor each step
+        fresh = llm.generate(prompts, params)
+    finally:
+        runner._logits_out = kept
+    assert len(ptrs) == 1                                     # one buffer, every step
+    assert token_ids(with_buffer) == token_ids(fresh)
+    for a, b in zip(with_buffer, fresh):
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+        assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob
+        assert a.prompt_logprobs == b.prompt_logprobs

@@ -125,7 +125,7 @@ class CpuKernels:
         self.ops = ops()
         self.quantize_activations = quantize_activations
         self.kv_dtype = KV_DTYPES[kv_cache_dtype]
-        self._bf16: dict[int, tuple[QWeight, object]] = {}   # id(weight) -> (it, packed QW)
+        self._held: dict[int, tuple[QWeight, object]] = {}   # id(weight) -> (it, its QW)
 
     # -- weights: the backend owns their layout ------------------------------------------
     def load_weights(self, tensors: dict[str, LogicalTensor], groups: list[tuple[str, ...]],
@@ -144,32 +144,40 @@ class CpuKernels:
         weight converted once, here (--dtype bfloat16's LM head; the plan packs its own
         weights). False, and nothing changes, for a weight the tiles do not take (float32,
         a stacked part)."""
-        if not isinstance(w, QWeight) or w.fmt == F32:
+        if not isinstance(w, QWeight) or w.fmt == F32 or not self.quantize_activations:
             return False
-        if self.quantize_activations and id(w) not in self._bf16:
-            qw = qw_of(w)
-            qw.pack_bf16()
-            self._bf16[id(w)] = (w, qw)
-        return self.quantize_activations
+        self._qw(w).pack_bf16()
+        return True
+
+    def _qw(self, w: QWeight):
+        """w's QW, kept (with w, so that its id stays w's) for the weights multiplied through
+        linear_into: a packed one, or one whose product goes into a kept buffer."""
+        held = self._held.get(id(w))
+        if held is None:
+            held = self._held[id(w)] = (w, qw_of(w))
+        return held[1]
 
     def embed(self, table: QWeight, ids: torch.Tensor) -> torch.Tensor:
         return table.rows(ids)
 
-    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (T, K) times one weight, or a list of weights whose outputs are concatenated
-        (one stacked matmul where load_weights stacked them)."""
+        (one stacked matmul where load_weights stacked them). out: a (T, N) float32 tensor
+        to write into (one weight only), instead of a new one."""
         if isinstance(w, list):
             stacked = stacked_of(w)
             if stacked is None:
+                if out is not None:
+                    raise ValueError("linear: out= takes one weight, not a list of parts")
                 return torch.cat([self.linear(x, part) for part in w], dim=-1)
             w = stacked
         if isinstance(w, StackedPart):
             raise ValueError("a stacked weight's part cannot be multiplied on its own")
-        packed = self._bf16.get(id(w))
-        if packed is not None:
+        if out is not None or id(w) in self._held:
             x2 = x.reshape(-1, w.K).contiguous()
-            y = self.ops.qlinear_rows(x2, packed[1], torch.ones(len(x2), dtype=torch.uint8))
-            return y.view(*x.shape[:-1], w.N)
+            y = out if out is not None else torch.empty(len(x2), w.N)
+            self.ops.linear_into(x2, self._qw(w), y, int(self.quantize_activations))
+            return y if out is not None else y.view(*x.shape[:-1], w.N)
         y = self.ops.qlinear(x.reshape(-1, w.K).contiguous(), w.q, w.scale, w.min, w.scale_d,
                              w.min_d, w.fmt, w.bs, w.zp, w.N, w.K, int(self.quantize_activations))
         return y.view(*x.shape[:-1], w.N)

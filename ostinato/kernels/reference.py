@@ -21,10 +21,12 @@ class TorchOps:
     def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return table[ids]
 
-    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, list):
-            return torch.cat([F.linear(x, part) for part in w], dim=-1)
-        return F.linear(x, w)
+            y = torch.cat([F.linear(x, part) for part in w], dim=-1)
+        else:
+            y = F.linear(x, w)
+        return y if out is None else out.copy_(y)
 
     def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return x + h

@@ -107,11 +107,13 @@ class Transformer:
             x = self.layer(i, x, rope, meta, kv_caches[i])
         return self.norm(x, "output_norm.weight")
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """(N, d) -> (N, vocab): the LM head, then Granite's logit divisor and Gemma 2's
-        soft-cap (elementwise, so every row is computed alone)."""
+        soft-cap (elementwise, so every row is computed alone). out: an (N, vocab) float32
+        tensor for the LM head to write into (and the result, where no scaling follows)."""
         cfg = self.cfg
-        logits = self.ops.linear(hidden, self.lm_head)
+        logits = self.ops.linear(hidden, self.lm_head, out=out)
         if cfg.logit_scale != 1.0:
             logits = logits / cfg.logit_scale
         if cfg.final_softcap:

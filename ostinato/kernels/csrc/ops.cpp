@@ -50,6 +50,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     w.into(x, out, 1, bf16_rows.data_ptr<uint8_t>());
     return out;
   });
+  // out = x . w^T into a given (M, N) float32 tensor (a buffer kept across steps: the LM
+  // head's logits); a packed weight (QW.pack_bf16) takes every row on the bfloat16 tiles.
+  m.def("linear_into", [](torch::Tensor x, const QW& w, torch::Tensor out, int64_t quant) {
+    thread_local std::vector<uint8_t> ones;
+    const uint8_t* rows = nullptr;
+    if (w.bf16.defined()) {
+      if ((int64_t)ones.size() < x.size(0)) ones.assign(x.size(0), 1);
+      rows = ones.data();
+    }
+    w.into(x, out, quant, rows);
+  }, py::call_guard<py::gil_scoped_release>());
   m.def("scratch_growths", [] { return g_scratch_growths.load(); });
   m.def("logprob_stats", &logprob_stats);
   m.def("greedy_rows", &greedy_rows);
