@@ -110,10 +110,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "or the cache (needs AMX-BF16; default: off)")
     p.add_argument("--dtype", choices=["auto", "bfloat16"], default="auto",
                    help="auto: the GGUF's quantized weights, activations as int16 (default); "
-                        "bfloat16: every token's decoder matmuls on AMX bfloat16 tiles, the "
-                        "weights converted to bfloat16 at load (twice the memory of 8-bit "
-                        "codes): faster steps from ~16 sequences, slower with a few; bits "
-                        "still independent of the batch (needs AMX-BF16)")
+                        "bfloat16: every token's decoder matmuls and the LM head on AMX "
+                        "bfloat16 tiles, a bfloat16 copy of the weights made at load beside "
+                        "the codes (2 bytes a weight more): faster steps from ~16 sequences, "
+                        "slower with a few; bits still independent of the batch (needs "
+                        "AMX-BF16; not with --prompt-bf16)")
     from .engine.step_time import AUTO_FLOOR_S, AUTO_RATIO      # pure Python, no torch
     p.add_argument("--target-itl-ms", type=_target_itl, default="auto", metavar="MS",
                    help="step-time target: each step's prefill chunks are sized so that the "
@@ -507,7 +508,8 @@ def _disk_tier_conflicts(a) -> str:
     given = {"--serving": a.serving, "--vs": a.vs, "--structured": a.structured,
              "--speculative": a.speculative, "--contention": a.contention, "--url": a.url,
              "--out": a.out, "--quantize": a.quantize, "--backend": a.backend != "kernels",
-             "--kv-cache-dtype": a.kv_cache_dtype != "float16"}
+             "--kv-cache-dtype": a.kv_cache_dtype != "float16",
+             "--prompt-bf16": a.prompt_bf16, "--dtype": a.dtype != "auto"}
     return ", ".join(flag for flag, on in given.items() if on)
 
 

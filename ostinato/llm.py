@@ -80,6 +80,9 @@ def bf16_positions(dtype: str, prompt_bf16: bool, backend: str) -> str | None:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported: 'auto' (the GGUF's quantized "
                          "weights on the int16 path) or 'bfloat16' (AMX bfloat16 tiles)")
+    if dtype == "bfloat16" and prompt_bf16:
+        raise ValueError("prompt_bf16 keeps generated tokens on the int16 path and dtype "
+                         "bfloat16 puts every token on the bfloat16 tiles: choose one")
     which = "all" if dtype == "bfloat16" else "prompt" if prompt_bf16 else None
     if which is None:
         return None
@@ -91,9 +94,9 @@ def bf16_positions(dtype: str, prompt_bf16: bool, backend: str) -> str | None:
         raise ValueError(f"{flag} needs a CPU with AMX-BF16 (Sapphire Rapids or later) "
                          "and a kernel build for it; this one has none")
     if which == "all":
-        log.info("every position runs the decoder's matmuls on AMX bfloat16 tiles (--dtype "
-                 "bfloat16; weights converted at load, the LM head and routed experts on "
-                 "the int16 path)")
+        log.info("every position runs the decoder's matmuls and the LM head on AMX "
+                 "bfloat16 tiles (--dtype bfloat16; weights converted at load; routed "
+                 "experts on the int16 path)")
     else:
         log.info("prompt positions run their matmuls on AMX bfloat16 tiles (--prompt-bf16); "
                  "generated positions on the int16 path")
@@ -127,9 +130,9 @@ class LLM:
         matmuls on AMX bfloat16 tiles (prefill about twice as fast, activations rounded to
         bfloat16 there; generated positions unchanged); needs a CPU with AMX-BF16.
         dtype: "auto" (the GGUF's quantized weights, activations as int16) or "bfloat16"
-        (every position's decoder matmuls on AMX bfloat16 tiles, the weights converted to
-        bfloat16 at load: twice the memory of 8-bit codes, faster steps from ~16 rows,
-        slower below; implies prompt_bf16's path for the prompt, on the stored weights).
+        (every position's decoder matmuls and the LM head on AMX bfloat16 tiles, a
+        bfloat16 copy of the weights made at load beside the codes: 2 bytes a weight more;
+        faster steps from ~16 rows, slower below; not with prompt_bf16).
         step_log: a file to append a JSON line per engine step to (engine/step_log.py)."""
         spec = SpeculativeConfig.parse(speculative, num_speculative_tokens=num_speculative_tokens,
                                        draft_model=draft_model)
@@ -141,6 +144,7 @@ class LLM:
         self.backend = backend
         self.model_path, gf = open_model(model, quantize)
         self.quantize = quantize
+        self.kv_cache_dtype = kv_cache_dtype
         self.model_name = model_name(str(model))
         self.config = ModelConfig.from_gguf(gf.metadata, str(self.model_path), set(gf.tensors))
         self.tokenizer = Tokenizer.from_gguf(gf.metadata, str(self.model_path))
@@ -157,7 +161,7 @@ class LLM:
         kv = KVCacheManager(num_blocks, block_size, self.config.kv_group_windows(),
                             enable_prefix_caching, split_paths=bf16 == "prompt")
         runner = ModelRunner(model_, num_blocks, block_size, eos, max_num_batched_tokens,
-                             self.max_model_len, bf16)
+                             self.max_model_len, bf16, max_num_seqs)
         if kv_cache_dir is not None and not enable_prefix_caching:
             raise ValueError("kv_cache_dir is the prefix cache's disk tier: it needs "
                              "enable_prefix_caching")
@@ -185,7 +189,7 @@ class LLM:
         key = namespace_key("ostinato-kv-1", __version__, self._model_sha256(),
                             self._kernel_build(), self.backend, kv_cache_dtype,
                             runner.block_size, runner.block_layout(), repr(self.config),
-                            *({"prompt": ["prompt-bf16"], "all": ["bf16"]}.get(runner.bf16, [])))
+                            *_path_modes(runner))
         return DiskKVCache(root, key, [runner.block_bytes(g) for g in range(runner.num_groups)],
                            int(gb * (1 << 30)))
 
@@ -247,9 +251,16 @@ class LLM:
     def fingerprint(self) -> str:
         """What decides this LLM's results besides the request, as OpenAI's
         `system_fingerprint`: 'fp_' + 12 hex digits of a hash over the model file's bytes,
-        the kernel build (the compiled extension's bytes) and this package's version. Equal
+        the kernel build (the compiled extension's bytes), this package's version and the
+        options that change the bits (the matmul path, the KV cache's dtype). Equal
         fingerprints, equal results. Reads the whole model file (about 1 s per GB)."""
-        return system_fingerprint(self._model_sha256(), self._kernel_build())
+        return system_fingerprint(self._model_sha256(), self._kernel_build() + "".join(
+            f"|{m}" for m in self._bit_modes()))
+
+    def _bit_modes(self) -> list[str]:
+        """The options besides the model and the build that decide the output's bits."""
+        return (_path_modes(self.engine.runner) +
+                ([] if self.kv_cache_dtype == "float16" else [f"kv-{self.kv_cache_dtype}"]))
 
     def _model_sha256(self) -> str:
         if self.model_path.is_file():
@@ -356,6 +367,11 @@ class LLM:
         """The ids of a rendered chat prompt: a real template writes BOS itself (as vLLM
         assumes); the plain fallback does not, so encoding adds it."""
         return self.tokenize(text, add_special_tokens=self.tokenizer.chat_template is None)
+
+
+def _path_modes(runner: ModelRunner) -> list[str]:
+    """The matmul path's mode, where it is not the default (its bits differ)."""
+    return {"prompt": ["prompt-bf16"], "all": ["bf16"]}.get(runner.bf16, [])
 
 
 def system_fingerprint(model_sha256: str, kernel_build: str) -> str:

@@ -24,7 +24,8 @@ def main(rounds: int) -> None:
     for r in range(rounds):
         for n, words, max_tokens in CASES:
             for name, llm in llms.items():          # fresh prompts each: no prefix-cache hits
-                salt = 100_000 * r + 1000 * n + words + 20_000 * list(llms).index(name)
+                salt = (1_000_000 * r + 1000 * n + words + 20_000 * list(llms).index(name)
+                        + 100_000 * (max_tokens > 1))
                 prompts = [synthetic_words(words, salt + i) for i in range(n)]
                 t = time.perf_counter()
                 llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0,

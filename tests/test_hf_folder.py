@@ -267,6 +267,21 @@ def test_quantize_refusals(tiny):
         ostinato_llm(m.ggufs["f32"], quantize="q8_0")
 
 
+def test_dtype_bfloat16_needs_quantized_weights(tiny):
+    """--dtype bfloat16 converts quantized weights for the tiles: a float32 folder would run
+    exactly as without it, so it is refused, naming --quantize; quantized, it runs on them."""
+    from ostinato.kernels import ops
+    if not ops().amx_bf16_available():
+        pytest.skip("no AMX-BF16 on this CPU: --dtype bfloat16 is refused here")
+    m = tiny["llama"]
+    with pytest.raises(ValueError, match="--quantize"):
+        ostinato_llm(m.hf_dir, dtype="bfloat16")
+    ids = test_ids(m)
+    tiles = logits_of(ostinato_llm(m.hf_dir, quantize="q8_0", dtype="bfloat16"), ids)
+    int16 = logits_of(ostinato_llm(m.hf_dir, quantize="q8_0"), ids)
+    assert not np.array_equal(tiles, int16) and np.abs(tiles - int16).max() < 0.1
+
+
 # ---------------------------------------------------------------------------------------------
 # refusals
 # ---------------------------------------------------------------------------------------------

@@ -126,6 +126,8 @@ def test_prompt_bf16_is_refused_where_it_cannot_run(smollm_path):
     for dtype in ("float16", "float32", "half", "bf16"):     # not ignored: refused
         with pytest.raises(ValueError, match="dtype"):
             LLM(str(smollm_path), dtype=dtype)
+    with pytest.raises(ValueError, match="choose one"):       # generated tokens: int16 or not
+        LLM(str(smollm_path), prompt_bf16=True, dtype="bfloat16")
 
 
 def test_prompt_bf16_keeps_every_invariant(smollm_path):
@@ -212,3 +214,4 @@ def test_dtype_bfloat16_keeps_every_invariant(smollm_path):
         theirs = run(other, prompts)
         assert all(a[1] != b[1] and a[2] != b[2] for a, b in zip(first, theirs))
         assert sum(a[0] == b[0] for a, b in zip(first, theirs)) >= 4
+        assert other.fingerprint() != batched.fingerprint()   # other bits, another print

@@ -72,7 +72,7 @@ def run_bench(llm, a: BenchArgs) -> dict:
     if "llama.cpp" in a.vs and not a.latency:
         raise ValueError("--vs llama.cpp compares latency: drop --no-latency")
     fig: dict = {"model": llm.model_name, "machine": machine(), "date": time.strftime("%F %T"),
-                 "usd_per_hour": a.usd_per_hour}
+                 "usd_per_hour": a.usd_per_hour, "matmul_path": _path_flags(a) or ["int16"]}
     out_dir = Path(a.out) if a.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,8 @@ def bandwidth_ceiling(llm, with_llamacpp: bool) -> dict:
     and (for a GGUF) the file's own blocks, which llama.cpp reads."""
     from .bandwidth import gguf_bytes_per_token, ours_bytes_per_token, read_bandwidth_gbs
     out = {"read_gbs": round(read_bandwidth_gbs(), 2),
-           "bytes_per_token": {"ostinato": ours_bytes_per_token(llm.engine.runner.model)}}
+           "bytes_per_token": {"ostinato": ours_bytes_per_token(
+               llm.engine.runner.model, bf16=llm.engine.runner.bf16 == "all")}}
     if with_llamacpp and str(llm.model_path).endswith(".gguf"):
         from ..loader.gguf import read_gguf
         gf = read_gguf(llm.model_path)

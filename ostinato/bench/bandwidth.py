@@ -32,23 +32,27 @@ def _unique_matrices(value, seen: dict) -> None:
         seen[id(value)] = value
 
 
-def ours_bytes_per_token(model) -> int:
+def ours_bytes_per_token(model, bf16: bool = False) -> int:
     """Bytes of weight matrices one batch-1 decode step reads in our layout: every matrix of
     the layers and the LM head (the embedding table is read one row per token); with experts,
-    only the used share of them."""
+    only the used share of them. bf16 (--dtype bfloat16): the quantized matrices outside the
+    experts are read as their bfloat16 copies."""
+    from ..kernels.plan import packed_bf16_bytes
+    from ..kernels.repack import F32
     seen: dict = {}
     for name, w in model.w.items():
         if name != "token_embd.weight":
             _unique_matrices(w, seen)
     _unique_matrices(model.lm_head, seen)
-    total = sum(w.nbytes for w in seen.values())
     experts = model.cfg.experts
+    exps: dict = {}
+    for name, w in model.w.items():
+        if "_exps." in name:
+            _unique_matrices(w, exps)
+    total = sum(packed_bf16_bytes(w) if bf16 and w.fmt != F32 and i not in exps else w.nbytes
+                for i, w in seen.items())
     if experts:
-        exp: dict = {}
-        for name, w in model.w.items():
-            if "_exps." in name:
-                _unique_matrices(w, exp)
-        expert_bytes = sum(w.nbytes for w in exp.values())
+        expert_bytes = sum(w.nbytes for w in exps.values())
         total -= expert_bytes * (1 - experts.used / experts.count)
     return int(total)
 

@@ -46,13 +46,14 @@ BF16_POSITIONS = (None, "prompt", "all")     # ModelRunner(bf16=...)
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: list[int], block_size: int,
                  eos_ids: set[int], max_tokens: int, max_context: int,
-                 bf16: str | None = None):
+                 bf16: str | None = None, max_seqs: int = 64):
         """num_blocks: per KV-cache group (see ModelConfig.kv_group_windows); max_tokens: the
         most tokens a step carries; max_context: the longest sequence. bf16: which positions
         take the decoder's dense matmuls on AMX bfloat16 tiles, the rest on the int16 path:
         "prompt" (weights converted in each call), "all" (weights converted once, now), None.
         Chosen by position, so a token's bits do not depend on the batch, the chunking or the
-        cache (kernels backend with AMX-BF16 only)."""
+        cache (kernels backend with AMX-BF16 only). max_seqs: the most sequences a step
+        samples (the kept logits buffer's rows, up to LOGITS_ROWS_KEPT)."""
         if bf16 not in BF16_POSITIONS:
             raise ValueError(f"bf16: one of {BF16_POSITIONS}, not {bf16!r}")
         cfg = model.cfg
@@ -67,15 +68,16 @@ class ModelRunner:
         # buffers and the kernels' scratch sized now for the largest step
         self.max_tokens, self.max_context = max_tokens, max_context
         self.quick_greedy = True        # plain greedy rows in one call (off: each on its own)
-        self._logits: torch.Tensor | None = None      # the batched LM head's output, kept
+        self._logits = self._kept_logits(model, max_seqs)
         self.bf16 = bf16
+        self._ones = torch.ones(max_tokens, dtype=torch.uint8)   # every row on the tiles
         plan = compile_plan(model, self.kv_caches, max_tokens, max_context, bf16 is not None,
                             packed_bf16=bf16 == "all")
         if bf16 and plan is None:
             raise ValueError("bfloat16 tiles need the kernels backend (its static plan)")
         if bf16 == "all" and not model.ops.pack_bf16(model.lm_head):
-            log.info("the LM head stays on its own path (its weight is not one the bfloat16 "
-                     "tiles take)")
+            log.warning("--dtype bfloat16: the LM head stays on its own path (its weight is "
+                        "float32, which the bfloat16 tiles do not take)")
         self.forward = plan or model.forward
 
     # -- KV blocks as bytes (the prefix cache's disk tier) ------------------------------------
@@ -160,18 +162,22 @@ class ModelRunner:
                                       else logits[spans[i].start: spans[i].stop]))
         return out
 
-    def _logits_out(self, n: int) -> torch.Tensor | None:
-        """The step's batched logits go into one buffer kept across steps (valid until the
-        next step, as the hidden states are): a fresh tensor of them is mapped and faulted in
-        by the allocator each step (Gemma 3, 64 rows: 67 MB, ~19 ms of a ~140 ms step). Up to
-        LOGITS_ROWS_KEPT rows; a larger step (drafts) allocates its own."""
-        if n > LOGITS_ROWS_KEPT:
+    @staticmethod
+    def _kept_logits(model: Transformer, max_seqs: int) -> torch.Tensor | None:
+        """The batched LM head's output buffer, kept across steps and touched now (the RSS
+        does not climb with the first wide steps): a fresh tensor each step is mapped and
+        faulted in by the allocator (Gemma 3, 64 rows: 67 MB, ~19 ms of a ~140 ms step).
+        None where the backend's linear cannot write into a given tensor."""
+        head = model.lm_head
+        if not getattr(model.ops, "native_out", False) or not hasattr(head, "N"):
             return None
-        if self._logits is None or len(self._logits) < n:
-            rows = min(LOGITS_ROWS_KEPT, max(n, 16, 2 * (0 if self._logits is None
-                                                          else len(self._logits))))
-            head = self.model.lm_head
-            self._logits = torch.empty(rows, head.N if hasattr(head, "N") else head.shape[0])
+        return torch.zeros(min(max(max_seqs, 1), LOGITS_ROWS_KEPT), head.N)
+
+    def _logits_out(self, n: int) -> torch.Tensor | None:
+        """The step's batched logits' place: the kept buffer (valid until the next step, as
+        the hidden states are), or None (a new tensor) for a step of more rows (drafts)."""
+        if self._logits is None or n > len(self._logits):
+            return None
         return self._logits[:n]
 
     def _quick_greedy(self, plan: SchedulerOutput, spans: list[range],
@@ -256,7 +262,7 @@ class ModelRunner:
         if self.bf16 == "prompt":
             meta.bf16_rows = torch.tensor(bf16, dtype=torch.uint8)
         elif self.bf16 == "all":
-            meta.bf16_rows = torch.ones(len(ids), dtype=torch.uint8)
+            meta.bf16_rows = self._ones[:len(ids)]
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
 
     def _seq_result(self, s: ScheduledSeq, hidden: torch.Tensor, logits) -> SeqResult:

@@ -118,6 +118,8 @@ class CpuKernels:
     kv_cache_dtype: "float16" (llama.cpp's default: half the memory and bandwidth) or
     "float32" (keys and values exactly as computed)."""
 
+    native_out = True               # linear(..., out=) writes into out (no copy)
+
     def __init__(self, quantize_activations: bool = True, kv_cache_dtype: str = "float16"):
         if kv_cache_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, "

@@ -205,6 +205,27 @@ def build_executor(rec: Recorder, out: Value):
 
 
 
+def packed_bf16_bytes(w) -> int:
+    """The bytes of w's bfloat16 copy (QW.pack_bf16: 16-row groups by pairs)."""
+    return 2 * ((w.N + 31) // 32 * 32) * w.K
+
+
+def _check_packable(weights: list) -> None:
+    """--dtype bfloat16 converts quantized weights only: float32 ones (a Hugging Face folder
+    without --quantize, a type the loader widens) keep the float32 path. None converted is
+    refused (the flag would do nothing); some is a warning."""
+    kept = sum(w.fmt == F32 for w in weights)
+    if kept == len(weights):
+        raise ValueError("--dtype bfloat16 converts quantized weights to bfloat16 tiles, and "
+                         "this model's decoder weights are float32: load it with --quantize "
+                         "q8_0 (or q4_0) to use it")
+    if kept:
+        log.warning("--dtype bfloat16: %d of the decoder's %d matmuls have float32 weights "
+                    "and stay on the float32 path", kept, len(weights))
+    log.info("--dtype bfloat16: %.0f MB of bfloat16 weights beside the quantized codes",
+             sum(packed_bf16_bytes(w) for w in weights if w.fmt != F32) / 1e6)
+
+
 def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int,
                  bf16_rows: bool = False, packed_bf16: bool = False) -> Callable | None:
     """A drop-in for model.forward, derived from model.decode; None on a backend without an
@@ -222,10 +243,7 @@ def compile_plan(model, kv_caches: list, max_tokens: int, max_context: int,
     rec, out = record(model, kv_caches)
     plan = build_executor(rec, out)
     if packed_bf16:
-        kept = sum(op.kind == "linear" and op.weights[0].fmt == F32 for op in rec.ops)
-        if kept:
-            log.info("%d of the decoder's matmuls have float32 weights: they stay on the "
-                     "float32 path under --dtype bfloat16", kept)
+        _check_packable([op.weights[0] for op in rec.ops if op.kind == "linear"])
 
     def inputs(input_ids, positions, meta) -> tuple:
         """plan.forward's arguments: the embedded tokens and the rotary tables (computed in

@@ -113,11 +113,11 @@ class Transformer:
         soft-cap (elementwise, so every row is computed alone). out: an (N, vocab) float32
         tensor for the LM head to write into (and the result, where no scaling follows)."""
         cfg = self.cfg
-        logits = self.ops.linear(hidden, self.lm_head, out=out)
+        logits = self.ops.linear(hidden, self.lm_head, out=out)    # a tensor of its own
         if cfg.logit_scale != 1.0:
-            logits = logits / cfg.logit_scale
+            logits.div_(cfg.logit_scale)
         if cfg.final_softcap:
-            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+            logits.div_(cfg.final_softcap).tanh_().mul_(cfg.final_softcap)
         return logits
 
     def norm(self, x, name: str):

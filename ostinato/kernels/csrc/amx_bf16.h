@@ -113,7 +113,10 @@ void pack_bf16_into(const Weights& w, uint16_t* dst) {
 // memory a tile load waits for DRAM (SmolLM2's matmuls at 64 rows: 25.8 ms a step without,
 // 19.0 with; 4 or 8 steps ahead were slower, and at one row no distance helped: 212 MB a
 // step at ~17 GB/s is the bound there).
-inline void prefetch_pair_span(const uint16_t* pair, int64_t K, int64_t s) {
+// Past a pair's last span it reaches into the next pair's (the same thread's next, under a
+// static schedule); `left` (the pairs after this one) keeps it inside the array.
+inline void prefetch_pair_span(const uint16_t* pair, int64_t K, int64_t s, int64_t left) {
+  if (s >= K / 32 && !left) return;
   const char* a = reinterpret_cast<const char*>(pair + s * 512);
   const char* b = reinterpret_cast<const char*>(pair + 16 * K + s * 512);
   for (int l = 0; l < 16; ++l) {
@@ -163,7 +166,7 @@ void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         if (M - p * 32 <= 16) {   // one x tile of live rows: its products alone (same sums)
           for (int64_t s = 0; s < ks; ++s) {
-            if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2);
+            if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2, (groups + 1) / 2 - 1 - gp);
             _tile_loadd(4, x_tile(2 * p, s), 64);
             _tile_loadd(6, wg + s * 512, 64);
             _tile_loadd(7, wg + 16 * K + s * 512, 64);
@@ -172,7 +175,7 @@ void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int
           }
         } else {
           for (int64_t s = 0; s < ks; ++s) {
-            if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2);
+            if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2, (groups + 1) / 2 - 1 - gp);
             _tile_loadd(4, x_tile(2 * p, s), 64);
             _tile_loadd(5, x_tile(2 * p + 1, s), 64);
             _tile_loadd(6, wg + s * 512, 64);
