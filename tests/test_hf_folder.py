@@ -279,7 +279,8 @@ def test_dtype_bfloat16_needs_quantized_weights(tiny):
     ids = test_ids(m)
     tiles = logits_of(ostinato_llm(m.hf_dir, quantize="q8_0", dtype="bfloat16"), ids)
     int16 = logits_of(ostinato_llm(m.hf_dir, quantize="q8_0"), ids)
-    assert not np.array_equal(tiles, int16) and np.abs(tiles - int16).max() < 0.1
+    assert not np.array_equal(tiles, int16)                  # bfloat16 rounding: ~1% here
+    assert np.abs(tiles - int16).max() < 0.05 * np.abs(int16).max()
 
 
 # ---------------------------------------------------------------------------------------------
