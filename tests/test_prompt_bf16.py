@@ -88,6 +88,8 @@ def test_weights_converted_once_give_the_same_bits(k, type_name):
                                k.ops.qlinear_rows(xm, fly, rows))
         mixed = torch.tensor([i % 3 == 0 for i in range(70)], dtype=torch.uint8)
         assert torch.equal(k.ops.qlinear_rows(x, once, mixed), k.ops.qlinear_rows(x, fly, mixed))
+        once.packed.zero_()                  # the tiles read the copy, not the codes
+        assert not k.ops.qlinear_rows(x, once, torch.ones(70, dtype=torch.uint8)).any()
 
 
 def test_a_row_mask_of_the_wrong_length_is_refused(k):

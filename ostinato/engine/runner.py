@@ -70,7 +70,7 @@ class ModelRunner:
         self.quick_greedy = True        # plain greedy rows in one call (off: each on its own)
         self._logits = self._kept_logits(model, max_seqs)
         self.bf16 = bf16
-        self._ones = torch.ones(max_tokens, dtype=torch.uint8)   # every row on the tiles
+        self._ones = torch.ones(max_tokens, dtype=torch.uint8) if bf16 == "all" else None
         plan = compile_plan(model, self.kv_caches, max_tokens, max_context, bf16 is not None,
                             packed_bf16=bf16 == "all")
         if bf16 and plan is None:

@@ -111,7 +111,7 @@ class Transformer:
                        ) -> torch.Tensor:
         """(N, d) -> (N, vocab): the LM head, then Granite's logit divisor and Gemma 2's
         soft-cap (elementwise, so every row is computed alone). out: an (N, vocab) float32
-        tensor for the LM head to write into (and the result, where no scaling follows)."""
+        tensor for the LM head to write into (and the result: any scaling is done in place)."""
         cfg = self.cfg
         logits = self.ops.linear(hidden, self.lm_head, out=out)    # a tensor of its own
         if cfg.logit_scale != 1.0:

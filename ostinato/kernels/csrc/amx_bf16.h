@@ -99,14 +99,18 @@ void store_c(int c, float* dst, int64_t stride_bytes) {
 // Twice the bytes of 8-bit codes (four times 4-bit ones): the trade is memory and a slower
 // step at a few rows, for steps of many rows with no conversion in them.
 int64_t packed_bf16_elems(int64_t N, int64_t K) { return (N + 31) / 32 * 32 * K; }
+// Groups g0 and g0 + 1 of w into dst as the tiles read them (the second zeros past N).
+void bf16_pair(Bf16GroupFn conv, const Weights& w, int64_t g0, uint16_t* dst) {
+  conv(w, g0 * 16, dst);
+  if ((g0 + 1) * 16 < w.N) conv(w, g0 * 16 + 16, dst + 16 * w.K);
+  else std::memset(dst + 16 * w.K, 0, 16 * w.K * sizeof(uint16_t));
+}
+
 void pack_bf16_into(const Weights& w, uint16_t* dst) {
-  const int64_t groups = (w.N + 15) / 16, slots = (w.N + 31) / 32 * 2;
   const Bf16GroupFn conv = pick_bf16_group(w);
+  const int64_t pairs = (w.N + 31) / 32;
 #pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < slots; ++g) {
-    if (g < groups) conv(w, g * 16, dst + g * 16 * w.K);
-    else std::memset(dst + g * 16 * w.K, 0, 16 * w.K * sizeof(uint16_t));
-  }
+  for (int64_t gp = 0; gp < pairs; ++gp) bf16_pair(conv, w, 2 * gp, dst + 2 * gp * 16 * w.K);
 }
 
 // Span s of a pair of packed groups, into L1 two k-steps before the tiles load it: from
@@ -155,33 +159,21 @@ void qlinear_bf16_rows(const Weights& w, const float* x, const int64_t* row, int
     for (int64_t gp = 0; gp < (groups + 1) / 2; ++gp) {
       const int64_t g0 = 2 * gp;
       const uint16_t* wg = wb;
-      if (w.bf16) {
-        wg = w.bf16 + g0 * 16 * K;
-      } else {
-        conv(w, g0 * 16, wb);
-        if (g0 + 1 < groups) conv(w, g0 * 16 + 16, wb + 16 * K);
-        else std::memset(wb + 16 * K, 0, 16 * K * 2);
-      }
+      if (w.bf16) wg = w.bf16 + g0 * 16 * K;
+      else bf16_pair(conv, w, g0, wb);
+      const int64_t left = (groups + 1) / 2 - 1 - gp;         // pairs after this one
       for (int64_t p = 0; p < pairs; ++p) {
+        const bool two = M - p * 32 > 16;   // else one x tile of live rows: its products alone
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        if (M - p * 32 <= 16) {   // one x tile of live rows: its products alone (same sums)
-          for (int64_t s = 0; s < ks; ++s) {
-            if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2, (groups + 1) / 2 - 1 - gp);
-            _tile_loadd(4, x_tile(2 * p, s), 64);
-            _tile_loadd(6, wg + s * 512, 64);
-            _tile_loadd(7, wg + 16 * K + s * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-          }
-        } else {
-          for (int64_t s = 0; s < ks; ++s) {
-            if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2, (groups + 1) / 2 - 1 - gp);
-            _tile_loadd(4, x_tile(2 * p, s), 64);
-            _tile_loadd(5, x_tile(2 * p + 1, s), 64);
-            _tile_loadd(6, wg + s * 512, 64);
-            _tile_loadd(7, wg + 16 * K + s * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
+        for (int64_t s = 0; s < ks; ++s) {
+          if (w.bf16 && p == 0) prefetch_pair_span(wg, K, s + 2, left);
+          _tile_loadd(4, x_tile(2 * p, s), 64);
+          if (two) _tile_loadd(5, x_tile(2 * p + 1, s), 64);
+          _tile_loadd(6, wg + s * 512, 64);
+          _tile_loadd(7, wg + 16 * K + s * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
           }

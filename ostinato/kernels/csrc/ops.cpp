@@ -83,7 +83,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                        torch::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t>())
       .def("pack_bf16", &QW::pack_bf16)
       .def_property_readonly("packed_bytes", [](const QW& w) {
-        return w.bf16.defined() ? w.bf16.numel() * 2 : int64_t{0}; });
+        return w.bf16.defined() ? w.bf16.numel() * 2 : int64_t{0}; })
+      .def_property_readonly("packed", [](const QW& w) { return w.bf16; });  // tests
   py::class_<Executor>(m, "Executor")
       .def(py::init<std::vector<int64_t>>())
       .def("view", &Executor::view)
