@@ -99,9 +99,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["kernels", "torch"], default="kernels",
                    help="kernels: batch-invariant C++ (default); torch: MKL/SDPA reference, "
                         "faster prefill but not batch-invariant")
-    p.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float16",
+    p.add_argument("--kv-cache-dtype", choices=["float16", "float32", "int8-values"], default="float16",
                    help="float16: llama.cpp's default, half the memory; float32: keys and "
-                        "values exactly as computed (kernels backend only)")
+                        "values exactly as computed; int8-values: float16 keys, values as 8-bit "
+                        "codes and a scale per token and KV head, a quarter less memory and "
+                        "attention reads than float16 (kernels backend only)")
     p.add_argument("--prompt-bf16", action="store_true",
                    help="prompt tokens' matmuls on AMX bfloat16 tiles, weights dequantized "
                         "on the fly: prefill about twice as fast, at bfloat16 precision for "
@@ -548,7 +550,7 @@ def cmd_bench(a) -> None:
                      speculative=a.speculative is not None, contention=a.contention,
                      arrivals=a.arrivals, request_rate=a.request_rate,
                      prompt_mix=_prompt_mix(a.prompt_mix), target_itl_ms=a.target_itl_ms,
-                     prompt_bf16=a.prompt_bf16, dtype=a.dtype)
+                     prompt_bf16=a.prompt_bf16, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype)
     check_args(args)                    # before the model loads
     fig = run_bench(load_llm(a), args)
     if a.json:

@@ -2,7 +2,7 @@
 context), one layer, best of a few calls, with a hash of the output so that two builds can be
 compared bit for bit:
 
-    python scripts/attention_speed.py [--tokens 2048] [--dtype float16]
+    python scripts/attention_speed.py [--tokens 2048] [--dtype float16|float32|int8-values]
     PYTHONPATH=/path/to/other/checkout python scripts/attention_speed.py   # the A in an A/B
     python scripts/attention_speed.py --decode 64 --tokens 140   # a decode step of 64 streams
 
@@ -59,7 +59,12 @@ def decode_step(k: CpuKernels, S: int, C: int, H: int, KV: int, D: int, window, 
         kc.zero_(), vc.zero_()              # resident, as a server's warm-up leaves them
         table = (torch.randperm(blocks - 1, generator=g)[:S * nb] + 1).view(S, nb)
         kc[table.flatten()] = torch.randn(S * nb, *kc.shape[1:], generator=g).to(kc.dtype)
-        vc[table.flatten()] = torch.randn(S * nb, *vc.shape[1:], generator=g).to(vc.dtype)
+        if vc.dtype == torch.int8:          # codes, and scales of a randn's magnitude
+            vc[table.flatten()] = torch.randint(-127, 128, (S * nb, *vc.shape[1:]), generator=g,
+                                                dtype=torch.int8)
+            CpuKernels._v_scales(vc, BS).fill_(2.5 / 127)
+        else:
+            vc[table.flatten()] = torch.randn(S * nb, *vc.shape[1:], generator=g).to(vc.dtype)
         caches.append((kc, vc, table))
     q = torch.randn(S * Q, H * D, generator=g)
     meta = torch.tensor([[i * Q, Q, C] for i in range(S)])
@@ -75,7 +80,8 @@ def decode_step(k: CpuKernels, S: int, C: int, H: int, KV: int, D: int, window, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    ap.add_argument("--dtype", choices=["float16", "float32", "int8-values"],
+                    default="float16")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--decode", type=int, default=0, metavar="S",
                     help="a decode step of S streams over 30 layers instead of one prompt")

@@ -1,9 +1,11 @@
 """The decode step of N running sequences, per stage of the plan and outside it, for each
---dtype: N prompts of 64 words are prefilled, then 40 steps in which every sequence decodes
-are timed (the plan's own stopwatch for its stages). --dtype bfloat16 needs AMX-BF16.
+--dtype (and --kv-cache-dtype, after a slash): N prompts of 64 words are prefilled, then 40
+steps in which every sequence decodes are timed (the plan's own stopwatch for its stages).
+--dtype bfloat16 needs AMX-BF16.
 
-    python scripts/decode_step_profile.py [model] [rows,rows,...] [dtype,dtype,...]
+    python scripts/decode_step_profile.py [model] [rows,rows,...] [dtype[/kv],...]
     python scripts/decode_step_profile.py smollm2-135m-instruct 1,16,64 auto,bfloat16
+    python scripts/decode_step_profile.py smollm2-135m-instruct 64 bfloat16,bfloat16/int8-values
 """
 import sys
 import time
@@ -42,12 +44,13 @@ def decode_step(llm: LLM, rows: int) -> tuple[float, dict[str, float]]:
 
 
 def main(model: str, rows: list[int], dtypes: list[str]) -> None:
-    llms = {d: LLM(model, target_itl_ms="off", dtype=d) for d in dtypes}
+    llms = {d: LLM(model, target_itl_ms="off", dtype=d.split("/")[0],
+                   kv_cache_dtype=(d.split("/") + ["float16"])[1]) for d in dtypes}
     for n in rows:
         for d, llm in llms.items():
             wall, stages = decode_step(llm, n)
             plan = sum(stages.values())
-            print(f"{model} {n:3d} rows  {d:8s} step {wall * 1e3:6.1f} ms  plan "
+            print(f"{model} {n:3d} rows  {d:13s} step {wall * 1e3:6.1f} ms  plan "
                   f"{plan * 1e3:6.1f}  outside {(wall - plan) * 1e3:5.1f}  | " +
                   ", ".join(f"{k} {v * 1e3:.1f}" for k, v in
                             sorted(stages.items(), key=lambda kv: -kv[1])), flush=True)

@@ -164,17 +164,24 @@ def test_greedy_completions_start_like_llamacpp(name, ref, llm):
         f"only {matches}/{len(cases)} greedy completions start like llama.cpp's")
 
 
-@pytest.mark.parametrize("flag", ["--prompt-bf16", "--dtype bfloat16"])
-def test_bf16_tiles_keep_the_accuracy_bars(request, name, ref, flag):
+OPTIONS = {"--prompt-bf16": {"prompt_bf16": True}, "--dtype bfloat16": {"dtype": "bfloat16"},
+           "--kv-cache-dtype int8-values": {"kv_cache_dtype": "int8-values"},
+           "--dtype bfloat16 --kv-cache-dtype int8-values": {"dtype": "bfloat16",
+                                                             "kv_cache_dtype": "int8-values"}}
+
+
+@pytest.mark.parametrize("flag", list(OPTIONS))
+def test_path_options_keep_the_accuracy_bars(request, name, ref, flag):
     """--prompt-bf16 (prompt positions on AMX bfloat16 tiles), --dtype bfloat16 (every
-    position, weights converted at load): the teacher-forced scores are all prompt
+    position, weights converted at load), --kv-cache-dtype int8-values (values as 8-bit
+    codes, every position's attention reads them): the teacher-forced scores are all prompt
     positions, so they run wholly on the tiles, and so do --dtype bfloat16's greedy
     completions; the default path's bars hold."""
     from ostinato import LLM, SamplingParams
     from ostinato.kernels import ops
-    if not ops().amx_bf16_available():
+    if ("bf16" in flag or "bfloat16" in flag) and not ops().amx_bf16_available():
         pytest.skip(f"no AMX-BF16 on this CPU: {flag} is refused here")
-    kw = {"prompt_bf16": True} if flag == "--prompt-bf16" else {"dtype": "bfloat16"}
+    kw = OPTIONS[flag]
     engine = LLM(str(gguf_path(request, name, ref["gguf_file"])), **kw)
     tokens = ref["tokens"]
     out = engine.generate([tokens], SamplingParams(max_tokens=1, prompt_logprobs=1,

@@ -138,13 +138,15 @@ def all_logprobs(outs) -> list:
     return res
 
 
-def test_logits_bit_identical_alone_batched_chunked_cached(make_llm):
-    """Not just the same argmax: the same float bits, whoever shares the step."""
+@pytest.mark.parametrize("kv", ["float16", "int8-values"])
+def test_logits_bit_identical_alone_batched_chunked_cached(make_llm, kv):
+    """Not just the same argmax: the same float bits, whoever shares the step (with
+    --kv-cache-dtype int8-values too: a value's codes and scales depend on it alone)."""
     prompts = [SYSTEM + f"Describe the {w} in five words." for w in WORDS[:6]]
     params = greedy(5, logprobs=5, prompt_logprobs=3)
-    ref = make_llm(enable_prefix_caching=False)
-    chunked = make_llm(max_num_batched_tokens=24, enable_prefix_caching=False)
-    cached = make_llm(enable_prefix_caching=True)
+    ref = make_llm(enable_prefix_caching=False, kv_cache_dtype=kv)
+    chunked = make_llm(max_num_batched_tokens=24, enable_prefix_caching=False, kv_cache_dtype=kv)
+    cached = make_llm(enable_prefix_caching=True, kv_cache_dtype=kv)
     alone = [all_logprobs(ref.generate(p, params)) for p in prompts]
     alone = [x for a in alone for x in a]
     assert all_logprobs(ref.generate(prompts, params)) == alone

@@ -110,7 +110,7 @@ def test_longrope_takes_its_long_factors_beyond_the_original_context(tiny):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("kv_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("kv_dtype", ["float16", "float32", "int8-values"])
 def test_plan_equals_eager_and_batches_are_invariant(tiny, family, kv_dtype):
     """The plan derived from the decoder gives the eager decoder's bits on mixed steps
     (prefill chunks with decodes), and each sequence's tokens and logprobs are the same

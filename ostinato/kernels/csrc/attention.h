@@ -44,6 +44,9 @@ struct V16 {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
   static V16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static V16 load(const int8_t* p) {         // 16 int8 codes
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+  }
   V16 fma(V16 b, V16 c) const { return {_mm512_fmadd_ps(v, b.v, c.v)}; }
   V16 operator+(V16 b) const { return {_mm512_add_ps(v, b.v)}; }
   V16 operator*(V16 b) const { return {_mm512_mul_ps(v, b.v)}; }
@@ -64,6 +67,10 @@ struct V16 {
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
   }
   static V16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static V16 load(const int8_t* p) {         // 16 int8 codes
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))))};
+  }
   V16 fma(V16 y, V16 c) const { return {_mm256_fmadd_ps(a, y.a, c.a), _mm256_fmadd_ps(b, y.b, c.b)}; }
   V16 operator+(V16 y) const { return {_mm256_add_ps(a, y.a), _mm256_add_ps(b, y.b)}; }
   V16 operator*(V16 y) const { return {_mm256_mul_ps(a, y.a), _mm256_mul_ps(b, y.b)}; }
@@ -97,8 +104,10 @@ struct V16 {
 // its lo into o (overwritten). Which rows share a call changes none of it (a row's keys
 // outside its range are masked before they are stored and skipped in the value sum), and a
 // key's slot is where it sits in its block, the same whatever the batch or however the prompt
-// is cut, so nothing depends on either. E: the cache's element type, float16 (uint16_t bits,
-// the default) or float32 (--kv-cache-dtype float32).
+// is cut, so nothing depends on either. EK, EV: the cache's element types, float16 (uint16_t
+// bits, the default), float32 (--kv-cache-dtype float32), or float16 keys and int8 values
+// (--kv-cache-dtype int8-values: codes and a scale per 16 dims, norm_rope.h; a value is its
+// codes times their scale, as float32, before the sum).
 constexpr int kAttnMaxRows = 6;              // attend_rows<E, 1> .. <E, 6>
 struct AttnRows {
   const float* q[kAttnMaxRows];
@@ -118,16 +127,16 @@ struct AttnRows {
 // A chunk's later runs re-read the keys its first run read (in cache): they skip it.
 constexpr int64_t kColdAheadBytes = 512 << 10;
 constexpr int64_t kColdTokens = 8;            // a sequence with this few query rows is cold
-// A KV head's share of one block, keys and values (`bytes` each), into L2.
-inline void prefetch_block_l2(const void* k, const void* v, int64_t bytes) {
-  for (int64_t at = 0; at < bytes; at += 64) {
-    _mm_prefetch(static_cast<const char*>(k) + at, _MM_HINT_T1);
-    _mm_prefetch(static_cast<const char*>(v) + at, _MM_HINT_T1);
+// A KV head's share of one block, keys and values (k_bytes, v_bytes), into L2.
+inline void prefetch_block_l2(const void* k, const void* v, int64_t k_bytes, int64_t v_bytes) {
+  for (int64_t at = 0; at < std::max(k_bytes, v_bytes); at += 64) {
+    if (at < k_bytes) _mm_prefetch(static_cast<const char*>(k) + at, _MM_HINT_T1);
+    if (at < v_bytes) _mm_prefetch(static_cast<const char*>(v) + at, _MM_HINT_T1);
   }
 }
 
-template <typename E, int R>
-void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* table,
+template <typename EK, typename EV, int R>
+void attend_rows(const AttnRows& rw, const EK* kc, const EV* vc, const int64_t* table,
                  int64_t BS, int64_t KV, int64_t kvh, int64_t D, float scale, float cap,
                  std::vector<float>& sc) {
   int64_t lo = rw.lo[0], pos = rw.pos[0];
@@ -138,16 +147,18 @@ void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* ta
   for (int r = 0; r < R; ++r) mxv[r] = V16::set1(-INFINITY);
   // The blocks sit wherever the table says, so no hardware prefetcher sees the next one
   // coming: each block's keys (and, later, values) are asked for one block ahead.
+  constexpr bool kI8 = std::is_same_v<EV, int8_t>;           // int8 values and their scales
+  const int64_t VR = BS + (kI8 ? kv_v_extra(BS) : 0);      // V rows a KV head's block
   auto keys_at = [&](int64_t j0) {
     const int64_t b = j0 / BS;
     return kc + ((table[b] * KV + kvh) * D) * BS + (j0 - b * BS);
   };
   auto values_at = [&](int64_t j) {
     const int64_t b = j / BS;
-    return vc + ((table[b] * KV + kvh) * BS + (j - b * BS)) * D;
+    return vc + ((table[b] * KV + kvh) * VR + (j - b * BS)) * D;
   };
-  auto prefetch_rows = [](const E* p, int64_t rows, int64_t stride, int64_t bytes) {
-    if (stride * (int64_t)sizeof(E) == bytes) {           // rows back to back: one run
+  auto prefetch_rows = [](const auto* p, int64_t rows, int64_t stride, int64_t bytes) {
+    if (stride * (int64_t)sizeof(*p) == bytes) {           // rows back to back: one run
       for (int64_t at = 0; at < rows * bytes; at += 64)
         _mm_prefetch(reinterpret_cast<const char*>(p) + at, _MM_HINT_T0);
       return;
@@ -164,15 +175,15 @@ void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* ta
     return keep;
   };
   // a cold run: the blocks `ahead` keys past the one it reads (all up to there, first)
-  const int64_t half_block = BS * D * (int64_t)sizeof(E);               // K or V
-  const int64_t ahead = rw.cold ? std::max<int64_t>(1, kColdAheadBytes / (2 * half_block)) * BS : 0;
+  const int64_t k_bytes = D * BS * (int64_t)sizeof(EK), v_bytes = VR * D * (int64_t)sizeof(EV);
+  const int64_t ahead = rw.cold ? std::max<int64_t>(1, kColdAheadBytes / (k_bytes + v_bytes)) * BS : 0;
   for (int64_t j = lo / BS * BS; j <= pos && j < lo / BS * BS + ahead; j += BS)
-    prefetch_block_l2(keys_at(j), values_at(j), half_block);
+    prefetch_block_l2(keys_at(j), values_at(j), k_bytes, v_bytes);
   for (int64_t j0 = lo / 16 * 16; j0 <= pos; j0 += 16) {        // 16 slots of one block
     if (ahead && j0 % BS == 0 && j0 + ahead <= pos)
-      prefetch_block_l2(keys_at(j0 + ahead), values_at(j0 + ahead), half_block);
-    const E* kt = keys_at(j0);
-    if (j0 + 16 <= pos) prefetch_rows(keys_at(j0 + 16), D, BS, 16 * sizeof(E));
+      prefetch_block_l2(keys_at(j0 + ahead), values_at(j0 + ahead), k_bytes, v_bytes);
+    const EK* kt = keys_at(j0);
+    if (j0 + 16 <= pos) prefetch_rows(keys_at(j0 + 16), D, BS, 16 * sizeof(EK));
     V16 c[R][4];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) c[r][i] = V16::zero();
@@ -189,7 +200,7 @@ void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* ta
     }
   }
   prefetch_rows(values_at(lo), std::min<int64_t>(n, BS - lo % BS), D,
-                sizeof(E) * std::min<int64_t>(64, D));
+                sizeof(EV) * std::min<int64_t>(64, D));
   float inv[R];
   for (int r = 0; r < R; ++r) {
     float* sr = base + r * n + (rw.lo[r] - lo);
@@ -212,14 +223,20 @@ void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* ta
       for (int i = 0; i < ND; ++i) acc[r][i] = V16::zero();
     for (int64_t j = lo; j <= pos;) {
       const int64_t b = j / BS, end = std::min(pos + 1, (b + 1) * BS);
-      const E* vb = vc + ((table[b] * KV + kvh) * BS) * D + d0;
+      const EV* vb = vc + ((table[b] * KV + kvh) * VR) * D + d0;
+      const float* vs = kI8 ? reinterpret_cast<const float*>(vc + ((table[b] * KV + kvh) * VR + BS) * D)
+                              + d0 / kVBlock : nullptr;    // int8: this pass's first scale
       if (end <= pos)                        // the next block's rows of this pass
         prefetch_rows(values_at(end) + d0, std::min<int64_t>(BS, pos + 1 - end), D,
-                      sizeof(E) * ND * 16);
+                      sizeof(EV) * ND * 16);
       for (; j < end; ++j) {
-        const E* vv = vb + (j - b * BS) * D;
+        const EV* vv = vb + (j - b * BS) * D;
         V16 v[ND];
         for (int i = 0; i < ND; ++i) v[i] = V16::load(vv + 16 * i);
+        if constexpr (kI8) {                // a scale per 16 dims: one per register
+          const float* sj = vs + (j - b * BS) * (D / kVBlock);
+          for (int i = 0; i < ND; ++i) v[i] = v[i] * V16::set1(sj[i]);
+        }
         const bool every = R == 1 || (j >= all_lo && j <= all_pos);
         for (int r = 0; r < R; ++r) {
           if (!every && (j < rw.lo[r] || j > rw.pos[r])) continue;   // not one of its keys
@@ -241,8 +258,8 @@ void attend_rows(const AttnRows& rw, const E* kc, const E* vc, const int64_t* ta
   }
 }
 
-template <typename E>
-using AttendFn = void (*)(const AttnRows&, const E*, const E*, const int64_t*, int64_t, int64_t,
+template <typename EK, typename EV>
+using AttendFn = void (*)(const AttnRows&, const EK*, const EV*, const int64_t*, int64_t, int64_t,
                           int64_t, int64_t, float, float, std::vector<float>&);
 
 // Rows a call takes: 6 keep the scores' and the values' accumulators (4 registers a row) in
@@ -257,13 +274,14 @@ constexpr int64_t kAttnRows = 4;
 // nt consecutive tokens of one sequence (positions pos0 .., queries qv and outputs ov a row
 // qstride apart) and the G heads of KV head kvh: heads by fours, and as many tokens at a time
 // as the rows allow.
-template <typename E>
+template <typename EK, typename EV>
 void attend_tokens(int64_t nt, int64_t G, const float* qv, int64_t qstride, float* ov,
-                   const E* kc, const E* vc, const int64_t* table, int64_t BS, int64_t KV,
+                   const EK* kc, const EV* vc, const int64_t* table, int64_t BS, int64_t KV,
                    int64_t kvh, int64_t D, int64_t pos0, int64_t window, float scale, float cap,
                    bool cold, std::vector<float>& sc) {
-  static const AttendFn<E> fns[kAttnMaxRows] = {attend_rows<E, 1>, attend_rows<E, 2>, attend_rows<E, 3>,
-                                     attend_rows<E, 4>, attend_rows<E, 5>, attend_rows<E, 6>};
+  static const AttendFn<EK, EV> fns[kAttnMaxRows] = {
+      attend_rows<EK, EV, 1>, attend_rows<EK, EV, 2>, attend_rows<EK, EV, 3>,
+      attend_rows<EK, EV, 4>, attend_rows<EK, EV, 5>, attend_rows<EK, EV, 6>};
   for (int64_t g = 0; g < G; g += 4) {
     const int64_t hg = std::min<int64_t>(4, G - g);
     const int64_t per = std::max<int64_t>(1, kAttnRows / hg);    // tokens a call
@@ -299,7 +317,7 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
   const int64_t BS = check_kv_cache(kc, vc, KV, D, "attention");
   TORCH_CHECK(H % KV == 0, "attention: bad head shapes");
   const float* qp = q.data_ptr<float>();
-  const bool f32 = kc.scalar_type() == torch::kFloat32;     // else float16
+  const auto st = vc.scalar_type();           // float32, int8 (float16 keys) or float16
   const void *kp = kc.data_ptr(), *vp = vc.data_ptr();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* mp = meta.data_ptr<int64_t>();
@@ -330,9 +348,13 @@ void paged_attention_into(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, t
       const int64_t at = (t * H + kvh * G) * D;  // heads kvh * G .. read KV head kvh
       // a decode row (and its drafts), or a chunk's first run: its context is in memory
       const bool cold = q_len <= kColdTokens || t - q_start < tile;
-      if (f32)
+      if (st == torch::kFloat32)
         attend_tokens(nt, G, qp + at, H * D, op + at, static_cast<const float*>(kp),
                       static_cast<const float*>(vp), tp + s * maxb, BS, KV, kvh, D, pos, window,
+                      (float)scale, (float)softcap, cold, sc);
+      else if (st == torch::kChar)
+        attend_tokens(nt, G, qp + at, H * D, op + at, static_cast<const uint16_t*>(kp),
+                      static_cast<const int8_t*>(vp), tp + s * maxb, BS, KV, kvh, D, pos, window,
                       (float)scale, (float)softcap, cold, sc);
       else
         attend_tokens(nt, G, qp + at, H * D, op + at, static_cast<const uint16_t*>(kp),

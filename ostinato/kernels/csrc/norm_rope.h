@@ -52,22 +52,48 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return out;
 }
 
-// The KV cache (kernels/backend.py makes it): float16, per layer K (blocks, KV, D, BS), each
-// block's keys transposed, and V (blocks, KV, BS, D). Checks the pair and returns BS.
+// The KV cache (kernels/backend.py makes it), per layer K (blocks, KV, D, BS), each block's
+// keys transposed, and V (blocks, KV, BS, D), in float16 (the default) or float32; or float16
+// keys and int8 values (--kv-cache-dtype int8-values): each (token, KV head) value is D codes
+// and a float32 scale per 16 dimensions (kVBlock), code = round(x * 127 / max|x|), value =
+// code * (max|x| / 127) over each 16, and a KV head's share of a V block holds its BS rows of
+// codes, then its BS * D / 16 scales (slot by slot, in kv_v_extra(BS) = BS / 4 more rows):
+// V (blocks, KV, BS + BS / 4, D). One scale per head (256 dimensions in Gemma 3) flipped 2 of
+// its 6 greedy completions' first words. (int8 keys were measured and left out: Qwen2.5's
+// key channels with outliers cost 3-5 points of top-1.)
+// Checks the pair and returns BS.
 constexpr int64_t kMaxHeadDim = 1024;
+constexpr int64_t kVBlock = 16;              // int8 values: dimensions a scale
+inline int64_t kv_v_extra(int64_t BS) { return BS / 4; }   // 4 bytes a 16 dims
 
 int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t KV, int64_t D,
                        const char* who) {
+  const auto sk = kc.scalar_type(), sv = vc.scalar_type();
   TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() &&
-              kc.scalar_type() == vc.scalar_type() &&
-              (kc.scalar_type() == torch::kHalf || kc.scalar_type() == torch::kFloat32), who,
-              ": KV caches must be contiguous float16 or float32 (blocks, kv_heads, ...)");
-  const int64_t BS = kc.size(3);
+              ((sk == torch::kHalf && (sv == torch::kHalf || sv == torch::kChar)) ||
+               (sk == torch::kFloat32 && sv == torch::kFloat32)), who,
+              ": KV caches must be contiguous float16, float32, or float16 keys and int8 values "
+              "(blocks, kv_heads, ...)");
+  const int64_t BS = kc.size(3), i8 = sv == torch::kChar;
   TORCH_CHECK(kc.size(1) == KV && kc.size(2) == D && vc.size(0) == kc.size(0) &&
-              vc.size(1) == KV && vc.size(2) == BS && vc.size(3) == D && BS % 16 == 0 && D % 16 == 0,
+              vc.size(1) == KV && vc.size(2) == BS + i8 * kv_v_extra(BS) && vc.size(3) == D &&
+              BS % 16 == 0 && D % 16 == 0,
               who, ": KV caches must be K (blocks, kv_heads, head_dim, block_size) and V (blocks, "
-              "kv_heads, block_size, head_dim), block_size and head_dim multiples of 16");
+              "kv_heads, block_size, head_dim), block_size and head_dim multiples of 16 (int8 "
+              "values: with the rows of their scales)");
   return BS;
+}
+
+// int8 values: x (D floats) as codes and a scale per 16 (the formula above; backend.py's
+// kv_quantize is the same arithmetic in torch, so a test can hold the two to the bit).
+inline void kv_quantize(const float* x, int64_t D, int8_t* codes, float* scales) {
+  for (int64_t b = 0; b < D; b += kVBlock) {
+    float amax = 0.f;
+    for (int64_t d = b; d < b + kVBlock; ++d) amax = std::max(amax, std::fabs(x[d]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t d = b; d < b + kVBlock; ++d) codes[d] = (int8_t)std::nearbyint(x[d] * inv);
+    scales[b / kVBlock] = amax / 127.f;
+  }
 }
 
 // The step between the q|k|v projection and attention, in one pass: split the fused
@@ -80,8 +106,8 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
                          double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
                          int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
                          torch::Tensor q) {
-  TORCH_CHECK(kc.dim() == 4, "qkv_rope_cache: KV caches must be 4-d");
-  const int64_t T = qkv.size(0), KV = kc.size(1), D = kc.size(2), W = (H + 2 * KV) * D;
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4, "qkv_rope_cache: KV caches must be 4-d");
+  const int64_t T = qkv.size(0), KV = kc.size(1), D = vc.size(3), W = (H + 2 * KV) * D;
   const int64_t BS = check_kv_cache(kc, vc, KV, D, "qkv_rope_cache");
   TORCH_CHECK(D <= kMaxHeadDim, "qkv_rope_cache: head_dim above ", kMaxHeadDim);
   TORCH_CHECK(qkv.is_contiguous() && qkv.dtype() == torch::kFloat32 && qkv.size(1) == W,
@@ -106,6 +132,9 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
   const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
   float* qp = q.data_ptr<float>();
   const bool f32 = kc.scalar_type() == torch::kFloat32;     // else float16, rounded to nearest
+  const bool i8 = vc.scalar_type() == torch::kChar;         // int8 values and their scales
+  const int64_t VR = BS + (i8 ? kv_v_extra(BS) : 0);
+  int8_t* vq = static_cast<int8_t*>(vc.data_ptr());
   uint16_t *kp = static_cast<uint16_t*>(kc.data_ptr()), *vp = static_cast<uint16_t*>(vc.data_ptr());
   float *kf = static_cast<float*>(kc.data_ptr()), *vf = static_cast<float*>(vc.data_ptr());
   const int64_t* sl = slots.data_ptr<int64_t>();
@@ -148,6 +177,11 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
     }
     for (int64_t h = 0; h < KV; ++h) {
       const float* v = row + (H + KV + h) * D;
+      if (i8) {
+        int8_t* head = vq + (blk * KV + h) * VR * D;
+        kv_quantize(v, D, head + off * D, reinterpret_cast<float*>(head + BS * D) + off * (D / kVBlock));
+        continue;
+      }
       if (f32) {
         std::copy(v, v + D, vf + ((blk * KV + h) * BS + off) * D);
         continue;
@@ -162,8 +196,8 @@ void qkv_rope_cache_into(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor 
 torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor q_norm, torch::Tensor k_norm,
                              double eps, torch::Tensor cos, torch::Tensor sin, int64_t neox,
                              int64_t H, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots) {
-  TORCH_CHECK(kc.dim() == 4 && qkv.dim() == 2, "qkv_rope_cache: KV caches must be 4-d, qkv 2-d");
-  auto q = torch::empty({qkv.size(0), H, kc.size(2)}, qkv.options());
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && qkv.dim() == 2, "qkv_rope_cache: KV caches must be 4-d, qkv 2-d");
+  auto q = torch::empty({qkv.size(0), H, vc.size(3)}, qkv.options());
   qkv_rope_cache_into(qkv, q_norm, k_norm, eps, cos, sin, neox, H, kc, vc, slots, q);
   return q;
 }
