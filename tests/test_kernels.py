@@ -372,6 +372,7 @@ def test_int8_values_are_the_torch_arithmetic_to_the_bit():
     qkv = torch.randn(T, (H + 2 * KV) * D, generator=g)
     qkv[2, (H + KV) * D: (H + KV) * D + 16] = 0.0              # a 16 of zeros: scale 0
     qkv[3, (H + KV) * D + 5] = 300.0                           # an outlier in one 16
+    qkv[4, (H + KV) * D + 20] = float("inf")                   # a 16 that reads back as NaN
     cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(Rope(1e4, D)))
     slots = torch.tensor([5, 6, 7, 20, 21, 40, 47])
     ours, theirs, half = i8.new_kv_cache(3, 16, KV, D), i8.new_kv_cache(3, 16, KV, D), \
@@ -386,6 +387,8 @@ def test_int8_values_are_the_torch_arithmetic_to_the_bit():
     i8.write_kv(*theirs, i8.read_kv(*half, slots)[0], v, slots)
     assert torch.equal(ours[1], theirs[1])                     # values: the same codes, scales
     got = i8.read_kv(*ours, slots)[1]
+    assert got[4, 0, 16:32].isnan().all() and not got[4, 0, :16].isnan().any()
+    got[4, 0, 16:32] = v[4, 0, 16:32] = 0.0
     step = v.unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True) / 127
     assert ((got - v).unflatten(-1, (-1, 16)).abs() <= step / 2 * (1 + 1e-5)).all()
     assert (got[2, 0, :16] == 0).all() and got[3, 0, 5] == 300.0

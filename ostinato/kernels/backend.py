@@ -129,12 +129,16 @@ def v_scale_rows(block_size: int) -> int:
 def kv_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values: x (..., D) float32 as codes round(x * 127 / max|x|) and scales
     max|x| / 127 over each V_BLOCK dimensions, (..., D) and (..., D / V_BLOCK): the arithmetic
-    of csrc/norm_rope.h's kv_quantize, to the bit."""
+    of csrc/norm_rope.h's kv_quantize, to the bit (a V_BLOCK with a NaN or an infinity: codes
+    0, scale NaN)."""
     xb = x.unflatten(-1, (-1, V_BLOCK))
+    finite = xb.isfinite().all(-1, keepdim=True)      # else codes 0 and a NaN scale
+    xb = torch.where(finite, xb, torch.zeros_like(xb))
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
     codes = torch.round(xb * inv).to(torch.int8).flatten(-2)
-    return codes, (amax / torch.tensor(127.0)).squeeze(-1)
+    scales = torch.where(finite, amax / torch.tensor(127.0), torch.tensor(float("nan")))
+    return codes, scales.squeeze(-1)
 
 
 class CpuKernels:

@@ -85,14 +85,21 @@ int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t
 }
 
 // int8 values: x (D floats) as codes and a scale per 16 (the formula above; backend.py's
-// kv_quantize is the same arithmetic in torch, so a test can hold the two to the bit).
+// kv_quantize is the same arithmetic in torch, so a test can hold the two to the bit). A 16
+// with a NaN or an infinity gets codes 0 and a NaN scale: it reads back as NaNs, as a
+// float16 cache would show them, never as made-up numbers.
 inline void kv_quantize(const float* x, int64_t D, int8_t* codes, float* scales) {
   for (int64_t b = 0; b < D; b += kVBlock) {
     float amax = 0.f;
-    for (int64_t d = b; d < b + kVBlock; ++d) amax = std::max(amax, std::fabs(x[d]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    for (int64_t d = b; d < b + kVBlock; ++d) codes[d] = (int8_t)std::nearbyint(x[d] * inv);
-    scales[b / kVBlock] = amax / 127.f;
+    bool finite = true;
+    for (int64_t d = b; d < b + kVBlock; ++d) {
+      amax = std::max(amax, std::fabs(x[d]));
+      finite &= std::isfinite(x[d]);
+    }
+    const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t d = b; d < b + kVBlock; ++d)
+      codes[d] = finite ? (int8_t)std::nearbyint(x[d] * inv) : 0;
+    scales[b / kVBlock] = finite ? amax / 127.f : NAN;
   }
 }
 
