@@ -90,6 +90,17 @@ int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t
 // float16 cache would show them, never as made-up numbers.
 inline void kv_quantize(const float* x, int64_t D, int8_t* codes, float* scales) {
   for (int64_t b = 0; b < D; b += kVBlock) {
+#if defined(__AVX512F__)
+    // one register a 16: the same max (exact in any order), product and rounding (to
+    // nearest even, as nearbyint), so the scalar loop's bits
+    const __m512 v = _mm512_loadu_ps(x + b), a = _mm512_abs_ps(v);
+    const bool finite = _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ) == 0xffff;
+    const float amax = finite ? _mm512_reduce_max_ps(a) : 0.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b),
+                     finite ? _mm512_cvtepi32_epi8(q) : _mm_setzero_si128());
+#else
     float amax = 0.f;
     bool finite = true;
     for (int64_t d = b; d < b + kVBlock; ++d) {
@@ -99,6 +110,7 @@ inline void kv_quantize(const float* x, int64_t D, int8_t* codes, float* scales)
     const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
     for (int64_t d = b; d < b + kVBlock; ++d)
       codes[d] = finite ? (int8_t)std::nearbyint(x[d] * inv) : 0;
+#endif
     scales[b / kVBlock] = finite ? amax / 127.f : NAN;
   }
 }
