@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -247,6 +248,11 @@ class Tokenizer:
                 raise ValueError(f"{where}: tokenizer.ggml.scores has {len(scores)} entries "
                                  f"for {n} tokens")
             scores = [float(s) for s in scores[:n]]
+            if (bad := next((i for i, s in enumerate(scores) if math.isnan(s)), None)) is not None:
+                # SentencePiece merges highest score first: a NaN has no order, and the merges
+                # (so the ids) would depend on where it sits in the heap
+                raise ValueError(f"{where}: tokenizer.ggml.scores[{bad}] is NaN (token "
+                                 f"{str(tokens[bad])[:40]!r}): merges need ordered scores")
         merges = metadata.get("tokenizer.ggml.merges")
         pre = metadata.get("tokenizer.ggml.pre", "default")
         spm = model == "llama"

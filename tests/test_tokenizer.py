@@ -201,6 +201,16 @@ def test_unsupported_tokenizers_raise(smollm_md):
         Tokenizer.from_gguf({**smollm_md, "tokenizer.ggml.pre": "no-such-pre"})
 
 
+def test_a_nan_token_score_is_refused_at_load(gemma_md):
+    """SentencePiece merges by score: a NaN would make the ids depend on heap order."""
+    scores = list(gemma_md["tokenizer.ggml.scores"])
+    scores[300] = float("nan")
+    with pytest.raises(ValueError, match=r"scores\[300\] is NaN"):
+        Tokenizer.from_gguf({**gemma_md, "tokenizer.ggml.scores": scores}, "x.gguf")
+    scores[300] = float("-inf")                  # ordered: still a score
+    assert Tokenizer.from_gguf({**gemma_md, "tokenizer.ggml.scores": scores}).encode("hello")
+
+
 def test_encode_is_fast(model):
     """A ~1,000+ token text, fresh word cache, well under a second even on a busy CPU."""
     tok, fx = model
