@@ -21,8 +21,24 @@ inline __m256 load8_logits(const float* x, int64_t i, int64_t n) {
 float row_max(const float* x, int64_t n, float than, int64_t* above) {
   __m256 mxv = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
   const __m256 t = _mm256_set1_ps(than);
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; i += 8) {
+  int64_t count = 0, i = 0;
+#if defined(__AVX512F__)
+  {   // 16 at a time (a max and a count need no order), the tail 8 at a time below
+    __m512 mx16 = _mm512_set1_ps(-INFINITY);
+    const __m512 t16 = _mm512_set1_ps(than);
+    __mmask16 nan16 = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      nan16 |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      mx16 = _mm512_max_ps(mx16, v);
+      count += __builtin_popcount(_mm512_cmp_ps_mask(v, t16, _CMP_GT_OQ));
+    }
+    mxv = _mm256_max_ps(_mm512_castps512_ps256(mx16), _mm256_castpd_ps(
+        _mm512_extractf64x4_pd(_mm512_castps_pd(mx16), 1)));
+    if (nan16) nan = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  }
+#endif
+  for (; i < n; i += 8) {
     const __m256 v = load8_logits(x, i, n);
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     mxv = _mm256_max_ps(mxv, v);
@@ -39,7 +55,23 @@ float row_max(const float* x, int64_t n, float than, int64_t* above) {
 double log_sum_exp(const float* x, int64_t n, float mx) {
   const __m256 m = _mm256_set1_ps(mx);
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-  for (int64_t i = 0; i < n; i += 8) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  {   // 16 exps at once (exp_neg16: exp_neg's bits), added as the two 8s in turn: each lane's
+      // sum in the same order
+    const __m512 m16 = _mm512_set1_ps(mx);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(x + i), m16));
+      const __m256 lo = _mm512_castps512_ps256(e);
+      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1));
+      acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(lo)));
+      acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)));
+      acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(hi)));
+      acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1)));
+    }
+  }
+#endif
+  for (; i < n; i += 8) {
     const __m256i k = lanes_before(n - i);
     const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m)),
                                    _mm256_castsi256_ps(k));
@@ -83,7 +115,15 @@ std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor logits) {
     const float mx = row_max(row, n, INFINITY, &above);
     int64_t at = -1;
     if (std::isfinite(mx)) {
-      for (int64_t i = 0; i < n && at < 0; i += 8) {      // the first lane equal to the max
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= n && at < 0; i += 16) {             // the first lane equal to the max
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + i), _mm512_set1_ps(mx),
+                                                 _CMP_EQ_OQ);
+        if (hit) at = i + __builtin_ctz(hit);
+      }
+#endif
+      for (; i < n && at < 0; i += 8) {
         const int hit = _mm256_movemask_ps(
             _mm256_cmp_ps(load8_logits(row, i, n), _mm256_set1_ps(mx), _CMP_EQ_OQ));
         if (hit) at = i + __builtin_ctz(hit);
