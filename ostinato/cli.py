@@ -102,8 +102,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["float16", "float32", "int8-values"], default="float16",
                    help="float16: llama.cpp's default, half the memory; float32: keys and "
                         "values exactly as computed; int8-values: float16 keys, values as 8-bit "
-                        "codes and a scale per token and KV head, a quarter less memory and "
-                        "attention reads than float16 (kernels backend only)")
+                        "codes and a scale per 16 dimensions, 13/16 of float16's memory and "
+                        "attention reads (kernels backend only)")
     p.add_argument("--prompt-bf16", action="store_true",
                    help="prompt tokens' matmuls on AMX bfloat16 tiles, weights dequantized "
                         "on the fly: prefill about twice as fast, at bfloat16 precision for "

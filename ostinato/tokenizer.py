@@ -248,7 +248,8 @@ class Tokenizer:
                 raise ValueError(f"{where}: tokenizer.ggml.scores has {len(scores)} entries "
                                  f"for {n} tokens")
             scores = [float(s) for s in scores[:n]]
-            if (bad := next((i for i, s in enumerate(scores) if math.isnan(s)), None)) is not None:
+            bad = next((i for i, s in enumerate(scores) if math.isnan(s)), None)
+            if model == "llama" and bad is not None:
                 # SentencePiece merges highest score first: a NaN has no order, and the merges
                 # (so the ids) would depend on where it sits in the heap
                 raise ValueError(f"{where}: tokenizer.ggml.scores[{bad}] is NaN (token "

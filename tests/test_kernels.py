@@ -373,6 +373,7 @@ def test_int8_values_are_the_torch_arithmetic_to_the_bit():
     qkv[2, (H + KV) * D: (H + KV) * D + 16] = 0.0              # a 16 of zeros: scale 0
     qkv[3, (H + KV) * D + 5] = 300.0                           # an outlier in one 16
     qkv[4, (H + KV) * D + 20] = float("inf")                   # a 16 that reads back as NaN
+    qkv[5, (H + KV) * D + 32: (H + KV) * D + 48] = 3e-38       # 127 / max|x| overflows: 0s
     cos, sin = rope_tables(torch.tensor([0, 1, 2, 9, 10, 300, 4095]), rope_inv_freq(Rope(1e4, D)))
     slots = torch.tensor([5, 6, 7, 20, 21, 40, 47])
     ours, theirs, half = i8.new_kv_cache(3, 16, KV, D), i8.new_kv_cache(3, 16, KV, D), \
@@ -389,6 +390,8 @@ def test_int8_values_are_the_torch_arithmetic_to_the_bit():
     got = i8.read_kv(*ours, slots)[1]
     assert got[4, 0, 16:32].isnan().all() and not got[4, 0, :16].isnan().any()
     got[4, 0, 16:32] = v[4, 0, 16:32] = 0.0
+    assert (got[5, 0, 32:48] == 0).all()                       # within 4e-37 of the truth
+    got[5, 0, 32:48] = v[5, 0, 32:48] = 0.0
     step = v.unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True) / 127
     assert ((got - v).unflatten(-1, (-1, 16)).abs() <= step / 2 * (1 + 1e-5)).all()
     assert (got[2, 0, :16] == 0).all() and got[3, 0, 5] == 300.0

@@ -211,6 +211,13 @@ def test_a_nan_token_score_is_refused_at_load(gemma_md):
     assert Tokenizer.from_gguf({**gemma_md, "tokenizer.ggml.scores": scores}).encode("hello")
 
 
+def test_byte_level_bpe_ignores_its_scores(smollm_md):
+    """Scores order SentencePiece merges only: a gpt2 vocabulary's NaN scores are never read."""
+    n = len(smollm_md["tokenizer.ggml.tokens"])
+    tok = Tokenizer.from_gguf({**smollm_md, "tokenizer.ggml.scores": [float("nan")] * n})
+    assert tok.encode("hello world") == Tokenizer.from_gguf(smollm_md).encode("hello world")
+
+
 def test_encode_is_fast(model):
     """A ~1,000+ token text, fresh word cache, well under a second even on a busy CPU."""
     tok, fx = model

@@ -136,6 +136,7 @@ def kv_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xb = torch.where(finite, xb, torch.zeros_like(xb))
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    inv = torch.where(inv.isinf(), torch.zeros_like(inv), inv)   # amax below 127 / FLT_MAX
     codes = torch.round(xb * inv).to(torch.int8).flatten(-2)
     scales = torch.where(finite, amax / torch.tensor(127.0), torch.tensor(float("nan")))
     return codes, scales.squeeze(-1)

@@ -47,7 +47,8 @@ float row_max(const float* x, int64_t n, float than, int64_t* above) {
   *above = count;
   alignas(32) float m[8];
   _mm256_store_ps(m, mxv);
-  return _mm256_movemask_ps(nan) ? NAN : *std::max_element(m, m + 8);
+  // + 0: a max of zero is +0 whichever zero a lane kept (the 16-lane pass keeps others)
+  return _mm256_movemask_ps(nan) ? NAN : *std::max_element(m, m + 8) + 0.f;
 }
 
 // log(sum(exp(x - mx))) over n logits (mx finite): exp in 8 lanes, each summed in double in

@@ -88,6 +88,13 @@ int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t
 // kv_quantize is the same arithmetic in torch, so a test can hold the two to the bit). A 16
 // with a NaN or an infinity gets codes 0 and a NaN scale: it reads back as NaNs, as a
 // float16 cache would show them, never as made-up numbers.
+// 127 / amax, or 0 where that is not finite (amax 0, or below 127 / FLT_MAX: such a 16's
+// values are all below 4e-37 and read back as 0)
+inline float kv_inverse(float amax) {
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  return inv <= FLT_MAX ? inv : 0.f;
+}
+
 inline void kv_quantize(const float* x, int64_t D, int8_t* codes, float* scales) {
   for (int64_t b = 0; b < D; b += kVBlock) {
 #if defined(__AVX512F__)
@@ -96,7 +103,7 @@ inline void kv_quantize(const float* x, int64_t D, int8_t* codes, float* scales)
     const __m512 v = _mm512_loadu_ps(x + b), a = _mm512_abs_ps(v);
     const bool finite = _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ) == 0xffff;
     const float amax = finite ? _mm512_reduce_max_ps(a) : 0.f;
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const float inv = kv_inverse(amax);
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b),
                      finite ? _mm512_cvtepi32_epi8(q) : _mm_setzero_si128());
@@ -107,7 +114,7 @@ inline void kv_quantize(const float* x, int64_t D, int8_t* codes, float* scales)
       amax = std::max(amax, std::fabs(x[d]));
       finite &= std::isfinite(x[d]);
     }
-    const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+    const float inv = finite ? kv_inverse(amax) : 0.f;
     for (int64_t d = b; d < b + kVBlock; ++d)
       codes[d] = finite ? (int8_t)std::nearbyint(x[d] * inv) : 0;
 #endif
