@@ -99,7 +99,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["kernels", "torch"], default="kernels",
                    help="kernels: batch-invariant C++ (default); torch: MKL/SDPA reference, "
                         "faster prefill but not batch-invariant")
-    p.add_argument("--kv-cache-dtype", choices=["float16", "float32", "int8-values"], default="float16",
+    p.add_argument("--kv-cache-dtype", choices=["float16", "float32", "int8-values"],
+                   default="float16",
                    help="float16: llama.cpp's default, half the memory; float32: keys and "
                         "values exactly as computed; int8-values: float16 keys, values as 8-bit "
                         "codes and a scale per 16 dimensions, 13/16 of float16's memory and "

@@ -248,10 +248,11 @@ class Tokenizer:
                 raise ValueError(f"{where}: tokenizer.ggml.scores has {len(scores)} entries "
                                  f"for {n} tokens")
             scores = [float(s) for s in scores[:n]]
-            bad = next((i for i, s in enumerate(scores) if math.isnan(s)), None)
-            if model == "llama" and bad is not None:
-                # SentencePiece merges highest score first: a NaN has no order, and the merges
-                # (so the ids) would depend on where it sits in the heap
+            # SentencePiece merges highest score first: a NaN has no order, and the merges (so
+            # the ids) would depend on where it sits in the heap; byte-level BPE never reads them
+            bad = next((i for i, s in enumerate(scores) if math.isnan(s)), None) \
+                if model == "llama" else None
+            if bad is not None:
                 raise ValueError(f"{where}: tokenizer.ggml.scores[{bad}] is NaN (token "
                                  f"{str(tokens[bad])[:40]!r}): merges need ordered scores")
         merges = metadata.get("tokenizer.ggml.merges")

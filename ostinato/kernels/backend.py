@@ -146,9 +146,9 @@ class CpuKernels:
     """quantize_activations: quantize activations to int16 per 32 elements and take exact
     integer dot products with the quantized weights; False keeps them in float32.
     kv_cache_dtype: "float16" (llama.cpp's default: half the memory and bandwidth),
-    "float32" (keys and values exactly as computed) or "int8-values" (float16 keys; each
-    token's value of a KV head as 8-bit codes and a float32 scale: about a quarter less
-    memory and bytes read by attention than float16)."""
+    "float32" (keys and values exactly as computed) or "int8-values" (float16 keys; values
+    as 8-bit codes and a float32 scale per V_BLOCK dimensions: 13/16 of float16's memory and
+    bytes read by attention)."""
 
     native_out = True               # linear(..., out=) writes into out (no copy)
 
@@ -261,17 +261,16 @@ class CpuKernels:
         return o.view(T, -1)
 
     # -- the KV cache: float16 (llama.cpp's default), float32 or int8 values, in the layout
-    # attention reads. K: (blocks, kv_heads, head_dim, block_size), each block's keys transposed, so one
-    # load brings a dimension of 16 keys and scores need no horizontal sums; V: (blocks,
-    # kv_heads, block_size, head_dim). A KV head's share of a block is one contiguous run
-    # either way. int8 values: each run's block_size float32 scales follow its codes, in
-    # v_scale_rows more rows (csrc/norm_rope.h).
+    # attention reads. K: (blocks, kv_heads, head_dim, block_size), each block's keys
+    # transposed, so one load brings a dimension of 16 keys and scores need no horizontal
+    # sums; V: (blocks, kv_heads, block_size, head_dim). A KV head's share of a block is one contiguous run
+    # either way. int8 values: each run's scales (head_dim / V_BLOCK a slot) follow its
+    # codes, in v_scale_rows more rows (csrc/norm_rope.h).
     def new_kv_cache(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int):
         if block_size % 16 or head_dim % 16:
             raise ValueError(f"the CPU kernels need block_size and head_dim in multiples of 16, "
                              f"got {block_size} and {head_dim}")
-        i8 = self.v_dtype == torch.int8
-        vr = block_size + (v_scale_rows(block_size) if i8 else 0)
+        vr = self._v_rows(block_size)
         # empty, not zeros: attention reads only slots written before it, so the pages of
         # blocks never used are never touched and cost no resident memory
         k = torch.empty(num_blocks, n_kv, head_dim, block_size, dtype=self.k_dtype)
@@ -279,12 +278,14 @@ class CpuKernels:
         k[0].zero_(), v[0].zero_()          # the null block (padding in block tables)
         return k, v
 
+    def _v_rows(self, block_size: int) -> int:
+        """V's rows a KV head's block: its slots, and with int8 values their scales' rows."""
+        return block_size + (v_scale_rows(block_size) if self.v_dtype == torch.int8 else 0)
+
     def kv_cache_bytes(self, block_size: int, n_kv: int, head_dim: int) -> int:
-        """Bytes of one block of one layer, K and V."""
-        k = block_size * n_kv * head_dim * self.k_dtype.itemsize
-        if self.v_dtype == torch.int8:
-            return k + n_kv * (block_size + v_scale_rows(block_size)) * head_dim
-        return k + block_size * n_kv * head_dim * self.v_dtype.itemsize
+        """Bytes of one block of one layer, K and V (new_kv_cache's shapes)."""
+        return n_kv * head_dim * (block_size * self.k_dtype.itemsize +
+                                  self._v_rows(block_size) * self.v_dtype.itemsize)
 
     @staticmethod
     def _v_scales(v_cache: torch.Tensor, bs: int) -> torch.Tensor:

@@ -84,10 +84,6 @@ int64_t check_kv_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t
   return BS;
 }
 
-// int8 values: x (D floats) as codes and a scale per 16 (the formula above; backend.py's
-// kv_quantize is the same arithmetic in torch, so a test can hold the two to the bit). A 16
-// with a NaN or an infinity gets codes 0 and a NaN scale: it reads back as NaNs, as a
-// float16 cache would show them, never as made-up numbers.
 // 127 / amax, or 0 where that is not finite (amax 0, or below 127 / FLT_MAX: such a 16's
 // values are all below 4e-37 and read back as 0)
 inline float kv_inverse(float amax) {
@@ -95,6 +91,10 @@ inline float kv_inverse(float amax) {
   return inv <= FLT_MAX ? inv : 0.f;
 }
 
+// int8 values: x (D floats) as codes and a scale per 16 (the formula above; backend.py's
+// kv_quantize is the same arithmetic in torch, so a test can hold the two to the bit). A 16
+// with a NaN or an infinity gets codes 0 and a NaN scale: it reads back as NaNs, as a
+// float16 cache would show them, never as made-up numbers.
 inline void kv_quantize(const float* x, int64_t D, int8_t* codes, float* scales) {
   for (int64_t b = 0; b < D; b += kVBlock) {
 #if defined(__AVX512F__)
