@@ -13,8 +13,10 @@ from ostinato.engine.scheduler import Scheduler
 from ostinato.engine.sequence import SchedulerOutput, Sequence, Status
 from ostinato.engine.step_time import (
     AUTO_FLOOR_S,
+    AUTO_MAX_RATIO,
     AUTO_RATIO,
     AUTO_SEATED_MAX_S,
+    BURST_WINDOW_S,
     MIN_PREFILL_TOKENS,
     WHOLE_CONTEXT,
     AttentionSpan,
@@ -330,6 +332,90 @@ def test_auto_takes_a_burst_in_steps_as_long_as_the_decode_steps_it_will_make():
     sched.add(make_seq("late", range(5000, 5300)))
     sched.schedule()
     assert sched._step.target_seconds == pytest.approx(AUTO_FLOOR_S)   # no seat: no say
+
+
+def burst_of(n: int, at: float | None, prompt_len: int = 80) -> list[Sequence]:
+    """n prompts that the engine took at `at` (None: arrival unknown)."""
+    seqs = [make_seq(f"b{i}", range(10 ** 4 * (i + 1), 10 ** 4 * (i + 1) + prompt_len))
+            for i in range(n)]
+    for s in seqs:
+        s.arrival_time = at
+    return seqs
+
+
+def admit(sched: Scheduler, seqs: list[Sequence]) -> tuple[int, list[tuple[float, float]]]:
+    """Steps until every one of seqs has its prompt computed, and (target, rule) of the steps
+    that had a time limit while some of seqs waited."""
+    steps, limits = 0, []
+    while any(s.in_prefill for s in seqs):
+        queued = bool(sched.waiting)
+        plan = sched.schedule()
+        if sched.budget.limited and queued:
+            limits.append((sched.budget.target_seconds, sched.budget.rule_seconds))
+            assert predicted(plan) <= sched.budget.target_seconds + 1e-9
+        apply(plan)
+        steps += 1
+        assert steps < 500
+    return steps, limits
+
+
+def test_auto_admits_a_burst_at_the_levels_highest_at_once():
+    """64 prompts taken together: the rows admitted first are the burst's own, with no earlier
+    cadence to keep, so each step takes AUTO_MAX_RATIO x the rule (the level's highest) at
+    once; the burst is in within a third of the steps it takes when its arrivals are not
+    known (the rule alone: steps as long as the seated decode step)."""
+    sched = target_sched("auto", budget=512, blocks=4096, max_seqs=64)
+    for s in (burst := burst_of(64, at=100.0)):
+        sched.add(s)
+    steps, limits = admit(sched, burst)
+    assert limits and all(t == pytest.approx(AUTO_MAX_RATIO * rule) for t, rule in limits)
+    spread = target_sched("auto", budget=512, blocks=4096, max_seqs=64)
+    for s in (same := burst_of(64, at=None)):
+        spread.add(s)
+    spread_steps, spread_limits = admit(spread, same)
+    assert all(t == pytest.approx(rule) for t, rule in spread_limits)
+    assert 3 * steps <= spread_steps, (steps, spread_steps)
+    assert sched.num_preemptions == spread.num_preemptions == 0
+
+
+def burst_beside_decoders(decoders_at: list[float | None]) -> Scheduler:
+    """Streams taken at decoders_at decode (one step of prompts each); then 40 prompts come,
+    taken at 100.0. The scheduler has planned the first step after they came."""
+    sched = target_sched("auto", budget=512, blocks=4096, max_seqs=64)
+    for i, at in enumerate(decoders_at):
+        seq = make_seq(f"d{i}", range(100 * i, 100 * i + 6))
+        seq.arrival_time = at
+        sched.add(seq)
+    step(sched)                                       # nobody decodes yet: all in one step
+    for s in burst_of(40, at=100.0):
+        sched.add(s)
+    plan = sched.schedule()
+    assert sched.budget.limited and predicted(plan) <= sched.budget.target_seconds + 1e-9
+    return sched
+
+
+@pytest.mark.parametrize("before", [0.0, BURST_WINDOW_S * 0.8])
+def test_streams_taken_with_the_burst_are_its_own(before):
+    sched = burst_beside_decoders([100.0 - before] * 8)
+    budget = sched.budget
+    assert budget.rule_seconds < budget.target_seconds
+    assert budget.target_seconds == pytest.approx(AUTO_MAX_RATIO * budget.rule_seconds)
+
+
+@pytest.mark.parametrize("first", [None, 100.0 - BURST_WINDOW_S * 1.2, 50.0])
+def test_a_stream_from_before_the_burst_keeps_the_rule(first):
+    """One decoding stream that came before the burst (or whose arrival is unknown) keeps the
+    rule's step for every row: its tokens had a cadence before the burst came."""
+    sched = burst_beside_decoders([first] + [100.0] * 7)
+    assert sched.budget.target_seconds == pytest.approx(sched.budget.rule_seconds)
+
+
+def test_a_fixed_target_holds_through_a_burst():
+    sched = target_sched(300, budget=512, blocks=4096, max_seqs=64)
+    for s in (burst := burst_of(64, at=100.0)):
+        sched.add(s)
+    _, limits = admit(sched, burst)
+    assert len(limits) > 5 and {t for t, _ in limits} == {0.300}
 
 
 @pytest.mark.parametrize("decoders", [8, 20, 30])

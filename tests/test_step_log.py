@@ -4,6 +4,7 @@ a sequence's first from a decode row), the targets the scheduler set, and a summ
 the two kinds of step apart. Bad paths are one-line errors before the model loads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -43,6 +44,10 @@ def test_every_step_is_logged_and_the_counts_add_up(smollm_path, tmp_path):
     assert limited and all(r.decode_rows for r in limited)
     assert all(r.target >= 0.030 and r.level is not None for r in limited)
     assert not any(r.target is not None for r in recs if not r.decode_rows)
+    # the 4 prompts came together (one generate call): while some waited, the steps were
+    # a burst's, at the level's highest (3x the rule, so above the 30 ms floor's 90 ms)
+    bursts = [r for r in recs if r.burst]
+    assert bursts and all(r.target >= 0.090 - 1e-9 and r.decode_rows for r in bursts)
 
 
 def test_without_a_target_no_step_has_one(smollm_path, tmp_path):
@@ -105,6 +110,13 @@ def test_the_summary_tells_the_kinds_of_step_apart(tmp_path):
     with open(path, "a") as f:
         f.write("\n" + json.dumps({**asdict(recs[0]), "new_field": 1}) + "\n")
     assert step_log.read(path) == recs + recs[:1]     # a later version's field is ignored
+    older = {k: v for k, v in asdict(rec(0.050, 40, 8, 0.150)).items() if k != "burst"}
+    with open(path, "w") as f:                        # a log from before the burst field
+        f.write(json.dumps(older) + "\n")
+    assert step_log.read(path) == [rec(0.050, 40, 8, 0.150)]
+    burst = dataclasses.replace(rec(0.150, 200, 8, 0.150), burst=True)
+    assert "steps that admitted a burst at the level's highest: 3" in \
+        step_log.summarize(recs + [burst] * 3)
     assert step_log.summarize([]) == "no steps"
 
 

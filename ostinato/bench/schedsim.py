@@ -15,6 +15,10 @@ step's seconds to StepTimeModel.add, apply the tokens.
         # free prefill: what the decode batch's own variation leaves of ITL p99/p50
     python -m ostinato.bench.schedsim --noise 0.2 --policies auto,300
         # a shared machine's step jitter: what no step target removes
+    python -m ostinato.bench.schedsim --streams 64 --rates 100000 --requests 64 \
+        --prompts 80,80 --policies auto-spread,auto,off --client-cap
+        # one burst of 64 requests (the serving sweep's 64-stream level), with and without
+        # auto's burst rule (auto-spread: arrivals not stamped)
 """
 from __future__ import annotations
 
@@ -114,8 +118,9 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
              budget: int = 512, demand: AutoDemand | None = None,
              steady_from: float = 1 / 3, clients: int | None = None,
              noise: float = 0.0) -> Result:
-    """policy: a --target-itl-ms value ("auto", "off", ms), or "old-auto" (auto without
-    demand: max(the floor, 1.25 x the decode step), the rule before issue 17). clients: at
+    """policy: a --target-itl-ms value ("auto", "off", ms), "old-auto" (auto without
+    demand: max(the floor, 1.25 x the decode step), the rule before issue 17) or
+    "auto-spread" (auto without its burst rule: arrivals not stamped). clients: at
     most that many requests in flight, the rest wait their turn client-side (their TTFT counts
     from arrival), as `ostinato bench --arrivals poisson` sends them; None: every arrival goes
     straight to the scheduler's queue. noise: each step's seconds times a log-normal factor
@@ -125,7 +130,7 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
     arrivals = work.arrivals()
     need = streams * ((work.max_prompt + work.output) // BLOCK + 2) + 2
     kv = KVCacheManager([need], BLOCK, [None], enable_prefix_caching=False)
-    target = LatencyTarget.parse("auto" if policy == "old-auto" else policy)
+    target = LatencyTarget.parse("auto" if policy in ("old-auto", "auto-spread") else policy)
     sched = Scheduler(kv, streams, budget, target, StepTimeModel())
     if policy == "old-auto":
         sched.demand = NoDemand()
@@ -141,7 +146,7 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
             at, n = arrivals[i]
             # distinct ids per request: no prefix-cache hits
             seq = Sequence(f"r{i}", f"r{i}", 0, [i * 4096 + k for k in range(n)], params,
-                           work.output)
+                           work.output, arrival_time=None if policy == "auto-spread" else t)
             born[seq.seq_id], times[seq.seq_id] = at, []
             sched.add(seq)
             i += 1
@@ -176,8 +181,9 @@ def capacity(streams: int, work: Workload, cost: SimCost = SimCost()) -> float:
     """Requests a second the engine can serve at most (all streams decoding, prefill in
     whole-budget steps), from the cost model: 1 / (mean prefill + mean decode seconds)."""
     lo, hi = math.log(work.min_prompt), math.log(work.max_prompt)
-    n_mean = (work.max_prompt - work.min_prompt) / (hi - lo)
-    n2_mean = (work.max_prompt ** 2 - work.min_prompt ** 2) / (2 * (hi - lo))
+    n_mean = (work.max_prompt - work.min_prompt) / (hi - lo) if hi > lo else work.min_prompt
+    n2_mean = (work.max_prompt ** 2 - work.min_prompt ** 2) / (2 * (hi - lo)) if hi > lo \
+        else work.min_prompt ** 2
     prefill = cost.prefill_token * n_mean + cost.per_kpair * n2_mean / 2e3
     ctx = n_mean + work.output / 2
     decode = work.output * (cost.decode_row + cost.per_kpair * ctx / 1e3 + cost.base / streams)
@@ -194,6 +200,16 @@ def _cost(value: str) -> SimCost:
         raise argparse.ArgumentTypeError(f"{value!r}: four numbers of ms >= 0, "
                                          "base,token,row,kpair")
     return SimCost(*(v / 1e3 for v in ms))
+
+
+def _prompts(value: str) -> tuple[int, int]:
+    try:
+        lo, hi = map(int, value.split(","))
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{value!r}: LO,HI tokens, 1 <= LO <= HI")
+    return lo, hi
 
 
 def _sigma(value: str) -> float:
@@ -213,6 +229,8 @@ def main(argv=None) -> None:
                     help="arrival rates as shares of the cost model's capacity")
     ap.add_argument("--rates", default=None, help="arrival rates in requests a second")
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--prompts", type=_prompts, default=(64, 2048), metavar="LO,HI",
+                    help="prompt lengths in tokens, log-uniform (default 64,2048)")
     ap.add_argument("--policies", default="old-auto,off,auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--client-cap", action="store_true",
@@ -227,15 +245,15 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     print(HEADER)
     for c in map(int, a.streams.split(",")):
-        cap = capacity(c, Workload(1.0), a.cost)
+        cap = capacity(c, Workload(1.0, 1, *a.prompts), a.cost)
         rates = [float(r) for r in a.rates.split(",")] if a.rates else \
             [round(cap * float(x), 3) for x in a.loads.split(",")]
         for rate in rates:
             for p in a.policies.split(","):
-                w = Workload(rate, a.requests, seed=a.seed)
+                w = Workload(rate, a.requests, *a.prompts, seed=a.seed)
                 print(simulate(p, c, w, a.cost, clients=c if a.client_cap else None,
                                noise=a.noise).row(), flush=True)
-    caps = [f"{c} streams {capacity(c, Workload(1.0), a.cost):.3f} req/s"
+    caps = [f"{c} streams {capacity(c, Workload(1.0, 1, *a.prompts), a.cost):.3f} req/s"
             for c in map(int, a.streams.split(","))]
     print("\ncapacity (cost model): " + ", ".join(caps))
 

@@ -97,7 +97,8 @@ class Engine:
     def _new_seq(self, request_id, i, prompt_ids, params, max_tokens) -> Sequence:
         if params.n > 1 and params.seed is not None:   # n distinct but reproducible choices
             params = dataclasses.replace(params, seed=params.seed + i)
-        seq = Sequence(f"{request_id}/{i}", request_id, i, list(prompt_ids), params, max_tokens)
+        seq = Sequence(f"{request_id}/{i}", request_id, i, list(prompt_ids), params, max_tokens,
+                       arrival_time=time.monotonic())
         if params.logprobs is not None:
             seq.logprobs = []
         if params.prompt_logprobs is not None:
@@ -162,7 +163,7 @@ class Engine:
             predicted=predicted,
             target=budget.target_seconds if budget is not None and budget.limited else None,
             level=budget.level if budget is not None and budget.auto else None,
-            threads=self._threads)
+            threads=self._threads, burst=budget is not None and budget.burst)
 
     def _write_step(self, record: StepRecord, seconds: float) -> None:
         """A log that cannot be written (a full disk) is turned off with a warning: the

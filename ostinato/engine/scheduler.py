@@ -29,7 +29,7 @@ from collections import deque
 
 from .kv_cache import KVCacheManager
 from .sequence import ScheduledSeq, SchedulerOutput, Sequence, Status
-from .step_time import AutoDemand, LatencyTarget, StepBudget, StepTimeModel
+from .step_time import BURST_WINDOW_S, AutoDemand, LatencyTarget, StepBudget, StepTimeModel
 
 
 class Scheduler:
@@ -112,7 +112,18 @@ class Scheduler:
         queued = list(itertools.islice(self.waiting, max(0, seated)))
         return StepBudget(self.target, self.step_time, tokens, pairs, rows, self.demand.level,
                           (len(queued), sum(self.step_time.pairs(seq.num_tokens - 1, 1)
-                                            for seq in queued), len(queued)))
+                                            for seq in queued), len(queued)),
+                          burst=self.target.auto and self._burst(queued))
+
+    def _burst(self, queued: list[Sequence]) -> bool:
+        """Every decode row arrived with the queue: within BURST_WINDOW_S of the oldest
+        waiting sequence that has a seat (step_time.py). An arrival not known is no burst."""
+        arrivals = [seq.arrival_time for seq in queued]
+        if not arrivals or None in arrivals:
+            return False
+        since = min(arrivals) - BURST_WINDOW_S
+        return all(seq.arrival_time is not None and seq.arrival_time >= since
+                   for seq in self.running if self._decode_tokens(seq))
 
     def _schedule_running(self, out: list[ScheduledSeq], budget: int) -> int:
         # with a target, decode rows later in admission order keep their tokens

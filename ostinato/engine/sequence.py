@@ -38,6 +38,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0        # times its KV was dropped and recomputed
     num_cached_tokens: int = 0      # prompt tokens the prefix cache gave at first admission
+    # when the engine took the request (time.monotonic(); None: unknown). The scheduler only
+    # compares sequences' arrivals (a burst, step_time.py), it reads no clock
+    arrival_time: float | None = None
     pooling_state: Any = None       # the runner's running pool of the prompt's hidden states
     embedding: Any = None           # the pooled, normalised prompt (params.pooling)
     # speculative decoding: tokens guessed to follow all_ids, computed with the next step

@@ -19,6 +19,8 @@ step's line):
                     nobody decoding, or the step-time model not fitted yet)
     level           auto's demand level the target was set with (None unless auto)
     threads         the thread count the step ran on (None: fixed threads)
+    burst           its decode rows all came with the queue: auto's target was the level's
+                    highest at once (step_time.py; absent from logs before 2026-12-03)
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class StepRecord:
     target: float | None
     level: float | None
     threads: int | None
+    burst: bool = False
 
 
 class StepLog:
@@ -69,14 +72,15 @@ class StepLog:
 
 def read(path: str | Path) -> list[StepRecord]:
     """The records of a step log: lines that do not parse or lack a field (a torn last line)
-    are skipped, fields this version does not know are ignored."""
+    are skipped, fields this version does not know are ignored, a field with a default that
+    an older log lacks takes the default."""
     names = [f.name for f in fields(StepRecord)]
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 d = json.loads(line)
-                out.append(StepRecord(**{k: d[k] for k in names}))
+                out.append(StepRecord(**{k: d[k] for k in names if k in d}))
             except (ValueError, TypeError, KeyError):
                 continue
     return out
@@ -106,6 +110,8 @@ def summarize(records: list[StepRecord]) -> str:
             line += (f"; target ms {_spread(targets, (10, 50, 90))}; time / target "
                      f"{_spread(over, (50, 99), digits=2)}")
         lines.append(line)
+    if bursts := sum(r.burst for r in records):
+        lines.append(f"steps that admitted a burst at the level's highest: {bursts}")
     levels = [1e3 * r.level for r in records if r.level]
     if levels:
         lines.append(f"auto's level ms: {_spread(levels, (10, 50, 90))}, max {max(levels):.1f}")
