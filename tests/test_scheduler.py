@@ -13,9 +13,9 @@ from ostinato.engine.scheduler import Scheduler
 from ostinato.engine.sequence import SchedulerOutput, Sequence, Status
 from ostinato.engine.step_time import (
     AUTO_FLOOR_S,
-    AUTO_MAX_RATIO,
     AUTO_RATIO,
     AUTO_SEATED_MAX_S,
+    BURST_RATIO,
     BURST_WINDOW_S,
     MIN_PREFILL_TOKENS,
     WHOLE_CONTEXT,
@@ -343,38 +343,41 @@ def burst_of(n: int, at: float | None, prompt_len: int = 80) -> list[Sequence]:
     return seqs
 
 
-def admit(sched: Scheduler, seqs: list[Sequence]) -> tuple[int, list[tuple[float, float]]]:
-    """Steps until every one of seqs has its prompt computed, and (target, rule) of the steps
-    that had a time limit while some of seqs waited."""
+def admit(sched: Scheduler, seqs: list[Sequence]) -> tuple[int, list[tuple[float, ...]]]:
+    """Steps until every one of seqs has its prompt computed, and (target, rule, seated step)
+    of the steps that had a time limit while some of seqs waited."""
     steps, limits = 0, []
     while any(s.in_prefill for s in seqs):
         queued = bool(sched.waiting)
         plan = sched.schedule()
-        if sched.budget.limited and queued:
-            limits.append((sched.budget.target_seconds, sched.budget.rule_seconds))
-            assert predicted(plan) <= sched.budget.target_seconds + 1e-9
+        budget = sched.budget
+        if budget.limited and queued:
+            limits.append((budget.target_seconds, budget.rule_seconds, budget.seated_seconds))
+            assert predicted(plan) <= budget.target_seconds + 1e-9
         apply(plan)
         steps += 1
         assert steps < 500
     return steps, limits
 
 
-def test_auto_admits_a_burst_at_the_levels_highest_at_once():
+def test_auto_admits_a_burst_in_steps_of_its_own_decode_step_times_the_burst_ratio():
     """64 prompts taken together: the rows admitted first are the burst's own, with no earlier
-    cadence to keep, so each step takes AUTO_MAX_RATIO x the rule (the level's highest) at
-    once; the burst is in within a third of the steps it takes when its arrivals are not
-    known (the rule alone: steps as long as the seated decode step)."""
+    cadence to keep, so a step may take BURST_RATIO x the decode step the burst will make;
+    the burst is in within 2/3 of the steps it takes when its arrivals are not known (the
+    rule alone: steps as long as that decode step)."""
     sched = target_sched("auto", budget=512, blocks=4096, max_seqs=64)
     for s in (burst := burst_of(64, at=100.0)):
         sched.add(s)
     steps, limits = admit(sched, burst)
-    assert limits and all(t == pytest.approx(AUTO_MAX_RATIO * rule) for t, rule in limits)
+    assert limits and all(t == pytest.approx(max(rule, BURST_RATIO * seated))
+                          for t, rule, seated in limits)
+    assert sum(t > rule for t, rule, _ in limits) > len(limits) / 2
     spread = target_sched("auto", budget=512, blocks=4096, max_seqs=64)
     for s in (same := burst_of(64, at=None)):
         spread.add(s)
     spread_steps, spread_limits = admit(spread, same)
-    assert all(t == pytest.approx(rule) for t, rule in spread_limits)
-    assert 3 * steps <= spread_steps, (steps, spread_steps)
+    assert all(t == pytest.approx(rule) for t, rule, _ in spread_limits)
+    assert 3 * steps <= 2 * spread_steps, (steps, spread_steps)
     assert sched.num_preemptions == spread.num_preemptions == 0
 
 
@@ -398,8 +401,9 @@ def burst_beside_decoders(decoders_at: list[float | None]) -> Scheduler:
 def test_streams_taken_with_the_burst_are_its_own(before):
     sched = burst_beside_decoders([100.0 - before] * 8)
     budget = sched.budget
+    assert budget.seated_seconds == pytest.approx(AUTO_SEATED_MAX_S)     # 48 rows, capped
+    assert budget.target_seconds == pytest.approx(BURST_RATIO * AUTO_SEATED_MAX_S)
     assert budget.rule_seconds < budget.target_seconds
-    assert budget.target_seconds == pytest.approx(AUTO_MAX_RATIO * budget.rule_seconds)
 
 
 @pytest.mark.parametrize("first", [None, 100.0 - BURST_WINDOW_S * 1.2, 50.0])
@@ -415,7 +419,7 @@ def test_a_fixed_target_holds_through_a_burst():
     for s in (burst := burst_of(64, at=100.0)):
         sched.add(s)
     _, limits = admit(sched, burst)
-    assert len(limits) > 5 and {t for t, _ in limits} == {0.300}
+    assert len(limits) > 5 and {t for t, *_ in limits} == {0.300}
 
 
 @pytest.mark.parametrize("decoders", [8, 20, 30])

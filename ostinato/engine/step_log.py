@@ -19,8 +19,8 @@ step's line):
                     nobody decoding, or the step-time model not fitted yet)
     level           auto's demand level the target was set with (None unless auto)
     threads         the thread count the step ran on (None: fixed threads)
-    burst           its decode rows all came with the queue: auto's target was the level's
-                    highest at once (step_time.py; absent from logs before 2026-12-03)
+    burst           its decode rows all came with the queue: auto's target was at least
+                    1.5x the seated step (step_time.py; absent from logs before 2026-12-03)
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def summarize(records: list[StepRecord]) -> str:
                      f"{_spread(over, (50, 99), digits=2)}")
         lines.append(line)
     if bursts := sum(r.burst for r in records):
-        lines.append(f"steps that admitted a burst at the level's highest: {bursts}")
+        lines.append(f"steps whose decode rows all came with the queue (a burst): {bursts}")
     levels = [1e3 * r.level for r in records if r.level]
     if levels:
         lines.append(f"auto's level ms: {_spread(levels, (10, 50, 90))}, max {max(levels):.1f}")

@@ -44,17 +44,17 @@ seconds, and a burst (below) compares the arrival times the engine stamped.
 
 A step without decode rows stretches nobody's next token: it gets the whole token budget.
 Under auto, a step whose decode rows all arrived with the queue (within BURST_WINDOW_S of its
-oldest seated request) takes the level's highest, AUTO_MAX_RATIO x the rule, at once: a burst
-of requests that came together (a client fanning out 64 calls, a closed-loop load generator's
-round) has no earlier cadence to keep even, and spreading its admission over seconds only
-spreads its finishes (SmolLM2, 64 streams: the last of the burst waited 3-5 s for its first
-token and the batch ended in a tail of a few rows). Bounded, not the whole token budget: with
-long prompts a burst's admission is most of its work, and the rows admitted first would crawl
-through it (a simulated burst of 64-2,048-token prompts: ITL p99 1.7 s with the budget, 0.26 s
-bounded, about the same throughput). A stream that arrived before the burst keeps the rule for
-every row, so under Poisson arrivals (spread in time) nothing changes. A waiting prompt
-always gets at least MIN_PREFILL_TOKENS a step, so a target tighter than the decode rows
-alone never starves it."""
+oldest seated request) may take BURST_RATIO x the decode step of the batch the burst will
+make (t_s): a burst of requests that came together (a client fanning out 64 calls, a
+closed-loop load generator's round) has no earlier cadence to keep, and admitting it in steps
+only as long as t_s spread its finishes over seconds (SmolLM2, 64 streams: 60 steps of 52 ms
+carrying ~70 prompt tokens each, the last of the burst 3 s after the first) and ended the
+batch in a tail of a few rows. The bound is the burst's own cadence, not the whole token
+budget: its first rows see steps of at most 1.5x the gap they will have after it (a busy
+neighbour stretches steps, and 2-3x the rule took the contended ITL p99 over 3x the quiet
+p50). A stream that arrived before the burst keeps the rule for every row, so under Poisson
+arrivals (spread in time) nothing changes. A waiting prompt always gets at least
+MIN_PREFILL_TOKENS a step, so a target tighter than the decode rows alone never starves it."""
 from __future__ import annotations
 
 import math
@@ -73,6 +73,9 @@ AUTO_UP = 0.004            # auto: the level rises 0.4% a step while prefill is 
 AUTO_DOWN = 0.02           # auto: it falls 2% a decoding step that carried no prefill
 AUTO_MAX_RATIO = 3.0       # auto: the level stays within 3x the no-demand rule (t_s included)
 AUTO_SEATED_MAX_S = AUTO_MAX_RATIO * AUTO_FLOOR_S    # auto: t_s counts up to 90 ms
+BURST_RATIO = 1.5          # auto: a burst's steps take up to this times the decode step it
+                           # will make (2 or 3x the rule: a busy neighbour's ITL p99 went
+                           # over 3x the quiet p50, 3.6-5.0x; 1.5x: 2.3-2.6x)
 BURST_WINDOW_S = 0.5       # auto: requests the engine took within this of each other came
                            # together (the engine stamps those that reach it during one step
                            # alike; a burst of 64 took 2 steps, 80 ms)
@@ -313,7 +316,8 @@ class StepBudget:
                  seated: tuple[int, float, int] = (0, 0, 0), burst: bool = False):
         """level: auto's step-time level (AutoDemand); seated: (tokens, pairs, rows) the
         waiting sequences that have a seat will add to the decode rows once admitted; burst:
-        the decode rows all came with the queue (auto only: no time limit, module doc)."""
+        the decode rows all came with the queue (auto only: BURST_RATIO x the seated step,
+        module doc)."""
         self.model = model
         self.level, self.auto = level, target.auto       # (the step log reads them)
         self.decode_tokens = decode_tokens
@@ -322,15 +326,15 @@ class StepBudget:
                                  decode_rows + seated[2]) if seated[2] else 0.0
         # bounded: the model, fitted mostly on prefill while a burst is admitted, over-predicts
         # a large decode step (2.5-3.5x at 64 rows); by a constant, not by t_d (module doc)
-        seated_s = min(seated_s, AUTO_SEATED_MAX_S)
+        self.seated_seconds = seated_s = min(seated_s, AUTO_SEATED_MAX_S)
         # the rule (AutoDemand's bounds) counts the seated batch: under overload the queue
         # keeps every seat filled and the level holds steps at that length; bounded by the
         # rest of the rule alone, steps alternated (Poisson 3/s at 64 streams, ours alone:
         # ITL p99/p50 2.05 against 1.16)
         self.rule_seconds = target.step_seconds(decode_s, 0.0, seated_s)  # without the level
         self.burst = burst and target.auto and decode_tokens > 0
-        if self.burst:                   # a burst's own rows: the level's highest at once
-            level = max(level, AUTO_MAX_RATIO * self.rule_seconds)
+        if self.burst:                   # a burst's own rows: 1.5x their own decode step
+            level = max(level, BURST_RATIO * seated_s)
         self.target_seconds = target.step_seconds(decode_s, level, seated_s)
         self.limited = decode_tokens > 0 and model.ready    # nobody decoding: no time limit
         self.seconds_left = self.target_seconds - decode_s
