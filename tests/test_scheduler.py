@@ -414,6 +414,47 @@ def test_a_stream_from_before_the_burst_keeps_the_rule(first):
     assert sched.budget.target_seconds == pytest.approx(sched.budget.rule_seconds)
 
 
+def test_a_burst_larger_than_the_seats_is_none():
+    """80 prompts for 64 seats: its first rows have a cadence by the time the rest find
+    seats, so the rule holds from the start."""
+    sched = target_sched("auto", budget=512, blocks=4096, max_seqs=64)
+    for s in (burst := burst_of(80, at=100.0)):
+        sched.add(s)
+    _, limits = admit(sched, burst[:64])
+    assert limits and all(t == pytest.approx(rule) for t, rule, _ in limits)
+
+
+def test_a_preempted_sequence_in_the_queue_is_no_burst():
+    sched = burst_beside_decoders([100.0] * 8)
+    assert sched.budget.burst
+    sched = target_sched("auto", budget=512, blocks=4096, max_seqs=64)
+    decoders = burst_of(8, at=100.0, prompt_len=6)
+    for s in decoders:
+        sched.add(s)
+    step(sched)
+    sched._preempt(decoders[-1])                      # back in front of the queue
+    sched.schedule()
+    assert not sched.budget.burst
+    assert sched.budget.target_seconds == pytest.approx(sched.budget.rule_seconds)
+
+
+def test_a_burst_whose_decode_step_is_under_the_floor_keeps_the_floor():
+    """4 streams and 2 prompts, taken together: the seated step (6 rows, 17 ms) times 1.5 is
+    under the 30 ms floor, so the step is the rule's."""
+    sched = target_sched("auto", budget=512, blocks=4096, max_seqs=64)
+    for i in range(4):
+        seq = make_seq(f"d{i}", range(100 * i, 100 * i + 6))
+        seq.arrival_time = 100.0
+        sched.add(seq)
+    step(sched)
+    for s in burst_of(2, at=100.0, prompt_len=300):
+        sched.add(s)
+    sched.schedule()
+    budget = sched.budget
+    assert budget.burst and BURST_RATIO * budget.seated_seconds < AUTO_FLOOR_S
+    assert budget.target_seconds == pytest.approx(AUTO_FLOOR_S) == budget.rule_seconds
+
+
 def test_a_fixed_target_holds_through_a_burst():
     sched = target_sched(300, budget=512, blocks=4096, max_seqs=64)
     for s in (burst := burst_of(64, at=100.0)):

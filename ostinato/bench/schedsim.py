@@ -75,7 +75,8 @@ class Workload:
         lo, hi = math.log(self.min_prompt), math.log(self.max_prompt)
         for _ in range(self.requests):
             t += rng.expovariate(self.rate)
-            out.append((t, int(math.exp(rng.uniform(lo, hi)))))
+            n = self.min_prompt if lo == hi else int(math.exp(rng.uniform(lo, hi)))
+            out.append((t, n))
         return out
 
 
@@ -146,7 +147,8 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
             at, n = arrivals[i]
             # distinct ids per request: no prefix-cache hits
             seq = Sequence(f"r{i}", f"r{i}", 0, [i * 4096 + k for k in range(n)], params,
-                           work.output, arrival_time=None if policy == "auto-spread" else t)
+                           work.output,
+                           arrival_time=None if policy in ("old-auto", "auto-spread") else t)
             born[seq.seq_id], times[seq.seq_id] = at, []
             sched.add(seq)
             i += 1

@@ -25,6 +25,7 @@ share), and AutoDemand moves the level that the next steps take.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 
 from .kv_cache import KVCacheManager
@@ -104,26 +105,30 @@ class Scheduler:
 
     def _step_budget(self) -> StepBudget:
         tokens = pairs = rows = 0
+        first = math.inf                     # the earliest arrival of a decode row
         for seq in self.running:
             if n := self._decode_tokens(seq):
                 tokens, rows = tokens + n, rows + 1
                 pairs += self.step_time.pairs(seq.num_computed_tokens, n)
+                first = min(first, -math.inf if seq.arrival_time is None else seq.arrival_time)
         seated = self.max_num_seqs - len(self.running)
         queued = list(itertools.islice(self.waiting, max(0, seated)))
         return StepBudget(self.target, self.step_time, tokens, pairs, rows, self.demand.level,
                           (len(queued), sum(self.step_time.pairs(seq.num_tokens - 1, 1)
                                             for seq in queued), len(queued)),
-                          burst=self.target.auto and self._burst(queued))
+                          burst=self._burst(queued, first))
 
-    def _burst(self, queued: list[Sequence]) -> bool:
-        """Every decode row arrived with the queue: within BURST_WINDOW_S of the oldest
-        waiting sequence that has a seat (step_time.py). An arrival not known is no burst."""
-        arrivals = [seq.arrival_time for seq in queued]
-        if not arrivals or None in arrivals:
+    def _burst(self, queued: list[Sequence], first: float) -> bool:
+        """The decode rows all came with the queue (step_time.py): the whole queue has a
+        seat and none of it was preempted (else the rows have had a cadence while it waited),
+        and no decode row arrived more than BURST_WINDOW_S before the queue's oldest
+        (`first`: the rows' earliest arrival, -inf if one is not known). No row arrived after
+        the queue's oldest (FCFS, and a preempted sequence goes back in front), so the window
+        needs no upper side."""
+        if not queued or len(queued) < len(self.waiting) or \
+                any(seq.num_preemptions or seq.arrival_time is None for seq in queued):
             return False
-        since = min(arrivals) - BURST_WINDOW_S
-        return all(seq.arrival_time is not None and seq.arrival_time >= since
-                   for seq in self.running if self._decode_tokens(seq))
+        return first >= min(seq.arrival_time for seq in queued) - BURST_WINDOW_S
 
     def _schedule_running(self, out: list[ScheduledSeq], budget: int) -> int:
         # with a target, decode rows later in admission order keep their tokens

@@ -19,8 +19,9 @@ step's line):
                     nobody decoding, or the step-time model not fitted yet)
     level           auto's demand level the target was set with (None unless auto)
     threads         the thread count the step ran on (None: fixed threads)
-    burst           its decode rows all came with the queue: auto's target was at least
-                    1.5x the seated step (step_time.py; absent from logs before 2026-12-03)
+    burst           its decode rows all came with the queue: auto's target was the longer
+                    of the rule and 1.5x the seated step (step_time.py; False in logs from
+                    before 2026-12-03)
 """
 from __future__ import annotations
 

@@ -43,18 +43,21 @@ measures all of this). The scheduler reads no clock: the level counts steps and 
 seconds, and a burst (below) compares the arrival times the engine stamped.
 
 A step without decode rows stretches nobody's next token: it gets the whole token budget.
-Under auto, a step whose decode rows all arrived with the queue (within BURST_WINDOW_S of its
-oldest seated request) may take BURST_RATIO x the decode step of the batch the burst will
-make (t_s): a burst of requests that came together (a client fanning out 64 calls, a
-closed-loop load generator's round) has no earlier cadence to keep, and admitting it in steps
-only as long as t_s spread its finishes over seconds (SmolLM2, 64 streams: 60 steps of 52 ms
-carrying ~70 prompt tokens each, the last of the burst 3 s after the first) and ended the
-batch in a tail of a few rows. The bound is the burst's own cadence, not the whole token
-budget: its first rows see steps of at most 1.5x the gap they will have after it (a busy
-neighbour stretches steps, and 2-3x the rule took the contended ITL p99 over 3x the quiet
-p50). A stream that arrived before the burst keeps the rule for every row, so under Poisson
-arrivals (spread in time) nothing changes. A waiting prompt always gets at least
-MIN_PREFILL_TOKENS a step, so a target tighter than the decode rows alone never starves it."""
+Under auto, a step whose decode rows all came with the queue (the whole queue has a seat,
+none of it was preempted, and no decode row arrived more than BURST_WINDOW_S before its
+oldest) may take BURST_RATIO x the decode step of the batch the burst will make (t_s), or
+the rule if that is longer: a burst of requests that came together (a client fanning out 64
+calls, a closed-loop load generator's round) has no earlier cadence to keep, and admitting
+it in steps only as long as t_s spread its finishes over seconds (SmolLM2, 64 streams: 60
+steps of 52 ms carrying ~70 prompt tokens each, the last of the burst 3 s after the first)
+and ended the batch in a tail of a few rows. The bound is the burst's own cadence, not the
+whole token budget: a busy neighbour stretches steps, and 2-3x the rule took the contended
+ITL p99 over 3x the quiet p50 (BURST_RATIO). A burst larger than the seats is none: its
+first rows have a cadence by the time the rest find seats. A stream that arrived before the
+burst keeps the rule for every row, so Poisson arrivals rarely make one (two requests within
+0.5 s into an idle engine do: 8 steps in a served 16-stream run of 2,031). A waiting prompt
+always gets at least MIN_PREFILL_TOKENS a step, so a target tighter than the decode rows
+alone never starves it."""
 from __future__ import annotations
 
 import math
@@ -74,11 +77,14 @@ AUTO_DOWN = 0.02           # auto: it falls 2% a decoding step that carried no p
 AUTO_MAX_RATIO = 3.0       # auto: the level stays within 3x the no-demand rule (t_s included)
 AUTO_SEATED_MAX_S = AUTO_MAX_RATIO * AUTO_FLOOR_S    # auto: t_s counts up to 90 ms
 BURST_RATIO = 1.5          # auto: a burst's steps take up to this times the decode step it
-                           # will make (2 or 3x the rule: a busy neighbour's ITL p99 went
-                           # over 3x the quiet p50, 3.6-5.0x; 1.5x: 2.3-2.6x)
-BURST_WINDOW_S = 0.5       # auto: requests the engine took within this of each other came
-                           # together (the engine stamps those that reach it during one step
-                           # alike; a burst of 64 took 2 steps, 80 ms)
+                           # will make (or the rule, if longer). Beside a busy process, the
+                           # closed-loop ITL p99 over the quiet p50 at 16 / 64 streams, two
+                           # runs: 3x the rule 2.40, 4.98 / 3.80, 4.79; 2x the rule 3.79,
+                           # 3.77 / 3.59, 2.33; 1.5x this step 2.43, 2.55 / 2.37, 2.31
+BURST_WINDOW_S = 0.5       # auto: a decode row the engine took at most this before the oldest
+                           # seated waiting request came with it (the async engine takes the
+                           # requests that reach it during a step together, at the next one;
+                           # a burst of 64 took 2 steps, 80 ms)
 MIN_PREFILL_TOKENS = 8     # prefill progress per step, whatever the target
 PAIR_SCALE = 1e-3          # pairs are counted in thousands (features of similar size)
 
@@ -332,11 +338,11 @@ class StepBudget:
         # rest of the rule alone, steps alternated (Poisson 3/s at 64 streams, ours alone:
         # ITL p99/p50 2.05 against 1.16)
         self.rule_seconds = target.step_seconds(decode_s, 0.0, seated_s)  # without the level
-        self.burst = burst and target.auto and decode_tokens > 0
+        self.limited = decode_tokens > 0 and model.ready    # nobody decoding: no time limit
+        self.burst = burst and target.auto and self.limited
         if self.burst:                   # a burst's own rows: 1.5x their own decode step
             level = max(level, BURST_RATIO * seated_s)
         self.target_seconds = target.step_seconds(decode_s, level, seated_s)
-        self.limited = decode_tokens > 0 and model.ready    # nobody decoding: no time limit
         self.seconds_left = self.target_seconds - decode_s
         self.prefill_tokens = 0
 
