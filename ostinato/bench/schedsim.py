@@ -131,7 +131,8 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
     arrivals = work.arrivals()
     need = streams * ((work.max_prompt + work.output) // BLOCK + 2) + 2
     kv = KVCacheManager([need], BLOCK, [None], enable_prefix_caching=False)
-    target = LatencyTarget.parse("auto" if policy in ("old-auto", "auto-spread") else policy)
+    unstamped = policy in ("old-auto", "auto-spread")        # auto without the burst rule
+    target = LatencyTarget.parse("auto" if unstamped else policy)
     sched = Scheduler(kv, streams, budget, target, StepTimeModel())
     if policy == "old-auto":
         sched.demand = NoDemand()
@@ -147,8 +148,7 @@ def simulate(policy: str, streams: int, work: Workload, cost: SimCost = SimCost(
             at, n = arrivals[i]
             # distinct ids per request: no prefix-cache hits
             seq = Sequence(f"r{i}", f"r{i}", 0, [i * 4096 + k for k in range(n)], params,
-                           work.output,
-                           arrival_time=None if policy in ("old-auto", "auto-spread") else t)
+                           work.output, arrival_time=None if unstamped else t)
             born[seq.seq_id], times[seq.seq_id] = at, []
             sched.add(seq)
             i += 1

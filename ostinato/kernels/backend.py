@@ -263,9 +263,9 @@ class CpuKernels:
     # -- the KV cache: float16 (llama.cpp's default), float32 or int8 values, in the layout
     # attention reads. K: (blocks, kv_heads, head_dim, block_size), each block's keys
     # transposed, so one load brings a dimension of 16 keys and scores need no horizontal
-    # sums; V: (blocks, kv_heads, block_size, head_dim). A KV head's share of a block is one contiguous run
-    # either way. int8 values: each run's scales (head_dim / V_BLOCK a slot) follow its
-    # codes, in v_scale_rows more rows (csrc/norm_rope.h).
+    # sums; V: (blocks, kv_heads, block_size, head_dim). A KV head's share of a block is one
+    # contiguous run either way. int8 values: each run's scales (head_dim / V_BLOCK a slot)
+    # follow its codes, in v_scale_rows more rows (csrc/norm_rope.h).
     def new_kv_cache(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int):
         if block_size % 16 or head_dim % 16:
             raise ValueError(f"the CPU kernels need block_size and head_dim in multiples of 16, "
